@@ -1,0 +1,1 @@
+"""Tango device classes and server entry points (thin shells over the engine)."""

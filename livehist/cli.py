@@ -1,0 +1,71 @@
+"""The `livehist` command line (names fixed in CONTRACT.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from livehist.errors import LivehistError
+
+
+def _site_options(p: argparse.ArgumentParser, host: bool = True, config: bool = True) -> None:
+    if host:
+        p.add_argument("--tango-host", metavar="HOST:PORT",
+                       help="Tango DB (default: $TANGO_HOST, else 127.0.0.1:10000)")  # fmt: skip
+    if config:
+        p.add_argument("--config", type=Path, metavar="FILE",
+                       help="dsconfig JSON (default: tango-db/livehist.json)")  # fmt: skip
+    p.add_argument("--state-dir", type=Path, metavar="DIR",
+                   help="DB file, logs, pids (default: $LIVEHIST_STATE_DIR, else ~/.local/state/livehist)")  # fmt: skip
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="livehist", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("up", help="start the Tango DB (if needed) and every configured server")
+    _site_options(p)
+    p.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for each start")
+    p = sub.add_parser("down", help="stop exactly what `up` started")
+    _site_options(p, host=False, config=False)
+    p = sub.add_parser("status", help="devices, states, rates")
+    _site_options(p)
+    p = sub.add_parser("demo", help="up, then a short live acquisition and a Sardana scan")
+    _site_options(p)
+    p.add_argument("--out", type=Path, metavar="DIR", help="where files go (default: state dir/demo)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "up":
+            from livehist.control import up
+
+            up(args.tango_host, args.config, args.state_dir, timeout=args.timeout)
+            return 0
+        if args.command == "down":
+            from livehist.control import down
+
+            down(args.state_dir)
+            return 0
+        if args.command == "status":
+            from livehist.control import status
+
+            return status(args.state_dir, args.tango_host, args.config)
+        if args.command == "demo":
+            from livehist.demo import demo
+
+            demo(args.tango_host, args.config, args.state_dir, args.out)
+            return 0
+    except LivehistError as exc:
+        print(f"livehist {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"livehist {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

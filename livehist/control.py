@@ -1,0 +1,245 @@
+"""`livehist up / down / status`: bring the configured servers up on a Tango DB and back down."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from livehist import servers as server_catalogue
+from livehist.errors import LivehistError
+from livehist.process import Managed, managed_processes
+from livehist.tangodb import DEFAULT_CONFIG, config as dsconfig, embedded
+
+Say = Callable[[str], None]
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("LIVEHIST_STATE_DIR")
+    return Path(env) if env else Path.home() / ".local" / "state" / "livehist"
+
+
+@dataclass
+class Site:
+    """Where livehist runs: a Tango host, the config applied there, the state dir."""
+
+    tango_host: str
+    config_path: Path
+    state_dir: Path
+    embedded_db: bool = False
+    config: dict = field(default_factory=dict)
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return embedded.parse_tango_host(self.tango_host)
+
+    def url(self, device: str) -> str:
+        host, port = self.host_port
+        return f"tango://{host}:{port}/{device}"
+
+    def save(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "state.json").write_text(
+            json.dumps(
+                {
+                    "tango_host": self.tango_host,
+                    "config": str(self.config_path),
+                    "embedded_db": self.embedded_db,
+                },
+                indent=1,
+            )
+        )
+
+    @classmethod
+    def from_state(
+        cls, state_dir: Path | None, tango_host: str | None = None, config: Path | None = None
+    ) -> Site:
+        """The site as `up` left it in the state dir, overridden by explicit options."""
+        state_dir = Path(state_dir) if state_dir else default_state_dir()
+        try:
+            saved = json.loads((state_dir / "state.json").read_text())
+        except (OSError, ValueError):
+            saved = {}
+        host = tango_host or saved.get("tango_host") or embedded.resolve_tango_host(None)
+        return cls(
+            tango_host=host,
+            config_path=Path(config or saved.get("config") or DEFAULT_CONFIG),
+            state_dir=state_dir,
+            embedded_db=bool(saved.get("embedded_db")),
+        )
+
+    def server_env(self) -> dict[str, str]:
+        return dict(os.environ, TANGO_HOST=self.tango_host, LIVEHIST_STATE_DIR=str(self.state_dir))
+
+
+def ping(url: str, timeout_ms: int = 1500) -> str | None:
+    """The device's state name if it answers, else None."""
+    import tango
+
+    try:
+        proxy = tango.DeviceProxy(url)
+        proxy.set_timeout_millis(timeout_ms)
+        return str(proxy.state())
+    except tango.DevFailed:
+        return None
+
+
+def server_devices(config: dict) -> dict[str, list[tuple[str, str]]]:
+    """server -> [(class, device)], in config order."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for server, cls, dev in dsconfig.devices(config):
+        out.setdefault(server, []).append((cls, dev))
+    return out
+
+
+def ensure_database(site: Site, say: Say) -> None:
+    """Use the DB at the Tango host, or start the embedded one there if nothing listens."""
+    host, port = site.host_port
+    db_proc = embedded.embedded(site.state_dir)
+    state = embedded.probe(host, port)
+    if state == "tango":
+        site.embedded_db = db_proc.pid() is not None
+        where = "embedded, started earlier" if site.embedded_db else "site database"
+        say(f"Tango database at {host}:{port} ({where})")
+        return
+    if state == "other":
+        raise LivehistError(
+            f"port {port} on {host} is taken by a program that is not a Tango database; "
+            f"stop it or choose another port, e.g. --tango-host {host}:{port + 1}"
+        )
+    if state == "unreachable":
+        raise LivehistError(
+            f"Tango host {host}:{port} does not answer (no route or timeout); "
+            "check TANGO_HOST / --tango-host and the network"
+        )
+    if not embedded.is_local(host):
+        raise LivehistError(
+            f"no Tango database answers at {host}:{port} and that host is not this machine, "
+            "so no embedded one can be started there; start the site's DatabaseDS or use "
+            "--tango-host 127.0.0.1:PORT for the embedded database"
+        )
+    say(f"starting the embedded Tango database on {host}:{port} ({embedded.db_file(site.state_dir)})")
+    embedded.start_embedded(host, port, site.state_dir)
+    site.embedded_db = True
+
+
+def up(
+    tango_host: str | None = None,
+    config: Path | None = None,
+    state_dir: Path | None = None,
+    timeout: float = 90.0,
+    say: Say = print,
+) -> Site:
+    site = Site(
+        tango_host=embedded.resolve_tango_host(tango_host),
+        config_path=Path(config) if config else DEFAULT_CONFIG,
+        state_dir=Path(state_dir) if state_dir else default_state_dir(),
+    )
+    site.host_port  # noqa: B018 - validates the host before anything starts
+    site.config = dsconfig.load(site.config_path, site.state_dir)  # bad config: fail before starting
+    ensure_database(site, say)
+    site.save()
+    host, port = site.host_port
+    calls = dsconfig.apply(site.config, host, port)
+    say(f"configuration {site.config_path}: {calls} database changes" if calls else
+        f"configuration {site.config_path}: database already up to date")  # fmt: skip
+    started: dict[str, Managed] = {}
+    for server, devs in server_devices(site.config).items():
+        if all(ping(site.url(dev)) for _, dev in devs):
+            say(f"{server}: already running")
+            continue
+        proc = Managed(site.state_dir, server.replace("/", "-"))
+        if proc.pid() is None:
+            proc.start(server_catalogue.argv(server), env=site.server_env())
+            say(f"{server}: started (log {proc.log})")
+        started[server] = proc
+    wait_ready(site, started, timeout, say)
+    print_table(site, say)
+    return site
+
+
+def wait_ready(site: Site, started: dict[str, Managed], timeout: float, say: Say) -> None:
+    """Wait until every device of the started servers answers; fail naming device and log."""
+    deadline = time.monotonic() + timeout
+    pending = {server: [dev for _, dev in devs] for server, devs in server_devices(site.config).items()
+               if server in started}  # fmt: skip
+    while pending:
+        for server in list(pending):
+            proc = started[server]
+            if proc.pid() is None:
+                code = proc.exit_code()
+                raise LivehistError(
+                    f"server {server} exited (code {code}) while starting; read {proc.log}; "
+                    f"last lines:\n{proc.log_tail()}"
+                )
+            pending[server] = [d for d in pending[server] if not ping(site.url(d), 1000)]
+            if not pending[server]:
+                del pending[server]
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            server, devs = next(iter(pending.items()))
+            raise LivehistError(
+                f"device {devs[0]} of server {server} did not answer within {timeout:.0f} s; "
+                f"read {started[server].log} (the server keeps running; `livehist down` stops it)"
+            )
+        time.sleep(0.3)
+
+
+def down(state_dir: Path | None = None, say: Say = print) -> list[str]:
+    """Stop what `up` started: servers first, then the embedded database."""
+    state_dir = Path(state_dir) if state_dir else default_state_dir()
+    procs = managed_processes(state_dir)
+    db = [p for p in procs if p.name == embedded.EMBEDDED_NAME]
+    stopped = []
+    for proc in [p for p in procs if p.name != embedded.EMBEDDED_NAME] + db:
+        if proc.stop():
+            stopped.append(proc.name)
+            say(f"stopped {proc.name}")
+    if not stopped:
+        say(f"nothing to stop in {state_dir}")
+    return stopped
+
+
+def status(
+    state_dir: Path | None = None,
+    tango_host: str | None = None,
+    config: Path | None = None,
+    say: Say = print,
+) -> int:
+    """Print devices and states. 0: all up, 1: no database, 3: some device down."""
+    site = Site.from_state(state_dir, tango_host, config)
+    host, port = site.host_port
+    if embedded.probe(host, port) != "tango":
+        say(f"no Tango database answers at {host}:{port}; run `livehist up`")
+        return 1
+    site.config = dsconfig.load(site.config_path, site.state_dir)
+    say(f"Tango database {host}:{port} ({'embedded' if site.embedded_db else 'site'})")
+    return 0 if print_table(site, say) else 3
+
+
+STATUS_EXTRAS: dict[str, Callable[[object], str]] = {}  # device class -> extra info column
+
+
+def print_table(site: Site, say: Say) -> bool:
+    rows = [("DEVICE", "CLASS", "SERVER", "STATE", "INFO")]
+    all_up = True
+    for server, cls, dev in dsconfig.devices(site.config):
+        state = ping(site.url(dev))
+        all_up &= state is not None
+        info = ""
+        if state is not None and cls in STATUS_EXTRAS:
+            import tango
+
+            try:
+                info = STATUS_EXTRAS[cls](tango.DeviceProxy(site.url(dev)))
+            except tango.DevFailed as exc:
+                info = f"({exc.args[0].desc.strip()[:60]})"
+        rows.append((dev, cls, server, state or "DOWN", info))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        say("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+    return all_up

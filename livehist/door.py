@@ -1,0 +1,70 @@
+"""Run Sardana macros through a Door from a script, streaming their output."""
+
+from __future__ import annotations
+
+import pickle
+import time
+from typing import Callable
+
+from livehist.errors import LivehistError
+
+
+class Door:
+    """A Door to run macros on; output lines go to `say` as they arrive (change events)."""
+
+    def __init__(self, url: str, say: Callable[[str], None] | None = print) -> None:
+        import tango
+
+        self.url = url
+        self.proxy = tango.DeviceProxy(url)
+        self.say = say
+        self._subs: list[int] = []
+        self._live = False  # subscribing delivers the current (old) value first: skip it
+        if say is not None:
+            for attr in ("Output", "Warning", "Error"):
+                self._subs.append(
+                    self.proxy.subscribe_event(attr, tango.EventType.CHANGE_EVENT, self._on_output)
+                )
+        self._live = True
+
+    def _on_output(self, event) -> None:
+        if not self._live or event.err or event.attr_value is None or event.attr_value.value is None:
+            return
+        prefix = "" if event.attr_value.name.lower() == "output" else f"{event.attr_value.name}: "
+        for line in event.attr_value.value:
+            self.say(prefix + line)
+
+    def run(self, argv: list[str], timeout: float = 300.0) -> None:
+        """Run one macro to its end; raise LivehistError with the Door's error text if it fails."""
+        import tango
+
+        try:
+            self.proxy.RunMacro([str(a) for a in argv])
+        except tango.DevFailed as exc:
+            raise LivehistError(f"macro {argv[0]} refused: {exc.args[0].desc.strip()}") from None
+        deadline = time.monotonic() + timeout
+        time.sleep(0.05)
+        while self.proxy.state() == tango.DevState.RUNNING:
+            if time.monotonic() > deadline:
+                self.proxy.AbortMacro()
+                raise LivehistError(f"macro {' '.join(argv)} did not end within {timeout:.0f} s; aborted")
+            time.sleep(0.05)
+        if self.proxy.state() == tango.DevState.ALARM:
+            errors = self.proxy.read_attribute("Error").value or ("(no error text)",)
+            raise LivehistError(f"macro {' '.join(argv)} failed: {' '.join(errors).strip()}")
+
+    def close(self) -> None:
+        for sub in self._subs:
+            try:
+                self.proxy.unsubscribe_event(sub)
+            except Exception:  # the Door may already be gone
+                pass
+        self._subs.clear()
+
+
+def set_environment(macroserver_url: str, values: dict) -> None:
+    """Set MacroServer environment variables (lists included) through its Environment attribute."""
+    import tango
+
+    ms = tango.DeviceProxy(macroserver_url)
+    ms.write_attribute("Environment", ("pickle", pickle.dumps({"new": values}, protocol=0)))

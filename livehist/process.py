@@ -1,0 +1,139 @@
+"""The one process launcher: background processes with a log and a pid file each.
+
+A pid file records the argv it was started with, so `stop` never signals an unrelated
+process that happens to reuse the pid after a reboot or a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Managed:
+    """A background process known by name inside a state directory."""
+
+    state_dir: Path
+    name: str
+
+    @property
+    def pidfile(self) -> Path:
+        return self.state_dir / "run" / f"{self.name}.json"
+
+    @property
+    def log(self) -> Path:
+        return self.state_dir / "logs" / f"{self.name}.log"
+
+    def record(self) -> dict | None:
+        try:
+            return json.loads(self.pidfile.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def pid(self) -> int | None:
+        """The pid if the recorded process is alive and is still the one we started."""
+        rec = self.record()
+        if not rec:
+            return None
+        pid = int(rec["pid"])
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":  # zombie: exited, not yet reaped
+            return None
+        # an empty cmdline is a process caught mid-exec: still ours
+        if cmdline and [c.decode(errors="replace") for c in cmdline] != rec["argv"]:
+            return None
+        return pid
+
+    def start(self, argv: list[str], env: dict[str, str] | None = None) -> int:
+        """Start argv in its own session (so it outlives the CLI), output to the log."""
+        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} start {argv}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+            )
+        self.pidfile.write_text(json.dumps({"pid": proc.pid, "argv": argv, "started": time.time()}))
+        return proc.pid
+
+    def exit_code(self) -> int | None:
+        """Exit status of a child we started in this process, if it already exited."""
+        rec = self.record()
+        if not rec:
+            return None
+        try:
+            pid, status = os.waitpid(int(rec["pid"]), os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if pid == 0:
+            return None
+        return os.waitstatus_to_exitcode(status)
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """SIGTERM the process group, SIGKILL after `timeout`. True if something was stopped."""
+        pid = self.pid()
+        stopped = False
+        if pid is not None:
+            _signal_group(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.pid() is not None:
+                _reap(pid)
+                time.sleep(0.05)
+            if self.pid() is not None:
+                _signal_group(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and self.pid() is not None:
+                    _reap(pid)
+                    time.sleep(0.05)
+            _reap(pid)
+            stopped = True
+        self.pidfile.unlink(missing_ok=True)
+        return stopped
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def managed_processes(state_dir: Path) -> list[Managed]:
+    run = state_dir / "run"
+    if not run.is_dir():
+        return []
+    return [Managed(state_dir, p.stem) for p in sorted(run.glob("*.json"))]

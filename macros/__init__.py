@@ -1,0 +1,1 @@
+"""Sardana macros (this folder is the MacroServer MacroPath)."""

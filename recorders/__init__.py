@@ -1,0 +1,1 @@
+"""Recorder framework and sinks; recorders/sardana is the Sardana RecorderPath."""

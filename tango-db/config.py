@@ -1,0 +1,108 @@
+"""Load, check and apply the dsconfig JSON of livehist's servers and devices.
+
+The file is plain dsconfig JSON; the only addition is `$LIVEHIST_*` placeholders in string
+values, replaced by paths known at install/run time (the installed macros/ folder, the
+state dir), so one file serves every checkout and every site.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+from typing import Any
+
+from livehist.errors import LivehistError
+
+
+def placeholders(state_dir: Path) -> dict[str, str]:
+    import livehist.devices
+    import livehist.macros
+    import livehist.recorders
+
+    return {
+        "LIVEHIST_MACROS": str(Path(livehist.macros.__file__).parent),
+        "LIVEHIST_RECORDERS": str(Path(livehist.recorders.__file__).parent / "sardana"),
+        "LIVEHIST_CONTROLLERS": str(Path(livehist.devices.__file__).parent / "controllers"),
+        "LIVEHIST_STATE_DIR": str(state_dir),
+    }
+
+
+def _expand(value: Any, mapping: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        return string.Template(value).safe_substitute(mapping)
+    if isinstance(value, list):
+        return [_expand(v, mapping) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand(v, mapping) for k, v in value.items()}
+    return value
+
+
+def load(path: Path, state_dir: Path) -> dict:
+    """Read and check a dsconfig JSON file; raise LivehistError naming what is wrong."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise LivehistError(
+            f"cannot read config {path}: {exc.strerror}; pass an existing dsconfig JSON with --config"
+        ) from None
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise LivehistError(
+            f"config {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+            "fix the file or pass another with --config"
+        ) from None
+    _check_schema(config, path)
+    from livehist.servers import check_servers
+
+    check_servers(config.get("servers", {}), path)
+    return _expand(config, placeholders(state_dir))
+
+
+def _check_schema(config: Any, path: Path) -> None:
+    import jsonschema
+    from dsconfig.formatting import SCHEMA_FILENAME, normalize_config
+
+    if not isinstance(config, dict) or "servers" not in config:
+        raise LivehistError(
+            f'config {path} has no "servers" object; it must be dsconfig JSON: '
+            '{"servers": {"Server": {"instance": {"Class": {"dom/fam/mem": {...}}}}}}'
+        )
+    schema = json.loads(Path(SCHEMA_FILENAME).read_text())
+    try:
+        jsonschema.validate(normalize_config(config), schema)
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise LivehistError(
+            f"config {path} is not valid dsconfig JSON at {where}: {exc.message}"
+        ) from None
+
+
+def devices(config: dict) -> list[tuple[str, str, str]]:
+    """(server "Exec/instance", class, device) for every device in the config, in order."""
+    out = []
+    for server, instances in config.get("servers", {}).items():
+        for instance, classes in instances.items():
+            for cls, devs in classes.items():
+                for dev in devs:
+                    out.append((f"{server}/{instance}", cls, dev))
+    return out
+
+
+def apply(config: dict, host: str, port: int) -> int:
+    """Write the config into the database (dsconfig's json2tango in update mode).
+
+    Returns the number of database calls made (0 when the DB already matches)."""
+    import contextlib
+    import io
+
+    import tango
+    from dsconfig.json2tango import apply_config, prepare_config
+
+    db = tango.Database(host, port)
+    prepared = prepare_config(json.loads(json.dumps(config)))
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        result = apply_config(prepared, db, write=True, update=True)
+    dbcalls = result[2]
+    return len(dbcalls)
