@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from livehist import servers as server_catalogue
 from livehist.errors import LivehistError
 from livehist.process import Managed, managed_processes
-from livehist.tangodb import DEFAULT_CONFIG, config as dsconfig, embedded
+from livehist.tangodb import DEFAULT_CONFIG, embedded
+from livehist.tangodb import config as dsconfig
 
 Say = Callable[[str], None]
 
@@ -241,5 +242,5 @@ def print_table(site: Site, say: Say) -> bool:
         rows.append((dev, cls, server, state or "DOWN", info))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
-        say("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+        say("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
     return all_up

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pickle
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from livehist.errors import LivehistError
 

@@ -74,9 +74,7 @@ def _check_schema(config: Any, path: Path) -> None:
         jsonschema.validate(normalize_config(config), schema)
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
-        raise LivehistError(
-            f"config {path} is not valid dsconfig JSON at {where}: {exc.message}"
-        ) from None
+        raise LivehistError(f"config {path} is not valid dsconfig JSON at {where}: {exc.message}") from None
 
 
 def devices(config: dict) -> list[tuple[str, str, str]]:

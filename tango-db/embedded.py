@@ -106,6 +106,5 @@ def start_embedded(host: str, port: int, state_dir: Path, timeout: float = 30.0)
         time.sleep(0.2)
     proc.stop()
     raise LivehistError(
-        f"the embedded Tango database did not answer on {host}:{port} within {timeout:.0f} s; "
-        f"read {proc.log}"
+        f"the embedded Tango database did not answer on {host}:{port} within {timeout:.0f} s; read {proc.log}"
     )
