@@ -1,0 +1,296 @@
+"""The histogram engine: a bounded ingest queue, one accumulating thread, presets, counters.
+
+Plain Python (no Tango): the EventHistogrammer device is a thin shell over it.
+Sources push raw messages (bytes, decoded here) or EventBatch objects with `feed`. Network
+sources never block: when the queue is full, the whole message is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from livehist import histograms
+from livehist.events import BadMessage, EventBatch, RateLimitedLog, decode
+from livehist.spec import HistogramSpec
+
+log = logging.getLogger("livehist.engine")
+
+
+class BoundedQueue:
+    """FIFO bounded in items and in bytes; `put` either blocks or refuses when full."""
+
+    def __init__(self, max_items: int = 64, max_bytes: int = 256 * 2**20) -> None:
+        self.max_items, self.max_bytes = max_items, max_bytes
+        self._items: collections.deque = collections.deque()
+        self._bytes = 0
+        self._cond = threading.Condition()
+
+    @staticmethod
+    def _size(item) -> int:
+        if isinstance(item, bytes | bytearray | memoryview):
+            return len(item)
+        if isinstance(item, EventBatch):
+            return item.tof.nbytes + item.pixel_id.nbytes
+        return 0
+
+    def put(self, item, block: bool, timeout: float | None = None) -> bool:
+        size = self._size(item)
+        with self._cond:
+
+            def full() -> bool:
+                return bool(self._items) and (
+                    len(self._items) >= self.max_items or self._bytes + size > self.max_bytes
+                )
+
+            if full():
+                if not block or not self._cond.wait_for(lambda: not full(), timeout):
+                    return False
+            self._items.append((item, size))
+            self._bytes += size
+            self._cond.notify_all()
+            return True
+
+    def get(self, timeout: float):
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._items, timeout):
+                return None
+            item, size = self._items.popleft()
+            self._bytes -= size
+            self._cond.notify_all()
+            return item
+
+    def clear(self) -> int:
+        with self._cond:
+            n = len(self._items)
+            self._items.clear()
+            self._bytes = 0
+            self._cond.notify_all()
+            return n
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass
+class Snapshot:
+    """A consistent copy of everything, taken under the engine lock."""
+
+    counts: dict[str, np.ndarray]
+    edges: dict[str, np.ndarray]
+    specs: dict[str, HistogramSpec]
+    out_of_range: dict[str, int]
+    events: int
+    messages: int
+    bad_messages: int
+    dropped_messages: int
+    pulses: int
+    elapsed: float
+    event_rate: float
+    running: bool
+    taken_at: float = field(default_factory=time.time)
+
+
+class Engine:
+    def __init__(
+        self,
+        specs: list[HistogramSpec] = (),
+        max_queue_items: int = 64,
+        max_queue_bytes: int = 256 * 2**20,
+        on_end: Callable[[str], None] | None = None,
+    ) -> None:
+        self._lock = threading.RLock()
+        self._hists = {s.name: histograms.make(s) for s in specs}
+        self.queue = BoundedQueue(max_queue_items, max_queue_bytes)
+        self.on_end = on_end
+        self.source = None
+        self.source_name: str | None = None  # keep only messages of this source, if set
+        self.preset_time = 0.0
+        self.preset_events = 0
+        self.preset_pulses = 0
+        self._bad_log = RateLimitedLog(log)
+        self._worker: threading.Thread | None = None
+        self._stop_worker = threading.Event()
+        self._accumulating = False
+        self._rate_samples: collections.deque = collections.deque(maxlen=64)
+        self.reset()
+
+    # --- configuration -------------------------------------------------------------
+    def configure(self, specs: list[HistogramSpec]) -> None:
+        """Swap the histogram list atomically; counters and acquisition go on."""
+        new = {s.name: histograms.make(s) for s in specs}
+        with self._lock:
+            self._hists = new
+
+    @property
+    def specs(self) -> list[HistogramSpec]:
+        with self._lock:
+            return [h.spec for h in self._hists.values()]
+
+    def reset(self) -> None:
+        with self._lock:
+            for h in self._hists.values():
+                h.clear()
+            self.events = self.messages = self.bad_messages = self.dropped_messages = 0
+            self.pulses = self.foreign_messages = 0
+            self._elapsed_before = 0.0
+            self._started_at = time.monotonic() if getattr(self, "_accumulating", False) else None
+            self._rate_samples.clear()
+
+    # --- acquisition ---------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._accumulating
+
+    def start(self, source=None) -> None:
+        """Start accumulating (from `source` if given; else only what is fed)."""
+        with self._lock:
+            if self._accumulating:
+                return
+            self.queue.clear()
+            self._accumulating = True
+            self._started_at = time.monotonic()
+            self._stop_worker.clear()
+        self._worker = threading.Thread(target=self._run, name="livehist-engine", daemon=True)
+        self._worker.start()
+        self.source = source
+        if source is not None:
+            self.source_name = getattr(source, "source_name", None)
+            source.start(self.feed)
+
+    def stop(self, reason: str = "stopped") -> None:
+        """Stop the source, histogram what it already queued, stop accumulating."""
+        source, self.source = self.source, None
+        if source is not None:
+            source.stop()
+        worker = self._worker
+        if worker is not None and worker is not threading.current_thread():
+            self._stop_worker.set()
+            worker.join(timeout=10)
+        self._end(reason)
+
+    def _end(self, reason: str) -> None:
+        with self._lock:
+            if not self._accumulating:
+                return
+            self._accumulating = False
+            self._elapsed_before += time.monotonic() - self._started_at
+            self._started_at = None
+        if self.on_end:
+            self.on_end(reason)
+
+    def feed(self, item, block: bool = False, timeout: float | None = None) -> bool:
+        """Queue a raw message (bytes) or an EventBatch. False (and counted) when dropped."""
+        if not self._accumulating:
+            return False
+        if self.queue.put(item, block=block, timeout=timeout):
+            return True
+        with self._lock:
+            self.dropped_messages += 1
+        return False
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get(timeout=0.05)
+            if item is not None and self._accumulating:
+                self.process(item)
+            elif item is None and self._stop_worker.is_set():
+                return
+            if self._accumulating:
+                reason = self._preset_reached()
+                if reason:
+                    self.queue.clear()
+                    source, self.source = self.source, None
+                    if source is not None:
+                        source.stop(wait=False)
+                    self._end(reason)
+                    return
+            elif self._stop_worker.is_set():
+                return
+
+    def _preset_reached(self) -> str | None:
+        if self.preset_events and self.events >= self.preset_events:
+            return "preset events reached"
+        if self.preset_pulses and self.pulses >= self.preset_pulses:
+            return "preset pulses reached"
+        if self.preset_time and self.elapsed >= self.preset_time:
+            return "preset time reached"
+        return None
+
+    def process(self, item) -> int:
+        """Decode (if bytes) and histogram one message now; return the events taken."""
+        if isinstance(item, EventBatch):
+            batch = item
+        else:
+            try:
+                batch = decode(item)
+            except BadMessage as exc:
+                with self._lock:
+                    self.messages += 1
+                    self.bad_messages += 1
+                self._bad_log.warning("bad", f"bad message skipped: {exc}")
+                return 0
+        if self.source_name and batch.source_name and batch.source_name != self.source_name:
+            with self._lock:
+                self.foreign_messages += 1
+            return 0
+        with self._lock:
+            batch = self._within_presets(batch)
+            for h in self._hists.values():
+                h.add(batch)
+            self.messages += 1
+            self.events += len(batch)
+            self.pulses += batch.pulse_time.size
+            self._rate_samples.append((time.monotonic(), self.events))
+        return len(batch)
+
+    def _within_presets(self, batch: EventBatch) -> EventBatch:
+        """Cut a batch so that event and pulse presets end exactly where asked."""
+        if self.preset_events and self.events + len(batch) > self.preset_events:
+            batch = batch.head(max(self.preset_events - self.events, 0))
+        if self.preset_pulses and self.pulses + batch.pulse_time.size > self.preset_pulses:
+            keep = max(self.preset_pulses - self.pulses, 0)
+            n = int(batch.pulse_index[keep]) if keep < batch.pulse_index.size else len(batch)
+            batch = batch.head(n)
+            batch.pulse_time, batch.pulse_index = batch.pulse_time[:keep], batch.pulse_index[:keep]
+        return batch
+
+    # --- reading -------------------------------------------------------------------
+    @property
+    def elapsed(self) -> float:
+        started = self._started_at
+        return self._elapsed_before + (time.monotonic() - started if started is not None else 0.0)
+
+    def event_rate(self, over: float = 2.0) -> float:
+        """Events per second over the last `over` seconds (0 when nothing arrived)."""
+        now = time.monotonic()
+        samples = [s for s in list(self._rate_samples) if now - s[0] <= over]
+        if not samples:
+            return 0.0
+        t0, e0 = samples[0]
+        span = max(now - t0, 1e-3) if len(samples) > 1 else over
+        return (self.events - e0) / span if len(samples) > 1 else 0.0
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            hists = list(self._hists.values())
+            return Snapshot(
+                counts={h.name: h.data() for h in hists},
+                edges={h.name: h.edges for h in hists if h.edges is not None},
+                specs={h.name: h.spec for h in hists},
+                out_of_range={h.name: h.out_of_range for h in hists},
+                events=self.events,
+                messages=self.messages,
+                bad_messages=self.bad_messages,
+                dropped_messages=self.dropped_messages,
+                pulses=self.pulses,
+                elapsed=self.elapsed,
+                event_rate=self.event_rate(),
+                running=self._accumulating,
+            )

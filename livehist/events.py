@@ -1,0 +1,133 @@
+"""Event batches and the ESS flatbuffer messages that carry them (ev44, ev42 accepted)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from streaming_data_types import eventdata_ev42, eventdata_ev44
+
+log = logging.getLogger("livehist.events")
+
+
+class BadMessage(ValueError):
+    """A message that cannot be decoded into a consistent event batch."""
+
+
+@dataclass
+class EventBatch:
+    """Events of one or more pulses.
+
+    pulse_time[i] (ns since epoch) is the pulse of events pulse_index[i] .. pulse_index[i+1]-1.
+    `tof` stays in the unit and dtype it arrived in; histograms convert their edges instead,
+    so counts equal numpy's on the very same arrays.
+    """
+
+    tof: np.ndarray
+    pixel_id: np.ndarray
+    pulse_time: np.ndarray  # int64 ns
+    pulse_index: np.ndarray  # int64, first event of each pulse
+    tof_unit: str = "ns"
+    source_name: str = ""
+
+    def __len__(self) -> int:
+        return self.tof.size
+
+    def head(self, n: int) -> EventBatch:
+        """The first n events, with the pulses they belong to."""
+        keep = int(np.searchsorted(self.pulse_index, n, side="left")) if n else 0
+        keep = max(keep, 1 if n else 0)
+        return EventBatch(self.tof[:n], self.pixel_id[:n], self.pulse_time[:keep],
+                          self.pulse_index[:keep], self.tof_unit, self.source_name)  # fmt: skip
+
+    def pulse_slices(self):
+        """(pulse_time, start, stop) for each pulse."""
+        ends = np.append(self.pulse_index[1:], self.tof.size)
+        return zip(self.pulse_time.tolist(), self.pulse_index.tolist(), ends.tolist(), strict=True)
+
+
+def decode(payload: bytes) -> EventBatch:
+    """Decode an ev44 (or ev42) message; raise BadMessage with the reason."""
+    if not isinstance(payload, bytes):
+        payload = bytes(payload)  # streaming_data_types checks need bytes, not memoryview
+    if len(payload) < 8:
+        raise BadMessage(f"message of {len(payload)} bytes is too short for a flatbuffer")
+    schema = payload[4:8]
+    try:
+        if schema == b"ev44":
+            msg = eventdata_ev44.deserialise_ev44(payload)
+            tof, pid = msg.time_of_flight, msg.pixel_id
+            ptime = np.asarray(msg.reference_time, dtype=np.int64)
+            pidx = np.asarray(msg.reference_time_index, dtype=np.int64)
+        elif schema == b"ev42":
+            msg = eventdata_ev42.deserialise_ev42(payload)
+            tof, pid = msg.time_of_flight, msg.detector_id
+            ptime = np.array([msg.pulse_time], dtype=np.int64)
+            pidx = np.zeros(1, dtype=np.int64)
+        else:
+            raise BadMessage(f"schema id {schema!r} is not ev44 or ev42")
+    except BadMessage:
+        raise
+    except Exception as exc:  # flatbuffers raise many kinds on corrupt input
+        raise BadMessage(f"corrupt {schema.decode(errors='replace')} flatbuffer: {exc}") from None
+    if tof is None or pid is None:
+        tof = np.zeros(0, np.int32) if tof is None else tof
+        pid = np.zeros(0, np.int32) if pid is None else pid
+    return checked(EventBatch(tof, pid, ptime, pidx, "ns", msg.source_name))
+
+
+def checked(batch: EventBatch) -> EventBatch:
+    """Reject batches whose arrays disagree (they would corrupt histograms)."""
+    n = batch.tof.size
+    if batch.pixel_id.size != n:
+        raise BadMessage(f"time_of_flight has {n} events but pixel_id has {batch.pixel_id.size}")
+    if batch.pulse_time.size != batch.pulse_index.size:
+        raise BadMessage(
+            f"reference_time has {batch.pulse_time.size} pulses but reference_time_index {batch.pulse_index.size}"
+        )
+    if n and batch.pulse_index.size == 0:
+        raise BadMessage(f"{n} events but no reference_time")
+    if batch.pulse_index.size:
+        idx = batch.pulse_index
+        if idx[0] != 0 or np.any(np.diff(idx) < 0) or idx[-1] > n:
+            raise BadMessage("reference_time_index must start at 0, not decrease and stay within the events")
+    return batch
+
+
+def encode_ev44(batch: EventBatch, message_id: int, source_name: str = "livehist") -> bytes:
+    """ev44 bytes of a batch (TOF converted to integer ns, as ev44 defines)."""
+    from livehist.spec import UNITS_NS
+
+    tof = batch.tof
+    if batch.tof_unit != "ns" or tof.dtype != np.int32:
+        tof = np.rint(np.asarray(tof, np.float64) * UNITS_NS[batch.tof_unit]).astype(np.int32)
+    return bytes(
+        eventdata_ev44.serialise_ev44(
+            source_name,
+            message_id,
+            batch.pulse_time.astype(np.int64),
+            batch.pulse_index.astype(np.int32),
+            tof,
+            np.asarray(batch.pixel_id, np.int32),
+        )  # fmt: skip
+    )
+
+
+class RateLimitedLog:
+    """At most one log line per `period` seconds per key; the rest are counted and reported."""
+
+    def __init__(self, logger: logging.Logger, period: float = 5.0) -> None:
+        self.logger, self.period = logger, period
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) >= self.period:
+            extra = self._suppressed.pop(key, 0)
+            self.logger.warning("%s%s", message, f" (+{extra} similar since last report)" if extra else "")
+            self._last[key] = now
+        else:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1

@@ -1,0 +1,131 @@
+"""Event sources, opened from the EventSource URIs of CONTRACT.md.
+
+A source runs one thread that hands items (raw message bytes or EventBatch) to `feed`.
+Paced sources (simulator, file replay) block on a full queue; network sources never do:
+their whole message is dropped and counted by the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from urllib.parse import parse_qs, urlsplit
+
+from livehist.errors import LivehistError
+
+log = logging.getLogger("livehist.sources")
+
+
+class SourceError(LivehistError):
+    """A bad EventSource URI or a source that cannot run."""
+
+
+class Source:
+    paced = False  # True: block when the engine queue is full instead of dropping
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.error: str | None = None  # set when the source failed and stopped
+        self.finished = False  # a replay that played all its loops
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._feed: Callable | None = None
+
+    def start(self, feed: Callable) -> None:
+        self._feed = feed
+        self._stop.clear()
+        self.error = None
+        self._thread = threading.Thread(
+            target=self._main, name=f"livehist-source-{self.uri[:20]}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, wait: bool = True) -> None:
+        self._stop.set()
+        if wait and self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def emit(self, item) -> bool:
+        """Hand one item to the engine; paced sources wait (re-checking stop) for room."""
+        if not self.paced:
+            return self._feed(item, block=False)
+        while not self._stop.is_set():
+            if self._feed(item, block=True, timeout=0.2):
+                return True
+        return False
+
+    def _main(self) -> None:
+        try:
+            self.run()
+        except Exception as exc:  # a broken source must not take the process down
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("source %s failed: %s", self.uri, self.error)
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+
+def query(uri: str) -> tuple[object, dict[str, str]]:
+    parts = urlsplit(uri)
+    params = {}
+    for key, values in parse_qs(parts.query, keep_blank_values=True).items():
+        params[key] = values[-1]
+    return parts, params
+
+
+def number(
+    params: dict, key: str, default: float, uri: str, minimum: float = 0.0, integer: bool = False
+) -> float:
+    if key not in params:
+        return default
+    raw = params[key]
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise SourceError(f"EventSource {uri!r}: {key} must be {kind}, got {raw!r}") from None
+    if not value >= minimum or value != value:
+        raise SourceError(f"EventSource {uri!r}: {key} must be >= {minimum}, got {raw!r}")
+    return value
+
+
+def check_known(params: dict, known: set[str], uri: str) -> None:
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise SourceError(
+            f"EventSource {uri!r}: unknown parameter {unknown[0]!r}; known: {', '.join(sorted(known))}"
+        )
+
+
+def open_source(uri: str) -> Source:
+    """The source for a URI, checked; raise SourceError naming what is wrong."""
+    if not isinstance(uri, str) or "://" not in uri:
+        raise SourceError(
+            f"EventSource {uri!r} is not a URI; use sim://, zmq://HOST:PORT, zmq+sub://HOST:PORT, "
+            "nexus:///PATH.nxs or kafka://BROKER/TOPIC"
+        )
+    scheme = uri.split("://", 1)[0]
+    if scheme == "sim":
+        from livehist.sources.sim import SimSource
+
+        return SimSource(uri)
+    if scheme in ("zmq", "zmq+sub"):
+        from livehist.sources.zmq import ZmqSource
+
+        return ZmqSource(uri)
+    if scheme == "nexus":
+        from livehist.sources.nexus import NexusSource
+
+        return NexusSource(uri)
+    if scheme == "kafka":
+        from livehist.sources.kafka import KafkaSource
+
+        return KafkaSource(uri)
+    raise SourceError(
+        f"EventSource {uri!r}: unknown scheme {scheme!r}; use sim, zmq, zmq+sub, nexus or kafka"
+    )

@@ -1,0 +1,160 @@
+"""nexus:///ABS/PATH.nxs?path=/entry/events&rate=realtime|max&loop=N&tof_unit=us
+
+Replays an NXevent_data group pulse by pulse. `event_time_offset` keeps its dtype and unit
+(from its `units` attribute; ISIS files have none: microseconds, or `tof_unit`), so
+histograms of a replay equal numpy's on the very same arrays. Loop k (of N; 0 = forever)
+shifts pulse times by k run lengths. After the last loop the source stays quiet.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+
+import h5py
+import numpy as np
+
+from livehist.events import EventBatch
+from livehist.sources import Source, SourceError, check_known, number, query
+
+log = logging.getLogger("livehist.sources.nexus")
+UNIT_NAMES = {
+    "ns": "ns", "nanosecond": "ns", "nanoseconds": "ns",
+    "us": "us", "µs": "us", "microsecond": "us", "microseconds": "us", "usec": "us",
+    "ms": "ms", "millisecond": "ms", "milliseconds": "ms",
+    "s": "s", "second": "s", "seconds": "s",
+}  # fmt: skip
+SECONDS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+MAX_EVENTS_PER_BATCH = 1 << 20
+FIELDS = ("event_time_offset", "event_id", "event_time_zero", "event_index")
+
+
+def _unit(ds, default: str | None, what: str, path: str) -> str:
+    raw = ds.attrs.get("units")
+    if raw is None:
+        if default is None:
+            raise SourceError(f"{path}/{what} has no units attribute; add tof_unit=us|ns|ms to the URI")
+        return default
+    raw = raw.decode() if isinstance(raw, bytes) else str(raw)
+    unit = UNIT_NAMES.get(raw.strip().lower())
+    if unit is None:
+        raise SourceError(f"{path}/{what} has units {raw!r}; livehist reads ns, us, ms or s")
+    return unit
+
+
+class NexusSource(Source):
+    paced = True
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        parts, params = query(uri)
+        check_known(params, {"path", "rate", "loop", "tof_unit"}, uri)
+        self.file = parts.path
+        self.group = params.get("path", "")
+        self.realtime = params.get("rate", "realtime") == "realtime"
+        if params.get("rate", "realtime") not in ("realtime", "max"):
+            raise SourceError(f"EventSource {uri!r}: rate must be realtime or max, got {params['rate']!r}")
+        self.loops = int(number(params, "loop", 1, uri, integer=True))
+        tof_unit = params.get("tof_unit")
+        if tof_unit is not None and tof_unit not in ("ns", "us", "ms"):
+            raise SourceError(f"EventSource {uri!r}: tof_unit must be ns, us or ms, got {tof_unit!r}")
+        self.read_index(tof_unit)
+
+    def read_index(self, tof_unit: str | None) -> None:
+        """Open the file now so a bad path fails at configuration, not in the thread."""
+        try:
+            f = h5py.File(self.file, "r")
+        except OSError as exc:
+            raise SourceError(f"EventSource {self.uri!r}: cannot open {self.file}: {exc}") from None
+        with f:
+            group = self.group or _find_event_group(f)
+            if group is None or group not in f or not isinstance(f[group], h5py.Group):
+                raise SourceError(
+                    f"EventSource {self.uri!r}: {group or 'no NXevent_data group'} not found in {self.file}; give path=/entry/..."
+                )
+            g = f[group]
+            nx_class = g.attrs.get("NX_class", b"")
+            nx_class = nx_class.decode() if isinstance(nx_class, bytes) else str(nx_class)
+            missing = [k for k in FIELDS if k not in g]
+            if nx_class != "NXevent_data" or missing:
+                raise SourceError(
+                    f"EventSource {self.uri!r}: {group} is not NXevent_data "
+                    f"(NX_class={nx_class!r}, missing {missing or 'nothing'})"
+                )
+            self.group = group
+            self.tof_unit = tof_unit or _unit(g["event_time_offset"], "us", "event_time_offset", group)
+            zero_unit = _unit(g["event_time_zero"], "s", "event_time_zero", group)
+            zero = g["event_time_zero"][()].astype(np.float64) * SECONDS[zero_unit]
+            offset = g["event_time_zero"].attrs.get("offset")
+            base = 0.0
+            if offset is not None:
+                try:
+                    base = datetime.fromisoformat(
+                        offset.decode() if isinstance(offset, bytes) else str(offset)
+                    ).timestamp()
+                except ValueError:
+                    log.warning(
+                        "%s/event_time_zero@offset %r is not ISO 8601; pulse times taken as given",
+                        group,
+                        offset,
+                    )
+            self.pulse_time = np.rint((zero + base) * 1e9).astype(np.int64)
+            self.event_index = g["event_index"][()].astype(np.int64)
+            self.n_events = g["event_id"].shape[0]
+            if self.event_index.size != self.pulse_time.size:
+                raise SourceError(
+                    f"{group}: event_index has {self.event_index.size} pulses but event_time_zero {self.pulse_time.size}"
+                )
+
+    def run(self) -> None:
+        n_pulses = self.pulse_time.size
+        if n_pulses == 0:
+            self.finished = True
+            return
+        span = int(self.pulse_time[-1] - self.pulse_time[0])
+        period = int(np.median(np.diff(self.pulse_time))) if n_pulses > 1 else 100_000_000
+        with h5py.File(self.file, "r") as f:
+            g = f[self.group]
+            loop = 0
+            wall0 = time.monotonic()
+            while self.loops == 0 or loop < self.loops:
+                shift = loop * (span + period)
+                p = 0
+                while p < n_pulses:
+                    if self.stopping:
+                        return
+                    q = p + 1
+                    if not self.realtime:  # group pulses up to a batch size
+                        limit = self.event_index[p] + MAX_EVENTS_PER_BATCH
+                        q = max(p + 1, int(np.searchsorted(self.event_index, limit, side="right")) - 1)
+                        q = min(q, n_pulses)
+                    else:
+                        due = (self.pulse_time[p] - self.pulse_time[0] + shift) / 1e9
+                        wait = due - (time.monotonic() - wall0)
+                        if wait > 0 and self._stop.wait(wait):
+                            return
+                    a = int(self.event_index[p])
+                    b = int(self.event_index[q]) if q < n_pulses else self.n_events
+                    batch = EventBatch(
+                        g["event_time_offset"][a:b], g["event_id"][a:b],
+                        self.pulse_time[p:q] + shift, self.event_index[p:q] - a, self.tof_unit, self.group,
+                    )  # fmt: skip
+                    if not self.emit(batch):
+                        return
+                    p = q
+                loop += 1
+        self.finished = True
+
+
+def _find_event_group(f: h5py.File) -> str | None:
+    found = []
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Group):
+            cls = obj.attrs.get("NX_class", b"")
+            if (cls.decode() if isinstance(cls, bytes) else str(cls)) == "NXevent_data":
+                found.append("/" + name)
+
+    f.visititems(visit)
+    return found[0] if found else None
