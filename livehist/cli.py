@@ -33,6 +33,14 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="up, then a short live acquisition and a Sardana scan")
     _site_options(p)
     p.add_argument("--out", type=Path, metavar="DIR", help="where files go (default: state dir/demo)")
+    p = sub.add_parser("stream", help="publish sim:// or nexus:// events as ev44 on ZeroMQ")
+    p.add_argument("source", help="sim://?rate=1e6 or nexus:///path.nxs?rate=realtime")
+    p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
+    p.add_argument("--pub", action="store_true", help="PUB socket (for zmq+sub://) instead of PUSH")
+    p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: never)")
+    p = sub.add_parser("bench", help="benchmarks, each beside a reference measured in the same run")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--quick", action="store_true", help="short runs (for smoke tests)")
     return ap
 
 
@@ -57,6 +65,16 @@ def main(argv: list[str] | None = None) -> int:
             from livehist.demo import demo
 
             demo(args.tango_host, args.config, args.state_dir, args.out)
+            return 0
+        if args.command == "stream":
+            from livehist.stream import stream
+
+            stream(args.source, args.bind, args.pub, args.seconds)
+            return 0
+        if args.command == "bench":
+            from livehist.bench import bench
+
+            bench(as_json=args.json, quick=args.quick)
             return 0
     except LivehistError as exc:
         print(f"livehist {args.command}: error: {exc}", file=sys.stderr)

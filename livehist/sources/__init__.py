@@ -23,6 +23,7 @@ class SourceError(LivehistError):
 
 class Source:
     paced = False  # True: block when the engine queue is full instead of dropping
+    max_wait = 0.5  # network sources: seconds to wait for queue room before dropping a message
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
@@ -52,8 +53,8 @@ class Source:
 
     def emit(self, item) -> bool:
         """Hand one item to the engine; paced sources wait (re-checking stop) for room."""
-        if not self.paced:
-            return self._feed(item, block=False)
+        if not self.paced:  # absorb bursts (back-pressure); a consumer that stays slow drops
+            return self._feed(item, block=True, timeout=self.max_wait)
         while not self._stop.is_set():
             if self._feed(item, block=True, timeout=0.2):
                 return True
