@@ -1,6 +1,6 @@
 """`livehist bench`: each figure beside a reference measured in the same run.
 
-    livehist bench [--json] [--quick]
+livehist bench [--json] [--quick]
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def _best(fn, repeat: int = 5) -> float:
     return min(times)
 
 
-def _row(figure: str, value: float, unit: str, ref_name: str, ref_value: float, target: str, ok: bool) -> dict:
+def _row(
+    figure: str, value: float, unit: str, ref_name: str, ref_value: float, target: str, ok: bool
+) -> dict:
     row = {"figure": figure, "value": value, "unit": unit, "reference": ref_name,
            "reference_value": ref_value, "ratio": value / ref_value if ref_value else None,
            "target": target, "met": bool(ok)}  # fmt: skip
@@ -153,7 +155,11 @@ def bench(as_json: bool = False, quick: bool = False, say=print) -> list[dict]:
             ref = f"{r['reference']} {r['reference_value']:.3g}" if r["reference_value"] else r["reference"]
             ratio = f" ({r['ratio']:.1f}x)" if r["ratio"] else ""
             met = "ok " if r["met"] else "MISS"
-            say(f"{met} {r['figure']}: {r['value']:.3g} {r['unit']}{ratio} | ref: {ref} | target {r['target']}")
+            say(
+                f"{met} {r['figure']}: {r['value']:.3g} {r['unit']}{ratio} | ref: {ref} | target {r['target']}"
+            )
         e2e = ROWS[-1]
-        say(f"     end to end: sent {e2e['sent']}, counted {e2e['counted']}, dropped messages {e2e['dropped_messages']}")
+        say(
+            f"     end to end: sent {e2e['sent']}, counted {e2e['counted']}, dropped messages {e2e['dropped_messages']}"
+        )
     return ROWS

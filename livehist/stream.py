@@ -51,7 +51,9 @@ def stream(
             if seconds and now - t0 >= seconds:
                 break
             if now - last >= 2:
-                say(f"  {sent['events']} events in {sent['messages']} messages ({sent['events'] / (now - t0):.3g} ev/s)")
+                say(
+                    f"  {sent['events']} events in {sent['messages']} messages ({sent['events'] / (now - t0):.3g} ev/s)"
+                )
                 last = now
     except KeyboardInterrupt:
         pass

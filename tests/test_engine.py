@@ -1,0 +1,460 @@
+"""The engine without any Tango DB: kinds against numpy, sources, presets, bad input."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import h5py
+import numpy as np
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from streaming_data_types import eventdata_ev42
+
+from livehist.engine import Engine
+from livehist.events import BadMessage, EventBatch, decode, encode_ev44
+from livehist.histograms import make
+from livehist.sources import SourceError, open_source
+from livehist.spec import SpecError, parse_histograms
+from tests.conftest import SANS2D, free_port
+
+
+def batch(tof, pix, pulses=((0, 0),)):
+    times = np.array([p[0] for p in pulses], np.int64)
+    index = np.array([p[1] for p in pulses], np.int64)
+    return EventBatch(np.asarray(tof), np.asarray(pix), times, index)
+
+
+def half_open(values, edges):
+    """numpy's histogram with every bin half-open (numpy closes its last bin)."""
+    values = np.asarray(values, np.float64)
+    return np.histogram(values[values < edges[-1]], edges)[0]
+
+
+edges_strategy = st.one_of(
+    st.tuples(st.integers(-1000, 1000), st.integers(1, 5000), st.integers(1, 300)).map(
+        lambda t: {"start": t[0], "stop": t[0] + t[1], "bins": t[2]}
+    ),
+    st.lists(st.integers(-2000, 7000), min_size=2, max_size=40, unique=True).map(
+        lambda e: {"edges": sorted(e)}
+    ),
+    st.tuples(st.integers(1, 100), st.integers(2, 1000), st.integers(1, 60)).map(
+        lambda t: {"start": t[0], "stop": t[0] * t[1], "bins": t[2], "scale": "log"}
+    ),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(tof_spec=edges_strategy, data=st.data(), as_float=st.booleans())
+def test_tof_kinds_equal_numpy_including_events_on_edges(tof_spec, data, as_float):
+    [spec] = parse_histograms([{"name": "t", "kind": "tof", "tof": tof_spec}])
+    edges = spec.tof.edges
+    values = data.draw(st.lists(st.integers(-3000, 8000), max_size=400))
+    on_edges = [int(e) for e in edges if float(e).is_integer()]
+    tof = np.array(values + on_edges, dtype=np.float32 if as_float else np.int32)
+    h = make(spec)
+    h.add(batch(tof, np.zeros(tof.size, np.int32)))
+    expected = half_open(tof, edges)
+    assert np.array_equal(h.data(), expected)
+    assert h.out_of_range == tof.size - expected.sum()
+
+
+@settings(max_examples=40, deadline=None)
+@given(ny=st.integers(1, 20), nx=st.integers(1, 20), first=st.integers(0, 5), data=st.data())
+def test_image_pixel_tof_roi_equal_numpy(ny, nx, first, data):
+    n = ny * nx
+    pix = np.array(data.draw(st.lists(st.integers(-3, n + first + 3), max_size=300)), np.int32)
+    tof = np.array(data.draw(st.lists(st.integers(-10, 120), min_size=pix.size, max_size=pix.size)), np.int32)
+    r0 = data.draw(st.integers(0, ny - 1))
+    c0 = data.draw(st.integers(0, nx - 1))
+    r1, c1 = data.draw(st.integers(r0 + 1, ny)), data.draw(st.integers(c0 + 1, nx))
+    tof_axis = {"start": 0, "stop": 100, "bins": 10}
+    specs = parse_histograms([
+        {"name": "img", "kind": "image", "pixels": {"first": first, "shape": [ny, nx]}},
+        {"name": "pt", "kind": "pixel_tof", "pixels": {"first": first, "count": n}, "tof": tof_axis},
+        {"name": "roi", "kind": "roi", "pixels": {"first": first, "shape": [ny, nx]},
+         "roi": {"rows": [r0, r1], "cols": [c0, c1]}, "tof": tof_axis},
+    ])  # fmt: skip
+    hs = [make(s) for s in specs]
+    for h in hs:
+        h.add(batch(tof, pix))
+    inside = (pix >= first) & (pix < first + n)
+    p = pix[inside] - first
+    assert np.array_equal(hs[0].data(), np.bincount(p, minlength=n).reshape(ny, nx))
+    edges = np.linspace(0, 100, 11)
+    ref2d = np.histogram2d(p, tof[inside], bins=[np.arange(n + 1), edges])[0]
+    ref2d[:, -1] -= np.bincount(p[tof[inside] == 100], minlength=n)  # half-open last bin
+    assert np.array_equal(hs[1].data(), ref2d.astype(np.int64))
+    rows, cols = p // nx, p % nx
+    in_roi = (rows >= r0) & (rows < r1) & (cols >= c0) & (cols < c1)
+    assert np.array_equal(hs[2].data(), half_open(tof[inside][in_roi], edges))
+    assert hs[2].total() == hs[2].data().sum()
+
+
+def test_listed_roi_pixels():
+    [spec] = parse_histograms([{"name": "r", "kind": "roi", "pixels": {"first": 1, "shape": [2, 2]},
+                                "roi": {"pixels": [1, 4]}, "tof": {"start": 0, "stop": 10, "bins": 1}}])  # fmt: skip
+    h = make(spec)
+    h.add(batch([1, 2, 3, 4, 5], [1, 2, 3, 4, 4]))
+    assert h.data().tolist() == [3]  # pixel 1 once, pixel 4 twice; pixels 2 and 3 are not listed
+    h.clear()
+    h.add(batch([1, 2, 3, 4, 5], [1, 2, 3, 4, 9]))
+    assert h.data().tolist() == [2]
+
+
+def test_sliding_window_keeps_only_recent_pulses():
+    [spec] = parse_histograms(
+        [{"name": "t", "kind": "tof", "tof": {"start": 0, "stop": 10, "bins": 1}, "window": 1.0}]
+    )
+    h = make(spec)
+    s = 1_000_000_000
+    h.add(batch([1, 1, 1], [0, 0, 0], pulses=((s // 5, 0), (s // 2, 1), (s, 2))))
+    assert h.data().tolist() == [3]
+    h.add(batch([1], [0], pulses=((2 * s + s // 10, 0),)))  # 2.1 s: the first three are out
+    assert h.data().tolist() == [1]
+
+
+def test_sans2d_replay_equals_numpy():
+    specs = parse_histograms([
+        {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 100000, "bins": 500, "unit": "us"}},
+        {"name": "tof_ns", "kind": "tof", "tof": {"start": 0, "stop": 1e8, "bins": 500}},
+        {"name": "image", "kind": "image", "pixels": {"first": 1, "shape": [1024, 121]}},
+    ])  # fmt: skip
+    engine = Engine(specs)
+    src = open_source(f"nexus://{SANS2D}?path=/raw_data_1/detector_1_events&rate=max")
+    engine.start(src)
+    deadline = time.monotonic() + 60
+    while not src.finished and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.stop()
+    snap = engine.snapshot()
+    with h5py.File(SANS2D) as f:
+        g = f["/raw_data_1/detector_1_events"]
+        tof, pid = g["event_time_offset"][()], g["event_id"][()]
+        assert snap.pulses == g["event_index"].shape[0] == 300
+    assert snap.events == tof.size == 237_078
+    assert np.array_equal(snap.counts["tof"], np.histogram(tof, np.linspace(0, 100000, 501))[0])
+    assert np.array_equal(snap.counts["tof"], snap.counts["tof_ns"])  # same edges, other unit
+    assert np.array_equal(
+        snap.counts["image"].ravel(), np.bincount(pid - 1, minlength=1024 * 121)[: 1024 * 121]
+    )
+    assert snap.bad_messages == snap.dropped_messages == 0
+
+
+def test_nexus_realtime_pace_and_loop():
+    src = open_source(f"nexus://{SANS2D}?rate=realtime&loop=2")
+    assert src.group == "/raw_data_1/detector_1_events" and src.tof_unit == "us"
+    engine = Engine(
+        parse_histograms(
+            [{"name": "t", "kind": "tof", "tof": {"start": 0, "stop": 1e5, "bins": 10, "unit": "us"}}]
+        )
+    )
+    engine.start(src)
+    time.sleep(1.0)
+    snap = engine.snapshot()
+    engine.stop()
+    assert 5 <= snap.pulses <= 15  # 10 Hz pulses played at their own pace
+    looped = Engine([])
+    src = open_source(f"nexus://{SANS2D}?rate=max&loop=2")
+    looped.start(src)
+    while not src.finished:
+        time.sleep(0.01)
+    looped.stop()
+    assert looped.events == 2 * 237_078 and looped.pulses == 600
+
+
+def test_presets_end_acquisition_exactly():
+    spec = parse_histograms([{"name": "t", "kind": "tof", "tof": {"start": 0, "stop": 1e8, "bins": 10}}])
+    ended = []
+    engine = Engine(spec, on_end=ended.append)
+    engine.preset_events = 1_000_003
+    engine.start(open_source("sim://?rate=5e7&pace=max&seed=1"))
+    deadline = time.monotonic() + 20
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ended == ["preset events reached"]
+    assert (
+        engine.events
+        == 1_000_003
+        == engine.snapshot().counts["t"].sum() + engine.snapshot().out_of_range["t"]
+    )
+
+    engine = Engine(spec, on_end=ended.append)
+    engine.preset_pulses = 7
+    engine.start(open_source("sim://?rate=1e6&pace=max"))
+    while engine.running:
+        time.sleep(0.01)
+    assert engine.pulses == 7 and ended[-1] == "preset pulses reached"
+
+    engine = Engine(spec, on_end=ended.append)
+    engine.preset_time = 0.5
+    t0 = time.monotonic()
+    engine.start(open_source("sim://?rate=1e5"))
+    while engine.running:
+        time.sleep(0.01)
+    assert 0.5 <= time.monotonic() - t0 < 2 and ended[-1] == "preset time reached"
+    assert 0.5 <= engine.elapsed < 1.0
+
+
+def test_sim_is_seeded_and_structured():
+    from livehist.sources.sim import DetectorModel
+
+    a, b = DetectorModel(seed=5), DetectorModel(seed=5)
+    assert np.array_equal(a.tof, b.tof) and np.array_equal(a.pixel_id, b.pixel_id)
+    assert a.pixel_id.min() >= 1 and a.pixel_id.max() <= 128 * 128
+    img = np.bincount(a.pixel_id - 1, minlength=128 * 128).reshape(128, 128)
+    assert img[:, 63:65].sum() == 0  # panel gaps
+    assert img[60:68, 60:68].mean() > 5 * np.median(img)  # direct-beam spot
+    spectrum = np.histogram(a.tof, np.linspace(0, 71.4e6, 715))[0]
+    peak_bin = int(12.5e6 / 1e5)
+    assert spectrum[peak_bin] > 2 * np.median(spectrum)  # a Bragg-like peak at 12.5 ms
+
+
+def test_zmq_end_to_end_exact_counts_with_bad_messages():
+    port = free_port()
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.bind(f"tcp://127.0.0.1:{port}")
+    spec = parse_histograms([{"name": "t", "kind": "tof", "tof": {"start": 0, "stop": 1e8, "bins": 100}}])
+    engine = Engine(spec)
+    engine.start(open_source(f"zmq://127.0.0.1:{port}"))
+    rng = np.random.default_rng(3)
+    sent, all_tof = 0, []
+    good = EventBatch(rng.integers(0, 10**8, 1000, dtype=np.int32), rng.integers(0, 99, 1000, dtype=np.int32),
+                      np.array([10, 20], np.int64), np.array([0, 400], np.int64))  # fmt: skip
+    bad = [b"", b"\x00" * 3, rng.bytes(5000), encode_ev44(good, 1)[:-40], b"1234xx44" + b"\0" * 50]
+    for i in range(50):
+        push.send(encode_ev44(good, i))
+        sent += 1000
+        all_tof.append(good.tof)
+        push.send(bad[i % len(bad)])
+    push.send(bytes(eventdata_ev42.serialise_ev42("d", 1, 5, np.arange(7), np.arange(7))))
+    sent += 7
+    all_tof.append(np.arange(7))
+    deadline = time.monotonic() + 20
+    while engine.messages < 101 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.running
+    engine.stop()
+    snap = engine.snapshot()
+    push.close(0)
+    assert snap.events == sent and snap.bad_messages == 50 and snap.messages == 101
+    assert snap.pulses == 50 * 2 + 1
+    assert np.array_equal(snap.counts["t"], half_open(np.concatenate(all_tof), np.linspace(0, 1e8, 101)))
+
+
+def test_zmq_sub_source():
+    port = free_port()
+    pub = zmq.Context.instance().socket(zmq.PUB)
+    pub.bind(f"tcp://127.0.0.1:{port}")
+    engine = Engine([])
+    engine.start(open_source(f"zmq+sub://127.0.0.1:{port}"))
+    b = batch(np.arange(10, dtype=np.int32), np.arange(10, dtype=np.int32))
+    deadline = time.monotonic() + 10
+    while engine.events == 0 and time.monotonic() < deadline:  # slow joiner: resend until seen
+        pub.send(encode_ev44(b, 0))
+        time.sleep(0.05)
+    engine.stop()
+    pub.close(0)
+    assert engine.events > 0 and engine.events % 10 == 0
+
+
+def test_slow_consumer_drops_whole_messages_and_counts_them():
+    engine = Engine([], max_queue_items=2)
+    engine.start()
+    engine._accumulating = True
+    engine._stop_worker.set()  # worker gone: nothing drains the queue
+    engine._worker.join()
+    msg = encode_ev44(batch(np.arange(5, dtype=np.int32), np.arange(5, dtype=np.int32)), 0)
+    results = [engine.feed(msg) for _ in range(10)]
+    assert results == [True, True] + [False] * 8
+    assert engine.dropped_messages == 8 and len(engine.queue) == 2
+
+
+def test_decode_rejects_inconsistent_messages():
+    good = batch(np.arange(4, dtype=np.int32), np.arange(4, dtype=np.int32), ((1, 0), (2, 2)))
+    assert len(decode(encode_ev44(good, 0))) == 4
+    for payload in (b"", b"short", b"\x00\x00\x00\x00ev99\x00\x00\x00\x00"):
+        with pytest.raises(BadMessage):
+            decode(payload)
+    from streaming_data_types import eventdata_ev44
+
+    mismatched = eventdata_ev44.serialise_ev44("d", 0, np.array([1]), np.array([0], np.int32),
+                                               np.arange(5, dtype=np.int32), np.arange(3, dtype=np.int32))  # fmt: skip
+    with pytest.raises(BadMessage, match="time_of_flight has 5 events but pixel_id has 3"):
+        decode(bytes(mismatched))
+    bad_index = eventdata_ev44.serialise_ev44("d", 0, np.array([1, 2]), np.array([0, 9], np.int32),
+                                              np.arange(5, dtype=np.int32), np.arange(5, dtype=np.int32))  # fmt: skip
+    with pytest.raises(BadMessage, match="reference_time_index"):
+        decode(bytes(bad_index))
+
+
+def test_nan_negative_and_huge_values_are_out_of_range_not_corrupting():
+    specs = parse_histograms([
+        {"name": "t", "kind": "tof", "tof": {"start": 0, "stop": 10, "bins": 2, "unit": "us"}},
+        {"name": "i", "kind": "image", "pixels": {"first": 0, "shape": [2, 2]}},
+    ])  # fmt: skip
+    t, i = make(specs[0]), make(specs[1])
+    b = EventBatch(np.array([np.nan, -1, 1, 6, np.inf], np.float32), np.array([-5, 2**31 - 1, 0, 3, 4], np.int64),
+                   np.zeros(1, np.int64), np.zeros(1, np.int64), "us")  # fmt: skip
+    t.add(b)
+    i.add(b)
+    assert t.data().tolist() == [1, 1] and t.out_of_range == 3
+    assert i.data().ravel().tolist() == [1, 0, 0, 1] and i.out_of_range == 3
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("[", "Histograms is not valid JSON"),
+        ('{"name": "a"}', "must be a JSON list"),
+        (
+            '[{"name": "a", "kind": "tof", "tof": {"start": 0, "stop": 1, "bins": -5}}]',
+            "Histograms[0].tof.bins must be > 0, got -5",
+        ),
+        (
+            '[{"name": "a", "kind": "tof", "tof": {"start": 5, "stop": 1, "bins": 5}}]',
+            "Histograms[0].tof.start must be < Histograms[0].tof.stop",
+        ),
+        (
+            '[{"name": "a", "kind": "tof", "tof": {"start": 0, "stop": 1, "bins": 5, "scale": "log"}}]',
+            "must be > 0 for scale 'log'",
+        ),
+        (
+            '[{"name": "a", "kind": "tof", "tof": {"edges": [1, 3, 2]}}]',
+            "Histograms[0].tof.edges must be strictly increasing; edges[1]=3.0 >= edges[2]=2.0",
+        ),
+        (
+            '[{"name": "a", "kind": "tof", "tof": {"start": 0, "stop": 1, "bins": 5, "unit": "s"}}]',
+            "Histograms[0].tof.unit must be one of ns, us, ms",
+        ),
+        (
+            '[{"name": "a", "kind": "bogus"}]',
+            "Histograms[0].kind must be one of tof, image, pixel_tof, roi, got 'bogus'",
+        ),
+        ('[{"name": "1a", "kind": "tof"}]', "Histograms[0].name must start with a letter"),
+        ('[{"name": "EventCount", "kind": "tof"}]', "is a name the device already uses"),
+        (
+            '[{"name": "a", "kind": "image", "pixels": {"shape": [0, 4]}}]',
+            "Histograms[0].pixels.shape must be a shape [ny, nx]",
+        ),
+        (
+            '[{"name": "a", "kind": "image", "pixels": {"shape": [4, 4]}, "colour": 1}]',
+            "unknown field 'colour'",
+        ),
+        (
+            '[{"name": "a", "kind": "roi", "pixels": {"shape": [4, 4]}, "roi": {"rows": [0, 9], "cols": [0, 1]}, "tof": {"start": 0, "stop": 1, "bins": 1}}]',
+            "Histograms[0].roi.rows must be [start, stop) with 0 <= start < stop <= 4",
+        ),
+        (
+            '[{"name": "a", "kind": "image", "pixels": {"shape": [4, 4]}}, {"name": "A", "kind": "image", "pixels": {"shape": [4, 4]}}]',
+            "clashes with Histograms[0]",
+        ),
+        (
+            '[{"name": "a", "kind": "image", "pixels": {"shape": [100000, 100000]}}]',
+            "over the limit of 2048 MiB (largest: a",
+        ),
+        (
+            '[{"name": "a", "kind": "tof", "tof": {"start": 0, "stop": 1, "bins": 1}, "window": -1}]',
+            "Histograms[0].window must be > 0 seconds",
+        ),
+    ],
+)
+def test_bad_histogram_specs_name_the_field(spec, message):
+    with pytest.raises(SpecError) as err:
+        parse_histograms(spec)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "uri, message",
+    [
+        ("nonsense", "is not a URI"),
+        ("ftp://x", "unknown scheme 'ftp'"),
+        ("sim://?rate=abc", "rate must be a number, got 'abc'"),
+        ("sim://?rate=-5", "rate must be >= 0.0"),
+        ("sim://?shape=12", "shape must be NYxNX"),
+        ("sim://?colour=red", "unknown parameter 'colour'"),
+        ("zmq://localhost", "give HOST:PORT"),
+        ("nexus:///no/such/file.nxs", "cannot open /no/such/file.nxs"),
+        (f"nexus://{SANS2D}?path=/raw_data_1", "/raw_data_1 is not NXevent_data"),
+        (f"nexus://{SANS2D}?path=/nope", "/nope not found"),
+        (f"nexus://{SANS2D}?tof_unit=parsecs", "tof_unit must be ns, us or ms"),
+        ("kafka://", "give kafka://BROKER"),
+    ],
+)
+def test_bad_source_uris(uri, message):
+    with pytest.raises(SourceError) as err:
+        open_source(uri)
+    assert message in str(err.value)
+
+
+def test_configure_swaps_while_running_and_keeps_counters():
+    first = parse_histograms([{"name": "a", "kind": "tof", "tof": {"start": 0, "stop": 1e8, "bins": 10}}])
+    engine = Engine(first)
+    engine.start(open_source("sim://?rate=2e6"))
+    time.sleep(0.4)
+    engine.configure(
+        parse_histograms([{"name": "b", "kind": "image", "pixels": {"first": 1, "shape": [128, 128]}}])
+    )
+    events_at_swap = engine.events
+    time.sleep(0.4)
+    engine.stop()
+    snap = engine.snapshot()
+    assert list(snap.counts) == ["b"] and snap.events > events_at_swap > 0
+    assert 0 < snap.counts["b"].sum() <= snap.events - events_at_swap + 1_000_000
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("LIVEHIST_KAFKA_BROKER"),
+                    reason="no Kafka broker reachable: set LIVEHIST_KAFKA_BROKER=host:port to run")  # fmt: skip
+def test_kafka_source_with_a_real_broker():
+    import os
+
+    from confluent_kafka import Producer
+
+    broker = os.environ["LIVEHIST_KAFKA_BROKER"]
+    topic = f"livehist-test-{time.time_ns()}"
+    engine = Engine([])
+    engine.start(open_source(f"kafka://{broker}/{topic}?source=det"))
+    time.sleep(3)
+    p = Producer({"bootstrap.servers": broker})
+    for i in range(5):
+        p.produce(
+            topic, encode_ev44(batch(np.arange(3, dtype=np.int32), np.arange(3, dtype=np.int32)), i, "det")
+        )
+    p.flush(10)
+    deadline = time.monotonic() + 20
+    while engine.events < 15 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    engine.stop()
+    assert engine.events == 15
+
+
+def test_stream_command_feeds_a_zmq_engine():
+    import threading
+
+    from livehist.stream import stream
+
+    port = free_port()
+    engine = Engine(
+        parse_histograms(
+            [{"name": "t", "kind": "tof", "tof": {"start": 0, "stop": 1e5, "bins": 10, "unit": "us"}}]
+        )
+    )
+    engine.start(open_source(f"zmq://127.0.0.1:{port}"))
+    out = []
+    t = threading.Thread(
+        target=lambda: out.append(
+            stream(f"nexus://{SANS2D}?rate=max", f"tcp://127.0.0.1:{port}", say=lambda s: None)
+        )
+    )
+    t.start()
+    t.join(60)
+    deadline = time.monotonic() + 10
+    while engine.events < out[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.stop()
+    assert out[0] == engine.events == 237_078
+    assert json.dumps(engine.snapshot().counts["t"].tolist())
