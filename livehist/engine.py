@@ -140,7 +140,7 @@ class Engine:
             self.events = self.messages = self.bad_messages = self.dropped_messages = 0
             self.pulses = self.foreign_messages = 0
             self._elapsed_before = 0.0
-            self._started_at = time.monotonic() if getattr(self, "_accumulating", False) else None
+            self._started_at = time.monotonic() if self._accumulating else None
             self._rate_samples.clear()
 
     # --- acquisition ---------------------------------------------------------------

@@ -38,7 +38,6 @@ class EventBatch:
     def head(self, n: int) -> EventBatch:
         """The first n events, with the pulses they belong to."""
         keep = int(np.searchsorted(self.pulse_index, n, side="left")) if n else 0
-        keep = max(keep, 1 if n else 0)
         return EventBatch(self.tof[:n], self.pixel_id[:n], self.pulse_time[:keep],
                           self.pulse_index[:keep], self.tof_unit, self.source_name)  # fmt: skip
 
