@@ -141,6 +141,7 @@ class Engine:
             self.pulses = self.foreign_messages = 0
             self._elapsed_before = 0.0
             self._started_at = time.monotonic() if self._accumulating else None
+            self._preset_base = (0, 0, 0.0)
             self._rate_samples.clear()
 
     # --- acquisition ---------------------------------------------------------------
@@ -156,6 +157,8 @@ class Engine:
             self.queue.clear()
             self._accumulating = True
             self._started_at = time.monotonic()
+            # presets count from this Start, not from Reset
+            self._preset_base = (self.events, self.pulses, self._elapsed_before)
             self._stop_worker.clear()
         self._worker = threading.Thread(target=self._run, name="livehist-engine", daemon=True)
         self._worker.start()
@@ -163,6 +166,14 @@ class Engine:
         if source is not None:
             self.source_name = getattr(source, "source_name", None)
             source.start(self.feed)
+
+    def attach(self, source) -> None:
+        """Replace the source of a running acquisition (a reconnect); histograms are kept."""
+        old, self.source = self.source, source
+        if old is not None:
+            old.stop()
+        self.source_name = getattr(source, "source_name", None)
+        source.start(self.feed)
 
     def stop(self, reason: str = "stopped") -> None:
         """Stop the source, histogram what it already queued, stop accumulating."""
@@ -215,11 +226,12 @@ class Engine:
                 return
 
     def _preset_reached(self) -> str | None:
-        if self.preset_events and self.events >= self.preset_events:
+        events0, pulses0, elapsed0 = self._preset_base
+        if self.preset_events and self.events - events0 >= self.preset_events:
             return "preset events reached"
-        if self.preset_pulses and self.pulses >= self.preset_pulses:
+        if self.preset_pulses and self.pulses - pulses0 >= self.preset_pulses:
             return "preset pulses reached"
-        if self.preset_time and self.elapsed >= self.preset_time:
+        if self.preset_time and self.elapsed - elapsed0 >= self.preset_time:
             return "preset time reached"
         return None
 
@@ -252,10 +264,11 @@ class Engine:
 
     def _within_presets(self, batch: EventBatch) -> EventBatch:
         """Cut a batch so that event and pulse presets end exactly where asked."""
-        if self.preset_events and self.events + len(batch) > self.preset_events:
-            batch = batch.head(max(self.preset_events - self.events, 0))
-        if self.preset_pulses and self.pulses + batch.pulse_time.size > self.preset_pulses:
-            keep = max(self.preset_pulses - self.pulses, 0)
+        events0, pulses0, _ = self._preset_base
+        if self.preset_events and self.events - events0 + len(batch) > self.preset_events:
+            batch = batch.head(max(self.preset_events - (self.events - events0), 0))
+        if self.preset_pulses and self.pulses - pulses0 + batch.pulse_time.size > self.preset_pulses:
+            keep = max(self.preset_pulses - (self.pulses - pulses0), 0)
             n = int(batch.pulse_index[keep]) if keep < batch.pulse_index.size else len(batch)
             batch = batch.head(n)
             batch.pulse_time, batch.pulse_index = batch.pulse_time[:keep], batch.pulse_index[:keep]

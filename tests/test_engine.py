@@ -198,6 +198,20 @@ def test_presets_end_acquisition_exactly():
     assert 0.5 <= engine.elapsed < 1.0
 
 
+def test_presets_count_from_each_start_and_accumulate_counts():
+    """Sardana counts point by point: a second Start with the same preset adds exactly as much."""
+    spec = parse_histograms([{"name": "t", "kind": "tof", "tof": {"start": 0, "stop": 1e8, "bins": 10}}])
+    engine = Engine(spec)
+    engine.preset_events = 250_000
+    for expected in (250_000, 500_000):
+        engine.start(open_source("sim://?rate=5e7&pace=max&seed=2"))
+        deadline = time.monotonic() + 20
+        while engine.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not engine.running and engine.events == expected
+        assert engine.snapshot().counts["t"].sum() + engine.snapshot().out_of_range["t"] == expected
+
+
 def test_sim_is_seeded_and_structured():
     from livehist.sources.sim import DetectorModel
 

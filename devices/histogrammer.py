@@ -1,0 +1,338 @@
+"""EventHistogrammer: live histograms of an event stream as Tango attributes.
+
+A thin shell over `livehist.histogrammer.Histogrammer`: properties and commands map onto
+it, one attribute per histogram is created from its spec, and every publish of the
+component becomes change events (histograms, counters, State/Status), data-ready events
+(histograms) and archive events (counters). Events are pushed from the publisher thread,
+never from inside a read.
+
+    python -m livehist.devices.histogrammer INSTANCE
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import tango
+from tango import AttrDataFormat, AttrWriteType, DevState
+from tango.server import Device, attribute, command, device_property, run
+
+from livehist.errors import LivehistError
+from livehist.histogrammer import Histogrammer, Update
+from livehist.spec import DEFAULT_MAX_BYTES, HistogramSpec, SpecError
+
+STATES = {"ON": DevState.ON, "RUNNING": DevState.RUNNING, "ALARM": DevState.ALARM,
+          "FAULT": DevState.FAULT}  # fmt: skip
+DEFAULT_HISTOGRAMS = json.dumps([
+    {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 71_400_000, "bins": 1000, "unit": "ns"}},
+    {"name": "image", "kind": "image", "pixels": {"first": 1, "shape": [128, 128]}},
+])  # fmt: skip
+# name -> (Tango type, attribute getter on the last snapshot)
+COUNTERS = {
+    "EventCount": (tango.DevLong64, "events", "events", "events decoded and histogrammed since Reset"),
+    "MessageCount": (tango.DevLong64, "messages", "messages", "messages received since Reset"),
+    "BadMessageCount": (tango.DevLong64, "bad_messages", "messages", "malformed messages skipped"),
+    "DroppedMessageCount": (tango.DevLong64, "dropped_messages", "messages",
+                            "whole messages dropped because histogramming fell behind"),
+    "PulseCount": (tango.DevLong64, "pulses", "pulses", "source pulses seen since Reset"),
+    "EventRate": (tango.DevDouble, "event_rate", "events/s", "events per second over the last 2 s"),
+    "ElapsedTime": (tango.DevDouble, "elapsed", "s", "accumulating time since Reset"),
+}  # fmt: skip
+
+
+def _counter(name: str) -> attribute:
+    """A read-only counter attribute, read from the last published snapshot."""
+    dtype, field, unit, doc = COUNTERS[name]
+
+    def read(self) -> float | int:
+        return getattr(self.hg.last, field)
+
+    return attribute(dtype=dtype, unit=unit, doc=doc, fget=read,
+                     format="%.4g" if dtype == tango.DevDouble else "%d")  # fmt: skip
+
+
+def fail(reason: str, desc: str, origin: str) -> None:
+    tango.Except.throw_exception(f"livehist_{reason}", desc, f"EventHistogrammer.{origin}")
+
+
+class EventHistogrammer(Device):
+    """Histograms of a neutron/X-ray event stream (ev44 over ZeroMQ/Kafka, NeXus replay, simulator)."""
+
+    EventSource = device_property(dtype=str, default_value="sim://",
+                                  doc="sim://, zmq://HOST:PORT, zmq+sub://HOST:PORT, nexus:///PATH, kafka://B/T")  # fmt: skip
+    Histograms = device_property(dtype=(str,), default_value=[DEFAULT_HISTOGRAMS],
+                                 doc="JSON list of histogram specs (lines are joined)")  # fmt: skip
+    PublishPeriod = device_property(dtype=float, default_value=0.5, doc="seconds between publishes")
+    MaxHistogramBytes = device_property(dtype=float, default_value=float(DEFAULT_MAX_BYTES),
+                                        doc="cap on the memory of all histogram counts, bytes")  # fmt: skip
+    MaxQueueBytes = device_property(dtype=float, default_value=256 * 2**20,
+                                    doc="cap on raw messages waiting to be histogrammed, bytes")  # fmt: skip
+
+    # --- life cycle ------------------------------------------------------------------
+    def init_device(self) -> None:
+        super().init_device()
+        self.hg: Histogrammer | None = None
+        # attribute name -> signature (format, dims); dynamic attributes outlive an Init
+        self._dynamic: dict[str, tuple] = getattr(self, "_dynamic", {})
+        for name in ("State", "Status", *COUNTERS, "UpdateCounter"):
+            self.set_change_event(name, True, False)
+        for name in (*COUNTERS, "UpdateCounter"):
+            self.set_archive_event(name, True, False)
+        try:
+            self.hg = Histogrammer(
+                self.EventSource,
+                "\n".join(self.Histograms),
+                publish_period=self.PublishPeriod,
+                max_histogram_bytes=int(self.MaxHistogramBytes),
+                max_queue_bytes=int(self.MaxQueueBytes),
+                on_update=self._publish,
+                thread_context=tango.EnsureOmniThread,
+            )
+        except LivehistError as exc:  # a bad PublishPeriod: nothing can run
+            self.set_state(DevState.FAULT)
+            self.set_status(f"{exc}; fix the property and run Init")
+            return
+        if getattr(self, "_served", False):  # the Init command: match attributes to the properties
+            self._make_attributes(self.hg.engine.specs)
+        self._sync_state()
+
+    def initialize_dynamic_attributes(self) -> None:
+        self._served = True
+        if self.hg is not None:
+            self._make_attributes(self.hg.engine.specs)
+
+    def delete_device(self) -> None:
+        if self.hg is not None:
+            self.hg.close()  # never waits on the publisher: it may be waiting for our monitor
+
+    def _sync_state(self) -> None:
+        if self.hg is not None:
+            self.set_state(STATES[self.hg.state])
+            self.set_status(self.hg.status)
+
+    def dev_state(self) -> DevState:
+        self._sync_state()
+        return self.get_state()
+
+    def dev_status(self) -> str:
+        self._sync_state()
+        return self.get_status()
+
+    # --- dynamic attributes, one per histogram ------------------------------------------
+    @staticmethod
+    def _signatures(spec: HistogramSpec) -> dict[str, tuple]:
+        shape = spec.data_shape
+        out = {spec.name: ("image", shape[1], shape[0]) if len(shape) == 2 else ("spectrum", shape[0], 0)}
+        if spec.tof is not None:
+            out[f"{spec.name}_edges"] = ("spectrum", spec.tof.bins + 1, 0)
+        if spec.kind == "roi":
+            out[f"{spec.name}_total"] = ("scalar", 0, 0)
+        return out
+
+    def _make_attributes(self, specs: list[HistogramSpec]) -> None:
+        """Add, keep or replace attributes so that they match `specs` (same name + dims: kept)."""
+        wanted: dict[str, tuple] = {}
+        owner: dict[str, HistogramSpec] = {}
+        for spec in specs:
+            for name, sig in self._signatures(spec).items():
+                wanted[name], owner[name] = sig, spec
+        for name, sig in list(self._dynamic.items()):
+            if wanted.get(name) != sig:
+                self.remove_attribute(name)
+                del self._dynamic[name]
+        for name, sig in wanted.items():
+            if name not in self._dynamic:
+                self.add_attribute(self._attribute(name, sig, owner[name]))
+                self._dynamic[name] = sig
+                self.set_change_event(name, True, False)
+                if not name.endswith(("_edges", "_total")):
+                    self.set_data_ready_event(name, True)
+
+    def _attribute(self, name: str, sig: tuple, spec: HistogramSpec) -> attribute:
+        fmt, dim_x, dim_y = sig
+        tof_unit = spec.tof.unit if spec.tof else ""
+        if name.endswith("_edges") and name != spec.name:
+            return attribute(name=name, dtype=tango.DevDouble, dformat=AttrDataFormat.SPECTRUM,
+                             max_dim_x=dim_x, unit=tof_unit, label=f"{spec.name} TOF bin edges",
+                             doc=f"TOF bin edges of {spec.name} in {tof_unit}, half-open bins",
+                             fget=self._read_edges)  # fmt: skip
+        if name.endswith("_total") and name != spec.name:
+            return attribute(name=name, dtype=tango.DevLong64, unit="counts", label=f"{spec.name} total",
+                             doc=f"events inside ROI {spec.name} and its TOF range", fget=self._read_total)  # fmt: skip
+        what = {"tof": f"TOF spectrum ({spec.tof.bins if spec.tof else 0} bins, {tof_unit})",
+                "image": f"detector image {dim_y}x{dim_x} (row, col = divmod(pixel - {spec.first_pixel}, nx))",
+                "pixel_tof": f"pixel x TOF map ({dim_y} pixels from {spec.first_pixel} x {dim_x} bins)",
+                "roi": f"TOF spectrum of ROI {spec.name} ({spec.roi_pixels.size if spec.roi_pixels is not None else 0} pixels)",
+                }[spec.kind]  # fmt: skip
+        window = f", last {spec.window:g} s" if spec.window else ", cumulative since Reset"
+        if fmt == "image":
+            return attribute(name=name, dtype=tango.DevLong64, dformat=AttrDataFormat.IMAGE,
+                             max_dim_x=dim_x, max_dim_y=dim_y, unit="counts", label=name,
+                             doc=what + window, fget=self._read_histogram)  # fmt: skip
+        return attribute(name=name, dtype=tango.DevLong64, dformat=AttrDataFormat.SPECTRUM,
+                         max_dim_x=dim_x, unit="counts", label=name, doc=what + window,
+                         fget=self._read_histogram)  # fmt: skip
+
+    def _last(self, name: str, table: str):
+        snap = self.hg.last
+        try:
+            return getattr(snap, table)[name]
+        except KeyError:
+            fail("Reconfigured", f"histogram {name!r} is not in the current configuration", "read")
+
+    def _read_histogram(self, attr: tango.Attribute) -> np.ndarray:
+        return self._last(attr.get_name(), "counts")
+
+    def _read_edges(self, attr: tango.Attribute) -> np.ndarray:
+        return self._last(attr.get_name()[: -len("_edges")], "edges")
+
+    def _read_total(self, attr: tango.Attribute) -> int:
+        return int(self._last(attr.get_name()[: -len("_total")], "counts").sum())
+
+    # --- publishing (publisher thread) ------------------------------------------------
+    def _push(self, name: str, value, archive: bool = False) -> None:
+        try:
+            self.push_change_event(name, value)
+            if archive:
+                self.push_archive_event(name, value)
+        except tango.DevFailed:  # removed by a concurrent Configure, or the monitor timed out
+            pass
+
+    def _publish(self, update: Update) -> None:
+        snap = update.snapshot
+        state = STATES[update.state]
+        if state != self.get_state() or update.status != self.get_status():
+            self.set_state(state)
+            self.set_status(update.status)
+            self._push("State", state)
+            self._push("Status", update.status)
+        for name, counts in snap.counts.items():
+            if name not in self._dynamic:
+                continue
+            self._push(name, counts)
+            try:
+                self.push_data_ready_event(name, update.counter)
+            except tango.DevFailed:
+                pass
+            if snap.specs[name].kind == "roi":
+                self._push(f"{name}_total", int(counts.sum()))
+            if update.configured and name in snap.edges:
+                self._push(f"{name}_edges", snap.edges[name])
+        for name, (_, field, _, _) in COUNTERS.items():
+            self._push(name, getattr(snap, field), archive=True)
+        self._push("UpdateCounter", update.counter, archive=True)
+
+    # --- counters and presets ---------------------------------------------------------
+    EventCount = _counter("EventCount")
+    MessageCount = _counter("MessageCount")
+    BadMessageCount = _counter("BadMessageCount")
+    DroppedMessageCount = _counter("DroppedMessageCount")
+    PulseCount = _counter("PulseCount")
+    EventRate = _counter("EventRate")
+    ElapsedTime = _counter("ElapsedTime")
+
+    @attribute(dtype=tango.DevLong64, doc="+1 per publish (change events carry it too)")
+    def UpdateCounter(self) -> int:
+        return self.hg.update_counter if self.hg else 0
+
+    @attribute(dtype=str, doc="the histogram list in use, as JSON that Configure accepts")
+    def HistogramConfig(self) -> str:
+        return self.hg.config_json() if self.hg else "[]"
+
+    @attribute(dtype=str, doc="the EventSource in use (set the property and run Init to change it)")
+    def EventSourceURI(self) -> str:
+        return self.hg.source_uri if self.hg else self.EventSource
+
+    def _set_preset(self, **preset) -> None:
+        try:
+            self.hg.set_presets(**preset)
+        except LivehistError as exc:
+            fail("BadPreset", str(exc), "write preset")
+
+    @attribute(dtype=tango.DevDouble, access=AttrWriteType.READ_WRITE, unit="s", memorized=False,
+               doc="stop RUNNING after this accumulating time (0 = no preset)")  # fmt: skip
+    def PresetTime(self) -> float:
+        return self.hg.engine.preset_time
+
+    @PresetTime.write
+    def PresetTime(self, value: float) -> None:
+        self._set_preset(time_s=value)
+
+    @attribute(dtype=tango.DevLong64, access=AttrWriteType.READ_WRITE, unit="events",
+               doc="stop RUNNING after exactly this many events (0 = no preset)")  # fmt: skip
+    def PresetEvents(self) -> int:
+        return self.hg.engine.preset_events
+
+    @PresetEvents.write
+    def PresetEvents(self, value: int) -> None:
+        self._set_preset(events=value)
+
+    @attribute(dtype=tango.DevLong64, access=AttrWriteType.READ_WRITE, unit="pulses",
+               doc="stop RUNNING after exactly this many source pulses (0 = no preset)")  # fmt: skip
+    def PresetPulses(self) -> int:
+        return self.hg.engine.preset_pulses
+
+    @PresetPulses.write
+    def PresetPulses(self, value: int) -> None:
+        self._set_preset(pulses=value)
+
+    def read_attr_hardware(self, attr_list) -> None:
+        if self.hg is None:
+            fail("NotInitialised", self.get_status(), "read")
+
+    # --- commands ---------------------------------------------------------------------
+    def _allowed_when_idle(self) -> bool:
+        return self.hg is not None and not self.hg.running
+
+    @command(doc_in="start accumulating from EventSource (presets end it by themselves)")
+    def Start(self) -> None:
+        if self.hg is None or self.hg.running:
+            fail("WrongState", f"Start is not allowed in {self.get_state()}: "
+                 + ("Stop first" if self.hg else self.get_status()), "Start")  # fmt: skip
+        try:
+            self.hg.start()
+        except LivehistError as exc:
+            fail("StartFailed", str(exc), "Start")
+        self._sync_state()
+
+    @command(doc_in="stop accumulating; queued events are histogrammed first (harmless when idle)")
+    def Stop(self) -> None:
+        if self.hg is not None:
+            self.hg.stop()
+            self._sync_state()
+
+    @command(doc_in="clear every histogram and counter (acquisition goes on if RUNNING)")
+    def Reset(self) -> None:
+        if self.hg is not None:
+            self.hg.reset()
+            self._sync_state()
+
+    @command(dtype_in=str, doc_in="JSON list of histogram specs; replaces the list, kept in the database")
+    def Configure(self, histograms: str) -> None:
+        if self.hg is None:
+            fail("NotInitialised", self.get_status(), "Configure")
+        try:
+            specs = self.hg.configure(histograms)
+        except SpecError as exc:
+            fail("BadSpec", f"{exc}; the previous histograms keep running", "Configure")
+        self._make_attributes(specs)
+        self._store_histograms()
+        self._sync_state()
+
+    def _store_histograms(self) -> None:
+        """Write the new list to the Histograms property, so a restarted server comes back with it."""
+        try:
+            db = tango.Util.instance().get_database()
+        except tango.DevFailed:  # running without a database (DeviceTestContext)
+            return
+        if db is not None:
+            db.put_device_property(self.get_name(), {"Histograms": [self.hg.config_json()]})
+
+
+def main(args: list[str] | None = None) -> None:
+    run((EventHistogrammer,), args=args)
+
+
+if __name__ == "__main__":
+    main()

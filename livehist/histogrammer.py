@@ -1,0 +1,274 @@
+"""The histogrammer component: engine + source + publisher + state machine, without Tango.
+
+The EventHistogrammer device is a thin shell over this class (SKA's component-manager
+split): it maps `state`/`status` onto Tango, and `on_update` onto change events.
+
+States: ON (idle), RUNNING, ALARM (running, messages dropped in the last `alarm_hold` s),
+FAULT (the source failed or the EventSource is unusable; `status` says why). A failed
+source is reopened with exponential back-off while the histograms are kept.
+
+Clients read `last`, the snapshot of the latest publish: every read between two publishes
+sees the same data as the change event that carried it. Stop, Reset, Configure and the
+end of a preset refresh `last` before they return, so data read after them is final.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from livehist.engine import Engine, Snapshot
+from livehist.errors import LivehistError
+from livehist.sources import SourceError, open_source
+from livehist.spec import DEFAULT_MAX_BYTES, HistogramSpec, parse_histograms
+
+log = logging.getLogger("livehist.histogrammer")
+
+ON, RUNNING, ALARM, FAULT = "ON", "RUNNING", "ALARM", "FAULT"
+
+
+@dataclass
+class Update:
+    """What one publish hands to the shell: data, counters, state; `configured` if specs changed."""
+
+    snapshot: Snapshot
+    counter: int
+    state: str
+    status: str
+    configured: bool
+
+
+class Histogrammer:
+    def __init__(
+        self,
+        source_uri: str,
+        histograms: str | list,
+        publish_period: float = 0.5,
+        max_histogram_bytes: int = DEFAULT_MAX_BYTES,
+        on_update: Callable[[Update], None] | None = None,
+        thread_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        max_queue_items: int = 64,
+        max_queue_bytes: int = 256 * 2**20,
+        reconnect_delays: tuple[float, float] = (0.5, 10.0),
+        alarm_hold: float = 2.0,
+    ) -> None:
+        if not publish_period > 0 or publish_period > 3600:
+            raise LivehistError(f"PublishPeriod must be in (0, 3600] s, got {publish_period!r}")
+        self.publish_period = float(publish_period)
+        self.max_histogram_bytes = int(max_histogram_bytes)
+        self.on_update = on_update
+        self.reconnect_delays = reconnect_delays
+        self.alarm_hold = alarm_hold
+        self._thread_context = thread_context
+        self._lock = threading.RLock()
+        self.problem: str | None = None  # a configuration problem: FAULT until fixed and re-inited
+        specs: list[HistogramSpec] = []
+        try:
+            specs = parse_histograms(histograms, "Histograms", self.max_histogram_bytes)
+        except ValueError as exc:
+            self.problem = f"{exc}; fix the Histograms property and run Init, or call Configure"
+        self.source_uri = source_uri
+        try:
+            open_source(source_uri)  # check the URI (and a replay's file) now
+        except SourceError as exc:
+            self.problem = f"{exc}; fix the EventSource property and run Init"
+        self.engine = Engine(specs, max_queue_items, max_queue_bytes, on_end=self._ended)
+        self.update_counter = 0
+        self.last = self.engine.snapshot()
+        self._state = FAULT if self.problem else ON
+        self._status = self.problem or "idle; Start to acquire"
+        self._end_reason: str | None = None
+        self._source_error: str | None = None
+        self._next_reconnect = 0.0
+        self._reconnects = 0
+        self._last_drop_count = 0
+        self._last_drop_time = -1e9
+        self._configured = True
+        self._kick = threading.Event()
+        self._closed = threading.Event()
+        self._publisher = threading.Thread(target=self._publish_loop, name="livehist-publisher", daemon=True)
+        self._publisher.start()
+
+    # --- commands --------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.engine.running
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    def start(self) -> None:
+        with self._lock:
+            if self.problem:
+                raise LivehistError(self.problem)
+            if self.engine.running:
+                raise LivehistError("already RUNNING; Stop first")
+            source = open_source(self.source_uri)
+            self._end_reason = None
+            self._source_error = None
+            self._reconnects = 0
+            self._last_drop_count = self.engine.dropped_messages
+            self.engine.start(source)
+            self._set_state()
+        self._kick.set()
+
+    def stop(self) -> None:
+        """Stop acquiring; what was queued is histogrammed first. Harmless when idle."""
+        self.engine.stop("stopped")  # calls _ended, which refreshes `last`
+        with self._lock:
+            self._set_state()
+        self._kick.set()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.engine.reset()
+            self._last_drop_count = 0
+            self._last_drop_time = -1e9
+            self._refresh()
+            self._set_state()
+        self._kick.set()
+
+    def configure(self, histograms: str | list) -> list[HistogramSpec]:
+        """Swap the histogram list atomically; on a bad spec raise and keep the old one."""
+        specs = parse_histograms(histograms, "Configure", self.max_histogram_bytes)
+        with self._lock:
+            self.engine.configure(specs)
+            if self.problem and "Histograms" in self.problem:
+                self.problem = None
+            self._configured = True
+            self._refresh()
+            self._set_state()
+        self._kick.set()
+        return specs
+
+    def set_presets(self, time_s: float | None = None, events: int | None = None,
+                    pulses: int | None = None) -> None:  # fmt: skip
+        for name, value in (("PresetTime", time_s), ("PresetEvents", events), ("PresetPulses", pulses)):
+            if value is not None and not value >= 0:
+                raise LivehistError(f"{name} must be >= 0 (0 = no preset), got {value}")
+        if self.engine.running:
+            raise LivehistError("presets cannot change while RUNNING; Stop first, then set them and Start")
+        if time_s is not None:
+            self.engine.preset_time = float(time_s)
+        if events is not None:
+            self.engine.preset_events = int(events)
+        if pulses is not None:
+            self.engine.preset_pulses = int(pulses)
+
+    def config_json(self) -> str:
+        """The current histogram list, as JSON a Configure accepts."""
+        return json.dumps([s.source for s in self.engine.specs])
+
+    def close(self) -> None:
+        self._closed.set()
+        self._kick.set()
+        self.engine.stop("device shut down")
+
+    # --- internals -------------------------------------------------------------------
+    def _refresh(self) -> None:
+        self.last = self.engine.snapshot()
+
+    def _ended(self, reason: str) -> None:
+        """Engine callback when accumulation ends (Stop, preset, shutdown): data first, then state."""
+        with self._lock:
+            self._end_reason = reason
+            self._refresh()
+            self._set_state()
+        self._kick.set()
+
+    def _set_state(self) -> None:
+        e = self.engine
+        if self.problem:
+            self._state, self._status = FAULT, self.problem
+        elif not e.running:
+            done = f"{self.last.events:,} events in {self.last.elapsed:.1f} s"
+            if self._end_reason:
+                self._state, self._status = ON, f"idle ({self._end_reason}): {done}"
+            else:
+                self._state, self._status = ON, "idle; Start to acquire"
+            if self._source_error:
+                self._status += f"; last source error: {self._source_error}"
+        elif self._source_error:
+            wait = max(self._next_reconnect - time.monotonic(), 0.0)
+            self._state = FAULT
+            self._status = (
+                f"source {self.source_uri} failed: {self._source_error}; reconnecting in {wait:.1f} s "
+                f"(attempt {self._reconnects + 1}); histograms kept"
+            )
+        elif time.monotonic() - self._last_drop_time < self.alarm_hold:
+            self._state = ALARM
+            self._status = (
+                f"dropping messages: {e.dropped_messages:,} dropped so far (the source sends faster "
+                f"than histogramming keeps up); {e.events:,} events counted"
+            )
+        else:
+            finished = e.source is not None and e.source.finished
+            self._state = RUNNING
+            self._status = (
+                f"acquiring from {self.source_uri}"
+                + (" (replay finished, waiting for Stop or a preset)" if finished else "")
+                + f": {e.events:,} events, {e.event_rate():.3g} events/s"
+            )
+
+    def _supervise(self) -> None:
+        """Notice drops and failed sources; reopen a failed source with back-off."""
+        e = self.engine
+        with self._lock:
+            if not e.running:
+                return
+            if e.dropped_messages > self._last_drop_count:
+                self._last_drop_count = e.dropped_messages
+                self._last_drop_time = time.monotonic()
+            source = e.source
+            if self._source_error is None and source is not None and source.error:
+                self._source_error = source.error
+                first, cap = self.reconnect_delays
+                delay = min(first * 2**self._reconnects, cap)
+                self._next_reconnect = time.monotonic() + delay
+                log.warning("source failed: %s; reconnecting in %.1f s", source.error, delay)
+            elif self._source_error is not None and time.monotonic() >= self._next_reconnect:
+                self._reconnects += 1
+                try:
+                    e.attach(open_source(self.source_uri))
+                    self._source_error = None
+                except SourceError as exc:  # still broken: try again later, longer
+                    self._source_error = str(exc)
+                    first, cap = self.reconnect_delays
+                    self._next_reconnect = time.monotonic() + min(first * 2**self._reconnects, cap)
+            elif self._source_error is None and source is not None and self._reconnects:
+                if source.error is None and e.event_rate() > 0:
+                    self._reconnects = 0  # healthy again: next failure starts the back-off anew
+            self._set_state()
+
+    def _publish_loop(self) -> None:
+        with self._thread_context():
+            while not self._closed.is_set():
+                kicked = self._kick.wait(self.publish_period)
+                self._kick.clear()
+                if self._closed.is_set():
+                    return
+                try:
+                    self._supervise()
+                    if not (kicked or self.engine.running):
+                        continue
+                    with self._lock:
+                        if self.engine.running:
+                            self._refresh()
+                        self.update_counter += 1
+                        update = Update(self.last, self.update_counter, self._state, self._status,
+                                        self._configured)  # fmt: skip
+                        self._configured = False
+                    if self.on_update is not None:
+                        self.on_update(update)
+                except Exception:  # the publisher must outlive any one bad publish
+                    log.exception("publish failed")

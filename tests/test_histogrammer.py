@@ -1,0 +1,215 @@
+"""The histogrammer component (engine + source + publisher + states) without any Tango DB."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import h5py
+import numpy as np
+import pytest
+import zmq
+
+from livehist.errors import LivehistError
+from livehist.events import EventBatch, encode_ev44
+from livehist.histogrammer import Histogrammer, Update
+from livehist.spec import SpecError
+from tests.conftest import free_port
+
+TOF = {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 71_400_000, "bins": 100}}
+IMAGE = {"name": "image", "kind": "image", "pixels": {"first": 1, "shape": [128, 128]}}
+
+
+class Updates:
+    """Collects what the publisher hands to a shell."""
+
+    def __init__(self) -> None:
+        self.items: list[Update] = []
+        self.cond = threading.Condition()
+
+    def __call__(self, update: Update) -> None:
+        with self.cond:
+            self.items.append(update)
+            self.cond.notify_all()
+
+    def wait(self, pred, timeout: float = 10.0) -> Update:
+        with self.cond:
+            assert self.cond.wait_for(lambda: any(pred(u) for u in self.items), timeout), self.items[-3:]
+            return next(u for u in self.items if pred(u))
+
+
+def wait_for(pred, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def make():
+    made: list[Histogrammer] = []
+
+    def _make(uri: str, hists=(TOF, IMAGE), **kw) -> Histogrammer:
+        h = Histogrammer(uri, json.dumps(list(hists)), **kw)
+        made.append(h)
+        return h
+
+    yield _make
+    for h in made:
+        h.close()
+
+
+def test_publishes_while_running_and_final_data_on_stop(make):
+    updates = Updates()
+    h = make("sim://?rate=2e6&seed=3", publish_period=0.1, on_update=updates)
+    assert h.state == "ON" and "Start" in h.status
+    h.start()
+    assert h.state == "RUNNING"
+    first = updates.wait(lambda u: u.snapshot.events > 0)
+    assert first.configured  # the first publish tells the shell to push edges too
+    later = updates.wait(lambda u: u.counter > first.counter + 2)
+    assert later.snapshot.events >= first.snapshot.events and not later.configured
+    counters = [u.counter for u in updates.items]
+    assert counters == sorted(counters) and len(set(counters)) == len(counters)
+    h.stop()
+    assert h.state == "ON" and "stopped" in h.status
+    final = h.last
+    assert final.events == h.engine.events > 0
+    assert final.counts["tof"].sum() + final.out_of_range["tof"] == final.events
+    assert final.counts["image"].sum() + final.out_of_range["image"] == final.events
+    updates.wait(lambda u: u.state == "ON" and u.snapshot.events == final.events)
+    with pytest.raises(LivehistError, match="PresetTime must be >= 0"):
+        h.set_presets(time_s=-1)
+
+
+def test_preset_ends_running_with_final_data_published(make):
+    updates = Updates()
+    h = make("sim://?rate=1e6&seed=4", publish_period=0.2, on_update=updates)
+    h.set_presets(events=123_457)
+    h.start()
+    with pytest.raises(LivehistError, match="RUNNING"):
+        h.set_presets(events=5)
+    with pytest.raises(LivehistError, match="already RUNNING"):
+        h.start()
+    wait_for(lambda: h.state == "ON", what="preset end")
+    assert h.last.events == 123_457 and "preset events reached" in h.status
+    updates.wait(lambda u: u.state == "ON" and u.snapshot.events == 123_457)
+    h.start()  # the preset counts again from this Start
+    wait_for(lambda: h.state == "ON", what="second preset end")
+    assert h.last.events == 2 * 123_457
+
+
+def test_configure_swaps_atomically_and_a_bad_spec_keeps_the_old_list(make):
+    h = make("sim://?rate=1e6", publish_period=0.1)
+    h.start()
+    before = h.config_json()
+    for bad, match in [("[{", "not valid JSON"), ('[{"name": "x", "kind": "cube"}]', "kind"),
+                       ('[{"name": "t", "kind": "tof", "tof": {"start": 5, "stop": 5, "bins": 3}}]', "stop"),
+                       ('[{"name": "i", "kind": "image", "pixels": {"first": 0, "shape": [100000, 100000]}}]',
+                        "MiB")]:  # fmt: skip
+        with pytest.raises(SpecError, match=match):
+            h.configure(bad)
+        assert h.config_json() == before and h.state == "RUNNING"
+    roi = {"name": "beam", "kind": "roi", "pixels": {"first": 1, "shape": [128, 128]},
+           "roi": {"rows": [56, 72], "cols": [56, 72]}, "tof": {"start": 0, "stop": 7.14e7, "bins": 50}}  # fmt: skip
+    h.configure([TOF, roi])
+    assert set(h.last.counts) == {"tof", "beam"} and h.state == "RUNNING"
+    wait_for(lambda: h.last.counts["beam"].sum() > 0, what="roi counts")
+    h.stop()
+
+
+def test_bad_event_source_is_fault_and_start_explains(make):
+    h = make("zmq://nohostport")
+    assert h.state == "FAULT" and "EventSource" in h.status and "HOST:PORT" in h.status
+    with pytest.raises(LivehistError, match="fix the EventSource property"):
+        h.start()
+    h = make("sim://", hists=[{"name": "t", "kind": "tof", "tof": {"bins": 0}}])
+    assert h.state == "FAULT" and "Histograms[0].tof" in h.status
+    h.configure([TOF])  # Configure repairs a bad Histograms property
+    assert h.state == "ON"
+    with pytest.raises(LivehistError, match="PublishPeriod"):
+        Histogrammer("sim://", "[]", publish_period=0)
+
+
+def test_a_slow_consumer_goes_to_alarm_and_counts_every_drop(make):
+    """Many expensive histograms (10^4 explicit edges: a binary search per event) fall behind.
+
+    12 of them take about 0.8 s per 10^6-event message here, longer than a network source
+    waits for queue room (0.5 s), so whole messages are dropped.
+    """
+    edges = np.cumsum(np.random.default_rng(0).integers(1, 20, 10_001)).tolist()
+    slow = [{"name": f"s{i}", "kind": "tof", "tof": {"edges": edges}} for i in range(12)]
+    port = free_port()
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 2)
+    push.bind(f"tcp://127.0.0.1:{port}")
+    h = make(f"zmq://127.0.0.1:{port}", hists=slow, publish_period=0.1, max_queue_items=2)
+    h.start()
+    rng = np.random.default_rng(1)
+    n = 1_000_000
+    msg = encode_ev44(EventBatch(rng.integers(0, edges[-1], n, dtype=np.int32), np.ones(n, np.int32),
+                                 np.zeros(1, np.int64), np.zeros(1, np.int64)), 0, "slow")  # fmt: skip
+    sent, states = 0, set()
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline and h.engine.dropped_messages < 3:
+        try:
+            push.send(msg, flags=zmq.NOBLOCK)
+            sent += 1
+        except zmq.Again:
+            time.sleep(0.01)
+        states.add(h.state)
+    wait_for(lambda: h.state == "ALARM", timeout=5, what="ALARM")
+    assert "dropping messages" in h.status
+    push.close(linger=0)
+    h.stop()
+    assert h.state == "ON"
+    e = h.engine
+    assert e.dropped_messages >= 3
+    assert e.messages + e.dropped_messages <= sent  # nothing invented; the rest sat in ZMQ buffers
+    assert e.events == e.messages * n  # every message taken was histogrammed whole
+
+
+def _external_events_file(tmp_path, n_pulses: int = 40, per_pulse: int = 1000):
+    """An NXevent_data whose event arrays live in raw files beside it (HDF5 external storage)."""
+    rng = np.random.default_rng(5)
+    tof = rng.integers(0, 70_000, n_pulses * per_pulse, dtype=np.int32)
+    ids = rng.integers(1, 128 * 128 + 1, n_pulses * per_pulse, dtype=np.int32)
+    raw_tof, raw_id = tmp_path / "tof.raw", tmp_path / "id.raw"
+    tof.tofile(raw_tof)
+    ids.tofile(raw_id)
+    path = tmp_path / "external.nxs"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("entry/events")
+        g.attrs["NX_class"] = "NXevent_data"
+        g.create_dataset(
+            "event_time_offset", shape=tof.shape, dtype="i4", external=[(str(raw_tof), 0, tof.nbytes)]
+        )
+        g["event_time_offset"].attrs["units"] = "us"
+        g.create_dataset("event_id", shape=ids.shape, dtype="i4", external=[(str(raw_id), 0, ids.nbytes)])
+        g["event_time_zero"] = np.arange(n_pulses) * 0.05
+        g["event_time_zero"].attrs["units"] = "s"
+        g["event_index"] = np.arange(n_pulses, dtype=np.int64) * per_pulse
+    return path, raw_id
+
+
+def test_a_failing_source_is_fault_then_reconnects_keeping_histograms(make, tmp_path):
+    path, raw_id = _external_events_file(tmp_path)
+    h = make(f"nexus://{path}?rate=realtime&loop=0", publish_period=0.1,
+             reconnect_delays=(0.2, 0.8))  # fmt: skip
+    h.start()
+    wait_for(lambda: h.last.events > 5000, what="events")
+    hidden = raw_id.with_suffix(".gone")
+    os.rename(raw_id, hidden)  # the data file vanishes (an unmounted disk, a moved file)
+    wait_for(lambda: h.state == "FAULT", what="FAULT")
+    assert "failed" in h.status and "reconnecting" in h.status and "histograms kept" in h.status
+    kept = h.last.events
+    time.sleep(1.0)  # several reconnect attempts fail while the file is away
+    assert h.state == "FAULT" and h.last.events >= kept
+    os.rename(hidden, raw_id)
+    wait_for(lambda: h.state == "RUNNING", what="reconnect")
+    wait_for(lambda: h.last.events > kept + 2000, what="events after reconnect")
+    h.stop()
+    assert h.last.counts["tof"].sum() + h.last.out_of_range["tof"] == h.last.events
