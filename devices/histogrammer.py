@@ -12,20 +12,21 @@ never from inside a read.
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import tango
-from tango import AttrDataFormat, AttrWriteType, DevState
+from tango import AttrWriteType, DevState
 from tango.server import Device, attribute, command, device_property, run
 
 from livehist.errors import LivehistError
 from livehist.histogrammer import Histogrammer, Update
-from livehist.spec import DEFAULT_MAX_BYTES, HistogramSpec, SpecError
+from livehist.spec import DEFAULT_MAX_BYTES, HistogramSpec, SpecError, join_property
 
 STATES = {"ON": DevState.ON, "RUNNING": DevState.RUNNING, "ALARM": DevState.ALARM,
           "FAULT": DevState.FAULT}  # fmt: skip
 DEFAULT_HISTOGRAMS = json.dumps([
-    {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 71_400_000, "bins": 1000, "unit": "ns"}},
+    {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 72_000_000, "bins": 1000, "unit": "ns"}},
     {"name": "image", "kind": "image", "pixels": {"first": 1, "shape": [128, 128]}},
 ])  # fmt: skip
 # name -> (Tango type, attribute getter on the last snapshot)
@@ -62,7 +63,7 @@ class EventHistogrammer(Device):
     EventSource = device_property(dtype=str, default_value="sim://",
                                   doc="sim://, zmq://HOST:PORT, zmq+sub://HOST:PORT, nexus:///PATH, kafka://B/T")  # fmt: skip
     Histograms = device_property(dtype=(str,), default_value=[DEFAULT_HISTOGRAMS],
-                                 doc="JSON list of histogram specs (lines are joined)")  # fmt: skip
+                                 doc="JSON list of histogram specs, or one spec object per line")  # fmt: skip
     PublishPeriod = device_property(dtype=float, default_value=0.5, doc="seconds between publishes")
     MaxHistogramBytes = device_property(dtype=float, default_value=float(DEFAULT_MAX_BYTES),
                                         doc="cap on the memory of all histogram counts, bytes")  # fmt: skip
@@ -75,6 +76,7 @@ class EventHistogrammer(Device):
         self.hg: Histogrammer | None = None
         # attribute name -> signature (format, dims); dynamic attributes outlive an Init
         self._dynamic: dict[str, tuple] = getattr(self, "_dynamic", {})
+        self._readers: dict[str, object] = getattr(self, "_readers", {})
         for name in ("State", "Status", *COUNTERS, "UpdateCounter"):
             self.set_change_event(name, True, False)
         for name in (*COUNTERS, "UpdateCounter"):
@@ -82,7 +84,7 @@ class EventHistogrammer(Device):
         try:
             self.hg = Histogrammer(
                 self.EventSource,
-                "\n".join(self.Histograms),
+                join_property(self.Histograms),
                 publish_period=self.PublishPeriod,
                 max_histogram_bytes=int(self.MaxHistogramBytes),
                 max_queue_bytes=int(self.MaxQueueBytes),
@@ -141,38 +143,55 @@ class EventHistogrammer(Device):
             if wanted.get(name) != sig:
                 self.remove_attribute(name)
                 del self._dynamic[name]
+        class_attrs = self.get_device_class().get_class_attr()
         for name, sig in wanted.items():
             if name not in self._dynamic:
-                self.add_attribute(self._attribute(name, sig, owner[name]))
+                # Tango keeps one class-wide definition per name, and a new attribute takes its
+                # max dims from it: drop it so that this device's shape wins (the siblings'
+                # attributes keep their own copies of their dims)
+                if any(a.get_name().lower() == name.lower() for a in class_attrs.get_attr_list()):
+                    class_attrs.remove_attr(name, "Attr")
+                self.add_attribute(self._attribute(name, sig, owner[name]), self._read_dynamic)
                 self._dynamic[name] = sig
                 self.set_change_event(name, True, False)
                 if not name.endswith(("_edges", "_total")):
                     self.set_data_ready_event(name, True)
 
-    def _attribute(self, name: str, sig: tuple, spec: HistogramSpec) -> attribute:
+    def _attribute(self, name: str, sig: tuple, spec: HistogramSpec) -> tango.Attr:
         fmt, dim_x, dim_y = sig
         tof_unit = spec.tof.unit if spec.tof else ""
+        read, dtype, unit = self._read_histogram, tango.DevLong64, "counts"
         if name.endswith("_edges") and name != spec.name:
-            return attribute(name=name, dtype=tango.DevDouble, dformat=AttrDataFormat.SPECTRUM,
-                             max_dim_x=dim_x, unit=tof_unit, label=f"{spec.name} TOF bin edges",
-                             doc=f"TOF bin edges of {spec.name} in {tof_unit}, half-open bins",
-                             fget=self._read_edges)  # fmt: skip
-        if name.endswith("_total") and name != spec.name:
-            return attribute(name=name, dtype=tango.DevLong64, unit="counts", label=f"{spec.name} total",
-                             doc=f"events inside ROI {spec.name} and its TOF range", fget=self._read_total)  # fmt: skip
-        what = {"tof": f"TOF spectrum ({spec.tof.bins if spec.tof else 0} bins, {tof_unit})",
-                "image": f"detector image {dim_y}x{dim_x} (row, col = divmod(pixel - {spec.first_pixel}, nx))",
-                "pixel_tof": f"pixel x TOF map ({dim_y} pixels from {spec.first_pixel} x {dim_x} bins)",
-                "roi": f"TOF spectrum of ROI {spec.name} ({spec.roi_pixels.size if spec.roi_pixels is not None else 0} pixels)",
-                }[spec.kind]  # fmt: skip
-        window = f", last {spec.window:g} s" if spec.window else ", cumulative since Reset"
+            read, dtype, unit = self._read_edges, tango.DevDouble, tof_unit
+            label, doc = (
+                f"{spec.name} TOF bin edges",
+                f"TOF bin edges of {spec.name} in {tof_unit}, half-open bins",
+            )
+        elif name.endswith("_total") and name != spec.name:
+            read = self._read_total
+            label, doc = f"{spec.name} total", f"events inside ROI {spec.name} and its TOF range"
+        else:
+            label = name
+            doc = {"tof": f"TOF spectrum ({spec.tof.bins if spec.tof else 0} bins, {tof_unit})",
+                   "image": f"detector image {dim_y}x{dim_x} (row, col = divmod(pixel - {spec.first_pixel}, nx))",
+                   "pixel_tof": f"pixel x TOF map ({dim_y} pixels from {spec.first_pixel} x {dim_x} bins)",
+                   "roi": f"TOF spectrum of ROI {spec.name} "
+                          f"({spec.roi_pixels.size if spec.roi_pixels is not None else 0} pixels)",
+                   }[spec.kind]  # fmt: skip
+            doc += f", last {spec.window:g} s" if spec.window else ", cumulative since Reset"
         if fmt == "image":
-            return attribute(name=name, dtype=tango.DevLong64, dformat=AttrDataFormat.IMAGE,
-                             max_dim_x=dim_x, max_dim_y=dim_y, unit="counts", label=name,
-                             doc=what + window, fget=self._read_histogram)  # fmt: skip
-        return attribute(name=name, dtype=tango.DevLong64, dformat=AttrDataFormat.SPECTRUM,
-                         max_dim_x=dim_x, unit="counts", label=name, doc=what + window,
-                         fget=self._read_histogram)  # fmt: skip
+            attr = tango.ImageAttr(name, dtype, AttrWriteType.READ, dim_x, dim_y)
+        elif fmt == "spectrum":
+            attr = tango.SpectrumAttr(name, dtype, AttrWriteType.READ, dim_x)
+        else:
+            attr = tango.Attr(name, dtype, AttrWriteType.READ)
+        props = tango.UserDefaultAttrProp()
+        props.set_unit(unit)
+        props.set_label(label)
+        props.set_description(doc)
+        attr.set_default_properties(props)
+        self._readers[name] = read
+        return attr
 
     def _last(self, name: str, table: str):
         snap = self.hg.last
@@ -180,6 +199,9 @@ class EventHistogrammer(Device):
             return getattr(snap, table)[name]
         except KeyError:
             fail("Reconfigured", f"histogram {name!r} is not in the current configuration", "read")
+
+    def _read_dynamic(self, attr: tango.Attribute) -> None:
+        attr.set_value(self._readers[attr.get_name()](attr))
 
     def _read_histogram(self, attr: tango.Attribute) -> np.ndarray:
         return self._last(attr.get_name(), "counts")
@@ -331,7 +353,8 @@ class EventHistogrammer(Device):
 
 
 def main(args: list[str] | None = None) -> None:
-    run((EventHistogrammer,), args=args)
+    # the server name comes from argv[0]; under `python -m` that would be the module's name
+    run((EventHistogrammer,), args=args or ["EventHistogrammer", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -222,7 +222,14 @@ def status(
     return 0 if print_table(site, say) else 3
 
 
-STATUS_EXTRAS: dict[str, Callable[[object], str]] = {}  # device class -> extra info column
+def _histogrammer_info(proxy) -> str:
+    rate, count, dropped = (a.value for a in proxy.read_attributes(
+        ["EventRate", "EventCount", "DroppedMessageCount"]))  # fmt: skip
+    return f"{rate:.3g} events/s, {count:,} events, {dropped:,} dropped"
+
+
+# device class -> extra info column
+STATUS_EXTRAS: dict[str, Callable[[object], str]] = {"EventHistogrammer": _histogrammer_info}
 
 
 def print_table(site: Site, say: Say) -> bool:

@@ -143,6 +143,7 @@ class Engine:
             self._started_at = time.monotonic() if self._accumulating else None
             self._preset_base = (0, 0, 0.0)
             self._rate_samples.clear()
+            self._rate_samples.append((time.monotonic(), 0))
 
     # --- acquisition ---------------------------------------------------------------
     @property
@@ -159,6 +160,8 @@ class Engine:
             self._started_at = time.monotonic()
             # presets count from this Start, not from Reset
             self._preset_base = (self.events, self.pulses, self._elapsed_before)
+            self._rate_samples.clear()
+            self._rate_samples.append((self._started_at, self.events))
             self._stop_worker.clear()
         self._worker = threading.Thread(target=self._run, name="livehist-engine", daemon=True)
         self._worker.start()
@@ -259,7 +262,9 @@ class Engine:
             self.messages += 1
             self.events += len(batch)
             self.pulses += batch.pulse_time.size
-            self._rate_samples.append((time.monotonic(), self.events))
+            now = time.monotonic()
+            if now - self._rate_samples[-1][0] >= 0.05:  # samples span seconds at any message rate
+                self._rate_samples.append((now, self.events))
         return len(batch)
 
     def _within_presets(self, batch: EventBatch) -> EventBatch:
@@ -281,14 +286,14 @@ class Engine:
         return self._elapsed_before + (time.monotonic() - started if started is not None else 0.0)
 
     def event_rate(self, over: float = 2.0) -> float:
-        """Events per second over the last `over` seconds (0 when nothing arrived)."""
-        now = time.monotonic()
-        samples = [s for s in list(self._rate_samples) if now - s[0] <= over]
-        if not samples:
+        """Events per second over about the last `over` seconds of this acquisition (0 when idle)."""
+        if not self._accumulating:
             return 0.0
-        t0, e0 = samples[0]
-        span = max(now - t0, 1e-3) if len(samples) > 1 else over
-        return (self.events - e0) / span if len(samples) > 1 else 0.0
+        now = time.monotonic()
+        samples = list(self._rate_samples)
+        older = [s for s in samples if now - s[0] >= over]
+        t0, e0 = older[-1] if older else samples[0]  # samples[0]: the Start (or Reset) itself
+        return (self.events - e0) / max(now - t0, 1e-3)
 
     def snapshot(self) -> Snapshot:
         with self._lock:

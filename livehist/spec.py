@@ -237,6 +237,14 @@ def _parse_roi(roi: dict, path: str, first: int, shape: tuple[int, ...]) -> np.n
     return (first + rows * nx + cols).ravel().astype(np.int64)
 
 
+def join_property(lines: list[str] | tuple[str, ...]) -> str:
+    """A Tango property holds lines: either one JSON list split over lines, or one object per line."""
+    lines = [line for line in lines if line.strip()]
+    if not lines or lines[0].lstrip().startswith("["):
+        return "\n".join(lines) or "[]"
+    return "[" + ",\n".join(lines) + "]"
+
+
 def parse_histograms(
     value: str | list, label: str = "Histograms", max_bytes: int = DEFAULT_MAX_BYTES
 ) -> list[HistogramSpec]:

@@ -88,6 +88,28 @@ def devices(config: dict) -> list[tuple[str, str, str]]:
     return out
 
 
+# Properties that devices rewrite themselves at run time (EventHistogrammer.Configure keeps
+# its list in Histograms). The config only seeds them: `up` never reverts what a device stored.
+RUNTIME_OWNED = {"EventHistogrammer": ("Histograms",)}
+
+
+def _keep_runtime_owned(config: dict, db) -> dict:
+    config = json.loads(json.dumps(config))
+    for instances in config.get("servers", {}).values():
+        for classes in instances.values():
+            for cls, devs in classes.items():
+                for dev, body in devs.items():
+                    props = body.get("properties", {}) if isinstance(body, dict) else {}
+                    owned = [p for p in RUNTIME_OWNED.get(cls, ()) if p in props]
+                    if not owned:
+                        continue
+                    stored = db.get_device_property(dev, owned)
+                    for name in owned:
+                        if list(stored[name]):
+                            del props[name]
+    return config
+
+
 def apply(config: dict, host: str, port: int) -> int:
     """Write the config into the database (dsconfig's json2tango in update mode).
 
@@ -99,7 +121,7 @@ def apply(config: dict, host: str, port: int) -> int:
     from dsconfig.json2tango import apply_config, prepare_config
 
     db = tango.Database(host, port)
-    prepared = prepare_config(json.loads(json.dumps(config)))
+    prepared = prepare_config(_keep_runtime_owned(config, db))
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         result = apply_config(prepared, db, write=True, update=True)
     dbcalls = result[2]

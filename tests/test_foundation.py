@@ -34,11 +34,13 @@ def test_up_status_down_with_real_processes(sites):
     r = run_cli("up", "--tango-host", host, "--state-dir", str(state))
     assert r.returncode == 0, r.stderr
     assert "starting the embedded Tango database" in r.stdout
-    for dev in ("pool/livehist/1", "macroserver/livehist/1", "door/livehist/1"):
+    for dev in ("pool/livehist/1", "macroserver/livehist/1", "door/livehist/1", "livehist/histogrammer/1"):
         line = next(ln for ln in r.stdout.splitlines() if ln.startswith(dev))
         assert " ON " in line, line
     first = pids(state)
-    assert set(first) == {"tango-db", "Sardana-livehist"} and all(first.values())
+    assert set(first) == {"tango-db", "Sardana-livehist", "EventHistogrammer-livehist"} and all(
+        first.values()
+    )
 
     # a second terminal, knowing only TANGO_HOST, reaches the Door
     probe = subprocess.run(
@@ -55,12 +57,14 @@ def test_up_status_down_with_real_processes(sites):
     r = run_cli("up", "--tango-host", host, "--state-dir", str(state))
     assert r.returncode == 0, r.stderr
     assert "Sardana/livehist: already running" in r.stdout
+    assert "EventHistogrammer/livehist: already running" in r.stdout
     assert "database already up to date" in r.stdout
     assert pids(state) == first
 
     r = run_cli("down", "--state-dir", str(state))
     assert r.returncode == 0, r.stderr
     assert "stopped Sardana-livehist" in r.stdout and "stopped tango-db" in r.stdout
+    assert "stopped EventHistogrammer-livehist" in r.stdout
     for pid in first.values():
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     assert not listening(port)
@@ -83,6 +87,7 @@ def test_killed_server_is_reported_down_and_up_restarts_only_it(sites):
     assert "Sardana/livehist: started" in r.stdout
     after = pids(state)
     assert after["tango-db"] == before["tango-db"]
+    assert after["EventHistogrammer-livehist"] == before["EventHistogrammer-livehist"]
     assert after["Sardana-livehist"] not in (None, before["Sardana-livehist"])
     assert run_cli("status", "--state-dir", str(state)).returncode == 0
     assert run_cli("down", "--state-dir", str(state)).returncode == 0
@@ -225,7 +230,7 @@ def test_site_database_is_used_and_nothing_embedded_started(sites):
         r = run_cli("up", "--state-dir", str(state), env=env)
         assert r.returncode == 0, r.stderr
         assert "(site database)" in r.stdout and "starting the embedded" not in r.stdout
-        assert set(pids(state)) == {"Sardana-livehist"}
+        assert set(pids(state)) == {"Sardana-livehist", "EventHistogrammer-livehist"}
         r = run_cli("down", "--state-dir", str(state))
         assert r.returncode == 0 and "tango-db" not in r.stdout
         assert db.poll() is None  # the site's database is not ours to stop
