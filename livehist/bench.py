@@ -93,44 +93,68 @@ while time.monotonic() - t0 < seconds:
     n += 1
     sent += per_msg
 sock.close(linger=-1)
+zmq.Context.instance().term()  # blocks until every zero-copy frame is on the wire
 print(json.dumps({"events": sent, "messages": n, "seconds": time.monotonic() - t0}), flush=True)
 """
 
 
-def end_to_end(seconds: float, per_msg: int = 1 << 20) -> None:
-    import socket
+# the histograms of every end-to-end figure: a 1000-bin TOF and a 10^6-pixel image
+E2E_HISTOGRAMS = [
+    {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 7.2e7, "bins": 1000}},
+    {"name": "image", "kind": "image", "pixels": {"first": 0, "shape": [1000, 1000]}},
+]
 
-    from livehist.engine import Engine
-    from livehist.sources import open_source
+
+def free_port() -> int:
+    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    endpoint = f"tcp://127.0.0.1:{port}"
-    producer = subprocess.Popen([sys.executable, "-c", PRODUCER, endpoint, str(seconds), str(per_msg)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        assert producer.stdout.readline().strip() == "ready"
-        specs = parse_histograms([
-            {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 7.2e7, "bins": 1000}},
-            {"name": "image", "kind": "image", "pixels": {"first": 0, "shape": [1000, 1000]}},
-        ])  # fmt: skip
-        engine = Engine(specs)
-        engine.start(open_source(f"zmq://127.0.0.1:{port}"))
-        time.sleep(0.5)
-        producer.stdin.write("go\n")
-        producer.stdin.flush()
+        return s.getsockname()[1]
+
+
+class Producer:
+    """A subprocess pushing ev44 messages as fast as ZeroMQ takes them, for `seconds`."""
+
+    def __init__(self, seconds: float, per_msg: int = 1 << 20) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", PRODUCER, f"tcp://127.0.0.1:{self.port}", str(seconds), str(per_msg)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def run(self, counted, dropped) -> tuple[dict, float]:
+        """Go; wait until `counted()` reaches what was sent (or drops/timeout); (sent, seconds)."""
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
         t0 = time.monotonic()
-        sent = json.loads(producer.stdout.readline())
+        sent = json.loads(self.proc.stdout.readline())
         deadline = time.monotonic() + 30
-        while engine.events < sent["events"] and time.monotonic() < deadline and engine.dropped_messages == 0:
+        while counted() < sent["events"] and time.monotonic() < deadline and dropped() == 0:
             time.sleep(0.01)
-        took = time.monotonic() - t0
+        return sent, time.monotonic() - t0
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def end_to_end(seconds: float, per_msg: int = 1 << 20) -> float:
+    """Engine only, in this process; returns its rate (the reference of the device figure)."""
+    from livehist.engine import Engine
+    from livehist.sources import open_source
+
+    producer = Producer(seconds, per_msg)
+    try:
+        engine = Engine(parse_histograms(E2E_HISTOGRAMS))
+        engine.start(open_source(f"zmq://127.0.0.1:{producer.port}"))
+        time.sleep(0.5)
+        sent, took = producer.run(lambda: engine.events, lambda: engine.dropped_messages)
         engine.stop()
         snap = engine.snapshot()
     finally:
-        producer.kill()
-        producer.wait()
+        producer.close()
     rate = snap.events / took
     lossless = snap.events == sent["events"] and snap.dropped_messages == 0
     lossless = lossless and int(snap.counts["image"].sum()) == sent["events"]
@@ -140,6 +164,7 @@ def end_to_end(seconds: float, per_msg: int = 1 << 20) -> None:
     ROWS[-1]["sent"] = sent["events"]
     ROWS[-1]["counted"] = snap.events
     ROWS[-1]["dropped_messages"] = snap.dropped_messages
+    return rate
 
 
 def bench(as_json: bool = False, quick: bool = False, say=print) -> list[dict]:
@@ -147,7 +172,11 @@ def bench(as_json: bool = False, quick: bool = False, say=print) -> list[dict]:
     say("livehist bench: engine kernels (single thread, int32 events)") if not as_json else None
     engine_kernels(10**6 if quick else 10**7)
     say("livehist bench: zmq:// end to end") if not as_json else None
-    end_to_end(3 if quick else 30)
+    engine_rate = end_to_end(3 if quick else 30)
+    say("livehist bench: EventHistogrammer device (real Tango DB and server)") if not as_json else None
+    from livehist.bench_device import device_figures
+
+    device_figures(engine_rate, 3 if quick else 30, _row, ROWS)
     if as_json:
         say(json.dumps(ROWS, indent=1))
     else:
@@ -158,8 +187,10 @@ def bench(as_json: bool = False, quick: bool = False, say=print) -> list[dict]:
             say(
                 f"{met} {r['figure']}: {r['value']:.3g} {r['unit']}{ratio} | ref: {ref} | target {r['target']}"
             )
-        e2e = ROWS[-1]
-        say(
-            f"     end to end: sent {e2e['sent']}, counted {e2e['counted']}, dropped messages {e2e['dropped_messages']}"
-        )
+        for r in ROWS:
+            if "sent" in r:
+                say(f"     {r['figure']}: sent {r['sent']}, counted {r['counted']}, "
+                    f"dropped messages {r['dropped_messages']}")  # fmt: skip
+            if "detail" in r:
+                say(f"     {r['figure']}: {r['detail']}")
     return ROWS

@@ -29,7 +29,7 @@ def stream(
     say=print,
 ) -> int:
     """Publish until `seconds` pass (0: until the source ends or Ctrl-C). Returns events sent."""
-    ctx = zmq.Context.instance()
+    ctx = zmq.Context()  # its own: term() below waits for our zero-copy frames only
     sock = ctx.socket(zmq.PUB if pub else zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, 8)
     sock.bind(bind)
@@ -60,6 +60,7 @@ def stream(
     finally:
         src.stop()
         sock.close(linger=2000)
+        ctx.term()  # frames still queued are sent (or dropped after the linger) before we return
     if src.error:
         say(f"source failed: {src.error}")
     say(f"sent {sent['events']} events in {sent['messages']} messages")

@@ -1,0 +1,142 @@
+"""The EventHistogrammer figures of `livehist bench`, on a real Tango DB and server process.
+
+- ingestion while publishing a 10^6-pixel image and a 1000-bin TOF every 0.5 s (a client
+  subscribed to both), beside the engine-only end-to-end rate of the same run;
+- reads/s of the 10^6-pixel image while RUNNING, beside the same reads while idle;
+- latency from sending a message to the EventCount change event that includes it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from livehist import control
+from livehist.bench import E2E_HISTOGRAMS, Producer, free_port
+from livehist.events import EventBatch, encode_ev44
+
+DEVICE = "bench/histogrammer/1"
+PUBLISH_PERIOD = 0.5
+
+
+def _site(state: Path, source: str):
+    props = {"EventSource": [source], "Histograms": [json.dumps(E2E_HISTOGRAMS)],
+             "PublishPeriod": [str(PUBLISH_PERIOD)]}  # fmt: skip
+    config = {
+        "servers": {"EventHistogrammer": {"bench": {"EventHistogrammer": {DEVICE: {"properties": props}}}}}
+    }
+    path = state / "bench.json"
+    path.write_text(json.dumps(config))
+    return control.up(f"127.0.0.1:{free_port()}", path, state, say=lambda s: None)
+
+
+def _reads_per_second(proxy, name: str, seconds: float) -> float:
+    proxy.read_attribute(name)
+    n, t0 = 0, time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        proxy.read_attribute(name)
+        n += 1
+    return n / (time.monotonic() - t0)
+
+
+def _reinit(proxy, source: str) -> None:
+    proxy.Stop()
+    proxy.put_property({"EventSource": [source]})
+    proxy.Init()
+    proxy.Reset()
+
+
+def device_figures(engine_rate: float, seconds: float, row, rows: list[dict]) -> None:
+    import tango
+    import zmq
+
+    with tempfile.TemporaryDirectory(prefix="livehist-bench-") as tmp:
+        state = Path(tmp)
+        producer = Producer(seconds)
+        try:
+            site = _site(state, f"zmq://127.0.0.1:{producer.port}")
+            p = tango.DeviceProxy(site.url(DEVICE))
+            p.set_timeout_millis(10_000)
+
+            # 1. ingestion while publishing, with a live client subscribed to the histograms
+            pushed = {"image": 0, "tof": 0}
+
+            def count(ev):
+                if not ev.err:
+                    pushed[ev.attr_name.rsplit("/", 1)[-1].lower()] += 1
+
+            subs = [p.subscribe_event(n, tango.EventType.CHANGE_EVENT, count) for n in ("image", "tof")]
+            p.Start()
+            time.sleep(0.5)
+            sent, took = producer.run(lambda: p.EventCount, lambda: p.DroppedMessageCount)
+            p.Stop()
+            for s in subs:
+                p.unsubscribe_event(s)
+            counted, dropped = p.EventCount, p.DroppedMessageCount
+            lossless = counted == sent["events"] and dropped == 0 and int(p.image.sum()) == counted
+            rate = counted / took
+            row(f"EventHistogrammer ingest, publishing 10^6 image + 1000-bin TOF every {PUBLISH_PERIOD} s",
+                rate, "events/s", "engine-only zmq end to end (same run)", engine_rate,
+                ">= 80% of engine-only, zero loss", rate >= 0.8 * engine_rate and lossless)  # fmt: skip
+            rows[-1].update(sent=sent["events"], counted=counted, dropped_messages=dropped)
+            rows[-1]["detail"] = f"{pushed['image']} image and {pushed['tof']} tof change events received"
+
+            # 2. reads of the 10^6-pixel image (int64, 8 MB), idle and while RUNNING
+            idle = _reads_per_second(p, "image", 2.0)
+            _reinit(p, "sim://?rate=2e7&shape=1000x1000&first=0&seed=3")
+            p.Start()
+            time.sleep(1.0)
+            running = _reads_per_second(p, "image", 3.0 if seconds > 5 else 2.0)
+            assert p.state() == tango.DevState.RUNNING, p.status()
+            events = p.EventCount
+            p.Stop()
+            row("reads/s of the 10^6-pixel image attribute while RUNNING (sim 2e7 events/s)", running,
+                "reads/s", "the same reads while idle", idle, ">= 100 reads/s", running >= 100)  # fmt: skip
+            rows[-1]["detail"] = f"{events:,} events histogrammed meanwhile"
+
+            # 3. latency: message sent -> EventCount change event that includes it
+            port = free_port()
+            push = zmq.Context.instance().socket(zmq.PUSH)
+            push.bind(f"tcp://127.0.0.1:{port}")
+            _reinit(p, f"zmq://127.0.0.1:{port}")
+            seen: list[tuple[float, int]] = []
+            cond = threading.Condition()
+
+            def on_count(ev):
+                if not ev.err:
+                    with cond:
+                        seen.append((time.monotonic(), int(ev.attr_value.value)))
+                        cond.notify_all()
+
+            sub = p.subscribe_event("EventCount", tango.EventType.CHANGE_EVENT, on_count)
+            p.Start()
+            rng = np.random.default_rng(1)
+            msg = encode_ev44(EventBatch(rng.integers(0, 7e7, 1000, dtype=np.int32),
+                                         rng.integers(0, 10**6, 1000, dtype=np.int32),
+                                         np.zeros(1, np.int64), np.zeros(1, np.int64)), 0)  # fmt: skip
+            latencies = []
+            for k in range(1, 21 if seconds > 5 else 8):
+                time.sleep(random.uniform(0.05, PUBLISH_PERIOD))  # any phase of the publish cycle
+                t_send = time.monotonic()
+                push.send(msg)
+                with cond:
+                    cond.wait_for(lambda k=k: seen and seen[-1][1] >= 1000 * k, timeout=5)
+                    arrived = next((t for t, v in seen if v >= 1000 * k), None)
+                latencies.append((arrived - t_send) if arrived else float("inf"))
+            p.unsubscribe_event(sub)
+            p.Stop()
+            push.close(0)
+            worst = max(latencies)
+            row(f"latency message -> change event (PublishPeriod {PUBLISH_PERIOD} s), worst of {len(latencies)}",
+                worst, "s", "PublishPeriod", PUBLISH_PERIOD, "<= PublishPeriod + 0.1 s",
+                worst <= PUBLISH_PERIOD + 0.1)  # fmt: skip
+            rows[-1]["detail"] = f"median {np.median(latencies) * 1e3:.0f} ms, worst {worst * 1e3:.0f} ms"
+        finally:
+            producer.close()
+            control.down(state, say=lambda s: None)
