@@ -248,7 +248,14 @@ def test_demo_scan_files(sardana_site, tmp_path):
     lines: list[str] = []
     files = demo(sardana_site.tango_host, None, sardana_site.state_dir, tmp_path, say=lines.append)
     names = {p.name for p in files}
-    assert {"demo_scan.h5", "demo_scan.spec"} <= names
+    assert {"demo_scan.h5", "demo_scan.spec", "live_histograms.png"} <= names
+    # the live part showed progress and ended by its preset, then drew the histograms
+    assert any("events/s" in ln and "[RUNNING]" in ln for ln in lines)
+    assert any("preset time reached" in ln for ln in lines)
+    import matplotlib.image
+
+    picture = matplotlib.image.imread(tmp_path / "live_histograms.png")
+    assert picture.shape[0] > 300 and picture[..., :3].std() > 0.05  # drawn, not blank
     scan = specfile.Specfile(str(tmp_path / "demo_scan.spec"))[0]
     assert scan.lines() == 11
     with h5py.File(tmp_path / "demo_scan.h5", "r") as f:

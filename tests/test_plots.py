@@ -1,0 +1,33 @@
+"""PNG pictures of histograms: every kind, huge images downsampled, empty input refused."""
+
+from __future__ import annotations
+
+import time
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from livehist.plots import Picture, plot
+
+
+def test_every_kind_and_a_huge_image(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = {"first": 1, "shape": [64, 64]}
+    pics = [
+        Picture("tof", rng.integers(0, 100, 500), np.linspace(0, 7e7, 501),
+                {"kind": "tof", "tof": {"unit": "ns"}}),
+        Picture("image", rng.integers(0, 1000, (64, 64)), None, {"kind": "image", "pixels": pixels}),
+        Picture("beam", rng.integers(0, 9, 50), np.geomspace(1, 7e4, 51),
+                {"kind": "roi", "pixels": pixels, "roi": {"rows": [20, 40], "cols": [10, 30]},
+                 "tof": {"unit": "us", "scale": "log"}}),
+        Picture("pixel_tof", rng.integers(0, 5, (200, 40)), np.arange(41.0), {"kind": "pixel_tof"}),
+        Picture("big", np.ones((4000, 4000), np.int64), None, {"kind": "image"}),
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    path = plot(pics, tmp_path / "h.png", title="all kinds")
+    assert time.monotonic() - t0 < 30  # a 16-Mpixel image is summed into blocks, never frozen on
+    img = matplotlib.image.imread(path)
+    assert img.shape[0] > 500 and img[..., :3].std() > 0.05
+    with pytest.raises(ValueError, match="nothing to plot"):
+        plot([], tmp_path / "none.png")
