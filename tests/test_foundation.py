@@ -34,7 +34,13 @@ def test_up_status_down_with_real_processes(sites):
     r = run_cli("up", "--tango-host", host, "--state-dir", str(state))
     assert r.returncode == 0, r.stderr
     assert "starting the embedded Tango database" in r.stdout
-    for dev in ("pool/livehist/1", "macroserver/livehist/1", "door/livehist/1", "livehist/histogrammer/1"):
+    for dev in (
+        "pool/livehist/1",
+        "macroserver/livehist/1",
+        "door/livehist/1",
+        "livehist/histogrammer/1",
+        "livehist/metadata/1",
+    ):
         line = next(ln for ln in r.stdout.splitlines() if ln.startswith(dev))
         assert " ON " in line, line
     first = pids(state)
@@ -230,7 +236,11 @@ def test_site_database_is_used_and_nothing_embedded_started(sites):
         r = run_cli("up", "--state-dir", str(state), env=env)
         assert r.returncode == 0, r.stderr
         assert "(site database)" in r.stdout and "starting the embedded" not in r.stdout
-        assert set(pids(state)) == {"Sardana-livehist", "EventHistogrammer-livehist"}
+        assert set(pids(state)) == {
+            "Sardana-livehist",
+            "EventHistogrammer-livehist",
+            "MetadataManager-livehist",
+        }
         r = run_cli("down", "--state-dir", str(state))
         assert r.returncode == 0 and "tango-db" not in r.stdout
         assert db.poll() is None  # the site's database is not ours to stop

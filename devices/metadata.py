@@ -1,0 +1,229 @@
+"""MetadataManager: one Tango device for experiment metadata, kept in the Tango database.
+
+A thin shell over `livehist.metadata.MetadataStore`. Every change is written to the device
+property `StoredMetadata` (metadata, audit trail, open dataset) before the command returns,
+so a restarted server, or a rebooted machine, comes back with it. Change events are pushed
+on every attribute after each change, so GUIs follow edits made by other clients.
+
+    python -m livehist.devices.metadata INSTANCE
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import tango
+from tango import AttrWriteType, DevState
+from tango.server import Device, attribute, command, device_property, run
+
+from livehist.metadata import MetadataError, MetadataStore, Rules, format_user, schema
+
+STATES = {"STANDBY": DevState.STANDBY, "ON": DevState.ON, "RUNNING": DevState.RUNNING}
+# writable attribute -> (metadata key, sample sub-key or None)
+FIELDS = {"Proposal": ("proposal", None), "Title": ("title", None), "Instrument": ("instrument", None),
+          "DataRoot": ("data_root", None), "SampleName": ("sample", "name"),
+          "SampleDescription": ("sample", "description")}  # fmt: skip
+PUSHED = (*FIELDS, "Users", "Metadata", "DatasetName", "DataFolder", "AuditTrail")
+
+
+def fail(reason: str, desc: str, origin: str) -> None:
+    tango.Except.throw_exception(f"livehist_{reason}", desc, f"MetadataManager.{origin}")
+
+
+class MetadataManager(Device):
+    """Proposal, sample, users, instrument and free-form metadata for every file written."""
+
+    ProposalPattern = device_property(dtype=str, default_value=Rules.proposal_pattern,
+                                      doc="regular expression a proposal id must match")  # fmt: skip
+    DataFolderPattern = device_property(dtype=str, default_value=Rules.folder_pattern,
+                                        doc="folder of a dataset: {data_root} {proposal} {dataset} {year} {date} {instrument}")  # fmt: skip
+    DataGroup = device_property(
+        dtype=str, default_value="", doc="group owning created folders ('' = server's)"
+    )
+    DataMode = device_property(dtype=str, default_value="2775", doc="octal mode of created folders")
+    MaxValueChars = device_property(dtype=int, default_value=Rules.max_value_chars)
+    AuditLength = device_property(
+        dtype=int, default_value=Rules.audit_length, doc="changes kept in AuditTrail"
+    )
+    DefaultDataRoot = device_property(dtype=str, default_value="",
+                                      doc="DataRoot used (and created) while none is set")  # fmt: skip
+    StoredMetadata = device_property(dtype=str, default_value="", doc="written by the device: do not edit")
+
+    def init_device(self) -> None:
+        super().init_device()
+        self.store: MetadataStore | None = None
+        for name in (*PUSHED, "State", "Status"):
+            if name not in FIELDS:  # those are made in initialize_dynamic_attributes
+                self.set_change_event(name, True, False)
+        try:
+            rules = Rules(proposal_pattern=self.ProposalPattern, folder_pattern=self.DataFolderPattern,
+                          data_group=self.DataGroup, data_mode=int(self.DataMode, 8),
+                          max_value_chars=self.MaxValueChars, audit_length=self.AuditLength)  # fmt: skip
+            stored = json.loads(self.StoredMetadata) if self.StoredMetadata else None
+            self.store = MetadataStore(rules, save=self._save, stored=stored)
+            if self.DefaultDataRoot and not self.store.get("data_root"):
+                os.makedirs(self.DefaultDataRoot, exist_ok=True)
+                self.store.merge({"data_root": self.DefaultDataRoot}, "DefaultDataRoot property")
+        except (ValueError, OSError, MetadataError) as exc:
+            self.set_state(DevState.FAULT)
+            self.set_status(f"cannot start: {exc}; fix the properties and run Init")
+            return
+        self._sync_state()
+
+    def _save(self, stored: dict) -> None:
+        """Persist in the Tango DB (the property the device reads back at start)."""
+        try:
+            db = tango.Util.instance().get_database()
+        except tango.DevFailed:  # no database (DeviceTestContext): nothing survives anyway
+            return
+        if db is not None:
+            db.put_device_property(self.get_name(), {"StoredMetadata": [json.dumps(stored)]})
+
+    def _sync_state(self) -> None:
+        store = self.store
+        self.set_state(STATES[store.state])
+        if store.dataset:
+            self.set_status(f"dataset {store.dataset['name']!r} open in {store.dataset['folder']}")
+        elif store.state == "ON":
+            self.set_status(f"ready: proposal {store.get('proposal')}; StartDataset to open a dataset")
+        else:
+            self.set_status("no proposal set: write Proposal (or SetMetadata) first")
+
+    def _client(self) -> str:
+        try:
+            ident = self.get_client_ident()
+            return ident.client_ip or "unknown client"
+        except Exception:  # an internal call has no client
+            return "local"
+
+    def _changed(self) -> None:
+        """After any change: state, then change events on everything a GUI shows."""
+        self._sync_state()
+        for name in PUSHED:
+            self.push_change_event(name, self._value(name))
+        self.push_change_event("State", self.get_state())
+        self.push_change_event("Status", self.get_status())
+
+    def _value(self, name: str):
+        store = self.store
+        if name in FIELDS:
+            key, sub = FIELDS[name]
+            return store.get(key, {}).get(sub, "") if sub else store.get(key) or ""
+        if name == "Users":
+            return [format_user(u) for u in store.get("users", [])]
+        if name == "Metadata":
+            return json.dumps(store.snapshot())
+        if name == "DatasetName":
+            return store.dataset["name"] if store.dataset else ""
+        if name == "DataFolder":
+            return store.dataset["folder"] if store.dataset else ""
+        if name == "AuditTrail":
+            return json.dumps([c.to_json() for c in store.audit])
+        raise KeyError(name)
+
+    def _merge(self, update: dict | str, origin: str) -> None:
+        if self.store is None:
+            fail("NotInitialised", self.get_status(), origin)
+        try:
+            changes = self.store.merge(update, self._client())
+        except MetadataError as exc:
+            fail("BadMetadata", str(exc), origin)
+        if changes:
+            self._changed()
+
+    def read_attr_hardware(self, attr_list) -> None:
+        if self.store is None:
+            fail("NotInitialised", self.get_status(), "read")
+
+    # --- attributes --------------------------------------------------------------------
+    def _read_field(self, attr: tango.Attribute) -> None:
+        attr.set_value(self._value(attr.get_name()))
+
+    def _write_field(self, attr: tango.WAttribute) -> None:
+        key, sub = FIELDS[attr.get_name()]
+        value = attr.get_write_value()
+        self._merge({key: {sub: value}} if sub else {key: value}, f"write {attr.get_name()}")
+
+    def initialize_dynamic_attributes(self) -> None:
+        docs = {"Proposal": "proposal id (ProposalPattern)", "Title": "experiment title",
+                "Instrument": "instrument / beamline", "DataRoot": "absolute folder under which datasets go",
+                "SampleName": "sample name", "SampleDescription": "sample description"}  # fmt: skip
+        for name in FIELDS:
+            attr = tango.Attr(name, tango.DevString, AttrWriteType.READ_WRITE)
+            props = tango.UserDefaultAttrProp()
+            props.set_description(docs[name] + " (kept across restarts)")
+            attr.set_default_properties(props)
+            self.add_attribute(attr, self._read_field, self._write_field)
+            self.set_change_event(name, True, False)
+
+    @attribute(dtype=(str,), max_dim_x=1000, access=AttrWriteType.READ_WRITE,
+               doc="users as 'Name (role)'; full records (email, orcid, affiliation) through SetMetadata")  # fmt: skip
+    def Users(self) -> list[str]:
+        return self._value("Users")
+
+    @Users.write
+    def Users(self, value: list[str]) -> None:
+        self._merge({"users": list(value)}, "write Users")
+
+    @attribute(dtype=str, doc="all current metadata as JSON (with the open dataset)")
+    def Metadata(self) -> str:
+        return self._value("Metadata")
+
+    @attribute(dtype=str, doc="name of the open dataset ('' when none)")
+    def DatasetName(self) -> str:
+        return self._value("DatasetName")
+
+    @attribute(dtype=str, doc="folder of the open dataset ('' when none)")
+    def DataFolder(self) -> str:
+        return self._value("DataFolder")
+
+    @attribute(dtype=str, doc="JSON list of the last changes: time, client, key, old, new")
+    def AuditTrail(self) -> str:
+        return self._value("AuditTrail")
+
+    @attribute(dtype=str, doc="JSON schema of what SetMetadata accepts")
+    def MetadataSchema(self) -> str:
+        return json.dumps(schema(self.store.rules if self.store else None))
+
+    # --- commands ----------------------------------------------------------------------
+    @command(dtype_in=str, doc_in="JSON object merged into the metadata (unknown keys are kept as free-form)")
+    def SetMetadata(self, update: str) -> None:
+        self._merge(update, "SetMetadata")
+
+    @command(dtype_out=str, doc_out="all current metadata as JSON")
+    def GetMetadata(self) -> str:
+        if self.store is None:
+            fail("NotInitialised", self.get_status(), "GetMetadata")
+        return self._value("Metadata")
+
+    @command(dtype_in=str, dtype_out=str, doc_in="dataset name", doc_out="the DataFolder created")
+    def StartDataset(self, name: str) -> str:
+        if self.store is None:
+            fail("NotInitialised", self.get_status(), "StartDataset")
+        try:
+            folder = self.store.start_dataset(name, self._client())
+        except MetadataError as exc:
+            fail("BadDataset", str(exc), "StartDataset")
+        self._changed()
+        return str(folder)
+
+    @command(dtype_out=str, doc_out="path of the dataset summary (JSON) written in the folder")
+    def EndDataset(self) -> str:
+        if self.store is None:
+            fail("NotInitialised", self.get_status(), "EndDataset")
+        try:
+            path = self.store.end_dataset(self._client())
+        except (MetadataError, OSError) as exc:
+            fail("BadDataset", str(exc), "EndDataset")
+        self._changed()
+        return str(path)
+
+
+def main(args: list[str] | None = None) -> None:
+    run((MetadataManager,), args=args or ["MetadataManager", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    main()

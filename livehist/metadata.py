@@ -1,0 +1,429 @@
+"""Experiment metadata: a validated model, an audit trail and the dataset life cycle.
+
+Plain Python (no Tango): the MetadataManager device is a thin shell over `MetadataStore`,
+which it persists in the Tango database through the `save` callback.
+
+The metadata is one JSON object:
+
+    {"proposal": "20261234", "title": "...", "instrument": "...", "data_root": "/data",
+     "sample": {"name": "...", "description": "...", "chemical_formula": "...", "temperature": 295.0},
+     "users": [{"name": "Jane Doe", "role": "PI", "email": "...", "orcid": "...", "affiliation": "..."}],
+     ...free-form keys (str/number/bool/null, or small lists/objects of them)}
+
+`merge` is last-writer-wins per key (per sample sub-key); `users` is replaced as a whole;
+a free-form key set to null is removed.
+"""
+
+from __future__ import annotations
+
+import copy
+import grp
+import json
+import os
+import re
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from livehist.errors import LivehistError
+
+STRING_KEYS = ("proposal", "title", "instrument", "data_root")
+SAMPLE_KEYS = {"name": str, "description": str, "chemical_formula": str, "temperature": float}
+USER_KEYS = ("name", "role", "email", "orcid", "affiliation")
+DATASET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+FREE_KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+
+
+class MetadataError(LivehistError):
+    """Bad metadata or a dataset request that cannot be honoured; the message names the fix."""
+
+
+@dataclass
+class Rules:
+    """Validation rules (device properties of the MetadataManager)."""
+
+    proposal_pattern: str = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$"
+    max_value_chars: int = 4096
+    max_users: int = 50
+    max_free_keys: int = 100
+    max_total_bytes: int = 60_000  # all metadata as JSON; Tango DB properties stay small
+    audit_length: int = 200
+    folder_pattern: str = "{data_root}/{year}/{proposal}/{dataset}"
+    data_group: str = ""  # group owning created folders ("" = the process's group)
+    data_mode: int = 0o2775  # setgid: files inside inherit the group
+
+
+@dataclass
+class Change:
+    key: str
+    old: Any
+    new: Any
+    client: str
+    time: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="milliseconds"))
+
+    def to_json(self) -> dict:
+        return {"time": self.time, "client": self.client, "key": self.key, "old": self.old, "new": self.new}
+
+
+def schema(rules: Rules | None = None) -> dict:
+    """JSON schema of what SetMetadata accepts (clients build forms from it)."""
+    rules = rules or Rules()
+    text = {"type": "string", "maxLength": rules.max_value_chars}
+    scalar = {"type": ["string", "number", "boolean", "null"]}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "livehist experiment metadata",
+        "type": "object",
+        "properties": {
+            "proposal": {**text, "pattern": rules.proposal_pattern, "description": "proposal id"},
+            "title": {**text, "description": "experiment title"},
+            "instrument": {**text, "description": "instrument (beamline) name"},
+            "data_root": {**text, "description": "absolute folder under which datasets are created"},
+            "sample": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "name": text,
+                    "description": text,
+                    "chemical_formula": text,
+                    "temperature": {"type": "number", "description": "sample temperature in K"},
+                },  # fmt: skip
+            },
+            "users": {
+                "type": "array",
+                "maxItems": rules.max_users,
+                "items": {
+                    "type": "object",
+                    "required": ["name"],
+                    "additionalProperties": False,
+                    "properties": {k: text for k in USER_KEYS},
+                },
+            },
+        },
+        "additionalProperties": {
+            "anyOf": [
+                scalar,
+                {"type": "array", "items": scalar},
+                {"type": "object", "additionalProperties": scalar},
+            ]
+        },  # fmt: skip
+        "propertyNames": {"pattern": FREE_KEY_RE.pattern},
+        "maxProperties": len(STRING_KEYS) + 2 + rules.max_free_keys,
+    }
+
+
+class MetadataStore:
+    """The current metadata, its audit trail and the open dataset; thread-safe."""
+
+    def __init__(self, rules: Rules | None = None, save: Callable[[dict], None] | None = None,
+                 stored: dict | None = None) -> None:  # fmt: skip
+        self.rules = rules or Rules()
+        try:
+            self._proposal_re = re.compile(self.rules.proposal_pattern)
+        except re.error as exc:
+            raise MetadataError(
+                f"ProposalPattern {self.rules.proposal_pattern!r} is not a regex: {exc}"
+            ) from None
+        self._save = save
+        self._lock = threading.RLock()
+        self.metadata: dict = {"sample": {}, "users": []}
+        self.audit: deque[Change] = deque(maxlen=self.rules.audit_length)
+        self.dataset: dict | None = None  # {"name", "folder", "start"} while one is open
+        if stored:
+            self._restore(stored)
+
+    # --- persistence -------------------------------------------------------------------
+    def _restore(self, stored: dict) -> None:
+        self.metadata = {"sample": {}, "users": [], **stored.get("metadata", {})}
+        self.audit.extend(Change(**c) for c in stored.get("audit", [])[-self.rules.audit_length :])
+        self.dataset = stored.get("dataset")
+
+    def stored(self) -> dict:
+        with self._lock:
+            return {"metadata": self.metadata, "audit": [c.to_json() for c in self.audit],
+                    "dataset": self.dataset}  # fmt: skip
+
+    def _persist(self) -> None:
+        if self._save is not None:
+            self._save(self.stored())
+
+    # --- reading -----------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """A deep copy of the metadata plus the open dataset, for a file or a record."""
+        with self._lock:
+            snap = copy.deepcopy(self.metadata)
+            if self.dataset:
+                snap["dataset"] = dict(self.dataset)
+            return snap
+
+    def get(self, key: str, default: Any = "") -> Any:
+        with self._lock:
+            return copy.deepcopy(self.metadata.get(key, default))
+
+    @property
+    def state(self) -> str:
+        if self.dataset:
+            return "RUNNING"
+        return "ON" if self.metadata.get("proposal") else "STANDBY"
+
+    # --- validation --------------------------------------------------------------------
+    def _text(self, value: Any, where: str) -> str:
+        if not isinstance(value, str):
+            raise MetadataError(f"{where} must be a string, got {type(value).__name__} {value!r:.60}")
+        if len(value) > self.rules.max_value_chars:
+            raise MetadataError(
+                f"{where} is {len(value)} characters, over the limit of {self.rules.max_value_chars}; shorten it"
+            )
+        return value
+
+    def _check(self, key: str, value: Any) -> Any:
+        """The validated (and normalised) value for a top-level key."""
+        if key == "proposal":
+            value = self._text(value, "proposal")
+            if value and not self._proposal_re.match(value):
+                raise MetadataError(
+                    f"proposal {value!r} does not match the pattern {self.rules.proposal_pattern!r} "
+                    "(ProposalPattern property); give the proposal id as issued by the user office"
+                )
+            return value
+        if key in STRING_KEYS:
+            value = self._text(value, key)
+            if key == "data_root" and value and not os.path.isabs(value):
+                raise MetadataError(f"data_root must be an absolute path, got {value!r}")
+            return value
+        if key == "sample":
+            if not isinstance(value, dict):
+                raise MetadataError(f'sample must be an object like {{"name": "Si"}}, got {value!r:.60}')
+            out = {}
+            for k, v in value.items():
+                if k not in SAMPLE_KEYS:
+                    raise MetadataError(
+                        f"sample.{k} is not a sample field; use one of {', '.join(SAMPLE_KEYS)}"
+                    )
+                if SAMPLE_KEYS[k] is float:
+                    if isinstance(v, bool) or not isinstance(v, int | float) or v != v:
+                        raise MetadataError(f"sample.{k} must be a number (K), got {v!r:.60}")
+                    out[k] = float(v)
+                else:
+                    out[k] = self._text(v, f"sample.{k}")
+            return out
+        if key == "users":
+            if not isinstance(value, list):
+                raise MetadataError(
+                    f'users must be a list like [{{"name": "Jane Doe", "role": "PI"}}], got {value!r:.60}'
+                )
+            if len(value) > self.rules.max_users:
+                raise MetadataError(
+                    f"users has {len(value)} entries, over the limit of {self.rules.max_users}"
+                )
+            users = []
+            for i, u in enumerate(value):
+                if isinstance(u, str):
+                    u = parse_user(u)
+                if not isinstance(u, dict) or not u.get("name"):
+                    raise MetadataError(f"users[{i}] must be an object with a name, got {u!r:.60}")
+                unknown = sorted(set(u) - set(USER_KEYS))
+                if unknown:
+                    raise MetadataError(
+                        f"users[{i}].{unknown[0]} is not a user field; use {', '.join(USER_KEYS)}"
+                    )
+                users.append({k: self._text(v, f"users[{i}].{k}") for k, v in u.items()})
+            return users
+        if not FREE_KEY_RE.match(key):
+            raise MetadataError(
+                f"metadata key {key!r} is not allowed; keys start with a letter and hold letters, digits, _ . -"
+            )
+        return self._free(value, key, 0)
+
+    def _free(self, value: Any, where: str, depth: int) -> Any:
+        if value is None or isinstance(value, bool | int | float):
+            if isinstance(value, float) and value != value:
+                raise MetadataError(f"{where} is NaN; give a number or null")
+            return value
+        if isinstance(value, str):
+            return self._text(value, where)
+        if depth == 0 and isinstance(value, list):
+            return [self._free(v, f"{where}[{i}]", 1) for i, v in enumerate(value)]
+        if depth == 0 and isinstance(value, dict):
+            return {str(k): self._free(v, f"{where}.{k}", 1) for k, v in value.items()}
+        raise MetadataError(
+            f"{where}: free-form values are strings, numbers, booleans, null, or one level of list/object of them; "
+            f"got {type(value).__name__}"
+        )
+
+    # --- changing ----------------------------------------------------------------------
+    def merge(self, update: dict | str, client: str = "local") -> list[Change]:
+        """Validate everything first, then apply: all keys or none. Returns what changed."""
+        if isinstance(update, str):
+            try:
+                update = json.loads(update)
+            except ValueError as exc:
+                raise MetadataError(
+                    f"SetMetadata argument is not valid JSON ({exc}); give a JSON object"
+                ) from None
+        if not isinstance(update, dict):
+            raise MetadataError(f"SetMetadata needs a JSON object of key: value, got {type(update).__name__}")
+        if "dataset" in update:
+            raise MetadataError("dataset is set by StartDataset/EndDataset, not by SetMetadata")
+        checked = {str(k): self._check(str(k), v) for k, v in update.items()}
+        with self._lock:
+            new = copy.deepcopy(self.metadata)
+            changes = []
+            for key, value in checked.items():
+                if key == "sample":
+                    for k, v in value.items():
+                        old = new["sample"].get(k)
+                        if old != v:
+                            changes.append(Change(f"sample.{k}", old, v, client))
+                            new["sample"][k] = v
+                    continue
+                old = new.get(key)
+                if value is None and key not in (*STRING_KEYS, "users"):  # null removes a free-form key
+                    if key in new:
+                        changes.append(Change(key, old, None, client))
+                        del new[key]
+                elif old != value:
+                    changes.append(Change(key, old, value, client))
+                    new[key] = value
+            free = [k for k in new if k not in (*STRING_KEYS, "sample", "users")]
+            if len(free) > self.rules.max_free_keys:
+                raise MetadataError(
+                    f"{len(free)} free-form keys, over the limit of {self.rules.max_free_keys}; remove some (set to null)"
+                )
+            size = len(json.dumps(new))
+            if size > self.rules.max_total_bytes:
+                raise MetadataError(
+                    f"metadata would be {size} bytes as JSON, over the limit of {self.rules.max_total_bytes}; "
+                    "keep bulky data in files, not in metadata"
+                )
+            if not changes:
+                return []
+            self.metadata = new
+            self.audit.extend(changes)
+            self._persist()
+            return changes
+
+    # --- datasets ----------------------------------------------------------------------
+    def folder_for(self, name: str) -> Path:
+        if not isinstance(name, str) or not DATASET_NAME_RE.match(name) or name in (".", ".."):
+            raise MetadataError(
+                f"dataset name {name!r} is not allowed: use 1-64 letters, digits, _ . - "
+                "(no path separators, no '..'), starting with a letter or digit"
+            )
+        md = self.metadata
+        if not md.get("proposal"):
+            raise MetadataError(
+                'no proposal set: set Proposal (or SetMetadata {"proposal": ...}) before StartDataset'
+            )
+        if not md.get("data_root"):
+            raise MetadataError(
+                "no DataRoot set: set DataRoot to the absolute folder for data before StartDataset"
+            )
+        now = datetime.now()
+        fields = {"data_root": md["data_root"], "proposal": md["proposal"], "dataset": name,
+                  "instrument": md.get("instrument") or "instrument", "year": f"{now:%Y}",
+                  "date": f"{now:%Y-%m-%d}"}  # fmt: skip
+        try:
+            folder = Path(self.rules.folder_pattern.format(**fields))
+        except (KeyError, IndexError, ValueError) as exc:
+            raise MetadataError(
+                f"DataFolderPattern {self.rules.folder_pattern!r} cannot be filled ({exc}); "
+                f"it may use {{{'}, {'.join(fields)}}}"
+            ) from None
+        root = Path(md["data_root"]).resolve()
+        if root not in folder.resolve().parents:
+            raise MetadataError(f"DataFolderPattern gives {folder}, outside DataRoot {root}; fix the pattern")
+        return folder
+
+    def start_dataset(self, name: str, client: str = "local") -> Path:
+        with self._lock:
+            if self.dataset:
+                raise MetadataError(f"dataset {self.dataset['name']!r} is open; EndDataset first")
+            folder = self.folder_for(name)
+            make_folder(folder, Path(self.metadata["data_root"]), self.rules.data_group, self.rules.data_mode)
+            self.dataset = {"name": name, "folder": str(folder), "start": _now()}
+            self.audit.append(Change("dataset", None, name, client))
+            self._persist()
+            return folder
+
+    def end_dataset(self, client: str = "local") -> Path:
+        """Close the dataset; write its summary (metadata, files, time range) as JSON in its folder."""
+        with self._lock:
+            if not self.dataset:
+                raise MetadataError("no dataset is open; StartDataset first")
+            ds = dict(self.dataset, end=_now())
+            folder = Path(ds["folder"])
+            summary = {
+                "schema": "livehist-dataset/1",
+                "dataset": ds["name"],
+                "folder": str(folder),
+                "start_time": ds["start"],
+                "end_time": ds["end"],
+                "metadata": copy.deepcopy(self.metadata),
+                "files": _files(folder),
+            }
+            path = folder / "dataset.json"
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(summary, indent=1))
+            os.replace(tmp, path)  # a catalogue never reads half a summary
+            self.audit.append(Change("dataset", ds["name"], None, client))
+            self.dataset = None
+            self._persist()
+            return path
+
+
+def parse_user(text: str) -> dict:
+    """'Jane Doe (PI)' -> {"name": "Jane Doe", "role": "PI"}; 'Jane Doe' -> {"name": "Jane Doe"}."""
+    m = re.match(r"^\s*(.*?)\s*\(([^()]*)\)\s*$", text)
+    if m and m.group(1):
+        return {"name": m.group(1), "role": m.group(2).strip()}
+    return {"name": text.strip()}
+
+
+def format_user(user: dict) -> str:
+    return f"{user['name']} ({user['role']})" if user.get("role") else user["name"]
+
+
+def make_folder(folder: Path, root: Path, group: str, mode: int) -> None:
+    """Create `folder` and any missing parents below `root` with `group` and `mode`."""
+    gid = -1
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise MetadataError(
+                f"DataGroup {group!r} is not a group on this machine; fix the property"
+            ) from None
+    if not root.is_dir():
+        raise MetadataError(f"DataRoot {root} does not exist (or is not a folder); create it or fix DataRoot")
+    missing = [p for p in [folder, *folder.parents] if root in p.parents and not p.exists()]
+    for p in reversed(missing):
+        try:
+            p.mkdir()
+            if gid != -1:
+                os.chown(p, -1, gid)
+            os.chmod(p, mode)  # after chown: chown may clear the setgid bit
+        except PermissionError as exc:
+            raise MetadataError(
+                f"cannot create {p}: {exc.strerror}; check DataRoot permissions / DataGroup"
+            ) from None
+        except FileExistsError:
+            pass
+
+
+def _files(folder: Path) -> list[dict]:
+    out = []
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != "dataset.json":
+            st = p.stat()
+            out.append({"path": str(p.relative_to(folder)), "size": st.st_size,
+                        "modified": datetime.fromtimestamp(st.st_mtime, UTC).isoformat(timespec="seconds")})  # fmt: skip
+    return out
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
