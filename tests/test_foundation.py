@@ -44,9 +44,8 @@ def test_up_status_down_with_real_processes(sites):
         line = next(ln for ln in r.stdout.splitlines() if ln.startswith(dev))
         assert (" STANDBY " if "metadata" in dev else " ON ") in line, line  # STANDBY: no proposal yet
     first = pids(state)
-    assert set(first) == {"tango-db", "Sardana-livehist", "EventHistogrammer-livehist"} and all(
-        first.values()
-    )
+    servers = {"Sardana-livehist", "EventHistogrammer-livehist", "MetadataManager-livehist"}
+    assert set(first) == {"tango-db", *servers} and all(first.values())
 
     # a second terminal, knowing only TANGO_HOST, reaches the Door
     probe = subprocess.run(
