@@ -47,5 +47,17 @@ setup(
     },
     entry_points={
         "console_scripts": ["livehist = livehist.cli:main"],
+        # sinks by extension or URI scheme; other packages add theirs to the same group
+        "livehist.recorders": [
+            "nxs = livehist.recorders.nexus:NexusSink",
+            "h5 = livehist.recorders.nexus:NexusSink",
+            "hdf5 = livehist.recorders.nexus:NexusSink",
+            "spec = livehist.recorders.spec:SpecSink",
+            "dat = livehist.recorders.spec:SpecSink",
+            "jsonl = livehist.recorders.jsonl:JsonLinesSink",
+            "ndjson = livehist.recorders.jsonl:JsonLinesSink",
+            "jsonl+pub = livehist.recorders.jsonl:JsonLinesSink",
+            "sps = livehist.recorders.sps:SpsSink",
+        ],
     },
 )

@@ -1,0 +1,186 @@
+"""Sinks, the fan-out Recorder, sink discovery and the data folder policy.
+
+A sink is one small class with one method per record kind (after Bluesky's suitcases).
+`open_sink("scan.nxs")`, `open_sink("sps://livehist")` or `open_sink("scan.jsonl")` finds
+it by URI scheme or file extension among the entry points of group `livehist.recorders`,
+so a third-party package adds a format without touching livehist:
+
+    [options.entry_points]  /  setup(entry_points=...)
+    livehist.recorders =
+        csv = mypackage.sinks:CsvSink      # the name is the extension (or URI scheme)
+
+A `Recorder` feeds one record stream to several sinks. Every sink checks its target
+before anything is written (`prepare`), so a bad path fails the scan at its start; later,
+a sink that fails is closed and dropped with its error kept, and the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from livehist.recorders.records import Histogram, Point, RecordError, ScanEnd, ScanStart
+
+from livehist.errors import LivehistError
+from livehist.metadata import make_folder
+
+log = logging.getLogger("livehist.recorders")
+GROUP = "livehist.recorders"
+
+
+class RecorderError(LivehistError):
+    """A sink cannot record (bad target, unknown format, write failure); names the fix."""
+
+
+class Sink:
+    """One output. Subclasses set `extensions` and/or `schemes` and implement the four methods."""
+
+    extensions: tuple[str, ...] = ()
+    schemes: tuple[str, ...] = ()
+
+    def __init__(self, target: str, **options) -> None:
+        self.target = target
+        self.options = options
+
+    def prepare(self, start: ScanStart) -> None:
+        """Check the target now (writable, not locked...); raise RecorderError naming the fix."""
+
+    def start(self, record: ScanStart) -> None:
+        raise NotImplementedError
+
+    def point(self, record: Point) -> None:
+        raise NotImplementedError
+
+    def histogram(self, record: Histogram) -> None:
+        raise NotImplementedError
+
+    def end(self, record: ScanEnd) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release files and resources; called once, also after a failure."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.target!r})"
+
+
+def sink_classes() -> dict[str, type[Sink]]:
+    """Every registered sink, by entry point name (an extension or a URI scheme)."""
+    out = {}
+    for ep in entry_points(group=GROUP):
+        try:
+            out[ep.name.lower()] = ep.load()
+        except Exception as exc:  # a broken plug-in must not hide the others
+            log.error("recorder plug-in %s (%s) cannot be loaded: %s", ep.name, ep.value, exc)
+    return out
+
+
+def open_sink(target: str | os.PathLike, **options) -> Sink:
+    target = os.fspath(target)
+    classes = sink_classes()
+    if "://" in target:
+        key = target.split("://", 1)[0].lower()
+    else:
+        key = "".join(Path(target).suffixes[-1:]).lstrip(".").lower()
+    cls = classes.get(key)
+    if cls is None:
+        known = ", ".join(sorted(classes))
+        raise RecorderError(
+            f"no recorder for {target!r} ({'scheme' if '://' in target else 'extension'} {key!r}); "
+            f"known: {known}; a package can add one through the entry point group {GROUP!r}"
+        )
+    return cls(target, **options)
+
+
+class DataPolicy:
+    """Where files go: under `root`, at `pattern` (e.g. "{proposal}/{dataset}"), created with
+    `group` and `mode` so users read what a service account writes."""
+
+    def __init__(
+        self, root: str | os.PathLike, pattern: str = "", group: str = "", mode: int = 0o2775
+    ) -> None:
+        self.root = Path(root).resolve()
+        self.pattern, self.group, self.mode = pattern, group, mode
+
+    def path(self, name: str | os.PathLike, fields: dict | None = None) -> Path:
+        """The file for `name` (relative to root/pattern); refuse anything that leaves the root."""
+        name = os.fspath(name)
+        if ".." in Path(name).parts:
+            raise RecorderError(f"file name {name!r} contains '..'; give a name inside {self.root}")
+        try:
+            sub = self.pattern.format(**(fields or {})) if self.pattern else ""
+        except KeyError as exc:
+            raise RecorderError(
+                f"data folder pattern {self.pattern!r} needs {exc} (from the metadata)"
+            ) from None
+        folder = (self.root / sub).resolve()
+        path = (folder / name).resolve()
+        if self.root != path and self.root not in path.parents:
+            raise RecorderError(f"{name!r} resolves to {path}, outside the data root {self.root}")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            make_folder(path.parent, self.root, self.group, self.mode)
+        except LivehistError as exc:
+            raise RecorderError(str(exc)) from None
+        return path
+
+
+class Recorder:
+    """Feed one record stream to several sinks; a failing sink never stops the others."""
+
+    def __init__(self, sinks: Iterable[Sink]) -> None:
+        self.sinks = list(sinks)
+        self.errors: dict[str, str] = {}  # sink repr -> error, for sinks dropped mid-scan
+        self._start: ScanStart | None = None
+
+    def start(self, record: ScanStart) -> None:
+        problems = []
+        for sink in self.sinks:
+            try:
+                sink.prepare(record)
+            except Exception as exc:
+                problems.append(f"{sink}: {exc}")
+        if problems:
+            for sink in self.sinks:
+                self._close(sink)
+            raise RecorderError("cannot record this scan: " + "; ".join(problems))
+        self._start = record
+        self._each("start", record)
+
+    def point(self, record: Point) -> None:
+        if self._start is None:
+            raise RecordError("point before scan start")
+        self._each("point", record.checked(self._start))
+
+    def histogram(self, record: Histogram) -> None:
+        if self._start is None:
+            raise RecordError("histogram before scan start")
+        self._each("histogram", record.checked(self._start))
+
+    def end(self, record: ScanEnd) -> None:
+        try:
+            self._each("end", record)
+        finally:
+            for sink in self.sinks:
+                self._close(sink)
+            self._start = None
+
+    def _each(self, method: str, record) -> None:
+        for sink in list(self.sinks):
+            try:
+                getattr(sink, method)(record)
+            except Exception as exc:
+                self.errors[repr(sink)] = f"{type(exc).__name__}: {exc}"
+                log.error("recorder %s failed in %s, dropped for the rest of the scan: %s", sink, method, exc)
+                self.sinks.remove(sink)
+                self._close(sink)
+
+    @staticmethod
+    def _close(sink: Sink) -> None:
+        try:
+            sink.close()
+        except Exception as exc:
+            log.error("closing %s: %s", sink, exc)

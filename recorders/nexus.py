@@ -1,0 +1,264 @@
+"""NeXus/HDF5 sink (h5py): one NXentry per scan, SWMR so readers follow a running scan.
+
+Layout of /scan_<N> (NXentry, @default -> the plot):
+    title, start_time, end_time, entry_identifier (scan number), experiment_identifier
+    (proposal), collection_identifier (dataset), experiment_description, program_name @version
+    sample (NXsample), user_<k> (NXuser), instrument (NXinstrument: name)
+    data (NXdata: one dataset per column, @signal, @axes)
+    <histogram> (NXdata: data counts, time_of_flight edges as the last axis)
+    notes (NXnote: the configuration used, JSON), livehist (NXcollection: scan status,
+    histogram counters and specs)
+
+No application definition is declared: none of those NeXus knows is honestly filled by a
+generic step scan (NXscan needs a rotation angle and a monitor). In SWMR mode nothing may
+be created once readers attach, so everything, end_time and status included, is made at
+scan start and filled later. Points are buffered and written in blocks at most 0.2 s
+apart (a timer flushes a quiet scan), so a reader sees each point within 0.5 s.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import h5py
+import numpy as np
+from livehist.recorders.base import RecorderError, Sink
+from livehist.recorders.records import Histogram, Point, ScanEnd, ScanStart
+
+from livehist import __version__
+
+FLUSH_PERIOD = 0.2
+STR = h5py.string_dtype()
+
+
+def _text(group: h5py.Group, name: str, value: str, **attrs) -> None:
+    group.create_dataset(name, data=value, dtype=STR)
+    for k, v in attrs.items():
+        group[name].attrs[k] = v
+
+
+def _nx(group: h5py.Group, name: str, nx_class: str) -> h5py.Group:
+    g = group.create_group(name)
+    g.attrs["NX_class"] = nx_class
+    return g
+
+
+class NexusSink(Sink):
+    extensions = ("nxs", "h5", "hdf5", "nx5")
+
+    def __init__(self, target: str, swmr: bool = True, compression: str | None = "gzip", **options) -> None:
+        super().__init__(target, **options)
+        self.swmr, self.compression = swmr, compression
+        self.file: h5py.File | None = None
+        self.entry: h5py.Group | None = None
+        self._lock = threading.RLock()
+        self._buffer: list[Point] = []
+        self._written = 0
+        self._last_flush = 0.0
+        self._timer: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # --- setup --------------------------------------------------------------------------
+    def prepare(self, start: ScanStart) -> None:
+        try:
+            self.file = h5py.File(self.target, "a", libver="latest")
+        except BlockingIOError:
+            raise RecorderError(
+                f"{self.target} is locked by another writer; close it there or use another file"
+            ) from None
+        except OSError as exc:
+            msg = str(exc)
+            if "lock" in msg.lower():
+                raise RecorderError(
+                    f"{self.target} is locked by another writer ({msg}); use another file"
+                ) from None
+            raise RecorderError(f"cannot open {self.target} for writing: {msg}") from None
+        if self.file.attrs.get("default") is None and not len(self.file):
+            self.file.attrs["NX_class"] = "NXroot"  # a new file
+            self.file.attrs["creator"] = f"livehist {__version__}"
+
+    def start(self, record: ScanStart) -> None:
+        f = self.file
+        name = f"scan_{record.scan_number}"
+        k = 1
+        while name in f:  # never overwrite an entry: a repeated number gets a suffix
+            k += 1
+            name = f"scan_{record.scan_number}_{k}"
+        self.start_record = record
+        e = self.entry = _nx(f, name, "NXentry")
+        md = record.metadata
+        _text(e, "title", record.title)
+        _text(e, "start_time", record.start_time)
+        e.create_dataset("end_time", data=b"", dtype="S40")  # filled at scan end
+        _text(e, "entry_identifier", str(record.scan_number))
+        if md.get("proposal"):
+            _text(e, "experiment_identifier", md["proposal"])
+        dataset = md.get("dataset") or {}
+        if dataset.get("name"):
+            _text(e, "collection_identifier", dataset["name"])
+        if md.get("title"):
+            _text(e, "experiment_description", md["title"])
+        _text(e, "program_name", record.program, version=__version__)
+        self._metadata_groups(e, md)
+        data = self._data_group(e, record)
+        prov = _nx(e, "livehist", "NXcollection")
+        for h in record.histograms:
+            self._histogram_group(e, h)
+        note = _nx(e, "notes", "NXnote")
+        _text(note, "type", "application/json")
+        _text(note, "description", "configuration used for this scan (livehist provenance)")
+        _text(note, "data", json.dumps({"config": record.config, "metadata": md, "snapshot": record.snapshot},
+                                       default=str))  # fmt: skip
+        prov.create_dataset("status", data=b"running", dtype="S16")
+        prov.create_dataset("end_reason", data=b"", dtype="S512")
+        prov.create_dataset("points", data=0, dtype=np.int64)
+        if data is not None:
+            e.attrs["default"] = "data"
+        elif record.histograms:
+            e.attrs["default"] = record.histograms[0].name
+        if "default" not in f.attrs or not f.attrs["default"]:
+            f.attrs["default"] = name
+        f.flush()
+        if self.swmr:
+            f.swmr_mode = True
+        self._last_flush = time.monotonic()
+        self._timer = threading.Thread(target=self._flush_loop, name="livehist-nexus-flush", daemon=True)
+        self._timer.start()
+
+    def _metadata_groups(self, e: h5py.Group, md: dict) -> None:
+        sample = md.get("sample") or {}
+        s = _nx(e, "sample", "NXsample")
+        for key in ("name", "description", "chemical_formula"):
+            if sample.get(key):
+                _text(s, key, sample[key])
+        if sample.get("temperature") is not None:
+            s["temperature"] = float(sample["temperature"])
+            s["temperature"].attrs["units"] = "K"
+        for k, user in enumerate(md.get("users") or [], 1):
+            u = _nx(e, f"user_{k}", "NXuser")
+            for key, field in (("name", "name"), ("role", "role"), ("email", "email"),
+                               ("affiliation", "affiliation"), ("orcid", "ORCID")):  # fmt: skip
+                if user.get(key):
+                    _text(u, field, user[key])
+        inst = _nx(e, "instrument", "NXinstrument")
+        if md.get("instrument"):
+            _text(inst, "name", md["instrument"])
+
+    def _data_group(self, e: h5py.Group, record: ScanStart) -> h5py.Group | None:
+        if not record.columns:
+            return None
+        d = _nx(e, "data", "NXdata")
+        for col in record.columns:
+            per_point = int(np.prod(col.shape)) * np.dtype(col.dtype).itemsize
+            rows = max(1, min(4096, (1 << 20) // max(per_point, 1)))
+            compress = self.compression if col.shape else None
+            ds = d.create_dataset(col.name, shape=(0, *col.shape), maxshape=(None, *col.shape),
+                                  dtype=col.dtype, chunks=(rows, *col.shape), compression=compress,
+                                  shuffle=bool(compress))  # fmt: skip
+            ds.attrs["units"] = col.unit
+            if col.label:
+                ds.attrs["long_name"] = col.label
+        signal = record.default_signal()
+        if signal is not None:
+            d.attrs["signal"] = signal.name
+            axis = record.axes[0].name if record.axes else "."
+            d.attrs["axes"] = [axis] + ["."] * len(signal.shape)
+            if record.axes:
+                d.attrs[f"{axis}_indices"] = 0
+        return d
+
+    def _histogram_group(self, e: h5py.Group, h) -> None:
+        g = _nx(e, h.name, "NXdata")
+        g.attrs["signal"] = "data"
+        counts = g.create_dataset("data", shape=tuple(h.shape), dtype=np.int64, fillvalue=0,
+                                  chunks=True if len(h.shape) else None, compression=self.compression,
+                                  shuffle=bool(self.compression))  # fmt: skip
+        counts.attrs["units"] = "counts"
+        axes = ["."] * len(h.shape)
+        if h.tof_bins:
+            tof = g.create_dataset("time_of_flight", shape=(h.tof_bins + 1,), dtype=np.float64)
+            tof.attrs["units"] = h.unit
+            tof.attrs["long_name"] = f"time of flight bin edges ({h.unit})"
+            axes[-1] = "time_of_flight"
+        g.attrs["axes"] = axes
+        c = _nx(e["livehist"], h.name, "NXcollection")
+        for key in ("events", "messages", "bad_messages", "dropped_messages", "pulses"):
+            c.create_dataset(key, data=-1, dtype=np.int64)  # -1 until a snapshot arrives
+        c.create_dataset("acquisition_time", data=0.0)
+        c["acquisition_time"].attrs["units"] = "s"
+        c.create_dataset("snapshot_time", data=b"", dtype="S40")
+        _text(c, "spec", json.dumps(h.spec))
+
+    # --- data ---------------------------------------------------------------------------
+    def point(self, record: Point) -> None:
+        with self._lock:
+            self._buffer.append(record)
+            if time.monotonic() - self._last_flush >= FLUSH_PERIOD:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Write buffered points as one block per column, then let readers see them."""
+        with self._lock:
+            if self.entry is None:
+                return
+            if self._buffer:
+                d = self.entry["data"]
+                n0, n = self._written, len(self._buffer)
+                for col in self.start_record.columns:
+                    block = np.stack([p.values[col.name] for p in self._buffer])
+                    ds = d[col.name]
+                    ds.resize(n0 + n, axis=0)
+                    ds[n0 : n0 + n] = block
+                self._written += n
+                self.entry["livehist/points"][()] = self._written
+                self._buffer.clear()
+            self.file.flush()
+            self._last_flush = time.monotonic()
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(FLUSH_PERIOD / 2):
+            with self._lock:
+                if self._buffer and time.monotonic() - self._last_flush >= FLUSH_PERIOD:
+                    try:
+                        self._flush()
+                    except Exception:  # the next point or the end reports it
+                        return
+
+    def histogram(self, record: Histogram) -> None:
+        with self._lock:
+            self._flush()
+            g = self.entry[record.name]
+            g["data"][...] = record.counts
+            if record.edges is not None and "time_of_flight" in g:
+                g["time_of_flight"][...] = record.edges
+            c = self.entry["livehist"][record.name]
+            for key in ("events", "messages", "bad_messages", "dropped_messages", "pulses"):
+                if key in record.counters:
+                    c[key][()] = int(record.counters[key])
+            c["acquisition_time"][()] = record.acquisition_time
+            c["snapshot_time"][()] = record.time.encode()[:40]
+            self.file.flush()
+
+    def end(self, record: ScanEnd) -> None:
+        with self._lock:
+            self._flush()
+            self.entry["end_time"][()] = record.end_time.encode()[:40]
+            self.entry["livehist/status"][()] = record.status.encode()
+            self.entry["livehist/end_reason"][()] = record.reason.encode("utf-8")[:512]
+            self.file.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._timer is not None and self._timer is not threading.current_thread():
+            self._timer.join(timeout=2)
+        with self._lock:
+            if self.file is not None:
+                try:
+                    if self._buffer:
+                        self._flush()
+                finally:
+                    self.file.close()
+                    self.file = None
+                    self.entry = None

@@ -1,0 +1,115 @@
+"""Shared-memory sink through PyMca5's `sps`, as SPEC and PyMca read it: `sps://NAME`.
+
+    NAME/SCAN_D        DOUBLE, one row per point, one column per scalar column
+    NAME/SCAN_D_ENV    environment strings: title, axistitles, nopts, started, ended, metadata
+    NAME/<column>      the latest spectrum or image of each 1D/2D column
+    NAME/<histogram>   the latest snapshot of each declared histogram
+
+SPS arrays live while the writing process lives (a reader in another process sees them
+while the scan runs). SCAN_D has room for `rows` points (default 4096, or the scan's
+expected points); it is re-created twice as large, data kept, when a scan outgrows it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+from livehist.recorders.base import RecorderError, Sink
+from livehist.recorders.records import Histogram, Point, ScanEnd, ScanStart
+
+MAX_ENV, ENV_LEN = 128, 1024
+
+
+class SpsSink(Sink):
+    schemes = ("sps",)
+
+    def __init__(self, target: str, rows: int = 4096, **options) -> None:
+        super().__init__(target, **options)
+        self.name = target.split("://", 1)[1].strip("/") or "livehist"
+        self.rows = int(rows)
+        self.sps = None
+
+    def prepare(self, start: ScanStart) -> None:
+        try:
+            from PyMca5.PyMcaIO import sps
+        except ImportError as exc:
+            raise RecorderError(f"shared memory needs PyMca5's sps ({exc}); pip install PyMca5") from None
+        if not self.name.replace("_", "").isalnum() or len(self.name) > 32:
+            raise RecorderError(f"SPS name {self.name!r}: use up to 32 letters, digits and _")
+        self.sps = sps
+
+    def _create(self, array: str, rows: int, cols: int, dtype, flags: int = 0) -> None:
+        try:
+            self.sps.create(self.name, array, rows, cols, dtype, flags)
+        except self.sps.error as exc:
+            # PyMca5's binding creates STRING arrays, then fails to wrap them in a numpy view
+            if dtype == self.sps.STRING and array in self.sps.getarraylist(self.name):
+                return
+            raise RecorderError(
+                f"cannot create SPS array {self.name}/{array} ({rows}x{cols}): {exc}"
+            ) from None
+
+    def putenv(self, key: str, value) -> None:
+        self.sps.putenv(self.name, "SCAN_D_ENV", key, str(value)[: ENV_LEN - 1])
+
+    def start(self, record: ScanStart) -> None:
+        self.start_record = record
+        self.scalars = [c for c in record.columns if not c.shape]
+        self.rows = max(self.rows, 1)
+        self._create("SCAN_D", self.rows, max(len(self.scalars), 1), self.sps.DOUBLE, self.sps.TAG_SCAN)
+        self._create("SCAN_D_ENV", MAX_ENV, ENV_LEN, self.sps.STRING)
+        for c in record.columns:
+            if c.shape:
+                rows, cols = (1, c.shape[0]) if len(c.shape) == 1 else c.shape
+                tag = self.sps.TAG_MCA if len(c.shape) == 1 else self.sps.TAG_IMAGE
+                self._create(c.name, rows, cols, self.sps.DOUBLE, tag)
+        for h in record.histograms:
+            rows, cols = (1, h.shape[0]) if len(h.shape) == 1 else h.shape
+            self._create(
+                h.name,
+                rows,
+                cols,
+                self.sps.DOUBLE,
+                self.sps.TAG_MCA if len(h.shape) == 1 else self.sps.TAG_IMAGE,
+            )
+        self.data = np.zeros((self.rows, max(len(self.scalars), 1)))
+        self.n = 0
+        md = record.metadata
+        env = {"title": record.title, "scan_number": record.scan_number, "started": time.ctime(),
+               "ended": "", "aborted": 0, "nopts": 0,
+               "axistitles": " ".join(c.label or c.name for c in self.scalars),
+               "xlabel": record.axes[0].name if record.axes else "point",
+               "ylabel": (record.default_signal().name if record.default_signal() else "counts"),
+               "proposal": md.get("proposal", ""), "sample": (md.get("sample") or {}).get("name", ""),
+               "metadata": json.dumps(md, default=str)}  # fmt: skip
+        for k, v in env.items():
+            self.putenv(k, v)
+
+    def point(self, record: Point) -> None:
+        if self.n >= self.rows:  # grow: a new, twice larger array with the data so far
+            self.rows *= 2
+            grown = np.zeros((self.rows, self.data.shape[1]))
+            grown[: self.n] = self.data[: self.n]
+            self.data = grown
+            self._create("SCAN_D", self.rows, self.data.shape[1], self.sps.DOUBLE, self.sps.TAG_SCAN)
+            self.sps.putdata(self.name, "SCAN_D", self.data)
+        row = np.array([float(record.values[c.name]) for c in self.scalars] or [0.0])
+        self.data[self.n] = row
+        self.sps.putdatarow(self.name, "SCAN_D", self.n, row)
+        for c in self.start_record.columns:
+            if c.shape:
+                value = np.asarray(record.values[c.name], dtype=np.float64)
+                self.sps.putdata(self.name, c.name, value.reshape(1, -1) if value.ndim == 1 else value)
+        self.n += 1
+        self.putenv("nopts", self.n)
+
+    def histogram(self, record: Histogram) -> None:
+        counts = np.asarray(record.counts, dtype=np.float64)
+        self.sps.putdata(self.name, record.name, counts.reshape(1, -1) if counts.ndim == 1 else counts)
+
+    def end(self, record: ScanEnd) -> None:
+        self.putenv("ended", time.ctime())
+        self.putenv("aborted", int(record.status != "ok"))
+        self.putenv("status", record.status)

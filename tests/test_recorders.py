@@ -1,0 +1,411 @@
+"""Recorder framework: every sink through its external reader, SWMR across processes, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import zmq
+from livehist.recorders.base import DataPolicy, Recorder, RecorderError, open_sink
+from livehist.recorders.records import (
+    Column,
+    Histogram,
+    HistogramDecl,
+    Point,
+    RecordError,
+    ScanEnd,
+    ScanStart,
+)
+
+from tests.conftest import free_port
+
+BIN = Path(sys.executable).parent
+METADATA = {"proposal": "20261234", "title": "Residual stress", "instrument": "SANS2D",
+            "sample": {"name": "Si powder", "chemical_formula": "Si", "temperature": 295.0},
+            "users": [{"name": "Jane Doe", "role": "PI", "orcid": "0000-0002-1825-0097"}],
+            "dataset": {"name": "run_7"}, "wavelength_band": [1.75, 16.5]}  # fmt: skip
+TOF_EDGES = np.linspace(0, 72e6, 101)
+
+
+def scan_start(number: int = 1, title: str = "ascan mot01 0 1 4 0.1", **kw) -> ScanStart:
+    cols = [Column("mot01", role="axis", unit="mm", label="Motor 1"), Column("ct01", unit="counts"),
+            Column("dt", unit="s", role="time"), Column("spectrum", dtype="int64", shape=(100,), unit="counts"),
+            Column("frame", dtype="int32", shape=(8, 6), unit="counts")]  # fmt: skip
+    hists = [HistogramDecl("tof", (100,), tof_bins=100, unit="ns", spec={"name": "tof", "kind": "tof"}),
+             HistogramDecl("image", (16, 16), spec={"name": "image", "kind": "image"})]  # fmt: skip
+    return ScanStart(title, number, cols, metadata=METADATA, histograms=hists, snapshot={"mot02": 1.5, "temp": 295.1},
+                     config={"EventSource": "sim://"}, **kw)  # fmt: skip
+
+
+def point(i: int) -> Point:
+    return Point(i, {"mot01": i * 0.25, "ct01": 100.0 + i, "dt": 0.1 * i, "spectrum": np.arange(100) * i,
+                     "frame": np.full((8, 6), i, np.int32)}, time=0.1 * i)  # fmt: skip
+
+
+def histograms() -> list[Histogram]:
+    counters = {"events": 4950, "messages": 3, "bad_messages": 0, "dropped_messages": 0, "pulses": 42}
+    return [Histogram("tof", np.arange(100), TOF_EDGES, "ns", counters, {"name": "tof"}, 2.5),
+            Histogram("image", np.arange(256).reshape(16, 16), None, "ns", counters, {"name": "image"}, 2.5)]  # fmt: skip
+
+
+def record_scan(targets, n: int = 5, start: ScanStart | None = None, status: str = "ok") -> Recorder:
+    r = Recorder([open_sink(t) for t in targets])
+    r.start(start or scan_start())
+    for i in range(n):
+        r.point(point(i))
+    for h in histograms():
+        r.histogram(h)
+    r.end(ScanEnd(status, reason="" if status == "ok" else "stopped by the user"))
+    return r
+
+
+def run_tool(tool: str, path: Path) -> str:
+    out = subprocess.run([str(BIN / tool), *({"nxcheck": ["-w"], "nxvalidate": ["-e"]}[tool]), str(path)],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    return re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr)
+
+
+def test_nexus_round_trip_and_external_validators(tmp_path):
+    path = tmp_path / "scan.nxs"
+    record_scan([path])
+    record_scan([path], start=scan_start(1, "second scan, same number"))  # appended, never overwritten
+    with h5py.File(path, "r") as f:
+        assert list(f) == ["scan_1", "scan_1_2"] and f.attrs["default"] == "scan_1"
+        e = f["scan_1"]
+        assert e.attrs["NX_class"] == "NXentry" and e.attrs["default"] == "data"
+        d = e["data"]
+        assert d.attrs["signal"] == "ct01" and list(d.attrs["axes"]) == ["mot01"]
+        assert np.array_equal(d["mot01"][()], np.arange(5) * 0.25) and d["mot01"].attrs["units"] == "mm"
+        assert d["spectrum"].shape == (5, 100) and d["frame"].shape == (5, 8, 6) and d["frame"][4, 0, 0] == 4
+        assert e["tof/data"][42] == 42 and np.array_equal(e["tof/time_of_flight"][()], TOF_EDGES)
+        assert e["tof/time_of_flight"].attrs["units"] == "ns" and e["image/data"].shape == (16, 16)
+        assert e["livehist/tof/events"][()] == 4950 and e["livehist/tof/acquisition_time"][()] == 2.5
+        assert e["livehist/status"][()] == b"ok" and e["end_time"][()].startswith(b"20")
+        assert e["experiment_identifier"][()] == b"20261234" and e["collection_identifier"][()] == b"run_7"
+        assert e["sample/name"][()] == b"Si powder" and e["sample/temperature"].attrs["units"] == "K"
+        assert e["user_1/name"][()] == b"Jane Doe" and e["user_1/ORCID"][()] == b"0000-0002-1825-0097"
+        assert e["instrument/name"][()] == b"SANS2D" and e["program_name"].attrs["version"]
+        notes = json.loads(e["notes/data"][()])
+        assert notes["config"] == {"EventSource": "sim://"} and notes["snapshot"]["mot02"] == 1.5
+        assert f["scan_1_2/title"][()] == b"second scan, same number"
+    check = run_tool("nxcheck", path)
+    assert "Total number of errors: 0" in check and "Total number of warnings: 0" in check, check
+    validate = run_tool("nxvalidate", path)
+    assert "No application definition" in validate and "rror" not in validate.replace("No application", "")
+    from nexusformat.nexus import nxload
+
+    root = nxload(str(path))
+    assert root["scan_1"].plottable_data.nxsignal.nxname == "ct01"
+    import silx.io
+
+    with silx.io.open(str(path)) as sf:
+        assert sf["scan_1/data/ct01"][()].tolist() == [100.0, 101.0, 102.0, 103.0, 104.0]
+
+
+READER = """
+import sys, time, h5py
+path = sys.argv[1]
+deadline = time.monotonic() + 30
+while True:
+    try:
+        f = h5py.File(path, "r", libver="latest", swmr=True)
+        break
+    except (OSError, KeyError):
+        time.sleep(0.01)
+ds = f["scan_1/data/ct01"]
+seen = 0
+while time.monotonic() < deadline:
+    ds.refresh()
+    n = ds.shape[0]
+    if n > seen:
+        print(time.monotonic(), n, flush=True)
+        seen = n
+    if n >= int(sys.argv[2]):
+        break
+    time.sleep(0.01)
+"""
+
+
+def test_swmr_reader_in_another_process_sees_every_point_within_half_a_second(tmp_path):
+    path = tmp_path / "live.nxs"
+    r = Recorder([open_sink(path)])
+    r.start(scan_start())
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(path), "12"], stdout=subprocess.PIPE, text=True
+    )
+    written = []
+    try:
+        time.sleep(1.0)  # the reader attaches
+        for i in range(12):
+            r.point(point(i))
+            written.append(time.monotonic())
+            time.sleep(0.15 if i % 4 else 0.6)  # bursts and quiet gaps (the timer flushes those)
+        out, _ = reader.communicate(timeout=30)
+    finally:
+        r.end(ScanEnd())
+    seen = {}
+    for line in out.split("\n"):
+        if line:
+            t, n = line.split()
+            for k in range(len(seen), int(n)):
+                seen[k] = float(t)
+    assert len(seen) == 12
+    delays = [seen[k] - written[k] for k in range(12)]
+    assert max(delays) < 0.5, delays
+
+
+def test_spec_file_parses_with_pymca_and_silx(tmp_path):
+    from PyMca5.PyMcaIO import specfile
+    from silx.io.specfile import SpecFile
+
+    path = tmp_path / "scan.spec"
+    record_scan([path], start=scan_start(3, "ascan mot01 0 1 4 0.1\nwith a newline: Ångström"))
+    record_scan([path], n=3, start=scan_start(1, "later scan"))  # numbers keep increasing
+    sf = specfile.Specfile(str(path))
+    assert sf.scanno() == 4  # two scans, each followed by its TOF histogram scan (images: NeXus only)
+    scan = sf[0]
+    assert scan.number() == 3 and scan.lines() == 5 and scan.nbmca() == 5
+    assert scan.alllabels() == ["mot01", "ct01", "dt"]
+    assert scan.datacol(2).tolist() == [100.0, 101.0, 102.0, 103.0, 104.0]
+    assert scan.mca(5).tolist() == (np.arange(100) * 4).tolist()
+    header = "\n".join(scan.header(""))
+    assert "#C proposal: 20261234" in header and "#C sample.name: Si powder" in header
+    assert "#C user: name=Jane Doe, role=PI" in header and "#O0 mot02  temp" in header
+    assert "with a newline: Ångström" in scan.command()
+    hist = sf[1]
+    assert hist.command().startswith("histogram tof of scan 3") and hist.lines() == 100
+    assert hist.datacol(3).tolist() == list(range(100)) and hist.datacol(1)[1] == TOF_EDGES[1]
+    assert [sf[k].number() for k in range(4)] == [3, 4, 5, 6]
+    silx_sf = SpecFile(str(path))
+    assert silx_sf.keys()[0] == "3.1" and silx_sf[0].data.shape == (3, 5) and silx_sf[0].mca[4][2] == 8
+
+
+def test_nonfinite_values_in_every_text_sink(tmp_path):
+    from PyMca5.PyMcaIO import specfile
+
+    targets = [tmp_path / "nan.spec", tmp_path / "nan.jsonl", tmp_path / "nan.nxs"]
+    r = Recorder([open_sink(t) for t in targets])
+    r.start(scan_start())
+    p = point(0)
+    p.values.update(ct01=float("nan"), dt=float("inf"))
+    r.point(p)
+    r.point(point(1))
+    r.end(ScanEnd())
+    assert r.errors == {}
+    text = targets[0].read_text()
+    # PyMca and silx stop at a nan/inf token: that point is kept as a comment, the others as data
+    assert "#C point 0 has non-finite ct01, dt; kept here" in text and text.count("nan inf") == 1
+    scan = specfile.Specfile(str(targets[0]))[0]
+    assert scan.lines() == 1 and scan.datacol(2).tolist() == [101.0] and scan.nbmca() == 1
+    lines = [json.loads(line) for line in targets[1].read_text().splitlines()]
+    assert lines[1]["values"]["ct01"] is None and lines[1]["nonfinite"] == ["values.ct01", "values.dt"]
+    with h5py.File(targets[2]) as f:
+        assert np.isnan(f["scan_1/data/ct01"][0])
+
+
+def test_json_lines_file_and_zmq_publisher(tmp_path):
+    port = free_port()
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"tcp://127.0.0.1:{port}")
+    path = tmp_path / "scan.jsonl"
+    sink = open_sink(path, publish=f"tcp://127.0.0.1:{port}")
+    r = Recorder([sink])
+    start = scan_start()
+    r.start(start)
+    time.sleep(0.5)  # ZeroMQ slow joiner: the subscriber connects
+    for i in range(3):
+        r.point(point(i))
+    for h in histograms():
+        r.histogram(h)
+    r.end(ScanEnd("aborted", reason="Ctrl-C"))
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [x["record"] for x in records] == [
+        "start",
+        "point",
+        "point",
+        "point",
+        "histogram",
+        "histogram",
+        "end",
+    ]
+    assert records[0]["metadata"]["sample"]["name"] == "Si powder" and records[0]["columns"][3]["shape"] == [
+        100
+    ]
+    assert records[3]["values"]["frame"][0][0] == 2 and records[4]["edges"][1] == TOF_EDGES[1]
+    assert records[-1]["status"] == "aborted"
+    got = []
+    while sub.poll(1000):
+        got.append(json.loads(sub.recv_string()))
+    sub.close(0)
+    assert [g["record"] for g in got] == ["point"] * 3 + ["histogram", "histogram", "end"]
+
+
+SPS_WRITER = """
+import sys, numpy as np
+sys.path.insert(0, sys.argv[2])
+from tests.test_recorders import record_scan
+record_scan([f"sps://{sys.argv[1]}"], n=6)
+print("written", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_sps_is_readable_from_another_process_while_the_writer_lives():
+    from PyMca5.PyMcaIO import sps
+
+    name = f"lhtest{os.getpid()}"
+    root = str(Path(__file__).resolve().parents[1])
+    writer = subprocess.Popen([sys.executable, "-c", SPS_WRITER, name, root], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert writer.stdout.readline().strip() == "written"
+        assert name in sps.getspeclist()
+        assert {"SCAN_D", "SCAN_D_ENV", "spectrum", "frame", "tof", "image"} <= set(sps.getarraylist(name))
+        data = sps.getdata(name, "SCAN_D")
+        assert data[:6, 1].tolist() == [100.0, 101.0, 102.0, 103.0, 104.0, 105.0]
+        assert sps.getenv(name, "SCAN_D_ENV", "nopts") == "6"
+        assert sps.getenv(name, "SCAN_D_ENV", "axistitles") == "Motor 1 ct01 dt"
+        assert sps.getenv(name, "SCAN_D_ENV", "proposal") == "20261234"
+        assert json.loads(sps.getenv(name, "SCAN_D_ENV", "metadata"))["instrument"] == "SANS2D"
+        assert sps.getdata(name, "tof")[0, 42] == 42 and sps.getdata(name, "frame")[0, 0] == 5
+    finally:
+        writer.stdin.write("\n")
+        writer.stdin.flush()
+        writer.wait(timeout=30)
+
+
+def test_faults_leave_every_other_file_whole(tmp_path):
+    full = tmp_path / "full.spec"
+    full.symlink_to("/dev/full")  # a disk with no space left: writes fail with ENOSPC
+    good = [tmp_path / "ok.nxs", tmp_path / "ok.spec", tmp_path / "ok.jsonl"]
+    r = Recorder([open_sink(t) for t in [full, *good]])
+    r.start(scan_start())
+    for i in range(4):
+        r.point(point(i))
+    with pytest.raises(RecordError, match="column 'spectrum' has shape \\(3,\\), declared \\(100,\\)"):
+        r.point(Point(4, {**point(4).values, "spectrum": np.arange(3)}))
+    with pytest.raises(RecordError, match="no value for column 'ct01'"):
+        r.point(Point(4, {k: v for k, v in point(4).values.items() if k != "ct01"}))
+    with pytest.raises(RecordError, match="not declared at scan start"):
+        r.histogram(Histogram("unknown", np.arange(3)))
+    r.point(point(4))
+    r.end(ScanEnd("failed", reason="detector died"))
+    assert list(r.errors) == [f"SpecSink('{full}')"] and "No space left" in r.errors[f"SpecSink('{full}')"]
+    with h5py.File(good[0]) as f:
+        assert f["scan_1/data/ct01"].shape == (5,) and f["scan_1/livehist/status"][()] == b"failed"
+        assert f["scan_1/livehist/end_reason"][()] == b"detector died"
+    from PyMca5.PyMcaIO import specfile
+
+    assert specfile.Specfile(str(good[1]))[0].lines() == 5
+    assert len(good[2].read_text().splitlines()) == 1 + 5 + 1  # start, points, end
+
+
+def test_bad_targets_fail_at_scan_start_before_anything_is_written(tmp_path):
+    cases = [
+        (tmp_path / "missing" / "scan.nxs", "cannot open"),
+        (tmp_path / "missing" / "scan.spec", "cannot open"),
+        (tmp_path / "scan.txt", "no recorder for"),
+        ("sps://bad name!", "SPS name"),
+    ]
+    for target, message in cases:
+        good = tmp_path / f"good{abs(hash(str(target)))}.jsonl"
+        with pytest.raises(RecorderError, match=message):
+            Recorder([open_sink(good), open_sink(target)]).start(scan_start())
+        assert not good.exists() or good.read_text() == ""  # nothing was written anywhere
+
+
+LOCKER = """
+import sys, h5py, fcntl
+if sys.argv[1].endswith(".nxs"):
+    f = h5py.File(sys.argv[1], "w")
+else:
+    f = open(sys.argv[1], "a"); fcntl.flock(f, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("name", ["locked.nxs", "locked.spec", "locked.jsonl"])
+def test_a_file_locked_by_another_writer_is_refused(tmp_path, name):
+    path = tmp_path / name
+    other = subprocess.Popen([sys.executable, "-c", LOCKER, str(path)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        with pytest.raises(RecorderError, match="lock"):
+            Recorder([open_sink(path)]).start(scan_start())
+    finally:
+        other.stdin.write("\n")
+        other.stdin.flush()
+        other.wait(timeout=30)
+
+
+def test_data_policy_keeps_files_under_the_root(tmp_path):
+    import grp
+    import stat
+
+    group = grp.getgrgid(os.getgid()).gr_name
+    policy = DataPolicy(tmp_path, "{proposal}/{dataset}", group=group, mode=0o2750)
+    path = policy.path("scan.nxs", {"proposal": "20261234", "dataset": "run_7"})
+    assert path == tmp_path / "20261234" / "run_7" / "scan.nxs" and path.parent.is_dir()
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o2750
+    for bad, message in [("../escape.nxs", "contains '..'"), ("/etc/passwd.nxs", "outside the data root"),
+                         ("a/../../b.nxs", "contains '..'")]:  # fmt: skip
+        with pytest.raises(RecorderError, match=message):
+            policy.path(bad, {"proposal": "P", "dataset": "d"})
+    with pytest.raises(RecorderError, match="needs 'dataset'"):
+        policy.path("x.nxs", {"proposal": "P"})
+
+
+def test_a_third_party_sink_plugs_in_through_an_entry_point(tmp_path, monkeypatch):
+    (tmp_path / "thirdparty_csv.py").write_text(textwrap.dedent('''
+        from livehist.recorders.base import Sink
+
+        class CsvSink(Sink):
+            extensions = ("csv",)
+
+            def start(self, record):
+                self.f = open(self.target, "w")
+                self.names = [c.name for c in record.columns if not c.shape]
+                self.f.write(",".join(self.names) + "\\n")
+
+            def point(self, record):
+                if record.index == 3:
+                    raise RuntimeError("this plug-in breaks at point 3")
+                self.f.write(",".join(str(record.values[n]) for n in self.names) + "\\n")
+
+            def histogram(self, record):
+                pass
+
+            def end(self, record):
+                pass
+
+            def close(self):
+                self.f.close()
+    '''))  # fmt: skip
+    dist = tmp_path / "thirdparty_csv-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-csv\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[livehist.recorders]\ncsv = thirdparty_csv:CsvSink\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    csv, nxs = tmp_path / "scan.csv", tmp_path / "scan.nxs"
+    r = record_scan([csv, nxs])
+    assert csv.read_text().splitlines() == [
+        "mot01,ct01,dt",
+        "0.0,100.0,0.0",
+        "0.25,101.0,0.1",
+        "0.5,102.0,0.2",
+    ]
+    assert "this plug-in breaks at point 3" in r.errors[f"CsvSink('{csv}')"]
+    with h5py.File(nxs) as f:  # the plug-in's failure did not stop the NeXus file
+        assert f["scan_1/data/ct01"].shape == (5,) and f["scan_1/livehist/status"][()] == b"ok"
