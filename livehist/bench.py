@@ -177,6 +177,10 @@ def bench(as_json: bool = False, quick: bool = False, say=print) -> list[dict]:
     from livehist.bench_device import device_figures
 
     device_figures(engine_rate, 3 if quick else 30, _row, ROWS)
+    say("livehist bench: recorders beside Sardana's") if not as_json else None
+    from livehist.bench_recorders import recorder_figures
+
+    recorder_figures(_row, quick)
     if as_json:
         say(json.dumps(ROWS, indent=1))
     else:

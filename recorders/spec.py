@@ -36,6 +36,13 @@ def _fmt(v) -> str:
     return repr(float(v)) if isinstance(v, float | np.floating) else str(v)
 
 
+def _tokens(a: np.ndarray) -> list[str]:
+    """Exact text of each value, fast: integers (and integral floats, as counts are) as ints."""
+    if a.dtype.kind == "f" and np.all(np.rint(a) == a) and np.all(np.abs(a) < 2**53):
+        a = a.astype(np.int64)
+    return list(map(str if a.dtype.kind in "iub" else repr, a.tolist()))
+
+
 class SpecSink(Sink):
     extensions = ("spec", "dat")
 
@@ -123,7 +130,7 @@ class SpecSink(Sink):
             return
         out = [line]
         for c in self.spectra:
-            values = [_fmt(x) for x in v[c.name].tolist()]
+            values = _tokens(v[c.name])
             rows = [" ".join(values[i : i + 16]) for i in range(0, len(values), 16)]
             out.append("@A " + " \\\n".join(rows))
         self._w("\n".join(out) + "\n")
