@@ -253,8 +253,20 @@ def test_json_lines_file_and_zmq_publisher(tmp_path):
 SPS_WRITER = """
 import sys, numpy as np
 sys.path.insert(0, sys.argv[2])
-from tests.test_recorders import record_scan
-record_scan([f"sps://{sys.argv[1]}"], n=6)
+from livehist.recorders.base import Recorder, open_sink
+from livehist.recorders.records import ScanEnd
+from tests.test_recorders import scan_start, point, histograms
+r = Recorder([open_sink(f"sps://{sys.argv[1]}")])
+r.start(scan_start())
+for i in range(3):
+    r.point(point(i))
+print("running", flush=True)
+sys.stdin.readline()
+for i in range(3, 6):
+    r.point(point(i))
+for h in histograms():
+    r.histogram(h)
+r.end(ScanEnd())
 print("written", flush=True)
 sys.stdin.readline()
 """
@@ -268,6 +280,10 @@ def test_sps_is_readable_from_another_process_while_the_writer_lives():
     writer = subprocess.Popen([sys.executable, "-c", SPS_WRITER, name, root], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
+        assert writer.stdout.readline().strip() == "running"  # mid-scan: 3 points so far
+        assert sps.getenv(name, "SCAN_D_ENV", "nopts") == "3" and sps.getdata(name, "SCAN_D")[2, 1] == 102.0
+        writer.stdin.write("\n")
+        writer.stdin.flush()
         assert writer.stdout.readline().strip() == "written"
         assert name in sps.getspeclist()
         assert {"SCAN_D", "SCAN_D_ENV", "spectrum", "frame", "tof", "image"} <= set(sps.getarraylist(name))

@@ -1,0 +1,64 @@
+"""Record what an EventHistogrammer holds, with the metadata of a MetadataManager, as a scan.
+
+This is how histogram snapshots reach files outside a step scan (the `histo_count` macro
+and scripts): one ScanStart with every histogram declared and the metadata snapshot, one
+Histogram record each (counts, edges, counters, spec, acquisition time), one ScanEnd.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+
+import numpy as np
+
+from livehist.recorders.base import Recorder, open_sink
+from livehist.recorders.records import Histogram, HistogramDecl, ScanEnd, ScanStart
+
+COUNTERS = {"events": "EventCount", "messages": "MessageCount", "bad_messages": "BadMessageCount",
+            "dropped_messages": "DroppedMessageCount", "pulses": "PulseCount"}  # fmt: skip
+
+
+def histogram_records(histogrammer) -> tuple[list[HistogramDecl], list[Histogram]]:
+    """Declarations and snapshots of every histogram of a device (a tango.DeviceProxy)."""
+    specs = json.loads(histogrammer.HistogramConfig)
+    names = [*COUNTERS.values(), "ElapsedTime"]
+    values = {a.name: a.value for a in histogrammer.read_attributes(names)}
+    counters = {k: int(values[v]) for k, v in COUNTERS.items()}
+    decls, records = [], []
+    for spec in specs:
+        name = spec["name"]
+        counts = np.asarray(histogrammer.read_attribute(name).value)
+        edges = None
+        unit = (spec.get("tof") or {}).get("unit", "ns")
+        if spec.get("tof") is not None:
+            edges = np.asarray(histogrammer.read_attribute(f"{name}_edges").value)
+        decls.append(HistogramDecl(name, counts.shape, tof_bins=0 if edges is None else edges.size - 1,
+                                   unit=unit, spec=spec))  # fmt: skip
+        records.append(Histogram(name, counts, edges, unit, counters, spec, float(values["ElapsedTime"])))
+    return decls, records
+
+
+def metadata_snapshot(metadata_device) -> dict:
+    return json.loads(metadata_device.GetMetadata()) if metadata_device is not None else {}
+
+
+def record_histograms(
+    histogrammer,
+    targets: Iterable[str | os.PathLike],
+    title: str,
+    scan_number: int,
+    metadata_device=None,
+    status: str = "ok",
+) -> Recorder:
+    decls, records = histogram_records(histogrammer)
+    config = {"device": histogrammer.dev_name(), "EventSource": histogrammer.EventSourceURI,
+              "Histograms": [d.spec for d in decls]}  # fmt: skip
+    recorder = Recorder([open_sink(t) for t in targets])
+    recorder.start(ScanStart(title, scan_number, [], metadata=metadata_snapshot(metadata_device),
+                             histograms=decls, config=config))  # fmt: skip
+    for record in records:
+        recorder.histogram(record)
+    recorder.end(ScanEnd(status))
+    return recorder
