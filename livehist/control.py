@@ -158,6 +158,9 @@ def up(
             say(f"{server}: started (log {proc.log})")
         started[server] = proc
     wait_ready(site, started, timeout, say)
+    from livehist import sardana_setup
+
+    sardana_setup.ensure(site, say)
     print_table(site, say)
     return site
 

@@ -211,7 +211,7 @@ class Engine:
 
     def _run(self) -> None:
         while True:
-            item = self.queue.get(timeout=0.05)
+            item = self.queue.get(timeout=self._wait())
             if item is not None and self._accumulating:
                 self.process(item)
             elif item is None and self._stop_worker.is_set():
@@ -227,6 +227,13 @@ class Engine:
                     return
             elif self._stop_worker.is_set():
                 return
+
+    def _wait(self) -> float:
+        """How long the worker may wait for data: wake up when a time preset falls due."""
+        if self.preset_time and self._accumulating:
+            left = self.preset_time - (self.elapsed - self._preset_base[2])
+            return min(max(left, 0.0005), 0.05)
+        return 0.05
 
     def _preset_reached(self) -> str | None:
         events0, pulses0, elapsed0 = self._preset_base

@@ -73,11 +73,13 @@ class Histogrammer:
         except ValueError as exc:
             self.problem = f"{exc}; fix the Histograms property and run Init, or call Configure"
         self.source_uri = source_uri
+        self._source = None  # kept between acquisitions: opening one can be slow (sim model, file index)
         try:
-            open_source(source_uri)  # check the URI (and a replay's file) now
+            self._source = open_source(source_uri)  # check the URI (and a replay's file) now
         except SourceError as exc:
             self.problem = f"{exc}; fix the EventSource property and run Init"
         self.engine = Engine(specs, max_queue_items, max_queue_bytes, on_end=self._ended)
+        threading.Thread(target=self._warm_up, args=(specs,), name="livehist-warm-up", daemon=True).start()
         self.update_counter = 0
         self.last = self.engine.snapshot()
         self._state = FAULT if self.problem else ON
@@ -113,7 +115,10 @@ class Histogrammer:
                 raise LivehistError(self.problem)
             if self.engine.running:
                 raise LivehistError("already RUNNING; Stop first")
-            source = open_source(self.source_uri)
+            source = self._source if self._source is not None and self._source.error is None else None
+            source = source or open_source(self.source_uri)
+            self._source = source
+            source.finished = False
             self._end_reason = None
             self._source_error = None
             self._reconnects = 0
@@ -175,6 +180,25 @@ class Histogrammer:
         self.engine.stop("device shut down")
 
     # --- internals -------------------------------------------------------------------
+    @staticmethod
+    def _warm_up(specs: list[HistogramSpec]) -> None:
+        """Compile the kernels for int32 events now, not during the first acquisition's preset."""
+        import numpy as np
+
+        from livehist import histograms
+        from livehist.events import EventBatch
+
+        one = np.ones(1, np.int32)
+        batch = EventBatch(one, one, np.zeros(1, np.int64), np.zeros(1, np.int64))
+        import dataclasses
+
+        for spec in specs:  # a one-pixel copy: same kernels, no big allocation
+            tiny = dataclasses.replace(
+                spec, shape=tuple(1 for _ in spec.shape),
+                roi_pixels=np.array([spec.first_pixel]) if spec.kind == "roi" else spec.roi_pixels,
+            )  # fmt: skip
+            histograms.make(tiny).add(batch)
+
     def _refresh(self) -> None:
         self.last = self.engine.snapshot()
 
@@ -239,7 +263,8 @@ class Histogrammer:
             elif self._source_error is not None and time.monotonic() >= self._next_reconnect:
                 self._reconnects += 1
                 try:
-                    e.attach(open_source(self.source_uri))
+                    self._source = open_source(self.source_uri)
+                    e.attach(self._source)
                     self._source_error = None
                 except SourceError as exc:  # still broken: try again later, longer
                     self._source_error = str(exc)

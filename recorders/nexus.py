@@ -248,6 +248,17 @@ class NexusSink(Sink):
             self.entry["livehist/status"][()] = record.status.encode()
             self.entry["livehist/end_reason"][()] = record.reason.encode("utf-8")[:512]
             self.file.flush()
+            if record.custom:  # SWMR forbids new objects: reopen without it to add them
+                name = self.entry.name
+                self.file.close()
+                self.file = h5py.File(self.target, "a", libver="latest")
+                self.entry = self.file[name]
+                c = _nx(self.entry, "custom_data", "NXcollection")
+                for key, value in record.custom.items():
+                    if isinstance(value, str):
+                        _text(c, key, value)
+                    else:
+                        c[key] = np.asarray(value)
 
     def close(self) -> None:
         self._stop.set()

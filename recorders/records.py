@@ -163,6 +163,7 @@ class ScanEnd:
     status: str = "ok"
     end_time: str = field(default_factory=now_iso)
     reason: str = ""
+    custom: dict = field(default_factory=dict)  # data other than points (Sardana's custom data)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

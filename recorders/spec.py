@@ -140,6 +140,9 @@ class SpecSink(Sink):
         self.histograms.append(record)  # written after the scan, as scans of their own
 
     def end(self, record: ScanEnd) -> None:
+        for key, value in record.custom.items():
+            shown = value.tolist() if isinstance(value, np.ndarray) else value
+            self._w(f"#C custom {key}: {one_line(json.dumps(shown, default=str))}\n")
         if record.status != "ok":
             self._w(f"#C scan {record.status} at {record.end_time}: {one_line(record.reason)}\n")
         else:

@@ -113,3 +113,5 @@ class SpsSink(Sink):
         self.putenv("ended", time.ctime())
         self.putenv("aborted", int(record.status != "ok"))
         self.putenv("status", record.status)
+        for key, value in record.custom.items():
+            self.putenv(f"custom_{key}", value)

@@ -71,7 +71,8 @@ def _check_schema(config: Any, path: Path) -> None:
         )
     schema = json.loads(Path(SCHEMA_FILENAME).read_text())
     try:
-        jsonschema.validate(normalize_config(config), schema)
+        # `livehist` (Sardana elements, environment) is ours; the rest is dsconfig's
+        jsonschema.validate(normalize_config({k: v for k, v in config.items() if k != "livehist"}), schema)
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
         raise LivehistError(f"config {path} is not valid dsconfig JSON at {where}: {exc.message}") from None
@@ -121,7 +122,8 @@ def apply(config: dict, host: str, port: int) -> int:
     from dsconfig.json2tango import apply_config, prepare_config
 
     db = tango.Database(host, port)
-    prepared = prepare_config(_keep_runtime_owned(config, db))
+    dsconfig_part = {k: v for k, v in config.items() if k != "livehist"}
+    prepared = prepare_config(_keep_runtime_owned(dsconfig_part, db))
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         result = apply_config(prepared, db, write=True, update=True)
     dbcalls = result[2]

@@ -1,0 +1,207 @@
+"""Sardana controllers that make an EventHistogrammer's histograms channels of measurement groups.
+
+- LivehistCounterTimerController drives the device through its presets: each acquisition
+  is Reset, PresetTime (or PresetEvents for a monitor count), Start; the device leaves
+  RUNNING by itself when the preset is reached. Axis 1 is the timer (ElapsedTime, s),
+  axis 2 the events counted (EventCount), axis 3 the pulses (PulseCount), axis 4 the
+  messages dropped (DroppedMessageCount).
+- LivehistOneDController / LivehistTwoDController read one histogram each (axis attribute
+  `Histogram`, default `tof` / `image`), acquired during the timer's integration. They do
+  not start anything themselves: use them with the livehist timer in the same group.
+"""
+
+import numpy as np
+import tango
+from sardana import State
+from sardana.pool.controller import (
+    CounterTimerController,
+    DefaultValue,
+    Description,
+    FGet,
+    FSet,
+    Memorize,
+    Memorized,
+    OneDController,
+    TwoDController,
+    Type,
+)
+
+HISTOGRAMMER = {
+    "Histogrammer": {Type: str, DefaultValue: "livehist/histogrammer/1",
+                     Description: "the EventHistogrammer device this controller reads"},
+}  # fmt: skip
+DEVICE_STATES = {tango.DevState.RUNNING: State.Moving, tango.DevState.ALARM: State.Moving,
+                 tango.DevState.ON: State.On, tango.DevState.FAULT: State.Fault}  # fmt: skip
+
+
+class _Device:
+    """The histogrammer proxy, created lazily and re-created after the device was down."""
+
+    def __init__(self, name):
+        self.name = name
+        self._proxy = None
+
+    def __call__(self):
+        if self._proxy is None:
+            p = tango.DeviceProxy(self.name)
+            p.set_timeout_millis(3000)
+            self._proxy = p
+        return self._proxy
+
+    def state(self):
+        try:
+            p = self()
+            s = p.state()
+        except tango.DevFailed as exc:
+            self._proxy = None
+            return (
+                State.Fault,
+                f"{self.name} does not answer: {exc.args[0].desc.strip()}; is its server running?",
+            )
+        if s == tango.DevState.FAULT:
+            return State.Fault, f"{self.name} is in FAULT: {p.status()}"
+        return DEVICE_STATES.get(s, State.Unknown), p.status()
+
+
+class LivehistCounterTimerController(CounterTimerController):
+    """Timer and counters of an EventHistogrammer (presets end each acquisition)."""
+
+    gender = "EventHistogrammer"
+    model = "livehist"
+    organization = "livehist"
+    MaxDevice = 4
+    ctrl_properties = HISTOGRAMMER
+    AXES = {1: "ElapsedTime", 2: "EventCount", 3: "PulseCount", 4: "DroppedMessageCount"}
+
+    def __init__(self, inst, props, *args, **kwargs):
+        CounterTimerController.__init__(self, inst, props, *args, **kwargs)
+        self.device = _Device(self.Histogrammer)
+        self.integ_time = None
+        self.monitor_count = None
+        self._start = False
+
+    def AddDevice(self, axis):
+        if axis not in self.AXES:
+            raise ValueError(
+                f"axis {axis}: livehist counters are 1 timer, 2 events, 3 pulses, 4 dropped messages"
+            )
+
+    def DeleteDevice(self, axis):
+        pass
+
+    def LoadOne(self, axis, value, repetitions, latency_time):
+        if repetitions != 1:
+            raise ValueError("livehist counts one acquisition per start (software synchronisation)")
+        if value > 0:
+            self.integ_time, self.monitor_count = value, None
+        else:
+            self.integ_time, self.monitor_count = None, int(-value)
+
+    def PreStartAll(self):
+        self._start = False
+
+    def PreStartOne(self, axis, value=None):
+        return True
+
+    def StartOne(self, axis, value=None):
+        self._start = True
+
+    def StartAll(self):
+        if not self._start:
+            return
+        p = self.device()
+        if p.state() in (tango.DevState.RUNNING, tango.DevState.ALARM):
+            p.Stop()
+        p.Reset()
+        if self.integ_time is not None:
+            p.write_attributes([("PresetEvents", 0), ("PresetTime", float(self.integ_time))])
+        else:
+            p.write_attributes([("PresetTime", 0.0), ("PresetEvents", int(self.monitor_count))])
+        p.Start()
+
+    def StateOne(self, axis):
+        return self.device.state()
+
+    def ReadOne(self, axis):
+        return self.device().read_attribute(self.AXES[axis]).value
+
+    def AbortOne(self, axis):
+        try:
+            self.device().Stop()
+        except tango.DevFailed:
+            pass  # a device that is gone acquires nothing
+
+
+class _Reader:
+    """Common part of the 1D and 2D readers: one histogram per axis, by name."""
+
+    axis_attributes = {
+        "Histogram": {Type: str, FGet: "getHistogram", FSet: "setHistogram", Memorize: Memorized,
+                      Description: "name of the histogram this channel reads"},
+    }  # fmt: skip
+
+    def _setup(self, default):
+        self.device = _Device(self.Histogrammer)
+        self.names = {}
+        self.default = default
+
+    def AddDevice(self, axis):
+        self.names.setdefault(axis, self.default if axis == 1 else f"{self.default}{axis}")
+
+    def DeleteDevice(self, axis):
+        self.names.pop(axis, None)
+
+    def getHistogram(self, axis):
+        return self.names[axis]
+
+    def setHistogram(self, axis, value):
+        self.names[axis] = value
+
+    def LoadOne(self, axis, value, repetitions, latency_time):
+        pass
+
+    def StartOne(self, axis, value=None):
+        pass
+
+    def StateOne(self, axis):
+        return self.device.state()
+
+    def ReadOne(self, axis):
+        return np.asarray(self.device().read_attribute(self.names[axis]).value)
+
+    def AbortOne(self, axis):
+        pass  # the timer's controller stops the device
+
+    def GetAxisPar(self, axis, par):
+        if par == "shape":
+            cfg = self.device().get_attribute_config(self.names[axis])
+            return [cfg.max_dim_x] if cfg.max_dim_y == 0 else [cfg.max_dim_x, cfg.max_dim_y]
+        return super().GetAxisPar(axis, par)
+
+
+class LivehistOneDController(_Reader, OneDController):
+    """A 1D histogram (tof, roi) of an EventHistogrammer as a OneD channel."""
+
+    gender = "EventHistogrammer"
+    model = "livehist"
+    organization = "livehist"
+    MaxDevice = 16
+    ctrl_properties = HISTOGRAMMER
+
+    def __init__(self, inst, props, *args, **kwargs):
+        OneDController.__init__(self, inst, props, *args, **kwargs)
+        self._setup("tof")
+
+
+class LivehistTwoDController(_Reader, TwoDController):
+    """A 2D histogram (image, pixel_tof) of an EventHistogrammer as a TwoD channel."""
+
+    gender = "EventHistogrammer"
+    model = "livehist"
+    organization = "livehist"
+    MaxDevice = 16
+    ctrl_properties = HISTOGRAMMER
+
+    def __init__(self, inst, props, *args, **kwargs):
+        TwoDController.__init__(self, inst, props, *args, **kwargs)
+        self._setup("image")

@@ -1,0 +1,73 @@
+"""Create livehist's Sardana elements and default environment (run by `livehist up`).
+
+The config's `livehist.sardana` section (beside dsconfig's `servers`) names Pool
+controllers with their channels, measurement groups, and MacroServer environment
+defaults. Pool elements are made with the Pool's own commands (as `defctrl`, `defelem`
+and `defmeas` do), only when missing; environment variables are set only when unset, so
+`up` never undoes what users changed.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Callable
+
+from livehist.errors import LivehistError
+
+
+def _names(values) -> set[str]:
+    return {json.loads(v)["name"] for v in (values or ())}
+
+
+def environment(ms) -> dict:
+    kind, data = ms.read_attribute("Environment").value
+    if kind != "pickle":
+        raise LivehistError(f"MacroServer Environment is {kind!r}, expected pickle")
+    env = pickle.loads(data)
+    return env.get("new", env)
+
+
+def ensure(site, say: Callable[[str], None]) -> list[str]:
+    """Create what is missing; returns a line per change."""
+    import tango
+
+    cfg = (site.config.get("livehist") or {}).get("sardana")
+    if not cfg:
+        return []
+    done: list[str] = []
+    pool = tango.DeviceProxy(site.url(cfg["pool"]))
+    pool.set_timeout_millis(30_000)
+    ctrls = _names(pool.ControllerList)
+    channels = _names(pool.ExpChannelList)
+    for c in cfg.get("controllers", []):
+        if c["name"] not in ctrls:
+            props = [str(x) for kv in c.get("properties", {}).items() for x in kv]
+            try:
+                pool.CreateController([c["type"], c["library"], c["class"], c["name"], *props])
+            except tango.DevFailed as exc:
+                raise LivehistError(
+                    f"Pool {cfg['pool']} cannot create controller {c['name']} ({c['class']} from "
+                    f"{c['library']}): {exc.args[0].desc.strip()}; check PoolPath"
+                ) from None
+            done.append(f"controller {c['name']} ({c['class']})")
+        for axis, name in c.get("elements", {}).items():
+            if name not in channels:
+                pool.CreateElement([c["type"], c["name"], str(axis), name])
+                done.append(f"channel {name} ({c['name']} axis {axis})")
+    groups = _names(pool.MeasurementGroupList)
+    for name, members in cfg.get("measurement_groups", {}).items():
+        if name not in groups:
+            pool.CreateMeasurementGroup([name, *members])
+            done.append(f"measurement group {name}: {', '.join(members)}")
+    defaults = cfg.get("environment", {})
+    if defaults:
+        ms = tango.DeviceProxy(site.url(cfg["macroserver"]))
+        current = environment(ms)
+        missing = {k: v for k, v in defaults.items() if k not in current}
+        if missing:
+            ms.write_attribute("Environment", ("pickle", pickle.dumps({"new": missing}, protocol=0)))
+            done.append("environment: " + ", ".join(sorted(missing)))
+    for line in done:
+        say(f"Sardana: created {line}")
+    return done

@@ -1,0 +1,265 @@
+"""livehist macros for spock; this folder is the MacroServer's MacroPath.
+
+Histogrammer: histo_start, histo_stop, histo_reset, histo_count SECONDS
+Metadata:     meta_set KEY VALUE, meta_show, dataset_start NAME, dataset_end
+Scans:        livehist_check (a pre-scan general hook: fails a scan before any motion when
+              a histogrammer of the active measurement group is down or in FAULT)
+
+The devices are named by the environment variables LivehistHistogrammer (default
+livehist/histogrammer/1) and LivehistMetadata (default livehist/metadata/1).
+"""
+
+import json
+import os
+import time
+
+import tango
+from sardana.macroserver.macro import Macro, Type
+
+HISTOGRAMMER, METADATA = "livehist/histogrammer/1", "livehist/metadata/1"
+FILE_EXTENSIONS = (".nxs", ".h5", ".hdf5", ".spec", ".jsonl", ".ndjson")
+
+
+class _Livehist:
+    """Device access shared by the macros, with errors a spock user can act on."""
+
+    def _env(self, name, default):
+        try:
+            return self.getEnv(name)
+        except Exception:
+            return default
+
+    def _device(self, env_name, default):
+        name = self._env(env_name, default)
+        try:
+            proxy = tango.DeviceProxy(name)
+            proxy.set_timeout_millis(10_000)
+            proxy.ping()
+        except tango.DevFailed as exc:
+            raise RuntimeError(f"{name} does not answer ({exc.args[0].desc.strip()}); "
+                               f"start it with `livehist up` or set {env_name}") from None  # fmt: skip
+        return proxy
+
+    def histogrammer(self):
+        return self._device("LivehistHistogrammer", HISTOGRAMMER)
+
+    def metadata_device(self):
+        return self._device("LivehistMetadata", METADATA)
+
+    def call(self, fn, *args):
+        """Run a device call; show its DevFailed reason (the device's own message) plainly."""
+        try:
+            return fn(*args)
+        except tango.DevFailed as exc:
+            raise RuntimeError(exc.args[0].desc.strip()) from None
+
+    def counters_line(self, h):
+        values = {a.name: a.value for a in h.read_attributes(["EventCount", "EventRate", "ElapsedTime",
+                                                              "DroppedMessageCount"])}  # fmt: skip
+        return (f"{values['ElapsedTime']:8.2f} s  {values['EventRate']:10.4g} events/s  "
+                f"{values['EventCount']:>14,} events  {values['DroppedMessageCount']} dropped")  # fmt: skip
+
+
+class histo_start(Macro, _Livehist):
+    """Start accumulating on the EventHistogrammer (it runs until histo_stop or a preset)."""
+
+    def run(self):
+        h = self.histogrammer()
+        self.call(h.Start)
+        self.output(f"{h.dev_name()}: {h.state()} from {h.EventSourceURI}")
+
+
+class histo_stop(Macro, _Livehist):
+    """Stop accumulating; what is in the histograms stays."""
+
+    def run(self):
+        h = self.histogrammer()
+        self.call(h.Stop)
+        self.output(f"{h.dev_name()}: {h.state()}  " + self.counters_line(h))
+
+
+class histo_reset(Macro, _Livehist):
+    """Clear every histogram and counter of the EventHistogrammer."""
+
+    def run(self):
+        h = self.histogrammer()
+        self.call(h.Reset)
+        self.output(f"{h.dev_name()}: histograms and counters cleared ({h.state()})")
+
+
+class histo_count(Macro, _Livehist):
+    """Acquire for SECONDS, then record every histogram with the metadata to the scan files
+    (ScanDir/ScanFile: .nxs, .spec, .jsonl) as a scan of its own."""
+
+    param_def = [["seconds", Type.Float, None, "acquisition time in seconds (> 0)"]]
+
+    def prepare(self, seconds):
+        if not seconds > 0:
+            raise ValueError(f"seconds must be > 0, got {seconds}; e.g. histo_count 10")
+        self.h = self.histogrammer()
+
+    def run(self, seconds):
+        h = self.h
+        if h.state() in (tango.DevState.RUNNING, tango.DevState.ALARM):
+            self.call(h.Stop)
+        self.call(h.Reset)
+        self.call(h.write_attributes, [("PresetEvents", 0), ("PresetTime", float(seconds))])
+        self.call(h.Start)
+        self.output(f"counting {seconds:g} s on {h.dev_name()} ({h.EventSourceURI})")
+        last = 0.0
+        while h.state() in (tango.DevState.RUNNING, tango.DevState.ALARM):
+            self.checkPoint()  # Ctrl-C lands here; on_abort stops the device
+            time.sleep(0.05)
+            if time.monotonic() - last >= 1.0:
+                last = time.monotonic()
+                self.outputBlock(self.counters_line(h))
+                self.flushOutput()
+        if h.state() == tango.DevState.FAULT:
+            raise RuntimeError(f"{h.dev_name()} is in FAULT: {h.status()}")
+        self.output(self.counters_line(h))
+        self.record(h, seconds)
+
+    def record(self, h, seconds):
+        from livehist.capture import record_histograms
+
+        scan_dir = self._env("ScanDir", None)
+        files = self._env("ScanFile", [])
+        files = [files] if isinstance(files, str) else list(files or [])
+        targets = [
+            os.path.join(scan_dir, f) for f in files if scan_dir and f.lower().endswith(FILE_EXTENSIONS)
+        ]
+        if str(self._env("SharedMemory", "")).lower() == "sps":
+            targets.append("sps://livehist")
+        if not targets:
+            self.warning("histograms not recorded: set ScanDir and ScanFile (e.g. senv ScanFile scan.nxs)")
+            return
+        os.makedirs(scan_dir, exist_ok=True)
+        serial = int(self._env("ScanID", 0)) + 1
+        self.setEnv("ScanID", serial)
+        try:
+            m = self.metadata_device()
+        except RuntimeError as exc:
+            self.warning(f"{exc}; recording without metadata")
+            m = None
+        r = record_histograms(h, targets, f"histo_count {seconds:g}", serial, metadata_device=m)
+        for name in json.loads(h.HistogramConfig):
+            counts = h.read_attribute(name["name"]).value
+            self.output(f"  {name['name']:<16} {name['kind']:<10} {int(counts.sum()):>14,} counts")
+        self.output(f"scan {serial} recorded in " + ", ".join(str(t) for t in targets))
+        for sink, error in r.errors.items():
+            self.warning(f"{sink} failed: {error}")
+
+    def on_abort(self):
+        try:
+            self.h.Stop()
+        except tango.DevFailed:
+            pass
+
+
+def _parse(key, value):
+    if key == "users":
+        return [u.strip() for u in value.split(",") if u.strip()]
+    if key == "sample.temperature":
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"sample.temperature must be a number in K, got {value!r}") from None
+    if key in ("proposal", "title", "instrument", "data_root") or key.startswith("sample."):
+        return value
+    try:
+        return json.loads(value)  # free-form keys: numbers, lists, true/false, null
+    except ValueError:
+        return value
+
+
+class meta_set(Macro, _Livehist):
+    """Set one metadata key: proposal, title, instrument, data_root, sample.name,
+    sample.description, sample.chemical_formula, sample.temperature (K), users
+    ('Jane Doe (PI), Li Wei') or any free-form key (JSON values are parsed)."""
+
+    param_def = [["key", Type.String, None, "metadata key, e.g. sample.name"],
+                 ["value", Type.String, None, "the value (quote it if it has spaces)"]]  # fmt: skip
+
+    def run(self, key, value):
+        update = {key.split(".", 1)[0]: {key.split(".", 1)[1]: _parse(key, value)}} if key.startswith("sample.") \
+            else {key: _parse(key, value)}  # fmt: skip
+        m = self.metadata_device()
+        self.call(m.SetMetadata, json.dumps(update))
+        self.output(f"{key} = {json.dumps(_parse(key, value))}")
+
+
+class meta_show(Macro, _Livehist):
+    """Show the experiment metadata held by the MetadataManager."""
+
+    def run(self):
+        m = self.metadata_device()
+        md = json.loads(self.call(m.GetMetadata))
+        rows = []
+        for key, value in md.items():
+            if isinstance(value, dict):
+                rows += [(f"{key}.{k}", v) for k, v in value.items()]
+            elif key == "users":
+                rows += [("users", ", ".join(f"{u['name']} ({u['role']})" if u.get("role") else u["name"]
+                                             for u in value))]  # fmt: skip
+            else:
+                rows.append((key, value))
+        width = max((len(k) for k, _ in rows), default=4)
+        self.output(f"{'key':<{width}}  value")
+        for k, v in rows:
+            self.output(f"{k:<{width}}  {v if isinstance(v, str) else json.dumps(v)}")
+        self.output(f"state: {m.state()}  {m.status()}")
+
+
+class dataset_start(Macro, _Livehist):
+    """Open a dataset: the MetadataManager creates its folder, and ScanDir is set to it."""
+
+    param_def = [["name", Type.String, None, "dataset name (letters, digits, _ . -)"]]
+
+    def run(self, name):
+        m = self.metadata_device()
+        folder = self.call(m.StartDataset, name)
+        self.setEnv("ScanDir", folder)
+        self.output(f"dataset {name} open: ScanDir = {folder}")
+
+
+class dataset_end(Macro, _Livehist):
+    """Close the dataset; its summary (metadata, files, times) is written as JSON in its folder."""
+
+    def run(self):
+        m = self.metadata_device()
+        path = self.call(m.EndDataset)
+        summary = json.loads(open(path).read())
+        self.output(f"dataset {summary['dataset']} closed: {len(summary['files'])} files, summary {path}")
+        for f in summary["files"]:
+            self.output(f"  {f['path']}  ({f['size']:,} bytes)")
+
+
+class livehist_check(Macro, _Livehist):
+    """Pre-scan hook: the histogrammers behind the active measurement group must answer."""
+
+    def run(self):
+        mg_name = self._env("ActiveMntGrp", None)
+        if not mg_name:
+            return
+        try:
+            mg = self.getMeasurementGroup(mg_name)
+            channels = mg.getChannelLabels() if hasattr(mg, "getChannelLabels") else []
+            controllers = {self.getExpChannel(ch).getControllerName() for ch in channels}
+        except Exception:  # not ours to judge: Sardana reports measurement group problems itself
+            return
+        devices = set()
+        for ctrl_name in controllers:
+            ctrl = self.getController(ctrl_name)
+            if ctrl is not None and str(ctrl.getClassName()).startswith("Livehist"):
+                prop = ctrl.get_property("Histogrammer").get("Histogrammer") or [HISTOGRAMMER]
+                devices.add(prop[0])
+        for name in sorted(devices):
+            try:
+                p = tango.DeviceProxy(name)
+                p.set_timeout_millis(3000)
+                state = p.state()
+            except tango.DevFailed:
+                raise RuntimeError(f"{name} (used by {mg_name}) does not answer: start it "
+                                   "(`livehist up`) or choose another ActiveMntGrp") from None  # fmt: skip
+            if state == tango.DevState.FAULT:
+                raise RuntimeError(f"{name} (used by {mg_name}) is in FAULT: {p.status()}")

@@ -1,0 +1,147 @@
+"""livehist's recorders for Sardana; this folder is the MacroServer's RecorderPath.
+
+- LivehistRecorder: one file of ScanFile through livehist's sinks, chosen by extension
+  (.nxs NeXus, .spec SPEC, .jsonl JSON lines). The default configuration sets
+  `ScanRecorder` to it, because Sardana's SPEC_FileRecorder also claims `.spec`; Sardana's
+  recorders work as before when named in `ScanRecorder`.
+- SPSRecorder: replaces Sardana's shared-memory recorder of the same name (a RecorderPath
+  module wins over the built-in), so `senv SharedMemory sps` feeds livehist's SPS sink.
+
+Both take the metadata of the MetadataManager named by the `LivehistMetadata` environment
+variable (default livehist/metadata/1) at scan start.
+"""
+
+import json
+import os
+import re
+import weakref
+
+from livehist.recorders.base import Recorder, open_sink
+from livehist.recorders.records import RecordError
+from livehist.recorders.sardana_adapter import ScanMapping
+from sardana.macroserver.scan.recorder.datarecorder import DataRecorder
+from sardana.macroserver.scan.recorder.storage import BaseFileRecorder
+
+from livehist import __version__
+
+METADATA_DEVICE = "livehist/metadata/1"
+
+
+def _env(macro, name, default=None):
+    try:
+        return macro.getEnv(name)
+    except Exception:  # UnknownEnv and friends
+        return default
+
+
+def _metadata(macro) -> dict:
+    """The MetadataManager's snapshot; a scan goes on without it, with a warning."""
+    if macro is None:
+        return {}
+    import tango
+
+    device = _env(macro, "LivehistMetadata", METADATA_DEVICE)
+    try:
+        proxy = tango.DeviceProxy(device)
+        proxy.set_timeout_millis(2000)
+        return json.loads(proxy.GetMetadata())
+    except Exception as exc:
+        macro.warning(f"livehist: no metadata from {device} ({exc.__class__.__name__}); files carry none")
+        return {}
+
+
+class _Adapter:
+    """Shared by both recorders: Sardana record list -> livehist Recorder over some sinks."""
+
+    def _macro(self):
+        return self.macro() if self.macro is not None else None
+
+    def _warn(self, msg):
+        macro = self._macro()
+        if macro is not None:
+            macro.warning(f"livehist: {msg}")
+
+    def _open(self, recordlist, targets):
+        env = recordlist.getEnviron()
+        self.mapping = ScanMapping(self._warn)
+        config = {"ScanFile": env.get("ScanFile"), "ScanDir": env.get("ScanDir"),
+                  "recorder": type(self).__name__, "livehist": __version__}  # fmt: skip
+        start = self.mapping.start(env, _metadata(self._macro()), config)
+        self.recorder = Recorder([open_sink(t) for t in targets])
+        self.recorder.start(start)  # a bad target fails here, before the scan moves anything
+        self._reported = set()
+
+    def _write(self, record):
+        if self.recorder is None:
+            return
+        try:
+            self.recorder.point(self.mapping.point(record))
+        except RecordError as exc:
+            self._warn(f"point {record.recordno} not recorded: {exc}")
+        for sink, error in self.recorder.errors.items():
+            if sink not in self._reported:
+                self._reported.add(sink)
+                self._warn(f"{sink} stopped recording: {error} (points so far are kept)")
+
+    def _close(self, recordlist):
+        if self.recorder is not None:
+            self.recorder.end(self.mapping.end(recordlist.getEnviron()))
+            self.recorder = None
+
+
+class LivehistRecorder(_Adapter, BaseFileRecorder):
+    """NeXus (.nxs), SPEC (.spec) and JSON lines (.jsonl) through livehist's sinks."""
+
+    formats = {"nxs": ".nxs", "spec": ".spec", "jsonl": ".jsonl"}
+
+    def __init__(self, filename=None, macro=None, **pars):
+        BaseFileRecorder.__init__(self, **pars)
+        self.macro = weakref.ref(macro) if macro is not None else None
+        self.filename = filename
+        self.recorder = None
+
+    def getFormat(self):
+        return os.path.splitext(self.filename or "")[1].lstrip(".") or "nxs"
+
+    def _startRecordList(self, recordlist):
+        if not self.filename:
+            return
+        folder = os.path.dirname(self.filename)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise RuntimeError(f"livehist: ScanDir {folder} cannot be created: {exc.strerror}; "
+                               "senv ScanDir to a writable folder") from None  # fmt: skip
+        self._open(recordlist, [self.filename])
+
+    def _writeRecord(self, record):
+        self._write(record)
+
+    def _endRecordList(self, recordlist):
+        self._close(recordlist)
+
+    def _addCustomData(self, value, name, **kwargs):
+        if self.recorder is not None:
+            self.mapping.add_custom(value, name)
+
+
+class SPSRecorder(_Adapter, DataRecorder):
+    """`senv SharedMemory sps`: livehist's SPS sink, named after the Door (sps://door_x_1)."""
+
+    def __init__(self, program=None, array=None, shape=None, macro=None, **pars):
+        DataRecorder.__init__(self, **pars)
+        self.macro = None
+        # Sardana asks for one 0D and one 1D shared-memory recorder; livehist's sink holds both
+        self.active = not str(array or "").upper().endswith("_1D")
+        self.name = re.sub(r"[^A-Za-z0-9_]", "_", str(program or "livehist")).strip("_")[:32] or "livehist"
+        self.recorder = None
+
+    def _startRecordList(self, recordlist):
+        if self.active:
+            self._open(recordlist, [f"sps://{self.name}"])
+
+    def _writeRecord(self, record):
+        self._write(record)
+
+    def _endRecordList(self, recordlist):
+        self._close(recordlist)
