@@ -181,6 +181,10 @@ def bench(as_json: bool = False, quick: bool = False, say=print) -> list[dict]:
     from livehist.bench_recorders import recorder_figures
 
     recorder_figures(_row, quick)
+    say("livehist bench: Sardana scans, dead time per point") if not as_json else None
+    from livehist.bench_sardana import sardana_figures
+
+    sardana_figures(_row, quick)
     if as_json:
         say(json.dumps(ROWS, indent=1))
     else:

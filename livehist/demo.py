@@ -1,7 +1,14 @@
-"""`livehist demo`: up, a live acquisition of simulated events, a Sardana scan; prints the files."""
+"""`livehist demo`: everything once, on simulated events, through the same paths users take.
+
+up -> sar_demo (once) -> meta_set ... -> dataset_start -> live acquisition + PNG
+   -> ascan with mg_livehist (NeXus + SPEC + JSON) -> histo_count -> dataset_end
+   -> the files are read back and checked
+"""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 from livehist.control import up
@@ -9,12 +16,12 @@ from livehist.door import Door, set_environment
 from livehist.errors import LivehistError
 
 HISTOGRAMMER = "livehist/histogrammer/1"
+METADATA = "livehist/metadata/1"
+SCAN_FILES = ["demo.nxs", "demo.spec", "demo.jsonl"]
 
 
 def live_acquisition(url: str, out: Path, seconds: float = 5.0, say=print) -> Path:
     """Acquire for `seconds` (a preset), show rates and counts as they come, then a PNG."""
-    import time
-
     import tango
 
     from livehist import plots
@@ -27,7 +34,7 @@ def live_acquisition(url: str, out: Path, seconds: float = 5.0, say=print) -> Pa
         raise LivehistError(f"{HISTOGRAMMER} is in FAULT: {p.status()}")
     say(f"live acquisition: {p.EventSourceURI} for {seconds:g} s on {HISTOGRAMMER}")
     p.Reset()
-    p.PresetTime = seconds
+    p.write_attributes([("PresetEvents", 0), ("PresetTime", seconds)])
     p.Start()
     deadline = time.monotonic() + seconds + 20
     while p.state() in (tango.DevState.RUNNING, tango.DevState.ALARM):
@@ -47,6 +54,29 @@ def live_acquisition(url: str, out: Path, seconds: float = 5.0, say=print) -> Pa
     return path
 
 
+def check_files(folder: Path, say=print) -> list[str]:
+    """Read every demo file back with its own reader; a line per file."""
+    import h5py
+    from PyMca5.PyMcaIO import specfile
+
+    lines = []
+    with h5py.File(folder / "demo.nxs") as f:
+        scans = [e for e in f.values() if "data" in e]
+        tof = scans[-1]["data/lh_tof"]
+        counts = [e for e in f.values() if "tof" in e and e["tof"].attrs.get("NX_class") == "NXdata"]
+        lines.append(f"demo.nxs: {len(f)} entries; scan of {tof.shape[0]} points x {tof.shape[1]} TOF bins, "
+                     f"{len(counts)} histogram snapshot(s), sample {scans[-1]['sample/name'][()].decode()}")  # fmt: skip
+    sf = specfile.Specfile(str(folder / "demo.spec"))
+    lines.append(
+        f"demo.spec: {sf.scanno()} scans (PyMca5); first: {sf[0].lines()} points, {sf[0].nbmca()} spectra"
+    )
+    records = [json.loads(line) for line in (folder / "demo.jsonl").read_text().splitlines()]
+    lines.append(f"demo.jsonl: {len(records)} records, every line valid JSON")
+    for line in lines:
+        say(f"  ok  {line}")
+    return lines
+
+
 def demo(
     tango_host: str | None = None,
     config: Path | None = None,
@@ -57,26 +87,42 @@ def demo(
     import tango
 
     site = up(tango_host, config, state_dir, say=say)
-    out = Path(out) if out else site.state_dir / "demo"
-    out.mkdir(parents=True, exist_ok=True)
     host, port = site.host_port
-    live_acquisition(site.url(HISTOGRAMMER), out, say=say)
     door = Door(site.url("door/livehist/1"), say=lambda line: say(f"  | {line}"))
     try:
         if not tango.Database(host, port).get_device_alias_list("mot01").value_string:
-            say("creating Sardana's demo elements (sar_demo, once)")
-            door.run(["sar_demo"])
-        set_environment(
-            site.url("macroserver/livehist/1"),
-            {"ScanDir": str(out), "ScanFile": ["demo_scan.h5", "demo_scan.spec"],
-             "ActiveMntGrp": "mntgrp01"},
-        )  # fmt: skip
-        say("Sardana step scan: ascan mot01 0 10 10 0.1")
-        door.run(["ascan", "mot01", "0", "10", "10", "0.1"])
+            say("creating Sardana's demo motors and counters (sar_demo, once)")
+            door.run(["sar_demo"], timeout=180)
+        m = tango.DeviceProxy(site.url(METADATA))
+        if m.state() == tango.DevState.RUNNING:
+            m.EndDataset()  # a demo interrupted earlier
+        steps = [
+            ["meta_set", "proposal", "20260001"],
+            ["meta_set", "title", "livehist demo: simulated powder diffraction"],
+            ["meta_set", "sample.name", "Si powder (simulated)"],
+            ["meta_set", "users", "Demo User (PI)"],
+        ]
+        if out is not None:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            steps.append(["meta_set", "data_root", str(Path(out).resolve())])
+        steps.append(["dataset_start", time.strftime("demo_%Y%m%d_%H%M%S")])
+        for argv in steps:
+            say("spock> " + " ".join(f"'{a}'" if " " in a else a for a in argv))
+            door.run(argv)
+        folder = Path(json.loads(m.Metadata)["dataset"]["folder"])
+        set_environment(site.url("macroserver/livehist/1"),
+                        {"ScanFile": SCAN_FILES, "ActiveMntGrp": "mg_livehist",
+                         "ScanRecorder": ["LivehistRecorder"] * len(SCAN_FILES)})  # fmt: skip
+        live_acquisition(site.url(HISTOGRAMMER), folder, say=say)
+        for argv in (["ascan", "mot01", "0", "10", "10", "0.1"], ["histo_count", "2"], ["dataset_end"]):
+            say("spock> " + " ".join(argv))
+            door.run(argv, timeout=300)
     finally:
         door.close()
-    files = sorted(p for p in out.iterdir() if p.is_file())
-    say("files written:")
+    say(f"files written in {folder}:")
+    files = sorted(p for p in folder.iterdir() if p.is_file())
     for p in files:
-        say(f"  {p}  ({p.stat().st_size} bytes)")
+        say(f"  {p}  ({p.stat().st_size:,} bytes)")
+    say("checking them with their readers:")
+    check_files(folder, say)
     return files

@@ -300,7 +300,7 @@ class Engine:
         samples = list(self._rate_samples)
         older = [s for s in samples if now - s[0] >= over]
         t0, e0 = older[-1] if older else samples[0]  # samples[0]: the Start (or Reset) itself
-        return (self.events - e0) / max(now - t0, 1e-3)
+        return (self.events - e0) / max(now - t0, 0.25)  # no wild figure from the first message
 
     def snapshot(self) -> Snapshot:
         with self._lock:

@@ -106,14 +106,13 @@ class histo_count(Macro, _Livehist):
         self.call(h.write_attributes, [("PresetEvents", 0), ("PresetTime", float(seconds))])
         self.call(h.Start)
         self.output(f"counting {seconds:g} s on {h.dev_name()} ({h.EventSourceURI})")
-        last = 0.0
+        last = time.monotonic()
         while h.state() in (tango.DevState.RUNNING, tango.DevState.ALARM):
             self.checkPoint()  # Ctrl-C lands here; on_abort stops the device
             time.sleep(0.05)
             if time.monotonic() - last >= 1.0:
                 last = time.monotonic()
-                self.outputBlock(self.counters_line(h))
-                self.flushOutput()
+                self.output(self.counters_line(h))
         if h.state() == tango.DevState.FAULT:
             raise RuntimeError(f"{h.dev_name()} is in FAULT: {h.status()}")
         self.output(self.counters_line(h))

@@ -248,8 +248,8 @@ def test_site_database_is_used_and_nothing_embedded_started(sites):
         db.wait(10)
 
 
-def test_demo_scan_files(sardana_site, tmp_path):
-    import h5py
+def test_demo_runs_the_whole_chain(sardana_site, tmp_path):
+    import matplotlib.image
     from PyMca5.PyMcaIO import specfile
 
     from livehist.demo import demo
@@ -257,17 +257,20 @@ def test_demo_scan_files(sardana_site, tmp_path):
     lines: list[str] = []
     files = demo(sardana_site.tango_host, None, sardana_site.state_dir, tmp_path, say=lines.append)
     names = {p.name for p in files}
-    assert {"demo_scan.h5", "demo_scan.spec", "live_histograms.png"} <= names
+    assert {"demo.nxs", "demo.spec", "demo.jsonl", "live_histograms.png", "dataset.json"} <= names
+    folder = files[0].parent
+    assert folder.parent.parent.parent == tmp_path.resolve()  # DataRoot/year/proposal/dataset
     # the live part showed progress and ended by its preset, then drew the histograms
     assert any("events/s" in ln and "[RUNNING]" in ln for ln in lines)
     assert any("preset time reached" in ln for ln in lines)
-    import matplotlib.image
-
-    picture = matplotlib.image.imread(tmp_path / "live_histograms.png")
+    picture = matplotlib.image.imread(folder / "live_histograms.png")
     assert picture.shape[0] > 300 and picture[..., :3].std() > 0.05  # drawn, not blank
-    scan = specfile.Specfile(str(tmp_path / "demo_scan.spec"))[0]
-    assert scan.lines() == 11
-    with h5py.File(tmp_path / "demo_scan.h5", "r") as f:
-        entry = next(iter(f.values()))
-        assert entry["measurement/mot01"].shape == (11,)
-    assert any("ascan mot01" in ln for ln in lines)
+    assert any("spock> ascan mot01 0 10 10 0.1" in ln for ln in lines)
+    assert sum(ln.startswith("  ok  ") for ln in lines) == 3
+    scan = specfile.Specfile(str(folder / "demo.spec"))[0]
+    assert scan.lines() == 11 and scan.nbmca() == 11
+    summary = json.loads((folder / "dataset.json").read_text())
+    assert summary["metadata"]["proposal"] == "20260001"
+    assert {"demo.nxs", "demo.spec", "demo.jsonl", "live_histograms.png"} <= {
+        f["path"] for f in summary["files"]
+    }
