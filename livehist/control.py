@@ -222,7 +222,30 @@ def status(
         return 1
     site.config = dsconfig.load(site.config_path, site.state_dir)
     say(f"Tango database {host}:{port} ({'embedded' if site.embedded_db else 'site'})")
-    return 0 if print_table(site, say) else 3
+    all_up = print_table(site, say)
+    last_files(site, say)
+    return 0 if all_up else 3
+
+
+def last_files(site: Site, say: Say) -> None:
+    """The last scan Sardana recorded and its files (from the MacroServer's ScanHistory)."""
+    import tango
+
+    from livehist import sardana_setup
+
+    for _, cls, dev in dsconfig.devices(site.config):
+        if cls != "MacroServer" or not ping(site.url(dev)):
+            continue
+        try:
+            history = sardana_setup.environment(tango.DeviceProxy(site.url(dev))).get("ScanHistory") or []
+        except (tango.DevFailed, LivehistError):
+            return
+        if history:
+            h = history[-1]
+            files = h.get("ScanFile") or []
+            files = [files] if isinstance(files, str) else files
+            say(f"last scan: #{h.get('serialno')} {h.get('title')} ({h.get('endstatus')}) -> "
+                + (", ".join(os.path.join(h.get("ScanDir") or "", f) for f in files) or "no files"))  # fmt: skip
 
 
 def _histogrammer_info(proxy) -> str:
