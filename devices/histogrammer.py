@@ -21,6 +21,7 @@ from tango.server import Device, attribute, command, device_property, run
 
 from livehist.errors import LivehistError
 from livehist.histogrammer import Histogrammer, Update
+from livehist.restream import Restreamer
 from livehist.spec import DEFAULT_MAX_BYTES, HistogramSpec, SpecError, join_property
 
 STATES = {"ON": DevState.ON, "RUNNING": DevState.RUNNING, "ALARM": DevState.ALARM,
@@ -67,6 +68,10 @@ class EventHistogrammer(Device):
     PublishPeriod = device_property(dtype=float, default_value=0.5, doc="seconds between publishes")
     MaxHistogramBytes = device_property(dtype=float, default_value=float(DEFAULT_MAX_BYTES),
                                         doc="cap on the memory of all histogram counts, bytes")  # fmt: skip
+    RestreamEndpoint = device_property(dtype=str, default_value="",
+                                       doc="ZeroMQ PUB address for hs01 histograms, e.g. tcp://*:5560 ('' = off)")  # fmt: skip
+    RestreamKafka = device_property(dtype=str, default_value="",
+                                    doc="BROKER[,BROKER]/TOPIC for hs01 histograms ('' = off)")  # fmt: skip
     MaxQueueBytes = device_property(dtype=float, default_value=256 * 2**20,
                                     doc="cap on raw messages waiting to be histogrammed, bytes")  # fmt: skip
 
@@ -74,6 +79,7 @@ class EventHistogrammer(Device):
     def init_device(self) -> None:
         super().init_device()
         self.hg: Histogrammer | None = None
+        self.restream: Restreamer | None = None
         # attribute name -> signature (format, dims); dynamic attributes outlive an Init
         self._dynamic: dict[str, tuple] = getattr(self, "_dynamic", {})
         self._readers: dict[str, object] = getattr(self, "_readers", {})
@@ -91,7 +97,11 @@ class EventHistogrammer(Device):
                 on_update=self._publish,
                 thread_context=tango.EnsureOmniThread,
             )
-        except LivehistError as exc:  # a bad PublishPeriod: nothing can run
+            self.restream = Restreamer(self.get_name(), self.RestreamEndpoint, self.RestreamKafka)
+        except (LivehistError, ValueError) as exc:  # a bad PublishPeriod or re-stream target
+            if self.hg is not None:
+                self.hg.close()
+                self.hg = None
             self.set_state(DevState.FAULT)
             self.set_status(f"{exc}; fix the property and run Init")
             return
@@ -107,6 +117,8 @@ class EventHistogrammer(Device):
     def delete_device(self) -> None:
         if self.hg is not None:
             self.hg.close()  # never waits on the publisher: it may be waiting for our monitor
+        if getattr(self, "restream", None) is not None:
+            self.restream.close()
 
     def _sync_state(self) -> None:
         if self.hg is not None:
@@ -244,6 +256,8 @@ class EventHistogrammer(Device):
         for name, (_, field, _, _) in COUNTERS.items():
             self._push(name, getattr(snap, field), archive=True)
         self._push("UpdateCounter", update.counter, archive=True)
+        if self.restream is not None:
+            self.restream.publish(snap, update.state, update.counter)
 
     # --- counters and presets ---------------------------------------------------------
     EventCount = _counter("EventCount")
@@ -257,6 +271,14 @@ class EventHistogrammer(Device):
     @attribute(dtype=tango.DevLong64, doc="+1 per publish (change events carry it too)")
     def UpdateCounter(self) -> int:
         return self.hg.update_counter if self.hg else 0
+
+    @attribute(dtype=tango.DevLong64, doc="hs01 messages sent (RestreamEndpoint / RestreamKafka)")
+    def RestreamSentCount(self) -> int:
+        return self.restream.sent if self.restream else 0
+
+    @attribute(dtype=tango.DevLong64, doc="hs01 updates or messages dropped for slow receivers (counted, never blocking)")
+    def RestreamDroppedCount(self) -> int:
+        return self.restream.dropped if self.restream else 0
 
     @attribute(dtype=str, doc="the histogram list in use, as JSON that Configure accepts")
     def HistogramConfig(self) -> str:

@@ -32,12 +32,25 @@ def parser() -> argparse.ArgumentParser:
     _site_options(p)
     p = sub.add_parser("demo", help="up, then a short live acquisition and a Sardana scan")
     _site_options(p)
-    p.add_argument("--out", type=Path, metavar="DIR", help="where files go (default: state dir/demo)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="data root for the demo dataset (default: the MetadataManager's DataRoot)")  # fmt: skip
     p = sub.add_parser("stream", help="publish sim:// or nexus:// events as ev44 on ZeroMQ")
     p.add_argument("source", help="sim://?rate=1e6 or nexus:///path.nxs?rate=realtime")
     p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
     p.add_argument("--pub", action="store_true", help="PUB socket (for zmq+sub://) instead of PUSH")
     p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: never)")
+    p = sub.add_parser("plot", help="PNG pictures of the histograms recorded in a NeXus file")
+    p.add_argument("file", type=Path, help="a .nxs file written by livehist")
+    p.add_argument("--out", type=Path, metavar="DIR", help="folder for the PNGs (default: beside the file)")
+    p = sub.add_parser("listen", help="print hs01 histograms re-streamed by an EventHistogrammer")
+    p.add_argument("endpoint", help="the device's RestreamEndpoint, e.g. tcp://127.0.0.1:5560")
+    p.add_argument("--count", type=int, default=0, help="stop after this many messages (0: never)")
+    p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: never)")
+    p = sub.add_parser("view", help="a Taurus panel on a running EventHistogrammer")
+    p.add_argument("device", nargs="?", default="livehist/histogrammer/1", help="device name or tango:// URL")
+    p.add_argument("--metadata", default="livehist/metadata/1", help="the MetadataManager to summarise")
+    p.add_argument("--screenshot", type=Path, metavar="PNG", help="save a picture of the panel after --seconds")
+    p.add_argument("--seconds", type=float, default=0.0, help="close after this long (0: stay open)")
     p = sub.add_parser("bench", help="benchmarks, each beside a reference measured in the same run")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--quick", action="store_true", help="short runs (for smoke tests)")
@@ -71,6 +84,23 @@ def main(argv: list[str] | None = None) -> int:
 
             stream(args.source, args.bind, args.pub, args.seconds)
             return 0
+        if args.command == "plot":
+            from livehist.plots import plot_file
+
+            try:
+                plot_file(args.file, args.out)
+            except (OSError, ValueError) as exc:
+                raise LivehistError(f"{args.file}: {exc}") from None
+            return 0
+        if args.command == "listen":
+            from livehist.restream import listen
+
+            listen(args.endpoint, args.count, args.seconds)
+            return 0
+        if args.command == "view":
+            from livehist.view import view
+
+            return view(args.device, args.metadata, args.screenshot, args.seconds)
         if args.command == "bench":
             from livehist.bench import bench
 

@@ -108,3 +108,43 @@ def from_device(proxy) -> list[Picture]:
         edges = proxy.read_attribute(f"{name}_edges").value if "tof" in spec else None
         pictures.append(Picture(name, np.asarray(proxy.read_attribute(name).value), edges, spec))
     return pictures
+
+
+def from_nexus(path) -> dict[str, list[Picture]]:
+    """Pictures of the histogram snapshots in each NXentry of a livehist NeXus file."""
+    import json
+
+    import h5py
+
+    out: dict[str, list[Picture]] = {}
+    with h5py.File(path, "r") as f:
+        for entry_name, entry in f.items():
+            prov = entry.get("livehist")
+            pictures = []
+            for name, group in entry.items():
+                if not isinstance(group, h5py.Group) or group.attrs.get("NX_class") not in ("NXdata", b"NXdata"):
+                    continue
+                if name == "data" or prov is None or name not in prov:
+                    continue
+                spec = json.loads(prov[name]["spec"][()] or "{}")
+                edges = group["time_of_flight"][()] if "time_of_flight" in group else None
+                pictures.append(Picture(name, group["data"][()], edges, spec))
+            if pictures:
+                out[entry_name] = pictures
+    return out
+
+
+def plot_file(path, out_dir=None, say=print) -> list[Path]:
+    """`livehist plot FILE.nxs`: one PNG per scan with histograms, beside the file (or in out_dir)."""
+    path = Path(path)
+    out_dir = Path(out_dir) if out_dir else path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for entry, pictures in from_nexus(path).items():
+        png = out_dir / f"{path.stem}_{entry}.png"
+        plot(pictures, png, title=f"{path.name} /{entry}")
+        say(f"{png}: {', '.join(p.name for p in pictures)}")
+        written.append(png)
+    if not written:
+        raise ValueError(f"{path} holds no livehist histogram snapshots (record some with histo_count)")
+    return written

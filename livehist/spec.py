@@ -23,7 +23,7 @@ RESERVED = {
     for n in (
         "State", "Status", "EventCount", "EventRate", "MessageCount", "BadMessageCount",
         "DroppedMessageCount", "UpdateCounter", "PresetTime", "PresetEvents", "PresetPulses",
-        "ElapsedTime", "PulseCount", "PresetPulses", "HistogramConfig", "EventSourceURI",
+        "ElapsedTime", "PulseCount", "PresetPulses", "HistogramConfig", "EventSourceURI", "RestreamSentCount", "RestreamDroppedCount",
     )
 }  # fmt: skip
 DEFAULT_MAX_BYTES = 2 * 1024**3

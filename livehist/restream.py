@@ -1,0 +1,191 @@
+"""Re-stream histograms as ESS hs01 flatbuffers, for clients that do not speak Tango.
+
+Each publish of an EventHistogrammer becomes one hs01 message per histogram on a ZeroMQ
+PUB socket (`tcp://*:PORT`) and, where configured, a Kafka topic (`BROKER/TOPIC`):
+`source` is DEVICE/NAME, `dim_metadata` carries the bin boundaries with unit and label
+(TOF edges; pixel rows and columns as 0..n), `data` the int64 counts, and `info` a JSON
+object with state, counters and the update number. A histogram larger than
+`max_message_bytes` is sent in row blocks: `current_shape` is the block, and `info`
+holds `offset` and `full_shape` (the Python hs01 serialiser has no `offset` field).
+
+The publisher only hands snapshots to a bounded queue; a sender thread serialises and
+sends. A full queue (a slow network, a stuck broker) drops whole updates and counts them;
+ZeroMQ PUB drops for slow subscribers by itself (send high-water mark), counted as well.
+Ingestion is never touched.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import threading
+import time
+
+import numpy as np
+
+from livehist.engine import Snapshot
+
+log = logging.getLogger("livehist.restream")
+
+
+def hs01_messages(snap: Snapshot, device: str, state: str, counter: int,
+                  max_message_bytes: int = 64 * 2**20) -> list[bytes]:  # fmt: skip
+    from streaming_data_types.histogram_hs01 import serialise_hs01
+
+    counters = {"events": snap.events, "messages": snap.messages, "bad_messages": snap.bad_messages,
+                "dropped_messages": snap.dropped_messages, "pulses": snap.pulses,
+                "elapsed_s": snap.elapsed, "event_rate": snap.event_rate}  # fmt: skip
+    out = []
+    stamp = int(snap.taken_at * 1e9)
+    for name, counts in snap.counts.items():
+        spec = snap.specs[name]
+        edges = snap.edges.get(name)
+        unit = spec.tof.unit if spec.tof else ""
+        tof_dim = {"length": int(edges.size - 1), "unit": unit, "label": "time_of_flight",
+                   "bin_boundaries": np.asarray(edges, np.float64)} if edges is not None else None  # fmt: skip
+        if spec.kind == "image":
+            ny, nx = counts.shape
+            dims = [{"length": ny, "unit": "", "label": "row", "bin_boundaries": np.arange(ny + 1, dtype=np.float64)},
+                    {"length": nx, "unit": "", "label": "col", "bin_boundaries": np.arange(nx + 1, dtype=np.float64)}]  # fmt: skip
+        elif spec.kind == "pixel_tof":
+            n = counts.shape[0]
+            dims = [{"length": n, "unit": "", "label": "pixel",
+                     "bin_boundaries": spec.first_pixel + np.arange(n + 1, dtype=np.float64)}, tof_dim]  # fmt: skip
+        else:
+            dims = [tof_dim]
+        rows = counts.shape[0]
+        per_row = max(counts.nbytes // max(rows, 1), 1)
+        block = rows if counts.nbytes <= max_message_bytes or counts.ndim == 1 else max(1, max_message_bytes // per_row)
+        for r0 in range(0, rows, block):
+            part = counts[r0 : r0 + block]
+            info = {"name": name, "kind": spec.kind, "state": state, "update": counter, "counters": counters,
+                    "out_of_range": snap.out_of_range.get(name, 0)}  # fmt: skip
+            part_dims = dims
+            if block < rows:
+                info.update(offset=[r0] + [0] * (counts.ndim - 1), full_shape=list(counts.shape))
+                first = dict(dims[0], length=part.shape[0], bin_boundaries=dims[0]["bin_boundaries"][r0 : r0 + part.shape[0] + 1])
+                part_dims = [first, *dims[1:]]
+            out.append(serialise_hs01({
+                "source": f"{device}/{name}", "timestamp": stamp, "current_shape": list(part.shape),
+                "dim_metadata": part_dims, "data": np.ascontiguousarray(part, np.int64),
+                "info": json.dumps(info),
+            }))  # fmt: skip
+    return out
+
+
+class Restreamer:
+    def __init__(self, device: str, endpoint: str = "", kafka: str = "", max_queue: int = 4,
+                 max_message_bytes: int = 64 * 2**20) -> None:  # fmt: skip
+        self.device, self.endpoint, self.kafka = device, endpoint, kafka
+        self.max_message_bytes = max_message_bytes
+        self.sent = self.dropped = 0
+        self._queue: collections.deque = collections.deque()
+        self._max_queue = max_queue
+        self._cond = threading.Condition()
+        self._closed = False
+        self._pub = self._producer = None
+        if endpoint:
+            import zmq
+
+            self._pub = zmq.Context.instance().socket(zmq.PUB)
+            self._pub.setsockopt(zmq.SNDHWM, 16)
+            self._pub.setsockopt(zmq.LINGER, 0)
+            try:
+                self._pub.bind(endpoint)
+            except zmq.ZMQError as exc:
+                self._pub.close(0)
+                raise ValueError(f"RestreamEndpoint {endpoint!r} cannot be bound: {exc}; use tcp://*:PORT") from None
+        if kafka:
+            if "/" not in kafka:
+                raise ValueError(f"RestreamKafka {kafka!r}: give BROKER[,BROKER]/TOPIC")
+            brokers, self.topic = kafka.rsplit("/", 1)
+            try:
+                from confluent_kafka import Producer
+            except ImportError:
+                raise ValueError("RestreamKafka needs confluent-kafka (pip install 'livehist[kafka]')") from None
+            self._producer = Producer({"bootstrap.servers": brokers, "queue.buffering.max.messages": 1000,
+                                       "message.max.bytes": max_message_bytes + 2**20})  # fmt: skip
+        self._thread = threading.Thread(target=self._run, name="livehist-restream", daemon=True)
+        self._thread.start()
+
+    @property
+    def active(self) -> bool:
+        return self._pub is not None or self._producer is not None
+
+    def publish(self, snap: Snapshot, state: str, counter: int) -> None:
+        """Hand one update over; never blocks (a full queue drops it and counts it)."""
+        if not self.active:
+            return
+        with self._cond:
+            if len(self._queue) >= self._max_queue:
+                self.dropped += 1
+                return
+            self._queue.append((snap, state, counter))
+            self._cond.notify()
+
+    def _run(self) -> None:
+        import zmq
+
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed)
+                if self._closed:
+                    return
+                snap, state, counter = self._queue.popleft()
+            try:
+                messages = hs01_messages(snap, self.device, state, counter, self.max_message_bytes)
+            except Exception:
+                log.exception("hs01 serialisation failed")
+                continue
+            for msg in messages:
+                if self._pub is not None:
+                    try:
+                        self._pub.send(msg, flags=zmq.NOBLOCK, copy=False)
+                        self.sent += 1
+                    except zmq.Again:
+                        self.dropped += 1
+                if self._producer is not None:
+                    try:
+                        self._producer.produce(self.topic, msg)
+                        self._producer.poll(0)
+                    except BufferError:
+                        self.dropped += 1
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=2)
+        if self._pub is not None:
+            self._pub.close(0)
+        if self._producer is not None:
+            self._producer.flush(1.0)
+
+
+def listen(endpoint: str, count: int = 0, seconds: float = 0.0, say=print) -> int:
+    """`livehist listen`: print a line per hs01 message arriving on a PUB endpoint."""
+    import zmq
+    from streaming_data_types.histogram_hs01 import deserialise_hs01
+
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(endpoint)
+    say(f"listening on {endpoint} for hs01 histograms (Ctrl-C stops)")
+    n, t0 = 0, time.monotonic()
+    try:
+        while (not count or n < count) and (not seconds or time.monotonic() - t0 < seconds):
+            if not sub.poll(200):
+                continue
+            msg = deserialise_hs01(sub.recv())
+            info = json.loads(msg.get("info") or "{}")
+            dims = " x ".join(f"{d['length']} {d['label']}" + (f" ({d['unit']})" if d["unit"] else "")
+                              for d in msg["dim_metadata"])  # fmt: skip
+            say(f"{msg['source']}: update {info.get('update')} [{info.get('state')}] {dims}: "
+                f"{int(np.sum(msg['data'])):,} counts, {info.get('counters', {}).get('events', 0):,} events")  # fmt: skip
+            n += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sub.close(0)
+    return n

@@ -1,0 +1,166 @@
+"""`livehist view [DEVICE]`: a Taurus panel on a running EventHistogrammer.
+
+TOF and ROI spectra in taurus_pyqtgraph plots, the detector image with a colour scale,
+counters, state and status, a metadata summary, Start/Stop/Reset buttons. Everything
+follows the device's change events (Taurus subscribes; nothing polls at a fixed rate).
+The image is redrawn at most 10 times a second whatever the publish rate, and images
+over 1024x1024 are summed into blocks for display, so the panel never freezes. When the
+device goes away Taurus shows it (State UNKNOWN, values invalid) and reconnects by itself.
+
+Plain Taurus works too, for example:
+    taurus form 'tango://HOST:PORT/livehist/histogrammer/1/EventRate' '.../EventCount'
+    taurus tpg plot 'tango://HOST:PORT/livehist/histogrammer/1/tof'
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+MAX_DISPLAY = 1024  # image pixels per side drawn; larger images are block-summed
+
+
+def downsample(image: np.ndarray, limit: int = MAX_DISPLAY) -> np.ndarray:
+    f = int(np.ceil(max(image.shape) / limit)) if max(image.shape) > limit else 1
+    if f == 1:
+        return image
+    ny, nx = (image.shape[0] // f) * f, (image.shape[1] // f) * f
+    return image[:ny, :nx].reshape(ny // f, f, nx // f, f).sum(axis=(1, 3))
+
+
+def _full(device: str) -> str:
+    if device.startswith("tango://"):
+        return device
+    import os
+
+    host = os.environ.get("TANGO_HOST")
+    return f"tango://{host}/{device}" if host else device
+
+
+def view(device: str, metadata: str = "livehist/metadata/1", screenshot: Path | None = None,
+         seconds: float = 0.0) -> int:  # fmt: skip
+    from taurus.external.qt import Qt
+    from taurus.qt.qtgui.application import TaurusApplication
+
+    app = TaurusApplication.instance() or TaurusApplication(sys.argv[:1], cmd_line_parser=None)
+    panel = _make_panel_class()(_full(device), _full(metadata))
+    panel.resize(1300, 850)
+    panel.show()
+    if seconds:
+        def finish():
+            if screenshot is not None:
+                panel.grab().save(str(screenshot))
+                print(f"panel picture: {screenshot}")
+            app.quit()
+
+        Qt.QTimer.singleShot(int(seconds * 1000), finish)
+    app.exec_()
+    return 0
+
+
+def _make_panel_class():
+    import pyqtgraph as pg
+    import taurus
+    from taurus.core.taurusbasetypes import TaurusEventType
+    from taurus.external.qt import Qt
+    from taurus.qt.qtgui.button import TaurusCommandButton
+    from taurus.qt.qtgui.display import TaurusLabel
+    from taurus.qt.qtgui.panel import TaurusForm
+    from taurus_pyqtgraph import TaurusPlot
+
+    class Panel(Qt.QWidget):
+        imageArrived = Qt.pyqtSignal(object)
+
+        def __init__(self, device: str, metadata: str) -> None:
+            super().__init__()
+            self.device, self.metadata = device, metadata
+            self.setWindowTitle(f"livehist: {device}")
+            self._pending = None
+            self._last_draw = 0.0
+            self.redraws = 0
+            layout = Qt.QGridLayout(self)
+
+            top = Qt.QHBoxLayout()
+            for attr in ("State", "Status"):
+                label = TaurusLabel()
+                label.setModel(f"{device}/{attr}")
+                top.addWidget(label, 1 if attr == "State" else 4)
+            for cmd in ("Start", "Stop", "Reset"):
+                button = TaurusCommandButton(command=cmd, text=cmd)
+                button.setModel(device)
+                top.addWidget(button)
+            layout.addLayout(top, 0, 0, 1, 2)
+
+            self.tof_plot = TaurusPlot()
+            layout.addWidget(self.tof_plot, 1, 0)
+            self.image_view = pg.PlotWidget(title="detector image")
+            self.image_item = pg.ImageItem(axisOrder="row-major")
+            self.image_view.addItem(self.image_item)
+            self.colour_bar = pg.ColorBarItem(values=(0, 1), colorMap=pg.colormap.get("viridis"))
+            self.colour_bar.setImageItem(self.image_item, insert_in=self.image_view.getPlotItem())
+            layout.addWidget(self.image_view, 1, 1)
+            self.roi_plot = TaurusPlot()
+            layout.addWidget(self.roi_plot, 2, 0)
+
+            side = Qt.QVBoxLayout()
+            counters = TaurusForm()
+            counters.setModel([f"{device}/{a}" for a in ("EventRate", "EventCount", "ElapsedTime",
+                                                          "DroppedMessageCount", "BadMessageCount", "UpdateCounter")])  # fmt: skip
+            side.addWidget(counters)
+            meta = TaurusForm()
+            meta.setModel([f"{metadata}/{a}" for a in ("Proposal", "Title", "SampleName", "DatasetName")])
+            side.addWidget(meta)
+            box = Qt.QWidget()
+            box.setLayout(side)
+            layout.addWidget(box, 2, 1)
+            self.configure()
+            self.imageArrived.connect(self._draw_image)
+            self._timer = Qt.QTimer(self)  # coalesces image events: at most 10 redraws per second
+            self._timer.timeout.connect(self._flush_image)
+            self._timer.start(100)
+
+        def configure(self) -> None:
+            """Models from the device's histogram list (re-read when the list changes)."""
+            try:
+                specs = json.loads(taurus.Attribute(f"{self.device}/HistogramConfig").read().rvalue)
+            except Exception:
+                specs = []
+            spectra = [s["name"] for s in specs if s.get("kind") == "tof"]
+            rois = [s["name"] for s in specs if s.get("kind") == "roi"]
+            images = [s["name"] for s in specs if s.get("kind") in ("image", "pixel_tof")]
+            self.tof_plot.setModel([f"{self.device}/{n}" for n in spectra])
+            self.roi_plot.setModel([f"{self.device}/{n}" for n in rois])
+            if images:
+                self.image_attr = taurus.Attribute(f"{self.device}/{images[0]}")
+                self.image_attr.addListener(self._on_image)
+                self.image_view.setTitle(f"{images[0]} (counts)")
+
+        def _on_image(self, src, evt_type, evt_value) -> None:  # a Taurus thread
+            if evt_type in (TaurusEventType.Change, TaurusEventType.Periodic) and evt_value is not None:
+                self.imageArrived.emit(evt_value.rvalue)
+
+        def _draw_image(self, value) -> None:
+            self._pending = value  # the latest wins; drawn by the timer
+
+        def _flush_image(self) -> None:
+            if self._pending is None:
+                return
+            value, self._pending = self._pending, None
+            image = downsample(np.asarray(getattr(value, "magnitude", value)))
+            top = float(image.max()) if image.size else 1.0
+            self.image_item.setImage(image, autoLevels=False, levels=(0, max(top, 1.0)))
+            self.colour_bar.setLevels((0, max(top, 1.0)))
+            self.redraws += 1
+            self._last_draw = time.monotonic()
+
+    return Panel
+
+
+def __getattr__(name: str):
+    if name == "Panel":  # Qt classes are made on first use: importing this module needs no display
+        return _make_panel_class()
+    raise AttributeError(name)
