@@ -37,6 +37,7 @@ setup(
     ],
     extras_require={
         "kafka": ["confluent-kafka>=2.3"],
+        "gui": ["PyQt5>=5.15", "pyqtgraph>=0.13", "taurus_pyqtgraph>=0.9"],
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.2",

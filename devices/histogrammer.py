@@ -276,7 +276,10 @@ class EventHistogrammer(Device):
     def RestreamSentCount(self) -> int:
         return self.restream.sent if self.restream else 0
 
-    @attribute(dtype=tango.DevLong64, doc="hs01 updates or messages dropped for slow receivers (counted, never blocking)")
+    @attribute(
+        dtype=tango.DevLong64,
+        doc="hs01 updates or messages dropped for slow receivers (counted, never blocking)",
+    )
     def RestreamDroppedCount(self) -> int:
         return self.restream.dropped if self.restream else 0
 

@@ -49,8 +49,11 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("view", help="a Taurus panel on a running EventHistogrammer")
     p.add_argument("device", nargs="?", default="livehist/histogrammer/1", help="device name or tango:// URL")
     p.add_argument("--metadata", default="livehist/metadata/1", help="the MetadataManager to summarise")
-    p.add_argument("--screenshot", type=Path, metavar="PNG", help="save a picture of the panel after --seconds")
+    p.add_argument(
+        "--screenshot", type=Path, metavar="PNG", help="save a picture of the panel after --seconds"
+    )
     p.add_argument("--seconds", type=float, default=0.0, help="close after this long (0: stay open)")
+    p.add_argument("--trace", action="store_true", help="print the device states the panel sees")
     p = sub.add_parser("bench", help="benchmarks, each beside a reference measured in the same run")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--quick", action="store_true", help="short runs (for smoke tests)")
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "view":
             from livehist.view import view
 
-            return view(args.device, args.metadata, args.screenshot, args.seconds)
+            return view(args.device, args.metadata, args.screenshot, args.seconds, args.trace)
         if args.command == "bench":
             from livehist.bench import bench
 

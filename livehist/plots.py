@@ -122,7 +122,10 @@ def from_nexus(path) -> dict[str, list[Picture]]:
             prov = entry.get("livehist")
             pictures = []
             for name, group in entry.items():
-                if not isinstance(group, h5py.Group) or group.attrs.get("NX_class") not in ("NXdata", b"NXdata"):
+                if not isinstance(group, h5py.Group) or group.attrs.get("NX_class") not in (
+                    "NXdata",
+                    b"NXdata",
+                ):
                     continue
                 if name == "data" or prov is None or name not in prov:
                     continue

@@ -9,9 +9,11 @@ object with state, counters and the update number. A histogram larger than
 holds `offset` and `full_shape` (the Python hs01 serialiser has no `offset` field).
 
 The publisher only hands snapshots to a bounded queue; a sender thread serialises and
-sends. A full queue (a slow network, a stuck broker) drops whole updates and counts them;
-ZeroMQ PUB drops for slow subscribers by itself (send high-water mark), counted as well.
-Ingestion is never touched.
+sends. A full queue (serialising or a Kafka broker slower than the publish rate) drops
+whole updates and counts them (`dropped`). A slow or stalled ZeroMQ subscriber never
+slows the sender: ZeroMQ drops for that subscriber alone once its high-water mark is
+reached, and the others go on; each message's `info.update` numbers updates, so a
+subscriber sees any it missed (`livehist listen` reports the gaps). Ingestion is never touched.
 """
 
 from __future__ import annotations
@@ -56,7 +58,11 @@ def hs01_messages(snap: Snapshot, device: str, state: str, counter: int,
             dims = [tof_dim]
         rows = counts.shape[0]
         per_row = max(counts.nbytes // max(rows, 1), 1)
-        block = rows if counts.nbytes <= max_message_bytes or counts.ndim == 1 else max(1, max_message_bytes // per_row)
+        block = (
+            rows
+            if counts.nbytes <= max_message_bytes or counts.ndim == 1
+            else max(1, max_message_bytes // per_row)
+        )
         for r0 in range(0, rows, block):
             part = counts[r0 : r0 + block]
             info = {"name": name, "kind": spec.kind, "state": state, "update": counter, "counters": counters,
@@ -64,7 +70,11 @@ def hs01_messages(snap: Snapshot, device: str, state: str, counter: int,
             part_dims = dims
             if block < rows:
                 info.update(offset=[r0] + [0] * (counts.ndim - 1), full_shape=list(counts.shape))
-                first = dict(dims[0], length=part.shape[0], bin_boundaries=dims[0]["bin_boundaries"][r0 : r0 + part.shape[0] + 1])
+                first = dict(
+                    dims[0],
+                    length=part.shape[0],
+                    bin_boundaries=dims[0]["bin_boundaries"][r0 : r0 + part.shape[0] + 1],
+                )
                 part_dims = [first, *dims[1:]]
             out.append(serialise_hs01({
                 "source": f"{device}/{name}", "timestamp": stamp, "current_shape": list(part.shape),
@@ -95,7 +105,9 @@ class Restreamer:
                 self._pub.bind(endpoint)
             except zmq.ZMQError as exc:
                 self._pub.close(0)
-                raise ValueError(f"RestreamEndpoint {endpoint!r} cannot be bound: {exc}; use tcp://*:PORT") from None
+                raise ValueError(
+                    f"RestreamEndpoint {endpoint!r} cannot be bound: {exc}; use tcp://*:PORT"
+                ) from None
         if kafka:
             if "/" not in kafka:
                 raise ValueError(f"RestreamKafka {kafka!r}: give BROKER[,BROKER]/TOPIC")
@@ -103,7 +115,9 @@ class Restreamer:
             try:
                 from confluent_kafka import Producer
             except ImportError:
-                raise ValueError("RestreamKafka needs confluent-kafka (pip install 'livehist[kafka]')") from None
+                raise ValueError(
+                    "RestreamKafka needs confluent-kafka (pip install 'livehist[kafka]')"
+                ) from None
             self._producer = Producer({"bootstrap.servers": brokers, "queue.buffering.max.messages": 1000,
                                        "message.max.bytes": max_message_bytes + 2**20})  # fmt: skip
         self._thread = threading.Thread(target=self._run, name="livehist-restream", daemon=True)
@@ -140,7 +154,7 @@ class Restreamer:
                 continue
             for msg in messages:
                 if self._pub is not None:
-                    try:
+                    try:  # PUB never blocks: a slow subscriber loses messages in ZeroMQ, alone
                         self._pub.send(msg, flags=zmq.NOBLOCK, copy=False)
                         self.sent += 1
                     except zmq.Again:
@@ -173,6 +187,7 @@ def listen(endpoint: str, count: int = 0, seconds: float = 0.0, say=print) -> in
     sub.connect(endpoint)
     say(f"listening on {endpoint} for hs01 histograms (Ctrl-C stops)")
     n, t0 = 0, time.monotonic()
+    last_update: dict[str, int] = {}
     try:
         while (not count or n < count) and (not seconds or time.monotonic() - t0 < seconds):
             if not sub.poll(200):
@@ -181,8 +196,17 @@ def listen(endpoint: str, count: int = 0, seconds: float = 0.0, say=print) -> in
             info = json.loads(msg.get("info") or "{}")
             dims = " x ".join(f"{d['length']} {d['label']}" + (f" ({d['unit']})" if d["unit"] else "")
                               for d in msg["dim_metadata"])  # fmt: skip
-            say(f"{msg['source']}: update {info.get('update')} [{info.get('state')}] {dims}: "
-                f"{int(np.sum(msg['data'])):,} counts, {info.get('counters', {}).get('events', 0):,} events")  # fmt: skip
+            update = info.get("update")
+            previous = last_update.get(msg["source"])
+            gap = (
+                f"  (missed {update - previous - 1} updates)"
+                if previous and update and update > previous + 1
+                else ""
+            )
+            if update is not None and "offset" not in info or (info.get("offset") or [0])[0] == 0:
+                last_update[msg["source"]] = update
+            say(f"{msg['source']}: update {update} [{info.get('state')}] {dims}: "
+                f"{int(np.sum(msg['data'])):,} counts, {info.get('counters', {}).get('events', 0):,} events{gap}")  # fmt: skip
             n += 1
     except KeyboardInterrupt:
         pass

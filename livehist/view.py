@@ -42,19 +42,22 @@ def _full(device: str) -> str:
 
 
 def view(device: str, metadata: str = "livehist/metadata/1", screenshot: Path | None = None,
-         seconds: float = 0.0) -> int:  # fmt: skip
+         seconds: float = 0.0, trace: bool = False) -> int:  # fmt: skip
     from taurus.external.qt import Qt
     from taurus.qt.qtgui.application import TaurusApplication
 
     app = TaurusApplication.instance() or TaurusApplication(sys.argv[:1], cmd_line_parser=None)
-    panel = _make_panel_class()(_full(device), _full(metadata))
+    panel = _make_panel_class()(_full(device), _full(metadata), trace)
     panel.resize(1300, 850)
     panel.show()
     if seconds:
+
         def finish():
             if screenshot is not None:
                 panel.grab().save(str(screenshot))
-                print(f"panel picture: {screenshot}")
+                print(f"panel picture: {screenshot}", flush=True)
+            if trace:
+                print(f"image redraws: {panel.redraws}", flush=True)
             app.quit()
 
         Qt.QTimer.singleShot(int(seconds * 1000), finish)
@@ -74,10 +77,12 @@ def _make_panel_class():
 
     class Panel(Qt.QWidget):
         imageArrived = Qt.pyqtSignal(object)
+        stateArrived = Qt.pyqtSignal(str)
 
-        def __init__(self, device: str, metadata: str) -> None:
+        def __init__(self, device: str, metadata: str, trace: bool = False) -> None:
             super().__init__()
-            self.device, self.metadata = device, metadata
+            self.device, self.metadata, self.trace = device, metadata, trace
+            self._last_state = None
             self.setWindowTitle(f"livehist: {device}")
             self._pending = None
             self._last_draw = 0.0
@@ -119,6 +124,13 @@ def _make_panel_class():
             layout.addWidget(box, 2, 1)
             self.configure()
             self.imageArrived.connect(self._draw_image)
+            self.stateArrived.connect(self._state_changed)
+            try:
+                self.state_attr = taurus.Attribute(f"{device}/State")
+                self.state_attr.addListener(self._on_state)
+                self.state_attr.read(cache=False)
+            except Exception:  # no such device, or its server is down: say so, Taurus retries
+                self.stateArrived.emit("DOWN")
             self._timer = Qt.QTimer(self)  # coalesces image events: at most 10 redraws per second
             self._timer.timeout.connect(self._flush_image)
             self._timer.start(100)
@@ -126,7 +138,9 @@ def _make_panel_class():
         def configure(self) -> None:
             """Models from the device's histogram list (re-read when the list changes)."""
             try:
-                specs = json.loads(taurus.Attribute(f"{self.device}/HistogramConfig").read().rvalue)
+                specs = json.loads(
+                    taurus.Attribute(f"{self.device}/HistogramConfig").read(cache=False).rvalue
+                )
             except Exception:
                 specs = []
             spectra = [s["name"] for s in specs if s.get("kind") == "tof"]
@@ -138,6 +152,25 @@ def _make_panel_class():
                 self.image_attr = taurus.Attribute(f"{self.device}/{images[0]}")
                 self.image_attr.addListener(self._on_image)
                 self.image_view.setTitle(f"{images[0]} (counts)")
+
+        def _on_state(self, src, evt_type, evt_value) -> None:
+            """Follow the device's state; `--trace` prints each change (DOWN when it is gone)."""
+            if evt_type == TaurusEventType.Error:
+                state = "DOWN"
+            elif evt_type in (TaurusEventType.Change, TaurusEventType.Periodic) and evt_value is not None:
+                state = str(evt_value.rvalue.name if hasattr(evt_value.rvalue, "name") else evt_value.rvalue)
+            else:
+                return
+            self.stateArrived.emit(state)  # to the GUI thread
+
+        def _state_changed(self, state: str) -> None:
+            if state != self._last_state:
+                back = self._last_state == "DOWN"
+                self._last_state = state
+                if self.trace:
+                    print(f"state: {state}", flush=True)
+                if back or not self.tof_plot.getModel():
+                    self.configure()  # the device came back: its histograms may have changed
 
         def _on_image(self, src, evt_type, evt_value) -> None:  # a Taurus thread
             if evt_type in (TaurusEventType.Change, TaurusEventType.Periodic) and evt_value is not None:

@@ -1,0 +1,263 @@
+"""Seeing it live: the Taurus panel under Xvfb, hs01 re-streaming, `livehist plot` and `listen`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import tango
+import zmq
+from streaming_data_types.histogram_hs01 import deserialise_hs01
+
+from livehist import control
+from livehist.process import Managed
+from tests.conftest import free_port, run_cli
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def display():
+    xvfb = shutil.which("Xvfb")
+    assert xvfb, (
+        "Xvfb is missing: run scripts/system-deps.sh (make test does) to install the Debian package xvfb"
+    )
+    n = next(
+        k
+        for k in range(90, 200)
+        if not Path(f"/tmp/.X11-unix/X{k}").exists() and not Path(f"/tmp/.X{k}-lock").exists()
+    )
+    proc = subprocess.Popen([xvfb, f":{n}", "-screen", "0", "1400x1000x24", "-nolisten", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 20
+    while not Path(f"/tmp/.X11-unix/X{n}").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "Xvfb did not start"
+        time.sleep(0.1)
+    yield f":{n}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def view(site, display, *args, timeout=120) -> subprocess.Popen:
+    env = dict(os.environ, DISPLAY=display, TANGO_HOST=site.tango_host, QT_QPA_PLATFORM="xcb")
+    return subprocess.Popen([sys.executable, "-m", "livehist.cli", "view", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def test_panel_shows_live_data_and_survives_a_server_restart(sardana_site, display, tmp_path):
+    site = sardana_site
+    h = tango.DeviceProxy(site.url("livehist/histogrammer/1"))
+    h.Stop()
+    h.Reset()
+    h.PresetTime = 0
+    h.PresetEvents = 0
+    h.Start()
+    shot = tmp_path / "panel.png"
+    panel = view(site, display, "--screenshot", str(shot), "--seconds", "16", "--trace")
+    try:
+        time.sleep(6)
+        pid = Managed(site.state_dir, "EventHistogrammer-livehist").pid()
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(3)
+        control.up(site.tango_host, site.config_path, site.state_dir, say=lambda s: None)
+        h = tango.DeviceProxy(site.url("livehist/histogrammer/1"))
+        h.Start()
+        out, _ = panel.communicate(timeout=90)
+    finally:
+        if panel.poll() is None:
+            panel.kill()
+    states = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("state: ")]
+    assert states[0] == "RUNNING" and "DOWN" in states, states  # it saw the device go
+    assert states[-1] == "RUNNING", states  # and come back, by itself
+    redraws = int(next(line for line in out.splitlines() if line.startswith("image redraws")).split()[-1])
+    assert redraws >= 6  # images followed the change events
+    picture = matplotlib.image.imread(shot)
+    assert picture.shape[:2] == (850, 1300) and picture[..., :3].std() > 0.05  # drawn, not blank
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(shot, ARTIFACTS / "panel.png")
+    h.Stop()
+
+
+def test_panel_on_a_device_that_is_not_there_opens_and_says_so(sardana_site, display):
+    panel = view(sardana_site, display, "livehist/histogrammer/99", "--seconds", "4", "--trace")
+    out, _ = panel.communicate(timeout=60)
+    assert panel.returncode == 0 and "state: DOWN" in out
+
+
+@pytest.fixture(scope="module")
+def restream_site(sites):
+    port = free_port()
+    props = {"EventSource": ["sim://?rate=2e6&seed=5"], "PublishPeriod": ["0.2"],
+             "RestreamEndpoint": [f"tcp://127.0.0.1:{port}"],
+             "Histograms": [json.dumps([
+                 {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 72e6, "bins": 500}},
+                 {"name": "image", "kind": "image", "pixels": {"first": 1, "shape": [128, 128]}},
+                 {"name": "pt", "kind": "pixel_tof", "pixels": {"first": 1, "count": 64},
+                  "tof": {"start": 0, "stop": 72e6, "bins": 20, "unit": "ns"}}])]}  # fmt: skip
+    config = {"servers": {"EventHistogrammer": {"restream": {"EventHistogrammer": {
+        "test/restream/1": {"properties": props}}}}}}  # fmt: skip
+    site = sites.up(config)
+    return site, f"tcp://127.0.0.1:{port}"
+
+
+def test_hs01_messages_equal_the_device_attributes(restream_site):
+    site, endpoint = restream_site
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(endpoint)
+    h = tango.DeviceProxy(site.url("test/restream/1"))
+    h.Reset()
+    h.PresetTime = 1.0
+    h.Start()
+    last: dict[str, dict] = {}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if sub.poll(200):
+            msg = deserialise_hs01(sub.recv())
+            last[msg["source"]] = msg
+        elif h.state() == tango.DevState.ON and len(last) == 3:
+            break  # the final publish after the preset has arrived
+    sub.close(0)
+    assert set(last) == {"test/restream/1/tof", "test/restream/1/image", "test/restream/1/pt"}
+    tof = last["test/restream/1/tof"]
+    assert np.array_equal(tof["data"], h.tof) and tof["current_shape"] == [500]
+    dim = tof["dim_metadata"][0]
+    assert (
+        dim["label"] == "time_of_flight"
+        and dim["unit"] == "ns"
+        and np.array_equal(dim["bin_boundaries"], h.tof_edges)
+    )
+    info = json.loads(tof["info"])
+    assert (
+        info["counters"]["events"] == h.EventCount
+        and info["state"] == "ON"
+        and info["update"] == h.UpdateCounter
+    )
+    image = last["test/restream/1/image"]
+    assert np.array_equal(image["data"], h.image) and [d["label"] for d in image["dim_metadata"]] == [
+        "row",
+        "col",
+    ]
+    pt = last["test/restream/1/pt"]
+    assert np.array_equal(pt["data"], h.pt) and pt["dim_metadata"][1]["length"] == 20
+    assert h.RestreamSentCount >= 3 and h.RestreamDroppedCount == 0
+
+
+def test_listen_prints_what_arrives(restream_site):
+    site, endpoint = restream_site
+    h = tango.DeviceProxy(site.url("test/restream/1"))
+    h.PresetTime = 0
+    h.Start()
+    try:
+        r = run_cli("listen", endpoint, "--count", "6", "--seconds", "20", timeout=60)
+    finally:
+        h.Stop()
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("test/restream/1/")]
+    assert len(lines) == 6 and any("500 time_of_flight (ns)" in ln and "counts" in ln for ln in lines)
+
+
+STALLED = """
+import sys, zmq
+sub = zmq.Context.instance().socket(zmq.SUB)
+sub.setsockopt(zmq.SUBSCRIBE, b"")
+sub.connect(sys.argv[1])
+print("connected", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_stalled_subscriber_slows_neither_ingestion_nor_other_subscribers(sites):
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    props = {"EventSource": ["sim://?rate=2e7&shape=1000x1000&first=0&seed=2"], "PublishPeriod": ["0.1"],
+             "RestreamEndpoint": [endpoint],
+             "Histograms": [json.dumps([{"name": "image", "kind": "image", "pixels": {"first": 0, "shape": [1000, 1000]}}])]}  # fmt: skip
+    site = sites.up({"servers": {"EventHistogrammer": {"slow": {"EventHistogrammer": {
+        "test/slow/1": {"properties": props}}}}}})  # fmt: skip
+    stalled = subprocess.Popen([sys.executable, "-c", STALLED, endpoint], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(endpoint)
+    h = tango.DeviceProxy(site.url("test/slow/1"))
+    try:
+        assert stalled.stdout.readline().strip() == "connected"
+        stalled.send_signal(signal.SIGSTOP)  # a frozen client: it reads nothing, 8 MB per update pile up
+        h.Start()
+        updates = []
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 8:
+            if sub.poll(200):
+                updates.append(json.loads(deserialise_hs01(sub.recv())["info"])["update"])
+        assert len(updates) >= 40  # about 10 per second reach the live subscriber
+        gaps = sum(b - a - 1 for a, b in zip(updates, updates[1:], strict=False))
+        assert gaps <= len(updates) // 10, updates
+        assert h.state() == tango.DevState.RUNNING and h.DroppedMessageCount == 0
+        assert h.EventRate > 1.5e7  # ingestion keeps the source's pace
+    finally:
+        h.Stop()
+        sub.close(0)
+        stalled.send_signal(signal.SIGCONT)
+        stalled.kill()
+        stalled.wait()
+
+
+def test_restream_queue_overflow_is_counted():
+    from livehist.engine import Engine
+    from livehist.restream import Restreamer
+    from livehist.spec import parse_histograms
+
+    engine = Engine(
+        parse_histograms([{"name": "image", "kind": "image", "pixels": {"first": 0, "shape": [2000, 2000]}}])
+    )
+    snap = engine.snapshot()
+    r = Restreamer("test/queue/1", f"tcp://127.0.0.1:{free_port()}", max_queue=2)
+    try:
+        for k in range(50):  # far faster than 32 MB updates can be serialised
+            r.publish(snap, "RUNNING", k)
+        assert r.dropped >= 40
+        deadline = time.monotonic() + 20
+        while r.sent < 50 - r.dropped and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert r.sent + r.dropped == 50  # every update is sent or counted
+    finally:
+        r.close()
+
+
+def test_livehist_plot_writes_pictures_and_refuses_bad_files(tmp_path):
+    from livehist.recorders.base import Recorder, open_sink
+    from livehist.recorders.records import Histogram, HistogramDecl, ScanEnd, ScanStart
+
+    path = tmp_path / "histos.nxs"
+    r = Recorder([open_sink(path)])
+    spec_img = {"name": "image", "kind": "image", "pixels": {"first": 1, "shape": [32, 32]}}
+    spec_roi = {"name": "beam", "kind": "roi", "pixels": {"first": 1, "shape": [32, 32]},
+                "roi": {"rows": [10, 20], "cols": [10, 20]}, "tof": {"unit": "ns"}}  # fmt: skip
+    r.start(ScanStart("histo_count 1", 1, [], histograms=[
+        HistogramDecl("image", (32, 32), spec=spec_img), HistogramDecl("beam", (50,), 50, "ns", spec=spec_roi)]))  # fmt: skip
+    rng = np.random.default_rng(0)
+    r.histogram(Histogram("image", rng.integers(0, 100, (32, 32))))
+    r.histogram(Histogram("beam", rng.integers(0, 100, 50), np.linspace(0, 7e7, 51)))
+    r.end(ScanEnd())
+    res = run_cli("plot", str(path), "--out", str(tmp_path / "png"))
+    assert res.returncode == 0, res.stderr
+    png = tmp_path / "png" / "histos_scan_1.png"
+    assert png.exists() and matplotlib.image.imread(png)[..., :3].std() > 0.05
+    empty = tmp_path / "empty.nxs"
+    empty_recorder = Recorder([open_sink(empty)])
+    empty_recorder.start(ScanStart("nothing", 1, []))
+    empty_recorder.end(ScanEnd())
+    res = run_cli("plot", str(empty))
+    assert res.returncode == 1 and "holds no livehist histogram snapshots" in res.stderr
+    res = run_cli("plot", str(tmp_path / "missing.nxs"))
+    assert res.returncode == 1 and "missing.nxs" in res.stderr
