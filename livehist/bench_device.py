@@ -52,6 +52,68 @@ def _reinit(proxy, source: str) -> None:
     proxy.Reset()
 
 
+def _xvfb():
+    """A display for the panel: $DISPLAY, else a private Xvfb (None if there is neither)."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.environ.get("DISPLAY"):
+        return os.environ["DISPLAY"], None
+    xvfb = shutil.which("Xvfb")
+    if xvfb is None:
+        return None, None
+    n = next(k for k in range(300, 400) if not Path(f"/tmp/.X11-unix/X{k}").exists())
+    proc = subprocess.Popen([xvfb, f":{n}", "-screen", "0", "1400x1000x24", "-nolisten", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    for _ in range(100):
+        if Path(f"/tmp/.X11-unix/X{n}").exists():
+            break
+        time.sleep(0.1)
+    return f":{n}", proc
+
+
+def _ingest_at_10_hz(p, seconds: float, with_panel: bool, site) -> tuple[float, bool]:
+    import os
+    import subprocess
+    import sys
+
+    producer = Producer(seconds)
+    endpoint = f"tcp://127.0.0.1:{free_port()}" if with_panel else ""
+    p.Stop()
+    p.put_property({"EventSource": [f"zmq://127.0.0.1:{producer.port}"], "PublishPeriod": ["0.1"],
+                    "RestreamEndpoint": [endpoint]})  # fmt: skip
+    p.Init()
+    p.Reset()
+    helpers, xvfb = [], None
+    try:
+        if with_panel:
+            display, xvfb = _xvfb()
+            env = dict(os.environ, TANGO_HOST=site.tango_host)
+            cli = [sys.executable, "-m", "livehist.cli"]
+            helpers.append(subprocess.Popen([*cli, "listen", endpoint, "--seconds", str(seconds + 20)], env=env,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+            if display:
+                helpers.append(subprocess.Popen([*cli, "view", DEVICE, "--seconds", str(seconds + 20)],
+                                                env=dict(env, DISPLAY=display), stdout=subprocess.DEVNULL,
+                                                stderr=subprocess.DEVNULL))  # fmt: skip
+        p.Start()
+        time.sleep(4.0)  # the panel opens and subscribes (the same wait without it)
+        sent, took = producer.run(lambda: p.EventCount, lambda: p.DroppedMessageCount)
+        p.Stop()
+        counted = p.EventCount
+        return counted / took, counted == sent["events"] and p.DroppedMessageCount == 0
+    finally:
+        producer.close()
+        for h in helpers:
+            h.kill()
+            h.wait()
+        if xvfb is not None:
+            xvfb.terminate()
+            xvfb.wait()
+        p.put_property({"RestreamEndpoint": [""], "PublishPeriod": [str(PUBLISH_PERIOD)]})
+
+
 def device_figures(engine_rate: float, seconds: float, row, rows: list[dict]) -> None:
     import tango
     import zmq
@@ -86,6 +148,15 @@ def device_figures(engine_rate: float, seconds: float, row, rows: list[dict]) ->
                 ">= 80% of engine-only, zero loss", rate >= 0.8 * engine_rate and lossless)  # fmt: skip
             rows[-1].update(sent=sent["events"], counted=counted, dropped_messages=dropped)
             rows[-1]["detail"] = f"{pushed['image']} image and {pushed['tof']} tof change events received"
+
+            # 1b. at a 10 Hz publish: nothing else, then a Taurus panel + hs01 re-stream + a listener
+            rates = {}
+            for case in ("plain", "panel"):
+                rates[case] = _ingest_at_10_hz(p, seconds, with_panel=case == "panel", site=site)
+            (plain, plain_ok), (panel, panel_ok) = rates["plain"], rates["panel"]
+            row("EventHistogrammer ingest at a 10 Hz publish with a Taurus panel + hs01 re-stream + listener",
+                panel, "events/s", "same at 10 Hz with neither (same run)", plain,
+                ">= 90% of that, zero loss", panel >= 0.9 * plain and panel_ok and plain_ok)  # fmt: skip
 
             # 2. reads of the 10^6-pixel image (int64, 8 MB), idle and while RUNNING
             idle = _reads_per_second(p, "image", 2.0)

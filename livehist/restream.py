@@ -5,8 +5,8 @@ PUB socket (`tcp://*:PORT`) and, where configured, a Kafka topic (`BROKER/TOPIC`
 `source` is DEVICE/NAME, `dim_metadata` carries the bin boundaries with unit and label
 (TOF edges; pixel rows and columns as 0..n), `data` the int64 counts, and `info` a JSON
 object with state, counters and the update number. A histogram larger than
-`max_message_bytes` is sent in row blocks: `current_shape` is the block, and `info`
-holds `offset` and `full_shape` (the Python hs01 serialiser has no `offset` field).
+`max_message_bytes` is sent in row blocks: `current_shape` is the block, hs01's `offset`
+field (and `info.offset`, `info.full_shape`, for readers that ignore it) its place.
 
 The publisher only hands snapshots to a bounded queue; a sender thread serialises and
 sends. A full queue (serialising or a Kafka broker slower than the publish rate) drops
@@ -31,10 +31,54 @@ from livehist.engine import Snapshot
 log = logging.getLogger("livehist.restream")
 
 
+def serialise_hs01(histogram: dict, offset: list[int] | None = None) -> bytes:
+    """hs01 as ess-streaming-data-types writes it, with the buffer sized up front (its own
+    starts at 1 KiB and doubles, copying an 8 MB image a dozen times) and the schema's
+    `offset` field for row blocks."""
+    import flatbuffers
+    from streaming_data_types import histogram_hs01 as hs
+    from streaming_data_types.fbschemas.histogram_hs01 import EventHistogram as EH
+
+    nbytes = int(np.asarray(histogram["data"]).nbytes)
+    nbytes += sum(np.asarray(d["bin_boundaries"]).nbytes for d in histogram["dim_metadata"])
+    builder = flatbuffers.Builder(nbytes + 4096 + len(histogram.get("info", "")))
+    builder.ForceDefaults(True)
+    source = builder.CreateString(histogram["source"])
+    info = builder.CreateString(histogram["info"])
+    shape = builder.CreateNumpyVector(np.asarray(histogram["current_shape"], np.int32))
+    offset_vector = builder.CreateNumpyVector(np.asarray(offset, np.int32)) if offset is not None else None
+    dims = [hs._serialise_metadata(builder, d["length"], d["bin_boundaries"], d.get("unit", ""), d.get("label", ""))
+            for d in histogram["dim_metadata"]]  # fmt: skip
+    EH.EventHistogramStartDimMetadataVector(builder, len(dims))
+    for d in reversed(dims):
+        builder.PrependUOffsetTRelative(d)
+    dims_vector = builder.EndVector()
+    counts = np.asarray(histogram["data"])
+    if counts.dtype == np.int64 and counts.flags.c_contiguous:  # the usual case: no flattening copy
+        from streaming_data_types.fbschemas.histogram_hs01 import Array, ArrayLong
+
+        values = builder.CreateNumpyVector(counts.reshape(-1))
+        ArrayLong.ArrayLongStart(builder)
+        ArrayLong.ArrayLongAddValue(builder, values)
+        data, data_type = ArrayLong.ArrayLongEnd(builder), Array.Array.ArrayLong
+    else:
+        data, data_type = hs._serialise_array(builder, counts)
+    EH.EventHistogramStart(builder)
+    EH.EventHistogramAddInfo(builder, info)
+    EH.EventHistogramAddData(builder, data)
+    EH.EventHistogramAddCurrentShape(builder, shape)
+    if offset_vector is not None:
+        EH.EventHistogramAddOffset(builder, offset_vector)
+    EH.EventHistogramAddDimMetadata(builder, dims_vector)
+    EH.EventHistogramAddTimestamp(builder, histogram["timestamp"])
+    EH.EventHistogramAddSource(builder, source)
+    EH.EventHistogramAddDataType(builder, data_type)
+    builder.Finish(EH.EventHistogramEnd(builder), file_identifier=hs.FILE_IDENTIFIER)
+    return bytes(builder.Output())
+
+
 def hs01_messages(snap: Snapshot, device: str, state: str, counter: int,
                   max_message_bytes: int = 64 * 2**20) -> list[bytes]:  # fmt: skip
-    from streaming_data_types.histogram_hs01 import serialise_hs01
-
     counters = {"events": snap.events, "messages": snap.messages, "bad_messages": snap.bad_messages,
                 "dropped_messages": snap.dropped_messages, "pulses": snap.pulses,
                 "elapsed_s": snap.elapsed, "event_rate": snap.event_rate}  # fmt: skip
@@ -67,8 +111,9 @@ def hs01_messages(snap: Snapshot, device: str, state: str, counter: int,
             part = counts[r0 : r0 + block]
             info = {"name": name, "kind": spec.kind, "state": state, "update": counter, "counters": counters,
                     "out_of_range": snap.out_of_range.get(name, 0)}  # fmt: skip
-            part_dims = dims
+            part_dims, offset = dims, None
             if block < rows:
+                offset = [r0] + [0] * (counts.ndim - 1)
                 info.update(offset=[r0] + [0] * (counts.ndim - 1), full_shape=list(counts.shape))
                 first = dict(
                     dims[0],
@@ -80,7 +125,7 @@ def hs01_messages(snap: Snapshot, device: str, state: str, counter: int,
                 "source": f"{device}/{name}", "timestamp": stamp, "current_shape": list(part.shape),
                 "dim_metadata": part_dims, "data": np.ascontiguousarray(part, np.int64),
                 "info": json.dumps(info),
-            }))  # fmt: skip
+            }, offset))  # fmt: skip
     return out
 
 
