@@ -94,7 +94,15 @@ class MetadataManager(Device):
     def _client(self) -> str:
         try:
             ident = self.get_client_ident()
-            return ident.client_ip or "unknown client"
+            try:
+                host = ident.get_client_hostname()
+            except Exception:  # no reverse lookup for this address
+                host = ""
+            return (
+                f"{host} ({ident.client_ip})"
+                if host and host != ident.client_ip
+                else ident.client_ip or "unknown"
+            )
         except Exception:  # an internal call has no client
             return "local"
 

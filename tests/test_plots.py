@@ -31,3 +31,14 @@ def test_every_kind_and_a_huge_image(tmp_path):
     assert img.shape[0] > 500 and img[..., :3].std() > 0.05
     with pytest.raises(ValueError, match="nothing to plot"):
         plot([], tmp_path / "none.png")
+
+
+def test_panel_downsamples_huge_images_for_display():
+    from livehist.view import downsample
+
+    image = np.arange(3000 * 2000, dtype=np.int64).reshape(3000, 2000)
+    shown = downsample(image)
+    assert max(shown.shape) <= 1024 and shown.shape == (1000, 666)
+    assert shown.sum() == image[:, :1998].sum()  # block sums keep the counts shown
+    small = np.ones((128, 128))
+    assert downsample(small) is small
