@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-MAX_DISPLAY = 1024  # image pixels per side drawn; larger images are block-summed
+MAX_DISPLAY = 512  # image pixels per side drawn (about what a panel shows); larger ones are block-summed
 
 
 def downsample(image: np.ndarray, limit: int = MAX_DISPLAY) -> np.ndarray:
