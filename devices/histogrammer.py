@@ -19,6 +19,7 @@ import tango
 from tango import AttrWriteType, DevState
 from tango.server import Device, attribute, command, device_property, run
 
+from livehist import preview
 from livehist.errors import LivehistError
 from livehist.histogrammer import Histogrammer, Update
 from livehist.restream import Restreamer
@@ -83,6 +84,7 @@ class EventHistogrammer(Device):
         # attribute name -> signature (format, dims); dynamic attributes outlive an Init
         self._dynamic: dict[str, tuple] = getattr(self, "_dynamic", {})
         self._readers: dict[str, object] = getattr(self, "_readers", {})
+        self._preview_cache = None
         for name in ("State", "Status", *COUNTERS, "UpdateCounter"):
             self.set_change_event(name, True, False)
         for name in (*COUNTERS, "UpdateCounter"):
@@ -142,6 +144,9 @@ class EventHistogrammer(Device):
             out[f"{spec.name}_edges"] = ("spectrum", spec.tof.bins + 1, 0)
         if spec.kind == "roi":
             out[f"{spec.name}_total"] = ("scalar", 0, 0)
+        if len(shape) == 2 and preview.factor(shape) > 1:
+            py, px = preview.preview_shape(shape)
+            out[f"{spec.name}_preview"] = ("image", px, py)
         return out
 
     def _make_attributes(self, specs: list[HistogramSpec]) -> None:
@@ -166,7 +171,7 @@ class EventHistogrammer(Device):
                 self.add_attribute(self._attribute(name, sig, owner[name]), self._read_dynamic)
                 self._dynamic[name] = sig
                 self.set_change_event(name, True, False)
-                if not name.endswith(("_edges", "_total")):
+                if not name.endswith(("_edges", "_total", "_preview")):
                     self.set_data_ready_event(name, True)
 
     def _attribute(self, name: str, sig: tuple, spec: HistogramSpec) -> tango.Attr:
@@ -182,6 +187,13 @@ class EventHistogrammer(Device):
         elif name.endswith("_total") and name != spec.name:
             read = self._read_total
             label, doc = f"{spec.name} total", f"events inside ROI {spec.name} and its TOF range"
+        elif name.endswith("_preview") and name != spec.name:
+            read = self._read_preview
+            f = preview.factor(spec.data_shape)
+            label = f"{spec.name} preview"
+            doc = (
+                f"{spec.name} as sums of {f}x{f} blocks ({dim_y}x{dim_x}), for displays; {spec.name} is exact"
+            )
         else:
             label = name
             doc = {"tof": f"TOF spectrum ({spec.tof.bins if spec.tof else 0} bins, {tof_unit})",
@@ -221,6 +233,17 @@ class EventHistogrammer(Device):
     def _read_edges(self, attr: tango.Attribute) -> np.ndarray:
         return self._last(attr.get_name()[: -len("_edges")], "edges")
 
+    def _preview(self, name: str) -> np.ndarray:
+        """Block sums of the last published image, computed once per publish."""
+        snap = self.hg.last
+        cached = self._preview_cache
+        if cached is None or cached[0] != name or cached[1] is not snap:
+            cached = self._preview_cache = (name, snap, preview.block_sum(self._last(name, "counts")))
+        return cached[2]
+
+    def _read_preview(self, attr: tango.Attribute) -> np.ndarray:
+        return self._preview(attr.get_name()[: -len("_preview")])
+
     def _read_total(self, attr: tango.Attribute) -> int:
         return int(self._last(attr.get_name()[: -len("_total")], "counts").sum())
 
@@ -251,6 +274,8 @@ class EventHistogrammer(Device):
                 pass
             if snap.specs[name].kind == "roi":
                 self._push(f"{name}_total", int(counts.sum()))
+            if f"{name}_preview" in self._dynamic:
+                self._push(f"{name}_preview", preview.block_sum(counts))
             if update.configured and name in snap.edges:
                 self._push(f"{name}_edges", snap.edges[name])
         for name, (_, field, _, _) in COUNTERS.items():

@@ -265,6 +265,7 @@ def parse_histograms(
             [s.name]
             + ([f"{s.name}_edges"] if s.tof else [])
             + ([f"{s.name}_total"] if s.kind == "roi" else [])
+            + ([f"{s.name}_preview"] if s.kind in ("image", "pixel_tof") else [])
         ):
             if attr.lower() in seen:
                 raise SpecError(

@@ -25,11 +25,9 @@ MAX_DISPLAY = 512  # image pixels per side drawn (about what a panel shows); lar
 
 
 def downsample(image: np.ndarray, limit: int = MAX_DISPLAY) -> np.ndarray:
-    f = int(np.ceil(max(image.shape) / limit)) if max(image.shape) > limit else 1
-    if f == 1:
-        return image
-    ny, nx = (image.shape[0] // f) * f, (image.shape[1] // f) * f
-    return image[:ny, :nx].reshape(ny // f, f, nx // f, f).sum(axis=(1, 3))
+    from livehist.preview import block_sum
+
+    return block_sum(image, limit)
 
 
 def _full(device: str) -> str:
@@ -149,7 +147,12 @@ def _make_panel_class():
             self.tof_plot.setModel([f"{self.device}/{n}" for n in spectra])
             self.roi_plot.setModel([f"{self.device}/{n}" for n in rois])
             if images:
-                self._subscribe_image(images[0])
+                try:  # the device's display-sized block sums, when the image is large
+                    names = {n.lower() for n in taurus.Device(self.device).getAttributeList()}
+                except Exception:
+                    names = set()
+                preview = f"{images[0]}_preview"
+                self._subscribe_image(preview if preview.lower() in names else images[0])
                 self.image_view.setTitle(f"{images[0]} (counts)")
 
         def _on_state(self, src, evt_type, evt_value) -> None:

@@ -204,6 +204,12 @@ def test_a_stalled_subscriber_slows_neither_ingestion_nor_other_subscribers(site
         assert gaps <= len(updates) // 10, updates
         assert h.state() == tango.DevState.RUNNING and h.DroppedMessageCount == 0
         assert h.EventRate > 1.5e7  # ingestion keeps the source's pace
+        h.Stop()
+        # displays get exact 2x2 block sums of the 10^6-pixel image, a quarter of the bytes
+        image, small = h.image, h.image_preview
+        assert small.shape == (500, 500) and small.sum() == image.sum() > 0
+        assert np.array_equal(small, image.reshape(500, 2, 500, 2).sum(axis=(1, 3)))
+        assert h.get_attribute_config("image_preview").max_dim_x == 500
     finally:
         h.Stop()
         sub.close(0)
