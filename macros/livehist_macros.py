@@ -106,16 +106,17 @@ class histo_count(Macro, _Livehist):
         self.call(h.write_attributes, [("PresetEvents", 0), ("PresetTime", float(seconds))])
         self.call(h.Start)
         self.output(f"counting {seconds:g} s on {h.dev_name()} ({h.EventSourceURI})")
-        last = time.monotonic()
+        last, line = time.monotonic(), ""
         while h.state() in (tango.DevState.RUNNING, tango.DevState.ALARM):
             self.checkPoint()  # Ctrl-C lands here; on_abort stops the device
             time.sleep(0.05)
             if time.monotonic() - last >= 1.0:
-                last = time.monotonic()
-                self.output(self.counters_line(h))
+                last, line = time.monotonic(), self.counters_line(h)
+                self.output(line)
         if h.state() == tango.DevState.FAULT:
             raise RuntimeError(f"{h.dev_name()} is in FAULT: {h.status()}")
-        self.output(self.counters_line(h))
+        if self.counters_line(h) != line:  # the final counts, unless just shown
+            self.output(self.counters_line(h))
         self.record(h, seconds)
 
     def record(self, h, seconds):
