@@ -354,9 +354,6 @@ class EventHistogrammer(Device):
             fail("NotInitialised", self.get_status(), "read")
 
     # --- commands ---------------------------------------------------------------------
-    def _allowed_when_idle(self) -> bool:
-        return self.hg is not None and not self.hg.running
-
     @command(doc_in="start accumulating from EventSource (presets end it by themselves)")
     def Start(self) -> None:
         if self.hg is None or self.hg.running:

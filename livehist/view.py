@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +82,6 @@ def _make_panel_class():
             self._last_state = None
             self.setWindowTitle(f"livehist: {device}")
             self._pending = None
-            self._last_draw = 0.0
             self.redraws = 0
             layout = Qt.QGridLayout(self)
 
@@ -209,7 +207,6 @@ def _make_panel_class():
             self.image_item.setImage(image, autoLevels=False, levels=(0, max(top, 1.0)))
             self.colour_bar.setLevels((0, max(top, 1.0)))
             self.redraws += 1
-            self._last_draw = time.monotonic()
 
     return Panel
 

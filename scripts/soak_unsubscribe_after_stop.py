@@ -22,7 +22,7 @@ import tango
 
 from livehist import control
 from livehist.bench import Producer
-from livehist.bench_device import DEVICE, _site
+from livehist.bench_device import DEVICE, _reinit, _site
 from livehist.process import Managed
 
 iterations = int(sys.argv[1]) if len(sys.argv) > 1 else 15
@@ -33,10 +33,7 @@ with tempfile.TemporaryDirectory() as tmp:
         p.set_timeout_millis(10000)
         for k in range(iterations):
             producer = Producer(8)
-            p.Stop()
-            p.put_property({"EventSource": [f"zmq://127.0.0.1:{producer.port}"]})
-            p.Init()
-            p.Reset()
+            _reinit(p, f"zmq://127.0.0.1:{producer.port}")
             subs = [
                 p.subscribe_event(n, tango.EventType.CHANGE_EVENT, lambda e: None) for n in ("image", "tof")
             ]

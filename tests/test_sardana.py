@@ -144,7 +144,7 @@ def test_histo_count_and_dataset_macros(spock, site):
         (["meta_set", "proposal", "../etc"], "does not match the pattern"),
         (["meta_set", "sample.temperature", "warm"], "sample.temperature must be a number"),
         (["dataset_start", "a/b"], "is not allowed"),
-        (["histo_count"], "histo_count"),
+        (["histo_count"], "'seconds' not specified"),
     ],
 )
 def test_wrong_macro_arguments_give_clear_errors(spock, argv, message):

@@ -140,10 +140,13 @@ class _Reader:
                       Description: "name of the histogram this channel reads"},
     }  # fmt: skip
 
-    def _setup(self, default):
+    DEFAULT = "tof"  # the histogram axis 1 reads
+
+    def __init__(self, inst, props, *args, **kwargs):
+        super().__init__(inst, props, *args, **kwargs)  # OneDController or TwoDController (MRO)
         self.device = _Device(self.Histogrammer)
         self.names = {}
-        self.default = default
+        self.default = self.DEFAULT
 
     def AddDevice(self, axis):
         self.names.setdefault(axis, self.default if axis == 1 else f"{self.default}{axis}")
@@ -187,10 +190,7 @@ class LivehistOneDController(_Reader, OneDController):
     organization = "livehist"
     MaxDevice = 16
     ctrl_properties = HISTOGRAMMER
-
-    def __init__(self, inst, props, *args, **kwargs):
-        OneDController.__init__(self, inst, props, *args, **kwargs)
-        self._setup("tof")
+    DEFAULT = "tof"
 
 
 class LivehistTwoDController(_Reader, TwoDController):
@@ -201,7 +201,4 @@ class LivehistTwoDController(_Reader, TwoDController):
     organization = "livehist"
     MaxDevice = 16
     ctrl_properties = HISTOGRAMMER
-
-    def __init__(self, inst, props, *args, **kwargs):
-        TwoDController.__init__(self, inst, props, *args, **kwargs)
-        self._setup("image")
+    DEFAULT = "image"
