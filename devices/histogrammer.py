@@ -251,10 +251,18 @@ class EventHistogrammer(Device):
     def _push(self, name: str, value, archive: bool = False) -> None:
         try:
             self.push_change_event(name, value)
-            if archive:
+            if archive and self._listened(name, tango.EventType.ARCHIVE_EVENT):
                 self.push_archive_event(name, value)
         except tango.DevFailed:  # removed by a concurrent Configure, or the monitor timed out
             pass
+
+    def _listened(self, name: str, kind=tango.EventType.CHANGE_EVENT) -> bool:
+        """Has this attribute subscribers of this event type? (A new subscriber reads the
+        current value when it subscribes, so skipping pushes while there are none loses nothing.)"""
+        try:
+            return self.is_there_subscriber(name, kind)
+        except tango.DevFailed:
+            return False
 
     def _publish(self, update: Update) -> None:
         snap = update.snapshot
@@ -267,14 +275,15 @@ class EventHistogrammer(Device):
         for name, counts in snap.counts.items():
             if name not in self._dynamic:
                 continue
-            self._push(name, counts)
+            if self._listened(name):  # a histogram nobody follows is not converted for nobody
+                self._push(name, counts)
             try:
                 self.push_data_ready_event(name, update.counter)
             except tango.DevFailed:
                 pass
             if snap.specs[name].kind == "roi":
                 self._push(f"{name}_total", int(counts.sum()))
-            if f"{name}_preview" in self._dynamic:
+            if f"{name}_preview" in self._dynamic and self._listened(f"{name}_preview"):
                 self._push(f"{name}_preview", preview.block_sum(counts))
             if update.configured and name in snap.edges:
                 self._push(f"{name}_edges", snap.edges[name])

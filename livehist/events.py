@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from streaming_data_types import eventdata_ev42, eventdata_ev44
+from streaming_data_types.fbschemas.eventdata_ev44 import Event44Message
 
 log = logging.getLogger("livehist.events")
 
@@ -47,34 +48,44 @@ class EventBatch:
         return zip(self.pulse_time.tolist(), self.pulse_index.tolist(), ends.tolist(), strict=True)
 
 
-def decode(payload: bytes) -> EventBatch:
-    """Decode an ev44 (or ev42) message; raise BadMessage with the reason."""
-    if not isinstance(payload, bytes):
-        payload = bytes(payload)  # streaming_data_types checks need bytes, not memoryview
+def _vector(value) -> np.ndarray | None:
+    """A flatbuffer vector as numpy; None when absent (the generated reader returns 0)."""
+    return None if isinstance(value, int) else value
+
+
+def decode(payload: bytes | memoryview) -> EventBatch:
+    """Decode an ev44 (or ev42) message; raise BadMessage with the reason.
+
+    ev44 is read in place: a memoryview (a ZeroMQ frame) is never copied, the arrays
+    returned are views of it."""
     if len(payload) < 8:
         raise BadMessage(f"message of {len(payload)} bytes is too short for a flatbuffer")
-    schema = payload[4:8]
+    schema = bytes(payload[4:8])
     try:
         if schema == b"ev44":
-            msg = eventdata_ev44.deserialise_ev44(payload)
-            tof, pid = msg.time_of_flight, msg.pixel_id
-            ptime = np.asarray(msg.reference_time, dtype=np.int64)
-            pidx = np.asarray(msg.reference_time_index, dtype=np.int64)
+            msg = Event44Message.Event44Message.GetRootAs(payload, 0)
+            tof, pid = _vector(msg.TimeOfFlightAsNumpy()), _vector(msg.PixelIdAsNumpy())
+            ptime, pidx = _vector(msg.ReferenceTimeAsNumpy()), _vector(msg.ReferenceTimeIndexAsNumpy())
+            ptime = np.zeros(0, np.int64) if ptime is None else ptime
+            pidx = np.zeros(0, np.int64) if pidx is None else pidx.astype(np.int64)
+            source = (msg.SourceName() or b"").decode("utf-8")
         elif schema == b"ev42":
+            if not isinstance(payload, bytes):
+                payload = bytes(payload)  # streaming_data_types' ev42 reader needs bytes
             msg = eventdata_ev42.deserialise_ev42(payload)
             tof, pid = msg.time_of_flight, msg.detector_id
             ptime = np.array([msg.pulse_time], dtype=np.int64)
             pidx = np.zeros(1, dtype=np.int64)
+            source = msg.source_name
         else:
             raise BadMessage(f"schema id {schema!r} is not ev44 or ev42")
     except BadMessage:
         raise
     except Exception as exc:  # flatbuffers raise many kinds on corrupt input
         raise BadMessage(f"corrupt {schema.decode(errors='replace')} flatbuffer: {exc}") from None
-    if tof is None or pid is None:
-        tof = np.zeros(0, np.int32) if tof is None else tof
-        pid = np.zeros(0, np.int32) if pid is None else pid
-    return checked(EventBatch(tof, pid, ptime, pidx, "ns", msg.source_name))
+    tof = np.zeros(0, np.int32) if tof is None else tof
+    pid = np.zeros(0, np.int32) if pid is None else pid
+    return checked(EventBatch(tof, pid, ptime, pidx, "ns", source))
 
 
 def checked(batch: EventBatch) -> EventBatch:

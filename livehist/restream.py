@@ -31,7 +31,7 @@ from livehist.engine import Snapshot
 log = logging.getLogger("livehist.restream")
 
 
-def serialise_hs01(histogram: dict, offset: list[int] | None = None) -> bytes:
+def serialise_hs01(histogram: dict, offset: list[int] | None = None) -> memoryview:
     """hs01 as ess-streaming-data-types writes it, with the buffer sized up front (its own
     starts at 1 KiB and doubles, copying an 8 MB image a dozen times) and the schema's
     `offset` field for row blocks."""
@@ -57,7 +57,7 @@ def serialise_hs01(histogram: dict, offset: list[int] | None = None) -> bytes:
     if counts.dtype == np.int64 and counts.flags.c_contiguous:  # the usual case: no flattening copy
         from streaming_data_types.fbschemas.histogram_hs01 import Array, ArrayLong
 
-        values = builder.CreateNumpyVector(counts.reshape(-1))
+        values = _numpy_vector(builder, counts.reshape(-1))
         ArrayLong.ArrayLongStart(builder)
         ArrayLong.ArrayLongAddValue(builder, values)
         data, data_type = ArrayLong.ArrayLongEnd(builder), Array.Array.ArrayLong
@@ -74,11 +74,22 @@ def serialise_hs01(histogram: dict, offset: list[int] | None = None) -> bytes:
     EH.EventHistogramAddSource(builder, source)
     EH.EventHistogramAddDataType(builder, data_type)
     builder.Finish(EH.EventHistogramEnd(builder), file_identifier=hs.FILE_IDENTIFIER)
-    return bytes(builder.Output())
+    return memoryview(builder.Bytes)[builder.Head() :]  # no final copy (ZeroMQ sends it in place)
+
+
+def _numpy_vector(builder, values: np.ndarray) -> int:
+    """flatbuffers' CreateNumpyVector without its two copies under the GIL (`tobytes`, then a
+    bytearray slice): numpy copies straight into the builder and lets other threads run,
+    so re-streaming an 8 MB image does not stall the engine's receive and decode."""
+    builder.StartVector(values.itemsize, values.size, values.itemsize)
+    builder.head = builder.Head() - values.nbytes
+    np.frombuffer(builder.Bytes, values.dtype, values.size, builder.Head())[:] = values
+    builder.vectorNumElems = values.size
+    return builder.EndVector()
 
 
 def hs01_messages(snap: Snapshot, device: str, state: str, counter: int,
-                  max_message_bytes: int = 64 * 2**20) -> list[bytes]:  # fmt: skip
+                  max_message_bytes: int = 64 * 2**20) -> list[memoryview]:  # fmt: skip
     counters = {"events": snap.events, "messages": snap.messages, "bad_messages": snap.bad_messages,
                 "dropped_messages": snap.dropped_messages, "pulses": snap.pulses,
                 "elapsed_s": snap.elapsed, "event_rate": snap.event_rate}  # fmt: skip
@@ -206,7 +217,7 @@ class Restreamer:
                         self.dropped += 1
                 if self._producer is not None:
                     try:
-                        self._producer.produce(self.topic, msg)
+                        self._producer.produce(self.topic, bytes(msg))
                         self._producer.poll(0)
                     except BufferError:
                         self.dropped += 1

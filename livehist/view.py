@@ -20,6 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+COUNTERS = (
+    "EventRate",
+    "EventCount",
+    "ElapsedTime",
+    "DroppedMessageCount",
+    "BadMessageCount",
+    "UpdateCounter",
+)
 MAX_DISPLAY = 512  # image pixels per side drawn (about what a panel shows); larger ones are block-summed
 
 
@@ -83,6 +91,7 @@ def _make_panel_class():
             self.setWindowTitle(f"livehist: {device}")
             self._pending = None
             self.redraws = 0
+            self.image_source = None
             layout = Qt.QGridLayout(self)
 
             top = Qt.QHBoxLayout()
@@ -108,10 +117,7 @@ def _make_panel_class():
             layout.addWidget(self.roi_plot, 2, 0)
 
             side = Qt.QVBoxLayout()
-            counters = TaurusForm()
-            counters.setModel([f"{device}/{a}" for a in ("EventRate", "EventCount", "ElapsedTime",
-                                                          "DroppedMessageCount", "BadMessageCount", "UpdateCounter")])  # fmt: skip
-            side.addWidget(counters)
+            side.addWidget(self._counters(device))
             meta = TaurusForm()
             meta.setModel([f"{metadata}/{a}" for a in ("Proposal", "Title", "SampleName", "DatasetName")])
             side.addWidget(meta)
@@ -131,6 +137,21 @@ def _make_panel_class():
             self._timer.timeout.connect(self._flush_image)
             self._timer.start(100)
 
+        @staticmethod
+        def _counters(device: str) -> Qt.QWidget:
+            """One TaurusLabel per counter: they change with every publish (10/s), and a
+            TaurusForm row is three Taurus widgets (name, value, unit) all handling each event."""
+            box = Qt.QGroupBox("counters")
+            grid = Qt.QGridLayout(box)
+            for row, attr in enumerate(COUNTERS):
+                grid.addWidget(Qt.QLabel(attr), row, 0)
+                value = TaurusLabel()
+                value.setAutoTooltip(False)  # a formatted tooltip per event costs more than the text
+                value.setToolTip(f"{device}/{attr}")
+                value.setModel(f"{device}/{attr}")
+                grid.addWidget(value, row, 1)
+            return box
+
         def configure(self) -> None:
             """Models from the device's histogram list (re-read when the list changes)."""
             try:
@@ -145,12 +166,17 @@ def _make_panel_class():
             self.tof_plot.setModel([f"{self.device}/{n}" for n in spectra])
             self.roi_plot.setModel([f"{self.device}/{n}" for n in rois])
             if images:
+                import tango
+
                 try:  # the device's display-sized block sums, when the image is large
-                    names = {n.lower() for n in taurus.Device(self.device).getAttributeList()}
-                except Exception:
+                    names = {n.lower() for n in tango.DeviceProxy(self.device).get_attribute_list()}
+                except tango.DevFailed:
                     names = set()
                 preview = f"{images[0]}_preview"
-                self._subscribe_image(preview if preview.lower() in names else images[0])
+                self.image_source = preview if preview.lower() in names else images[0]
+                if self.trace:
+                    print(f"image: {self.image_source}", flush=True)
+                self._subscribe_image(self.image_source)
                 self.image_view.setTitle(f"{images[0]} (counts)")
 
         def _on_state(self, src, evt_type, evt_value) -> None:

@@ -144,6 +144,9 @@ def test_zmq_exact_counts_with_malformed_messages_and_change_events(dev_a):
     sub = dev_a.subscribe_event("tof", tango.EventType.CHANGE_EVENT, on_event)
     sub_ready = dev_a.subscribe_event("tof", tango.EventType.DATA_READY_EVENT,
                                       lambda ev: ready.append(ev.ctr) if not ev.err else None)  # fmt: skip
+    archived: list[int] = []  # counters reach an archiver (HDB++ subscribes to archive events)
+    sub_archive = dev_a.subscribe_event("EventCount", tango.EventType.ARCHIVE_EVENT,
+                                        lambda ev: archived.append(ev.attr_value.value) if not ev.err else None)  # fmt: skip
     try:
         dev_a.Reset()
         dev_a.Start()
@@ -171,9 +174,12 @@ def test_zmq_exact_counts_with_malformed_messages_and_change_events(dev_a):
         sums = [s for s, _ in seen]
         assert len(set(sums)) >= 3 and sums == sorted(sums)  # several live updates, never going back
         assert len(ready) >= 3 and ready == sorted(ready)
+        wait_for(lambda: archived and archived[-1] == sent, what="an archive event with every event")
+        assert len(set(archived)) >= 3 and archived == sorted(archived)
     finally:
         dev_a.unsubscribe_event(sub)
         dev_a.unsubscribe_event(sub_ready)
+        dev_a.unsubscribe_event(sub_archive)
         push.close(0)
 
 

@@ -305,6 +305,28 @@ def test_decode_rejects_inconsistent_messages():
         decode(bytes(bad_index))
 
 
+def test_decode_reads_a_zeromq_frame_in_place_and_handles_absent_vectors():
+    good = batch(np.arange(6, dtype=np.int32), np.arange(6, dtype=np.int32) * 2, ((7, 0), (8, 3)))
+    frame = memoryview(bytearray(encode_ev44(good, 0, source_name="det1")))
+    out = decode(frame)
+    whole = np.frombuffer(frame, np.uint8)
+    assert np.shares_memory(out.tof, whole) and np.shares_memory(out.pixel_id, whole)  # no copy
+    assert out.tof.tolist() == list(range(6)) and out.pixel_id.tolist() == [0, 2, 4, 6, 8, 10]
+    assert (
+        out.pulse_time.tolist() == [7, 8] and out.pulse_index.tolist() == [0, 3] and out.source_name == "det1"
+    )
+    import flatbuffers
+    from streaming_data_types.fbschemas.eventdata_ev44 import Event44Message as ev44
+
+    builder = flatbuffers.Builder(64)  # a message with no vectors at all: an empty batch, not a crash
+    name = builder.CreateString("empty")
+    ev44.Event44MessageStart(builder)
+    ev44.Event44MessageAddSourceName(builder, name)
+    builder.Finish(ev44.Event44MessageEnd(builder), file_identifier=b"ev44")
+    empty = decode(memoryview(bytes(builder.Output())))
+    assert len(empty) == 0 and empty.pulse_time.size == 0 and empty.source_name == "empty"
+
+
 def test_nan_negative_and_huge_values_are_out_of_range_not_corrupting():
     specs = parse_histograms([
         {"name": "t", "kind": "tof", "tof": {"start": 0, "stop": 10, "bins": 2, "unit": "us"}},

@@ -34,6 +34,7 @@ class ZmqSource(Source):
         try:
             while not self.stopping:
                 if sock.poll(100):
-                    self.emit(sock.recv(copy=True))
+                    # zero-copy: the frame's memory is decoded in place (no 8 MB memcpy under the GIL)
+                    self.emit(sock.recv(copy=False).buffer)
         finally:
             sock.close(linger=0)
