@@ -198,6 +198,10 @@ class Histogrammer:
                 roi_pixels=np.array([spec.first_pixel]) if spec.kind == "roi" else spec.roi_pixels,
             )  # fmt: skip
             histograms.make(tiny).add(batch)
+        if any(len(spec.data_shape) == 2 for spec in specs):  # and the display block sums
+            from livehist.preview import block_sum
+
+            block_sum(np.zeros((2, 1025), np.int64))
 
     def _refresh(self) -> None:
         self.last = self.engine.snapshot()

@@ -143,3 +143,18 @@ def hist_image(pixel_id, first, npix, counts):
             counts[p] += 1
             inside += 1
     return inside
+
+
+@numba.njit(nogil=True, cache=True)
+def block_sum(image, f, out):
+    """out[r, c] = sum of image[r*f:(r+1)*f, c*f:(c+1)*f] (one pass, row by row, no GIL)."""
+    ny, nx = out.shape
+    out[:] = 0
+    for y in range(ny * f):
+        row = out[y // f]
+        src = image[y]
+        for c in range(nx):
+            total = np.int64(0)
+            for x in range(c * f, c * f + f):
+                total += src[x]
+            row[c] += total
