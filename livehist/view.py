@@ -3,8 +3,9 @@
 TOF and ROI spectra in taurus_pyqtgraph plots, the detector image with a colour scale,
 counters, state and status, a metadata summary, Start/Stop/Reset buttons. Everything
 follows the device's change events (Taurus subscribes; nothing polls at a fixed rate).
-The image is redrawn at most 10 times a second whatever the publish rate, and images
-over 1024x1024 are summed into blocks for display, so the panel never freezes. When the
+The image is redrawn at most 10 times a second whatever the publish rate; for images over
+512 pixels per side the panel subscribes to the device's `<image>_preview` (block sums made
+in the device), and anything still larger is block-summed here, so the panel never freezes. When the
 device goes away Taurus shows it (State UNKNOWN, values invalid) and reconnects by itself.
 
 Plain Taurus works too, for example:

@@ -76,6 +76,11 @@ def main(attribute: str = "image_preview") -> None:
             time.sleep(2)
             report("client reading again")
             proxy.Stop()
+            count, took = proxy.EventCount, proxy.ElapsedTime
+            print(
+                f"after Stop: {count:,} events in {took:.1f} s = {count / took:.3g}/s over the whole run, "
+                "freeze included (the engine never waited for the publisher)"
+            )
         finally:
             if client is not None:
                 client.kill()
