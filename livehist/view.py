@@ -92,7 +92,6 @@ def _make_panel_class():
             self.setWindowTitle(f"livehist: {device}")
             self._pending = None
             self.redraws = 0
-            self.image_source = None
             layout = Qt.QGridLayout(self)
 
             top = Qt.QHBoxLayout()
@@ -174,10 +173,10 @@ def _make_panel_class():
                 except tango.DevFailed:
                     names = set()
                 preview = f"{images[0]}_preview"
-                self.image_source = preview if preview.lower() in names else images[0]
+                source = preview if preview.lower() in names else images[0]
                 if self.trace:
-                    print(f"image: {self.image_source}", flush=True)
-                self._subscribe_image(self.image_source)
+                    print(f"image: {source}", flush=True)
+                self._subscribe_image(source)
                 self.image_view.setTitle(f"{images[0]} (counts)")
 
         def _on_state(self, src, evt_type, evt_value) -> None:
