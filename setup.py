@@ -1,6 +1,6 @@
 """livehist: live histograms of neutron/X-ray event streams for Tango and Sardana."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # One import package, `livehist`; the design card's top-level folders are mapped into it.
 PACKAGE_DIRS = {
@@ -19,7 +19,7 @@ setup(
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
     python_requires=">=3.11",
-    packages=list(PACKAGE_DIRS),
+    packages=list(PACKAGE_DIRS) + [f"livehist.{p}" for p in find_packages("livehist")],
     package_dir=PACKAGE_DIRS,
     package_data={"livehist.tangodb": ["*.json"]},
     install_requires=[

@@ -1,6 +1,6 @@
 """EventHistogrammer: live histograms of an event stream as Tango attributes.
 
-A thin shell over `livehist.histogrammer.Histogrammer`: properties and commands map onto
+A thin shell over `livehist.components.histogrammer.Histogrammer`: properties and commands map onto
 it, one attribute per histogram is created from its spec, and every publish of the
 component becomes change events (histograms, counters, State/Status), data-ready events
 (histograms) and archive events (counters). Events are pushed from the publisher thread,
@@ -19,11 +19,11 @@ import tango
 from tango import AttrWriteType, DevState
 from tango.server import Device, attribute, command, device_property, run
 
-from livehist import preview
+from livehist.components.histogrammer import Histogrammer, Update
+from livehist.components.restream import Restreamer
+from livehist.engine import preview
+from livehist.engine.spec import DEFAULT_MAX_BYTES, HistogramSpec, SpecError, join_property
 from livehist.errors import LivehistError
-from livehist.histogrammer import Histogrammer, Update
-from livehist.restream import Restreamer
-from livehist.spec import DEFAULT_MAX_BYTES, HistogramSpec, SpecError, join_property
 
 STATES = {"ON": DevState.ON, "RUNNING": DevState.RUNNING, "ALARM": DevState.ALARM,
           "FAULT": DevState.FAULT}  # fmt: skip

@@ -1,6 +1,6 @@
 """MetadataManager: one Tango device for experiment metadata, kept in the Tango database.
 
-A thin shell over `livehist.metadata.MetadataStore`. Every change is written to the device
+A thin shell over `livehist.components.metadata.MetadataStore`. Every change is written to the device
 property `StoredMetadata` (metadata, audit trail, open dataset) before the command returns,
 so a restarted server, or a rebooted machine, comes back with it. Change events are pushed
 on every attribute after each change, so GUIs follow edits made by other clients.
@@ -18,7 +18,7 @@ import tango
 from tango import AttrWriteType, DevState
 from tango.server import Device, attribute, command, device_property, run
 
-from livehist.metadata import MetadataError, MetadataStore, Rules, format_user, schema
+from livehist.components.metadata import MetadataError, MetadataStore, Rules, format_user, schema
 
 STATES = {"STANDBY": DevState.STANDBY, "ON": DevState.ON, "RUNNING": DevState.RUNNING}
 # writable attribute -> (metadata key, sample sub-key or None)

@@ -64,31 +64,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "up":
-            from livehist.control import up
+            from livehist.site.control import up
 
             up(args.tango_host, args.config, args.state_dir, timeout=args.timeout)
             return 0
         if args.command == "down":
-            from livehist.control import down
+            from livehist.site.control import down
 
             down(args.state_dir)
             return 0
         if args.command == "status":
-            from livehist.control import status
+            from livehist.site.control import status
 
             return status(args.state_dir, args.tango_host, args.config)
         if args.command == "demo":
-            from livehist.demo import demo
+            from livehist.site.demo import demo
 
             demo(args.tango_host, args.config, args.state_dir, args.out)
             return 0
         if args.command == "stream":
-            from livehist.stream import stream
+            from livehist.engine.stream import stream
 
             stream(args.source, args.bind, args.pub, args.seconds)
             return 0
         if args.command == "plot":
-            from livehist.plots import plot_file
+            from livehist.views.plots import plot_file
 
             try:
                 plot_file(args.file, args.out)
@@ -96,12 +96,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise LivehistError(f"{args.file}: {exc}") from None
             return 0
         if args.command == "listen":
-            from livehist.restream import listen
+            from livehist.components.restream import listen
 
             listen(args.endpoint, args.count, args.seconds)
             return 0
         if args.command == "view":
-            from livehist.view import view
+            from livehist.views.panel import view
 
             return view(args.device, args.metadata, args.screenshot, args.seconds, args.trace)
         if args.command == "bench":

@@ -120,7 +120,7 @@ class histo_count(Macro, _Livehist):
         self.record(h, seconds)
 
     def record(self, h, seconds):
-        from livehist.capture import record_histograms
+        from livehist.components.capture import record_histograms
 
         scan_dir = self._env("ScanDir", None)
         files = self._env("ScanFile", [])

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from livehist.recorders.records import Histogram, Point, RecordError, ScanEnd, ScanStart
 
+from livehist.components.metadata import make_folder
 from livehist.errors import LivehistError
-from livehist.metadata import make_folder
 
 log = logging.getLogger("livehist.recorders")
 GROUP = "livehist.recorders"

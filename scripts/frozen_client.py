@@ -24,8 +24,8 @@ from pathlib import Path
 
 import tango
 
-from livehist import control
-from livehist.bench import free_port
+from livehist.site import control
+from livehist.site.process import free_port
 
 CLIENT = """
 import sys, time, tango

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import tango
 
-from livehist import control
-from livehist.bench import Producer
-from livehist.bench_device import DEVICE, _reinit, _site
-from livehist.process import Managed
+from livehist.bench.common import Producer
+from livehist.bench.device import DEVICE, _reinit, _site
+from livehist.site import control
+from livehist.site.process import Managed
 
 iterations = int(sys.argv[1]) if len(sys.argv) > 1 else 15
 with tempfile.TemporaryDirectory() as tmp:

@@ -54,7 +54,7 @@ def load(path: Path, state_dir: Path) -> dict:
             "fix the file or pass another with --config"
         ) from None
     _check_schema(config, path)
-    from livehist.servers import check_servers
+    from livehist.site.servers import check_servers
 
     check_servers(config.get("servers", {}), path)
     return _expand(config, placeholders(state_dir))

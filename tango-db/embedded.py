@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from livehist.errors import LivehistError
-from livehist.process import Managed
+from livehist.site.process import Managed
 
 DEFAULT_TANGO_HOST = "127.0.0.1:10000"
 EMBEDDED_NAME = "tango-db"

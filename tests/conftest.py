@@ -9,28 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from livehist import control
-from livehist.process import managed_processes
+from livehist.site import control
+from livehist.site.process import free_port, managed_processes
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SANS2D = SHARED / "data" / "SANS2D_minimal.nxs"
-
-
-def free_port() -> int:
-    """A free TCP port on loopback (never 10000)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port != 10000:
-            return port
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:

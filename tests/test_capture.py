@@ -13,7 +13,7 @@ import numpy as np
 import tango
 from PyMca5.PyMcaIO import specfile
 
-from livehist.capture import record_histograms
+from livehist.components.capture import record_histograms
 from tests.test_recorders import run_tool
 
 

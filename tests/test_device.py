@@ -20,9 +20,9 @@ import tango
 import zmq
 from streaming_data_types import eventdata_ev42
 
-from livehist import control
-from livehist.events import EventBatch, encode_ev44
-from livehist.process import Managed
+from livehist.engine.events import EventBatch, encode_ev44
+from livehist.site import control
+from livehist.site.process import Managed
 from tests.conftest import SANS2D, free_port
 
 TOF = {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 72_000_000, "bins": 1000}}

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 from streaming_data_types import eventdata_ev42
 
 from livehist.engine import Engine
-from livehist.events import BadMessage, EventBatch, decode, encode_ev44
-from livehist.histograms import make
-from livehist.sources import SourceError, open_source
-from livehist.spec import SpecError, parse_histograms
+from livehist.engine.events import BadMessage, EventBatch, decode, encode_ev44
+from livehist.engine.histograms import make
+from livehist.engine.sources import SourceError, open_source
+from livehist.engine.spec import SpecError, parse_histograms
 from tests.conftest import SANS2D, free_port
 
 
@@ -213,7 +213,7 @@ def test_presets_count_from_each_start_and_accumulate_counts():
 
 
 def test_sim_is_seeded_and_structured():
-    from livehist.sources.sim import DetectorModel
+    from livehist.engine.sources.sim import DetectorModel
 
     a, b = DetectorModel(seed=5), DetectorModel(seed=5)
     assert np.array_equal(a.tof, b.tof) and np.array_equal(a.pixel_id, b.pixel_id)
@@ -471,7 +471,7 @@ def test_kafka_source_with_a_real_broker():
 def test_stream_command_feeds_a_zmq_engine():
     import threading
 
-    from livehist.stream import stream
+    from livehist.engine.stream import stream
 
     port = free_port()
     engine = Engine(

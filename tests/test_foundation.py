@@ -14,7 +14,7 @@ from pathlib import Path
 
 from livehist.tangodb import embedded
 
-from livehist.process import managed_processes
+from livehist.site.process import managed_processes
 from tests.conftest import run_cli
 
 
@@ -252,7 +252,7 @@ def test_demo_runs_the_whole_chain(sardana_site, tmp_path):
     import matplotlib.image
     from PyMca5.PyMcaIO import specfile
 
-    from livehist.demo import demo
+    from livehist.site.demo import demo
 
     lines: list[str] = []
     files = demo(sardana_site.tango_host, None, sardana_site.state_dir, tmp_path, say=lines.append)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import zmq
 
+from livehist.components.histogrammer import Histogrammer, Update
+from livehist.engine.events import EventBatch, encode_ev44
+from livehist.engine.spec import SpecError
 from livehist.errors import LivehistError
-from livehist.events import EventBatch, encode_ev44
-from livehist.histogrammer import Histogrammer, Update
-from livehist.spec import SpecError
 from tests.conftest import free_port
 
 TOF = {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 71_400_000, "bins": 100}}

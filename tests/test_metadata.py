@@ -11,7 +11,7 @@ import threading
 import jsonschema
 import pytest
 
-from livehist.metadata import MetadataError, MetadataStore, Rules, parse_user, schema
+from livehist.components.metadata import MetadataError, MetadataStore, Rules, parse_user, schema
 
 
 def test_merge_validates_and_keeps_free_form_keys():

@@ -12,8 +12,8 @@ import time
 import pytest
 import tango
 
-from livehist import control
-from livehist.process import Managed
+from livehist.site import control
+from livehist.site.process import Managed
 
 DEV = "test/metadata/1"
 

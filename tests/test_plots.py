@@ -8,7 +8,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from livehist.plots import Picture, plot
+from livehist.views.plots import Picture, plot
 
 
 def test_every_kind_and_a_huge_image(tmp_path):
@@ -34,7 +34,7 @@ def test_every_kind_and_a_huge_image(tmp_path):
 
 
 def test_panel_downsamples_huge_images_for_display():
-    from livehist.view import downsample
+    from livehist.views.panel import downsample
 
     image = np.arange(3000 * 2000, dtype=np.int64).reshape(3000, 2000)
     shown = downsample(image, 1024)

@@ -18,10 +18,10 @@ import pytest
 import tango
 from PyMca5.PyMcaIO import specfile
 
-from livehist import control
-from livehist.door import Door, set_environment
 from livehist.errors import LivehistError
-from livehist.process import Managed
+from livehist.site import control
+from livehist.site.door import Door, set_environment
+from livehist.site.process import Managed
 from tests.test_recorders import run_tool
 
 

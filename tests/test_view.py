@@ -18,8 +18,8 @@ import tango
 import zmq
 from streaming_data_types.histogram_hs01 import deserialise_hs01
 
-from livehist import control
-from livehist.process import Managed
+from livehist.site import control
+from livehist.site.process import Managed
 from tests.conftest import free_port, run_cli
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -241,9 +241,9 @@ def test_a_stalled_subscriber_slows_neither_ingestion_nor_other_subscribers(site
 
 
 def test_restream_queue_overflow_is_counted():
+    from livehist.components.restream import Restreamer
     from livehist.engine import Engine
-    from livehist.restream import Restreamer
-    from livehist.spec import parse_histograms
+    from livehist.engine.spec import parse_histograms
 
     engine = Engine(
         parse_histograms([{"name": "image", "kind": "image", "pixels": {"first": 0, "shape": [2000, 2000]}}])
@@ -265,10 +265,10 @@ def test_restream_queue_overflow_is_counted():
 def test_hs01_row_blocks_reassemble_and_match_the_reference_serialiser():
     from streaming_data_types.histogram_hs01 import serialise_hs01 as reference
 
+    from livehist.components.restream import hs01_messages, serialise_hs01
     from livehist.engine import Engine
-    from livehist.events import EventBatch
-    from livehist.restream import hs01_messages, serialise_hs01
-    from livehist.spec import parse_histograms
+    from livehist.engine.events import EventBatch
+    from livehist.engine.spec import parse_histograms
 
     engine = Engine(parse_histograms([
         {"name": "image", "kind": "image", "pixels": {"first": 0, "shape": [300, 200]}},
@@ -332,7 +332,7 @@ def test_livehist_plot_writes_pictures_and_refuses_bad_files(tmp_path):
 
 @pytest.mark.parametrize("shape", [(1000, 1000), (1001, 1537), (513, 600), (3, 2000), (512, 512)])
 def test_preview_block_sums_equal_numpy_for_any_shape(shape):
-    from livehist.preview import block_sum, factor
+    from livehist.engine.preview import block_sum, factor
 
     image = np.random.default_rng(sum(shape)).integers(0, 10**6, shape, dtype=np.int64)
     f = factor(shape)

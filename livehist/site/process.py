@@ -9,10 +9,21 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (never 10000, the default TANGO_HOST port)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port != 10000:
+            return port
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ import json
 import time
 from pathlib import Path
 
-from livehist.control import up
-from livehist.door import Door, set_environment
 from livehist.errors import LivehistError
+from livehist.site.control import up
+from livehist.site.door import Door, set_environment
 
 HISTOGRAMMER = "livehist/histogrammer/1"
 METADATA = "livehist/metadata/1"
@@ -24,7 +24,7 @@ def live_acquisition(url: str, out: Path, seconds: float = 5.0, say=print) -> Pa
     """Acquire for `seconds` (a preset), show rates and counts as they come, then a PNG."""
     import tango
 
-    from livehist import plots
+    from livehist.views import plots
 
     p = tango.DeviceProxy(url)
     p.set_timeout_millis(10_000)

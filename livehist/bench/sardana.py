@@ -15,9 +15,9 @@ import pickle
 import tempfile
 from pathlib import Path
 
-from livehist import control
-from livehist.bench import free_port
-from livehist.door import Door, set_environment
+from livehist.site import control
+from livehist.site.door import Door, set_environment
+from livehist.site.process import free_port
 
 
 def _scan_deadtime(site, door, points: int, env: dict) -> float:

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from livehist.errors import LivehistError
 
-log = logging.getLogger("livehist.sources")
+log = logging.getLogger("livehist.engine.sources")
 
 
 class SourceError(LivehistError):
@@ -112,19 +112,19 @@ def open_source(uri: str) -> Source:
         )
     scheme = uri.split("://", 1)[0]
     if scheme == "sim":
-        from livehist.sources.sim import SimSource
+        from livehist.engine.sources.sim import SimSource
 
         return SimSource(uri)
     if scheme in ("zmq", "zmq+sub"):
-        from livehist.sources.zmq import ZmqSource
+        from livehist.engine.sources.zmq import ZmqSource
 
         return ZmqSource(uri)
     if scheme == "nexus":
-        from livehist.sources.nexus import NexusSource
+        from livehist.engine.sources.nexus import NexusSource
 
         return NexusSource(uri)
     if scheme == "kafka":
-        from livehist.sources.kafka import KafkaSource
+        from livehist.engine.sources.kafka import KafkaSource
 
         return KafkaSource(uri)
     raise SourceError(

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from livehist import control
-from livehist.bench import E2E_HISTOGRAMS, Producer, free_port
-from livehist.events import EventBatch, encode_ev44
+from livehist.bench.common import E2E_HISTOGRAMS, Producer
+from livehist.engine.events import EventBatch, encode_ev44
+from livehist.site import control
+from livehist.site.process import free_port
 
 DEVICE = "bench/histogrammer/1"
 PUBLISH_PERIOD = 0.5

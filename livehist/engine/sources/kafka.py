@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 
-from livehist.sources import Source, SourceError, check_known, query
+from livehist.engine.sources import Source, SourceError, check_known, query
 
 
 class KafkaSource(Source):

@@ -23,11 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from livehist.engine import Engine, Snapshot
+from livehist.engine.sources import SourceError, open_source
+from livehist.engine.spec import DEFAULT_MAX_BYTES, HistogramSpec, parse_histograms
 from livehist.errors import LivehistError
-from livehist.sources import SourceError, open_source
-from livehist.spec import DEFAULT_MAX_BYTES, HistogramSpec, parse_histograms
 
-log = logging.getLogger("livehist.histogrammer")
+log = logging.getLogger("livehist.components.histogrammer")
 
 ON, RUNNING, ALARM, FAULT = "ON", "RUNNING", "ALARM", "FAULT"
 
@@ -185,8 +185,8 @@ class Histogrammer:
         """Compile the kernels for int32 events now, not during the first acquisition's preset."""
         import numpy as np
 
-        from livehist import histograms
-        from livehist.events import EventBatch
+        from livehist.engine import histograms
+        from livehist.engine.events import EventBatch
 
         one = np.ones(1, np.int32)
         batch = EventBatch(one, one, np.zeros(1, np.int64), np.zeros(1, np.int64))
@@ -199,7 +199,7 @@ class Histogrammer:
             )  # fmt: skip
             histograms.make(tiny).add(batch)
         if any(len(spec.data_shape) == 2 for spec in specs):  # and the display block sums
-            from livehist.preview import block_sum
+            from livehist.engine.preview import block_sum
 
             block_sum(np.zeros((2, 1025), np.int64))
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from livehist import histograms
-from livehist.events import BadMessage, EventBatch, RateLimitedLog, decode
-from livehist.spec import HistogramSpec
+from livehist.engine import histograms
+from livehist.engine.events import BadMessage, EventBatch, RateLimitedLog, decode
+from livehist.engine.spec import HistogramSpec
 
 log = logging.getLogger("livehist.engine")
 

@@ -6,8 +6,8 @@ import time
 
 import zmq
 
-from livehist.events import encode_ev44
-from livehist.sources import Source, open_source
+from livehist.engine.events import encode_ev44
+from livehist.engine.sources import Source, open_source
 
 
 class _Collector:

@@ -28,7 +28,7 @@ def block_sum(image: np.ndarray, limit: int = LIMIT) -> np.ndarray:
     if f == 1:
         return image
     if image.dtype.kind in "iu" and image.flags.c_contiguous:  # counts: the compiled one-pass sum
-        from livehist.kernels import block_sum as kernel
+        from livehist.engine.kernels import block_sum as kernel
 
         out = np.empty((image.shape[0] // f, image.shape[1] // f), np.int64)
         kernel(image, f, out)

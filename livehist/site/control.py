@@ -9,9 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from livehist import servers as server_catalogue
 from livehist.errors import LivehistError
-from livehist.process import Managed, managed_processes
+from livehist.site import servers as server_catalogue
+from livehist.site.process import Managed, managed_processes
 from livehist.tangodb import DEFAULT_CONFIG, embedded
 from livehist.tangodb import config as dsconfig
 
@@ -158,7 +158,7 @@ def up(
             say(f"{server}: started (log {proc.log})")
         started[server] = proc
     wait_ready(site, started, timeout, say)
-    from livehist import sardana_setup
+    from livehist.site import sardana_setup
 
     sardana_setup.ensure(site, say)
     print_table(site, say)
@@ -231,7 +231,7 @@ def last_files(site: Site, say: Say) -> None:
     """The last scan Sardana recorded and its files (from the MacroServer's ScanHistory)."""
     import tango
 
-    from livehist import sardana_setup
+    from livehist.site import sardana_setup
 
     for _, cls, dev in dsconfig.devices(site.config):
         if cls != "MacroServer" or not ping(site.url(dev)):

@@ -28,7 +28,7 @@ import numpy as np
 
 from livehist.engine import Snapshot
 
-log = logging.getLogger("livehist.restream")
+log = logging.getLogger("livehist.components.restream")
 
 
 def serialise_hs01(histogram: dict, offset: list[int] | None = None) -> memoryview:

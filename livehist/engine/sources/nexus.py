@@ -15,10 +15,10 @@ from datetime import datetime
 import h5py
 import numpy as np
 
-from livehist.events import EventBatch
-from livehist.sources import Source, SourceError, check_known, number, query
+from livehist.engine.events import EventBatch
+from livehist.engine.sources import Source, SourceError, check_known, number, query
 
-log = logging.getLogger("livehist.sources.nexus")
+log = logging.getLogger("livehist.engine.sources.nexus")
 UNIT_NAMES = {
     "ns": "ns", "nanosecond": "ns", "nanoseconds": "ns",
     "us": "us", "µs": "us", "microsecond": "us", "microseconds": "us", "usec": "us",

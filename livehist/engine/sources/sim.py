@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from livehist.events import EventBatch
-from livehist.sources import Source, SourceError, check_known, number, query
+from livehist.engine.events import EventBatch
+from livehist.engine.sources import Source, SourceError, check_known, number, query
 
 DEFAULT_PEAKS_MS = (12.5, 20.4, 24.0, 33.1, 41.7)
 

@@ -33,7 +33,7 @@ MAX_DISPLAY = 512  # image pixels per side drawn (about what a panel shows); lar
 
 
 def downsample(image: np.ndarray, limit: int = MAX_DISPLAY) -> np.ndarray:
-    from livehist.preview import block_sum
+    from livehist.engine.preview import block_sum
 
     return block_sum(image, limit)
 

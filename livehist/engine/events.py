@@ -10,7 +10,7 @@ import numpy as np
 from streaming_data_types import eventdata_ev42, eventdata_ev44
 from streaming_data_types.fbschemas.eventdata_ev44 import Event44Message
 
-log = logging.getLogger("livehist.events")
+log = logging.getLogger("livehist.engine.events")
 
 
 class BadMessage(ValueError):
@@ -108,7 +108,7 @@ def checked(batch: EventBatch) -> EventBatch:
 
 def encode_ev44(batch: EventBatch, message_id: int, source_name: str = "livehist") -> bytes:
     """ev44 bytes of a batch (TOF converted to integer ns, as ev44 defines)."""
-    from livehist.spec import UNITS_NS
+    from livehist.engine.spec import UNITS_NS
 
     tof = batch.tof
     if batch.tof_unit != "ns" or tof.dtype != np.int32:

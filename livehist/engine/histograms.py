@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from livehist import kernels
-from livehist.events import EventBatch
-from livehist.spec import WINDOW_SLICES, HistogramSpec
+from livehist.engine import kernels
+from livehist.engine.events import EventBatch
+from livehist.engine.spec import WINDOW_SLICES, HistogramSpec
 
 
 class Histogram:

@@ -1,0 +1,282 @@
+"""Histogram specs (CONTRACT.md "Histogram spec"): parsed and checked, errors naming the field.
+
+Example error: "Histograms[2].tof.bins must be an integer > 0, got -5".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+UNITS_NS = {"ns": 1.0, "us": 1e3, "ms": 1e6}
+KINDS = ("tof", "image", "pixel_tof", "roi")
+NEEDS_TOF = {"tof", "pixel_tof", "roi"}
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,39}$")
+# attribute names the device owns; a histogram may not shadow them (Tango names are caseless)
+RESERVED = {
+    n.lower()
+    for n in (
+        "State", "Status", "EventCount", "EventRate", "MessageCount", "BadMessageCount",
+        "DroppedMessageCount", "UpdateCounter", "PresetTime", "PresetEvents", "PresetPulses",
+        "ElapsedTime", "PulseCount", "PresetPulses", "HistogramConfig", "EventSourceURI", "RestreamSentCount", "RestreamDroppedCount",
+    )
+}  # fmt: skip
+DEFAULT_MAX_BYTES = 2 * 1024**3
+WINDOW_SLICES = 10  # a sliding window is kept as this many time slices
+
+
+class SpecError(ValueError):
+    """A histogram spec is wrong; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class TofAxis:
+    edges: np.ndarray  # float64, strictly increasing, in `unit`
+    unit: str = "ns"
+    scale: str = "linear"  # linear | log | explicit
+
+    @property
+    def bins(self) -> int:
+        return len(self.edges) - 1
+
+    def edges_in(self, unit: str) -> np.ndarray:
+        """Edges converted to another TOF unit (the unit of an event batch)."""
+        if unit == self.unit:
+            return self.edges
+        return self.edges * (UNITS_NS[self.unit] / UNITS_NS[unit])
+
+    def to_json(self) -> dict:
+        if self.scale == "explicit":
+            return {"edges": self.edges.tolist(), "unit": self.unit}
+        return {"start": float(self.edges[0]), "stop": float(self.edges[-1]),
+                "bins": self.bins, "unit": self.unit, "scale": self.scale}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class HistogramSpec:
+    name: str
+    kind: str
+    tof: TofAxis | None = None
+    first_pixel: int = 0
+    shape: tuple[int, ...] = ()  # (ny, nx) for image/roi; (count,) for pixel_tof
+    roi_pixels: np.ndarray | None = field(default=None, compare=False)  # pixel ids, roi only
+    window: float | None = None
+    source: dict = field(default_factory=dict, compare=False)  # the JSON it came from
+
+    @property
+    def pixel_count(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 0
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """Shape of the counts as clients see them."""
+        if self.kind == "image":
+            return self.shape
+        if self.kind == "pixel_tof":
+            return (self.shape[0], self.tof.bins)
+        return (self.tof.bins,)
+
+    @property
+    def nbytes(self) -> int:
+        slices = WINDOW_SLICES + 1 if self.window else 1
+        return int(np.prod(self.data_shape)) * 8 * slices
+
+
+def _where(path: str, key: str) -> str:
+    return f"{path}.{key}"
+
+
+def _int(obj: dict, key: str, path: str, minimum: int | None = None, default: Any = None) -> int:
+    if key not in obj:
+        if default is not None:
+            return default
+        raise SpecError(f"{_where(path, key)} is missing; give an integer")
+    v = obj[key]
+    if isinstance(v, bool) or not isinstance(v, int | float) or (isinstance(v, float) and not v.is_integer()):
+        raise SpecError(f"{_where(path, key)} must be an integer, got {v!r}")
+    v = int(v)
+    if minimum is not None and v < minimum:
+        raise SpecError(f"{_where(path, key)} must be an integer >= {minimum}, got {v}")
+    return v
+
+
+def _number(obj: dict, key: str, path: str) -> float:
+    if key not in obj:
+        raise SpecError(f"{_where(path, key)} is missing; give a number")
+    v = obj[key]
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise SpecError(f"{_where(path, key)} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _object(obj: dict, key: str, path: str) -> dict:
+    v = obj.get(key)
+    if not isinstance(v, dict):
+        got = "nothing" if v is None else repr(v)
+        raise SpecError(f"{_where(path, key)} must be an object, got {got}")
+    return v
+
+
+def parse_tof(obj: Any, path: str) -> TofAxis:
+    if not isinstance(obj, dict):
+        raise SpecError(
+            f"{path} must be an object like {{'start': 0, 'stop': 1e5, 'bins': 1000}}, got {obj!r}"
+        )
+    unit = obj.get("unit", "ns")
+    if unit not in UNITS_NS:
+        raise SpecError(f"{path}.unit must be one of ns, us, ms, got {unit!r}")
+    if "edges" in obj:
+        edges = obj["edges"]
+        if not isinstance(edges, list) or len(edges) < 2:
+            raise SpecError(f"{path}.edges must be a list of at least 2 numbers, got {edges!r}")
+        if not all(isinstance(e, int | float) and not isinstance(e, bool) for e in edges):
+            raise SpecError(f"{path}.edges must hold numbers only")
+        arr = np.asarray(edges, dtype=np.float64)
+        if not np.all(np.isfinite(arr)):
+            raise SpecError(f"{path}.edges must be finite numbers")
+        bad = np.flatnonzero(np.diff(arr) <= 0)
+        if bad.size:
+            i = int(bad[0])
+            raise SpecError(
+                f"{path}.edges must be strictly increasing; edges[{i}]={arr[i]} >= edges[{i + 1}]={arr[i + 1]}"
+            )
+        return TofAxis(arr, unit, "explicit")
+    start, stop = _number(obj, "start", path), _number(obj, "stop", path)
+    bins = _int(obj, "bins", path)
+    if bins <= 0:
+        raise SpecError(f"{path}.bins must be > 0, got {bins}")
+    if start >= stop:
+        raise SpecError(f"{path}.start must be < {path}.stop, got start={start} stop={stop}")
+    scale = obj.get("scale", "linear")
+    if scale == "linear":
+        edges = np.linspace(start, stop, bins + 1)
+    elif scale == "log":
+        if start <= 0:
+            raise SpecError(f"{path}.start must be > 0 for scale 'log', got {start}")
+        edges = np.geomspace(start, stop, bins + 1)
+    else:
+        raise SpecError(f"{path}.scale must be 'linear' or 'log', got {scale!r}")
+    return TofAxis(edges, unit, scale)
+
+
+def parse_one(obj: Any, path: str) -> HistogramSpec:
+    if not isinstance(obj, dict):
+        raise SpecError(f"{path} must be an object with name and kind, got {obj!r}")
+    name = obj.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise SpecError(
+            f"{path}.name must start with a letter and hold only letters, digits and _ "
+            f"(at most 40), got {name!r}"
+        )
+    if name.lower() in RESERVED:
+        raise SpecError(f"{path}.name {name!r} is a name the device already uses; choose another")
+    kind = obj.get("kind")
+    if kind not in KINDS:
+        raise SpecError(f"{path}.kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    known = {"name", "kind", "tof", "pixels", "roi", "window"}
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        raise SpecError(f"{path} has unknown field {unknown[0]!r}; known fields: {', '.join(sorted(known))}")
+    tof = parse_tof(obj.get("tof"), f"{path}.tof") if kind in NEEDS_TOF else None
+    first, shape, roi_pixels = 0, (), None
+    if kind != "tof":
+        pix_path = f"{path}.pixels"
+        pixels = _object(obj, "pixels", path)
+        first = _int(pixels, "first", pix_path, minimum=0, default=0)
+        if kind == "pixel_tof" and "count" in pixels:
+            shape = (_int(pixels, "count", pix_path, minimum=1),)
+        else:
+            raw = pixels.get("shape")
+            if (not isinstance(raw, list) or len(raw) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in raw)):  # fmt: skip
+                what = "a count N or a shape [ny, nx]" if kind == "pixel_tof" else "a shape [ny, nx]"
+                raise SpecError(f"{pix_path}.shape must be {what} of positive integers, got {raw!r}")
+            shape = tuple(raw)
+            if kind == "pixel_tof":
+                shape = (shape[0] * shape[1],)
+        if kind == "roi":
+            roi_pixels = _parse_roi(_object(obj, "roi", path), f"{path}.roi", first, shape)
+    window = None
+    if obj.get("window") is not None:
+        window = _number(obj, "window", path)
+        if window <= 0:
+            raise SpecError(f"{path}.window must be > 0 seconds (or absent for cumulative), got {window}")
+    return HistogramSpec(name, kind, tof, first, shape, roi_pixels, window, obj)
+
+
+def _parse_roi(roi: dict, path: str, first: int, shape: tuple[int, ...]) -> np.ndarray:
+    ny, nx = shape
+    if "pixels" in roi:
+        ids = roi["pixels"]
+        if (
+            not isinstance(ids, list)
+            or not ids
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+        ):
+            raise SpecError(f"{path}.pixels must be a non-empty list of pixel ids, got {ids!r}")
+        arr = np.unique(np.asarray(ids, dtype=np.int64))
+        outside = arr[(arr < first) | (arr >= first + ny * nx)]
+        if outside.size:
+            raise SpecError(
+                f"{path}.pixels holds {int(outside[0])}, outside pixels {first}..{first + ny * nx - 1}"
+            )
+        return arr
+    for key, n in (("rows", ny), ("cols", nx)):
+        v = roi.get(key)
+        if (not isinstance(v, list) or len(v) != 2
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+                or not 0 <= v[0] < v[1] <= n):  # fmt: skip
+            raise SpecError(f"{path}.{key} must be [start, stop) with 0 <= start < stop <= {n}, got {v!r}")
+    (r0, r1), (c0, c1) = roi["rows"], roi["cols"]
+    rows, cols = np.meshgrid(np.arange(r0, r1), np.arange(c0, c1), indexing="ij")
+    return (first + rows * nx + cols).ravel().astype(np.int64)
+
+
+def join_property(lines: list[str] | tuple[str, ...]) -> str:
+    """A Tango property holds lines: either one JSON list split over lines, or one object per line."""
+    lines = [line for line in lines if line.strip()]
+    if not lines or lines[0].lstrip().startswith("["):
+        return "\n".join(lines) or "[]"
+    return "[" + ",\n".join(lines) + "]"
+
+
+def parse_histograms(
+    value: str | list, label: str = "Histograms", max_bytes: int = DEFAULT_MAX_BYTES
+) -> list[HistogramSpec]:
+    """Parse a JSON list (text or already decoded) of histogram specs."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise SpecError(
+                f"{label} is not valid JSON ({exc}); give a JSON list of histogram objects"
+            ) from None
+    if not isinstance(value, list):
+        raise SpecError(f"{label} must be a JSON list of histogram objects, got {type(value).__name__}")
+    specs = [parse_one(obj, f"{label}[{i}]") for i, obj in enumerate(value)]
+    seen: dict[str, int] = {}
+    for i, s in enumerate(specs):
+        for attr in (
+            [s.name]
+            + ([f"{s.name}_edges"] if s.tof else [])
+            + ([f"{s.name}_total"] if s.kind == "roi" else [])
+            + ([f"{s.name}_preview"] if s.kind in ("image", "pixel_tof") else [])
+        ):
+            if attr.lower() in seen:
+                raise SpecError(
+                    f"{label}[{i}].name {s.name!r} clashes with {label}[{seen[attr.lower()]}]; names must be unique"
+                )
+            seen[attr.lower()] = i
+    total = sum(s.nbytes for s in specs)
+    if total > max_bytes:
+        big = max(specs, key=lambda s: s.nbytes)
+        raise SpecError(
+            f"{label} need {total / 2**20:.0f} MiB of counts, over the limit of {max_bytes / 2**20:.0f} MiB "
+            f"(largest: {big.name}, {big.nbytes / 2**20:.0f} MiB); use fewer bins/pixels or raise the limit"
+        )
+    return specs

@@ -1,0 +1,3 @@
+"""What people look at: the Taurus panel (`livehist view`), PNG plots (`livehist plot`) and
+the web view (`livehist web`). Tango clients; they import the engine, never devices.
+"""
