@@ -9,7 +9,7 @@ $(BIN)/.installed: setup.py pyproject.toml scripts/system-deps.sh
 	PY=$(PY) scripts/system-deps.sh
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,kafka,gui]'
+	$(BIN)/pip install -q -e '.[test,kafka,gui,web]'
 	touch $@
 
 demo: $(BIN)/.installed

@@ -21,7 +21,7 @@ setup(
     python_requires=">=3.11",
     packages=list(PACKAGE_DIRS) + [f"livehist.{p}" for p in find_packages("livehist")],
     package_dir=PACKAGE_DIRS,
-    package_data={"livehist.tangodb": ["*.json"]},
+    package_data={"livehist.tangodb": ["*.json"], "livehist.views.web": ["static/*"]},
     install_requires=[
         "numpy>=1.24",
         "numba>=0.59",
@@ -38,12 +38,15 @@ setup(
     extras_require={
         "kafka": ["confluent-kafka>=2.3"],
         "gui": ["PyQt5>=5.15", "pyqtgraph>=0.13", "taurus_pyqtgraph>=0.9"],
+        # `livehist web`: an ASGI service (Starlette on uvicorn, WebSockets) and YAML layouts
+        "web": ["starlette>=0.37", "uvicorn[standard]>=0.29", "pyyaml>=6"],
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.2",
             "hypothesis>=6.100",
             "silx>=2.0",
             "ruff>=0.5",
+            "playwright>=1.40",  # drives Debian's chromium (scripts/system-deps.sh) in the web tests
         ],
     },
     entry_points={

@@ -34,6 +34,25 @@ def parser() -> argparse.ArgumentParser:
     _site_options(p)
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="data root for the demo dataset (default: the MetadataManager's DataRoot)")  # fmt: skip
+    p.add_argument("--web", action="store_true",
+                   help="leave the web view running afterwards (http://127.0.0.1:8050/, read-only)")  # fmt: skip
+    p = sub.add_parser(
+        "web", help="a live browser view of the histogrammers (read-only unless a token is given)"
+    )
+    p.add_argument("devices", nargs="*", metavar="DEVICE",
+                   help="devices to show (default: every EventHistogrammer and HistogramSum, and the MetadataManager)")  # fmt: skip
+    p.add_argument("--port", type=int, default=8050, help="HTTP port (default 8050)")
+    p.add_argument("--bind", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; expose it through a reverse proxy)")  # fmt: skip
+    p.add_argument(
+        "--layout", type=Path, metavar="FILE", help="JSON or YAML layout (default: every histogram)"
+    )
+    p.add_argument("--control-token", metavar="TOKEN",
+                   help="allow Start/Stop/Reset/ROIs to browsers that give this token "
+                        "(default: $LIVEHIST_WEB_TOKEN; unset: read-only)")  # fmt: skip
+    p.add_argument(
+        "--tango-host", metavar="HOST:PORT", help="Tango DB (default: $TANGO_HOST, else 127.0.0.1:10000)"
+    )
     p = sub.add_parser("stream", help="publish sim:// or nexus:// events as ev44 on ZeroMQ")
     p.add_argument("source", help="sim://?rate=1e6 or nexus:///path.nxs?rate=realtime")
     p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
@@ -80,8 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from livehist.site.demo import demo
 
-            demo(args.tango_host, args.config, args.state_dir, args.out)
+            demo(args.tango_host, args.config, args.state_dir, args.out, web=args.web)
             return 0
+        if args.command == "web":
+            from livehist.views.web import web
+
+            return web(args.devices, args.port, args.bind, args.layout, args.control_token, args.tango_host)
         if args.command == "stream":
             from livehist.engine.stream import stream
 

@@ -83,10 +83,15 @@ def demo(
     state_dir: Path | None = None,
     out: Path | None = None,
     say=print,
+    web: bool = False,
 ) -> list[Path]:
     import tango
 
     site = up(tango_host, config, state_dir, say=say)
+    if web:  # started first, so that the acquisition below can be watched live
+        from livehist.views.web import start_background
+
+        say(f"web view running (read-only; `livehist down` stops it): open {start_background(site)} to watch")
     host, port = site.host_port
     door = Door(site.url("door/livehist/1"), say=lambda line: say(f"  | {line}"))
     try:
@@ -125,4 +130,8 @@ def demo(
         say(f"  {p}  ({p.stat().st_size:,} bytes)")
     say("checking them with their readers:")
     check_files(folder, say)
+    if web:
+        say("open http://127.0.0.1:8050/ to watch (the web view stays running; `livehist down` stops it)")
+    else:
+        say("open http://127.0.0.1:8050/ to watch: run `livehist web` first (or `livehist demo --web`)")
     return files

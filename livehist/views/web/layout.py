@@ -1,0 +1,135 @@
+"""Layouts of the web view: which devices and histograms appear, and where (`--layout FILE`).
+
+A layout is a small JSON or YAML document:
+
+    title: SANS2D live            # the page's title
+    columns: 2                    # panels per row (1-4)
+    panels:
+      - {device: livehist/metadata/1, show: metadata}
+      - {device: livehist/histogrammer/1, show: status}       # state, status, counters, buttons
+      - {device: livehist/histogrammer/1, show: tof, scale: log}
+      - {device: livehist/histogrammer/1, show: image, scale: log, width: 2}
+      - {device: livehist/histogrammer/1, show: histograms}   # every histogram not placed yet
+
+`show` is `status`, `metadata`, `histograms` (all the device's histograms that no other
+panel shows, including ones added later through Configure) or one histogram's name.
+`scale` (`linear` or `log`) is the starting y scale of a spectrum or colour scale of an
+image; `width` is how many columns the panel spans.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from livehist.errors import LivehistError
+
+SPECIAL = ("status", "metadata", "histograms")
+SCALES = ("linear", "log")
+MAX_COLUMNS = 4
+
+
+class LayoutError(LivehistError):
+    """A layout file that cannot be used; the message names the bad field and the fix."""
+
+
+@dataclass(frozen=True)
+class Panel:
+    device: str
+    show: str
+    scale: str = "linear"
+    width: int = 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    title: str = "livehist"
+    columns: int = 2
+    panels: tuple[Panel, ...] = field(default_factory=tuple)
+
+    @property
+    def devices(self) -> list[str]:
+        """Every device named, in order of first appearance."""
+        return list(dict.fromkeys(p.device for p in self.panels))
+
+    def to_json(self) -> dict:
+        return {"title": self.title, "columns": self.columns, "panels": [asdict(p) for p in self.panels]}
+
+
+def default_layout(histogrammers: list[str], metadata: list[str]) -> Layout:
+    """Metadata on top, then per histogrammer its status and every histogram (log colour)."""
+    panels = [Panel(m, "metadata", width=2) for m in metadata]
+    for dev in histogrammers:
+        panels.append(Panel(dev, "status", width=2))
+        panels.append(Panel(dev, "histograms"))
+    return Layout("livehist", 2, tuple(panels))
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise LayoutError(msg)
+
+
+def parse_layout(doc: object, origin: str = "layout") -> Layout:
+    """A Layout from a parsed JSON/YAML document; LayoutError names the bad field."""
+    _check(
+        isinstance(doc, dict), f"{origin}: must be a mapping with a 'panels' list, got {type(doc).__name__}"
+    )
+    unknown = set(doc) - {"title", "columns", "panels"}
+    _check(not unknown, f"{origin}: unknown key(s) {sorted(unknown)}; use title, columns, panels")
+    title = doc.get("title", "livehist")
+    _check(isinstance(title, str), f"{origin}.title must be a string, got {title!r}")
+    columns = doc.get("columns", 2)
+    _check(
+        isinstance(columns, int) and not isinstance(columns, bool) and 1 <= columns <= MAX_COLUMNS,
+        f"{origin}.columns must be an integer from 1 to {MAX_COLUMNS}, got {columns!r}",
+    )
+    panels = doc.get("panels")
+    _check(isinstance(panels, list) and panels, f"{origin}.panels must be a non-empty list, got {panels!r}")
+    out = []
+    for i, p in enumerate(panels):
+        where = f"{origin}.panels[{i}]"
+        _check(isinstance(p, dict), f"{where} must be a mapping like {{device: ..., show: ...}}, got {p!r}")
+        unknown = set(p) - {"device", "show", "scale", "width"}
+        _check(not unknown, f"{where}: unknown key(s) {sorted(unknown)}; use device, show, scale, width")
+        device = p.get("device")
+        _check(
+            isinstance(device, str) and device.count("/") >= 2 and device.strip() == device,
+            f"{where}.device must be a Tango device name like domain/family/member, got {device!r}",
+        )
+        show = p.get("show", "histograms")
+        _check(
+            isinstance(show, str) and show != "",
+            f"{where}.show must be status, metadata, histograms or a histogram name, got {show!r}",
+        )
+        scale = p.get("scale", "linear")
+        _check(scale in SCALES, f"{where}.scale must be linear or log, got {scale!r}")
+        width = p.get("width", 1)
+        _check(
+            isinstance(width, int) and not isinstance(width, bool) and 1 <= width <= columns,
+            f"{where}.width must be an integer from 1 to columns ({columns}), got {width!r}",
+        )
+        out.append(Panel(device, show, scale, width))
+    return Layout(title, columns, tuple(out))
+
+
+def load_layout(path: Path) -> Layout:
+    """Read a JSON (.json) or YAML (anything else) layout file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LayoutError(f"layout {path}: cannot read it ({exc})") from None
+    try:
+        if path.suffix.lower() == ".json":
+            doc = json.loads(text)
+        else:
+            import yaml
+
+            doc = yaml.safe_load(text)
+    except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError: both say line and column
+        raise LayoutError(
+            f"layout {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}"
+        ) from None
+    return parse_layout(doc, f"layout {path}")
