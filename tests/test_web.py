@@ -1,0 +1,474 @@
+"""`livehist web` in a real browser (Debian's chromium driven by Playwright) against real devices.
+
+The page shows live, changing plots; an ROI drawn with the mouse becomes a histogram on the
+device; read-only mode refuses control; a device restart shows DOWN, then recovers; a frozen
+WebSocket client drops frames alone. Plus the layout files, the frames and bad input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tango
+
+from livehist.site import control
+from livehist.site.process import Managed
+from livehist.views.web import frames
+from livehist.views.web.hub import Hub
+from livehist.views.web.layout import LayoutError, load_layout, parse_layout
+from tests.conftest import free_port, run_cli
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+DEV = "webtest/histogrammer/1"
+META = "webtest/metadata/1"
+TOKEN = "s3cret-token-for-tests"
+HISTOGRAMS = [
+    {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 72000, "bins": 1000, "unit": "us"}},
+    {"name": "image", "kind": "image", "pixels": {"first": 1, "shape": [600, 600]}},
+]
+
+
+def wait_for(cond, timeout: float = 60, what: str = "condition", interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="module")
+def site(sites, tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    props = {"EventSource": ["sim://?rate=1e6&seed=3&shape=600x600"], "PublishPeriod": ["0.2"],
+             "Histograms": [json.dumps(HISTOGRAMS)]}  # fmt: skip
+    config = {"servers": {
+        "EventHistogrammer": {"webtest": {"EventHistogrammer": {DEV: {"properties": props}}}},
+        "MetadataManager": {"webtest": {"MetadataManager": {META: {"properties": {
+            "DefaultDataRoot": [str(data)]}}}}}}}  # fmt: skip
+    s = sites.up(config)
+    meta = tango.DeviceProxy(s.url(META))
+    meta.SetMetadata(json.dumps({"proposal": "20260042", "title": "web view test", "sample": {"name": "Si"}}))
+    return s
+
+
+def proxy(site) -> tango.DeviceProxy:
+    p = tango.DeviceProxy(site.url(DEV))
+    p.set_timeout_millis(10_000)
+    return p
+
+
+def start_web(site, name: str, *args: str, env: dict | None = None) -> str:
+    """`livehist web` as a managed process of the site (stopped by the site's teardown too)."""
+    port = free_port()
+    proc = Managed(site.state_dir, name)
+    proc.start([sys.executable, "-m", "livehist.cli", "web", "--port", str(port), *args],
+               env=dict(env or os.environ, TANGO_HOST=site.tango_host))  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+
+    def answers():
+        assert proc.pid() is not None, f"livehist web exited:\n{proc.log_tail()}"
+        try:
+            with urllib.request.urlopen(url + "api/info", timeout=2):
+                return True
+        except OSError:
+            return False
+
+    wait_for(answers, 60, "livehist web to answer")
+    return url
+
+
+@pytest.fixture(scope="module")
+def web(site):
+    url = start_web(site, "web-control", "--control-token", TOKEN)
+    yield url
+    Managed(site.state_dir, "web-control").stop()
+
+
+@pytest.fixture(scope="module")
+def web_ro(site):
+    url = start_web(site, "web-readonly", DEV, META, env={k: v for k, v in os.environ.items()
+                                                           if k != "LIVEHIST_WEB_TOKEN"})  # fmt: skip
+    yield url
+    Managed(site.state_dir, "web-readonly").stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), "chromium is missing: run scripts/system-deps.sh (make test does)"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    ctx = browser.new_context(viewport={"width": 1300, "height": 1000})
+    pg = ctx.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.errors = errors
+    yield pg
+    ctx.close()
+    assert not errors, errors  # no script error in the page, whatever the test did
+
+
+def running(site) -> tango.DeviceProxy:
+    h = proxy(site)
+    if h.state() not in (tango.DevState.RUNNING, tango.DevState.ALARM):
+        h.Start()
+    return h
+
+
+def paints(page, name: str, device: str = DEV) -> int:
+    return page.evaluate(f"() => livehist.paints[{json.dumps(device + chr(0) + name)}] || 0")
+
+
+def state_shown(page, device: str = DEV) -> str:
+    return page.locator(f'section[data-device="{device}"][data-kind="status"] .state').inner_text()
+
+
+def post(url: str, path: str, body: dict, token: str | None = None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["X-Livehist-Token"] = token
+    req = urllib.request.Request(url + path, json.dumps(body).encode(), headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+# --- in the browser -----------------------------------------------------------------------
+def test_page_shows_live_changing_plots_with_tof_axis_counters_and_metadata(site, web, page):
+    h = running(site)
+    h.Reset()
+    page.goto(web)
+    wait_for(lambda: paints(page, "tof") >= 3 and paints(page, "image") >= 3, 60, "tof and image painted")
+    tof = page.locator(f'section[data-device="{DEV}"][data-name="tof"] canvas')
+    image = page.locator(f'section[data-device="{DEV}"][data-name="image"] canvas')
+    first = (tof.screenshot(), image.screenshot())
+    n = paints(page, "image")
+    wait_for(lambda: paints(page, "image") >= n + 3, 30, "three more image paints")
+    second = (tof.screenshot(), image.screenshot())
+    assert first[0] != second[0] and first[1] != second[1]  # live: both plots changed
+    from io import BytesIO
+
+    import matplotlib.image
+
+    for png in second:
+        pixels = matplotlib.image.imread(BytesIO(png), format="png")
+        assert pixels[..., :3].std() > 0.05  # drawn, not blank
+    # the TOF axis is the device's edges in its unit; the image is the device's 300x300 preview
+    cfg = page.evaluate(f"() => livehist.configs[{json.dumps(DEV)}].histograms")
+    by_name = {c["name"]: c for c in cfg}
+    assert by_name["tof"]["unit"] == "us" and by_name["tof"]["edges"] == list(h.tof_edges)
+    assert by_name["image"]["factor"] == 2
+    assert page.evaluate(f"() => livehist.data[{json.dumps(DEV + chr(0) + 'image')}].h.shape") == [300, 300]
+    assert state_shown(page) == "RUNNING"
+    count = page.locator('[data-counter="EventCount"]').inner_text()
+    assert int(count.replace(",", "")) > 0
+    assert page.locator('[data-meta="proposal"]').inner_text() == "20260042"
+    assert page.locator('[data-meta="sample"]').inner_text() == "Si"
+    age = float(page.locator('[data-counter="age"]').inner_text())
+    assert 0 <= age < 5  # seconds since the data on screen left the device
+    # log scales redraw differently
+    page.locator('section[data-name="tof"] select[data-scale]').select_option("log")
+    page.locator('section[data-name="image"] select[data-scale]').select_option("linear")
+    wait_for(lambda: paints(page, "image") >= n + 6, 30, "more paints")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web.png"))  # docs/web.png is one of these
+    lat = page.evaluate("() => livehist.latencies.map(l => l.ms)")
+    assert lat and min(lat) > -50  # timestamps are the device's publish times (same clock here)
+
+
+def test_roi_drawn_with_the_mouse_appears_on_the_device(site, web, page):
+    h = running(site)
+    page.goto(web + f"?token={TOKEN}")
+    wait_for(lambda: paints(page, "image") >= 2, 60, "image painted")
+
+    def drag(row0: int, col0: int, row1: int, col1: int) -> None:
+        """Drag the mouse over the image from one detector pixel to another."""
+        box = page.locator(f'section[data-device="{DEV}"][data-name="image"] canvas').bounding_box()
+        inner = page.evaluate("() => livehist.panels.find(p => p.name === 'image').box")
+        x0, y0 = box["x"] + inner["x"], box["y"] + inner["y"]
+        scale = inner["w"] / 300 / 2  # screen pixels per detector pixel (preview factor 2)
+        page.mouse.move(x0 + col0 * scale, y0 + row0 * scale)
+        page.mouse.down()
+        page.mouse.move(x0 + col1 * scale, y0 + row1 * scale, steps=5)
+        page.mouse.up()
+
+    drag(200, 100, 300, 250)
+
+    def on_device():
+        specs = {s["name"]: s for s in json.loads(h.HistogramConfig)}
+        return specs.get("roi_1")
+
+    roi = wait_for(on_device, 30, "roi_1 on the device")
+    assert roi["kind"] == "roi" and roi["pixels"]["shape"] == [600, 600]
+    (r0, r1), (c0, c1) = roi["roi"]["rows"], roi["roi"]["cols"]
+    assert abs(r0 - 200) <= 3 and abs(r1 - 300) <= 3 and abs(c0 - 100) <= 3 and abs(c1 - 250) <= 3
+    assert roi["tof"]["unit"] == "us"  # the device's TOF axis
+    wait_for(lambda: paints(page, "roi_1") >= 2, 60, "the new ROI's spectrum in the page")
+    assert int(h.roi_1_total) >= 0 and h.roi_1.shape == (1000,)
+    # a name the device already uses for another kind: refused, the page says why, nothing changed
+    before = h.HistogramConfig
+    page.locator("input[data-roi-name]").fill("tof")
+    drag(20, 20, 60, 60)
+    wait_for(lambda: "already the name" in page.locator("#message").inner_text(), 30, "the error shown")
+    assert h.HistogramConfig == before
+    # the device's own refusal comes back word for word
+    status, answer = post(web, "api/roi", {"device": DEV, "image": "image", "name": "roi_x",
+                                           "rows": [0, 5000], "cols": [0, 10]}, TOKEN)  # fmt: skip
+    assert status == 409 and "rows" in answer["error"] and "600" in answer["error"], answer
+    assert h.HistogramConfig == before
+    h.Configure(json.dumps(HISTOGRAMS))  # back to the module's histograms
+
+
+def test_buttons_start_stop_and_reset_the_device(site, web, page):
+    h = running(site)
+    page.goto(web + f"?token={TOKEN}")
+    wait_for(lambda: state_shown(page) == "RUNNING", 60, "RUNNING shown")
+    page.locator('button[data-command="Stop"]').click()
+    wait_for(lambda: h.state() == tango.DevState.ON, 30, "the device stopped")
+    wait_for(lambda: state_shown(page) == "ON", 30, "ON shown")
+    page.locator('button[data-command="Reset"]').click()
+    wait_for(lambda: h.EventCount == 0, 30, "the device reset")
+    page.locator('button[data-command="Start"]').click()
+    wait_for(lambda: h.state() == tango.DevState.RUNNING, 30, "the device started")
+    page.locator('button[data-command="Start"]').click()  # again: the device refuses, the page says so
+    wait_for(lambda: "Start is not allowed" in page.locator("#message").inner_text(), 30, "the refusal shown")
+
+
+def test_read_only_refuses_control(site, web, web_ro, page):
+    h = running(site)
+    page.goto(web_ro)
+    wait_for(lambda: paints(page, "image") >= 1, 60, "image painted")
+    assert page.locator("#mode").inner_text() == "read-only"
+    for cmd in ("Start", "Stop", "Reset"):
+        assert page.locator(f'button[data-command="{cmd}"]').is_disabled()
+    before = h.HistogramConfig
+    # a rectangle drawn in read-only mode is refused, and the page says how to allow it
+    canvas = page.locator('section[data-name="image"] canvas').bounding_box()
+    page.mouse.move(canvas["x"] + 30, canvas["y"] + 30)
+    page.mouse.down()
+    page.mouse.move(canvas["x"] + 90, canvas["y"] + 90, steps=3)
+    page.mouse.up()
+    wait_for(lambda: "read-only" in page.locator("#message").inner_text(), 30, "the refusal shown")
+    for body, path in (({"device": DEV, "command": "Stop"}, "api/command"),
+                       ({"device": DEV, "image": "image", "name": "r", "rows": [0, 5], "cols": [0, 5]}, "api/roi")):  # fmt: skip
+        status, answer = post(web_ro, path, body, TOKEN)
+        assert status == 403 and "--control-token" in answer["error"]
+    assert h.state() == tango.DevState.RUNNING and h.HistogramConfig == before
+    # with a token configured: a wrong or missing token is refused too
+    for token in (None, "wrong-token-123", TOKEN + "x"):
+        status, answer = post(web, "api/command", {"device": DEV, "command": "Stop"}, token)
+        assert status == 401 and "token" in answer["error"]
+    assert h.state() == tango.DevState.RUNNING
+    # a right token cannot reach a device the view does not follow, nor run other commands
+    assert post(web, "api/command", {"device": "sys/tg_test/1", "command": "Init"}, TOKEN)[0] == 404
+    assert post(web, "api/command", {"device": DEV, "command": "Init"}, TOKEN)[0] == 400
+    assert post(web, "api/roi", {"device": DEV, "image": "image", "name": "1bad", "rows": [0, 5],
+                                 "cols": [0, 5]}, TOKEN)[0] == 400  # fmt: skip
+    assert post(web, "api/roi", {"device": DEV, "image": "image", "name": "ok", "rows": [0.5, 5],
+                                 "cols": [0, 5]}, TOKEN)[0] == 400  # fmt: skip
+    assert h.state() == tango.DevState.RUNNING and h.HistogramConfig == before
+
+
+def test_a_device_restart_shows_down_then_recovers(site, web, page):
+    running(site)
+    page.goto(web)
+    wait_for(lambda: state_shown(page) == "RUNNING", 60, "RUNNING shown")
+    os.kill(Managed(site.state_dir, "EventHistogrammer-webtest").pid(), signal.SIGKILL)
+    wait_for(lambda: state_shown(page) == "DOWN", 30, "DOWN shown")
+    assert page.locator(f'section[data-device="{META}"] .state').inner_text() != "DOWN"  # the others go on
+    control.up(site.tango_host, site.config_path, site.state_dir, say=lambda s: None)
+    running(site)
+    wait_for(lambda: state_shown(page) == "RUNNING", 60, "RUNNING shown again")
+    n = paints(page, "image")
+    wait_for(lambda: paints(page, "image") >= n + 5, 60, "images flowing again")
+
+
+FROZEN = r"""
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+print("connected", flush=True)
+time.sleep(3600)  # never reads a byte
+"""
+
+
+def test_a_frozen_browser_drops_frames_alone(site, web, page):
+    h = running(site)
+    port = web.rsplit(":", 1)[1].strip("/")
+    frozen = subprocess.Popen([sys.executable, "-c", FROZEN, port], stdout=subprocess.PIPE, text=True)
+    try:
+        assert frozen.stdout.readline().strip() == "connected"
+        page.goto(web)
+        wait_for(lambda: paints(page, "image") >= 2, 60, "image painted")
+        time.sleep(3)  # the frozen client's socket buffers fill up
+        counter, n, t0 = h.UpdateCounter, paints(page, "image"), time.monotonic()
+        time.sleep(4)
+        took = time.monotonic() - t0
+        painted = (paints(page, "image") - n) / took
+        published = (h.UpdateCounter - counter) / took
+        assert published >= 3  # the device publishes on at its 5/s
+        assert painted >= 2  # and this browser keeps drawing
+        with urllib.request.urlopen(web + "api/stats", timeout=10) as r:
+            clients = json.loads(r.read())["clients"]
+        stuck = max(clients, key=lambda c: c["dropped"])
+        assert stuck["dropped"] > 10 and stuck["waiting"] <= 10  # it drops, and what waits is bounded
+    finally:
+        frozen.kill()
+        frozen.wait()
+
+
+# --- without a browser ----------------------------------------------------------------------
+def test_frames_round_trip_any_shape_and_odd_headers():
+    for array in (np.arange(7, dtype=np.int64), np.arange(12, dtype=np.int32).reshape(3, 4), None):
+        header = {"kind": "x", "device": "a/b/c", "name": "é ü 中", "rate": np.float64(1.5), "n": np.int64(3)}
+        h, back = frames.decode(frames.encode(header, array))
+        assert h["name"] == "é ü 中" and h["rate"] == 1.5 and h["n"] == 3 and h["t_sent"] > 0
+        if array is None:
+            assert back is None
+        else:
+            assert back.shape == array.shape and np.array_equal(back, array)
+            assert (back.dtype == np.float32) == (array.ndim == 2)
+            start = len(frames.encode(header, array)) - back.nbytes
+            assert start % 8 == 0  # typed arrays in the page need the alignment
+
+
+def test_a_client_that_does_not_read_is_bounded_and_the_others_get_everything():
+    async def scenario():
+        hub = Hub(asyncio.get_running_loop())
+        slow, fast = hub.join(), hub.join()
+        got = []
+        for i in range(1000):
+            hub.publish(("d/e/v", "image"), b"%d" % i)
+            hub.publish(("d/e/v", "status"), b"s%d" % i)
+            got.append(await fast.next_frame())
+            got.append(await fast.next_frame())
+        assert len(got) == 2000 and got[-2:] == [b"999", b"s999"]
+        assert len(slow.waiting) == 2 and slow.dropped == 1998
+        assert [await slow.next_frame(), await slow.next_frame()] == [b"999", b"s999"]  # the newest only
+        late = hub.join()  # a browser that connects later gets the latest of everything at once
+        assert len(late.waiting) == 2
+
+    # in a thread of its own: Playwright's sync API keeps an event loop running in this one
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, scenario()).result(timeout=60)
+
+
+def test_layouts_from_json_and_yaml_and_their_errors(tmp_path):
+    y = tmp_path / "l.yaml"
+    y.write_text("title: SANS2D\ncolumns: 3\npanels:\n  - {device: a/b/1, show: status, width: 3}\n"
+                 "  - {device: a/b/1, show: tof, scale: log}\n  - device: a/b/1\n")  # fmt: skip
+    lay = load_layout(y)
+    assert lay.title == "SANS2D" and lay.columns == 3 and lay.devices == ["a/b/1"]
+    assert [p.show for p in lay.panels] == ["status", "tof", "histograms"] and lay.panels[1].scale == "log"
+    j = tmp_path / "l.json"
+    j.write_text(json.dumps(lay.to_json()))
+    assert load_layout(j) == lay
+    bad = {
+        "[1, 2]": "must be a mapping",
+        "panels: []": "panels must be a non-empty list",
+        "columns: 9\npanels: [{device: a/b/c}]": "columns must be an integer from 1 to 4, got 9",
+        "panels: [{device: abc}]": "panels[0].device must be a Tango device name",
+        "panels: [{device: a/b/c, scale: huge}]": "panels[0].scale must be linear or log, got 'huge'",
+        "panels: [{device: a/b/c, width: 3}]": "panels[0].width must be an integer from 1 to columns (2), got 3",
+        "panels: [{device: a/b/c, colour: red}]": "unknown key(s) ['colour']",
+        "panels: [{device: a/b/c}]\nextra: 1": "unknown key(s) ['extra']",
+        "panels: [{device: a/b/c": "not valid YAML",
+    }
+    for text, message in bad.items():
+        y.write_text(text)
+        with pytest.raises(LayoutError) as err:
+            load_layout(y)
+        assert message in str(err.value) and str(y) in str(err.value), (text, str(err.value))
+    with pytest.raises(LayoutError, match="cannot read"):
+        load_layout(tmp_path / "missing.yaml")
+    with pytest.raises(LayoutError, match="must be a string"):
+        parse_layout({"title": 5, "panels": [{"device": "a/b/c"}]})
+
+
+def test_livehist_web_refuses_bad_input_with_clear_messages(site, tmp_path):
+    env = dict(os.environ, TANGO_HOST=site.tango_host)
+    env.pop("LIVEHIST_WEB_TOKEN", None)
+    taken = Managed(site.state_dir, "web-control").record()
+    cases = [
+        (["--port", "0"], "--port must be from 1 to 65535, got 0"),
+        (["--port", "70000"], "--port must be from 1 to 65535, got 70000"),
+        (["--bind", "no.such.host.invalid"], "--bind 'no.such.host.invalid' is not an address"),
+        (["no/such/device"], "device 'no/such/device' is not in the Tango DB"),
+        (["sys/tg_test/1"], "is a TangoTest; livehist web shows EventHistogrammer"),
+        (["not-a-device"], "device names are domain/family/member, got 'not-a-device'"),
+        (["--control-token", "short"], "at least 8 characters"),
+        (["--layout", str(tmp_path / "none.yaml")], "cannot read it"),
+        (["--tango-host", "nohost"], "Tango host must be HOST:PORT, got 'nohost'"),
+    ]
+    layout = tmp_path / "l.yaml"
+    layout.write_text(f"panels: [{{device: {DEV}}}]\n")
+    cases.append((["--layout", str(layout), DEV], "either on the command line or in --layout"))
+    if taken:  # the port of the running web view
+        port = next(a for a in taken["argv"][taken["argv"].index("--port") + 1 :])
+        cases.append((["--port", port, DEV], f"cannot listen on 127.0.0.1:{port}"))
+    for args, message in cases:
+        out = run_cli("web", *args, env=env, timeout=60)
+        assert out.returncode == 1 and message in out.stderr, (args, out.stderr)
+        assert "Traceback" not in out.stderr
+    empty = dict(env, TANGO_HOST=f"127.0.0.1:{free_port()}")
+    out = run_cli("web", env=empty, timeout=120)
+    assert out.returncode == 1 and "no Tango DB answers" in out.stderr, out.stderr
+
+
+def test_web_follows_a_layout_file_and_a_device_that_is_down(site, page, tmp_path):
+    """A layout naming one histogram and a second device whose server is not running."""
+    db = tango.Database(*site.host_port)
+    info = tango.DbDevInfo()
+    info.name, info._class, info.server = (
+        "webtest/histogrammer/2",
+        "EventHistogrammer",
+        "EventHistogrammer/nowhere",
+    )
+    db.add_device(info)
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps({"title": "beamline ü", "columns": 1, "panels": [
+        {"device": DEV, "show": "image", "scale": "linear"},
+        {"device": "webtest/histogrammer/2", "show": "status"}]}))  # fmt: skip
+    running(site)
+    url = start_web(site, "web-layout", "--layout", str(layout))
+    try:
+        page.goto(url)
+        wait_for(lambda: paints(page, "image") >= 2, 60, "image painted")
+        assert page.title() == "beamline ü"
+        assert (
+            page.locator("section.panel").count() == 2
+            and page.locator('section[data-name="tof"]').count() == 0
+        )
+        wait_for(lambda: state_shown(page, "webtest/histogrammer/2") == "DOWN", 30, "the absent device DOWN")
+    finally:
+        Managed(site.state_dir, "web-layout").stop()
+        db.delete_device("webtest/histogrammer/2")
