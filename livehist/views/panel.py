@@ -107,6 +107,9 @@ def _make_panel_class():
 
             self.tof_plot = TaurusPlot()
             layout.addWidget(self.tof_plot, 1, 0)
+            self.log_y = Qt.QCheckBox("log y")
+            self.log_y.toggled.connect(self._set_log_y)
+            top.addWidget(self.log_y)
             self.image_view = pg.PlotWidget(title="detector image")
             self.image_item = pg.ImageItem(axisOrder="row-major")
             self.image_view.addItem(self.image_item)
@@ -163,8 +166,16 @@ def _make_panel_class():
             spectra = [s["name"] for s in specs if s.get("kind") == "tof"]
             rois = [s["name"] for s in specs if s.get("kind") == "roi"]
             images = [s["name"] for s in specs if s.get("kind") in ("image", "pixel_tof")]
-            self.tof_plot.setModel([f"{self.device}/{n}" for n in spectra])
-            self.roi_plot.setModel([f"{self.device}/{n}" for n in rois])
+            # x: the N+1 bin edges in the TOF unit (the PNGs' axis), y: the N counts, drawn as steps
+            self.tof_plot.setModel([(f"{self.device}/{n}_edges", f"{self.device}/{n}") for n in spectra])
+            self.roi_plot.setModel([(f"{self.device}/{n}_edges", f"{self.device}/{n}") for n in rois])
+            units = {s["name"]: (s.get("tof") or {}).get("unit", "ns") for s in specs}
+            for plot, names in ((self.tof_plot, spectra), (self.roi_plot, rois)):
+                for item in plot.getPlotItem().listDataItems():
+                    item.opts["stepMode"] = "center"
+                unit = ", ".join(sorted({units[n] for n in names}))  # in the text: no SI re-prefixing of "us"
+                plot.setLabel("bottom", f"time of flight ({unit})" if unit else "time of flight")
+                plot.setLabel("left", "counts")
             if images:
                 import tango
 
@@ -178,6 +189,10 @@ def _make_panel_class():
                     print(f"image: {source}", flush=True)
                 self._subscribe_image(source)
                 self.image_view.setTitle(f"{images[0]} (counts)")
+
+        def _set_log_y(self, on: bool) -> None:
+            for plot in (self.tof_plot, self.roi_plot):
+                plot.getPlotItem().setLogMode(y=on)
 
         def _on_state(self, src, evt_type, evt_value) -> None:
             """Follow the device's state; `--trace` prints each change (DOWN when it is gone)."""

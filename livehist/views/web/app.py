@@ -60,7 +60,8 @@ def create_app(service: Service) -> Starlette:
     async def lifespan(app):
         service.hub = Hub(asyncio.get_running_loop())
         for name, (url, cls) in service.devices.items():
-            f = Follower(name, url, cls, service.hub.publish_threadsafe, service.max_rate)
+            f = Follower(name, url, cls, service.hub.publish_threadsafe, service.max_rate,
+                         watched=lambda: bool(service.hub.clients))  # fmt: skip
             f.start()
             service.followers.append(f)
         try:
@@ -85,6 +86,8 @@ def create_app(service: Service) -> Starlette:
     async def stream(ws: WebSocket) -> None:
         await ws.accept()
         client = service.hub.join()
+        for f in service.followers:
+            f.kick()  # its frames may be old: the newcomer gets current ones
 
         async def send() -> None:
             while True:

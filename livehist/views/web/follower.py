@@ -57,9 +57,11 @@ def _error_text(exc: Exception) -> str:
 class Follower(threading.Thread):
     """Follows one device (`url`: tango://HOST:PORT/dev/name) until `stop()`."""
 
-    def __init__(self, device: str, url: str, dev_class: str, emit: Emit, max_rate: float = 10.0) -> None:
+    def __init__(self, device: str, url: str, dev_class: str, emit: Emit, max_rate: float = 10.0,
+                 watched: Callable[[], bool] = lambda: True) -> None:  # fmt: skip
         super().__init__(name=f"livehist-web {device}", daemon=True)
         self.device, self.url, self.dev_class, self.emit = device, url, dev_class, emit
+        self.watched = watched  # histograms are read only while a browser looks
         self.min_interval = 1.0 / max_rate
         self._wake = threading.Condition()
         self._stopped = False
@@ -82,6 +84,12 @@ class Follower(threading.Thread):
         with self._wake:
             self._t_pub = event.attr_value.time.totime()
             self._last_event = time.monotonic()
+            self._kicked = True
+            self._wake.notify()
+
+    def kick(self) -> None:
+        """Read the histograms now (a browser arrived and wants current data)."""
+        with self._wake:
             self._kicked = True
             self._wake.notify()
 
@@ -109,7 +117,7 @@ class Follower(threading.Thread):
                         break
                     now = time.monotonic()
                     due_read = self._kicked and now >= next_read
-                    t_pub = self._t_pub
+                    t_pub = self._t_pub if self._t_pub is not None else time.time()
                     if due_read:
                         self._kicked = False
                 try:
@@ -118,9 +126,9 @@ class Follower(threading.Thread):
                         moved = self._heartbeat()
                         if moved and not due_read and now - self._last_event > 2 * HEARTBEAT:
                             due_read, t_pub = True, time.time()  # no event came: read on our own
-                    if due_read and self._proxy is not None and self._sources:
+                    if due_read and self._proxy is not None and self._sources and self.watched():
                         next_read = time.monotonic() + self.min_interval  # at most max_rate reads/s
-                        self._read_histograms(t_pub or time.time())
+                        self._read_histograms(t_pub)
                 except Exception as exc:  # the device went away mid-read, or anything else: DOWN
                     self._down(exc)
             self._unsubscribe()
