@@ -104,17 +104,16 @@ def _ingest(p, producer_seconds: float, sessions: int, browser, url: str | None)
         p.Init()
         p.Reset()
         p.Start()
-        for _ in range(sessions):
-            ctx = browser.new_context(viewport={"width": 1300, "height": 1000})
+        ctx = browser.new_context(viewport={"width": 1300, "height": 1000}) if sessions else None
+        for _ in range(sessions):  # one WebSocket session per page, as many tabs or users would be
             page = ctx.new_page()
             page.goto(url)
-            pages.append((ctx, page))
-            print("page", len(pages), flush=True)
+            pages.append(page)
         time.sleep(4.0)  # the pages open and draw (the same wait without them)
-        before = [pg.evaluate(PAINTS) for _, pg in pages]
+        before = [pg.evaluate(PAINTS) for pg in pages]
         t0 = time.monotonic()
         sent, took = producer.run(lambda: p.EventCount, lambda: p.DroppedMessageCount)
-        painted = [pg.evaluate(PAINTS) for _, pg in pages]
+        painted = [pg.evaluate(PAINTS) for pg in pages]
         paint_rate = (
             float(np.mean([b - a for a, b in zip(before, painted, strict=True)])) / (time.monotonic() - t0)
             if pages
@@ -124,8 +123,8 @@ def _ingest(p, producer_seconds: float, sessions: int, browser, url: str | None)
         counted = p.EventCount
         return counted / took, counted == sent["events"] and p.DroppedMessageCount == 0, paint_rate
     finally:
-        for ctx, _ in pages:
-            ctx.close()
+        if pages:
+            pages[0].context.close()
         producer.close()
 
 
