@@ -267,6 +267,7 @@ def test_demo_runs_the_whole_chain(sardana_site, tmp_path):
     assert picture.shape[0] > 300 and picture[..., :3].std() > 0.05  # drawn, not blank
     assert any("spock> ascan mot01 0 10 10 0.1" in ln for ln in lines)
     assert sum(ln.startswith("  ok  ") for ln in lines) == 3
+    assert any("open http://127.0.0.1:8050/ to watch" in ln for ln in lines)
     scan = specfile.Specfile(str(folder / "demo.spec"))[0]
     assert scan.lines() == 11 and scan.nbmca() == 11
     summary = json.loads((folder / "dataset.json").read_text())

@@ -344,6 +344,26 @@ def test_a_frozen_browser_drops_frames_alone(site, web, page):
         frozen.wait()
 
 
+def test_start_background_leaves_the_web_view_running_until_down(site):
+    """What `livehist demo --web` does: a managed process that `livehist down` stops."""
+    from livehist.site.process import managed_processes
+    from livehist.views.web import WEB_PROCESS, start_background
+
+    port = free_port()
+    url = start_background(site, port, say=lambda s: None)
+    try:
+        assert url == f"http://127.0.0.1:{port}/"
+        with urllib.request.urlopen(url + "api/info", timeout=10) as r:
+            info = json.loads(r.read())
+        assert info["control"] is False and set(info["devices"]) == {DEV, META}
+        assert WEB_PROCESS in {p.name for p in managed_processes(site.state_dir)}  # `down` stops it
+        assert start_background(site, port, say=lambda s: None) == url  # a second call reuses it
+    finally:
+        assert Managed(site.state_dir, WEB_PROCESS).stop()
+    with pytest.raises(Exception):
+        urllib.request.urlopen(url + "api/info", timeout=5)
+
+
 # --- without a browser ----------------------------------------------------------------------
 def test_frames_round_trip_any_shape_and_odd_headers():
     for array in (np.arange(7, dtype=np.int64), np.arange(12, dtype=np.int32).reshape(3, 4), None):

@@ -332,6 +332,20 @@ const VIRIDIS = (() => {
   return lut;
 })();
 
+let BAR = null;
+function colourBar() {
+  if (!BAR) {
+    BAR = document.createElement("canvas"); BAR.width = 1; BAR.height = 256;
+    const c = BAR.getContext("2d"), img = c.createImageData(1, 256);
+    for (let i = 0; i < 256; i++) {
+      const k = (255 - i) * 3;
+      img.data.set([VIRIDIS[k], VIRIDIS[k + 1], VIRIDIS[k + 2], 255], i * 4);
+    }
+    c.putImageData(img, 0, 0);
+  }
+  return BAR;
+}
+
 function drawImage(p, d, hc) {
   const [ny, nx] = d.h.shape, v = d.array, log = p.scale === "log";
   let max = 0;
@@ -353,13 +367,9 @@ function drawImage(p, d, hc) {
   ctx.imageSmoothingEnabled = false;
   p.box = { x: 4, y: 4, w: nx * sx, h: ny * sx, nx, ny };
   ctx.drawImage(p.off, p.box.x, p.box.y, p.box.w, p.box.h);
-  // colour bar
+  // colour bar: one 1x256 strip made once, stretched
   const bx = p.box.x + p.box.w + 12, bh = p.box.h;
-  for (let i = 0; i < bh; i++) {
-    const c = Math.round((1 - i / bh) * 255) * 3;
-    ctx.fillStyle = `rgb(${VIRIDIS[c]},${VIRIDIS[c + 1]},${VIRIDIS[c + 2]})`;
-    ctx.fillRect(bx, p.box.y + i, 12, 1);
-  }
+  ctx.drawImage(colourBar(), bx, p.box.y, 12, bh);
   ctx.fillStyle = "#374151"; ctx.font = "11px system-ui, sans-serif"; ctx.textAlign = "left";
   ctx.textBaseline = "top"; ctx.fillText(fmt(max), bx + 15, p.box.y);
   ctx.textBaseline = "bottom"; ctx.fillText("0", bx + 15, p.box.y + bh);
