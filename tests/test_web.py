@@ -35,6 +35,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
 DEV = "webtest/histogrammer/1"
 META = "webtest/metadata/1"
+FAULTY = "webtest/histogrammer/3"  # a bad EventSource: FAULT, with no histograms
 TOKEN = "s3cret-token-for-tests"
 HISTOGRAMS = [
     {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 72000, "bins": 1000, "unit": "us"}},
@@ -58,7 +59,9 @@ def site(sites, tmp_path_factory):
     props = {"EventSource": ["sim://?rate=1e6&seed=3&shape=600x600"], "PublishPeriod": ["0.2"],
              "Histograms": [json.dumps(HISTOGRAMS)]}  # fmt: skip
     config = {"servers": {
-        "EventHistogrammer": {"webtest": {"EventHistogrammer": {DEV: {"properties": props}}}},
+        "EventHistogrammer": {"webtest": {"EventHistogrammer": {DEV: {"properties": props}}},
+                              "webfault": {"EventHistogrammer": {FAULTY: {"properties": {
+                                  "EventSource": ["bogus://nowhere"]}}}}},
         "MetadataManager": {"webtest": {"MetadataManager": {META: {"properties": {
             "DefaultDataRoot": [str(data)]}}}}}}}  # fmt: skip
     s = sites.up(config)
@@ -185,6 +188,9 @@ def test_page_shows_live_changing_plots_with_tof_axis_counters_and_metadata(site
     assert by_name["image"]["factor"] == 2
     assert page.evaluate(f"() => livehist.data[{json.dumps(DEV + chr(0) + 'image')}].h.shape") == [300, 300]
     assert state_shown(page) == "RUNNING"
+    wait_for(lambda: state_shown(page, FAULTY) == "FAULT", 30, "the faulty device's FAULT")
+    fault = page.locator(f'section[data-device="{FAULTY}"][data-kind="status"] .status-text').inner_text()
+    assert "bogus" in fault  # the device's own reason
     count = page.locator('[data-counter="EventCount"]').inner_text()
     assert int(count.replace(",", "")) > 0
     assert page.locator('[data-meta="proposal"]').inner_text() == "20260042"
@@ -355,7 +361,7 @@ def test_start_background_leaves_the_web_view_running_until_down(site):
         assert url == f"http://127.0.0.1:{port}/"
         with urllib.request.urlopen(url + "api/info", timeout=10) as r:
             info = json.loads(r.read())
-        assert info["control"] is False and set(info["devices"]) == {DEV, META}
+        assert info["control"] is False and set(info["devices"]) == {DEV, META, FAULTY}
         assert WEB_PROCESS in {p.name for p in managed_processes(site.state_dir)}  # `down` stops it
         assert start_background(site, port, say=lambda s: None) == url  # a second call reuses it
     finally:

@@ -180,13 +180,23 @@ class Follower(threading.Thread):
             self.emit((self.device, "metadata"), encode({"kind": "metadata", "device": self.device,
                                                          "state": state, "status": status, "metadata": meta}))  # fmt: skip
             return False
-        config = self._proxy.read_attribute("HistogramConfig").value
-        if config != self._config:
-            self._configure(config)
-        values = self._proxy.read_attributes(["State", "Status", *COUNTERS])
-        state, status = str(values[0].value), values[1].value
+        import tango
+
+        state, status = str(self._proxy.state()), self._proxy.status()  # answer even in FAULT
+        try:
+            config = self._proxy.read_attribute("HistogramConfig").value
+            if config != self._config:
+                self._configure(config)
+            values = self._proxy.read_attributes(COUNTERS)
+        except tango.DevFailed as exc:  # up but unusable (FAULT: a bad property): say why, show no data
+            if state not in ("FAULT", "UNKNOWN"):
+                raise
+            self._state = state
+            self.emit((self.device, "status"), encode({"kind": "status", "device": self.device, "state": state,
+                                                       "status": status or _error_text(exc), "counters": {}}))  # fmt: skip
+            return False
         counters = {a: (_number(v.value) if not v.has_failed else None)
-                    for a, v in zip(COUNTERS, values[2:], strict=True)}  # fmt: skip
+                    for a, v in zip(COUNTERS, values, strict=True)}  # fmt: skip
         counter = counters.get("UpdateCounter")
         moved = self._last_counter is not None and counter != self._last_counter
         if self._read_counter is None:
