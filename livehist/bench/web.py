@@ -107,8 +107,10 @@ def _ingest(p, producer_seconds: float, sessions: int, browser, url: str | None)
         ctx = browser.new_context(viewport={"width": 1300, "height": 1000}) if sessions else None
         for _ in range(sessions):  # one WebSocket session per page, as many tabs or users would be
             page = ctx.new_page()
-            page.goto(url)
+            page.goto(url, wait_until="domcontentloaded", timeout=120_000)  # a loaded machine is slow
             pages.append(page)
+        for page in pages:
+            page.wait_for_function("() => window.livehist && livehist.frames > 0", timeout=120_000)
         time.sleep(4.0)  # the pages open and draw (the same wait without them)
         before = [pg.evaluate(PAINTS) for pg in pages]
         t0 = time.monotonic()
@@ -147,7 +149,8 @@ def web_figures(row, quick: bool = False) -> None:
             window = 3.0 if quick else 8.0
             ctx = browser.new_context(viewport={"width": 1300, "height": 1000})
             page = ctx.new_page()
-            page.goto(url)
+            page.goto(url, wait_until="domcontentloaded", timeout=120_000)
+            page.wait_for_function("() => window.livehist && livehist.frames > 0", timeout=120_000)
             time.sleep(3.0)
             paint: list[dict] = []
             plain: list[float] = []
@@ -209,9 +212,11 @@ def web_figures(row, quick: bool = False) -> None:
 def main() -> None:  # `python -m livehist.bench.web [--quick]`: these two rows alone
     from livehist.bench.common import ROWS, _row
 
-    web_figures(_row, quick="--quick" in sys.argv)
-    for r in ROWS:
-        print(json.dumps(r))
+    try:
+        web_figures(_row, quick="--quick" in sys.argv)
+    finally:
+        for r in ROWS:
+            print(json.dumps(r))
 
 
 if __name__ == "__main__":
