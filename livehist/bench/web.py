@@ -94,7 +94,9 @@ def _plain_client_latencies(url: str, seconds: float) -> list[float]:
     return out
 
 
-def _ingest(p, producer_seconds: float, sessions: int, browser, url: str | None) -> tuple[float, bool, float]:
+def _ingest(
+    p, producer_seconds: float, sessions: int, browser, url: str | None
+) -> tuple[float, bool, float, int]:
     """Events/s while `sessions` pages show the device (0: no page), lossless?, page paints/s."""
     producer = Producer(producer_seconds)
     pages = []
@@ -109,8 +111,9 @@ def _ingest(p, producer_seconds: float, sessions: int, browser, url: str | None)
             page = ctx.new_page()
             page.goto(url, wait_until="domcontentloaded", timeout=120_000)  # a loaded machine is slow
             pages.append(page)
-        for page in pages:
-            page.wait_for_function("() => window.livehist && livehist.frames > 0", timeout=120_000)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(pg.evaluate(PAINTS) for pg in pages):
+            time.sleep(0.5)  # every page has drawn an image (or a minute went by: counted below)
         time.sleep(4.0)  # the pages open and draw (the same wait without them)
         before = [pg.evaluate(PAINTS) for pg in pages]
         t0 = time.monotonic()
@@ -123,7 +126,8 @@ def _ingest(p, producer_seconds: float, sessions: int, browser, url: str | None)
         )
         p.Stop()
         counted = p.EventCount
-        return counted / took, counted == sent["events"] and p.DroppedMessageCount == 0, paint_rate
+        drawing = sum(b > a for a, b in zip(before, painted, strict=True))
+        return counted / took, counted == sent["events"] and p.DroppedMessageCount == 0, paint_rate, drawing
     finally:
         if pages:
             pages[0].context.close()
@@ -199,6 +203,7 @@ def web_figures(row, quick: bool = False) -> None:
                 + ", ".join(f"{a[0]:.3g}/{b[0]:.3g}" for a, b in zip(runs["none"], runs["ten"], strict=True))
                 + f"; ratio median {np.median(ratios):.2f}, spread {min(ratios):.2f}-{max(ratios):.2f}; "
                 + "images painted per page per s: " + ", ".join(f"{r[2]:.1f}" for r in runs["ten"])
+                + "; pages drawing during the run: " + ", ".join(f"{r[3]}/10" for r in runs["ten"])
             )  # fmt: skip
             web.stop()
         finally:
