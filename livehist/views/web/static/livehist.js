@@ -332,6 +332,17 @@ const VIRIDIS = (() => {
   return lut;
 })();
 
+const LOG1P = (() => { const t = new Float32Array(65536); for (let i = 0; i < 65536; i++) t[i] = Math.log10(1 + i); return t; })();
+let RGBA = null;
+function rgbaLut() {  // one 32-bit RGBA word per colour (little-endian: bytes R, G, B, A)
+  if (!RGBA) {
+    RGBA = new Uint32Array(256);
+    const b = new Uint8Array(RGBA.buffer);
+    for (let i = 0; i < 256; i++) b.set([VIRIDIS[i * 3], VIRIDIS[i * 3 + 1], VIRIDIS[i * 3 + 2], 255], i * 4);
+  }
+  return RGBA;
+}
+
 let BAR = null;
 function colourBar() {
   if (!BAR) {
@@ -354,10 +365,12 @@ function drawImage(p, d, hc) {
     p.off = document.createElement("canvas"); p.off.width = nx; p.off.height = ny;
     p.pixels = p.off.getContext("2d").createImageData(nx, ny);
   }
-  const px = p.pixels.data, top = log ? Math.log10(1 + max) : max, k = top > 0 ? 255 / top : 0;
-  for (let i = 0; i < v.length; i++) {
-    const c = Math.min(255, Math.max(0, Math.round((log ? Math.log10(1 + Math.max(v[i], 0)) : v[i]) * k))) * 3;
-    px[i * 4] = VIRIDIS[c]; px[i * 4 + 1] = VIRIDIS[c + 1]; px[i * 4 + 2] = VIRIDIS[c + 2]; px[i * 4 + 3] = 255;
+  const top = log ? Math.log10(1 + max) : max, k = top > 0 ? 255 / top : 0;
+  const px = new Uint32Array(p.pixels.data.buffer), lut = rgbaLut();
+  for (let i = 0; i < v.length; i++) {  // counts: log10(1 + n) from a table below 65536
+    const n = v[i] > 0 ? v[i] : 0;
+    const t = log ? (n < 65536 ? LOG1P[n | 0] : Math.log10(1 + n)) : n;
+    px[i] = lut[Math.min(255, Math.round(t * k))];
   }
   p.off.getContext("2d").putImageData(p.pixels, 0, 0);
   const width = p.canvas.clientWidth || 400, bar = 70;
