@@ -458,6 +458,7 @@ def test_livehist_web_refuses_bad_input_with_clear_messages(site, tmp_path):
         (["sys/tg_test/1"], "is a TangoTest; livehist web shows EventHistogrammer"),
         (["not-a-device"], "device names are domain/family/member, got 'not-a-device'"),
         (["--control-token", "short"], "at least 8 characters"),
+        (["--control-token", "schlüssel-geheim"], "printable ASCII"),
         (["--layout", str(tmp_path / "none.yaml")], "cannot read it"),
         (["--tango-host", "nohost"], "Tango host must be HOST:PORT, got 'nohost'"),
     ]

@@ -101,6 +101,8 @@ def web(devices: list[str], port: int = 8050, bind: str = "127.0.0.1", layout: P
         raise LivehistError(
             "the control token must be at least 8 characters (it guards Start/Stop/Configure)"
         )
+    if token is not None and not (token.isascii() and token.isprintable()):
+        raise LivehistError("the control token must be printable ASCII (browsers send it in an HTTP header)")
     if layout is not None:
         lay = load_layout(layout)
         if devices:
