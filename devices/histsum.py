@@ -214,6 +214,10 @@ class HistogramSum(Device):
     def UpdateCounter(self) -> int:
         return self.hg.update_counter if self.hg else 0
 
+    @attribute(dtype=bool, doc="True while any member acquires (ALARM can also mean idle with a member down)")
+    def Acquiring(self) -> bool:
+        return self.hg.running if self.hg else False
+
     @attribute(
         dtype=(str,), max_dim_x=4096, doc="'member: STATE' per member (DOWN, MISMATCH with the reason)"
     )

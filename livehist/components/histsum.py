@@ -79,6 +79,7 @@ class Member:
     down_since: float | None = None
     kick: threading.Event = field(default_factory=threading.Event)
     connecting: threading.Lock = field(default_factory=threading.Lock)
+    reset_pending: bool = False  # down at a Reset of the sum: reset it when it answers again
 
     @property
     def answers(self) -> bool:
@@ -249,6 +250,17 @@ class HistogramSum:
         except (SpecError, ValueError, KeyError, TypeError) as exc:
             self._mark_down(m, f"not an EventHistogrammer as livehist knows it: {exc}")
             return
+        if m.reset_pending:
+            m.reset_pending = False
+            if str(values["State"]) not in (RUNNING, ALARM):  # it missed a Reset of the sum while down
+                try:
+                    self._client(m).command("Reset")
+                except MemberError as exc:
+                    m.reset_pending = True
+                    self._mark_down(m, str(exc))
+                    return
+                m.kick.set()  # its stale counts never enter the sum: read it again, cleared
+                return
         with self._lock:
             was_down = not m.answers
             m.values, m.counter, m.config, m.specs = values, counter, config, specs
@@ -454,10 +466,19 @@ class HistogramSum:
         self.refresh()
 
     def reset(self) -> None:
+        """Reset the members that answer; the others leave the sum and are reset when they answer again."""
+        self._require_answering("Reset")
         errors = self._fan_out("Reset", lambda c: c.command("Reset"))
+        with self._lock:
+            for m in self.members:
+                if not m.answers or m.name in errors:
+                    m.reset_pending = True
+                    m.values = {
+                        k: v for k, v in m.values.items() if k in ("HistogramConfig", "State", "Status")
+                    }
+                    m.counter = -1
+                    m.config = None
         self.refresh()
-        if errors:
-            raise LivehistError("Reset failed on " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
 
     def configure(self, histograms: str) -> list[HistogramSpec]:
         """Give every member the same histogram list; all or nothing."""
