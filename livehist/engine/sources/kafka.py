@@ -56,7 +56,7 @@ Key = tuple[str, int]
 
 def parse_time(raw: str, key: str, uri: str) -> int:
     """ISO 8601 (naive = local time) or Unix milliseconds, as ns since the epoch."""
-    text = raw.strip()
+    text = re.sub(r" (\d\d(:?\d\d)?)$", r"+\1", raw.strip())  # a URI's unescaped '+' arrives as ' '
     if re.fullmatch(r"-?\d+(\.\d*)?", text):
         return int(round(float(text) * 1e6))
     try:
@@ -119,6 +119,8 @@ class KafkaSource(Source):
         self.ended: str | None = None  # set when `stop` is passed: the engine ends the acquisition
         self.outside_messages = 0  # messages wholly outside [start, stop)
         self._resume: dict[Key, int] = {}
+        self._resume_ids: dict[str, str] = {}  # topic ids the resumed offsets belong to
+        self.topic_ids: dict[str, str] = {}
         self._next: dict[Key, int] = {}
         self._commit_lock = threading.Lock()
         self._commit_request: dict[Key, int] | None = None
@@ -138,6 +140,7 @@ class KafkaSource(Source):
         """A reconnect: continue where the failed source `old` stopped reading."""
         if isinstance(old, KafkaSource) and old.topics == self.topics:
             self.start_from(old.positions())
+            self._resume_ids = dict(old.topic_ids or old._resume_ids)
 
     def commit(self, offsets: dict[Key, int] | None = None) -> None:
         """Commit these offsets (default: `positions()`) for the group, from the consumer thread."""
@@ -188,6 +191,7 @@ class KafkaSource(Source):
         self._next = {}
         self._eof: dict[Key, bool] = {}
         self._passed: set[Key] = set()
+        self._recreated: set[str] = set()
         consumer = Consumer(self._config())
         try:
             try:
@@ -206,6 +210,7 @@ class KafkaSource(Source):
                     )
                     return
                 partitions += [(topic, p) for p in sorted(meta.partitions)]
+            self._check_topic_ids()
             self._last_up = time.monotonic()
             if self.group:
                 consumer.subscribe(self.topics, on_assign=self._on_assign)
@@ -215,11 +220,30 @@ class KafkaSource(Source):
         finally:
             consumer.close()
 
+    def _check_topic_ids(self) -> None:
+        """Drop resumed offsets of a topic deleted and created again: its offsets start anew."""
+        from confluent_kafka import KafkaException, TopicCollection
+        from confluent_kafka.admin import AdminClient
+
+        try:
+            admin = AdminClient({"bootstrap.servers": self.brokers, "logger": _RdLog()})
+            futures = admin.describe_topics(TopicCollection(self.topics), request_timeout=CONNECT_TIMEOUT_S)
+            self.topic_ids = {t: str(f.result(CONNECT_TIMEOUT_S).topic_id) for t, f in futures.items()}
+        except (KafkaException, Exception) as exc:  # a broker without topic ids: resume as it is
+            log.debug("no topic ids from %s: %s", self.brokers, exc)
+            return
+        for topic, old_id in self._resume_ids.items():
+            if self.topic_ids.get(topic) not in (None, old_id):
+                log.warning("topic %s was created anew on %s: reading it from its start", topic, self.brokers)
+                self._resume = {k: o for k, o in self._resume.items() if k[0] != topic}
+                self._recreated.add(topic)
+
     def _positions_for(self, consumer, keys: list[Key], group: bool = False) -> list:
         """Where each partition starts: given offsets, else `start` (offsets-for-times for a time)."""
         from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, OFFSET_INVALID, TopicPartition
 
         out = {k: TopicPartition(k[0], k[1], self._resume[k]) for k in keys if k in self._resume}
+        out.update({k: TopicPartition(k[0], k[1], OFFSET_BEGINNING) for k in keys if k[0] in self._recreated})
         rest = [k for k in keys if k not in out]
         if rest and self.start_mode == "time":
             want = [TopicPartition(t, p, max(self.start_ns // 1_000_000 - LOOKBACK_MS, 0)) for t, p in rest]
