@@ -94,6 +94,8 @@ class Snapshot:
     elapsed: float
     event_rate: float
     running: bool
+    # Kafka: {(topic, partition): (first, last)} offsets counted since Reset, taken with the counts
+    offsets: dict = field(default_factory=dict)
     taken_at: float = field(default_factory=time.time)
 
 
@@ -139,6 +141,7 @@ class Engine:
                 h.clear()
             self.events = self.messages = self.bad_messages = self.dropped_messages = 0
             self.pulses = self.foreign_messages = 0
+            self.offsets: dict[tuple[str, int], tuple[int, int]] = {}
             self._elapsed_before = 0.0
             self._started_at = time.monotonic() if self._accumulating else None
             self._preset_base = (0, 0, 0.0)
@@ -175,6 +178,8 @@ class Engine:
         old, self.source = self.source, source
         if old is not None:
             old.stop()
+            if hasattr(source, "resume_after"):  # continue where the old one stopped reading
+                source.resume_after(old)
         self.source_name = getattr(source, "source_name", None)
         source.start(self.feed)
 
@@ -218,6 +223,9 @@ class Engine:
                 return
             if self._accumulating:
                 reason = self._preset_reached()
+                source = self.source
+                if not reason and source is not None and getattr(source, "ended", None) and not len(self.queue):
+                    reason = source.ended  # e.g. Kafka's stop=TIME: everything before it is counted
                 if reason:
                     self.queue.clear()
                     source, self.source = self.source, None
@@ -269,6 +277,10 @@ class Engine:
             self.messages += 1
             self.events += len(batch)
             self.pulses += batch.pulse_time.size
+            if batch.origin is not None:
+                topic, partition, offset = batch.origin
+                first = self.offsets.get((topic, partition), (offset, offset))[0]
+                self.offsets[(topic, partition)] = (first, offset)
             now = time.monotonic()
             if now - self._rate_samples[-1][0] >= 0.05:  # samples span seconds at any message rate
                 self._rate_samples.append((now, self.events))
@@ -318,4 +330,5 @@ class Engine:
                 elapsed=self.elapsed,
                 event_rate=self.event_rate(),
                 running=self._accumulating,
+                offsets=dict(self.offsets),
             )

@@ -1,0 +1,236 @@
+"""kafka:// and re-streaming to Kafka against a real Kafka-protocol broker.
+
+The broker is the `kafka_broker` session fixture (a Tansu process of our own, or the site's
+Kafka named by $LIVEHIST_KAFKA_BROKER); tests that kill a broker get one of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import numpy as np
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from livehist.components.histogrammer import Histogrammer
+from livehist.engine import Engine
+from livehist.engine.events import EventBatch, encode_ev44
+from livehist.engine.sources import SourceError, open_source
+from livehist.engine.spec import parse_histograms
+from tests.conftest import kafka_topic
+
+T0 = 1_763_800_000_000_000_000  # ns: pulse times of the produced events
+PULSE = 71_428_571  # ns, 14 Hz
+TOF_SPEC = {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 70_000_000, "bins": 70}}
+IMAGE_SPEC = {"name": "image", "kind": "image", "pixels": {"first": 0, "shape": [16, 16]}}
+
+
+def wait_for(pred, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def pulses(first: int, n: int, per_pulse: int, seed: int) -> EventBatch:
+    """n pulses (numbered from `first`) of `per_pulse` events each, in one batch."""
+    rng = np.random.default_rng(seed)
+    tof = rng.integers(0, 70_000_000, n * per_pulse, dtype=np.int32)
+    pixel = rng.integers(0, 256, n * per_pulse, dtype=np.int32)
+    times = T0 + (first + np.arange(n, dtype=np.int64)) * PULSE
+    return EventBatch(tof, pixel, times, np.arange(n, dtype=np.int64) * per_pulse)
+
+
+def producer(broker: str) -> Producer:
+    return Producer({"bootstrap.servers": broker, "message.max.bytes": 16 * 2**20, "linger.ms": 5,
+                     "logger": logging.getLogger("tests.kafka.producer")})  # fmt: skip
+
+
+def engine_for(uri: str, specs=(TOF_SPEC, IMAGE_SPEC)) -> Engine:
+    engine = Engine(parse_histograms(list(specs)))
+    engine.start(open_source(uri))
+    return engine
+
+
+def test_exact_counts_over_four_partitions_with_malformed_and_foreign_messages(kafka_broker):
+    topic = kafka_topic(kafka_broker, 4)
+    p = producer(kafka_broker)
+    sent = []
+    for i in range(40):
+        batch = pulses(i * 3, 3, 500 + i, seed=i)
+        p.produce(topic, encode_ev44(batch, i, "det"), partition=i % 4, timestamp=int(batch.pulse_time[0] // 10**6))
+        sent.append(batch)
+        if i % 10 == 3:
+            p.produce(topic, b"\x00\x01garbage that is no flatbuffer", partition=i % 4)
+        if i % 10 == 7:  # another detector's events on the same topic: not ours
+            p.produce(topic, encode_ev44(pulses(0, 1, 99, seed=99), 0, "monitor"), partition=(i + 1) % 4)
+    p.flush(30)
+    engine = engine_for(f"kafka://{kafka_broker}/{topic}?source=det&start=earliest")
+    expected = sum(len(b) for b in sent)
+    try:
+        wait_for(lambda: engine.events >= expected and engine.bad_messages >= 4, what="every message")
+        time.sleep(0.5)  # nothing more may come
+    finally:
+        engine.stop()
+    snap = engine.snapshot()
+    tof = np.concatenate([b.tof for b in sent])
+    pixel = np.concatenate([b.pixel_id for b in sent])
+    assert snap.events == expected and snap.messages == 44 and snap.bad_messages == 4
+    assert snap.pulses == 120 and engine.foreign_messages == 4 and snap.dropped_messages == 0
+    assert np.array_equal(snap.counts["tof"], np.histogram(tof, np.linspace(0, 70_000_000, 71))[0])
+    assert np.array_equal(snap.counts["image"].ravel(), np.bincount(pixel, minlength=256))
+    # the offsets counted, per partition: what a checkpoint records
+    assert sorted(snap.offsets) == [(topic, p) for p in range(4)]
+    assert all(first == 0 and last >= 9 for first, last in snap.offsets.values())
+
+
+def iso(ns: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat()
+
+
+def test_a_time_window_counts_exactly_the_pulses_inside_it_and_ends_by_itself(kafka_broker):
+    topic = kafka_topic(kafka_broker, 2)
+    p = producer(kafka_broker)
+    everything = []
+    for i in range(30):  # 30 messages of 4 pulses: windows cut through messages
+        batch = pulses(i * 4, 4, 200, seed=100 + i)
+        p.produce(topic, encode_ev44(batch, i, "det"), partition=i % 2, timestamp=int(batch.pulse_time[0] // 10**6))
+        everything.append(batch)
+    p.flush(30)
+    start_ns, stop_ns = T0 + 17 * PULSE + 5, T0 + 90 * PULSE  # pulses 18 .. 89
+    # start in ISO 8601, stop in Unix milliseconds (both forms users give)
+    uri = f"kafka://{kafka_broker}/{topic}?start={iso(start_ns)}&stop={stop_ns / 1e6:.3f}"
+    hg = Histogrammer(uri, [TOF_SPEC, IMAGE_SPEC], publish_period=0.1)
+    try:
+        hg.start()
+        wait_for(lambda: not hg.running, what="the acquisition to end at stop")
+        assert hg.state == "ON" and "stop time reached" in hg.status, hg.status
+        snap = hg.last
+    finally:
+        hg.close()
+    keep_tof, keep_pixel, kept = [], [], 0
+    for b in everything:
+        for t, a, z in b.pulse_slices():
+            if start_ns <= t < stop_ns:
+                keep_tof.append(b.tof[a:z])
+                keep_pixel.append(b.pixel_id[a:z])
+                kept += 1
+    assert kept == 72 and snap.pulses == kept
+    assert snap.events == sum(x.size for x in keep_tof)
+    assert np.array_equal(snap.counts["tof"], np.histogram(np.concatenate(keep_tof), np.linspace(0, 7e7, 71))[0])
+    assert np.array_equal(snap.counts["image"].ravel(), np.bincount(np.concatenate(keep_pixel), minlength=256))
+
+
+def test_group_members_share_the_partitions_and_count_everything_once(kafka_broker):
+    topic = kafka_topic(kafka_broker, 4)
+    group = f"g-{topic}"
+    uri = f"kafka://{kafka_broker}/{topic}?group={group}&start=earliest"
+    a, b = engine_for(uri), engine_for(uri)
+    try:
+        p = producer(kafka_broker)
+        sent = 0
+        for i in range(40):
+            batch = pulses(i, 1, 300, seed=i)
+            p.produce(topic, encode_ev44(batch, i, "det"), partition=i % 4)
+            sent += len(batch)
+        p.flush(30)
+        wait_for(lambda: a.events + b.events >= sent, timeout=60, what="both members to count everything")
+        time.sleep(1.0)
+    finally:
+        a.stop()
+        b.stop()
+    assert a.events + b.events == sent
+    assert a.events > 0 and b.events > 0, "one member took every partition"
+    assert not set(a.snapshot().offsets) & set(b.snapshot().offsets)
+
+
+@pytest.mark.parametrize(
+    "uri, message",
+    [
+        ("kafka://b:9092/t?start=yesterday", "start must be latest, earliest, an ISO 8601 time"),
+        ("kafka://b:9092/t?stop=soon", "stop must be an ISO 8601 time"),
+        ("kafka://b:9092/t?start=2026-01-02T00:00:00Z&stop=2026-01-01T00:00:00Z", "stop must be after start"),
+        ("kafka://b:9092/d\u00e9tecteur", "topic 'd\u00e9tecteur' is not a Kafka topic name"),
+        ("kafka://b:9092/t?group=", "group must not be empty"),
+        ("kafka://b:9092/t?partition=1", "unknown parameter 'partition'"),
+        ("kafka://b:9092/,", "give kafka://BROKER[,BROKER]/TOPIC[,TOPIC]"),
+    ],
+)
+def test_bad_kafka_uris_name_the_fault(uri, message):
+    with pytest.raises(SourceError) as err:
+        open_source(uri)
+    assert message in str(err.value)
+
+
+def test_no_broker_and_no_topic_give_fault_within_10_s_with_the_reason(kafka_broker):
+    for uri, reason in [
+        ("kafka://127.0.0.1:1/events", "no Kafka broker answers at 127.0.0.1:1"),
+        (f"kafka://{kafka_broker}/no-such-topic-{time.time_ns()}", "does not exist on"),
+    ]:
+        hg = Histogrammer(uri, [TOF_SPEC], publish_period=0.1)
+        try:
+            hg.start()
+            t0 = time.monotonic()
+            wait_for(lambda hg=hg: hg.state == "FAULT", timeout=10, what=f"FAULT for {uri}")
+            assert time.monotonic() - t0 < 10 and reason in hg.status, hg.status
+            hg.stop()
+            assert hg.state == "ON" and reason in hg.status  # Stop works, the reason stays visible
+        finally:
+            hg.close()
+
+
+def test_broker_killed_and_restarted_gives_fault_then_running_with_histograms_kept(own_kafka_broker, caplog):
+    broker = own_kafka_broker.address
+    topic = kafka_topic(broker, 2, prefix="restart")
+    p = producer(broker)
+
+    def produce(first: int, n: int) -> list[EventBatch]:
+        out = []
+        for i in range(first, first + n):
+            batch = pulses(i, 1, 1000, seed=i)
+            p.produce(topic, encode_ev44(batch, i, "det"), partition=i % 2)
+            out.append(batch)
+        p.flush(30)
+        return out
+
+    hg = Histogrammer(f"kafka://{broker}/{topic}", [TOF_SPEC], publish_period=0.1, reconnect_delays=(0.5, 2.0))
+    sent = []
+    try:
+        hg.start()
+        time.sleep(1.0)  # start=latest: the consumer must be in place before the first message
+        sent += produce(0, 20)
+        wait_for(lambda: hg.last.events == 20_000, what="the first 20 pulses")
+        before = hg.last.counts["tof"].copy()
+        with caplog.at_level(logging.WARNING, logger="livehist"):
+            own_kafka_broker.kill()
+            t0 = time.monotonic()
+            wait_for(lambda: hg.state == "FAULT", timeout=12, what="FAULT after the broker died")
+            fault_after = time.monotonic() - t0
+            assert "no Kafka broker reachable" in hg.status and "histograms kept" in hg.status, hg.status
+            assert fault_after < 10
+            assert np.array_equal(hg.last.counts["tof"], before)
+            time.sleep(2)
+            own_kafka_broker.start()  # on the same port; a memory broker has forgotten the topic
+            kafka_topic_again(broker, topic, 2)
+            wait_for(lambda: hg.state == "RUNNING", timeout=30, what="RUNNING again")
+            time.sleep(1.0)
+            sent += produce(20, 20)
+            wait_for(lambda: hg.last.events == 40_000, what="the pulses after the restart")
+        transient = [r for r in caplog.records if "Kafka" in r.getMessage() or "librdkafka" in r.getMessage()]
+        assert len(transient) < 40, f"{len(transient)} log lines about a dead broker: not rate-limited"
+    finally:
+        hg.close()
+    tof = np.concatenate([b.tof for b in sent])
+    assert np.array_equal(hg.last.counts["tof"], np.histogram(tof, np.linspace(0, 7e7, 71))[0])
+
+
+def kafka_topic_again(broker: str, name: str, partitions: int) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": broker})
+    for future in admin.create_topics([NewTopic(name, partitions, 1)]).values():
+        future.result(30)
