@@ -98,6 +98,7 @@ class EventHistogrammer(Device):
                 max_queue_bytes=int(self.MaxQueueBytes),
                 on_update=self._publish,
                 thread_context=tango.EnsureOmniThread,
+                name=self.get_name(),
             )
             self.restream = Restreamer(self.get_name(), self.RestreamEndpoint, self.RestreamKafka)
         except (LivehistError, ValueError) as exc:  # a bad PublishPeriod or re-stream target
@@ -320,6 +321,13 @@ class EventHistogrammer(Device):
     @attribute(dtype=str, doc="the histogram list in use, as JSON that Configure accepts")
     def HistogramConfig(self) -> str:
         return self.hg.config_json() if self.hg else "[]"
+
+    @attribute(
+        dtype=str,
+        doc="JSON: Kafka offsets (first, last) counted per partition since Reset, group, checkpoint",
+    )
+    def KafkaOffsets(self) -> str:
+        return json.dumps(self.hg.provenance()) if self.hg else "{}"
 
     @attribute(dtype=str, doc="the EventSource in use (set the property and run Init to change it)")
     def EventSourceURI(self) -> str:

@@ -15,6 +15,7 @@ cannot block our event thread) and read with a client timeout in the component's
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
@@ -27,8 +28,8 @@ from tango import AttrWriteType, DevState
 from tango.server import Device, attribute, command, device_property, run
 
 from livehist.components.histogrammer import Update
+from livehist.components.histsum import OPTIONAL, MemberError
 from livehist.components.histsum import HistogramSum as SumComponent
-from livehist.components.histsum import MemberError
 from livehist.engine.spec import SpecError
 from livehist.errors import LivehistError
 
@@ -68,12 +69,17 @@ class TangoMember:
             self.proxy.set_timeout_millis(int(timeout_s * 1000))
         except tango.DevFailed as exc:
             raise MemberError(_why(exc)) from None
+        try:
+            self.attributes = {a.lower() for a in self.proxy.get_attribute_list()}
+        except tango.DevFailed as exc:
+            raise MemberError(_why(exc)) from None
         # stateless: Tango re-subscribes by itself while the member is down or restarting
         self._sub = self.proxy.subscribe_event(
             "UpdateCounter", tango.EventType.CHANGE_EVENT, lambda ev: on_event(), stateless=True
         )
 
     def read(self, names: list[str]) -> dict[str, Any]:
+        names = [n for n in names if n not in OPTIONAL or n.lower() in self.attributes]
         try:
             das = self.proxy.read_attributes(names)
         except tango.DevFailed as exc:
@@ -139,7 +145,7 @@ class HistogramSum(Device):
         self._readers: dict[str, object] = getattr(self, "_readers", {})
         self._preview_cache = None
         self._attrs_stale = False
-        for name in ("State", "Status", *COUNTERS, "UpdateCounter", "MemberStates"):
+        for name in ("State", "Status", *COUNTERS, "UpdateCounter", "MemberStates", "Provenance"):
             self.set_change_event(name, True, False)
         for name in (*COUNTERS, "UpdateCounter"):
             self.set_archive_event(name, True, False)
@@ -200,6 +206,8 @@ class HistogramSum(Device):
                     log.warning("attributes not matched to the members' histograms yet: %s", exc.args[0].desc)
         EH._publish(self, update)
         self._push("MemberStates", self.hg.member_states() if self.hg else [])
+        if self._listened("Provenance"):
+            self._push("Provenance", json.dumps(self.hg.provenance) if self.hg else "{}")
 
     # --- attributes -------------------------------------------------------------------
     EventCount = _counter("EventCount")
@@ -223,6 +231,12 @@ class HistogramSum(Device):
     )
     def MemberStates(self) -> list[str]:
         return self.hg.member_states() if self.hg else []
+
+    @attribute(
+        dtype=str, doc="JSON: per member, the Kafka offsets (first, last) per partition its counts cover"
+    )
+    def Provenance(self) -> str:
+        return json.dumps(self.hg.provenance) if self.hg else "{}"
 
     @attribute(dtype=str, doc="the histogram list the members share, as JSON that Configure accepts")
     def HistogramConfig(self) -> str:

@@ -6,13 +6,12 @@ Kafka named by $LIVEHIST_KAFKA_BROKER); tests that kill a broker get one of thei
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
 import numpy as np
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from livehist.components.histogrammer import Histogrammer
 from livehist.engine import Engine
@@ -60,7 +59,9 @@ def test_exact_counts_over_four_partitions_with_malformed_and_foreign_messages(k
     sent = []
     for i in range(40):
         batch = pulses(i * 3, 3, 500 + i, seed=i)
-        p.produce(topic, encode_ev44(batch, i, "det"), partition=i % 4, timestamp=int(batch.pulse_time[0] // 10**6))
+        p.produce(
+            topic, encode_ev44(batch, i, "det"), partition=i % 4, timestamp=int(batch.pulse_time[0] // 10**6)
+        )
         sent.append(batch)
         if i % 10 == 3:
             p.produce(topic, b"\x00\x01garbage that is no flatbuffer", partition=i % 4)
@@ -98,7 +99,9 @@ def test_a_time_window_counts_exactly_the_pulses_inside_it_and_ends_by_itself(ka
     everything = []
     for i in range(30):  # 30 messages of 4 pulses: windows cut through messages
         batch = pulses(i * 4, 4, 200, seed=100 + i)
-        p.produce(topic, encode_ev44(batch, i, "det"), partition=i % 2, timestamp=int(batch.pulse_time[0] // 10**6))
+        p.produce(
+            topic, encode_ev44(batch, i, "det"), partition=i % 2, timestamp=int(batch.pulse_time[0] // 10**6)
+        )
         everything.append(batch)
     p.flush(30)
     start_ns, stop_ns = T0 + 17 * PULSE + 5, T0 + 90 * PULSE  # pulses 18 .. 89
@@ -121,8 +124,12 @@ def test_a_time_window_counts_exactly_the_pulses_inside_it_and_ends_by_itself(ka
                 kept += 1
     assert kept == 72 and snap.pulses == kept
     assert snap.events == sum(x.size for x in keep_tof)
-    assert np.array_equal(snap.counts["tof"], np.histogram(np.concatenate(keep_tof), np.linspace(0, 7e7, 71))[0])
-    assert np.array_equal(snap.counts["image"].ravel(), np.bincount(np.concatenate(keep_pixel), minlength=256))
+    assert np.array_equal(
+        snap.counts["tof"], np.histogram(np.concatenate(keep_tof), np.linspace(0, 7e7, 71))[0]
+    )
+    assert np.array_equal(
+        snap.counts["image"].ravel(), np.bincount(np.concatenate(keep_pixel), minlength=256)
+    )
 
 
 def test_group_members_share_the_partitions_and_count_everything_once(kafka_broker):
@@ -197,7 +204,9 @@ def test_broker_killed_and_restarted_gives_fault_then_running_with_histograms_ke
         p.flush(30)
         return out
 
-    hg = Histogrammer(f"kafka://{broker}/{topic}", [TOF_SPEC], publish_period=0.1, reconnect_delays=(0.5, 2.0))
+    hg = Histogrammer(
+        f"kafka://{broker}/{topic}", [TOF_SPEC], publish_period=0.1, reconnect_delays=(0.5, 2.0)
+    )
     sent = []
     try:
         hg.start()

@@ -21,6 +21,7 @@ broken by the order of `Members`) are flagged MISMATCH and left out of the sum.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import threading
@@ -44,7 +45,8 @@ DOWN, MISMATCH, UNKNOWN = "DOWN", "MISMATCH", "UNKNOWN"
 SUMMED = {"EventCount": "events", "MessageCount": "messages", "BadMessageCount": "bad_messages",
           "DroppedMessageCount": "dropped_messages", "PulseCount": "pulses"}  # fmt: skip
 SMALL = ["UpdateCounter", "State", "Status", *SUMMED, "EventRate", "ElapsedTime", "HistogramConfig",
-         "PresetTime", "PresetEvents", "PresetPulses"]  # fmt: skip
+         "PresetTime", "PresetEvents", "PresetPulses", "KafkaOffsets"]  # fmt: skip
+OPTIONAL = {"KafkaOffsets"}  # read where the member has it (EventHistogrammers before issue 19 do not)
 DEVICE_NAME = re.compile(r"^(tango://[^/]+:\d+/)?[^/\s]+/[^/\s]+/[^/\s]+$")
 
 
@@ -155,6 +157,7 @@ class HistogramSum:
         self.config_json = "[]"  # ... as the JSON of the member it was taken from
         self.update_counter = 0
         self.last = self._empty()
+        self.provenance: dict = {"update": 0, "members": {}}
         self._state, self._status = FAULT, "no member read yet"
         self._end_reason: str | None = None
         self._stopping = False
@@ -371,6 +374,7 @@ class HistogramSum:
                 threading.Thread(target=self._stop_for_preset, daemon=True).start()
             self.update_counter += 1
             self.last = snap
+            self.provenance = self._provenance()
             self._state, self._status = state, status
             update = Update(snap, self.update_counter, state, status, self._configured)
             self._configured = False
@@ -380,6 +384,20 @@ class HistogramSum:
             except Exception:  # a failing shell must not stop the sum
                 log.exception("publishing the sum failed")
         return update
+
+    def _provenance(self) -> dict:
+        """Per member: what its counts in this update cover (Kafka offsets per partition)."""
+        members = {}
+        for m in self.members:
+            try:
+                kafka = json.loads(m.values.get("KafkaOffsets") or "{}")
+            except ValueError:
+                kafka = {}
+            members[m.name] = {
+                "state": m.state, "update": m.counter, "in_sum": m.config == self.config and m.config is not None,
+                "offsets": kafka.get("offsets", {}), "group": kafka.get("group"), "assigned": kafka.get("assigned", []),
+            }  # fmt: skip
+        return {"update": self.update_counter, "time": time.time(), "members": members}
 
     def _publish_loop(self) -> None:
         with self._thread_context():

@@ -121,6 +121,7 @@ class Engine:
         self._stop_worker = threading.Event()
         self._accumulating = False
         self._rate_samples: collections.deque = collections.deque(maxlen=64)
+        self._fed = self._processed = 0  # items queued / taken by the worker: `wait_processed`
         self.reset()
 
     # --- configuration -------------------------------------------------------------
@@ -209,6 +210,7 @@ class Engine:
         if not self._accumulating:
             return False
         if self.queue.put(item, block=block, timeout=timeout):
+            self._fed += 1  # one feeding thread: the source's
             return True
         with self._lock:
             self.dropped_messages += 1
@@ -219,12 +221,19 @@ class Engine:
             item = self.queue.get(timeout=self._wait())
             if item is not None and self._accumulating:
                 self.process(item)
+            if item is not None:
+                self._processed += 1
             elif item is None and self._stop_worker.is_set():
                 return
             if self._accumulating:
                 reason = self._preset_reached()
                 source = self.source
-                if not reason and source is not None and getattr(source, "ended", None) and not len(self.queue):
+                if (
+                    not reason
+                    and source is not None
+                    and getattr(source, "ended", None)
+                    and not len(self.queue)
+                ):
                     reason = source.ended  # e.g. Kafka's stop=TIME: everything before it is counted
                 if reason:
                     self.queue.clear()
@@ -297,6 +306,41 @@ class Engine:
             batch = batch.head(n)
             batch.pulse_time, batch.pulse_index = batch.pulse_time[:keep], batch.pulse_index[:keep]
         return batch
+
+    def wait_processed(self, timeout: float = 10.0) -> bool:
+        """Wait until every item fed so far has been histogrammed (or acquisition ended):
+        a checkpoint taken then covers everything the source handed over."""
+        target = self._fed
+        deadline = time.monotonic() + timeout
+        while self._processed < target and self._accumulating and len(self.queue):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        while self._processed < target and self._accumulating:  # the last item, being histogrammed
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+    def restore(self, counts: dict[str, np.ndarray], counters: dict[str, float],
+                offsets: dict[tuple[str, int], tuple[int, int]]) -> list[str]:  # fmt: skip
+        """Load counts, counters and offsets (a checkpoint) into the current histograms; returns
+        the names restored (windowed histograms, and names not in `counts`, start empty)."""
+        restored = []
+        with self._lock:
+            for name, h in self._hists.items():
+                c = counts.get(name)
+                if c is not None and not h.spec.window and c.size == h._counts.size:
+                    h._counts[:] = np.asarray(c, np.int64).ravel()
+                    restored.append(name)
+            self.events = int(counters.get("events", 0))
+            self.messages = int(counters.get("messages", 0))
+            self.bad_messages = int(counters.get("bad_messages", 0))
+            self.dropped_messages = int(counters.get("dropped_messages", 0))
+            self.pulses = int(counters.get("pulses", 0))
+            self._elapsed_before = float(counters.get("elapsed", 0.0))
+            self.offsets = {(str(t), int(p)): (int(a), int(b)) for (t, p), (a, b) in offsets.items()}
+        return restored
 
     # --- reading -------------------------------------------------------------------
     @property
