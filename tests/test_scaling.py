@@ -57,7 +57,7 @@ def group_site(sites, kafka_broker):
     return sites.up(config), topic
 
 
-def test_three_workers_and_a_sum_stay_exact_across_a_sigkill(group_site, kafka_broker):
+def test_three_workers_and_a_sum_stay_exact_across_a_sigkill(group_site, kafka_broker, tmp_path):
     site, topic = group_site
     s = proxy(site, "test/ksum/1")
     workers = {d: proxy(site, d) for devs in WORKERS.values() for d in devs}
@@ -116,3 +116,15 @@ def test_three_workers_and_a_sum_stay_exact_across_a_sigkill(group_site, kafka_b
         for part, (first, last) in member["offsets"].items():
             covered.setdefault(part, []).append((first, last))
     assert sorted(covered) == sorted(f"{topic}/{p}" for p in range(PARTITIONS))
+    # a NeXus snapshot of the sum names the members and the offsets each one counted
+    import h5py
+
+    from livehist.components.capture import record_histograms
+
+    record_histograms(s, [tmp_path / "sum.nxs"], "sum snapshot", 1)
+    notes = []
+    with h5py.File(tmp_path / "sum.nxs") as f:
+        f.visititems(lambda n, o: notes.append(o[()]) if n.endswith("notes/data") else None)
+    config = json.loads(notes[0])["config"]
+    assert config["Members"] == list(workers)
+    assert config["provenance"]["members"]["test/kw/3"]["offsets"]
