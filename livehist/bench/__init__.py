@@ -21,6 +21,11 @@ def bench(as_json: bool = False, quick: bool = False, say=print) -> list[dict]:
     from livehist.bench.device import device_figures
 
     device_figures(engine_rate, 3 if quick else 30, _row, ROWS)
+    say("livehist bench: scaling out (Kafka group workers, HistogramSum)") if not as_json else None
+    from livehist.bench.scaling import ingest_figures, sum_latency_figure
+
+    ingest_figures(_row, quick)
+    sum_latency_figure(_row, quick)
     say("livehist bench: recorders beside Sardana's") if not as_json else None
     from livehist.bench.recorders import recorder_figures
 
