@@ -35,29 +35,24 @@ import json, sys, tempfile, time
 from livehist.components.histogrammer import Histogrammer
 uri, hists, name = sys.argv[1], sys.argv[2], sys.argv[3]
 h = Histogrammer(uri, hists, publish_period=0.5, name=name, checkpoint_dir=tempfile.mkdtemp())
-print("ready", flush=True)
-sys.stdin.readline()
 h.start()
 while True:
     e = h.engine
-    print(json.dumps({"t": time.monotonic(), "events": e.events, "dropped": e.dropped_messages}), flush=True)
-    time.sleep(0.05)
+    assigned = len(getattr(h._source, "assigned", ()))
+    print(json.dumps({"t": time.monotonic(), "events": e.events, "assigned": assigned}), flush=True)
+    time.sleep(0.02)
 """
 
 BARE = r"""
 import json, sys, time, uuid
-from confluent_kafka import Consumer
-broker, topic, total = sys.argv[1], sys.argv[2], int(sys.argv[3])
-c = Consumer({"bootstrap.servers": broker, "group.id": f"bare-{uuid.uuid4()}", "auto.offset.reset": "earliest",
-              "enable.auto.commit": False, "fetch.max.bytes": 64 * 2**20, "max.partition.fetch.bytes": 16 * 2**20})
-c.subscribe([topic])
-n = 0
-t0 = None
+from confluent_kafka import Consumer, TopicPartition
+broker, topic, partitions, total = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+c = Consumer({"bootstrap.servers": broker, "group.id": f"bare-{uuid.uuid4()}", "enable.auto.commit": False,
+              "fetch.max.bytes": 64 * 2**20, "max.partition.fetch.bytes": 16 * 2**20})
+c.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+n, t0 = 0, time.monotonic()
 while n < total:
-    for m in c.consume(500, 1.0):
-        if m.error() is None:
-            t0 = t0 or time.monotonic()
-            n += 1
+    n += sum(m.error() is None for m in c.consume(500, 1.0))
 print(json.dumps({"seconds": time.monotonic() - t0}), flush=True)
 c.close()
 """
@@ -87,18 +82,35 @@ class _Broker:
             self.proc.wait()
 
 
-def _fill(broker: str, messages: int) -> str:
+def _topic(broker: str) -> str:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    topic = f"livehist-bench-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": broker})  # alive until the futures resolve
+    for f in admin.create_topics([NewTopic(topic, PARTITIONS, 1)]).values():
+        f.result(30)
+    return topic
+
+
+def _drop(broker: str, topic: str) -> None:
+    """Free the broker's memory (Tansu keeps topics in memory here)."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": broker})
+    for f in admin.delete_topics([topic]).values():
+        try:
+            f.result(30)
+        except Exception:  # a broker that cannot delete: the topic stays, nothing else changes
+            pass
+
+
+def _produce(broker: str, topic: str, messages: int) -> float:
+    """Fill `topic` with `messages` ev44 messages of PER_MESSAGE events; returns the seconds it took."""
     import numpy as np
     from confluent_kafka import Producer
-    from confluent_kafka.admin import AdminClient, NewTopic
 
     from livehist.engine.events import EventBatch, encode_ev44
 
-    topic = f"livehist-bench-{uuid.uuid4().hex[:8]}"
-    for f in (
-        AdminClient({"bootstrap.servers": broker}).create_topics([NewTopic(topic, PARTITIONS, 1)]).values()
-    ):
-        f.result(30)
     rng = np.random.default_rng(3)
     payloads = []
     for i in range(8):
@@ -108,80 +120,92 @@ def _fill(broker: str, messages: int) -> str:
                        1_700_000_000_000_000_000 + idx * 71_000_000, idx)  # fmt: skip
         payloads.append(encode_ev44(b, i))
     p = Producer({"bootstrap.servers": broker, "message.max.bytes": 16 * 2**20, "linger.ms": 5})
+    t0 = time.monotonic()
     for i in range(messages):
         p.produce(topic, payloads[i % 8], partition=i % PARTITIONS)
         p.poll(0)
-    p.flush(60)
-    return topic
+    p.flush(120)
+    return time.monotonic() - t0
 
 
-def _ingest(broker: str, topic: str, workers: int, total: int) -> tuple[float, list[int]]:
-    """Aggregate events/s of `workers` processes in one new group, from the first event counted to the last."""
+def _ingest(broker: str, workers: int, messages: int) -> tuple[float, list[int], float]:
+    """Aggregate events/s of `workers` processes in one group on a new topic: the group settles on
+    the empty topic, then the topic is filled; from the first message produced to the last counted.
+    Returns (events/s, events per worker, producer seconds)."""
+    topic = _topic(broker)
+    total = messages * PER_MESSAGE
     uri = f"kafka://{broker}/{topic}?group=bench-{uuid.uuid4().hex[:8]}&start=earliest"
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, uri, json.dumps(E2E_HISTOGRAMS), f"bench/w/{i}"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for i in range(workers)]  # fmt: skip
-    latest = [{"t": 0.0, "events": 0} for _ in procs]
-    first_t: list[float | None] = [None]
+                              stdout=subprocess.PIPE, text=True) for i in range(workers)]  # fmt: skip
+    latest = [{"t": 0.0, "events": 0, "assigned": 0} for _ in procs]
 
     def follow(i: int, p: subprocess.Popen) -> None:
         for line in p.stdout:
             if line.startswith("{"):
-                d = json.loads(line)
-                latest[i] = d
-                if d["events"] and first_t[0] is None:
-                    first_t[0] = d["t"]
+                latest[i] = json.loads(line)
 
     try:
-        for p in procs:
-            assert p.stdout.readline().strip() == "ready"
-        threads = [threading.Thread(target=follow, args=(i, p), daemon=True) for i, p in enumerate(procs)]
-        for t in threads:
-            t.start()
-        for p in procs:  # all join at once: one assignment for the whole group
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        deadline = time.monotonic() + 300
-        while sum(d["events"] for d in latest) < total and time.monotonic() < deadline:
-            time.sleep(0.02)
+        for i, p in enumerate(procs):
+            threading.Thread(target=follow, args=(i, p), daemon=True).start()
+        deadline = time.monotonic() + 120
+        settled = None
+        while time.monotonic() < deadline:  # every worker holds partitions, all of them, for 1 s
+            ok = all(d["assigned"] for d in latest) and sum(d["assigned"] for d in latest) == PARTITIONS
+            settled = (settled or time.monotonic()) if ok else None
+            if settled and time.monotonic() - settled > 1.0:
+                break
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        produced = _produce(broker, topic, messages)
+        while sum(d["events"] for d in latest) < total and time.monotonic() < deadline + 300:
+            time.sleep(0.01)
         end = max(d["t"] for d in latest)
-        return total / max(end - (first_t[0] or end), 1e-9), [d["events"] for d in latest]
+        return total / max(end - t0, 1e-9), [d["events"] for d in latest], produced
     finally:
         for p in procs:
             p.kill()
             p.wait()
+        _drop(broker, topic)
 
 
-def _bare(broker: str, topic: str, messages: int) -> float:
-    out = subprocess.run([sys.executable, "-c", BARE, broker, topic, str(messages)], capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
-    return messages * PER_MESSAGE / json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+def _bare(broker: str, messages: int) -> tuple[float, float]:
+    """The broker's limit: one consumer fetching a filled topic without histogramming; and the producer's."""
+    topic = _topic(broker)
+    try:
+        produced = _produce(broker, topic, messages)
+        out = subprocess.run([sys.executable, "-c", BARE, broker, topic, str(PARTITIONS), str(messages)],
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        seconds = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+        return messages * PER_MESSAGE / seconds, messages * PER_MESSAGE / produced
+    finally:
+        _drop(broker, topic)
 
 
 def ingest_figures(row, quick: bool = False) -> None:
     broker = _Broker()
     try:
-        messages = 60 if quick else 300
-        total = messages * PER_MESSAGE
-        topic = _fill(broker.address, messages)
-        bare = _bare(broker.address, topic, messages)
+        messages = 60 if quick else 200
+        bare, producer = _bare(broker.address, messages)
         for n in (2, 4):
-            pairs = []
-            shares = []
-            for _ in range(1 if quick else 3):  # ABAB: 1 worker, n workers, 1, n ...
-                one, _ = _ingest(broker.address, topic, 1, total)
-                many, split = _ingest(broker.address, topic, n, total)
+            pairs, shares, produced = [], [], []
+            for _ in range(1 if quick else 2):  # ABAB: 1 worker, n workers, 1, n ...
+                one, _, p1 = _ingest(broker.address, 1, messages)
+                many, split, pn = _ingest(broker.address, n, messages)
                 pairs.append((one, many))
                 shares.append(split)
+                produced += [p1, pn]
             ratios = [m / o for o, m in pairs]
             med = statistics.median(ratios)
-            r = row(f"aggregate ingest, {n} Kafka group workers (processes) vs 1", statistics.median(m for _, m in pairs),
-                    "events/s", "1 worker, same run", statistics.median(o for o, _ in pairs),
+            r = row(f"aggregate ingest, {n} Kafka group workers (processes) vs 1",
+                    statistics.median(m for _, m in pairs), "events/s", "1 worker, same run",
+                    statistics.median(o for o, _ in pairs),
                     ">= 1.6x one worker when the broker is not the limit" if n == 2 else "report",
                     med >= 1.6 or n != 2)  # fmt: skip
             r["detail"] = (
                 f"median ratio {med:.2f} (runs {', '.join(f'{x:.2f}' for x in ratios)}); events per worker "
-                f"{shares[-1]}; broker limit (bare consumer, no histogramming) {bare:.3g} events/s = "
-                f"{bare * 8 / 1e6:.0f} MB/s; {os.cpu_count()} cores for broker, workers and this bench"
+                f"{shares[-1]}; limits on this machine: broker fetch (one bare consumer) {bare:.3g} events/s "
+                f"({bare * 8 / 1e6:.0f} MB/s), producer {producer:.3g} events/s; {os.cpu_count()} cores "
+                "shared by broker, producer and workers"
             )
     finally:
         broker.close()

@@ -215,7 +215,7 @@ class KafkaSource(Source):
             self._check_topic_ids()
             self._last_up = time.monotonic()
             if self.group:
-                consumer.subscribe(self.topics, on_assign=self._on_assign)
+                consumer.subscribe(self.topics, **self._rebalance_callbacks())
             else:
                 consumer.assign(self._positions_for(consumer, partitions))
             self._consume(consumer)
@@ -258,6 +258,10 @@ class KafkaSource(Source):
             for k in rest:
                 out[k] = TopicPartition(k[0], k[1], OFFSET_INVALID if group else OFFSET_END)
         return [out[k] for k in keys]
+
+    def _rebalance_callbacks(self) -> dict:
+        """The group's rebalance callbacks (a checkpointing worker adds on_revoke and on_lost)."""
+        return {"on_assign": self._on_assign}
 
     def _on_assign(self, consumer, partitions) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]

@@ -35,15 +35,17 @@ class GroupWorkerSource(KafkaSource):
 
     def _consume(self, consumer) -> None:
         self.handover_done = False
-        self.assigned = set()
-        consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
-                           on_lost=self._on_lost)  # fmt: skip
         try:
             super()._consume(consumer)
         finally:
             if self.assigned and self.handover is not None and self._fatal is None:
                 self._hand_over(consumer, set(self.assigned), "end of acquisition")
             self.handover_done = True
+
+    def _rebalance_callbacks(self) -> dict:
+        self.handover_done = False
+        self.assigned = set()
+        return {"on_assign": self._on_assign, "on_revoke": self._on_revoke, "on_lost": self._on_lost}
 
     def _on_assign(self, consumer, partitions) -> None:
         from confluent_kafka import TopicPartition
