@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import tango
-from livehist.devices.histogrammer import COUNTERS, STATES, EventHistogrammer, _counter, fail
+from livehist.devices.histogrammer import COUNTERS, STATES, EventHistogrammer, _counter
 from tango import AttrWriteType, DevState
 from tango.server import Device, attribute, command, device_property, run
 
@@ -57,6 +57,10 @@ def _why(exc: tango.DevFailed) -> str:
         if err.reason in REASONS:
             return REASONS[err.reason]
     return exc.args[0].desc.strip().splitlines()[0][:200]
+
+
+def fail(reason: str, desc: str, origin: str) -> None:
+    tango.Except.throw_exception(f"livehist_{reason}", desc, f"HistogramSum.{origin}")
 
 
 class TangoMember:

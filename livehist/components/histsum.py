@@ -324,7 +324,7 @@ class HistogramSum:
         ]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 3 * self.timeout + 1
+        deadline = time.monotonic() + self.timeout + 0.25
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
         self.publish()
@@ -439,15 +439,20 @@ class HistogramSum:
         threads = [threading.Thread(target=one, args=(m,), daemon=True) for m in targets]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 3 * self.timeout + 1
+        deadline = time.monotonic() + self.timeout + 0.25
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
         for t, m in zip(threads, targets, strict=True):
             if t.is_alive():
-                errors[m.name] = f"{what} did not return within {3 * self.timeout + 1:g} s"
+                errors[m.name] = f"{what} did not return within {self.timeout + 0.25:g} s"
         return errors
 
     def _require_answering(self, what: str) -> list[Member]:
+        for delay in (0.0, 1.1):  # Tango holds a reconnection back for 1 s after a failure
+            if all(m.answers for m in self.members):
+                break
+            time.sleep(delay)
+            self.refresh()
         answering = [m for m in self.members if m.answers]
         if not answering:
             raise LivehistError(
@@ -456,7 +461,7 @@ class HistogramSum:
         return answering
 
     def start(self) -> None:
-        self.refresh()
+        self.refresh()  # the members' states now, not as of their last event
         answering = self._require_answering("Start")
         running = [m.name for m in answering if m.state in (RUNNING, ALARM)]
         if running:
@@ -501,7 +506,7 @@ class HistogramSum:
     def configure(self, histograms: str) -> list[HistogramSpec]:
         """Give every member the same histogram list; all or nothing."""
         specs = parse_histograms(histograms, "Configure", max_bytes=2**62)  # SpecError names the field
-        self.refresh()
+        self._require_answering("Configure")
         down = [m.describe() for m in self.members if not m.answers]
         if down:
             raise LivehistError(
