@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -17,6 +18,7 @@ from livehist.engine.events import EventBatch, encode_ev44
 from livehist.site import control
 from livehist.site.process import Managed
 from tests.conftest import free_port
+from tests.test_view import display  # noqa: F401 - the Xvfb fixture
 
 TOF = {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 72_000_000, "bins": 500}}
 IMAGE = {"name": "image", "kind": "image", "pixels": {"first": 1, "shape": [64, 32]}}
@@ -301,3 +303,33 @@ def test_configure_fans_out_all_or_nothing(site):
         s.Configure(json.dumps(HISTS))
     wait_for(lambda: "image" in s.get_attribute_list(), what="image back")
     assert s.image.shape == (64, 32)
+
+
+def test_the_taurus_panel_shows_the_sum(site, pushers, display):  # noqa: F811 - the imported fixture
+    from tests.test_view import view
+
+    s = proxy(site, "test/sum/1")
+    wait_for(lambda: s.state() == tango.DevState.ON, what=s.status())
+    s.Reset()
+    s.Start()
+    stop = threading.Event()
+
+    def feed() -> None:
+        rng = np.random.default_rng(3)
+        while not stop.is_set():
+            send(pushers["w1"], rng, 1)
+            time.sleep(0.05)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        panel = view(site, display, "test/sum/1", "--seconds", "8", "--trace")
+        out, _ = panel.communicate(timeout=90)
+    finally:
+        stop.set()
+        feeder.join()
+        s.Stop()
+    assert panel.returncode == 0, out
+    assert "state: RUNNING" in out
+    redraws = int(next(line for line in out.splitlines() if line.startswith("image redraws")).split()[-1])
+    assert redraws >= 3, out
