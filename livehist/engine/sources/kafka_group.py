@@ -32,15 +32,29 @@ class GroupWorkerSource(KafkaSource):
         self.assigned: set[Key] = set()
         self.committed: dict[Key, int] = {}  # the last offsets this worker committed
         self.notes: list[str] = []  # what an operator should know (a commit that did not land)
+        self._consumer = None
+
+    def emit(self, item) -> bool:
+        """Paced, and a commit asked for meanwhile goes out at once: a checkpoint's offsets reach
+        the broker within one message, not after the queue has room again."""
+        consumer = self._consumer
+        while not self.stopping:
+            if consumer is not None and self._commit_request:
+                self._do_commit(consumer)
+            if self._feed(item, block=True, timeout=0.05):
+                return True
+        return False
 
     def _consume(self, consumer) -> None:
         self.handover_done = False
+        self._consumer = consumer
         try:
             super()._consume(consumer)
         finally:
             if self.assigned and self.handover is not None and self._fatal is None:
                 self._hand_over(consumer, set(self.assigned), "end of acquisition")
             self.handover_done = True
+            self._consumer = None
 
     def _rebalance_callbacks(self) -> dict:
         self.handover_done = False
