@@ -87,7 +87,7 @@ class Checkpoint:
             with np.load(self.path) as z:
                 meta = json.loads(bytes(z["meta"]).decode())
                 counts = {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("counts/")}
-        except (OSError, ValueError, KeyError) as exc:
+        except Exception as exc:  # truncated, not a zip, not ours: never block the start
             bad = self.path.with_suffix(".damaged")
             os.replace(self.path, bad)
             log.error(

@@ -335,6 +335,10 @@ class Histogrammer:
                 + f": {e.events:,} events, {e.event_rate():.3g} events/s"
             )
 
+        ck = self.checkpoint
+        if ck is not None and ck.last_error and self._state != FAULT:
+            self._status += f"; {ck.last_error} (offsets are not committed until it is)"
+
     def _supervise(self) -> None:
         """Notice drops and failed sources; reopen a failed source with back-off."""
         e = self.engine
