@@ -235,9 +235,11 @@ class HistogramSum:
                     config, specs = _canonical(small["HistogramConfig"])
                     names = [s.name for s in specs]
                     values = client.read(["UpdateCounter", *SMALL[1:], *names]) if names else small
-                    if int(values["UpdateCounter"]) == counter or not names:
+                    # each attribute is read from the member's last publish: no publish in between?
+                    after = int(client.read(["UpdateCounter"])["UpdateCounter"]) if names else counter
+                    if int(values["UpdateCounter"]) == counter == after:
                         break
-                    counter, small = int(values["UpdateCounter"]), values
+                    counter, small = after, values
                 for s in specs:
                     values[s.name] = np.asarray(values[s.name], dtype=np.int64)
                     if values[s.name].shape != s.data_shape:
