@@ -7,6 +7,14 @@ Scans:        livehist_check (a pre-scan general hook: fails a scan before any m
 
 The devices are named by the environment variables LivehistHistogrammer (default
 livehist/histogrammer/1) and LivehistMetadata (default livehist/metadata/1).
+
+Text beyond Latin-1: spock sends macro arguments as Latin-1 (Tango strings), so type
+such characters as escapes, which meta_set turns into the character:
+    meta_set sample.name \u03b1-Fe2O3        (alpha-Fe2O3)
+    meta_set sample.name "\N{GREEK SMALL LETTER BETA}-Ga2O3"
+    meta_set users "Anton\u00edn Dvo\u0159\u00e1k (PI)"   (\\ for one backslash)
+Latin-1 letters (é, ö, µ, °, Å) can be typed as they are. Output shows such characters
+as the same escapes; GetMetadata (JSON) is exact.
 """
 
 import json
@@ -15,6 +23,14 @@ import time
 
 import tango
 from sardana.macroserver.macro import Macro, Type
+
+from livehist.components.metadata import (
+    STRING_KEYS,
+    MetadataError,
+    canonical_key,
+    from_tango_text,
+    tango_text,
+)
 
 HISTOGRAMMER, METADATA = "livehist/histogrammer/1", "livehist/metadata/1"
 FILE_EXTENSIONS = (".nxs", ".h5", ".hdf5", ".spec", ".jsonl", ".ndjson")
@@ -157,6 +173,11 @@ class histo_count(Macro, _Livehist):
 
 
 def _parse(key, value):
+    """`value` as typed in spock -> the metadata value (escapes such as \\u03b1 decoded)."""
+    try:
+        value = from_tango_text(value, key)
+    except MetadataError as exc:
+        raise ValueError(str(exc)) from None
     if key == "users":
         return [u.strip() for u in value.split(",") if u.strip()]
     if key == "sample.temperature":
@@ -164,7 +185,7 @@ def _parse(key, value):
             return float(value)
         except ValueError:
             raise ValueError(f"sample.temperature must be a number in K, got {value!r}") from None
-    if key in ("proposal", "title", "instrument", "data_root") or key.startswith("sample."):
+    if key in STRING_KEYS or key.startswith("sample."):
         return value
     try:
         return json.loads(value)  # free-form keys: numbers, lists, true/false, null
@@ -175,17 +196,21 @@ def _parse(key, value):
 class meta_set(Macro, _Livehist):
     """Set one metadata key: proposal, title, instrument, data_root, sample.name,
     sample.description, sample.chemical_formula, sample.temperature (K), users
-    ('Jane Doe (PI), Li Wei') or any free-form key (JSON values are parsed)."""
+    ('Jane Doe (PI), Li Wei') or any free-form key (JSON values are parsed).
+    Attribute names work too (Proposal, SampleName, DataRoot...). Characters beyond
+    Latin-1 (spock cannot send them) as escapes: \\u03b1 or \\N{GREEK SMALL LETTER ALPHA}."""
 
     param_def = [["key", Type.String, None, "metadata key, e.g. sample.name"],
-                 ["value", Type.String, None, "the value (quote it if it has spaces)"]]  # fmt: skip
+                 ["value", Type.String, None, "the value (quote it if it has spaces; \\u03b1 escapes for "
+                                              "characters beyond Latin-1)"]]  # fmt: skip
 
     def run(self, key, value):
-        update = {key.split(".", 1)[0]: {key.split(".", 1)[1]: _parse(key, value)}} if key.startswith("sample.") \
-            else {key: _parse(key, value)}  # fmt: skip
+        key = canonical_key(key)
+        parsed = _parse(key, value)
+        update = {"sample": {key.split(".", 1)[1]: parsed}} if key.startswith("sample.") else {key: parsed}
         m = self.metadata_device()
-        self.call(m.SetMetadata, json.dumps(update))
-        self.output(f"{key} = {json.dumps(_parse(key, value))}")
+        self.call(m.SetMetadata, json.dumps(update))  # ASCII JSON: any Unicode travels exactly
+        self.output(f"{key} = {json.dumps(parsed)}")
 
 
 class meta_show(Macro, _Livehist):
@@ -205,8 +230,8 @@ class meta_show(Macro, _Livehist):
                 rows.append((key, value))
         width = max((len(k) for k, _ in rows), default=4)
         self.output(f"{'key':<{width}}  value")
-        for k, v in rows:
-            self.output(f"{k:<{width}}  {v if isinstance(v, str) else json.dumps(v)}")
+        for k, v in rows:  # the Door's Output is Latin-1: other characters shown as \u escapes
+            self.output(tango_text(f"{k:<{width}}  {v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)}"))
         self.output(f"state: {m.state()}  {m.status()}")
 
 
@@ -218,7 +243,7 @@ class dataset_start(Macro, _Livehist):
     def run(self, name):
         m = self.metadata_device()
         folder = self.call(m.StartDataset, name)
-        self.setEnv("ScanDir", folder)
+        self.setEnv("ScanDir", from_tango_text(folder))
         self.output(f"dataset {name} open: ScanDir = {folder}")
 
 
@@ -228,10 +253,11 @@ class dataset_end(Macro, _Livehist):
     def run(self):
         m = self.metadata_device()
         path = self.call(m.EndDataset)
-        summary = json.loads(open(path).read())
+        with open(from_tango_text(path), encoding="utf-8") as f:
+            summary = json.load(f)
         self.output(f"dataset {summary['dataset']} closed: {len(summary['files'])} files, summary {path}")
         for f in summary["files"]:
-            self.output(f"  {f['path']}  ({f['size']:,} bytes)")
+            self.output(tango_text(f"  {f['path']}  ({f['size']:,} bytes)"))
 
 
 class livehist_check(Macro, _Livehist):
