@@ -27,6 +27,7 @@ from livehist.components.metadata import (
     schema,
     tango_text,
 )
+from livehist.errors import LivehistError, tango_error_text
 
 STATES = {"STANDBY": DevState.STANDBY, "ON": DevState.ON, "RUNNING": DevState.RUNNING}
 # writable attribute -> (metadata key, sample sub-key or None)
@@ -37,8 +38,8 @@ PUSHED = (*FIELDS, "Users", "Metadata", "DatasetName", "DataFolder", "AuditTrail
 
 
 def fail(reason: str, desc: str, origin: str) -> None:
-    # an error naming a value beyond Latin-1 must still reach the client (escaped, see tango_text)
-    tango.Except.throw_exception(f"livehist_{reason}", tango_text(desc), f"MetadataManager.{origin}")
+    # Latin-1 bytes, other characters escaped: pytango would send a str as UTF-8 (µs -> Âµs)
+    tango.Except.throw_exception(f"livehist_{reason}", tango_error_text(desc), f"MetadataManager.{origin}")
 
 
 class MetadataManager(Device):
@@ -97,9 +98,13 @@ class MetadataManager(Device):
         store = self.store
         self.set_state(STATES[store.state])
         if store.dataset:
-            self.set_status(tango_text(f"dataset {store.dataset['name']!r} open in {store.dataset['folder']}"))
+            self.set_status(
+                tango_text(f"dataset {store.dataset['name']!r} open in {store.dataset['folder']}")
+            )
         elif store.state == "ON":
-            self.set_status(tango_text(f"ready: proposal {store.get('proposal')}; StartDataset to open a dataset"))
+            self.set_status(
+                tango_text(f"ready: proposal {store.get('proposal')}; StartDataset to open a dataset")
+            )
         else:
             self.set_status("no proposal set: write Proposal (or SetMetadata) first")
 
@@ -157,7 +162,11 @@ class MetadataManager(Device):
         except MetadataError as exc:
             fail("BadMetadata", str(exc), origin)
         except tango.DevFailed as exc:  # the Tango DB refused the save: nothing was changed
-            fail("NotSaved", f"metadata not changed: it cannot be saved in the Tango DB ({exc.args[0].desc})", origin)
+            fail(
+                "NotSaved",
+                f"metadata not changed: it cannot be saved in the Tango DB ({exc.args[0].desc})",
+                origin,
+            )
         if changes:
             self._changed()
 
@@ -173,7 +182,7 @@ class MetadataManager(Device):
         key, sub = FIELDS[attr.get_name()]
         try:
             value = from_tango_text(attr.get_write_value(), attr.get_name())
-        except MetadataError as exc:
+        except LivehistError as exc:
             fail("BadMetadata", str(exc), f"write {attr.get_name()}")
         self._merge({key: {sub: value}} if sub else {key: value}, f"write {attr.get_name()}")
 
@@ -199,7 +208,7 @@ class MetadataManager(Device):
     def Users(self, value: list[str]) -> None:
         try:
             users = [from_tango_text(u, "Users") for u in value]
-        except MetadataError as exc:
+        except LivehistError as exc:
             fail("BadMetadata", str(exc), "write Users")
         self._merge({"users": users}, "write Users")
 

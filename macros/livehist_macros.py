@@ -24,13 +24,8 @@ import time
 import tango
 from sardana.macroserver.macro import Macro, Type
 
-from livehist.components.metadata import (
-    STRING_KEYS,
-    MetadataError,
-    canonical_key,
-    from_tango_text,
-    tango_text,
-)
+from livehist.components.metadata import STRING_KEYS, canonical_key
+from livehist.errors import LivehistError, from_tango_text, tango_text
 
 HISTOGRAMMER, METADATA = "livehist/histogrammer/1", "livehist/metadata/1"
 FILE_EXTENSIONS = (".nxs", ".h5", ".hdf5", ".spec", ".jsonl", ".ndjson")
@@ -122,10 +117,11 @@ class histo_count(Macro, _Livehist):
         self.call(h.write_attributes, [("PresetEvents", 0), ("PresetTime", float(seconds))])
         self.call(h.Start)
         self.output(f"counting {seconds:g} s on {h.dev_name()} ({h.EventSourceURI})")
-        last, line = time.monotonic(), ""
+        last, line, most = time.monotonic(), "", 0.0
         while h.state() in (tango.DevState.RUNNING, tango.DevState.ALARM):
             self.checkPoint()  # Ctrl-C lands here; on_abort stops the device
             time.sleep(0.05)
+            most = max(most, self._elapsed(h))
             if time.monotonic() - last >= 1.0:
                 last, line = time.monotonic(), self.counters_line(h)
                 self.output(line)
@@ -133,11 +129,25 @@ class histo_count(Macro, _Livehist):
             raise RuntimeError(f"{h.dev_name()} is in FAULT: {h.status()}")
         if self.counters_line(h) != line:  # the final counts, unless just shown
             self.output(self.counters_line(h))
-        self.record(h, seconds)
+        self.record(h, seconds, most)
 
-    def record(self, h, seconds):
-        from livehist.components.capture import record_histograms
+    @staticmethod
+    def _elapsed(h):
+        try:
+            return float(h.ElapsedTime)
+        except tango.DevFailed:  # restarting: judged at the end
+            return 0.0
 
+    def record(self, h, seconds, most=0.0):
+        from livehist.components.capture import count_outcome, record_histograms
+
+        try:
+            black_box = list(h.black_box(30))
+        except tango.DevFailed:
+            black_box = []
+        outcome = count_outcome(seconds, self._elapsed(h), most, black_box)
+        if outcome.status != "ok":
+            self.warning(tango_text(outcome.reason))
         scan_dir = self._env("ScanDir", None)
         files = self._env("ScanFile", [])
         files = [files] if isinstance(files, str) else list(files or [])
@@ -151,19 +161,27 @@ class histo_count(Macro, _Livehist):
             return
         os.makedirs(scan_dir, exist_ok=True)
         serial = int(self._env("ScanID", 0)) + 1
-        self.setEnv("ScanID", serial)
         try:
             m = self.metadata_device()
         except RuntimeError as exc:
             self.warning(f"{exc}; recording without metadata")
             m = None
-        r = record_histograms(h, targets, f"histo_count {seconds:g}", serial, metadata_device=m)
+        try:
+            r = record_histograms(h, targets, f"histo_count {seconds:g}", serial, metadata_device=m,
+                                  status=outcome.status, reason=outcome.reason)  # fmt: skip
+        except Exception as exc:  # refused at scan start: nothing was written anywhere
+            raise RuntimeError(tango_text(f"histograms not recorded: {exc}")) from None
+        self.setEnv("ScanID", serial)  # the number is taken only by a scan that was recorded
         for name in json.loads(h.HistogramConfig):
             counts = h.read_attribute(name["name"]).value
             self.output(f"  {name['name']:<16} {name['kind']:<10} {int(counts.sum()):>14,} counts")
-        self.output(f"scan {serial} recorded in " + ", ".join(str(t) for t in targets))
         for sink, error in r.errors.items():
-            self.warning(f"{sink} failed: {error}")
+            self.warning(tango_text(f"{sink} failed, nothing of this scan is in it: {error}"))
+        done = [str(t) for t in targets if str(t) in r.recorded]
+        if not done:
+            raise RuntimeError(f"scan {serial} was not recorded in any file; see the warnings above")
+        state = "recorded" if outcome.status == "ok" else f"recorded as {outcome.status}"
+        self.output(tango_text(f"scan {serial} {state} in " + ", ".join(done)))
 
     def on_abort(self):
         try:
@@ -176,15 +194,15 @@ def _parse(key, value):
     """`value` as typed in spock -> the metadata value (escapes such as \\u03b1 decoded)."""
     try:
         value = from_tango_text(value, key)
-    except MetadataError as exc:
-        raise ValueError(str(exc)) from None
+    except LivehistError as exc:
+        raise ValueError(tango_text(str(exc))) from None
     if key == "users":
         return [u.strip() for u in value.split(",") if u.strip()]
     if key == "sample.temperature":
         try:
             return float(value)
         except ValueError:
-            raise ValueError(f"sample.temperature must be a number in K, got {value!r}") from None
+            raise ValueError(tango_text(f"sample.temperature must be a number in K, got {value!r}")) from None
     if key in STRING_KEYS or key.startswith("sample."):
         return value
     try:
@@ -231,7 +249,9 @@ class meta_show(Macro, _Livehist):
         width = max((len(k) for k, _ in rows), default=4)
         self.output(f"{'key':<{width}}  value")
         for k, v in rows:  # the Door's Output is Latin-1: other characters shown as \u escapes
-            self.output(tango_text(f"{k:<{width}}  {v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)}"))
+            self.output(
+                tango_text(f"{k:<{width}}  {v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)}")
+            )
         self.output(f"state: {m.state()}  {m.status()}")
 
 

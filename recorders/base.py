@@ -181,8 +181,8 @@ class Recorder:
 
     @property
     def recorded(self) -> list[str]:
-        """The sinks still recording (none failed so far)."""
-        return [repr(s) for s in self.sinks]
+        """Targets of the sinks still recording (none of them failed so far)."""
+        return [s.target for s in self.sinks]
 
     def _each(self, method: str, record) -> None:
         for sink in list(self.sinks):

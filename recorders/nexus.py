@@ -112,7 +112,9 @@ class NexusSink(Sink):
                 h5py.File(self.target, "w-", libver="latest").close()
             except OSError as exc:
                 why = os.strerror(exc.errno) if exc.errno else str(exc)
-                raise RecorderError(f"cannot open {self.target} for writing (cannot create it: {why})") from None
+                raise RecorderError(
+                    f"cannot open {self.target} for writing (cannot create it: {why})"
+                ) from None
         elif not h5py.is_hdf5(self.target):
             raise RecorderError(
                 f"{self.target} exists and is not an HDF5 file; give a new file name (livehist never overwrites)"

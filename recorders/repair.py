@@ -115,7 +115,9 @@ def clear_flags(path: str | os.PathLike) -> bool:
         f.seek(offset)
         block = bytearray(f.read(12 + 4 * n + 4))
         if lookup3(bytes(block[:-4])) != struct.unpack("<I", block[-4:])[0]:
-            raise RepairError(f"{path}: the superblock checksum is wrong; the file is damaged beyond this repair")
+            raise RepairError(
+                f"{path}: the superblock checksum is wrong; the file is damaged beyond this repair"
+            )
         if block[11] == 0:
             return False
         block[11] = 0
@@ -148,7 +150,9 @@ def repair(path: str | os.PathLike, say=print) -> list[str]:
         raise RepairError(f"{path} does not exist (or is not a file)")
     fd = writer_lock(path)
     if fd is None:
-        raise RepairError(f"{path} is being written right now by a livehist recorder; wait for its scan to end")
+        raise RepairError(
+            f"{path} is being written right now by a livehist recorder; wait for its scan to end"
+        )
     try:
         cleared = clear_flags(path)
         if cleared:

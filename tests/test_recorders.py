@@ -186,7 +186,11 @@ def test_spec_file_parses_with_pymca_and_silx(tmp_path):
     assert hist.datacol(3).tolist() == list(range(100)) and hist.datacol(1)[1] == TOF_EDGES[1]
     assert [sf[k].number() for k in range(4)] == [3, 3, 1, 1]  # a histogram shares its scan's number
     silx_sf = SpecFile(str(path))
-    assert silx_sf.keys() == ["3.1", "3.2", "1.1", "1.2"] and silx_sf[0].data.shape == (3, 5) and silx_sf[0].mca[4][2] == 8
+    assert (
+        silx_sf.keys() == ["3.1", "3.2", "1.1", "1.2"]
+        and silx_sf[0].data.shape == (3, 5)
+        and silx_sf[0].mca[4][2] == 8
+    )
 
 
 def test_nonfinite_values_in_every_text_sink(tmp_path):

@@ -30,7 +30,6 @@ import math
 import os
 import re
 import threading
-import unicodedata
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from livehist.errors import LivehistError
+from livehist.errors import LivehistError, from_tango_text, tango_text  # noqa: F401 (re-exported)
 
 STRING_KEYS = ("proposal", "title", "instrument", "data_root")
 SAMPLE_KEYS = {"name": str, "description": str, "chemical_formula": str, "temperature": float}
@@ -50,55 +49,6 @@ FREE_KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
 class MetadataError(LivehistError):
     """Bad metadata or a dataset request that cannot be honoured; the message names the fix."""
-
-
-def tango_text(text: str) -> str:
-    """`text` in Latin-1 for a Tango DevString, losslessly: other characters as \\u/\\U escapes."""
-    text = str(text)
-    if "\\" not in text:
-        try:
-            text.encode("latin-1")
-            return text
-        except UnicodeEncodeError:
-            pass
-    out = []
-    for ch in text:
-        o = ord(ch)
-        if ch == "\\":
-            out.append("\\\\")
-        elif o < 0x100:
-            out.append(ch)
-        elif o < 0x10000:
-            out.append(f"\\u{o:04x}")
-        else:
-            out.append(f"\\U{o:08x}")
-    return "".join(out)
-
-
-ESCAPE_RE = re.compile(r"\\(\\|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|x[0-9A-Fa-f]{2}|N\{[^{}]*\})")
-
-
-def from_tango_text(text: str, where: str = "text") -> str:
-    """Undo `tango_text`: \\\\, \\uXXXX, \\UXXXXXXXX, \\xXX and \\N{NAME}; other backslashes stay."""
-
-    def one(m: re.Match) -> str:
-        esc = m.group(1)
-        if esc == "\\":
-            return "\\"
-        if esc[0] == "N":
-            try:
-                return unicodedata.lookup(esc[2:-1])
-            except KeyError:
-                raise MetadataError(
-                    f"{where}: \\N{{{esc[2:-1]}}} is not a Unicode character name; "
-                    "write it like \\N{GREEK SMALL LETTER ALPHA} or \\u03b1"
-                ) from None
-        code = int(esc[1:], 16)
-        if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
-            raise MetadataError(f"{where}: \\{esc} is not a Unicode character; use \\u0000-\\U0010ffff")
-        return chr(code)
-
-    return ESCAPE_RE.sub(one, str(text))
 
 
 @dataclass
@@ -131,7 +81,9 @@ class Change:
 
     def abbreviated(self, chars: int) -> Change:
         """This change with an old/new value longer than `chars` (as JSON) cut and marked as cut."""
-        return Change(self.key, _abbreviate(self.old, chars), _abbreviate(self.new, chars), self.client, self.time)
+        return Change(
+            self.key, _abbreviate(self.old, chars), _abbreviate(self.new, chars), self.client, self.time
+        )
 
 
 def _abbreviate(value: Any, chars: int) -> Any:
@@ -436,7 +388,9 @@ class MetadataStore:
                 for k, v in value.items():
                     sub = canonical_key(f"sample.{k}").split(".", 1)[1]
                     if sub in sample:
-                        raise MetadataError(f"sample.{k} and another key both mean sample.{sub}; give it once")
+                        raise MetadataError(
+                            f"sample.{k} and another key both mean sample.{sub}; give it once"
+                        )
                     sample[sub] = v
                 continue
             if key == given and key.lower() in known and known[key.lower()] != key:
@@ -492,13 +446,18 @@ class MetadataStore:
                 )
             make_folder(folder, Path(self.metadata["data_root"]), self.rules.data_group, self.rules.data_mode)
             dataset = {"name": name, "folder": str(folder), "start": _now()}
-            self._commit(self.metadata, self._bounded(self.audit, [Change("dataset", None, name, client)]), dataset)
+            self._commit(
+                self.metadata, self._bounded(self.audit, [Change("dataset", None, name, client)]), dataset
+            )
             return folder
 
     def _free_name(self, name: str) -> str:
         for k in range(2, 10_000):
             candidate = f"{name}_{k}"
-            if DATASET_NAME_RE.match(candidate) and not (self.folder_for(candidate) / "dataset.json").exists():
+            if (
+                DATASET_NAME_RE.match(candidate)
+                and not (self.folder_for(candidate) / "dataset.json").exists()
+            ):
                 return candidate
         return f"{name}_{_now()[:10]}"
 

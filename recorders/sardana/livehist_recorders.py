@@ -70,6 +70,10 @@ class _Adapter:
         self.recorder = Recorder([open_sink(t) for t in targets])
         self.recorder.start(start)  # a bad target fails here, before the scan moves anything
         self._reported = set()
+        if self.recorder.errors and not self.recorder.sinks:  # failed while starting: nothing written
+            errors = "; ".join(f"{k}: {v}" for k, v in self.recorder.errors.items())
+            self.recorder = None
+            raise RuntimeError(f"livehist: cannot record this scan: {errors}")
 
     def _write(self, record):
         if self.recorder is None:
@@ -81,7 +85,9 @@ class _Adapter:
         for sink, error in self.recorder.errors.items():
             if sink not in self._reported:
                 self._reported.add(sink)
-                self._warn(f"{sink} stopped recording: {error} (points so far are kept)")
+                n = self.recorder.points.get(sink, 0)
+                kept = f"the {n} points before it are kept" if n else "no point of this scan is in it"
+                self._warn(f"{sink} stopped recording: {error} ({kept})")
 
     def _close(self, recordlist):
         if self.recorder is not None:
