@@ -5,7 +5,6 @@ writer repaired with every flushed point, no leftover empty files, one scan numb
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
