@@ -118,7 +118,9 @@ class histo_count(Macro, _Livehist):
         self.call(h.Start)
         self.output(f"counting {seconds:g} s on {h.dev_name()} ({h.EventSourceURI})")
         last, line, most = time.monotonic(), "", 0.0
+        started = seen = time.monotonic()
         while h.state() in (tango.DevState.RUNNING, tango.DevState.ALARM):
+            seen = time.monotonic()
             self.checkPoint()  # Ctrl-C lands here; on_abort stops the device
             time.sleep(0.05)
             most = max(most, self._elapsed(h))
@@ -129,7 +131,7 @@ class histo_count(Macro, _Livehist):
             raise RuntimeError(f"{h.dev_name()} is in FAULT: {h.status()}")
         if self.counters_line(h) != line:  # the final counts, unless just shown
             self.output(self.counters_line(h))
-        self.record(h, seconds, most)
+        self.record(h, seconds, most, seen - started)
 
     @staticmethod
     def _elapsed(h):
@@ -138,14 +140,14 @@ class histo_count(Macro, _Livehist):
         except tango.DevFailed:  # restarting: judged at the end
             return 0.0
 
-    def record(self, h, seconds, most=0.0):
+    def record(self, h, seconds, most=0.0, running_for=0.0):
         from livehist.components.capture import count_outcome, record_histograms
 
         try:
             black_box = list(h.black_box(30))
         except tango.DevFailed:
             black_box = []
-        outcome = count_outcome(seconds, self._elapsed(h), most, black_box)
+        outcome = count_outcome(seconds, self._elapsed(h), most, black_box, running_for)
         if outcome.status != "ok":
             self.warning(tango_text(outcome.reason))
         scan_dir = self._env("ScanDir", None)

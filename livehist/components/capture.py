@@ -59,9 +59,11 @@ class CountOutcome:
     reason: str = ""
 
 
-def count_outcome(seconds: float, elapsed: float, most_elapsed: float, black_box: list[str]) -> CountOutcome:
+def count_outcome(seconds: float, elapsed: float, most_elapsed: float, black_box: list[str],
+                  running_for: float = 0.0) -> CountOutcome:  # fmt: skip
     """Judge a `histo_count SECONDS`: `elapsed` now, `most_elapsed` the most seen while it ran,
-    `black_box` the device's last commands (newest first, `DeviceProxy.black_box`)."""
+    `black_box` the device's last commands (newest first, `DeviceProxy.black_box`),
+    `running_for` how long the caller saw it RUNNING (ElapsedTime is published in steps)."""
     if elapsed >= seconds * 0.999 - 1e-3:
         return CountOutcome("ok", elapsed)
     culprit = None
@@ -74,11 +76,12 @@ def count_outcome(seconds: float, elapsed: float, most_elapsed: float, black_box
         if m["cmd"] in ("Stop", "Init", "Reset", "Configure"):
             culprit = m
             break
-    if elapsed + 1e-3 < most_elapsed:  # counts went back: the device was re-initialised or reset
+    if elapsed + 1e-3 < max(most_elapsed, running_for):  # counts went back: re-initialised or reset
         by = (f"{culprit['cmd']} from {culprit['client']} at {culprit['time']}" if culprit
               else "a restart or Init of the device")  # fmt: skip
-        return CountOutcome("interrupted", most_elapsed,
-                            f"interrupted by {by} after {most_elapsed:.2f} s of {seconds:g} s; the device's "
+        counted = max(most_elapsed, min(running_for, seconds))
+        return CountOutcome("interrupted", counted,
+                            f"interrupted by {by} after {counted:.2f} s of {seconds:g} s; the device's "
                             f"histograms were cleared then, so this record holds only the {elapsed:.2f} s counted "
                             "after it")  # fmt: skip
     by = f"{culprit['cmd']} from {culprit['client']} at {culprit['time']}" if culprit else "an unknown client"
