@@ -154,3 +154,12 @@ def test_a_closed_dataset_is_never_overwritten_through_the_door(spock):
         spock.run("dataset_start", "run_truth")
     assert "already recorded and closed" in str(exc.value) + "\n".join(spock.lines[-10:])
     assert open(path).read() == first and spock.metadata.state() == tango.DevState.ON
+
+
+def test_device_errors_keep_micro_signs_intact(site):  # noqa: F811
+    h = tango.DeviceProxy(site.url("livehist/histogrammer/1"))
+    bad = [{"name": "t_µs", "kind": "tof", "tof": {"start": 0, "stop": 10, "bins": 10, "unit": "µs"}}]
+    with pytest.raises(tango.DevFailed) as exc:
+        h.Configure(json.dumps(bad, ensure_ascii=False))
+    text = exc.value.args[0].desc
+    assert "µs" in text and "Âµ" not in text, text
