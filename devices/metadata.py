@@ -81,7 +81,7 @@ class MetadataManager(Device):
                 self.store.merge({"data_root": self.DefaultDataRoot}, "DefaultDataRoot property")
         except (ValueError, OSError, MetadataError) as exc:
             self.set_state(DevState.FAULT)
-            self.set_status(f"cannot start: {exc}; fix the properties and run Init")
+            self.set_status(tango_text(f"cannot start: {exc}; fix the properties and run Init"))
             return
         self._sync_state()
 

@@ -227,6 +227,17 @@ class MetadataStore:
             raise MetadataError(
                 f"{where} is {len(value)} characters, over the limit of {self.rules.max_value_chars}; shorten it"
             )
+        if "\x00" in value:
+            raise MetadataError(
+                f"{where} contains U+0000 (NUL), which NeXus and Tango strings cannot hold; remove it"
+            )
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate from JSON such as "\ud800"
+            raise MetadataError(
+                f"{where} contains {value[exc.start]!r}, half of a UTF-16 pair and not a character; "
+                "give the whole character (e.g. \\ud83e\\uddea)"
+            ) from None
         return value
 
     def _check(self, key: str, value: Any) -> Any:
@@ -305,7 +316,9 @@ class MetadataStore:
         if depth == 0 and isinstance(value, list):
             return [self._free(v, f"{where}[{i}]", 1) for i, v in enumerate(value)]
         if depth == 0 and isinstance(value, dict):
-            return {str(k): self._free(v, f"{where}.{k}", 1) for k, v in value.items()}
+            return {
+                self._text(str(k), f"{where} key"): self._free(v, f"{where}.{k}", 1) for k, v in value.items()
+            }
         raise MetadataError(
             f"{where}: free-form values are strings, numbers, booleans, null, or one level of list/object of them; "
             f"got {type(value).__name__}"
