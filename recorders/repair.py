@@ -172,9 +172,12 @@ def repair(path: str | os.PathLike, say=print) -> list[str]:
                 if status != "running":
                     continue
                 points = _consistent_points(entry)
+                dropped = _drop_placeholders(entry, prov)
                 prov["status"][()] = b"incomplete"
                 reason = (f"the writer stopped without closing the file (killed or crashed); {points} points up to "
                           "its last flush are kept; repaired by livehist repair")  # fmt: skip
+                if dropped:
+                    reason += f"; histograms never written removed: {', '.join(dropped)}"
                 prov["end_reason"][()] = reason.encode()[: prov["end_reason"].dtype.itemsize]
                 if "points" in prov:
                     prov["points"][()] = np.int64(points)
@@ -202,3 +205,22 @@ def _consistent_points(entry) -> int:
         if isinstance(ds, h5py.Dataset) and ds.ndim >= 1 and ds.shape[0] > n and ds.maxshape[0] is None:
             ds.resize(n, axis=0)
     return n
+
+
+def _drop_placeholders(entry, prov) -> list[str]:
+    """Histogram groups made at scan start whose snapshot never came (events still -1): their
+    zeros are not data, so they go rather than read as 0 counts."""
+    import h5py
+
+    dropped = []
+    for name in list(prov):
+        c = prov[name]
+        if isinstance(c, h5py.Group) and "events" in c and int(c["events"][()]) == -1 and name in entry:
+            del entry[name]
+            del prov[name]
+            dropped.append(name)
+    if dropped and entry.attrs.get("default") in dropped:
+        entry.attrs["default"] = "data" if "data" in entry else ""
+        if not entry.attrs["default"]:
+            del entry.attrs["default"]
+    return dropped

@@ -145,6 +145,12 @@ def test_sigkilled_writer_is_repaired_by_the_cli_and_keeps_every_flushed_point(t
         assert 300 <= n <= len(json_points) and e["data/ct01"].shape == (n,)
         assert e["data/ct01"][()].tolist() == [p["values"]["ct01"] for p in json_points[:n]]
         assert e["data/frame"][n - 1].tolist() == np.full((8, 6), n - 1).tolist()
+        # the histograms declared at start never came: no zero-filled group claims 0 counts
+        assert (
+            "tof" not in e
+            and "image" not in e
+            and "removed: image, tof" in e["livehist/end_reason"][()].decode()
+        )
     from nexusformat.nexus import nxload
 
     root = nxload(str(nxs))

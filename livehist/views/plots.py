@@ -134,6 +134,8 @@ def from_nexus(path) -> dict[str, list[Picture]]:
                 if not isinstance(prov, h5py.Group) or not isinstance(prov[name], h5py.Group) \
                         or "spec" not in prov[name] or "data" not in group:  # fmt: skip
                     continue
+                if "events" in prov[name] and int(prov[name]["events"][()]) == -1:
+                    continue  # declared at scan start, never written (the scan did not get that far)
                 spec = json.loads(prov[name]["spec"][()] or "{}")
                 edges = group["time_of_flight"][()] if "time_of_flight" in group else None
                 pictures.append(Picture(name, group["data"][()], edges, spec))

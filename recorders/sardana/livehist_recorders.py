@@ -16,13 +16,14 @@ import os
 import re
 import weakref
 
-from livehist.recorders.base import Recorder, open_sink
+from livehist.recorders.base import Recorder, RecorderError, open_sink
 from livehist.recorders.records import RecordError
 from livehist.recorders.sardana_adapter import ScanMapping
 from sardana.macroserver.scan.recorder.datarecorder import DataRecorder
 from sardana.macroserver.scan.recorder.storage import BaseFileRecorder
 
 from livehist import __version__
+from livehist.errors import tango_text
 
 METADATA_DEVICE = "livehist/metadata/1"
 
@@ -59,7 +60,7 @@ class _Adapter:
     def _warn(self, msg):
         macro = self._macro()
         if macro is not None:
-            macro.warning(f"livehist: {msg}")
+            macro.warning(tango_text(f"livehist: {msg}"))  # the Door's output is Latin-1
 
     def _open(self, recordlist, targets):
         env = recordlist.getEnviron()
@@ -68,12 +69,16 @@ class _Adapter:
                   "recorder": type(self).__name__, "livehist": __version__}  # fmt: skip
         start = self.mapping.start(env, _metadata(self._macro()), config)
         self.recorder = Recorder([open_sink(t) for t in targets])
-        self.recorder.start(start)  # a bad target fails here, before the scan moves anything
+        try:
+            self.recorder.start(start)  # a bad target fails here, before the scan moves anything
+        except RecorderError as exc:
+            self.recorder = None
+            raise RuntimeError(tango_text(f"livehist: {exc}")) from None
         self._reported = set()
         if self.recorder.errors and not self.recorder.sinks:  # failed while starting: nothing written
             errors = "; ".join(f"{k}: {v}" for k, v in self.recorder.errors.items())
             self.recorder = None
-            raise RuntimeError(f"livehist: cannot record this scan: {errors}")
+            raise RuntimeError(tango_text(f"livehist: cannot record this scan: {errors}"))
 
     def _write(self, record):
         if self.recorder is None:
