@@ -194,6 +194,11 @@ class Recorder:
                 log.error("recorder %s failed in %s, dropped for the rest of the scan: %s", sink, method, exc)
                 self.sinks.remove(sink)
                 self._close(sink)
+                if method == "start":  # nothing of this scan is in it: leave no empty file
+                    try:
+                        sink.discard()
+                    except Exception as exc2:
+                        log.error("discarding %s: %s", sink, exc2)
 
     @staticmethod
     def _close(sink: Sink) -> None:

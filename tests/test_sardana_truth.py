@@ -163,3 +163,18 @@ def test_device_errors_keep_micro_signs_intact(site):  # noqa: F811
         h.Configure(json.dumps(bad, ensure_ascii=False))
     text = exc.value.args[0].desc
     assert "µs" in text and "Âµ" not in text, text
+
+
+def test_a_file_failing_at_scan_start_ends_the_files_already_started(spock, tmp_path):
+    (tmp_path / "full.jsonl").symlink_to("/dev/full")  # every write fails: No space left on device
+    spock.env(ScanFile=["u.nxs", "full.jsonl"])
+    mot = tango.DeviceProxy(spock.site.url("motor/motctrl01/1"))
+    spock.run("mv", "mot01", "2")
+    with pytest.raises(LivehistError) as exc:
+        spock.run("ascan", "mot01", "0", "1", "2", "0.1")
+    assert "No space left on device" in str(exc.value) + "\n".join(spock.lines[-10:])
+    assert mot.Position == pytest.approx(2.0)
+    with h5py.File(tmp_path / "u.nxs", "r") as f:  # closed and readable, claiming nothing
+        e = f[next(iter(f))]
+        assert e["livehist/status"][()] == b"failed" and e["data/lh_events"].shape == (0,)
+        assert b"the scan did not start" in e["livehist/end_reason"][()]
