@@ -148,7 +148,12 @@ def repair(path: str | os.PathLike, say=print) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise RepairError(f"{path} does not exist (or is not a file)")
-    fd = writer_lock(path)
+    try:
+        fd = writer_lock(path)
+    except OSError as exc:
+        raise RepairError(
+            f"{path} cannot be opened for writing ({exc.strerror}); repair needs write access"
+        ) from None
     if fd is None:
         raise RepairError(
             f"{path} is being written right now by a livehist recorder; wait for its scan to end"
