@@ -15,6 +15,7 @@ from PyMca5.PyMcaIO import specfile
 from silx.io.specfile import SpecFile
 
 from livehist.errors import LivehistError
+from tests.test_recorders import run_tool
 from tests.test_sardana import Session, site, wait_state  # noqa: F401 (the module's site fixture)
 
 SAMPLE = "α-Fe2O3 – 5 K"
@@ -58,6 +59,8 @@ def test_unicode_metadata_travels_through_a_scan_into_every_file_byte_exact(spoc
         assert e["user_1/name"][()] == USER.encode("utf-8")
         assert e["experiment_description"][()] == TITLE.encode("utf-8")
         assert e["sample/name"].asstr()[()] == SAMPLE
+    check = run_tool("nxcheck", tmp_path / "u.nxs")
+    assert "Total number of errors: 0" in check, check
     raw = (tmp_path / "u.spec").read_bytes()
     for line in (f"#C title: {TITLE}", f"#C sample.name: {SAMPLE}", f"#C user: name={USER}, role=PI"):
         assert line.encode("utf-8") in raw
