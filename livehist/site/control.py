@@ -155,6 +155,13 @@ def up(
             continue
         if len(missing) < len(devs) or ping(site.url(f"dserver/{server}")):
             # a running server exports the devices it had at start: new ones need a restart
+            deadline = time.monotonic() + 5  # unless it is still exporting them
+            while missing and time.monotonic() < deadline:
+                time.sleep(0.5)
+                missing = [dev for dev in missing if not ping(site.url(dev), 500)]
+            if not missing:
+                say(f"{server}: already running")
+                continue
             raise LivehistError(
                 f"server {server} is running without {', '.join(missing)} (added by {site.config_path}); "
                 f"a running server does not pick up new devices: restart it (`livehist down`, then `livehist up`, "
