@@ -234,3 +234,151 @@ def kafka_topic_again(broker: str, name: str, partitions: int) -> None:
     admin = AdminClient({"bootstrap.servers": broker})
     for future in admin.create_topics([NewTopic(name, partitions, 1)]).values():
         future.result(30)
+
+
+# --- the device: SANS2D through Kafka, re-streaming to Kafka ---------------------------------
+DEVICE = "test/kafka/1"
+SANS2D_HISTOGRAMS = [
+    {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 100000, "bins": 500, "unit": "us"}},
+    {"name": "image", "kind": "image", "pixels": {"first": 1, "shape": [1024, 121]}},
+]
+
+
+@pytest.fixture(scope="module")
+def kafka_site(sites):
+    props = {"EventSource": ["sim://?rate=1e5"], "PublishPeriod": ["0.2"],
+             "Histograms": [json.dumps(SANS2D_HISTOGRAMS)]}  # fmt: skip
+    config = {"servers": {"EventHistogrammer": {"kafka": {"EventHistogrammer": {DEVICE: {"properties": props}}}}}}
+    return sites.up(config)
+
+
+@pytest.fixture
+def dev(kafka_site):
+    import tango
+
+    p = tango.DeviceProxy(kafka_site.url(DEVICE))
+    p.set_timeout_millis(15_000)
+    yield p
+    reinit(p, EventSource="sim://?rate=1e5", RestreamKafka="", RestreamFormat="hs01")
+
+
+def reinit(p, **props) -> None:
+    p.Stop()
+    p.put_property({k: [v] for k, v in props.items()})
+    p.Init()
+
+
+def sans2d_arrays() -> tuple[np.ndarray, np.ndarray]:
+    import h5py
+
+    from tests.conftest import SANS2D
+
+    with h5py.File(SANS2D) as f:
+        g = f["/raw_data_1/detector_1_events"]
+        return g["event_time_offset"][()], g["event_id"][()]
+
+
+def test_sans2d_streamed_through_kafka_into_the_device_equals_numpy(kafka_broker, dev):
+    import tango
+
+    from tests.conftest import SANS2D, run_cli
+
+    topic = f"sans2d-{time.time_ns()}"
+    r = run_cli("stream", f"nexus://{SANS2D}?rate=realtime", "--kafka", f"{kafka_broker}/{topic}",
+                "--partitions", "4", "--seconds", "0")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "created topic" in r.stdout and "237078 events in 300 messages; 300 delivered, 0 not" in r.stdout
+    # every message carries its pulse time as its Kafka timestamp
+    c = Consumer({"bootstrap.servers": kafka_broker, "group.id": f"check-{topic}", "enable.auto.commit": False})
+    c.assign([TopicPartition(topic, 0, 0)])
+    first = next(m for m in iter(lambda: c.poll(10), None) if m.error() is None)
+    c.close()
+    from streaming_data_types.eventdata_ev44 import deserialise_ev44
+
+    assert first.timestamp()[1] == deserialise_ev44(first.value()).reference_time[0] // 1_000_000
+
+    reinit(dev, EventSource=f"kafka://{kafka_broker}/{topic}?start=earliest")
+    assert dev.state() == tango.DevState.ON, dev.status()
+    dev.Start()
+    wait_for(lambda: dev.EventCount == 237_078, timeout=60, what="the whole file through Kafka")
+    time.sleep(0.5)
+    dev.Stop()
+    tof, pid = sans2d_arrays()
+    assert np.array_equal(dev.tof, np.histogram(tof, np.linspace(0, 100000, 501))[0])
+    assert np.array_equal(dev.image.ravel(), np.bincount(pid - 1, minlength=1024 * 121)[: 1024 * 121])
+    assert dev.PulseCount == 300 and dev.BadMessageCount == dev.DroppedMessageCount == 0
+
+
+def read_topic(broker: str, topic: str, settle: float = 1.5) -> list:
+    """Every message of a topic, from its start, until none has come for `settle` s."""
+    c = Consumer({"bootstrap.servers": broker, "group.id": f"read-{time.time_ns()}", "enable.auto.commit": False,
+                  "logger": logging.getLogger("tests.kafka.reader")})  # fmt: skip
+    meta = c.list_topics(topic, timeout=10).topics[topic]
+    c.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
+    out, quiet = [], time.monotonic()
+    while time.monotonic() - quiet < settle:
+        for m in c.consume(100, 0.2):
+            if m.error() is None:
+                out.append(m.value())
+                quiet = time.monotonic()
+    c.close()
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["hs01", "da00"])
+def test_histograms_read_back_from_kafka_equal_the_attributes(kafka_broker, dev, fmt):
+    import tango
+
+    topic = kafka_topic(kafka_broker, 1, prefix=f"restream-{fmt}")
+    from tests.conftest import SANS2D
+
+    reinit(dev, EventSource=f"nexus://{SANS2D}?rate=max", RestreamKafka=f"{kafka_broker}/{topic}", RestreamFormat=fmt)
+    assert dev.state() == tango.DevState.ON, dev.status()
+    dev.Start()
+    wait_for(lambda: dev.EventCount == 237_078, timeout=60, what="the whole file")
+    dev.Stop()
+    final_update = dev.UpdateCounter
+    wait_for(lambda: dev.RestreamSentCount >= 2 * final_update, timeout=30, what="every update acknowledged")
+    time.sleep(1.0)
+    sent = dev.RestreamSentCount
+    messages = read_topic(kafka_broker, topic)
+    assert len(messages) == sent and dev.RestreamDroppedCount == 0  # what was counted arrived
+    last = {}
+    if fmt == "hs01":
+        from streaming_data_types.histogram_hs01 import deserialise_hs01
+
+        for raw in messages:
+            msg = deserialise_hs01(raw)
+            last[msg["source"]] = msg
+        tof, image = last[f"{DEVICE}/tof"], last[f"{DEVICE}/image"]
+        assert json.loads(tof["info"])["update"] == final_update
+        assert np.array_equal(tof["data"], dev.tof) and np.array_equal(image["data"], dev.image)
+        assert np.array_equal(tof["dim_metadata"][0]["bin_boundaries"], dev.tof_edges)
+    else:
+        from streaming_data_types.dataarray_da00 import deserialise_da00
+
+        for raw in messages:
+            msg = deserialise_da00(raw)
+            last[msg.source_name] = {v.name: v for v in msg.data}
+        tof, image = last[f"{DEVICE}/tof"], last[f"{DEVICE}/image"]
+        assert np.array_equal(tof["signal"].data, dev.tof) and tof["signal"].axes == ["time_of_flight"]
+        assert np.array_equal(tof["time_of_flight"].data, dev.tof_edges) and tof["time_of_flight"].unit == "us"
+        assert np.array_equal(image["signal"].data, dev.image) and image["signal"].axes == ["row", "col"]
+        assert image["signal"].unit == "counts" and image["row"].data.size == 1025
+
+
+def test_restream_failures_show_in_status_and_bad_format_is_named(dev):
+    import tango
+
+    reinit(dev, RestreamFormat="xml")
+    assert dev.state() == tango.DevState.FAULT and "RestreamFormat must be hs01 or da00, got 'xml'" in dev.status()
+    reinit(dev, RestreamFormat="da00", RestreamKafka="127.0.0.1:1/histograms")
+    assert dev.state() == tango.DevState.ON, dev.status()
+    dev.Start()
+    wait_for(lambda: "re-streaming to Kafka 127.0.0.1:1/histograms fails" in dev.status(), timeout=20,
+             what="the failing broker in Status")  # fmt: skip
+    wait_for(lambda: dev.EventCount > 0, what="events counted all the same")
+    assert dev.state() == tango.DevState.RUNNING  # the acquisition goes on
+    dev.Stop()
+    wait_for(lambda: dev.RestreamDroppedCount > 0, timeout=20, what="undelivered messages counted")
+    assert dev.RestreamSentCount == 0
