@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.partitions is not None and not args.kafka:
                 raise LivehistError("--partitions goes with --kafka BROKER/TOPIC")
-            stream(args.source, args.bind, args.pub, args.seconds, kafka=args.kafka, partitions=args.partitions)
+            stream(
+                args.source, args.bind, args.pub, args.seconds, kafka=args.kafka, partitions=args.partitions
+            )
             return 0
         if args.command == "plot":
             from livehist.views.plots import plot_file

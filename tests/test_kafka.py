@@ -19,6 +19,7 @@ from livehist.engine import Engine
 from livehist.engine.events import EventBatch, encode_ev44
 from livehist.engine.sources import SourceError, open_source
 from livehist.engine.spec import parse_histograms
+from livehist.site.broker import create_topic
 from tests.conftest import kafka_topic
 
 T0 = 1_763_800_000_000_000_000  # ns: pulse times of the produced events
@@ -60,7 +61,9 @@ def test_exact_counts_over_four_partitions_with_malformed_and_foreign_messages(k
     sent = []
     for i in range(40):
         batch = pulses(i * 3, 3, 500 + i, seed=i)
-        p.produce(topic, encode_ev44(batch, i, "det"), partition=i % 4, timestamp=int(batch.pulse_time[0] // 10**6))
+        p.produce(
+            topic, encode_ev44(batch, i, "det"), partition=i % 4, timestamp=int(batch.pulse_time[0] // 10**6)
+        )
         sent.append(batch)
         if i % 10 == 3:
             p.produce(topic, b"\x00\x01garbage that is no flatbuffer", partition=i % 4)
@@ -98,7 +101,9 @@ def test_a_time_window_counts_exactly_the_pulses_inside_it_and_ends_by_itself(ka
     everything = []
     for i in range(30):  # 30 messages of 4 pulses: windows cut through messages
         batch = pulses(i * 4, 4, 200, seed=100 + i)
-        p.produce(topic, encode_ev44(batch, i, "det"), partition=i % 2, timestamp=int(batch.pulse_time[0] // 10**6))
+        p.produce(
+            topic, encode_ev44(batch, i, "det"), partition=i % 2, timestamp=int(batch.pulse_time[0] // 10**6)
+        )
         everything.append(batch)
     p.flush(30)
     start_ns, stop_ns = T0 + 17 * PULSE + 5, T0 + 90 * PULSE  # pulses 18 .. 89
@@ -121,8 +126,12 @@ def test_a_time_window_counts_exactly_the_pulses_inside_it_and_ends_by_itself(ka
                 kept += 1
     assert kept == 72 and snap.pulses == kept
     assert snap.events == sum(x.size for x in keep_tof)
-    assert np.array_equal(snap.counts["tof"], np.histogram(np.concatenate(keep_tof), np.linspace(0, 7e7, 71))[0])
-    assert np.array_equal(snap.counts["image"].ravel(), np.bincount(np.concatenate(keep_pixel), minlength=256))
+    assert np.array_equal(
+        snap.counts["tof"], np.histogram(np.concatenate(keep_tof), np.linspace(0, 7e7, 71))[0]
+    )
+    assert np.array_equal(
+        snap.counts["image"].ravel(), np.bincount(np.concatenate(keep_pixel), minlength=256)
+    )
 
 
 def test_group_members_share_the_partitions_and_count_everything_once(kafka_broker):
@@ -197,7 +206,9 @@ def test_broker_killed_and_restarted_gives_fault_then_running_with_histograms_ke
         p.flush(30)
         return out
 
-    hg = Histogrammer(f"kafka://{broker}/{topic}", [TOF_SPEC], publish_period=0.1, reconnect_delays=(0.5, 2.0))
+    hg = Histogrammer(
+        f"kafka://{broker}/{topic}", [TOF_SPEC], publish_period=0.1, reconnect_delays=(0.5, 2.0)
+    )
     sent = []
     try:
         hg.start()
@@ -215,7 +226,7 @@ def test_broker_killed_and_restarted_gives_fault_then_running_with_histograms_ke
             assert np.array_equal(hg.last.counts["tof"], before)
             time.sleep(2)
             own_kafka_broker.start()  # on the same port; a memory broker has forgotten the topic
-            kafka_topic_again(broker, topic, 2)
+            create_topic(broker, topic, 2)
             wait_for(lambda: hg.state == "RUNNING", timeout=30, what="RUNNING again")
             time.sleep(1.0)
             sent += produce(20, 20)
@@ -226,14 +237,6 @@ def test_broker_killed_and_restarted_gives_fault_then_running_with_histograms_ke
         hg.close()
     tof = np.concatenate([b.tof for b in sent])
     assert np.array_equal(hg.last.counts["tof"], np.histogram(tof, np.linspace(0, 7e7, 71))[0])
-
-
-def kafka_topic_again(broker: str, name: str, partitions: int) -> None:
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient({"bootstrap.servers": broker})
-    for future in admin.create_topics([NewTopic(name, partitions, 1)]).values():
-        future.result(30)
 
 
 # --- the device: SANS2D through Kafka, re-streaming to Kafka ---------------------------------
@@ -248,7 +251,9 @@ SANS2D_HISTOGRAMS = [
 def kafka_site(sites):
     props = {"EventSource": ["sim://?rate=1e5"], "PublishPeriod": ["0.2"],
              "Histograms": [json.dumps(SANS2D_HISTOGRAMS)]}  # fmt: skip
-    config = {"servers": {"EventHistogrammer": {"kafka": {"EventHistogrammer": {DEVICE: {"properties": props}}}}}}
+    config = {
+        "servers": {"EventHistogrammer": {"kafka": {"EventHistogrammer": {DEVICE: {"properties": props}}}}}
+    }
     return sites.up(config)
 
 
@@ -289,7 +294,9 @@ def test_sans2d_streamed_through_kafka_into_the_device_equals_numpy(kafka_broker
     assert r.returncode == 0, r.stderr
     assert "created topic" in r.stdout and "237078 events in 300 messages; 300 delivered, 0 not" in r.stdout
     # every message carries its pulse time as its Kafka timestamp
-    c = Consumer({"bootstrap.servers": kafka_broker, "group.id": f"check-{topic}", "enable.auto.commit": False})
+    c = Consumer(
+        {"bootstrap.servers": kafka_broker, "group.id": f"check-{topic}", "enable.auto.commit": False}
+    )
     c.assign([TopicPartition(topic, 0, 0)])
     first = next(m for m in iter(lambda: c.poll(10), None) if m.error() is None)
     c.close()
@@ -332,7 +339,12 @@ def test_histograms_read_back_from_kafka_equal_the_attributes(kafka_broker, dev,
     topic = kafka_topic(kafka_broker, 1, prefix=f"restream-{fmt}")
     from tests.conftest import SANS2D
 
-    reinit(dev, EventSource=f"nexus://{SANS2D}?rate=max", RestreamKafka=f"{kafka_broker}/{topic}", RestreamFormat=fmt)
+    reinit(
+        dev,
+        EventSource=f"nexus://{SANS2D}?rate=max",
+        RestreamKafka=f"{kafka_broker}/{topic}",
+        RestreamFormat=fmt,
+    )
     assert dev.state() == tango.DevState.ON, dev.status()
     dev.Start()
     wait_for(lambda: dev.EventCount == 237_078, timeout=60, what="the whole file")
@@ -362,7 +374,9 @@ def test_histograms_read_back_from_kafka_equal_the_attributes(kafka_broker, dev,
             last[msg.source_name] = {v.name: v for v in msg.data}
         tof, image = last[f"{DEVICE}/tof"], last[f"{DEVICE}/image"]
         assert np.array_equal(tof["signal"].data, dev.tof) and tof["signal"].axes == ["time_of_flight"]
-        assert np.array_equal(tof["time_of_flight"].data, dev.tof_edges) and tof["time_of_flight"].unit == "us"
+        assert (
+            np.array_equal(tof["time_of_flight"].data, dev.tof_edges) and tof["time_of_flight"].unit == "us"
+        )
         assert np.array_equal(image["signal"].data, dev.image) and image["signal"].axes == ["row", "col"]
         assert image["signal"].unit == "counts" and image["row"].data.size == 1025
 
@@ -371,7 +385,10 @@ def test_restream_failures_show_in_status_and_bad_format_is_named(dev):
     import tango
 
     reinit(dev, RestreamFormat="xml")
-    assert dev.state() == tango.DevState.FAULT and "RestreamFormat must be hs01 or da00, got 'xml'" in dev.status()
+    assert (
+        dev.state() == tango.DevState.FAULT
+        and "RestreamFormat must be hs01 or da00, got 'xml'" in dev.status()
+    )
     reinit(dev, RestreamFormat="da00", RestreamKafka="127.0.0.1:1/histograms")
     assert dev.state() == tango.DevState.ON, dev.status()
     dev.Start()

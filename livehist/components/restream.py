@@ -165,7 +165,9 @@ def da00_messages(snap: Snapshot, device: str, state: str, counter: int) -> list
         elif spec.kind == "pixel_tof":
             axes = ["pixel", "time_of_flight"]
             n = counts.shape[0]
-            coords = [Variable("pixel", spec.first_pixel + np.arange(n + 1, dtype=np.float64), ["pixel"], unit="")]
+            coords = [
+                Variable("pixel", spec.first_pixel + np.arange(n + 1, dtype=np.float64), ["pixel"], unit="")
+            ]
         else:
             axes = ["time_of_flight"]
         if edges is not None:

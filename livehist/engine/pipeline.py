@@ -224,7 +224,12 @@ class Engine:
             if self._accumulating:
                 reason = self._preset_reached()
                 source = self.source
-                if not reason and source is not None and getattr(source, "ended", None) and not len(self.queue):
+                if (
+                    not reason
+                    and source is not None
+                    and getattr(source, "ended", None)
+                    and not len(self.queue)
+                ):
                     reason = source.ended  # e.g. Kafka's stop=TIME: everything before it is counted
                 if reason:
                     self.queue.clear()

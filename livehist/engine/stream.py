@@ -155,7 +155,9 @@ def _stream_kafka(source_uri: str, target: str, partitions: int | None, seconds:
             if seconds and now - t0 >= seconds:
                 break
             if now - last >= 2:
-                say(f"  {sent['events']} events in {sent['messages']} messages, {sent['delivered']} delivered")
+                say(
+                    f"  {sent['events']} events in {sent['messages']} messages, {sent['delivered']} delivered"
+                )
                 last = now
     except KeyboardInterrupt:
         pass

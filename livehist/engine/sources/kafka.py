@@ -109,7 +109,9 @@ class KafkaSource(Source):
         self.source_name = params.get("source") or None
         self.group = params.get("group") or None
         if "group" in params and not self.group:
-            raise SourceError(f"EventSource {uri!r}: group must not be empty (leave it out for a private one)")
+            raise SourceError(
+                f"EventSource {uri!r}: group must not be empty (leave it out for a private one)"
+            )
         start = params.get("start", "latest").strip() or "latest"
         self.start_mode = start if start in ("latest", "earliest") else "time"
         self.start_ns = parse_time(start, "start", uri) if self.start_mode == "time" else None
@@ -354,7 +356,9 @@ class KafkaSource(Source):
         from confluent_kafka import KafkaException, TopicPartition
 
         try:
-            consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in request.items()], asynchronous=False)
+            consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in request.items()], asynchronous=False
+            )
             self.commit_error = None
         except KafkaException as exc:
             self.commit_error = str(exc)
