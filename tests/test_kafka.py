@@ -399,3 +399,50 @@ def test_restream_failures_show_in_status_and_bad_format_is_named(dev):
     dev.Stop()
     wait_for(lambda: dev.RestreamDroppedCount > 0, timeout=20, what="undelivered messages counted")
     assert dev.RestreamSentCount == 0
+
+
+def test_owners_start_from_offsets_see_what_was_counted_and_commit(kafka_broker):
+    """The API HistogramSum's checkpoints build on: start_from, Snapshot.offsets, positions, commit."""
+    topic = kafka_topic(kafka_broker, 2)
+    p = producer(kafka_broker)
+    for i in range(20):
+        p.produce(topic, encode_ev44(pulses(i, 1, 100, seed=i), i, "det"), partition=i % 2)
+    p.flush(30)
+    group = f"owner-{topic}"
+    source = open_source(f"kafka://{kafka_broker}/{topic}?group={group}&start=earliest")
+    source.start_from({(topic, 0): 5, (topic, 1): 7})
+    engine = Engine(parse_histograms([TOF_SPEC]))
+    engine.start(source)
+    try:
+        wait_for(lambda: engine.events >= 800, timeout=60, what="the messages from the given offsets")
+        time.sleep(0.5)
+        assert source.positions() == {(topic, 0): 10, (topic, 1): 10}
+        source.commit()
+        time.sleep(1.0)  # committed from the consumer thread
+        assert source.commit_error is None
+    finally:
+        engine.stop()
+    snap = engine.snapshot()
+    assert snap.events == 800 and snap.offsets == {(topic, 0): (5, 9), (topic, 1): (7, 9)}
+    c = Consumer({"bootstrap.servers": kafka_broker, "group.id": group})
+    committed = c.committed([TopicPartition(topic, 0), TopicPartition(topic, 1)], timeout=10)
+    c.close()
+    assert [tp.offset for tp in committed] == [10, 10]
+    with pytest.raises(SourceError, match="only for a group="):
+        open_source(f"kafka://{kafka_broker}/{topic}").commit()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--kafka", "just-a-broker"], "--kafka 'just-a-broker': give BROKER[,BROKER]/TOPIC"),
+        (["--kafka", "b:9092/t", "--partitions", "0"], "--partitions must be >= 1, got 0"),
+        (["--partitions", "2"], "--partitions goes with --kafka BROKER/TOPIC"),
+        (["--kafka", "127.0.0.1:1/t"], "no Kafka broker answers at 127.0.0.1:1"),
+    ],
+)
+def test_stream_to_kafka_bad_input_names_the_fix(args, message, capsys):
+    from livehist.cli import main
+
+    assert main(["stream", "sim://?rate=1e4", *args]) == 1
+    assert message in capsys.readouterr().err

@@ -87,7 +87,7 @@ def _kafka_topic(brokers: str, topic: str, partitions: int | None, say) -> int:
 
     admin = AdminClient({"bootstrap.servers": brokers, "logger": log})
     try:
-        meta = admin.list_topics(timeout=10).topics
+        meta = admin.list_topics(timeout=5).topics
     except KafkaException as exc:
         raise LivehistError(f"no Kafka broker answers at {brokers}: {exc.args[0].str()}") from None
     if topic in meta and meta[topic].error is None and meta[topic].partitions:
