@@ -28,10 +28,10 @@ TOF_SPEC = {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 70_000_000
 IMAGE_SPEC = {"name": "image", "kind": "image", "pixels": {"first": 0, "shape": [16, 16]}}
 
 
-def wait_for(pred, timeout: float = 30.0, what: str = "condition") -> None:
+def wait_for(pred, timeout: float = 30.0, what: str = "condition", detail=lambda: "") -> None:
     deadline = time.monotonic() + timeout
     while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what} {detail()}"
         time.sleep(0.05)
 
 
@@ -307,7 +307,8 @@ def test_sans2d_streamed_through_kafka_into_the_device_equals_numpy(kafka_broker
     reinit(dev, EventSource=f"kafka://{kafka_broker}/{topic}?start=earliest")
     assert dev.state() == tango.DevState.ON, dev.status()
     dev.Start()
-    wait_for(lambda: dev.EventCount == 237_078, timeout=60, what="the whole file through Kafka")
+    wait_for(lambda: dev.EventCount == 237_078, timeout=60, what="the whole file through Kafka",
+             detail=lambda: f"({dev.EventCount} events, {dev.MessageCount} messages; {dev.status()})")  # fmt: skip
     time.sleep(0.5)
     dev.Stop()
     tof, pid = sans2d_arrays()

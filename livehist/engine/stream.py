@@ -25,7 +25,7 @@ class _Collector:
     def __init__(self, send) -> None:
         self.send = send
 
-    def __call__(self, item, block=True, timeout=None) -> bool:
+    def __call__(self, item, block=True, timeout=None, retry=False) -> bool:
         self.send(item)
         return True
 

@@ -14,6 +14,8 @@ Malformed messages go to the engine as they are, which counts them as bad.
   the partition's end reached while the clock is `STOP_GRACE_S` past `stop`).
 - `group=G`: a consumer group (devices with one group share the partitions). Without it the
   source assigns itself every partition (no group join, so no wait) and sees every event.
+- Back-pressure, not drops: when histogramming falls behind, the source waits and the
+  messages wait in Kafka (the consumer lags; nothing is lost while retention holds them).
 - Transient errors (a broker restarting, a timeout) are logged at a bounded rate; the source
   fails (`error`, so FAULT) only when no broker has been reachable for `DOWN_AFTER_S`, or
   none answers within `CONNECT_TIMEOUT_S` at start. The histogrammer then reopens it with
@@ -86,7 +88,9 @@ class _RdLog:
 
 
 class KafkaSource(Source):
-    paced = False
+    # the broker keeps what we have not read: wait for room instead of dropping (a backlog read
+    # with start=earliest would otherwise lose messages while the kernels compile)
+    paced = True
 
     def __init__(self, uri: str) -> None:
         super().__init__(uri)
