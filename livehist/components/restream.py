@@ -253,7 +253,10 @@ class Restreamer:
                 f"({self.kafka_failed} {self.fmt} messages not delivered)")  # fmt: skip
 
     def _kafka_error_cb(self, err) -> None:
-        self._kafka_error = err.str()
+        from confluent_kafka import KafkaError
+
+        if err.fatal() or err.code() == KafkaError._ALL_BROKERS_DOWN:  # not an idle disconnect
+            self._kafka_error = err.str()
         self._errors.warning(err.name(), f"RestreamKafka {self.kafka}: {err.str()}")
 
     def _delivered(self, err, msg) -> None:

@@ -59,11 +59,15 @@ Key = tuple[str, int]
 def parse_time(raw: str, key: str, uri: str) -> int:
     """ISO 8601 (naive = local time) or Unix milliseconds, as ns since the epoch."""
     text = re.sub(r" (\d\d(:?\d\d)?)$", r"+\1", raw.strip())  # a URI's unescaped '+' arrives as ' '
-    if re.fullmatch(r"-?\d+(\.\d*)?", text):
-        return int(round(float(text) * 1e6))
     try:
-        return int(round(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1e9))
-    except ValueError:
+        if re.fullmatch(r"-?\d+(\.\d*)?", text):
+            ns = int(round(float(text) * 1e6))
+        else:
+            ns = int(round(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1e9))
+        if not -(2**62) < ns < 2**62:  # beyond int64 nanoseconds (year 2116)
+            raise ValueError(raw)
+        return ns
+    except (ValueError, OverflowError):
         raise SourceError(
             f"EventSource {uri!r}: {key} must be latest, earliest, an ISO 8601 time "
             f"(2026-11-22T10:00:00Z) or Unix milliseconds, got {raw!r}"
@@ -189,8 +193,30 @@ class KafkaSource(Source):
             self._fatal = str(err)
         self._errors.warning(err.name(), f"Kafka {self.brokers}: {err.str()}")
 
+    def start(self, feed) -> None:
+        self.ended = None  # before the engine can look: a previous run's stop is not this one's
+        super().start(feed)
+
+    def _metadata(self, consumer):
+        """The cluster's topics, asked in short steps so that Stop is never kept waiting."""
+        from confluent_kafka import KafkaException
+
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while True:
+            try:
+                return consumer.list_topics(timeout=0.5)
+            except KafkaException as exc:
+                if self.stopping:
+                    return None
+                if time.monotonic() >= deadline:
+                    self.error = (
+                        f"no Kafka broker answers at {self.brokers} within {CONNECT_TIMEOUT_S:g} s "
+                        f"({exc.args[0].str()})"
+                    )
+                    return None
+
     def run(self) -> None:
-        from confluent_kafka import Consumer, KafkaException
+        from confluent_kafka import Consumer
 
         self.ended = None
         self._fatal: str | None = None
@@ -200,10 +226,8 @@ class KafkaSource(Source):
         self._recreated: set[str] = set()
         consumer = Consumer(self._config())
         try:
-            try:
-                metadata = consumer.list_topics(timeout=CONNECT_TIMEOUT_S)
-            except KafkaException as exc:
-                self.error = f"no Kafka broker answers at {self.brokers} within {CONNECT_TIMEOUT_S:g} s ({exc.args[0].str()})"
+            metadata = self._metadata(consumer)
+            if metadata is None:
                 return
             partitions = []
             for topic in self.topics:
@@ -233,8 +257,8 @@ class KafkaSource(Source):
 
         try:
             admin = AdminClient({"bootstrap.servers": self.brokers, "logger": _RdLog()})
-            futures = admin.describe_topics(TopicCollection(self.topics), request_timeout=CONNECT_TIMEOUT_S)
-            self.topic_ids = {t: str(f.result(CONNECT_TIMEOUT_S).topic_id) for t, f in futures.items()}
+            futures = admin.describe_topics(TopicCollection(self.topics), request_timeout=2.0)
+            self.topic_ids = {t: str(f.result(2.5).topic_id) for t, f in futures.items()}
         except (KafkaException, Exception) as exc:  # a broker without topic ids: resume as it is
             log.debug("no topic ids from %s: %s", self.brokers, exc)
             return
