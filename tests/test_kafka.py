@@ -442,6 +442,7 @@ def test_owners_start_from_offsets_see_what_was_counted_and_commit(kafka_broker)
     [
         (["--kafka", "just-a-broker"], "--kafka 'just-a-broker': give BROKER[,BROKER]/TOPIC"),
         (["--kafka", "b:9092/t", "--partitions", "0"], "--partitions must be >= 1, got 0"),
+        (["--kafka", "b:9092/bad topic"], "'bad topic' is not a Kafka topic name"),
         (["--partitions", "2"], "--partitions goes with --kafka BROKER/TOPIC"),
         (["--kafka", "127.0.0.1:1/t"], "no Kafka broker answers at 127.0.0.1:1"),
     ],

@@ -113,6 +113,12 @@ def _stream_kafka(source_uri: str, target: str, partitions: int | None, seconds:
     brokers, _, topic = target.rpartition("/")
     if not brokers or not topic or "," in topic:
         raise LivehistError(f"--kafka {target!r}: give BROKER[,BROKER]/TOPIC")
+    from livehist.engine.sources.kafka import TOPIC_NAME
+
+    if not TOPIC_NAME.match(topic):
+        raise LivehistError(
+            f"--kafka {target!r}: {topic!r} is not a Kafka topic name (letters, digits, '.', '_', '-'; at most 249)"
+        )
     if partitions is not None and partitions < 1:
         raise LivehistError(f"--partitions must be >= 1, got {partitions}")
     src: Source = open_source(source_uri)  # a bad source fails before anything is created
