@@ -452,3 +452,16 @@ def test_stream_to_kafka_bad_input_names_the_fix(args, message, capsys):
 
     assert main(["stream", "sim://?rate=1e4", *args]) == 1
     assert message in capsys.readouterr().err
+
+
+def test_device_with_no_broker_goes_to_fault_within_10_s_and_stops(dev):
+    import tango
+
+    reinit(dev, EventSource="kafka://127.0.0.1:1/events")
+    assert dev.state() == tango.DevState.ON, dev.status()
+    dev.Start()
+    t0 = time.monotonic()
+    wait_for(lambda: dev.state() == tango.DevState.FAULT, timeout=10, what="FAULT", detail=dev.status)
+    assert time.monotonic() - t0 < 10 and "no Kafka broker answers at 127.0.0.1:1" in dev.status()
+    dev.Stop()
+    assert dev.state() == tango.DevState.ON
