@@ -465,3 +465,42 @@ def test_device_with_no_broker_goes_to_fault_within_10_s_and_stops(dev):
     assert time.monotonic() - t0 < 10 and "no Kafka broker answers at 127.0.0.1:1" in dev.status()
     dev.Stop()
     assert dev.state() == tango.DevState.ON
+
+
+def test_frozen_broker_gives_fault_and_counting_resumes_at_the_offsets_reached(own_kafka_broker):
+    import signal
+
+    broker = own_kafka_broker.address
+    topic = kafka_topic(broker, 2, prefix="frozen")
+    p = producer(broker)
+
+    def produce(first: int, n: int) -> None:
+        for i in range(first, first + n):
+            p.produce(topic, encode_ev44(pulses(i, 1, 100, seed=i), i, "det"), partition=i % 2)
+        p.flush(30)
+
+    hg = Histogrammer(f"kafka://{broker}/{topic}?start=earliest", [TOF_SPEC], publish_period=0.1,
+                      reconnect_delays=(0.5, 2.0))  # fmt: skip
+    try:
+        produce(0, 20)
+        hg.start()
+        wait_for(lambda: hg.last.events == 2000, what="the first 20 messages")
+        time.sleep(5)  # idle, nothing new: a quiet topic is no fault
+        assert hg.state == "RUNNING", hg.status
+        own_kafka_broker.proc.send_signal(signal.SIGSTOP)  # alive, connections open, not answering
+        t0 = time.monotonic()
+        wait_for(lambda: hg.state == "FAULT", timeout=12, what="FAULT for a frozen broker")
+        assert time.monotonic() - t0 < 10 and "no Kafka broker reachable" in hg.status
+        own_kafka_broker.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: hg.state == "RUNNING", timeout=30, what="RUNNING again", detail=lambda: hg.status)
+        produce(20, 20)
+        wait_for(lambda: hg.last.events == 4000, what="the messages after the thaw")
+        time.sleep(1.0)
+        snap = hg.last
+    finally:
+        if own_kafka_broker.proc is not None:
+            own_kafka_broker.proc.send_signal(signal.SIGCONT)
+        hg.close()
+    # nothing counted twice, nothing skipped: the new consumer went on from where the old one was
+    assert snap.events == 4000 and snap.messages == 40
+    assert snap.offsets == {(topic, 0): (0, 19), (topic, 1): (0, 19)}

@@ -47,7 +47,7 @@ log = logging.getLogger("livehist.engine.sources.kafka")
 
 BATCH_MESSAGES = 500  # messages per consume(): one call into librdkafka per batch, not per message
 CONNECT_TIMEOUT_S = 5.0
-DOWN_AFTER_S = 5.0  # no broker reachable this long (with 1 s statistics): FAULT within 10 s
+DOWN_AFTER_S = 3.0  # no broker reachable this long (with 1 s statistics): FAULT within 10 s
 STOP_GRACE_S = 2.0  # an idle partition at its end counts as past `stop` this long after it
 LOOKBACK_MS = 10_000  # seek this much before `start`: a message's timestamp is its first pulse
 GROUP_TIMING = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}  # join in ~3 s, not ~23 s
@@ -177,6 +177,7 @@ class KafkaSource(Source):
             "receive.message.max.bytes": 80 * 2**20,
             "queued.max.messages.kbytes": 32 * 1024,  # prefetch per partition, bounded
             "fetch.wait.max.ms": 100,
+            "socket.timeout.ms": 6000,  # a frozen broker (not closed, not answering) counts as gone
             **GROUP_TIMING,
         }
 
@@ -185,7 +186,10 @@ class KafkaSource(Source):
             brokers = json.loads(raw).get("brokers", {})
         except ValueError:
             return
-        if any(b.get("state") == "UP" for b in brokers.values()):
+        # UP and heard from lately: fetches (every fetch.wait.max.ms) or heartbeats keep `rxidle`
+        # (µs since the last receive; -1 before the first) small, a frozen broker lets it grow
+        quiet_us = DOWN_AFTER_S * 1e6 / 2
+        if any(b.get("state") == "UP" and b.get("rxidle", -1) < quiet_us for b in brokers.values()):
             self._last_up = time.monotonic()
 
     def _error(self, err) -> None:
