@@ -185,8 +185,10 @@ def _stream_kafka(source_uri: str, target: str, partitions: int | None, seconds:
         stopping.append(True)
         src.stop()
         left = producer.flush(30)
-    if src.error:
-        say(f"source failed: {src.error}")
     say(f"sent {sent['events']} events in {sent['messages']} messages; {sent['delivered']} delivered, "
         f"{sent['failed'] + left} not")  # fmt: skip
+    if src.error:  # what was sent is said above; the command still failed
+        raise LivehistError(f"source failed: {src.error}")
+    if sent["failed"] + left:
+        raise LivehistError(f"{sent['failed'] + left} messages were not delivered to {topic} on {brokers}")
     return sent["events"]
