@@ -74,6 +74,8 @@ class EventHistogrammer(Device):
                                        doc="ZeroMQ PUB address for hs01 histograms, e.g. tcp://*:5560 ('' = off)")  # fmt: skip
     RestreamKafka = device_property(dtype=str, default_value="",
                                     doc="BROKER[,BROKER]/TOPIC for hs01 histograms ('' = off)")  # fmt: skip
+    RestreamFormat = device_property(dtype=str, default_value="hs01",
+                                     doc="hs01 or da00 (ESS DataArray) for RestreamEndpoint/RestreamKafka")  # fmt: skip
     MaxQueueBytes = device_property(dtype=float, default_value=256 * 2**20,
                                     doc="cap on raw messages waiting to be histogrammed, bytes")  # fmt: skip
 
@@ -101,7 +103,8 @@ class EventHistogrammer(Device):
                 thread_context=tango.EnsureOmniThread,
                 name=self.get_name(),
             )
-            self.restream = Restreamer(self.get_name(), self.RestreamEndpoint, self.RestreamKafka)
+            self.restream = Restreamer(self.get_name(), self.RestreamEndpoint, self.RestreamKafka,
+                                       fmt=self.RestreamFormat)  # fmt: skip
         except (LivehistError, ValueError) as exc:  # a bad PublishPeriod or re-stream target
             if self.hg is not None:
                 self.hg.close()
@@ -127,7 +130,12 @@ class EventHistogrammer(Device):
     def _sync_state(self) -> None:
         if self.hg is not None:
             self.set_state(STATES[self.hg.state])
-            self.set_status(self.hg.status)
+            self.set_status(self._with_restream(self.hg.status))
+
+    def _with_restream(self, status: str) -> str:
+        """The status, plus what re-streaming fails with (a Kafka broker that does not take it)."""
+        problem = self.restream.problem if getattr(self, "restream", None) is not None else None
+        return f"{status}; {problem}" if problem else status
 
     def dev_state(self) -> DevState:
         self._sync_state()
@@ -269,11 +277,12 @@ class EventHistogrammer(Device):
     def _publish(self, update: Update) -> None:
         snap = update.snapshot
         state = STATES[update.state]
-        if state != self.get_state() or update.status != self.get_status():
+        status = self._with_restream(update.status)
+        if state != self.get_state() or status != self.get_status():
             self.set_state(state)
-            self.set_status(update.status)
+            self.set_status(status)
             self._push("State", state)
-            self._push("Status", update.status)
+            self._push("Status", status)
         for name, counts in snap.counts.items():
             if name not in self._dynamic:
                 continue
@@ -308,13 +317,14 @@ class EventHistogrammer(Device):
     def UpdateCounter(self) -> int:
         return self.hg.update_counter if self.hg else 0
 
-    @attribute(dtype=tango.DevLong64, doc="hs01 messages sent (RestreamEndpoint / RestreamKafka)")
+    @attribute(dtype=tango.DevLong64,
+               doc="hs01/da00 messages sent (ZeroMQ) or acknowledged by the broker (Kafka)")  # fmt: skip
     def RestreamSentCount(self) -> int:
         return self.restream.sent if self.restream else 0
 
     @attribute(
         dtype=tango.DevLong64,
-        doc="hs01 updates or messages dropped for slow receivers (counted, never blocking)",
+        doc="updates or messages dropped for slow receivers, or not delivered to Kafka (never blocking)",
     )
     def RestreamDroppedCount(self) -> int:
         return self.restream.dropped if self.restream else 0

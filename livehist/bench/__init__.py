@@ -17,6 +17,10 @@ def bench(as_json: bool = False, quick: bool = False, say=print) -> list[dict]:
     engine_kernels(10**6 if quick else 10**7)
     say("livehist bench: zmq:// end to end") if not as_json else None
     engine_rate = end_to_end(3 if quick else 30)
+    say("livehist bench: kafka:// beside a bare confluent-kafka consumer") if not as_json else None
+    from livehist.bench.kafka import kafka_figures
+
+    kafka_figures(_row, quick)
     say("livehist bench: EventHistogrammer device (real Tango DB and server)") if not as_json else None
     from livehist.bench.device import device_figures
 

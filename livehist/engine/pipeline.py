@@ -205,13 +205,16 @@ class Engine:
         if self.on_end:
             self.on_end(reason)
 
-    def feed(self, item, block: bool = False, timeout: float | None = None) -> bool:
-        """Queue a raw message (bytes) or an EventBatch. False (and counted) when dropped."""
+    def feed(self, item, block: bool = False, timeout: float | None = None, retry: bool = False) -> bool:
+        """Queue a raw message (bytes) or an EventBatch. False (and counted) when dropped;
+        `retry`: the caller (a paced source) tries again, so a full queue is no drop."""
         if not self._accumulating:
             return False
         if self.queue.put(item, block=block, timeout=timeout):
             self._fed += 1  # one feeding thread: the source's
             return True
+        if retry:
+            return False
         with self._lock:
             self.dropped_messages += 1
         return False

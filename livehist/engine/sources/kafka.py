@@ -14,6 +14,8 @@ Malformed messages go to the engine as they are, which counts them as bad.
   the partition's end reached while the clock is `STOP_GRACE_S` past `stop`).
 - `group=G`: a consumer group (devices with one group share the partitions). Without it the
   source assigns itself every partition (no group join, so no wait) and sees every event.
+- Back-pressure, not drops: when histogramming falls behind, the source waits and the
+  messages wait in Kafka (the consumer lags; nothing is lost while retention holds them).
 - Transient errors (a broker restarting, a timeout) are logged at a bounded rate; the source
   fails (`error`, so FAULT) only when no broker has been reachable for `DOWN_AFTER_S`, or
   none answers within `CONNECT_TIMEOUT_S` at start. The histogrammer then reopens it with
@@ -45,7 +47,7 @@ log = logging.getLogger("livehist.engine.sources.kafka")
 
 BATCH_MESSAGES = 500  # messages per consume(): one call into librdkafka per batch, not per message
 CONNECT_TIMEOUT_S = 5.0
-DOWN_AFTER_S = 5.0  # no broker reachable this long (with 1 s statistics): FAULT within 10 s
+DOWN_AFTER_S = 3.0  # no broker reachable this long (with 1 s statistics): FAULT within 10 s
 STOP_GRACE_S = 2.0  # an idle partition at its end counts as past `stop` this long after it
 LOOKBACK_MS = 10_000  # seek this much before `start`: a message's timestamp is its first pulse
 GROUP_TIMING = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}  # join in ~3 s, not ~23 s
@@ -57,11 +59,15 @@ Key = tuple[str, int]
 def parse_time(raw: str, key: str, uri: str) -> int:
     """ISO 8601 (naive = local time) or Unix milliseconds, as ns since the epoch."""
     text = re.sub(r" (\d\d(:?\d\d)?)$", r"+\1", raw.strip())  # a URI's unescaped '+' arrives as ' '
-    if re.fullmatch(r"-?\d+(\.\d*)?", text):
-        return int(round(float(text) * 1e6))
     try:
-        return int(round(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1e9))
-    except ValueError:
+        if re.fullmatch(r"-?\d+(\.\d*)?", text):
+            ns = int(round(float(text) * 1e6))
+        else:
+            ns = int(round(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1e9))
+        if not -(2**62) < ns < 2**62:  # beyond int64 nanoseconds (year 2116)
+            raise ValueError(raw)
+        return ns
+    except (ValueError, OverflowError):
         raise SourceError(
             f"EventSource {uri!r}: {key} must be latest, earliest, an ISO 8601 time "
             f"(2026-11-22T10:00:00Z) or Unix milliseconds, got {raw!r}"
@@ -86,7 +92,9 @@ class _RdLog:
 
 
 class KafkaSource(Source):
-    paced = False
+    # the broker keeps what we have not read: wait for room instead of dropping (a backlog read
+    # with start=earliest would otherwise lose messages while the kernels compile)
+    paced = True
 
     def __init__(self, uri: str) -> None:
         super().__init__(uri)
@@ -169,6 +177,7 @@ class KafkaSource(Source):
             "receive.message.max.bytes": 80 * 2**20,
             "queued.max.messages.kbytes": 32 * 1024,  # prefetch per partition, bounded
             "fetch.wait.max.ms": 100,
+            "socket.timeout.ms": 6000,  # a frozen broker (not closed, not answering) counts as gone
             **GROUP_TIMING,
         }
 
@@ -177,7 +186,10 @@ class KafkaSource(Source):
             brokers = json.loads(raw).get("brokers", {})
         except ValueError:
             return
-        if any(b.get("state") == "UP" for b in brokers.values()):
+        # UP and heard from lately: fetches (every fetch.wait.max.ms) or heartbeats keep `rxidle`
+        # (µs since the last receive; -1 before the first) small, a frozen broker lets it grow
+        quiet_us = DOWN_AFTER_S * 1e6 / 2
+        if any(b.get("state") == "UP" and b.get("rxidle", -1) < quiet_us for b in brokers.values()):
             self._last_up = time.monotonic()
 
     def _error(self, err) -> None:
@@ -185,8 +197,30 @@ class KafkaSource(Source):
             self._fatal = str(err)
         self._errors.warning(err.name(), f"Kafka {self.brokers}: {err.str()}")
 
+    def start(self, feed) -> None:
+        self.ended = None  # before the engine can look: a previous run's stop is not this one's
+        super().start(feed)
+
+    def _metadata(self, consumer):
+        """The cluster's topics, asked in short steps so that Stop is never kept waiting."""
+        from confluent_kafka import KafkaException
+
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while True:
+            try:
+                return consumer.list_topics(timeout=0.5)
+            except KafkaException as exc:
+                if self.stopping:
+                    return None
+                if time.monotonic() >= deadline:
+                    self.error = (
+                        f"no Kafka broker answers at {self.brokers} within {CONNECT_TIMEOUT_S:g} s "
+                        f"({exc.args[0].str()})"
+                    )
+                    return None
+
     def run(self) -> None:
-        from confluent_kafka import Consumer, KafkaException
+        from confluent_kafka import Consumer
 
         self.ended = None
         self._fatal: str | None = None
@@ -196,10 +230,8 @@ class KafkaSource(Source):
         self._recreated: set[str] = set()
         consumer = Consumer(self._config())
         try:
-            try:
-                metadata = consumer.list_topics(timeout=CONNECT_TIMEOUT_S)
-            except KafkaException as exc:
-                self.error = f"no Kafka broker answers at {self.brokers} within {CONNECT_TIMEOUT_S:g} s ({exc.args[0].str()})"
+            metadata = self._metadata(consumer)
+            if metadata is None:
                 return
             partitions = []
             for topic in self.topics:
@@ -229,8 +261,8 @@ class KafkaSource(Source):
 
         try:
             admin = AdminClient({"bootstrap.servers": self.brokers, "logger": _RdLog()})
-            futures = admin.describe_topics(TopicCollection(self.topics), request_timeout=CONNECT_TIMEOUT_S)
-            self.topic_ids = {t: str(f.result(CONNECT_TIMEOUT_S).topic_id) for t, f in futures.items()}
+            futures = admin.describe_topics(TopicCollection(self.topics), request_timeout=2.0)
+            self.topic_ids = {t: str(f.result(2.5).topic_id) for t, f in futures.items()}
         except (KafkaException, Exception) as exc:  # a broker without topic ids: resume as it is
             log.debug("no topic ids from %s: %s", self.brokers, exc)
             return
