@@ -6,12 +6,13 @@ Kafka named by $LIVEHIST_KAFKA_BROKER); tests that kill a broker get one of thei
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
 import numpy as np
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from livehist.components.histogrammer import Histogrammer
 from livehist.engine import Engine
