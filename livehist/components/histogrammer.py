@@ -182,23 +182,13 @@ class Histogrammer:
     # --- internals -------------------------------------------------------------------
     @staticmethod
     def _warm_up(specs: list[HistogramSpec]) -> None:
-        """Compile the kernels for int32 events now, not during the first acquisition's preset."""
-        import numpy as np
-
+        """Compile the device's fused kernel for int32 events now, not during the first acquisition's preset."""
         from livehist.engine import histograms
-        from livehist.engine.events import EventBatch
 
-        one = np.ones(1, np.int32)
-        batch = EventBatch(one, one, np.zeros(1, np.int64), np.zeros(1, np.int64))
-        import dataclasses
-
-        for spec in specs:  # a one-pixel copy: same kernels, no big allocation
-            tiny = dataclasses.replace(
-                spec, shape=tuple(1 for _ in spec.shape),
-                roi_pixels=np.array([spec.first_pixel]) if spec.kind == "roi" else spec.roi_pixels,
-            )  # fmt: skip
-            histograms.make(tiny).add(batch)
+        histograms.warm_up(specs)
         if any(len(spec.data_shape) == 2 for spec in specs):  # and the display block sums
+            import numpy as np
+
             from livehist.engine.preview import block_sum
 
             block_sum(np.zeros((2, 1025), np.int64))

@@ -1,14 +1,25 @@
 """Compiled histogramming kernels (numba, nogil so a receiver thread runs alongside).
 
+One pass per event batch for all histograms of a device: `fused(layout)` generates and
+compiles a kernel for a device's histogram list, reading each event's pixel id and TOF once
+and updating every histogram (TOF bins are computed once per distinct axis).
+
+Counts are exact int64. Large histograms count into a uint32 staging array (half the bytes
+of int64, so twice as much of it stays in cache) whose rare wrap-around is carried into an
+int64 array at once: total = carry + staging, never a lost or wrapped count.
+
 Bins are half-open [edges[b], edges[b+1]) for every bin, the last one included. Three ways
-to find a TOF bin, chosen per histogram and event dtype by `tof_mode`:
+to find a TOF bin, chosen per axis and event dtype by `tof_mode`:
   FAST      one multiply; used only where `tof_mode` proved it exact for integer TOFs
   LINEAR    one multiply corrected by comparing with the neighbouring edges (as numpy does)
   SEARCH    binary search (log and explicit edges)
-Every kernel returns how many events it counted; callers derive out-of-range counts.
+A kernel adds to `inside[k]` how many events histogram k counted; callers derive out-of-range counts.
 """
 
 from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -80,69 +91,99 @@ def _binner(mode: int):
     return bin_of
 
 
-def _tof_kernels(mode: int):
-    bin_of = _binner(mode)
-    jit = numba.njit(nogil=True)
-
-    @jit
-    def hist_tof(tof, edges, counts):
-        n = edges.size - 1
-        lo = edges[0]
-        s = n / (edges[n] - lo)
-        inside = 0
-        for i in range(tof.size):
-            b = bin_of(tof[i], edges, lo, s, n)
-            if b >= 0:
-                counts[b] += 1
-                inside += 1
-        return inside
-
-    @jit
-    def hist_pixel_tof(pixel_id, tof, first, npix, edges, counts):
-        n = edges.size - 1
-        lo = edges[0]
-        s = n / (edges[n] - lo)
-        inside = 0
-        for i in range(pixel_id.size):
-            p = np.int64(pixel_id[i]) - first
-            if p >= 0 and p < npix:
-                b = bin_of(tof[i], edges, lo, s, n)
-                if b >= 0:
-                    counts[p * n + b] += 1
-                    inside += 1
-        return inside
-
-    @jit
-    def hist_roi(pixel_id, tof, first, mask, edges, counts):
-        n = edges.size - 1
-        lo = edges[0]
-        s = n / (edges[n] - lo)
-        npix = mask.size
-        inside = 0
-        for i in range(pixel_id.size):
-            p = np.int64(pixel_id[i]) - first
-            if p >= 0 and p < npix and mask[p]:
-                b = bin_of(tof[i], edges, lo, s, n)
-                if b >= 0:
-                    counts[b] += 1
-                    inside += 1
-        return inside
-
-    return hist_tof, hist_pixel_tof, hist_roi
+BINNERS = {mode: _binner(mode) for mode in (FAST, LINEAR, SEARCH)}
 
 
-TOF_KERNELS = {mode: _tof_kernels(mode) for mode in (FAST, LINEAR, SEARCH)}
+@dataclass(frozen=True)
+class Slot:
+    """One histogram in a fused kernel: its kind, TOF axis (index into the axes), storage."""
+
+    kind: str  # tof | image | pixel_tof | roi
+    axis: int = -1  # index of its TOF axis, -1 for image
+    stage: str = ""  # "" : int64 counts; "uint32" (or any unsigned): staging + int64 carry
 
 
-@numba.njit(nogil=True, cache=True)
-def hist_image(pixel_id, first, npix, counts):
-    inside = 0
-    for i in range(pixel_id.size):
-        p = np.int64(pixel_id[i]) - first
-        if p >= 0 and p < npix:
-            counts[p] += 1
-            inside += 1
-    return inside
+@dataclass(frozen=True)
+class Layout:
+    """What a fused kernel is generated from: the TOF axes' modes and the histogram slots."""
+
+    axes: tuple[int, ...]  # tof_mode of each distinct TOF axis
+    slots: tuple[Slot, ...]
+
+    def arguments(self) -> list[str]:
+        """The kernel's array/scalar arguments after (pix, tof, start, stop, inside)."""
+        names = [f"e{g}" for g in range(len(self.axes))]
+        for k, s in enumerate(self.slots):
+            if s.kind != "tof":
+                names += [f"f{k}", f"m{k}" if s.kind == "roi" else f"n{k}"]
+            names += [f"c{k}", f"x{k}"] if s.stage else [f"c{k}"]
+        return names
+
+
+def _bumper(k: int, stage: str):
+    """Lines that add one count to cell `c` of slot k."""
+    if not stage:
+        return lambda c, ind: [f"{ind}c{k}[{c}] += 1"]
+    wrap = int(np.iinfo(stage).max) + 1  # a staging cell reaching this is carried into the int64 array
+
+    def lines(c: str, ind: str) -> list[str]:
+        return [f"{ind}v = np.int64(c{k}[{c}]) + 1", f"{ind}if v == {wrap}:", f"{ind}    c{k}[{c}] = 0",
+                f"{ind}    x{k}[{c}] += {wrap}", f"{ind}else:", f"{ind}    c{k}[{c}] = v"]  # fmt: skip
+
+    return lines
+
+
+def _source(layout: Layout) -> str:
+    """Python source of the fused kernel (compiled by numba)."""
+    args = ", ".join(["pix", "tof", "start", "stop", "inside", *layout.arguments()])
+    head, loop = [], []
+    eager = {s.axis for s in layout.slots if s.kind == "tof"}  # always needed: bin every event
+    for g in range(len(layout.axes)):
+        head += [f"nb{g} = e{g}.size - 1", f"lo{g} = e{g}[0]", f"s{g} = nb{g} / (e{g}[nb{g}] - lo{g})"]
+        if g in eager:
+            loop.append(f"b{g} = bin{g}(tof[i], e{g}, lo{g}, s{g}, nb{g})")
+        else:  # binned only when an event falls on a histogram's pixels
+            loop.append(f"b{g} = -2")
+    head += [f"in{k} = 0" for k in range(len(layout.slots))]
+    if any(s.kind != "tof" for s in layout.slots):
+        loop.insert(0, "p = np.int64(pix[i])")
+    for k, s in enumerate(layout.slots):
+        bump = _bumper(k, s.stage)
+        g = s.axis
+        lazy = [f"    if b{g} == -2:", f"        b{g} = bin{g}(tof[i], e{g}, lo{g}, s{g}, nb{g})"]
+        if g in eager:
+            lazy = []
+        if s.kind == "tof":
+            loop += [f"if b{g} >= 0:", *bump(f"b{g}", "    "), f"    in{k} += 1"]
+        elif s.kind == "image":
+            loop += [f"q = p - f{k}", f"if q >= 0 and q < n{k}:", *bump("q", "    "), f"    in{k} += 1"]
+        else:
+            gate = f"q >= 0 and q < m{k}.size and m{k}[q]" if s.kind == "roi" else f"q >= 0 and q < n{k}"
+            cell = [] if s.kind == "roi" else [f"        r = q * nb{g} + b{g}"]
+            loop += [f"q = p - f{k}", f"if {gate}:", *lazy, f"    if b{g} >= 0:", *cell,
+                     *bump(f"b{g}" if s.kind == "roi" else "r", "        "), f"        in{k} += 1"]  # fmt: skip
+    tail = [f"inside[{k}] += in{k}" for k in range(len(layout.slots))]
+    body = ["    " + x for x in head] + ["    for i in range(start, stop):"]
+    body += ["        " + x for x in loop] + ["    " + x for x in tail]
+    return f"def fill({args}):\n" + "\n".join(body) + "\n"
+
+
+_compiled: dict[Layout, object] = {}
+_compile_lock = threading.Lock()
+
+
+def fused(layout: Layout):
+    """The compiled kernel of a layout (generated once per layout, compiled once per dtype)."""
+    kernel = _compiled.get(layout)
+    if kernel is None:
+        with _compile_lock:
+            kernel = _compiled.get(layout)
+            if kernel is None:
+                namespace = {"np": np}
+                namespace.update({f"bin{g}": BINNERS[mode] for g, mode in enumerate(layout.axes)})
+                exec(compile(_source(layout), f"<livehist fused kernel {layout}>", "exec"), namespace)
+                kernel = _compiled[layout] = numba.njit(nogil=True)(namespace["fill"])
+    return kernel
 
 
 @numba.njit(nogil=True, cache=True)
