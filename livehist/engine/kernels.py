@@ -115,28 +115,32 @@ class Layout:
         names = [f"e{g}" for g in range(len(self.axes))]
         for k, s in enumerate(self.slots):
             if s.kind != "tof":
-                names += [f"f{k}", f"m{k}" if s.kind == "roi" else f"n{k}"]
+                names += [f"f{k}", f"n{k}", f"m{k}"] if s.kind == "roi" else [f"f{k}", f"n{k}"]
             names += [f"c{k}", f"x{k}"] if s.stage else [f"c{k}"]
         return names
 
 
-def _bumper(k: int, stage: str):
-    """Lines that add one count to cell `c` of slot k."""
+def _bump(k: int, stage: str, c: str, ind: str) -> list[str]:
+    """Lines that add one count to cell `c` of slot k (staged: carried into int64 on wrap-around)."""
     if not stage:
-        return lambda c, ind: [f"{ind}c{k}[{c}] += 1"]
-    wrap = int(np.iinfo(stage).max) + 1  # a staging cell reaching this is carried into the int64 array
+        return [f"{ind}c{k}[{c}] += 1"]
+    wrap = int(np.iinfo(stage).max) + 1
+    return [f"{ind}v = np.int64(c{k}[{c}]) + 1", f"{ind}if v == {wrap}:", f"{ind}    c{k}[{c}] = 0",
+            f"{ind}    x{k}[{c}] += {wrap}", f"{ind}else:", f"{ind}    c{k}[{c}] = v"]  # fmt: skip
 
-    def lines(c: str, ind: str) -> list[str]:
-        return [f"{ind}v = np.int64(c{k}[{c}]) + 1", f"{ind}if v == {wrap}:", f"{ind}    c{k}[{c}] = 0",
-                f"{ind}    x{k}[{c}] += {wrap}", f"{ind}else:", f"{ind}    c{k}[{c}] = v"]  # fmt: skip
 
-    return lines
+CHUNK = 1024  # events per chunk: its pending cells (8 KiB per large histogram) stay in L1
 
 
 def _source(layout: Layout) -> str:
-    """Python source of the fused kernel (compiled by numba)."""
+    """Python source of the fused kernel (compiled by numba).
+
+    Events are taken in chunks. The first loop reads each event once, bins its TOF once per
+    axis, counts small histograms at once and only notes the cells of large (staged) ones;
+    a tight second loop per large histogram then scatters those cells: with nothing else in
+    the loop, the CPU keeps many more cache misses in flight (measured 3x for 10^7 cells)."""
     args = ", ".join(["pix", "tof", "start", "stop", "inside", *layout.arguments()])
-    head, loop = [], []
+    head, loop, scatter = [], [], []
     eager = {s.axis for s in layout.slots if s.kind == "tof"}  # always needed: bin every event
     for g in range(len(layout.axes)):
         head += [f"nb{g} = e{g}.size - 1", f"lo{g} = e{g}[0]", f"s{g} = nb{g} / (e{g}[nb{g}] - lo{g})"]
@@ -145,26 +149,43 @@ def _source(layout: Layout) -> str:
         else:  # binned only when an event falls on a histogram's pixels
             loop.append(f"b{g} = -2")
     head += [f"in{k} = 0" for k in range(len(layout.slots))]
+    head += [f"w{k} = np.empty({CHUNK}, np.int64)" for k, s in enumerate(layout.slots) if s.stage]
     if any(s.kind != "tof" for s in layout.slots):
         loop.insert(0, "p = np.int64(pix[i])")
     for k, s in enumerate(layout.slots):
-        bump = _bumper(k, s.stage)
-        g = s.axis
-        lazy = [f"    if b{g} == -2:", f"        b{g} = bin{g}(tof[i], e{g}, lo{g}, s{g}, nb{g})"]
-        if g in eager:
-            lazy = []
-        if s.kind == "tof":
-            loop += [f"if b{g} >= 0:", *bump(f"b{g}", "    "), f"    in{k} += 1"]
-        elif s.kind == "image":
-            loop += [f"q = p - f{k}", f"if q >= 0 and q < n{k}:", *bump("q", "    "), f"    in{k} += 1"]
+        if s.stage:  # note the cell now, scatter after the chunk
+            count = lambda c, ind, k=k: [f"{ind}w{k}[k{k}] = {c}", f"{ind}k{k} += 1"]  # noqa: E731
+            scatter += [f"for j in range(k{k}):", f"    r = w{k}[j]", *_bump(k, s.stage, "r", "    "),
+                        f"in{k} += k{k}"]  # fmt: skip
         else:
-            gate = f"q >= 0 and q < m{k}.size and m{k}[q]" if s.kind == "roi" else f"q >= 0 and q < n{k}"
-            cell = [] if s.kind == "roi" else [f"        r = q * nb{g} + b{g}"]
-            loop += [f"q = p - f{k}", f"if {gate}:", *lazy, f"    if b{g} >= 0:", *cell,
-                     *bump(f"b{g}" if s.kind == "roi" else "r", "        "), f"        in{k} += 1"]  # fmt: skip
+            count = lambda c, ind, k=k, st=s.stage: [*_bump(k, st, c, ind), f"{ind}in{k} += 1"]  # noqa: E731
+        g = s.axis
+        lazy = (
+            []
+            if g in eager
+            else [f"    if b{g} == -2:", f"        b{g} = bin{g}(tof[i], e{g}, lo{g}, s{g}, nb{g})"]
+        )
+        if s.kind == "tof":
+            loop += [f"if b{g} >= 0:", *count(f"b{g}", "    ")]
+        elif s.kind == "image":
+            loop += [f"q = p - f{k}", f"if q >= 0 and q < n{k}:", *count("q", "    ")]
+        else:
+            # an ROI's pixels: one bit each over their span (25 KiB for 200x200 of a 1000-wide image: in L1)
+            gate = (
+                f"q >= 0 and q < n{k} and (m{k}[q >> 3] >> (q & 7)) & 1"
+                if s.kind == "roi"
+                else f"q >= 0 and q < n{k}"
+            )
+            cell = f"b{g}" if s.kind == "roi" else f"q * nb{g} + b{g}"
+            loop += [f"q = p - f{k}", f"if {gate}:", *lazy, f"    if b{g} >= 0:", *count(cell, "        ")]
     tail = [f"inside[{k}] += in{k}" for k in range(len(layout.slots))]
-    body = ["    " + x for x in head] + ["    for i in range(start, stop):"]
-    body += ["        " + x for x in loop] + ["    " + x for x in tail]
+    body = ["    " + x for x in head]
+    body += [f"    for ch in range(start, stop, {CHUNK}):"]
+    body += [f"        k{k} = 0" for k, s in enumerate(layout.slots) if s.stage]
+    body += [f"        for i in range(ch, min(ch + {CHUNK}, stop)):"]
+    body += (
+        ["            " + x for x in loop] + ["        " + x for x in scatter] + ["    " + x for x in tail]
+    )
     return f"def fill({args}):\n" + "\n".join(body) + "\n"
 
 
