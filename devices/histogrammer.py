@@ -73,6 +73,9 @@ class EventHistogrammer(Device):
                                        doc="ZeroMQ PUB address for hs01 histograms, e.g. tcp://*:5560 ('' = off)")  # fmt: skip
     RestreamKafka = device_property(dtype=str, default_value="",
                                     doc="BROKER[,BROKER]/TOPIC for hs01 histograms ('' = off)")  # fmt: skip
+    AccumulatingThreads = device_property(dtype=int, default_value=1,
+                                          doc="threads histogramming each large message, each with its own "
+                                              "partial counts (memory: this many times the counts)")  # fmt: skip
     MaxQueueBytes = device_property(dtype=float, default_value=256 * 2**20,
                                     doc="cap on raw messages waiting to be histogrammed, bytes")  # fmt: skip
 
@@ -96,6 +99,7 @@ class EventHistogrammer(Device):
                 publish_period=self.PublishPeriod,
                 max_histogram_bytes=int(self.MaxHistogramBytes),
                 max_queue_bytes=int(self.MaxQueueBytes),
+                threads=int(self.AccumulatingThreads),
                 on_update=self._publish,
                 thread_context=tango.EnsureOmniThread,
             )

@@ -120,6 +120,12 @@ def test_configure_swaps_atomically_and_a_bad_spec_keeps_the_old_list(make):
     h.stop()
 
 
+@pytest.mark.parametrize("threads", [0, -1, 65, 2.5, True, "2"])
+def test_bad_accumulating_threads_name_the_property(threads):
+    with pytest.raises(LivehistError, match=r"AccumulatingThreads must be an integer in 1\.\.64"):
+        Histogrammer("sim://", json.dumps([TOF]), threads=threads)
+
+
 def test_bad_event_source_is_fault_and_start_explains(make):
     h = make("zmq://nohostport")
     assert h.state == "FAULT" and "EventSource" in h.status and "HOST:PORT" in h.status
