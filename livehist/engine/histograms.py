@@ -182,7 +182,7 @@ class HistogramSet:
         if self._fused and n:
             kernel, axes = self._plan(batch)
             pix, tof = batch.pixel_id, batch.tof
-            parts = min(self.threads, len(self._fused[0].parts)) if n >= MIN_SPLIT else 1
+            parts = min(self.threads, *(len(h.parts) for h in self._fused)) if n >= MIN_SPLIT else 1
             cuts = [n * j // parts for j in range(parts + 1)]
             insides = [np.zeros(len(self._fused), np.int64) for _ in range(parts)]
             args = [
