@@ -45,17 +45,19 @@ def _row(
     return row
 
 
-def alternate(subject, reference, pairs: int, work: float | None = None) -> dict:
+def alternate(subject, reference, pairs: int, work: float | None = None, clock=time.perf_counter) -> dict:
     """Run reference, subject, subject, reference, ... (`pairs` of each) in the same process state.
 
-    With `work` (events), a call's rate is work / its wall time; without, each call returns
-    its rate. The ratio of each adjacent pair is taken, so a machine that slows down between
-    pairs moves both sides; the figure is the median ratio, the spread the smallest and largest."""
+    With `work` (events), a call's rate is work / its time on `clock` (wall time, or
+    time.thread_time: the CPU time of a single-threaded call, blind to the time slices other
+    processes take on a shared machine); without, each call returns its rate. The ratio of
+    each adjacent pair is taken, so a machine that slows down between pairs moves both sides;
+    the figure is the median ratio, the spread the smallest and largest."""
 
     def rate(fn) -> float:
-        t = time.perf_counter()
+        t = clock()
         r = fn()
-        return work / (time.perf_counter() - t) if work is not None else r
+        return work / (clock() - t) if work is not None else r
 
     subj, ref = [], []
     for k in range(pairs):
