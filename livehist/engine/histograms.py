@@ -88,15 +88,15 @@ class Histogram:
         if self.spec.window:
             total = np.zeros(self._cells, dtype=np.int64)
             for arr in self._slices.values():
-                total += arr
+                total += arr[: self._cells]
         else:
             parts = list(self.parts)
-            total = parts[0][-1].copy()  # the int64 array of the first part
+            total = parts[0][-1][: self._cells].copy()  # the int64 array of the first part
             if self.stage:
                 total += parts[0][0]
             for part in parts[1:]:
                 for arr in part:
-                    total += arr
+                    total += arr[: self._cells]
         return total.reshape(self.spec.data_shape)
 
     def total(self) -> int:
@@ -104,8 +104,9 @@ class Histogram:
 
     # --- helpers -------------------------------------------------------------------
     def _new_part(self) -> tuple[np.ndarray, ...]:
-        counts = np.zeros(self._cells, dtype=np.int64)
-        return (np.zeros(self._cells, dtype=self.stage), counts) if self.stage else (counts,)
+        if self.stage:
+            return np.zeros(self._cells, dtype=self.stage), np.zeros(self._cells, dtype=np.int64)
+        return (np.zeros(self._cells + 1, dtype=np.int64),)  # + the kernel's spare cell for events outside
 
     def _slot_args(self, part: tuple[np.ndarray, ...]) -> list:
         """This histogram's arguments of a fused kernel, after the axes' edges."""
@@ -121,10 +122,10 @@ class Histogram:
             for old in [k for k in self._slices if k <= key - WINDOW_SLICES]:
                 del self._slices[old]
         if key <= self._latest_slice - WINDOW_SLICES:
-            return np.zeros(self._cells, dtype=np.int64)  # older than the window: not kept
+            return np.zeros(self._cells + 1, dtype=np.int64)  # older than the window: not kept
         arr = self._slices.get(key)
         if arr is None:
-            arr = self._slices[key] = np.zeros(self._cells, dtype=np.int64)
+            arr = self._slices[key] = np.zeros(self._cells + 1, dtype=np.int64)  # + the spare cell
         return arr
 
 
