@@ -291,8 +291,11 @@ def test_presets_end_acquisition_exactly():
 
     engine = Engine(spec, on_end=ended.append)
     engine.preset_time = 0.5
+    source = open_source(
+        "sim://?rate=1e5"
+    )  # building the simulator takes seconds on a loaded machine: not timed
     t0 = time.monotonic()
-    engine.start(open_source("sim://?rate=1e5"))
+    engine.start(source)
     while engine.running:
         time.sleep(0.01)
     assert 0.5 <= time.monotonic() - t0 < 2 and ended[-1] == "preset time reached"

@@ -173,6 +173,7 @@ class HistogramSet:
         self._fused = [h for h in self.hists if not h.spec.window]
         self._windowed = [h for h in self.hists if h.spec.window]
         self._plans: dict[tuple, tuple] = {}
+        self._ready: set[tuple] = set()  # batch dtypes the kernel is compiled for
 
     def clear(self) -> None:
         for h in self.hists:
@@ -202,6 +203,15 @@ class HistogramSet:
             for ptime, start, stop in _group_pulses(batch, h._slice_ns):
                 inside += self._fill_one(h, batch, start, stop, h._slice(ptime // h._slice_ns))
             h.out_of_range += n - inside
+
+    def prepare(self, batch: EventBatch) -> None:
+        """Compile the kernel for this batch's dtypes now (counting nothing): callers do it outside their lock."""
+        key = (batch.tof_unit, batch.tof.dtype, batch.pixel_id.dtype)
+        if self._fused and len(batch) and key not in self._ready:
+            kernel, axes = self._plan(batch)
+            args = [a for h in self._fused for a in h._slot_args(h.parts[0])]
+            kernel(batch.pixel_id, batch.tof, 0, 0, np.zeros(len(self._fused), np.int64), *axes, *args)
+            self._ready.add(key)
 
     def _plan(self, batch: EventBatch) -> tuple:
         """(kernel, per-axis edges) for this batch's TOF unit and dtype (cached)."""

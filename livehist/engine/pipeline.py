@@ -268,6 +268,9 @@ class Engine:
             with self._lock:
                 self.foreign_messages += 1
             return 0
+        self._set.prepare(
+            batch
+        )  # a first batch of new dtypes or histograms compiles here, not under the lock
         with self._lock:
             batch = self._within_presets(batch)
             self._set.add(batch)  # one pass over the batch for every histogram
