@@ -67,8 +67,11 @@ def test_publishes_while_running_and_final_data_on_stop(make):
     assert h.state == "ON" and "Start" in h.status
     h.start()
     assert h.state == "RUNNING"
-    first = updates.wait(lambda u: u.snapshot.events > 0)
+    first = updates.wait(lambda u: True)
     assert first.configured  # the first publish tells the shell to push edges too
+    updates.wait(
+        lambda u: u.snapshot.events > 0, timeout=30
+    )  # after the kernel's compile (seconds when loaded)
     later = updates.wait(lambda u: u.counter > first.counter + 2)
     assert later.snapshot.events >= first.snapshot.events and not later.configured
     counters = [u.counter for u in updates.items]
