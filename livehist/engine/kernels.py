@@ -107,6 +107,7 @@ class Slot:
     kind: str  # tof | image | pixel_tof | roi
     axis: int = -1  # index of its TOF axis, -1 for image
     stage: str = ""  # "": int64 counts (and a spare cell at the end); "uint8" etc.: staging + int64 carry
+    two_loop: bool = True  # staged: note cells, scatter them in a second loop (False: count at once)
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,16 @@ def _source(layout: Layout) -> str:
             ok = "ok"
             roi_bin = f"max(b{g}, 0)" if g in lazy_axes else U(f"b{g}")  # b = -1: not binned
             cell = {"image": "q", "roi": roi_bin, "pixel_tof": f"q * nb{g} + b{g}"}[s.kind]
-        if s.stage:  # note the cell (kept only if ok), scatter after the chunk
+        if s.stage and not s.two_loop:
+            loop += [
+                f"if {ok or f'b{g} < nb{g}'}:",
+                f"    r = {U(cell)}",
+                *_bump(k, s.stage, "r", "    "),
+                f"    in{k} += 1",
+            ]
+            head.append(f"in{k} = 0")
+            tail.append(f"inside[{k}] += in{k}")
+        elif s.stage:  # note the cell (kept only if ok), scatter after the chunk
             loop += [f"w{k}[{U(f'k{k}')}] = {cell}", f"k{k} += {ok or f'b{g} < nb{g}'}"]
             scatter += [f"for j in range(k{k}):", f"    r = {U(f'w{k}[j]')}", *_bump(k, s.stage, "r", "    "),
                         f"in{k} += k{k}"]  # fmt: skip
