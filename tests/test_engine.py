@@ -602,3 +602,24 @@ def test_stream_command_feeds_a_zmq_engine():
     engine.stop()
     assert out[0] == engine.events == 237_078
     assert json.dumps(engine.snapshot().counts["t"].tolist())
+
+
+def test_kernels_compile_without_a_writable_cache(tmp_path, monkeypatch):
+    """A read-only home (or a file where the cache folder should be): kernels compile in memory."""
+    from livehist.engine import kernels
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("LIVEHIST_KERNEL_CACHE", str(blocker / "kernels"))
+    assert kernels._cache_dir() is None
+    layout = kernels.Layout((kernels.SEARCH, kernels.FAST), (kernels.Slot("tof", 1), kernels.Slot("tof", 0)))
+    monkeypatch.delitem(kernels._compiled, layout, raising=False)
+    kernel = kernels.fused(layout)
+    try:
+        counts = [np.zeros(11, np.int64), np.zeros(11, np.int64)]
+        t = np.arange(12, dtype=np.int32) - 1
+        inside = np.zeros(2, np.int64)
+        kernel(t, t, 0, 12, inside, np.linspace(0, 10, 11), np.linspace(0, 10, 11), *counts)
+        assert counts[0][:10].tolist() == counts[1][:10].tolist() == [1] * 10 and inside.tolist() == [10, 10]
+    finally:
+        kernels._compiled.pop(layout, None)
