@@ -23,7 +23,7 @@ from livehist.components.histogrammer import Histogrammer, Update
 from livehist.components.restream import Restreamer
 from livehist.engine import preview
 from livehist.engine.spec import DEFAULT_MAX_BYTES, HistogramSpec, SpecError, join_property
-from livehist.errors import LivehistError
+from livehist.errors import LivehistError, tango_error_text
 
 STATES = {"ON": DevState.ON, "RUNNING": DevState.RUNNING, "ALARM": DevState.ALARM,
           "FAULT": DevState.FAULT}  # fmt: skip
@@ -56,7 +56,8 @@ def _counter(name: str) -> attribute:
 
 
 def fail(reason: str, desc: str, origin: str) -> None:
-    tango.Except.throw_exception(f"livehist_{reason}", desc, f"EventHistogrammer.{origin}")
+    # Latin-1 bytes: pytango would send a str as UTF-8 that clients read as Latin-1 (µs -> Âµs)
+    tango.Except.throw_exception(f"livehist_{reason}", tango_error_text(desc), f"EventHistogrammer.{origin}")
 
 
 class EventHistogrammer(Device):
