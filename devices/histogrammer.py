@@ -76,6 +76,9 @@ class EventHistogrammer(Device):
                                     doc="BROKER[,BROKER]/TOPIC for hs01 histograms ('' = off)")  # fmt: skip
     RestreamFormat = device_property(dtype=str, default_value="hs01",
                                      doc="hs01 or da00 (ESS DataArray) for RestreamEndpoint/RestreamKafka")  # fmt: skip
+    AccumulatingThreads = device_property(dtype=int, default_value=1,
+                                          doc="threads histogramming each large message, each with its own "
+                                              "partial counts (memory: this many times the counts)")  # fmt: skip
     MaxQueueBytes = device_property(dtype=float, default_value=256 * 2**20,
                                     doc="cap on raw messages waiting to be histogrammed, bytes")  # fmt: skip
 
@@ -99,6 +102,7 @@ class EventHistogrammer(Device):
                 publish_period=self.PublishPeriod,
                 max_histogram_bytes=int(self.MaxHistogramBytes),
                 max_queue_bytes=int(self.MaxQueueBytes),
+                threads=int(self.AccumulatingThreads),
                 on_update=self._publish,
                 thread_context=tango.EnsureOmniThread,
                 name=self.get_name(),

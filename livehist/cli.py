@@ -63,6 +63,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks, each beside a reference measured in the same run")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--quick", action="store_true", help="short runs (for smoke tests)")
+    p.add_argument("--only", nargs="+", metavar="SECTION",
+                   help="only these sections: engine zmq device recorders sardana")  # fmt: skip
     return ap
 
 
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from livehist.bench import bench
 
-            bench(as_json=args.json, quick=args.quick)
+            bench(as_json=args.json, quick=args.quick, only=args.only)
             return 0
     except LivehistError as exc:
         print(f"livehist {args.command}: error: {exc}", file=sys.stderr)

@@ -59,9 +59,16 @@ class Histogrammer:
         max_queue_bytes: int = 256 * 2**20,
         reconnect_delays: tuple[float, float] = (0.5, 10.0),
         alarm_hold: float = 2.0,
+        threads: int = 1,
         name: str = "",
         checkpoint_dir: str | None = None,
     ) -> None:
+        from livehist.engine.histograms import MAX_THREADS
+
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+            raise LivehistError(
+                f"AccumulatingThreads must be an integer in 1..{MAX_THREADS} (1 = the default), got {threads!r}"
+            )
         if not publish_period > 0 or publish_period > 3600:
             raise LivehistError(f"PublishPeriod must be in (0, 3600] s, got {publish_period!r}")
         self.publish_period = float(publish_period)
@@ -86,7 +93,7 @@ class Histogrammer:
             self._source = self._open(source_uri)  # check the URI (and a replay's file) now
         except SourceError as exc:
             self.problem = f"{exc}; fix the EventSource property and run Init"
-        self.engine = Engine(specs, max_queue_items, max_queue_bytes, on_end=self._ended)
+        self.engine = Engine(specs, max_queue_items, max_queue_bytes, on_end=self._ended, threads=threads)
         threading.Thread(target=self._warm_up, args=(specs,), name="livehist-warm-up", daemon=True).start()
         self.update_counter = 0
         self.last = self.engine.snapshot()
@@ -211,23 +218,13 @@ class Histogrammer:
     # --- internals -------------------------------------------------------------------
     @staticmethod
     def _warm_up(specs: list[HistogramSpec]) -> None:
-        """Compile the kernels for int32 events now, not during the first acquisition's preset."""
-        import numpy as np
-
+        """Compile the device's fused kernel for int32 events now, not during the first acquisition's preset."""
         from livehist.engine import histograms
-        from livehist.engine.events import EventBatch
 
-        one = np.ones(1, np.int32)
-        batch = EventBatch(one, one, np.zeros(1, np.int64), np.zeros(1, np.int64))
-        import dataclasses
-
-        for spec in specs:  # a one-pixel copy: same kernels, no big allocation
-            tiny = dataclasses.replace(
-                spec, shape=tuple(1 for _ in spec.shape),
-                roi_pixels=np.array([spec.first_pixel]) if spec.kind == "roi" else spec.roi_pixels,
-            )  # fmt: skip
-            histograms.make(tiny).add(batch)
+        histograms.warm_up(specs)
         if any(len(spec.data_shape) == 2 for spec in specs):  # and the display block sums
+            import numpy as np
+
             from livehist.engine.preview import block_sum
 
             block_sum(np.zeros((2, 1025), np.int64))

@@ -106,9 +106,11 @@ class Engine:
         max_queue_items: int = 64,
         max_queue_bytes: int = 256 * 2**20,
         on_end: Callable[[str], None] | None = None,
+        threads: int = 1,
     ) -> None:
         self._lock = threading.RLock()
-        self._hists = {s.name: histograms.make(s) for s in specs}
+        self.threads = threads  # accumulating threads, each with its own partial counts
+        self._hists, self._set = self._build(specs)
         self.queue = BoundedQueue(max_queue_items, max_queue_bytes)
         self.on_end = on_end
         self.source = None
@@ -127,9 +129,13 @@ class Engine:
     # --- configuration -------------------------------------------------------------
     def configure(self, specs: list[HistogramSpec]) -> None:
         """Swap the histogram list atomically; counters and acquisition go on."""
-        new = {s.name: histograms.make(s) for s in specs}
+        new = self._build(specs)
         with self._lock:
-            self._hists = new
+            self._hists, self._set = new
+
+    def _build(self, specs: list[HistogramSpec]) -> tuple[dict, histograms.HistogramSet]:
+        hists = {s.name: histograms.make(s, self.threads) for s in specs}
+        return hists, histograms.HistogramSet(list(hists.values()), self.threads)
 
     @property
     def specs(self) -> list[HistogramSpec]:
@@ -282,10 +288,12 @@ class Engine:
             with self._lock:
                 self.foreign_messages += 1
             return 0
+        self._set.prepare(
+            batch
+        )  # a first batch of new dtypes or histograms compiles here, not under the lock
         with self._lock:
             batch = self._within_presets(batch)
-            for h in self._hists.values():
-                h.add(batch)
+            self._set.add(batch)  # one pass over the batch for every histogram
             self.messages += 1
             self.events += len(batch)
             self.pulses += batch.pulse_time.size
@@ -333,8 +341,9 @@ class Engine:
         with self._lock:
             for name, h in self._hists.items():
                 c = counts.get(name)
-                if c is not None and not h.spec.window and c.size == h._counts.size:
-                    h._counts[:] = np.asarray(c, np.int64).ravel()
+                if c is not None and not h.spec.window and c.size == h._cells:
+                    h.clear()
+                    h.parts[0][-1][: h._cells] = np.asarray(c, np.int64).ravel()  # the int64 counts of part 0
                     restored.append(name)
             self.events = int(counters.get("events", 0))
             self.messages = int(counters.get("messages", 0))
