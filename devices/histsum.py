@@ -19,6 +19,7 @@ import json
 import logging
 import sys
 import threading
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -139,6 +140,7 @@ class HistogramSum(Device):
     _read_total = EH._read_total
     _push = EH._push
     _listened = EH._listened
+    _with_restream = EH._with_restream
 
     # --- life cycle ------------------------------------------------------------------
     def init_device(self) -> None:
@@ -315,6 +317,13 @@ class HistogramSum(Device):
     @command(dtype_in=str, doc_in="JSON list of histogram specs for every member (all or none)")
     def Configure(self, histograms: str) -> None:
         self._run("Configure", lambda: self.hg.configure(histograms))
+
+
+# any other private helper the EventHistogrammer's borrowed code calls (it grows with it)
+for _name, _fn in vars(EventHistogrammer).items():
+    if _name.startswith("_") and not _name.startswith("__") and isinstance(_fn, types.FunctionType):
+        if not hasattr(HistogramSum, _name):
+            setattr(HistogramSum, _name, _fn)
 
 
 def main(args: list[str] | None = None) -> None:
