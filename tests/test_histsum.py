@@ -298,7 +298,7 @@ def test_configure_fans_out_all_or_nothing(site):
             json.loads(w1.HistogramConfig) == json.loads(w2.HistogramConfig) == json.loads(s.HistogramConfig)
         )
         assert s.tof.shape == (100,) and "image" not in s.get_attribute_list()
-        assert s.state() == tango.DevState.ON
+        assert s.state() == tango.DevState.ON, s.status()
     finally:
         s.Configure(json.dumps(HISTS))
     wait_for(lambda: "image" in s.get_attribute_list(), what="image back")
