@@ -95,9 +95,7 @@ def _plain_client_latencies(url: str, seconds: float) -> list[float]:
     return out
 
 
-def _ingest(
-    p, producer_seconds: float, sessions: int, pw, url: str | None
-) -> tuple[float, bool, float, int]:
+def _ingest(p, producer_seconds: float, sessions: int, pw, url: str | None) -> tuple[float, bool, float, int]:
     """Events/s while `sessions` pages show the device (0: no page), lossless?, page paints/s."""
     producer = Producer(producer_seconds)
     pages = []
