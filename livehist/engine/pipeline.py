@@ -118,15 +118,23 @@ class Engine:
         self._worker: threading.Thread | None = None
         self._stop_worker = threading.Event()
         self._accumulating = False
+        self.fault: str | None = None  # why the accumulating thread gave up (None: it did not)
         self._rate_samples: collections.deque = collections.deque(maxlen=64)
         self.reset()
 
     # --- configuration -------------------------------------------------------------
     def configure(self, specs: list[HistogramSpec]) -> None:
         """Swap the histogram list atomically; counters and acquisition go on."""
-        new = {s.name: histograms.make(s) for s in specs}
+        self.commit(self.prepare(specs))
+
+    @staticmethod
+    def prepare(specs: list[HistogramSpec]) -> dict:
+        """Allocate the histograms of a new list (may raise MemoryError); nothing changes yet."""
+        return {s.name: histograms.make(s) for s in specs}
+
+    def commit(self, prepared: dict) -> None:
         with self._lock:
-            self._hists = new
+            self._hists = prepared
 
     @property
     def specs(self) -> list[HistogramSpec]:
@@ -157,6 +165,7 @@ class Engine:
                 return
             self.queue.clear()
             self._accumulating = True
+            self.fault = None
             self._started_at = time.monotonic()
             # presets count from this Start, not from Reset
             self._preset_base = (self.events, self.pulses, self._elapsed_before)
@@ -210,6 +219,18 @@ class Engine:
         return False
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # never die silently: end the acquisition, keep the histograms, say why
+            log.exception("histogramming failed")
+            self.fault = f"{type(exc).__name__}: {exc}"
+            self.queue.clear()
+            source, self.source = self.source, None
+            if source is not None:
+                source.stop(wait=False)
+            self._end(f"histogramming failed: {self.fault}")
+
+    def _loop(self) -> None:
         while True:
             item = self.queue.get(timeout=self._wait())
             if item is not None and self._accumulating:
