@@ -415,3 +415,35 @@ def test_a_frozen_subscriber_blocks_neither_reads_nor_commands_nor_other_subscri
             h.Stop()
         except tango.DevFailed:
             pass
+
+
+def test_an_engine_failure_is_fault_naming_it_and_ends_the_preset(site, tmp_path):
+    """A replay whose TOFs no kernel takes (complex numbers): on main the accumulating thread died
+    silently and the device stayed RUNNING with its preset never reached."""
+    import h5py
+
+    path = tmp_path / "complex.nxs"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("entry/events")
+        g.attrs["NX_class"] = "NXevent_data"
+        g["event_time_offset"] = np.arange(100) * (1 + 1j)
+        g["event_time_offset"].attrs["units"] = "us"
+        g["event_id"] = np.ones(100, np.int32)
+        g["event_time_zero"] = np.arange(2) * 0.05
+        g["event_index"] = np.array([0, 50], np.int64)
+    p = proxy(site, "test/churn/c")
+    try:
+        p.put_property({"EventSource": [f"nexus://{path}?rate=max"]})
+        p.Init()
+        p.PresetTime = 60
+        p.Start()
+        wait_for(lambda: p.state() == tango.DevState.FAULT, timeout=30, what="FAULT")
+        assert "histogramming failed" in p.status() and "histograms kept" in p.status()
+        assert "Start again" in p.status()
+        p.Stop()  # harmless
+        assert p.state() == tango.DevState.FAULT
+    finally:
+        p.PresetTime = 0
+        p.put_property({"EventSource": ["sim://?rate=2e5"]})
+        p.Init()
+    assert p.state() == tango.DevState.ON

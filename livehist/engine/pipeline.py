@@ -223,7 +223,8 @@ class Engine:
             self._loop()
         except Exception as exc:  # never die silently: end the acquisition, keep the histograms, say why
             log.exception("histogramming failed")
-            self.fault = f"{type(exc).__name__}: {exc}"
+            first = (str(exc).strip().splitlines() or [""])[0]  # numba's typing errors run to pages
+            self.fault = f"{type(exc).__name__}: {first[:300]}"
             self.queue.clear()
             source, self.source = self.source, None
             if source is not None:
