@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -62,19 +63,38 @@ def test_panel_shows_live_data_and_survives_a_server_restart(sardana_site, displ
     h.PresetEvents = 0
     h.Start()
     shot = tmp_path / "panel.png"
-    panel = view(site, display, "--screenshot", str(shot), "--seconds", "16", "--trace")
+    panel = view(site, display, "--screenshot", str(shot), "--seconds", "150", "--trace")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(panel.stdout), daemon=True)
+    reader.start()
+
+    def wait_for(what, after=0, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(line.startswith(what) for line in lines[after:]):
+                return len(lines)
+            assert panel.poll() is None, f"the panel ended early: {lines}"
+            time.sleep(0.2)
+        raise AssertionError(f"the panel never printed {what!r} within {timeout} s: {lines}")
+
     try:
-        time.sleep(6)
+        seen = wait_for("state: RUNNING")
+        time.sleep(2)  # a few updates before the kill
         pid = Managed(site.state_dir, "EventHistogrammer-livehist").pid()
         os.kill(pid, signal.SIGKILL)
-        time.sleep(3)
+        seen = wait_for("state: DOWN", after=seen)
         control.up(site.tango_host, site.config_path, site.state_dir, say=lambda s: None)
         h = tango.DeviceProxy(site.url("livehist/histogrammer/1"))
         h.Start()
-        out, _ = panel.communicate(timeout=90)
+        wait_for("state: RUNNING", after=seen, timeout=90)
+        time.sleep(2)  # it keeps drawing after the restart
+        panel.send_signal(signal.SIGUSR1)
+        panel.wait(timeout=60)
+        reader.join(timeout=10)
     finally:
         if panel.poll() is None:
             panel.kill()
+    out = "".join(lines)
     states = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("state: ")]
     assert states[0] == "RUNNING" and "DOWN" in states, states  # it saw the device go
     assert states[-1] == "RUNNING", states  # and come back, by itself

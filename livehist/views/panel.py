@@ -19,6 +19,7 @@ Plain Taurus works too, for example:
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -70,6 +71,12 @@ def view(device: str, metadata: str = "livehist/metadata/1", screenshot: Path | 
             app.quit()
 
         Qt.QTimer.singleShot(int(seconds * 1000), finish)
+        # SIGUSR1 finishes early (tests end the run once they saw what they wait for); the
+        # ticking timer lets Python run its signal handler while Qt's loop waits
+        signal.signal(signal.SIGUSR1, lambda *_: Qt.QTimer.singleShot(0, finish))
+        tick = Qt.QTimer()
+        tick.timeout.connect(lambda: None)
+        tick.start(200)
     app.exec_()
     return 0
 
