@@ -209,14 +209,21 @@ def test_change_events_go_on_when_configure_changes_bins_while_running(site):
     p = proxy(site, "test/churn/c")
     p.Configure(json.dumps([TOF, IMAGE]))
     seen: list[int] = []
+    errors: list[str] = []
     sub = p.subscribe_event("tof", tango.EventType.CHANGE_EVENT,
-                            lambda ev: seen.append(ev.attr_value.value.size) if not ev.err else None)  # fmt: skip
+                            lambda ev: errors.append(ev.errors[0].reason) if ev.err
+                            else seen.append(ev.attr_value.value.size))  # fmt: skip
     try:
         p.Start()
         wait_for(lambda: seen.count(1000) >= 3, what="tof events")
         half = {**TOF, "tof": {**TOF["tof"], "bins": 500}}
         p.Configure(json.dumps([half, IMAGE]))
         wait_for(lambda: seen.count(500) >= 5, timeout=10, what="tof events after Configure")
+        # grown past 2048 values, it is announced instead: its CHANGE subscribers are told once
+        big = {**TOF, "tof": {**TOF["tof"], "bins": 4000}}
+        p.Configure(json.dumps([big, IMAGE]))
+        wait_for(lambda: "livehist_UseDataReady" in errors, timeout=10, what="the error event")
+        assert 4000 not in seen
     finally:
         p.unsubscribe_event(sub)
         p.Stop()
