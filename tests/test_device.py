@@ -98,7 +98,9 @@ def test_proxy_and_taurus_read_live_histograms_side_by_side(site):
         assert "preset time reached" in p.status()
         config = p.get_attribute_config("tof")
         # max dims are one generous bound for every shape (see devices/histogrammer.py); the value has the shape
-        assert config.unit == "counts" and config.max_dim_x == 2**31 - 1 and "TOF spectrum" in config.description
+        assert (
+            config.unit == "counts" and config.max_dim_x == 2**31 - 1 and "TOF spectrum" in config.description
+        )
         assert p.get_attribute_config("tof_edges").unit == "ns"
     host, port = site.host_port
     t = taurus.Attribute(f"tango://{host}:{port}/test/hist/c/tof")

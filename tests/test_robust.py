@@ -3,7 +3,7 @@
 Real processes only: an embedded Tango DB, device servers (two devices in one server and one
 in another), subscribers in other processes (one of them SIGSTOPped).
 
-    LIVEHIST_CHURN_CYCLES=1000 pytest tests/test_robust.py -k churn -s   # the long churn run
+    LIVEHIST_CHURN_CYCLES=1000 pytest tests/test_robust.py -k churn -s --timeout 0   # the long churn run
 """
 
 from __future__ import annotations
@@ -155,6 +155,11 @@ def test_churn_of_configure_init_and_subscriptions_keeps_every_server_alive(site
     t0 = time.monotonic()
     try:
         for cycle in range(CHURN_CYCLES):
+            if cycle and cycle % 100 == 0:
+                print(
+                    f"churn: {cycle} cycles, {reader.reads} reads, {len(reader.failures)} failures",
+                    flush=True,
+                )
             for i, d in enumerate(devices):
                 p = proxies[d]
                 p.Configure(json.dumps(churn_specs(d, cycle)))
