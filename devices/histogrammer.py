@@ -34,6 +34,7 @@ from livehist.engine.spec import DEFAULT_MAX_BYTES, HistogramSpec, SpecError, jo
 from livehist.errors import LivehistError
 
 LARGE_EVENT = 2048  # cppTango's LARGE_DATA_THRESHOLD: events of this many values are sent zero-copy
+NDIM = {tango.AttrDataFormat.SCALAR: 0, tango.AttrDataFormat.SPECTRUM: 1, tango.AttrDataFormat.IMAGE: 2}
 MAX_DIM = 2**31 - 1  # max dims of every histogram attribute: one bound for every device and shape
 
 STATES = {"ON": DevState.ON, "RUNNING": DevState.RUNNING, "ALARM": DevState.ALARM,
@@ -353,7 +354,10 @@ class EventHistogrammer(Device):
             fail("Reconfigured", f"histogram {name!r} is not in the current configuration", "read")
 
     def _read_dynamic(self, attr: tango.Attribute) -> None:
-        attr.set_value(self._readers[attr.get_name()](attr))
+        value = self._readers[attr.get_name()](attr)
+        if np.ndim(value) != NDIM[attr.get_data_format()]:  # a Configure between attributes and data
+            fail("Reconfigured", f"{attr.get_name()} is being reconfigured; read it again", "read")
+        attr.set_value(value)
 
     def _read_histogram(self, attr: tango.Attribute) -> np.ndarray:
         return self._last(attr.get_name(), "counts")
