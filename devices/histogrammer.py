@@ -322,9 +322,10 @@ class EventHistogrammer(Device):
                 "": self._read_histogram}[self._role(name, spec)]  # fmt: skip
 
     def _describe(self, name: str, spec: HistogramSpec) -> tuple[str, str, str]:
-        """(label, unit, description) of one attribute of a histogram."""
+        """(label, unit, description) of one attribute of a histogram. Shapes stay out (the value
+        and HistogramConfig carry them): a description that differs from the shared definition's
+        is written to the database, under the device monitor, at every Configure."""
         tof_unit = spec.tof.unit if spec.tof else ""
-        shape = spec.data_shape
         role = self._role(name, spec)
         events = "; DATA_READY events announce each update"
         if role == "_edges":
@@ -333,15 +334,13 @@ class EventHistogrammer(Device):
         if role == "_total":
             return f"{spec.name} total", "counts", f"events inside ROI {spec.name} and its TOF range"
         if role == "_preview":
-            f = preview.factor(shape)
-            py, px = preview.preview_shape(shape)
             return (f"{spec.name} preview", "counts",
-                    f"{spec.name} as sums of {f}x{f} blocks ({py}x{px}), for displays; {spec.name} is exact" + events)  # fmt: skip
-        doc = {"tof": f"TOF spectrum ({spec.tof.bins if spec.tof else 0} bins, {tof_unit})",
-               "image": f"detector image {shape[0]}x{shape[-1]} (row, col = divmod(pixel - {spec.first_pixel}, nx))",
-               "pixel_tof": f"pixel x TOF map ({shape[0]} pixels from {spec.first_pixel} x {shape[-1]} bins)",
-               "roi": f"TOF spectrum of ROI {spec.name} "
-                      f"({spec.roi_pixels.size if spec.roi_pixels is not None else 0} pixels)",
+                    f"{spec.name} as sums of square blocks, at most {preview.LIMIT} per side, for displays; "
+                    f"{spec.name} is exact" + events)  # fmt: skip
+        doc = {"tof": f"TOF spectrum in {tof_unit} (edges: {name}_edges)",
+               "image": "detector image, row, col = divmod(pixel - first, nx) (first, shape: HistogramConfig)",
+               "pixel_tof": f"pixel x TOF map, TOF in {tof_unit} (edges: {name}_edges)",
+               "roi": f"TOF spectrum of ROI {name} in {tof_unit} (edges: {name}_edges)",
                }[spec.kind]  # fmt: skip
         doc += f", last {spec.window:g} s" if spec.window else ", cumulative since Reset"
         return name, "counts", doc + events

@@ -251,7 +251,7 @@ def test_a_stalled_subscriber_slows_neither_ingestion_nor_other_subscribers(site
         image, small = h.image, h.image_preview
         assert small.shape == (500, 500) and small.sum() == image.sum() > 0
         assert np.array_equal(small, image.reshape(500, 2, 500, 2).sum(axis=(1, 3)))
-        assert "(500x500)" in h.get_attribute_config("image_preview").description
+        assert "sums of square blocks" in h.get_attribute_config("image_preview").description
     finally:
         h.Stop()
         sub.close(0)
