@@ -226,6 +226,9 @@ def _make_panel_class():
                 sub = proxy.subscribe_event(name, tango.EventType.DATA_READY_EVENT, self._on_image,
                                             stateless=True)  # fmt: skip
                 self._image_sub = (proxy, sub)
+                value = proxy.read_attribute(name, extract_as=tango.ExtractAs.Numpy).value
+                if value is not None:  # shown now, as a CHANGE subscription's first event would
+                    self.imageArrived.emit(value)
             except tango.DevFailed:
                 self._image_sub = None  # the device is away; configure() runs again when it is back
 
