@@ -31,7 +31,7 @@ from livehist.components.histogrammer import Histogrammer, Update
 from livehist.components.restream import Restreamer
 from livehist.engine import preview
 from livehist.engine.spec import DEFAULT_MAX_BYTES, HistogramSpec, SpecError, join_property
-from livehist.errors import LivehistError
+from livehist.errors import LivehistError, tango_error_text
 
 LARGE_EVENT = 2048  # cppTango's LARGE_DATA_THRESHOLD: events of this many values are sent zero-copy
 NDIM = {tango.AttrDataFormat.SCALAR: 0, tango.AttrDataFormat.SPECTRUM: 1, tango.AttrDataFormat.IMAGE: 2}
@@ -68,7 +68,8 @@ def _counter(name: str) -> attribute:
 
 
 def fail(reason: str, desc: str, origin: str) -> None:
-    tango.Except.throw_exception(f"livehist_{reason}", desc, f"EventHistogrammer.{origin}")
+    # Latin-1 bytes: pytango would send a str as UTF-8 that clients read as Latin-1 (µs -> Âµs)
+    tango.Except.throw_exception(f"livehist_{reason}", tango_error_text(desc), f"EventHistogrammer.{origin}")
 
 
 def number_property(name: str, raw: str, minimum: float, example: str) -> float:

@@ -18,7 +18,16 @@ import tango
 from tango import AttrWriteType, DevState
 from tango.server import Device, attribute, command, device_property, run
 
-from livehist.components.metadata import MetadataError, MetadataStore, Rules, format_user, schema
+from livehist.components.metadata import (
+    MetadataError,
+    MetadataStore,
+    Rules,
+    format_user,
+    from_tango_text,
+    schema,
+    tango_text,
+)
+from livehist.errors import LivehistError, tango_error_text
 
 STATES = {"STANDBY": DevState.STANDBY, "ON": DevState.ON, "RUNNING": DevState.RUNNING}
 # writable attribute -> (metadata key, sample sub-key or None)
@@ -29,7 +38,8 @@ PUSHED = (*FIELDS, "Users", "Metadata", "DatasetName", "DataFolder", "AuditTrail
 
 
 def fail(reason: str, desc: str, origin: str) -> None:
-    tango.Except.throw_exception(f"livehist_{reason}", desc, f"MetadataManager.{origin}")
+    # Latin-1 bytes, other characters escaped: pytango would send a str as UTF-8 (µs -> Âµs)
+    tango.Except.throw_exception(f"livehist_{reason}", tango_error_text(desc), f"MetadataManager.{origin}")
 
 
 class MetadataManager(Device):
@@ -47,6 +57,8 @@ class MetadataManager(Device):
     AuditLength = device_property(
         dtype=int, default_value=Rules.audit_length, doc="changes kept in AuditTrail"
     )
+    AuditBytes = device_property(dtype=int, default_value=Rules.audit_bytes,
+                                 doc="size bound of AuditTrail as JSON; the oldest changes go first")  # fmt: skip
     DefaultDataRoot = device_property(dtype=str, default_value="",
                                       doc="DataRoot used (and created) while none is set")  # fmt: skip
     StoredMetadata = device_property(dtype=str, default_value="", doc="written by the device: do not edit")
@@ -60,7 +72,8 @@ class MetadataManager(Device):
         try:
             rules = Rules(proposal_pattern=self.ProposalPattern, folder_pattern=self.DataFolderPattern,
                           data_group=self.DataGroup, data_mode=int(self.DataMode, 8),
-                          max_value_chars=self.MaxValueChars, audit_length=self.AuditLength)  # fmt: skip
+                          max_value_chars=self.MaxValueChars, audit_length=self.AuditLength,
+                          audit_bytes=self.AuditBytes)  # fmt: skip
             stored = json.loads(self.StoredMetadata) if self.StoredMetadata else None
             self.store = MetadataStore(rules, save=self._save, stored=stored)
             if self.DefaultDataRoot and not self.store.get("data_root"):
@@ -68,7 +81,7 @@ class MetadataManager(Device):
                 self.store.merge({"data_root": self.DefaultDataRoot}, "DefaultDataRoot property")
         except (ValueError, OSError, MetadataError) as exc:
             self.set_state(DevState.FAULT)
-            self.set_status(f"cannot start: {exc}; fix the properties and run Init")
+            self.set_status(tango_text(f"cannot start: {exc}; fix the properties and run Init"))
             return
         self._sync_state()
 
@@ -85,9 +98,13 @@ class MetadataManager(Device):
         store = self.store
         self.set_state(STATES[store.state])
         if store.dataset:
-            self.set_status(f"dataset {store.dataset['name']!r} open in {store.dataset['folder']}")
+            self.set_status(
+                tango_text(f"dataset {store.dataset['name']!r} open in {store.dataset['folder']}")
+            )
         elif store.state == "ON":
-            self.set_status(f"ready: proposal {store.get('proposal')}; StartDataset to open a dataset")
+            self.set_status(
+                tango_text(f"ready: proposal {store.get('proposal')}; StartDataset to open a dataset")
+            )
         else:
             self.set_status("no proposal set: write Proposal (or SetMetadata) first")
 
@@ -107,26 +124,32 @@ class MetadataManager(Device):
             return "local"
 
     def _changed(self) -> None:
-        """After any change: state, then change events on everything a GUI shows."""
+        """After any change: state, then change events on everything a GUI shows.
+
+        The change is saved by now, so a failing push is logged, never raised: a command
+        that raises must have changed nothing."""
         self._sync_state()
-        for name in PUSHED:
-            self.push_change_event(name, self._value(name))
-        self.push_change_event("State", self.get_state())
-        self.push_change_event("Status", self.get_status())
+        for name in (*PUSHED, "State", "Status"):
+            try:
+                value = self.get_state() if name == "State" else self.get_status() if name == "Status" \
+                    else self._value(name)  # fmt: skip
+                self.push_change_event(name, value)
+            except Exception as exc:  # a client-side problem must not undo or hide a saved change
+                self.error_stream(f"change event of {name} not pushed: {exc!r}")
 
     def _value(self, name: str):
         store = self.store
         if name in FIELDS:
             key, sub = FIELDS[name]
-            return store.get(key, {}).get(sub, "") if sub else store.get(key) or ""
+            return tango_text(store.get(key, {}).get(sub, "") if sub else store.get(key) or "")
         if name == "Users":
-            return [format_user(u) for u in store.get("users", [])]
+            return [tango_text(format_user(u)) for u in store.get("users", [])]
         if name == "Metadata":
             return json.dumps(store.snapshot())
         if name == "DatasetName":
             return store.dataset["name"] if store.dataset else ""
         if name == "DataFolder":
-            return store.dataset["folder"] if store.dataset else ""
+            return tango_text(store.dataset["folder"]) if store.dataset else ""
         if name == "AuditTrail":
             return json.dumps([c.to_json() for c in store.audit])
         raise KeyError(name)
@@ -138,6 +161,12 @@ class MetadataManager(Device):
             changes = self.store.merge(update, self._client())
         except MetadataError as exc:
             fail("BadMetadata", str(exc), origin)
+        except tango.DevFailed as exc:  # the Tango DB refused the save: nothing was changed
+            fail(
+                "NotSaved",
+                f"metadata not changed: it cannot be saved in the Tango DB ({exc.args[0].desc})",
+                origin,
+            )
         if changes:
             self._changed()
 
@@ -151,7 +180,10 @@ class MetadataManager(Device):
 
     def _write_field(self, attr: tango.WAttribute) -> None:
         key, sub = FIELDS[attr.get_name()]
-        value = attr.get_write_value()
+        try:
+            value = from_tango_text(attr.get_write_value(), attr.get_name())
+        except LivehistError as exc:
+            fail("BadMetadata", str(exc), f"write {attr.get_name()}")
         self._merge({key: {sub: value}} if sub else {key: value}, f"write {attr.get_name()}")
 
     def initialize_dynamic_attributes(self) -> None:
@@ -161,7 +193,8 @@ class MetadataManager(Device):
         for name in FIELDS:
             attr = tango.Attr(name, tango.DevString, AttrWriteType.READ_WRITE)
             props = tango.UserDefaultAttrProp()
-            props.set_description(docs[name] + " (kept across restarts)")
+            props.set_description(docs[name] + " (kept across restarts; characters beyond Latin-1 read and "
+                                  "write as \\u03b1-style escapes, a backslash as \\\\)")  # fmt: skip
             attr.set_default_properties(props)
             self.add_attribute(attr, self._read_field, self._write_field)
             self.set_change_event(name, True, False)
@@ -173,7 +206,11 @@ class MetadataManager(Device):
 
     @Users.write
     def Users(self, value: list[str]) -> None:
-        self._merge({"users": list(value)}, "write Users")
+        try:
+            users = [from_tango_text(u, "Users") for u in value]
+        except LivehistError as exc:
+            fail("BadMetadata", str(exc), "write Users")
+        self._merge({"users": users}, "write Users")
 
     @attribute(dtype=str, doc="all current metadata as JSON (with the open dataset)")
     def Metadata(self) -> str:
@@ -212,10 +249,13 @@ class MetadataManager(Device):
             fail("NotInitialised", self.get_status(), "StartDataset")
         try:
             folder = self.store.start_dataset(name, self._client())
-        except MetadataError as exc:
+        except (MetadataError, OSError) as exc:
             fail("BadDataset", str(exc), "StartDataset")
+        except tango.DevFailed as exc:
+            fail("NotSaved", f"dataset not started: it cannot be saved in the Tango DB ({exc.args[0].desc})",
+                 "StartDataset")  # fmt: skip
         self._changed()
-        return str(folder)
+        return tango_text(str(folder))
 
     @command(dtype_out=str, doc_out="path of the dataset summary (JSON) written in the folder")
     def EndDataset(self) -> str:
@@ -225,8 +265,11 @@ class MetadataManager(Device):
             path = self.store.end_dataset(self._client())
         except (MetadataError, OSError) as exc:
             fail("BadDataset", str(exc), "EndDataset")
+        except tango.DevFailed as exc:
+            fail("NotSaved", f"dataset not ended: it cannot be saved in the Tango DB ({exc.args[0].desc})",
+                 "EndDataset")  # fmt: skip
         self._changed()
-        return str(path)
+        return tango_text(str(path))
 
 
 def main(args: list[str] | None = None) -> None:

@@ -46,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("endpoint", help="the device's RestreamEndpoint, e.g. tcp://127.0.0.1:5560")
     p.add_argument("--count", type=int, default=0, help="stop after this many messages (0: never)")
     p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: never)")
+    p = sub.add_parser("repair", help="make a NeXus file left open by a crashed writer readable again")
+    p.add_argument("file", type=Path, help="the .nxs file (its unfinished entries are marked incomplete)")
     p = sub.add_parser("view", help="a Taurus panel on a running EventHistogrammer")
     p.add_argument("device", nargs="?", default="livehist/histogrammer/1", help="device name or tango:// URL")
     p.add_argument("--metadata", default="livehist/metadata/1", help="the MetadataManager to summarise")
@@ -98,7 +100,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "listen":
             from livehist.components.restream import listen
 
-            listen(args.endpoint, args.count, args.seconds)
+            endpoint = _check_listen_endpoint(args.endpoint)
+            n = listen(endpoint, args.count, args.seconds)
+            if n == 0 and (args.count or args.seconds):
+                raise LivehistError(
+                    f"no histogram arrived from {endpoint}"
+                    + (f" in {args.seconds:g} s" if args.seconds else "")
+                    + "; is an EventHistogrammer re-streaming there (its RestreamEndpoint property) and RUNNING?"
+                )
+            return 0
+        if args.command == "repair":
+            from livehist.recorders.repair import repair
+
+            repair(args.file)
             return 0
         if args.command == "view":
             from livehist.views.panel import view
@@ -116,6 +130,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"livehist {args.command}: interrupted", file=sys.stderr)
         return 130
     return 2
+
+
+def _check_listen_endpoint(endpoint: str) -> str:
+    """A SUB endpoint that can work, or a LivehistError naming the fix (ZeroMQ itself only says
+    'Invalid argument', and connecting to a closed port waits silently forever)."""
+    import re
+    import socket
+
+    if "://" not in endpoint:
+        raise LivehistError(
+            f"endpoint {endpoint!r} has no scheme; write it like tcp://{endpoint} (the RestreamEndpoint)"
+        )
+    m = re.match(r"^tcp://\[?([^\]]*?)\]?:(\d+)$", endpoint)
+    if endpoint.startswith("tcp://") and not m:
+        raise LivehistError(
+            f"endpoint {endpoint!r} is not tcp://HOST:PORT; write it like tcp://127.0.0.1:5560"
+        )
+    if m:
+        host, port = m.group(1), int(m.group(2))
+        if host in ("*", "0.0.0.0", ""):
+            raise LivehistError(
+                f"{endpoint!r} is a bind address; connect to the device's host, e.g. tcp://127.0.0.1:{port}"
+            )
+        try:
+            socket.create_connection((host, port), timeout=3).close()
+        except OSError as exc:
+            raise LivehistError(
+                f"nothing answers at {endpoint} ({exc.strerror or exc}); is the EventHistogrammer running "
+                "and is this its RestreamEndpoint?"
+            ) from None
+    return endpoint
 
 
 if __name__ == "__main__":

@@ -7,6 +7,14 @@ Scans:        livehist_check (a pre-scan general hook: fails a scan before any m
 
 The devices are named by the environment variables LivehistHistogrammer (default
 livehist/histogrammer/1) and LivehistMetadata (default livehist/metadata/1).
+
+Text beyond Latin-1: spock sends macro arguments as Latin-1 (Tango strings), so type
+such characters as escapes, which meta_set turns into the character:
+    meta_set sample.name \u03b1-Fe2O3        (alpha-Fe2O3)
+    meta_set sample.name "\N{GREEK SMALL LETTER BETA}-Ga2O3"
+    meta_set users "Anton\u00edn Dvo\u0159\u00e1k (PI)"   (\\ for one backslash)
+Latin-1 letters (é, ö, µ, °, Å) can be typed as they are. Output shows such characters
+as the same escapes; GetMetadata (JSON) is exact.
 """
 
 import json
@@ -15,6 +23,9 @@ import time
 
 import tango
 from sardana.macroserver.macro import Macro, Type
+
+from livehist.components.metadata import STRING_KEYS, canonical_key
+from livehist.errors import LivehistError, from_tango_text, tango_text
 
 HISTOGRAMMER, METADATA = "livehist/histogrammer/1", "livehist/metadata/1"
 FILE_EXTENSIONS = (".nxs", ".h5", ".hdf5", ".spec", ".jsonl", ".ndjson")
@@ -106,10 +117,13 @@ class histo_count(Macro, _Livehist):
         self.call(h.write_attributes, [("PresetEvents", 0), ("PresetTime", float(seconds))])
         self.call(h.Start)
         self.output(f"counting {seconds:g} s on {h.dev_name()} ({h.EventSourceURI})")
-        last, line = time.monotonic(), ""
+        last, line, most = time.monotonic(), "", 0.0
+        started = seen = time.monotonic()
         while h.state() in (tango.DevState.RUNNING, tango.DevState.ALARM):
+            seen = time.monotonic()
             self.checkPoint()  # Ctrl-C lands here; on_abort stops the device
             time.sleep(0.05)
+            most = max(most, self._elapsed(h))
             if time.monotonic() - last >= 1.0:
                 last, line = time.monotonic(), self.counters_line(h)
                 self.output(line)
@@ -117,11 +131,25 @@ class histo_count(Macro, _Livehist):
             raise RuntimeError(f"{h.dev_name()} is in FAULT: {h.status()}")
         if self.counters_line(h) != line:  # the final counts, unless just shown
             self.output(self.counters_line(h))
-        self.record(h, seconds)
+        self.record(h, seconds, most, seen - started)
 
-    def record(self, h, seconds):
-        from livehist.components.capture import record_histograms
+    @staticmethod
+    def _elapsed(h):
+        try:
+            return float(h.ElapsedTime)
+        except tango.DevFailed:  # restarting: judged at the end
+            return 0.0
 
+    def record(self, h, seconds, most=0.0, running_for=0.0):
+        from livehist.components.capture import count_outcome, record_histograms
+
+        try:
+            black_box = list(h.black_box(30))
+        except tango.DevFailed:
+            black_box = []
+        outcome = count_outcome(seconds, self._elapsed(h), most, black_box, running_for)
+        if outcome.status != "ok":
+            self.warning(tango_text(outcome.reason))
         scan_dir = self._env("ScanDir", None)
         files = self._env("ScanFile", [])
         files = [files] if isinstance(files, str) else list(files or [])
@@ -135,19 +163,27 @@ class histo_count(Macro, _Livehist):
             return
         os.makedirs(scan_dir, exist_ok=True)
         serial = int(self._env("ScanID", 0)) + 1
-        self.setEnv("ScanID", serial)
         try:
             m = self.metadata_device()
         except RuntimeError as exc:
             self.warning(f"{exc}; recording without metadata")
             m = None
-        r = record_histograms(h, targets, f"histo_count {seconds:g}", serial, metadata_device=m)
+        try:
+            r = record_histograms(h, targets, f"histo_count {seconds:g}", serial, metadata_device=m,
+                                  status=outcome.status, reason=outcome.reason)  # fmt: skip
+        except Exception as exc:  # refused at scan start: nothing was written anywhere
+            raise RuntimeError(tango_text(f"histograms not recorded: {exc}")) from None
+        self.setEnv("ScanID", serial)  # the number is taken only by a scan that was recorded
         for name in json.loads(h.HistogramConfig):
             counts = h.read_attribute(name["name"]).value
             self.output(f"  {name['name']:<16} {name['kind']:<10} {int(counts.sum()):>14,} counts")
-        self.output(f"scan {serial} recorded in " + ", ".join(str(t) for t in targets))
         for sink, error in r.errors.items():
-            self.warning(f"{sink} failed: {error}")
+            self.warning(tango_text(f"{sink} failed, nothing of this scan is in it: {error}"))
+        done = [str(t) for t in targets if str(t) in r.recorded]
+        if not done:
+            raise RuntimeError(f"scan {serial} was not recorded in any file; see the warnings above")
+        state = "recorded" if outcome.status == "ok" else f"recorded as {outcome.status}"
+        self.output(tango_text(f"scan {serial} {state} in " + ", ".join(done)))
 
     def on_abort(self):
         try:
@@ -157,14 +193,19 @@ class histo_count(Macro, _Livehist):
 
 
 def _parse(key, value):
+    """`value` as typed in spock -> the metadata value (escapes such as \\u03b1 decoded)."""
+    try:
+        value = from_tango_text(value, key)
+    except LivehistError as exc:
+        raise ValueError(tango_text(str(exc))) from None
     if key == "users":
         return [u.strip() for u in value.split(",") if u.strip()]
     if key == "sample.temperature":
         try:
             return float(value)
         except ValueError:
-            raise ValueError(f"sample.temperature must be a number in K, got {value!r}") from None
-    if key in ("proposal", "title", "instrument", "data_root") or key.startswith("sample."):
+            raise ValueError(tango_text(f"sample.temperature must be a number in K, got {value!r}")) from None
+    if key in STRING_KEYS or key.startswith("sample."):
         return value
     try:
         return json.loads(value)  # free-form keys: numbers, lists, true/false, null
@@ -175,17 +216,21 @@ def _parse(key, value):
 class meta_set(Macro, _Livehist):
     """Set one metadata key: proposal, title, instrument, data_root, sample.name,
     sample.description, sample.chemical_formula, sample.temperature (K), users
-    ('Jane Doe (PI), Li Wei') or any free-form key (JSON values are parsed)."""
+    ('Jane Doe (PI), Li Wei') or any free-form key (JSON values are parsed).
+    Attribute names work too (Proposal, SampleName, DataRoot...). Characters beyond
+    Latin-1 (spock cannot send them) as escapes: \\u03b1 or \\N{GREEK SMALL LETTER ALPHA}."""
 
     param_def = [["key", Type.String, None, "metadata key, e.g. sample.name"],
-                 ["value", Type.String, None, "the value (quote it if it has spaces)"]]  # fmt: skip
+                 ["value", Type.String, None, "the value (quote it if it has spaces; \\u03b1 escapes for "
+                                              "characters beyond Latin-1)"]]  # fmt: skip
 
     def run(self, key, value):
-        update = {key.split(".", 1)[0]: {key.split(".", 1)[1]: _parse(key, value)}} if key.startswith("sample.") \
-            else {key: _parse(key, value)}  # fmt: skip
+        key = canonical_key(key)
+        parsed = _parse(key, value)
+        update = {"sample": {key.split(".", 1)[1]: parsed}} if key.startswith("sample.") else {key: parsed}
         m = self.metadata_device()
-        self.call(m.SetMetadata, json.dumps(update))
-        self.output(f"{key} = {json.dumps(_parse(key, value))}")
+        self.call(m.SetMetadata, json.dumps(update))  # ASCII JSON: any Unicode travels exactly
+        self.output(f"{key} = {json.dumps(parsed)}")
 
 
 class meta_show(Macro, _Livehist):
@@ -205,8 +250,10 @@ class meta_show(Macro, _Livehist):
                 rows.append((key, value))
         width = max((len(k) for k, _ in rows), default=4)
         self.output(f"{'key':<{width}}  value")
-        for k, v in rows:
-            self.output(f"{k:<{width}}  {v if isinstance(v, str) else json.dumps(v)}")
+        for k, v in rows:  # the Door's Output is Latin-1: other characters shown as \u escapes
+            self.output(
+                tango_text(f"{k:<{width}}  {v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)}")
+            )
         self.output(f"state: {m.state()}  {m.status()}")
 
 
@@ -218,7 +265,7 @@ class dataset_start(Macro, _Livehist):
     def run(self, name):
         m = self.metadata_device()
         folder = self.call(m.StartDataset, name)
-        self.setEnv("ScanDir", folder)
+        self.setEnv("ScanDir", from_tango_text(folder))
         self.output(f"dataset {name} open: ScanDir = {folder}")
 
 
@@ -228,10 +275,11 @@ class dataset_end(Macro, _Livehist):
     def run(self):
         m = self.metadata_device()
         path = self.call(m.EndDataset)
-        summary = json.loads(open(path).read())
+        with open(from_tango_text(path), encoding="utf-8") as f:
+            summary = json.load(f)
         self.output(f"dataset {summary['dataset']} closed: {len(summary['files'])} files, summary {path}")
         for f in summary["files"]:
-            self.output(f"  {f['path']}  ({f['size']:,} bytes)")
+            self.output(tango_text(f"  {f['path']}  ({f['size']:,} bytes)"))
 
 
 class livehist_check(Macro, _Livehist):

@@ -63,6 +63,9 @@ class Sink:
     def close(self) -> None:
         """Release files and resources; called once, also after a failure."""
 
+    def discard(self) -> None:
+        """The scan did not start (this or another sink refused it): remove what `prepare` created."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r})"
 
@@ -134,6 +137,7 @@ class Recorder:
     def __init__(self, sinks: Iterable[Sink]) -> None:
         self.sinks = list(sinks)
         self.errors: dict[str, str] = {}  # sink repr -> error, for sinks dropped mid-scan
+        self.points: dict[str, int] = {}  # sink repr -> points it took before it was dropped (or in all)
         self._start: ScanStart | None = None
 
     def start(self, record: ScanStart) -> None:
@@ -146,14 +150,21 @@ class Recorder:
         if problems:
             for sink in self.sinks:
                 self._close(sink)
+                try:
+                    sink.discard()  # no empty file is left behind by a scan that never started
+                except Exception as exc:
+                    log.error("discarding %s: %s", sink, exc)
             raise RecorderError("cannot record this scan: " + "; ".join(problems))
         self._start = record
+        self.points = {repr(s): 0 for s in self.sinks}
         self._each("start", record)
 
     def point(self, record: Point) -> None:
         if self._start is None:
             raise RecordError("point before scan start")
         self._each("point", record.checked(self._start))
+        for sink in self.sinks:
+            self.points[repr(sink)] += 1
 
     def histogram(self, record: Histogram) -> None:
         if self._start is None:
@@ -168,15 +179,26 @@ class Recorder:
                 self._close(sink)
             self._start = None
 
+    @property
+    def recorded(self) -> list[str]:
+        """Targets of the sinks still recording (none of them failed so far)."""
+        return [s.target for s in self.sinks]
+
     def _each(self, method: str, record) -> None:
         for sink in list(self.sinks):
             try:
                 getattr(sink, method)(record)
             except Exception as exc:
-                self.errors[repr(sink)] = f"{type(exc).__name__}: {exc}"
+                where = "at scan start" if method == "start" else f"in {method}"
+                self.errors[repr(sink)] = f"{type(exc).__name__} {where}: {exc}"
                 log.error("recorder %s failed in %s, dropped for the rest of the scan: %s", sink, method, exc)
                 self.sinks.remove(sink)
                 self._close(sink)
+                if method == "start":  # nothing of this scan is in it: leave no empty file
+                    try:
+                        sink.discard()
+                    except Exception as exc2:
+                        log.error("discarding %s: %s", sink, exc2)
 
     @staticmethod
     def _close(sink: Sink) -> None:

@@ -60,11 +60,14 @@ class JsonLinesSink(Sink):
 
     def prepare(self, start: ScanStart) -> None:
         if self.path is not None:
+            self.created = not os.path.exists(self.path)
+            fd = None
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o664)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
+                self.created = False  # another writer's file
                 raise RecorderError(f"{self.path} is locked by another writer; use another file") from None
             except OSError as exc:
                 raise RecorderError(f"cannot open {self.path} for writing: {exc.strerror}") from None
@@ -109,6 +112,11 @@ class JsonLinesSink(Sink):
 
     def end(self, record: ScanEnd) -> None:
         self._emit({"record": "end", **dataclasses.asdict(record)})
+
+    def discard(self) -> None:
+        path = self.path
+        if getattr(self, "created", False) and path and os.path.isfile(path) and os.path.getsize(path) == 0:
+            os.unlink(path)
 
     def close(self) -> None:
         if self.f is not None:

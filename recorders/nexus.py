@@ -14,11 +14,20 @@ generic step scan (NXscan needs a rotation angle and a monitor). In SWMR mode no
 be created once readers attach, so everything, end_time and status included, is made at
 scan start and filled later. Points are buffered and written in blocks at most 0.2 s
 apart (a timer flushes a quiet scan), so a reader sees each point within 0.5 s.
+
+What is written is true: livehist appends only to files it created (a foreign HDF5 file
+is refused at scan start, before anything is written), a histogram whose name would
+clash with the entry's own groups is refused, a second writer on the same file (another
+Door, another process) is refused while the first holds the writer lock, and an entry
+that cannot be made whole is removed again. A file left open by a writer that died is
+repaired when livehist next opens it (or by `livehist repair FILE`): its consistency
+flags are cleared and its unfinished entry is marked "incomplete" with the points kept.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -26,11 +35,19 @@ import h5py
 import numpy as np
 from livehist.recorders.base import RecorderError, Sink
 from livehist.recorders.records import Histogram, Point, ScanEnd, ScanStart
+from livehist.recorders.repair import RepairError, repair, writer_lock
 
 from livehist import __version__
 
 FLUSH_PERIOD = 0.2
 STR = h5py.string_dtype()
+# names an entry (and its livehist collection) already uses: a histogram may not take them
+ENTRY_NAMES = {"title", "start_time", "end_time", "entry_identifier", "experiment_identifier",
+               "collection_identifier", "experiment_description", "program_name", "sample",
+               "instrument", "data", "livehist", "notes", "custom_data"}  # fmt: skip
+PROVENANCE_NAMES = {"status", "end_reason", "points"}
+_WRITING: set[str] = set()  # files a sink of this process writes (POSIX locks do not see those)
+_WRITING_LOCK = threading.Lock()
 
 
 def _text(group: h5py.Group, name: str, value: str, **attrs) -> None:
@@ -53,6 +70,9 @@ class NexusSink(Sink):
         self.swmr, self.compression = swmr, compression
         self.file: h5py.File | None = None
         self.entry: h5py.Group | None = None
+        self._fd: int | None = None
+        self.created = False
+        self.repaired: list[str] = []  # what was repaired in the file at open (a dead writer's leftovers)
         self._lock = threading.RLock()
         self._buffer: list[Point] = []
         self._written = 0
@@ -62,24 +82,135 @@ class NexusSink(Sink):
 
     # --- setup --------------------------------------------------------------------------
     def prepare(self, start: ScanStart) -> None:
+        for h in start.histograms:
+            low = h.name.lower()
+            if low in ENTRY_NAMES or low in PROVENANCE_NAMES or low.startswith("user_"):
+                raise RecorderError(
+                    f"histogram {h.name!r} cannot be recorded in NeXus: the entry already has a {h.name!r} "
+                    "field or group (title, sample, data, instrument, notes, livehist, points, status...); "
+                    "rename the histogram"
+                )
+        self.real = os.path.realpath(self.target)
+        with _WRITING_LOCK:
+            if self.real in _WRITING:
+                raise RecorderError(
+                    f"{self.target} is being written by another scan of this server (another Door?); "
+                    "give each Door its own ScanFile"
+                )
+            _WRITING.add(self.real)
         try:
-            self.file = h5py.File(self.target, "a", libver="latest")
-        except BlockingIOError:
+            self._open()
+        except BaseException:
+            self._release()
+            raise
+
+    def _open(self) -> None:
+        self._fd = None
+        self.created = not os.path.exists(self.target)
+        if self.created:
+            try:
+                h5py.File(self.target, "w-", libver="latest").close()
+            except OSError as exc:
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise RecorderError(
+                    f"cannot open {self.target} for writing (cannot create it: {why})"
+                ) from None
+        elif not h5py.is_hdf5(self.target):
             raise RecorderError(
-                f"{self.target} is locked by another writer; close it there or use another file"
-            ) from None
+                f"{self.target} exists and is not an HDF5 file; give a new file name (livehist never overwrites)"
+            )
+        try:
+            self._fd = writer_lock(self.target)
+        except OSError as exc:
+            raise RecorderError(f"cannot open {self.target} for writing: {exc.strerror}") from None
+        if self._fd is None:
+            raise RecorderError(
+                f"{self.target} is being written by another livehist recorder (another process); "
+                "use another file, or wait for that scan to end"
+            )
+        try:
+            self.file = h5py.File(self.target, "a", libver="latest", locking=True)
         except OSError as exc:
             msg = str(exc)
-            if "lock" in msg.lower():
-                raise RecorderError(
-                    f"{self.target} is locked by another writer ({msg}); use another file"
-                ) from None
-            raise RecorderError(f"cannot open {self.target} for writing: {msg}") from None
-        if self.file.attrs.get("default") is None and not len(self.file):
+            if "already open for write" not in msg:
+                if "lock" in msg.lower():
+                    raise RecorderError(
+                        f"{self.target} is locked by another program ({msg}); close it there or use another file"
+                    ) from None
+                raise RecorderError(f"cannot open {self.target} for writing: {msg}") from None
+            self._repair()
+        if self.created:
             self.file.attrs["NX_class"] = "NXroot"  # a new file
             self.file.attrs["creator"] = f"livehist {__version__}"
+            self.file.attrs["HDF5_Version"] = h5py.version.hdf5_version
+            self.file.flush()
+            return
+        creator = self.file.attrs.get("creator", "")
+        creator = creator.decode() if isinstance(creator, bytes) else str(creator)
+        if not creator.startswith("livehist"):
+            self.file.close()
+            self.file = None
+            raise RecorderError(
+                f"{self.target} was not written by livehist (its root has no @creator 'livehist ...'); "
+                "livehist appends only to its own files: give a new file name"
+            )
+
+    def _repair(self) -> None:
+        """Left open by a writer that died (we hold the writer lock, so it is not live): repair it."""
+        notes = []
+        try:
+            repair(self.target, say=notes.append)
+        except RepairError as exc:
+            raise RecorderError(str(exc)) from None
+        self.repaired = notes
+        try:
+            self.file = h5py.File(self.target, "a", libver="latest", locking=True)
+        except OSError as exc:
+            raise RecorderError(f"cannot open {self.target} even after repairing it: {exc}") from None
+        # h5py's close inside repair() dropped this process's POSIX lock: take it again
+        import fcntl
+
+        fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def _release(self) -> None:
+        with _WRITING_LOCK:
+            _WRITING.discard(getattr(self, "real", None))
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            os.close(fd)
+
+    def discard(self) -> None:
+        """The scan did not start: remove a file this sink created and never wrote to."""
+        if getattr(self, "created", False) and self.entry is None:
+            try:
+                os.unlink(self.target)
+            except OSError:
+                pass
 
     def start(self, record: ScanStart) -> None:
+        try:
+            self._start(record)
+        except BaseException:
+            self._undo_start()
+            raise
+
+    def _undo_start(self) -> None:
+        """An entry that could not be made whole is removed: no file claims what it does not hold."""
+        entry, self.entry = self.entry, None
+        if entry is None or self.file is None:
+            return
+        name = self._entry_name
+        try:
+            if self.file.swmr_mode:
+                return  # cannot delete in SWMR mode; the status stays "running" -> repaired as incomplete
+            del self.file[name]
+            if self.file.attrs.get("default") == name:
+                del self.file.attrs["default"]
+            self.file.flush()
+        except Exception:  # the file itself is failing; the error that brought us here is reported
+            pass
+
+    def _start(self, record: ScanStart) -> None:
         f = self.file
         name = f"scan_{record.scan_number}"
         k = 1
@@ -87,6 +218,7 @@ class NexusSink(Sink):
             k += 1
             name = f"scan_{record.scan_number}_{k}"
         self.start_record = record
+        self._entry_name = name
         e = self.entry = _nx(f, name, "NXentry")
         md = record.metadata
         _text(e, "title", record.title)
@@ -253,6 +385,9 @@ class NexusSink(Sink):
                 self.file.close()
                 self.file = h5py.File(self.target, "a", libver="latest")
                 self.entry = self.file[name]
+                import fcntl  # closing any descriptor of the file dropped our POSIX lock
+
+                fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 c = _nx(self.entry, "custom_data", "NXcollection")
                 for key, value in record.custom.items():
                     if isinstance(value, str):
@@ -265,11 +400,13 @@ class NexusSink(Sink):
         if self._timer is not None and self._timer is not threading.current_thread():
             self._timer.join(timeout=2)
         with self._lock:
-            if self.file is not None:
-                try:
-                    if self._buffer:
-                        self._flush()
-                finally:
-                    self.file.close()
-                    self.file = None
-                    self.entry = None
+            try:
+                if self.file is not None:
+                    try:
+                        if self._buffer:
+                            self._flush()
+                    finally:
+                        self.file.close()
+                        self.file = None
+            finally:
+                self._release()

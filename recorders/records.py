@@ -3,7 +3,9 @@
     ScanStart      title, scan number, times, metadata snapshot, columns, histograms declared
     Point          one row: a value per column (scalars, 1D or 2D arrays)
     Histogram      a histogram snapshot: counts, edges, unit, counters, spec, acquisition time
-    ScanEnd        status ok | aborted | failed, end time, reason
+    ScanEnd        status ok | aborted | interrupted | failed, end time, reason
+                   (interrupted: an acquisition ended early by an outside action, e.g. another
+                   client's Stop; the reason says by what and how long it counted)
 
 Columns and histograms are declared at scan start so that file formats that fix their
 layout up front (HDF5 in SWMR mode, SPS arrays) can create it before the first point.
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-STATUSES = ("ok", "aborted", "failed")
+STATUSES = ("ok", "aborted", "interrupted", "failed")
 
 
 class RecordError(ValueError):

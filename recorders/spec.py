@@ -1,12 +1,14 @@
-"""SPEC sink: standard SPEC data files, scans appended with increasing numbers.
+"""SPEC sink: standard SPEC data files, scans appended, each with the number of its acquisition.
 
     #F #E #D #C          file header, written when the file is created
     #S #D #C #O0/#P0     scan header; #C lines carry the metadata, #O/#P the pre-scan snapshot
     #N #L                columns of the scalar data lines
     #@MCA #@CHANN @A     one spectrum per point and 1D column (16 values per line)
 
-Histogram snapshots follow as their own scans (`#S n histogram NAME of scan m`) with the
-columns bin_low, bin_high, counts, so every SPEC reader plots them. 2D data (images) has
+Histogram snapshots follow as their own scans with the same number (`#S n histogram NAME of
+scan n`: SPEC readers tell repeated numbers apart by order, keys "n.1", "n.2"...) and the
+columns bin_low, bin_high, counts, so every SPEC reader plots them. One acquisition has one
+number in every file: NeXus /scan_n, SPEC #S n and JSON "scan_number" agree. 2D data (images) has
 no SPEC form: a `#C` line points to the NeXus file instead.
 """
 
@@ -15,7 +17,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import time
 
 import numpy as np
@@ -23,8 +24,6 @@ from livehist.recorders.base import RecorderError, Sink
 from livehist.recorders.records import Histogram, Point, ScanEnd, ScanStart
 
 from livehist import __version__
-
-SCAN_RE = re.compile(rb"^#S\s+(\d+)", re.M)
 
 
 def one_line(text) -> str:
@@ -53,6 +52,7 @@ class SpecSink(Sink):
         self.number = 0
 
     def prepare(self, start: ScanStart) -> None:
+        self.created = not os.path.exists(self.target)
         try:
             fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o664)
         except OSError as exc:
@@ -63,20 +63,13 @@ class SpecSink(Sink):
             os.close(fd)
             raise RecorderError(f"{self.target} is locked by another writer; use another file") from None
         self.f = os.fdopen(fd, "a", encoding="utf-8", errors="replace")
-        self.last = 0
-        if os.path.isfile(self.target):  # not a device such as /dev/full: it never ends
-            with open(self.target, "rb") as existing:
-                for line in existing:
-                    m = SCAN_RE.match(line)
-                    if m:
-                        self.last = max(self.last, int(m.group(1)))
 
     def _w(self, text: str) -> None:
         self.f.write(text)
 
     def start(self, record: ScanStart) -> None:
         self.start_record = record
-        self.number = max(record.scan_number, self.last + 1)
+        self.number = record.scan_number  # the acquisition's number, as NeXus and JSON record it
         if self.f.tell() == 0:
             self._w(f"#F {self.target}\n#E {int(time.time())}\n#D {time.ctime()}\n"
                     f"#C livehist {__version__}  SPEC file\n\n")  # fmt: skip
@@ -156,7 +149,6 @@ class SpecSink(Sink):
         for h in self.histograms:
             if h.counts.ndim != 1 or h.edges is None:
                 continue
-            number += 1
             self._w(f"\n#S {number} histogram {h.name} of scan {self.number}\n#D {time.ctime()}\n"
                     f"#C acquisition_time {h.acquisition_time} s, counters {json.dumps(h.counters)}\n"
                     f"#C spec {json.dumps(h.spec)}\n")  # fmt: skip
@@ -164,6 +156,11 @@ class SpecSink(Sink):
             rows = np.column_stack([h.edges[:-1], h.edges[1:], h.counts])
             self._w("".join(f"{lo!r} {hi!r} {int(c)}\n" for lo, hi, c in rows.tolist()))
         self.f.flush()
+
+    def discard(self) -> None:
+        path = self.target
+        if getattr(self, "created", False) and path and os.path.isfile(path) and os.path.getsize(path) == 0:
+            os.unlink(path)
 
     def close(self) -> None:
         if self.f is not None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import grp
 import json
 import os
+import re
 import stat
 import threading
+from pathlib import Path
 
 import jsonschema
 import pytest
 
 from livehist.components.metadata import MetadataError, MetadataStore, Rules, parse_user, schema
+from livehist.errors import LivehistError
 
 
 def test_merge_validates_and_keeps_free_form_keys():
@@ -52,6 +55,9 @@ def test_merge_validates_and_keeps_free_form_keys():
         ({"bad key!": 1}, "is not allowed"),
         ({"nested": {"a": {"b": 1}}}, "one level of list/object"),
         ({"dataset": "x"}, "set by StartDataset"),
+        ({"title": "a\x00b"}, "contains U+0000 (NUL)"),
+        ('{"sample": {"name": "\\ud800x"}}', "half of a UTF-16 pair"),
+        ({"free": {"k\x00": 1}}, "free key contains U+0000"),
         ("{not json", "not valid JSON"),
         ("[1, 2]", "needs a JSON object"),
     ],
@@ -155,3 +161,121 @@ def test_folder_pattern_and_group_errors(tmp_path):
 def test_parse_user():
     assert parse_user("Jane Doe (PI)") == {"name": "Jane Doe", "role": "PI"}
     assert parse_user(" Li Wei ") == {"name": "Li Wei"}
+
+
+# --- issue 14: any text, no shadow keys, bounded audit, standard JSON, nothing overwritten ---
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from livehist.components.metadata import canonical_key, from_tango_text, tango_text  # noqa: E402
+
+
+@given(st.text())
+def test_tango_text_is_latin1_and_lossless_for_any_text(text):
+    shown = tango_text(text)
+    shown.encode("latin-1")  # what a DevString can carry
+    assert from_tango_text(shown) == text
+
+
+def test_tango_text_examples_and_escapes_typed_by_users():
+    assert tango_text("α-Fe2O3 – 5 K") == "\\u03b1-Fe2O3 \\u2013 5 K"
+    assert tango_text("Å⁻¹ at 4 °C, 5 µs, Dvořák") == "Å\\u207b¹ at 4 °C, 5 µs, Dvo\\u0159ák"
+    assert tango_text("plain é") == "plain é"  # Latin-1 stays readable as is
+    assert from_tango_text("\\N{GREEK SMALL LETTER BETA}-Ga2O3 \\U0001f9ea") == "β-Ga2O3 🧪"
+    assert from_tango_text("C:\\data\\x") == "C:\\data\\x"  # a lone backslash stays
+    with pytest.raises(LivehistError, match="not a Unicode character name"):
+        from_tango_text("\\N{NO SUCH THING}")
+
+
+def test_attribute_names_and_case_variants_map_to_one_key():
+    store = MetadataStore()
+    store.merge({"Proposal": "20260001", "Title": "T", "SampleName": "Si", "DataRoot": "/tmp"})
+    store.merge({"Sample": {"Temperature": 4.2}, "sample.Description": "powder"})
+    md = store.snapshot()
+    assert md["proposal"] == "20260001" and md["title"] == "T" and md["data_root"] == "/tmp"
+    assert md["sample"] == {"name": "Si", "temperature": 4.2, "description": "powder"}
+    assert not {"Proposal", "Title", "Sample", "SampleName", "DataRoot"} & set(md)  # no shadow key
+    assert canonical_key("SAMPLENAME") == "sample.name" and canonical_key("beam") == "beam"
+    store.merge({"beam_size": 5})
+    before = store.stored()
+    with pytest.raises(MetadataError, match="did you mean 'beam_size'"):
+        store.merge({"Beam_Size": 6})
+    with pytest.raises(MetadataError, match="give it once"):
+        store.merge({"proposal": "1", "Proposal": "2"})
+    with pytest.raises(MetadataError, match="give it once"):
+        store.merge({"foo": 1, "FOO": 2})
+    assert store.stored() == before
+
+
+@pytest.mark.parametrize(
+    "update, message",
+    [
+        ('{"sample": {"temperature": 1e999}}', "finite number of kelvin >= 0, got inf"),
+        ('{"sample": {"temperature": -5}}', "finite number of kelvin >= 0, got -5"),
+        ('{"sample": {"temperature": Infinity}}', "Infinity is not JSON"),
+        ('{"sample": {"temperature": NaN}}', "NaN is not JSON"),
+        ('{"field_T": 1e999}', "field_T is inf, which JSON cannot hold"),
+        ('{"limits": [1, -1e999]}', "limits[1] is -inf"),
+    ],
+)
+def test_nonfinite_and_negative_kelvin_are_refused(update, message):
+    store = MetadataStore()
+    store.merge({"sample": {"temperature": 10.0}})
+    before = store.stored()
+    with pytest.raises(MetadataError, match=re.escape(message)):
+        store.merge(update)
+    assert store.stored() == before
+    json.loads(json.dumps(store.snapshot(), allow_nan=False))  # still standard JSON
+
+
+def test_audit_trail_is_bounded_in_bytes():
+    saved = []
+    store = MetadataStore(Rules(audit_bytes=20_000), save=saved.append)
+    for i in range(200):  # a 28 KB value changed 200 times
+        store.merge({"notes": [f"{i:03d}"] + ["x" * 4000] * 7})
+    stored = json.dumps(saved[-1])
+    assert len(stored) < 60_000 + 20_000 + 1000  # metadata + audit bound, not 200 x 28 KB
+    trail = [c.to_json() for c in store.audit]
+    assert len(json.dumps(trail)) <= 20_000 and trail[-1]["new"].startswith('["199", "xxx')
+    assert "[abbreviated in the audit trail: 28035 characters in all]" in trail[-1]["new"]
+    assert (
+        store.snapshot()["notes"][0] == "199" and len(store.snapshot()["notes"]) == 8
+    )  # the metadata is whole
+
+
+def test_a_save_that_fails_changes_nothing(tmp_path):
+    calls = []
+
+    def save(stored):
+        calls.append(stored)
+        if len(calls) > 1:
+            raise OSError("database down")
+
+    store = MetadataStore(save=save)
+    store.merge({"proposal": "P", "data_root": str(tmp_path)})
+    before = store.stored()
+    with pytest.raises(OSError):
+        store.merge({"title": "lost?"})
+    with pytest.raises(OSError):
+        store.start_dataset("d1")
+    assert store.stored() == before and store.dataset is None
+
+
+def test_a_reused_dataset_name_never_overwrites_its_summary(tmp_path):
+    store = MetadataStore()
+    store.merge({"proposal": "P", "data_root": str(tmp_path)})
+    store.start_dataset("run_7")
+    first = store.end_dataset()
+    text = first.read_text()
+    with pytest.raises(MetadataError, match="already recorded and closed.*e.g. 'run_7_2'"):
+        store.start_dataset("run_7")
+    assert first.read_text() == text and store.dataset is None
+    store.start_dataset("run_7_2")
+    assert store.end_dataset().name == "dataset.json"
+    # a summary appearing under an open dataset (another tool) is not replaced either
+    store.start_dataset("run_8")
+    folder = Path(store.dataset["folder"])
+    (folder / "dataset.json").write_text("{}")
+    second = store.end_dataset()
+    assert second.name == "dataset_2.json" and (folder / "dataset.json").read_text() == "{}"
+    assert [f["path"] for f in json.loads(second.read_text())["files"]] == []

@@ -142,3 +142,94 @@ def test_dataset_life_cycle_through_the_device(site):
     assert summary["dataset"] == "sample_scan_1" and summary["metadata"]["instrument"] == "SANS2D"
     assert [f["path"] for f in summary["files"]] == ["scan.spec"]
     assert m.state() == tango.DevState.ON and m.DataFolder == ""
+
+
+# --- issue 14 -----------------------------------------------------------------------------
+ALPHA = "α-Fe2O3 – 5 K"
+
+
+def test_any_unicode_round_trips_and_string_attributes_never_fail(site):
+    m = proxy(site)
+    seen: list = []
+    sub = m.subscribe_event("SampleName", tango.EventType.CHANGE_EVENT,
+                            lambda ev: seen.append(ev.err or ev.attr_value.value))  # fmt: skip
+    try:
+        m.SetMetadata(json.dumps({"sample": {"name": ALPHA}, "title": "q in Å⁻¹ at 4 °C",
+                                  "users": [{"name": "Antonín Dvořák", "role": "PI"}, "Łukasz"]}))  # fmt: skip
+        md = json.loads(m.GetMetadata())
+        assert md["sample"]["name"] == ALPHA and md["title"] == "q in Å⁻¹ at 4 °C"
+        assert [u["name"] for u in md["users"]] == ["Antonín Dvořák", "Łukasz"]
+        # string attributes: Latin-1 as is, anything else as \u escapes (lossless)
+        assert m.SampleName == "\\u03b1-Fe2O3 \\u2013 5 K" and m.Title == "q in Å\\u207b¹ at 4 °C"
+        assert list(m.Users) == ["Anton\u00edn Dvo\\u0159\u00e1k (PI)", "\\u0141ukasz"]
+        assert json.loads(m.Metadata)["sample"]["name"] == ALPHA
+        assert json.loads(m.AuditTrail)[-1]["new"] in (ALPHA, "q in Å⁻¹ at 4 °C", md["users"])
+        # the same escapes are accepted on write, and \N{...} names too
+        m.SampleName = "\\N{GREEK SMALL LETTER BETA}-Ga2O3"
+        m.Users = ["Dvo\\u0159\u00e1k (PI)"]
+        md = json.loads(m.GetMetadata())
+        assert md["sample"]["name"] == "β-Ga2O3" and md["users"] == [{"name": "Dvořák", "role": "PI"}]
+        with pytest.raises(tango.DevFailed) as exc:
+            m.SampleName = "\\N{NO SUCH LETTER}"
+        assert "not a Unicode character name" in desc(exc)
+        deadline = time.monotonic() + 10
+        while "\\u03b2-Ga2O3" not in seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "\\u03b2-Ga2O3" in seen and not any(isinstance(v, bool) and v for v in seen)  # no error events
+        assert m.state() == tango.DevState.ON
+    finally:
+        m.unsubscribe_event(sub)
+
+
+def test_errors_keep_their_text_and_a_failing_command_changes_nothing(site):
+    m = proxy(site)
+    m.SetMetadata('{"proposal": "20261234", "sample": {"temperature": 10.0}}')
+    before = m.GetMetadata()
+    cases = [
+        ('{"sample": {"temperature": "5 µK"}}', "got '5 µK'"),  # µ arrives as µ, not Âµ
+        (json.dumps({"sample": {"temperature": "5 αK"}}), "got '5 \\u03b1K'"),
+        ('{"sample": {"temperature": 1e999}}', "finite number of kelvin >= 0, got inf"),
+        ('{"sample": {"temperature": -5}}', "finite number of kelvin >= 0, got -5"),
+        ('{"x": Infinity}', "Infinity is not JSON"),
+    ]
+    for update, message in cases:
+        with pytest.raises(tango.DevFailed) as exc:
+            m.SetMetadata(update)
+        assert message in desc(exc), desc(exc)
+    assert m.GetMetadata() == before
+    json.loads(before, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
+
+
+def test_attribute_names_as_keys_set_the_real_key_never_a_shadow(site):
+    m = proxy(site)
+    m.SetMetadata('{"Proposal": "20260001", "SampleName": "weld-08", "Title": "mapped"}')
+    md = json.loads(m.GetMetadata())
+    assert m.Proposal == "20260001" and md["sample"]["name"] == "weld-08" and md["title"] == "mapped"
+    assert not {"Proposal", "SampleName", "Title"} & set(md)
+    m.SetMetadata('{"beam_mm": 5}')
+    with pytest.raises(tango.DevFailed) as exc:
+        m.SetMetadata('{"Beam_mm": 6}')
+    assert "did you mean 'beam_mm'?" in desc(exc)
+
+
+def test_audit_trail_and_stored_property_stay_bounded(site):
+    m = proxy(site)
+    for i in range(40):  # 40 changes of a 28 KB value
+        m.SetMetadata(json.dumps({"big": [str(i)] + ["x" * 4000] * 7}))
+    trail = m.AuditTrail
+    stored = tango.Database(*site.host_port).get_device_property(DEV, "StoredMetadata")["StoredMetadata"]
+    assert len(trail) <= 32_000 and json.loads(trail)[-1]["new"].startswith('["39", "xxx')
+    assert sum(len(s) for s in stored) < 100_000  # 60 KB metadata bound + 32 KB audit bound
+    m.SetMetadata('{"big": null}')
+
+
+def test_a_closed_dataset_name_is_refused_and_its_summary_kept(site):
+    m = proxy(site)
+    m.Proposal = "20261234"
+    m.StartDataset("run_7")
+    first = m.EndDataset()
+    text = open(first).read()
+    with pytest.raises(tango.DevFailed) as exc:
+        m.StartDataset("run_7")
+    assert "already recorded and closed" in desc(exc) and "'run_7_2'" in desc(exc)
+    assert open(first).read() == text and m.state() == tango.DevState.ON

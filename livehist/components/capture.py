@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -44,6 +46,48 @@ def metadata_snapshot(metadata_device) -> dict:
     return json.loads(metadata_device.GetMetadata()) if metadata_device is not None else {}
 
 
+BLACK_BOX_RE = re.compile(r"^(?P<time>.*?) : Operation command_inout\S* \(cmd = (?P<cmd>\w+)\)"
+                          r".*?requested from (?P<client>.*)$")  # fmt: skip
+
+
+@dataclass
+class CountOutcome:
+    """How a timed count ended: status for the record, and a reason saying what happened."""
+
+    status: str  # ok | interrupted
+    counted: float  # seconds actually counted
+    reason: str = ""
+
+
+def count_outcome(seconds: float, elapsed: float, most_elapsed: float, black_box: list[str],
+                  running_for: float = 0.0) -> CountOutcome:  # fmt: skip
+    """Judge a `histo_count SECONDS`: `elapsed` now, `most_elapsed` the most seen while it ran,
+    `black_box` the device's last commands (newest first, `DeviceProxy.black_box`),
+    `running_for` how long the caller saw it RUNNING (ElapsedTime is published in steps)."""
+    if elapsed >= seconds * 0.999 - 1e-3:
+        return CountOutcome("ok", elapsed)
+    culprit = None
+    for line in black_box:  # newest first: the first Stop/Init/Reset after our Start tells
+        m = BLACK_BOX_RE.match(line)
+        if not m:
+            continue
+        if m["cmd"] == "Start":
+            break
+        if m["cmd"] in ("Stop", "Init", "Reset", "Configure"):
+            culprit = m
+            break
+    if elapsed + 1e-3 < max(most_elapsed, running_for):  # counts went back: re-initialised or reset
+        by = (f"{culprit['cmd']} from {culprit['client']} at {culprit['time']}" if culprit
+              else "a restart or Init of the device")  # fmt: skip
+        counted = max(most_elapsed, min(running_for, seconds))
+        return CountOutcome("interrupted", counted,
+                            f"interrupted by {by} after {counted:.2f} s of {seconds:g} s; the device's "
+                            f"histograms were cleared then, so this record holds only the {elapsed:.2f} s counted "
+                            "after it")  # fmt: skip
+    by = f"{culprit['cmd']} from {culprit['client']} at {culprit['time']}" if culprit else "an unknown client"
+    return CountOutcome("interrupted", elapsed, f"interrupted by {by} after {elapsed:.2f} s of {seconds:g} s")
+
+
 def record_histograms(
     histogrammer,
     targets: Iterable[str | os.PathLike],
@@ -51,6 +95,7 @@ def record_histograms(
     scan_number: int,
     metadata_device=None,
     status: str = "ok",
+    reason: str = "",
 ) -> Recorder:
     decls, records = histogram_records(histogrammer)
     config = {"device": histogrammer.dev_name(), "EventSource": histogrammer.EventSourceURI,
@@ -60,5 +105,5 @@ def record_histograms(
                              histograms=decls, config=config))  # fmt: skip
     for record in records:
         recorder.histogram(record)
-    recorder.end(ScanEnd(status))
+    recorder.end(ScanEnd(status, reason=reason))
     return recorder

@@ -12,6 +12,13 @@ The metadata is one JSON object:
 
 `merge` is last-writer-wins per key (per sample sub-key); `users` is replaced as a whole;
 a free-form key set to null is removed.
+
+Text policy (Tango's DevString is Latin-1 on the wire): the JSON surfaces (SetMetadata,
+GetMetadata, Metadata, AuditTrail) are ASCII JSON with \\u escapes, so any Unicode is exact.
+The plain string attributes show Latin-1 text as is and any other character as a Python
+escape (`\\u03b1`, `\\U0001f9ea`), with a backslash doubled; writing them (and spock's
+meta_set) accepts the same escapes and `\\N{GREEK SMALL LETTER ALPHA}`: `tango_text` and
+`from_tango_text` are exact inverses.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import copy
 import grp
 import json
+import math
 import os
 import re
 import threading
@@ -29,12 +37,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from livehist.errors import LivehistError
+from livehist.errors import LivehistError, from_tango_text, tango_text  # noqa: F401 (re-exported)
 
 STRING_KEYS = ("proposal", "title", "instrument", "data_root")
 SAMPLE_KEYS = {"name": str, "description": str, "chemical_formula": str, "temperature": float}
 USER_KEYS = ("name", "role", "email", "orcid", "affiliation")
 DATASET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SUMMARY_RE = re.compile(r"^(dataset(_[0-9]+)?\.json|\.dataset\.json\..*\.tmp)$")
 FREE_KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -52,6 +61,8 @@ class Rules:
     max_free_keys: int = 100
     max_total_bytes: int = 60_000  # all metadata as JSON; Tango DB properties stay small
     audit_length: int = 200
+    audit_bytes: int = 32_000  # the audit trail as JSON; old entries go first
+    audit_value_chars: int = 256  # longer old/new values are kept abbreviated (and marked so)
     folder_pattern: str = "{data_root}/{year}/{proposal}/{dataset}"
     data_group: str = ""  # group owning created folders ("" = the process's group)
     data_mode: int = 0o2775  # setgid: files inside inherit the group
@@ -67,6 +78,32 @@ class Change:
 
     def to_json(self) -> dict:
         return {"time": self.time, "client": self.client, "key": self.key, "old": self.old, "new": self.new}
+
+    def abbreviated(self, chars: int) -> Change:
+        """This change with an old/new value longer than `chars` (as JSON) cut and marked as cut."""
+        return Change(
+            self.key, _abbreviate(self.old, chars), _abbreviate(self.new, chars), self.client, self.time
+        )
+
+
+def _abbreviate(value: Any, chars: int) -> Any:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if len(text) <= chars:
+        return value
+    return f"{text[:chars]}... [abbreviated in the audit trail: {len(text)} characters in all]"
+
+
+# attribute names and other spellings users type -> the metadata key ("sample.name" = a sub-key)
+KEY_ALIASES = {"proposal": "proposal", "title": "title", "instrument": "instrument",
+               "dataroot": "data_root", "data_root": "data_root", "users": "users", "user": "users",
+               "sample": "sample", "samplename": "sample.name", "sampledescription": "sample.description",
+               **{f"sample.{k}": f"sample.{k}" for k in SAMPLE_KEYS},
+               **{f"sample_{k}": f"sample.{k}" for k in SAMPLE_KEYS}}  # fmt: skip
+
+
+def canonical_key(key: str) -> str:
+    """The metadata key meant by `key`: 'Proposal' -> 'proposal', 'SampleName' -> 'sample.name'."""
+    return KEY_ALIASES.get(str(key).lower(), str(key))
 
 
 def schema(rules: Rules | None = None) -> dict:
@@ -139,17 +176,29 @@ class MetadataStore:
     # --- persistence -------------------------------------------------------------------
     def _restore(self, stored: dict) -> None:
         self.metadata = {"sample": {}, "users": [], **stored.get("metadata", {})}
-        self.audit.extend(Change(**c) for c in stored.get("audit", [])[-self.rules.audit_length :])
+        audit = [Change(**c) for c in stored.get("audit", [])[-self.rules.audit_length :]]
+        self.audit = self._bounded(self.audit, audit)
         self.dataset = stored.get("dataset")
+
+    def _bounded(self, audit: deque[Change], new: list[Change]) -> deque[Change]:
+        """`audit` plus `new` (abbreviated), oldest dropped until it fits AuditLength and AuditBytes."""
+        out = deque(audit, maxlen=self.rules.audit_length)
+        out.extend(c.abbreviated(self.rules.audit_value_chars) for c in new)
+        size = len(json.dumps([c.to_json() for c in out]))
+        while out and size > self.rules.audit_bytes:
+            size -= len(json.dumps(out.popleft().to_json())) + 2
+        return out
+
+    def _commit(self, metadata: dict, audit: deque[Change], dataset: dict | None) -> None:
+        """Save first, then take the new state: a save that fails changes nothing."""
+        if self._save is not None:
+            self._save({"metadata": metadata, "audit": [c.to_json() for c in audit], "dataset": dataset})
+        self.metadata, self.audit, self.dataset = metadata, audit, dataset
 
     def stored(self) -> dict:
         with self._lock:
             return {"metadata": self.metadata, "audit": [c.to_json() for c in self.audit],
                     "dataset": self.dataset}  # fmt: skip
-
-    def _persist(self) -> None:
-        if self._save is not None:
-            self._save(self.stored())
 
     # --- reading -----------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -178,6 +227,17 @@ class MetadataStore:
             raise MetadataError(
                 f"{where} is {len(value)} characters, over the limit of {self.rules.max_value_chars}; shorten it"
             )
+        if "\x00" in value:
+            raise MetadataError(
+                f"{where} contains U+0000 (NUL), which NeXus and Tango strings cannot hold; remove it"
+            )
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate from JSON such as "\ud800"
+            raise MetadataError(
+                f"{where} contains {value[exc.start]!r}, half of a UTF-16 pair and not a character; "
+                "give the whole character (e.g. \\ud83e\\uddea)"
+            ) from None
         return value
 
     def _check(self, key: str, value: Any) -> Any:
@@ -205,8 +265,13 @@ class MetadataStore:
                         f"sample.{k} is not a sample field; use one of {', '.join(SAMPLE_KEYS)}"
                     )
                 if SAMPLE_KEYS[k] is float:
-                    if isinstance(v, bool) or not isinstance(v, int | float) or v != v:
+                    if isinstance(v, bool) or not isinstance(v, int | float):
                         raise MetadataError(f"sample.{k} must be a number (K), got {v!r:.60}")
+                    if not math.isfinite(v) or v < 0:
+                        raise MetadataError(
+                            f"sample.{k} must be a finite number of kelvin >= 0, got {v!r}; "
+                            "give the temperature in K (e.g. 295.0)"
+                        )
                     out[k] = float(v)
                 else:
                     out[k] = self._text(v, f"sample.{k}")
@@ -241,15 +306,19 @@ class MetadataStore:
 
     def _free(self, value: Any, where: str, depth: int) -> Any:
         if value is None or isinstance(value, bool | int | float):
-            if isinstance(value, float) and value != value:
-                raise MetadataError(f"{where} is NaN; give a number or null")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise MetadataError(
+                    f"{where} is {value!r}, which JSON cannot hold; give a finite number or null"
+                )
             return value
         if isinstance(value, str):
             return self._text(value, where)
         if depth == 0 and isinstance(value, list):
             return [self._free(v, f"{where}[{i}]", 1) for i, v in enumerate(value)]
         if depth == 0 and isinstance(value, dict):
-            return {str(k): self._free(v, f"{where}.{k}", 1) for k, v in value.items()}
+            return {
+                self._text(str(k), f"{where} key"): self._free(v, f"{where}.{k}", 1) for k, v in value.items()
+            }
         raise MetadataError(
             f"{where}: free-form values are strings, numbers, booleans, null, or one level of list/object of them; "
             f"got {type(value).__name__}"
@@ -260,13 +329,15 @@ class MetadataStore:
         """Validate everything first, then apply: all keys or none. Returns what changed."""
         if isinstance(update, str):
             try:
-                update = json.loads(update)
+                update = json.loads(update, parse_constant=_no_constant)
             except ValueError as exc:
                 raise MetadataError(
                     f"SetMetadata argument is not valid JSON ({exc}); give a JSON object"
                 ) from None
         if not isinstance(update, dict):
             raise MetadataError(f"SetMetadata needs a JSON object of key: value, got {type(update).__name__}")
+        with self._lock:
+            update = self._canonical(update)
         if "dataset" in update:
             raise MetadataError("dataset is set by StartDataset/EndDataset, not by SetMetadata")
         checked = {str(k): self._check(str(k), v) for k, v in update.items()}
@@ -302,10 +373,46 @@ class MetadataStore:
                 )
             if not changes:
                 return []
-            self.metadata = new
-            self.audit.extend(changes)
-            self._persist()
+            self._commit(new, self._bounded(self.audit, changes), self.dataset)
             return changes
+
+    def _canonical(self, update: dict) -> dict:
+        """Keys as stored: attribute names and case variants mapped, never a second shadow key."""
+        out: dict = {}
+        known = {k.lower(): k for k in self.metadata}
+
+        def put(key: str, value: Any, given: str) -> None:
+            if key.lower() in {k.lower() for k in out}:
+                raise MetadataError(f"{given!r} and another key both mean {key!r} (keys differing only in "
+                                    "case are one key); give it once")  # fmt: skip
+            out[key] = value
+
+        for given, value in update.items():
+            key = canonical_key(given)
+            if key.startswith("sample."):
+                sub = key.split(".", 1)[1]
+                sample = out.setdefault("sample", {})
+                if sub in sample:
+                    raise MetadataError(f"{given!r} and another key both mean {key!r}; give it once")
+                sample[sub] = value
+                continue
+            if key == "sample" and isinstance(value, dict):
+                sample = out.setdefault("sample", {})
+                for k, v in value.items():
+                    sub = canonical_key(f"sample.{k}").split(".", 1)[1]
+                    if sub in sample:
+                        raise MetadataError(
+                            f"sample.{k} and another key both mean sample.{sub}; give it once"
+                        )
+                    sample[sub] = v
+                continue
+            if key == given and key.lower() in known and known[key.lower()] != key:
+                raise MetadataError(
+                    f"metadata key {given!r} differs only in case from the existing {known[key.lower()]!r}; "
+                    f"did you mean {known[key.lower()]!r}? (keys are case-sensitive)"
+                )
+            put(key, value, given)
+        return out
 
     # --- datasets ----------------------------------------------------------------------
     def folder_for(self, name: str) -> Path:
@@ -344,11 +451,28 @@ class MetadataStore:
             if self.dataset:
                 raise MetadataError(f"dataset {self.dataset['name']!r} is open; EndDataset first")
             folder = self.folder_for(name)
+            done = folder / "dataset.json"
+            if done.exists():
+                raise MetadataError(
+                    f"dataset {name!r} was already recorded and closed ({done} exists); a dataset is never "
+                    f"reopened or overwritten: choose a new name, e.g. {self._free_name(name)!r}"
+                )
             make_folder(folder, Path(self.metadata["data_root"]), self.rules.data_group, self.rules.data_mode)
-            self.dataset = {"name": name, "folder": str(folder), "start": _now()}
-            self.audit.append(Change("dataset", None, name, client))
-            self._persist()
+            dataset = {"name": name, "folder": str(folder), "start": _now()}
+            self._commit(
+                self.metadata, self._bounded(self.audit, [Change("dataset", None, name, client)]), dataset
+            )
             return folder
+
+    def _free_name(self, name: str) -> str:
+        for k in range(2, 10_000):
+            candidate = f"{name}_{k}"
+            if (
+                DATASET_NAME_RE.match(candidate)
+                and not (self.folder_for(candidate) / "dataset.json").exists()
+            ):
+                return candidate
+        return f"{name}_{_now()[:10]}"
 
     def end_dataset(self, client: str = "local") -> Path:
         """Close the dataset; write its summary (metadata, files, time range) as JSON in its folder."""
@@ -366,13 +490,13 @@ class MetadataStore:
                 "metadata": copy.deepcopy(self.metadata),
                 "files": _files(folder),
             }
-            path = folder / "dataset.json"
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(summary, indent=1))
-            os.replace(tmp, path)  # a catalogue never reads half a summary
-            self.audit.append(Change("dataset", ds["name"], None, client))
-            self.dataset = None
-            self._persist()
+            path = _write_new(folder, "dataset", json.dumps(summary, indent=1, ensure_ascii=False))
+            try:
+                self._commit(self.metadata, self._bounded(self.audit, [Change("dataset", ds["name"], None, client)]),
+                             None)  # fmt: skip
+            except BaseException:
+                path.unlink(missing_ok=True)  # the dataset stays open: no summary claims it closed
+                raise
             return path
 
 
@@ -418,11 +542,32 @@ def make_folder(folder: Path, root: Path, group: str, mode: int) -> None:
 def _files(folder: Path) -> list[dict]:
     out = []
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != "dataset.json":
+        if p.is_file() and not SUMMARY_RE.match(p.name):
             st = p.stat()
             out.append({"path": str(p.relative_to(folder)), "size": st.st_size,
                         "modified": datetime.fromtimestamp(st.st_mtime, UTC).isoformat(timespec="seconds")})  # fmt: skip
     return out
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON (no NaN or infinities); give a finite number or null")
+
+
+def _write_new(folder: Path, stem: str, text: str) -> Path:
+    """Write `folder/stem.json` whole, or `stem_2.json`... if taken: never replace a file."""
+    tmp = folder / f".{stem}.json.{os.getpid()}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    try:
+        for k in range(1, 1000):
+            path = folder / (f"{stem}.json" if k == 1 else f"{stem}_{k}.json")
+            try:
+                os.link(tmp, path)  # atomic and exclusive: a catalogue never reads half a summary
+                return path
+            except FileExistsError:
+                continue
+        raise MetadataError(f"{folder} holds 999 {stem} summaries; clean it up")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _now() -> str:

@@ -8,6 +8,7 @@ import zmq
 
 from livehist.engine.events import encode_ev44
 from livehist.engine.sources import Source, open_source
+from livehist.errors import LivehistError
 
 
 class _Collector:
@@ -32,7 +33,12 @@ def stream(
     ctx = zmq.Context()  # its own: term() below waits for our zero-copy frames only
     sock = ctx.socket(zmq.PUB if pub else zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, 8)
-    sock.bind(bind)
+    try:
+        sock.bind(bind)
+    except zmq.ZMQError as exc:
+        sock.close(0)
+        ctx.term()
+        raise LivehistError(bind_error(bind, exc)) from None
     sent = {"events": 0, "messages": 0}
 
     def send(batch) -> None:
@@ -61,7 +67,16 @@ def stream(
         src.stop()
         sock.close(linger=2000)
         ctx.term()  # frames still queued are sent (or dropped after the linger) before we return
-    if src.error:
-        say(f"source failed: {src.error}")
     say(f"sent {sent['events']} events in {sent['messages']} messages")
+    if src.error:  # what was sent is said above; the command still failed
+        raise LivehistError(f"source failed: {src.error}")
     return sent["events"]
+
+
+def bind_error(bind: str, exc: Exception) -> str:
+    """One line for a ZeroMQ endpoint that cannot be bound, naming the fix."""
+    if "://" not in bind:
+        return f"--bind {bind!r} has no scheme; write it like tcp://127.0.0.1:5555"
+    if getattr(exc, "errno", None) == zmq.EADDRINUSE:
+        return f"cannot bind {bind}: the address is already in use (another stream or device?); choose another port"
+    return f"cannot bind {bind}: {exc}; give an endpoint like tcp://127.0.0.1:5555"

@@ -149,9 +149,24 @@ def up(
         f"configuration {site.config_path}: database already up to date")  # fmt: skip
     started: dict[str, Managed] = {}
     for server, devs in server_devices(site.config).items():
-        if all(ping(site.url(dev)) for _, dev in devs):
+        missing = [dev for _, dev in devs if not ping(site.url(dev))]
+        if not missing:
             say(f"{server}: already running")
             continue
+        if len(missing) < len(devs) or ping(site.url(f"dserver/{server}")):
+            # a running server exports the devices it had at start: new ones need a restart
+            deadline = time.monotonic() + 5  # unless it is still exporting them
+            while missing and time.monotonic() < deadline:
+                time.sleep(0.5)
+                missing = [dev for dev in missing if not ping(site.url(dev), 500)]
+            if not missing:
+                say(f"{server}: already running")
+                continue
+            raise LivehistError(
+                f"server {server} is running without {', '.join(missing)} (added by {site.config_path}); "
+                f"a running server does not pick up new devices: restart it (`livehist down`, then `livehist up`, "
+                f"or the command RestartServer of dserver/{server})"
+            )
         proc = Managed(site.state_dir, server.replace("/", "-"))
         if proc.pid() is None:
             proc.start(server_catalogue.argv(server), env=site.server_env())

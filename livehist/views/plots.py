@@ -119,6 +119,8 @@ def from_nexus(path) -> dict[str, list[Picture]]:
     out: dict[str, list[Picture]] = {}
     with h5py.File(path, "r") as f:
         for entry_name, entry in f.items():
+            if not isinstance(entry, h5py.Group):  # a dataset at the root (not an NXentry): nothing to draw
+                continue
             prov = entry.get("livehist")
             pictures = []
             for name, group in entry.items():
@@ -129,6 +131,11 @@ def from_nexus(path) -> dict[str, list[Picture]]:
                     continue
                 if name == "data" or prov is None or name not in prov:
                     continue
+                if not isinstance(prov, h5py.Group) or not isinstance(prov[name], h5py.Group) \
+                        or "spec" not in prov[name] or "data" not in group:  # fmt: skip
+                    continue
+                if "events" in prov[name] and int(prov[name]["events"][()]) == -1:
+                    continue  # declared at scan start, never written (the scan did not get that far)
                 spec = json.loads(prov[name]["spec"][()] or "{}")
                 edges = group["time_of_flight"][()] if "time_of_flight" in group else None
                 pictures.append(Picture(name, group["data"][()], edges, spec))

@@ -16,13 +16,14 @@ import os
 import re
 import weakref
 
-from livehist.recorders.base import Recorder, open_sink
-from livehist.recorders.records import RecordError
+from livehist.recorders.base import Recorder, RecorderError, open_sink
+from livehist.recorders.records import RecordError, ScanEnd
 from livehist.recorders.sardana_adapter import ScanMapping
 from sardana.macroserver.scan.recorder.datarecorder import DataRecorder
 from sardana.macroserver.scan.recorder.storage import BaseFileRecorder
 
 from livehist import __version__
+from livehist.errors import tango_text
 
 METADATA_DEVICE = "livehist/metadata/1"
 
@@ -59,7 +60,7 @@ class _Adapter:
     def _warn(self, msg):
         macro = self._macro()
         if macro is not None:
-            macro.warning(f"livehist: {msg}")
+            macro.warning(tango_text(f"livehist: {msg}"))  # the Door's output is Latin-1
 
     def _open(self, recordlist, targets):
         env = recordlist.getEnviron()
@@ -67,9 +68,31 @@ class _Adapter:
         config = {"ScanFile": env.get("ScanFile"), "ScanDir": env.get("ScanDir"),
                   "recorder": type(self).__name__, "livehist": __version__}  # fmt: skip
         start = self.mapping.start(env, _metadata(self._macro()), config)
-        self.recorder = Recorder([open_sink(t) for t in targets])
-        self.recorder.start(start)  # a bad target fails here, before the scan moves anything
+        try:
+            self.recorder = Recorder([open_sink(t) for t in targets])
+            self.recorder.start(start)  # a bad target fails here, before the scan moves anything
+        except RecorderError as exc:
+            self.recorder = None
+            self._fail_siblings(recordlist, str(exc))
+            raise RuntimeError(tango_text(f"livehist: {exc}")) from None
         self._reported = set()
+        if self.recorder.errors and not self.recorder.sinks:  # failed while starting: nothing written
+            errors = "; ".join(f"{k}: {v}" for k, v in self.recorder.errors.items())
+            self.recorder = None
+            self._fail_siblings(recordlist, errors)
+            raise RuntimeError(tango_text(f"livehist: cannot record this scan: {errors}"))
+
+    def _fail_siblings(self, recordlist, why):
+        """Sardana ends no recorder when one fails to start: end those of ours already started."""
+        handler = getattr(recordlist, "datahandler", None)
+        for other in list(getattr(handler, "recorders", None) or []):
+            if (
+                other is not self
+                and isinstance(other, _Adapter)
+                and getattr(other, "recorder", None) is not None
+            ):
+                recorder, other.recorder = other.recorder, None
+                recorder.end(ScanEnd("failed", reason=f"the scan did not start: {why}"))
 
     def _write(self, record):
         if self.recorder is None:
@@ -81,7 +104,9 @@ class _Adapter:
         for sink, error in self.recorder.errors.items():
             if sink not in self._reported:
                 self._reported.add(sink)
-                self._warn(f"{sink} stopped recording: {error} (points so far are kept)")
+                n = self.recorder.points.get(sink, 0)
+                kept = f"the {n} points before it are kept" if n else "no point of this scan is in it"
+                self._warn(f"{sink} stopped recording: {error} ({kept})")
 
     def _close(self, recordlist):
         if self.recorder is not None:

@@ -50,6 +50,11 @@ class NexusSource(Source):
         super().__init__(uri)
         parts, params = query(uri)
         check_known(params, {"path", "rate", "loop", "tof_unit"}, uri)
+        if parts.netloc:  # nexus://tmp/x.nxs: urlparse reads "tmp" as a host
+            raise SourceError(
+                f"EventSource {uri!r}: {parts.netloc!r} was read as a host name; a file path needs three "
+                f"slashes: nexus:///{parts.netloc}{parts.path}"
+            )
         self.file = parts.path
         self.group = params.get("path", "")
         self.realtime = params.get("rate", "realtime") == "realtime"

@@ -1,0 +1,92 @@
+"""CLI faults a new user meets (issue 14): one clear line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import h5py
+import numpy as np
+import zmq
+
+from livehist.site.process import free_port
+from tests.conftest import run_cli
+
+
+def _one_line_error(out, command: str) -> str:
+    assert out.returncode == 1, (out.returncode, out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr and "ZMQError" not in out.stderr, out.stderr
+    line = next(ln for ln in out.stderr.splitlines() if ln.startswith(f"livehist {command}: error:"))
+    return line
+
+
+def test_listen_without_scheme_and_to_a_closed_port():
+    line = _one_line_error(run_cli("listen", "127.0.0.1:5560", "--seconds", "1"), "listen")
+    assert "has no scheme; write it like tcp://127.0.0.1:5560" in line
+    port = free_port()
+    line = _one_line_error(run_cli("listen", f"tcp://127.0.0.1:{port}", "--seconds", "1"), "listen")
+    assert "nothing answers at" in line and "RestreamEndpoint" in line
+    line = _one_line_error(run_cli("listen", "tcp://*:5560"), "listen")
+    assert "is a bind address" in line
+
+
+def test_listen_to_a_silent_publisher_exits_non_zero_with_a_hint():
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        line = _one_line_error(run_cli("listen", f"tcp://127.0.0.1:{port}", "--seconds", "1.5"), "listen")
+        assert "no histogram arrived from" in line and "in 1.5 s" in line
+    finally:
+        pub.close(0)
+        ctx.term()
+
+
+def test_stream_bind_errors_and_a_failing_source_exit_non_zero(tmp_path):
+    ctx = zmq.Context()
+    busy = ctx.socket(zmq.PUB)
+    port = busy.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        out = run_cli("stream", "sim://", "--bind", f"tcp://127.0.0.1:{port}", "--seconds", "1")
+        assert "address is already in use" in _one_line_error(out, "stream")
+    finally:
+        busy.close(0)
+        ctx.term()
+    out = run_cli("stream", "sim://", "--bind", "127.0.0.1:5599", "--seconds", "1")
+    assert "has no scheme" in _one_line_error(out, "stream")
+    bad = tmp_path / "bad_events.nxs"
+    with h5py.File(bad, "w") as f:  # readable at open, fails while streaming
+        g = f.create_group("entry/events")
+        g.attrs["NX_class"] = "NXevent_data"
+        g["event_id"] = np.arange(10, dtype="i4")
+        g["event_time_offset"] = np.array([b"x"] * 10)
+        g["event_time_offset"].attrs["units"] = "ns"
+        g["event_index"] = np.array([0, 5])
+        g["event_time_zero"] = np.array([0.0, 0.1])
+        g["event_time_zero"].attrs["units"] = "s"
+    out = run_cli("stream", f"nexus://{bad}?rate=max", "--pub", "--bind", f"tcp://127.0.0.1:{free_port()}")
+    assert "source failed: ValueError" in _one_line_error(out, "stream")
+    assert "sent 0 events" in out.stdout  # what was sent is still said
+
+
+def test_nexus_uri_with_two_slashes_names_the_host_mistake(tmp_path):
+    out = run_cli("stream", "nexus://tmp/qa/x.nxs", "--pub", "--bind", f"tcp://127.0.0.1:{free_port()}")
+    line = _one_line_error(out, "stream")
+    assert "'tmp' was read as a host name" in line and "nexus:///tmp/qa/x.nxs" in line
+
+
+def test_up_with_an_overlay_adding_a_device_to_a_running_server_fails_fast(sites):
+    state, host, cfg = sites.new({"servers": {"MetadataManager": {"ov": {"MetadataManager": {
+        "test/overlay/a": {"properties": {"DefaultDataRoot": ["/tmp"]}}}}}}})  # fmt: skip
+    out = run_cli("up", "--tango-host", host, "--config", str(cfg), "--state-dir", str(state))
+    assert out.returncode == 0, out.stderr
+    overlay = state / "overlay.json"
+    overlay.write_text(json.dumps({"servers": {"MetadataManager": {"ov": {"MetadataManager": {
+        "test/overlay/a": {"properties": {"DefaultDataRoot": ["/tmp"]}},
+        "test/overlay/b": {"properties": {"DefaultDataRoot": ["/tmp"]}}}}}}}))  # fmt: skip
+    t0 = time.monotonic()
+    out = run_cli("up", "--tango-host", host, "--config", str(overlay), "--state-dir", str(state))
+    line = _one_line_error(out, "up")
+    assert time.monotonic() - t0 < 60  # not the 90 s start timeout
+    assert "MetadataManager/ov is running without test/overlay/b" in line
+    assert "RestartServer of dserver/MetadataManager/ov" in line

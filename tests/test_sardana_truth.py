@@ -1,0 +1,186 @@
+"""What is written is true (issue 14), through the real Door, files read by outside readers:
+Unicode from the MetadataManager into every file byte-exact, spock escapes, foreign files
+refused, interrupted counts recorded as such, one scan number, datasets never overwritten."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import h5py
+import numpy as np
+import pytest
+import tango
+from PyMca5.PyMcaIO import specfile
+from silx.io.specfile import SpecFile
+
+from livehist.errors import LivehistError
+from tests.test_recorders import run_tool
+from tests.test_sardana import Session, site, wait_state  # noqa: F401 (the module's site fixture)
+
+SAMPLE = "α-Fe2O3 – 5 K"
+USER = "Łukasz Dvořák"
+TITLE = "Magnons in β-Ga2O3: q in Å⁻¹ at 4 °C, 5 µs frames"
+
+
+@pytest.fixture
+def spock(site, tmp_path):  # noqa: F811
+    s = Session(site)
+    s.env(ScanDir=str(tmp_path), ScanFile=["u.nxs", "u.spec", "u.jsonl"], ActiveMntGrp="mg_livehist",
+          ScanRecorder=["LivehistRecorder"] * 8, SharedMemory="")  # fmt: skip
+    m = tango.DeviceProxy(site.url("livehist/metadata/1"))
+    m.set_timeout_millis(10_000)
+    if m.state() == tango.DevState.RUNNING:
+        m.EndDataset()
+    s.metadata = m
+    yield s
+    s.close()
+
+
+def _scan_numbers(tmp_path):
+    with h5py.File(tmp_path / "u.nxs", "r") as f:
+        nexus = [int(f[e]["entry_identifier"][()]) for e in f]
+    records = [json.loads(line) for line in (tmp_path / "u.jsonl").read_text().splitlines()]
+    return nexus, [r["scan_number"] for r in records if r["record"] == "start"], records
+
+
+def test_unicode_metadata_travels_through_a_scan_into_every_file_byte_exact(spock, tmp_path):
+    spock.metadata.SetMetadata(json.dumps({"proposal": "20261414", "title": TITLE, "sample": {"name": SAMPLE},
+                                           "users": [{"name": USER, "role": "PI"}]}))  # fmt: skip
+    shown = "\n".join(spock.run("meta_show"))  # the Door's Output is Latin-1: escapes, no failure
+    assert (
+        "sample.name  \\u03b1-Fe2O3 \\u2013 5 K" in shown and "\\u0141ukasz Dvo\\u0159\u00e1k (PI)" in shown
+    )
+    spock.run("ascan", "mot01", "0", "1", "2", "0.1")
+
+    with h5py.File(tmp_path / "u.nxs", "r") as f:
+        e = f[next(iter(f))]
+        assert e["sample/name"][()] == SAMPLE.encode("utf-8")  # NeXus strings are UTF-8
+        assert e["user_1/name"][()] == USER.encode("utf-8")
+        assert e["experiment_description"][()] == TITLE.encode("utf-8")
+        assert e["sample/name"].asstr()[()] == SAMPLE
+    check = run_tool("nxcheck", tmp_path / "u.nxs")
+    assert "Total number of errors: 0" in check, check
+    raw = (tmp_path / "u.spec").read_bytes()
+    for line in (f"#C title: {TITLE}", f"#C sample.name: {SAMPLE}", f"#C user: name={USER}, role=PI"):
+        assert line.encode("utf-8") in raw
+    header = "\n".join(specfile.Specfile(str(tmp_path / "u.spec"))[0].header(""))
+    assert f"#C sample.name: {SAMPLE}" in header
+    silx_header = "\n".join(SpecFile(str(tmp_path / "u.spec"))[0].scan_header)
+    assert f"#C user: name={USER}, role=PI" in silx_header
+    raw = (tmp_path / "u.jsonl").read_bytes()
+    assert SAMPLE.encode("utf-8") in raw and USER.encode("utf-8") in raw and TITLE.encode("utf-8") in raw
+    start = json.loads(raw.decode("utf-8").splitlines()[0])
+    assert start["metadata"]["sample"]["name"] == SAMPLE and start["metadata"]["users"][0]["name"] == USER
+    assert start["metadata"]["title"] == TITLE
+
+
+def test_spock_escapes_and_attribute_names_in_meta_set(spock):
+    out = spock.run("meta_set", "SampleName", "\\N{GREEK SMALL LETTER BETA}-Ga2O3")
+    assert 'sample.name = "\\u03b2-Ga2O3"' in out[-1]
+    spock.run("meta_set", "users", "Anton\\u00edn Dvo\\u0159\\u00e1k (PI), \\u0141ukasz")
+    spock.run("meta_set", "Proposal", "20260001")
+    md = json.loads(spock.metadata.GetMetadata())
+    assert md["sample"]["name"] == "β-Ga2O3" and md["proposal"] == "20260001" and "Proposal" not in md
+    assert [u["name"] for u in md["users"]] == ["Antonín Dvořák", "Łukasz"]
+    with pytest.raises(LivehistError) as exc:
+        spock.run("meta_set", "sample.name", "\\N{GREEK LETTER NOTHING}")
+    assert "\\u03b1" in str(exc.value) + "\n".join(spock.lines[-10:])  # the error shows the form to use
+
+
+def test_histo_count_and_ascan_refuse_a_foreign_nexus_file(spock, tmp_path):
+    foreign = tmp_path / "u.nxs"
+    with h5py.File(foreign, "w") as f:
+        f["counts"] = np.arange(5)
+    before = foreign.read_bytes()
+    with pytest.raises(LivehistError) as exc:
+        spock.run("histo_count", "0.3")
+    text = str(exc.value) + "\n".join(spock.lines[-10:])
+    assert "not written by livehist" in text and "histograms not recorded" in text, text
+    assert not any("recorded in" in line for line in spock.lines[-10:])
+    mot = tango.DeviceProxy(spock.site.url("motor/motctrl01/1"))
+    spock.run("mv", "mot01", "3")
+    with pytest.raises(LivehistError):
+        spock.run("ascan", "mot01", "0", "1", "2", "0.1")
+    assert mot.Position == pytest.approx(3.0)  # refused before any motion
+    assert foreign.read_bytes() == before
+    assert not (tmp_path / "u.spec").exists() and not (tmp_path / "u.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", ["Stop", "Init"])
+def test_a_count_stopped_by_another_client_is_recorded_as_interrupted(spock, tmp_path, command):
+    h = tango.DeviceProxy(spock.site.url("livehist/histogrammer/1"))
+    door = spock.door.proxy
+    door.RunMacro(["histo_count", "20"])
+    wait_state(h, (tango.DevState.RUNNING, tango.DevState.ALARM))
+    time.sleep(1.5)
+    other = tango.DeviceProxy(spock.site.url("livehist/histogrammer/1"))  # another client
+    other.command_inout(command)
+    wait_state(door, (tango.DevState.ON, tango.DevState.ALARM), timeout=60)
+    time.sleep(0.3)
+    assert any("recorded as interrupted" in line for line in spock.lines), spock.lines[-10:]
+    with h5py.File(tmp_path / "u.nxs", "r") as f:
+        e = f[next(iter(f))]
+        reason = e["livehist/end_reason"][()].decode()
+        counted = e["livehist/tof/acquisition_time"][()]
+        assert e["livehist/status"][()] == b"interrupted"
+        assert f"interrupted by {command} from" in reason and "of 20 s" in reason, reason
+        if command == "Stop":
+            assert 1.0 < counted < 19 and f"after {counted:.2f} s" in reason
+        else:  # Init cleared the device: the record says so, and how long it had counted
+            assert "histograms were cleared" in reason and counted < 0.5
+            assert 1.0 < float(reason.split(" after ")[1].split(" s")[0]) < 19
+    end = json.loads((tmp_path / "u.jsonl").read_text().splitlines()[-1])
+    assert end["record"] == "end" and end["status"] == "interrupted" and f"{command} from" in end["reason"]
+    assert "#C scan interrupted at" in (tmp_path / "u.spec").read_text()
+    host, port = spock.site.host_port
+    mg = tango.DeviceProxy(spock.site.url(tango.Database(host, port).get_device_alias("mg_livehist")))
+    wait_state(mg, (tango.DevState.ON,), timeout=60)  # the measurement group recovers for the next scans
+
+
+def test_two_counts_and_a_scan_have_one_number_in_every_file(spock, tmp_path):
+    spock.run("histo_count", "0.3")
+    spock.run("histo_count", "0.3")
+    spock.run("ascan", "mot01", "0", "1", "1", "0.1")
+    nexus, jsonl, _ = _scan_numbers(tmp_path)
+    sf = SpecFile(str(tmp_path / "u.spec"))
+    spec = sorted({int(k.split(".")[0]) for k in sf.keys()})
+    assert nexus == jsonl == spec and len(nexus) == 3 and nexus == list(range(nexus[0], nexus[0] + 3))
+    assert all(sf[k].scan_header_dict["S"].split()[0] == k.split(".")[0] for k in sf.keys())
+
+
+def test_a_closed_dataset_is_never_overwritten_through_the_door(spock):
+    spock.run("meta_set", "proposal", "20261515")
+    spock.run("dataset_start", "run_truth")
+    out = spock.run("dataset_end")
+    summary_line = next(line for line in out if "summary" in line)
+    path = summary_line.rsplit("summary ", 1)[1].strip()
+    first = open(path).read()
+    with pytest.raises(LivehistError) as exc:
+        spock.run("dataset_start", "run_truth")
+    assert "already recorded and closed" in str(exc.value) + "\n".join(spock.lines[-10:])
+    assert open(path).read() == first and spock.metadata.state() == tango.DevState.ON
+
+
+def test_device_errors_keep_micro_signs_intact(site):  # noqa: F811
+    h = tango.DeviceProxy(site.url("livehist/histogrammer/1"))
+    bad = [{"name": "t_µs", "kind": "tof", "tof": {"start": 0, "stop": 10, "bins": 10, "unit": "µs"}}]
+    with pytest.raises(tango.DevFailed) as exc:
+        h.Configure(json.dumps(bad, ensure_ascii=False))
+    text = exc.value.args[0].desc
+    assert "µs" in text and "Âµ" not in text, text
+
+
+def test_a_file_failing_at_scan_start_ends_the_files_already_started(spock, tmp_path):
+    (tmp_path / "full.jsonl").symlink_to("/dev/full")  # every write fails: No space left on device
+    spock.env(ScanFile=["u.nxs", "full.jsonl"])
+    mot = tango.DeviceProxy(spock.site.url("motor/motctrl01/1"))
+    spock.run("mv", "mot01", "2")
+    with pytest.raises(LivehistError) as exc:
+        spock.run("ascan", "mot01", "0", "1", "2", "0.1")
+    assert "No space left on device" in str(exc.value) + "\n".join(spock.lines[-10:])
+    assert mot.Position == pytest.approx(2.0)
+    with h5py.File(tmp_path / "u.nxs", "r") as f:  # closed and readable, claiming nothing
+        e = f[next(iter(f))]
+        assert e["livehist/status"][()] == b"failed" and e["data/lh_events"].shape == (0,)
+        assert b"the scan did not start" in e["livehist/end_reason"][()]
