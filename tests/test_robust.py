@@ -419,6 +419,7 @@ def test_a_frozen_subscriber_blocks_neither_reads_nor_commands_nor_other_subscri
               f"failures {len(failures)}; healthy subscriber {len(during) / 15:.1f} updates/s")  # fmt: skip
         assert failures == [] and p99 < 1.0
         assert len(during) >= 15 * 3  # publishes every 0.1 s: the healthy display keeps well over 3/s
+        wait_for(lambda: h.EventCount > 0, what="events after the last Reset")
         h.Stop()
         assert h.state() == tango.DevState.ON and h.EventCount > 0
     finally:
