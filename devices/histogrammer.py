@@ -83,6 +83,11 @@ def number_property(name: str, raw: str, minimum: float, example: str) -> float:
     return value
 
 
+def whole(value: float) -> int | float:
+    """An integral number as int; anything else as it is, for the component to refuse by name."""
+    return int(value) if value.is_integer() else value
+
+
 class AttributeConflict(SpecError):
     """A histogram name that a sibling device of this server uses with another Tango type or format."""
 
@@ -102,6 +107,11 @@ class EventHistogrammer(Device):
                                        doc="ZeroMQ PUB address for hs01 histograms, e.g. tcp://*:5560 ('' = off)")  # fmt: skip
     RestreamKafka = device_property(dtype=str, default_value="",
                                     doc="BROKER[,BROKER]/TOPIC for hs01 histograms ('' = off)")  # fmt: skip
+    RestreamFormat = device_property(dtype=str, default_value="hs01",
+                                     doc="hs01 or da00 (ESS DataArray) for RestreamEndpoint/RestreamKafka")  # fmt: skip
+    AccumulatingThreads = device_property(dtype=str, default_value="1",
+                                          doc="threads histogramming each large message, each with its own "
+                                              "partial counts (memory: this many times the counts)")  # fmt: skip
     MaxQueueBytes = device_property(dtype=str, default_value=str(256 * 2**20),
                                     doc="cap on raw messages waiting to be histogrammed, bytes (>= 1 MiB)")  # fmt: skip
 
@@ -128,10 +138,13 @@ class EventHistogrammer(Device):
                     number_property("MaxHistogramBytes", self.MaxHistogramBytes, 1, "2147483648")
                 ),
                 max_queue_bytes=int(number_property("MaxQueueBytes", self.MaxQueueBytes, 2**20, "268435456")),
+                threads=whole(number_property("AccumulatingThreads", self.AccumulatingThreads, -1e18, "1")),
                 on_update=self._publish,
                 thread_context=tango.EnsureOmniThread,
+                name=self.get_name(),
             )
-            self.restream = Restreamer(self.get_name(), self.RestreamEndpoint, self.RestreamKafka)
+            self.restream = Restreamer(self.get_name(), self.RestreamEndpoint, self.RestreamKafka,
+                                       fmt=self.RestreamFormat)  # fmt: skip
             if getattr(self, "_served", False):  # the Init command: match attributes to the properties
                 self._make_attributes(self.hg.engine.specs)
         except (LivehistError, ValueError, tango.DevFailed) as exc:  # a bad property or re-stream target
@@ -165,7 +178,12 @@ class EventHistogrammer(Device):
     def _sync_state(self) -> None:
         if self.hg is not None:
             self.set_state(STATES[self.hg.state])
-            self.set_status(self.hg.status)
+            self.set_status(self._with_restream(self.hg.status))
+
+    def _with_restream(self, status: str) -> str:
+        """The status, plus what re-streaming fails with (a Kafka broker that does not take it)."""
+        problem = self.restream.problem if getattr(self, "restream", None) is not None else None
+        return f"{status}; {problem}" if problem else status
 
     def dev_state(self) -> DevState:
         self._sync_state()
@@ -399,11 +417,12 @@ class EventHistogrammer(Device):
     def _publish(self, update: Update) -> None:
         snap = update.snapshot
         state = STATES[update.state]
-        if state != self.get_state() or update.status != self.get_status():
+        status = self._with_restream(update.status)
+        if state != self.get_state() or status != self.get_status():
             self.set_state(state)
-            self.set_status(update.status)
+            self.set_status(status)
             self._push("State", state)
-            self._push("Status", update.status)
+            self._push("Status", status)
         dynamic, large = dict(self._dynamic), set(self._large)  # Configure may replace them meanwhile
         for name, counts in snap.counts.items():
             if name not in dynamic:
@@ -447,13 +466,14 @@ class EventHistogrammer(Device):
     def UpdateCounter(self) -> int:
         return self.hg.update_counter if self.hg else 0
 
-    @attribute(dtype=tango.DevLong64, doc="hs01 messages sent (RestreamEndpoint / RestreamKafka)")
+    @attribute(dtype=tango.DevLong64,
+               doc="hs01/da00 messages sent (ZeroMQ) or acknowledged by the broker (Kafka)")  # fmt: skip
     def RestreamSentCount(self) -> int:
         return self.restream.sent if self.restream else 0
 
     @attribute(
         dtype=tango.DevLong64,
-        doc="hs01 updates or messages dropped for slow receivers (counted, never blocking)",
+        doc="updates or messages dropped for slow receivers, or not delivered to Kafka (never blocking)",
     )
     def RestreamDroppedCount(self) -> int:
         return self.restream.dropped if self.restream else 0
@@ -461,6 +481,13 @@ class EventHistogrammer(Device):
     @attribute(dtype=str, doc="the histogram list in use, as JSON that Configure accepts")
     def HistogramConfig(self) -> str:
         return self.hg.config_json() if self.hg else "[]"
+
+    @attribute(
+        dtype=str,
+        doc="JSON: Kafka offsets (first, last) counted per partition since Reset, group, checkpoint",
+    )
+    def KafkaOffsets(self) -> str:
+        return json.dumps(self.hg.provenance()) if self.hg else "{}"
 
     @attribute(dtype=str, doc="the EventSource in use (set the property and run Init to change it)")
     def EventSourceURI(self) -> str:

@@ -34,9 +34,13 @@ def parser() -> argparse.ArgumentParser:
     _site_options(p)
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="data root for the demo dataset (default: the MetadataManager's DataRoot)")  # fmt: skip
-    p = sub.add_parser("stream", help="publish sim:// or nexus:// events as ev44 on ZeroMQ")
+    p = sub.add_parser("stream", help="publish sim:// or nexus:// events as ev44 on ZeroMQ or Kafka")
     p.add_argument("source", help="sim://?rate=1e6 or nexus:///path.nxs?rate=realtime")
-    p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
+    to = p.add_mutually_exclusive_group()
+    to.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
+    to.add_argument("--kafka", metavar="BROKER/TOPIC", help="publish to this Kafka topic instead")
+    p.add_argument("--partitions", type=int, metavar="N",
+                   help="partitions of the Kafka topic when it is created (default 1)")  # fmt: skip
     p.add_argument("--pub", action="store_true", help="PUB socket (for zmq+sub://) instead of PUSH")
     p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: never)")
     p = sub.add_parser("plot", help="PNG pictures of the histograms recorded in a NeXus file")
@@ -59,6 +63,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks, each beside a reference measured in the same run")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--quick", action="store_true", help="short runs (for smoke tests)")
+    p.add_argument("--only", nargs="+", metavar="SECTION",
+                   help="only these sections: engine zmq kafka scaling device recorders sardana")  # fmt: skip
     return ap
 
 
@@ -87,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stream":
             from livehist.engine.stream import stream
 
-            stream(args.source, args.bind, args.pub, args.seconds)
+            if args.partitions is not None and not args.kafka:
+                raise LivehistError("--partitions goes with --kafka BROKER/TOPIC")
+            stream(
+                args.source, args.bind, args.pub, args.seconds, kafka=args.kafka, partitions=args.partitions
+            )
             return 0
         if args.command == "plot":
             from livehist.views.plots import plot_file
@@ -121,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from livehist.bench import bench
 
-            bench(as_json=args.json, quick=args.quick)
+            bench(as_json=args.json, quick=args.quick, only=args.only)
             return 0
     except LivehistError as exc:
         print(f"livehist {args.command}: error: {exc}", file=sys.stderr)

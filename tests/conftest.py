@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from livehist.site import control
+from livehist.site.broker import TansuBroker, create_topic
 from livehist.site.process import free_port, managed_processes
 
+KAFKA_ENV = "LIVEHIST_KAFKA_BROKER"  # HOST:PORT of a site's Kafka: the same tests run against it
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SANS2D = SHARED / "data" / "SANS2D_minimal.nxs"
 
@@ -73,3 +75,33 @@ def sites(tmp_path_factory):
 def sardana_site(sites) -> control.Site:
     """The default configuration (Sardana Pool/MacroServer/Door, ...) up on an embedded DB."""
     return sites.up()
+
+
+@pytest.fixture(scope="session")
+def kafka_broker():
+    """HOST:PORT of a Kafka-protocol broker: $LIVEHIST_KAFKA_BROKER if set, else a Tansu of our own."""
+    if os.environ.get(KAFKA_ENV):
+        yield os.environ[KAFKA_ENV]
+        return
+    broker = TansuBroker().start()
+    try:
+        yield broker.address
+    finally:
+        broker.kill()
+
+
+@pytest.fixture
+def own_kafka_broker():
+    """A Tansu broker for this test alone (one it may kill and restart)."""
+    broker = TansuBroker().start()
+    try:
+        yield broker
+    finally:
+        broker.kill()
+
+
+def kafka_topic(broker: str, partitions: int = 1, prefix: str = "livehist-test") -> str:
+    """A new topic with a unique name and `partitions` partitions."""
+    import uuid
+
+    return create_topic(broker, f"{prefix}-{uuid.uuid4().hex[:12]}", partitions)

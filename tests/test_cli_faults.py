@@ -90,3 +90,11 @@ def test_up_with_an_overlay_adding_a_device_to_a_running_server_fails_fast(sites
     assert time.monotonic() - t0 < 60  # not the 90 s start timeout
     assert "MetadataManager/ov is running without test/overlay/b" in line
     assert "RestartServer of dserver/MetadataManager/ov" in line
+
+
+def test_bench_only_names_the_sections():
+    line = _one_line_error(run_cli("bench", "--quick", "--only", "engines"), "bench")
+    assert (
+        "--only 'engines' is not a section; choose from engine, zmq, kafka, device, recorders, sardana"
+        in line
+    )

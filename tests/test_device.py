@@ -273,3 +273,21 @@ def test_devices_in_one_server_keep_their_own_shapes_for_one_name(site):
         a.Configure(json.dumps([TOF, IMAGE]))
         b.Configure(json.dumps([TOF, IMAGE]))
     assert a.image.shape == b.image.shape == (128, 128)
+
+
+def test_accumulating_threads_property(dev_a):
+    """AccumulatingThreads: a bad value is FAULT naming it; 2 threads count exactly what 1 would."""
+    try:
+        reinit(dev_a, AccumulatingThreads="0")
+        assert dev_a.state() == tango.DevState.FAULT
+        assert "AccumulatingThreads must be an integer in 1..64 (1 = the default), got 0" in dev_a.status()
+        reinit(dev_a, AccumulatingThreads="2", EventSource="sim://?rate=3e7&seed=4")  # 2e6 events per pulse
+        dev_a.Reset()
+        dev_a.Start()
+        wait_for(lambda: dev_a.EventCount > 5_000_000, what="events with 2 accumulating threads")
+        dev_a.Stop()
+        image, tof = dev_a.image, dev_a.tof
+        assert image.sum() == dev_a.EventCount  # every simulated pixel lies in the image
+        assert 0 < tof.sum() <= dev_a.EventCount
+    finally:
+        reinit(dev_a, AccumulatingThreads="1")

@@ -67,9 +67,11 @@ def test_publishes_while_running_and_final_data_on_stop(make):
     assert h.state == "ON" and "Start" in h.status
     h.start()
     assert h.state == "RUNNING"
-    first = updates.wait(lambda u: u.snapshot.events > 0)
-    # the first publish (with or without events yet: a race) tells the shell to push edges too
-    assert updates.items[0].configured and updates.items[0].counter == 1
+    first = updates.wait(lambda u: True)
+    assert first.configured  # the first publish tells the shell to push edges too
+    updates.wait(
+        lambda u: u.snapshot.events > 0, timeout=30
+    )  # after the kernel's compile (seconds when loaded)
     later = updates.wait(lambda u: u.counter > first.counter + 2)
     assert later.snapshot.events >= first.snapshot.events and not later.configured
     counters = [u.counter for u in updates.items]
@@ -119,6 +121,12 @@ def test_configure_swaps_atomically_and_a_bad_spec_keeps_the_old_list(make):
     assert set(h.last.counts) == {"tof", "beam"} and h.state == "RUNNING"
     wait_for(lambda: h.last.counts["beam"].sum() > 0, what="roi counts")
     h.stop()
+
+
+@pytest.mark.parametrize("threads", [0, -1, 65, 2.5, True, "2"])
+def test_bad_accumulating_threads_name_the_property(threads):
+    with pytest.raises(LivehistError, match=r"AccumulatingThreads must be an integer in 1\.\.64"):
+        Histogrammer("sim://", json.dumps([TOF]), threads=threads)
 
 
 def test_bad_event_source_is_fault_and_start_explains(make):

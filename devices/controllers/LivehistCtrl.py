@@ -60,7 +60,16 @@ class _Device:
             )
         if s == tango.DevState.FAULT:
             return State.Fault, f"{self.name} is in FAULT: {p.status()}"
+        if s == tango.DevState.ALARM and not self.acquiring(p):
+            return State.On, p.status()  # a HistogramSum with a member down, idle
         return DEVICE_STATES.get(s, State.Unknown), p.status()
+
+    def acquiring(self, p):
+        """An EventHistogrammer is in ALARM only while acquiring; a HistogramSum says so itself."""
+        try:
+            return bool(p.read_attribute("Acquiring").value)
+        except tango.DevFailed:
+            return True  # an EventHistogrammer (no such attribute)
 
 
 class LivehistCounterTimerController(CounterTimerController):

@@ -172,7 +172,7 @@ def device_figures(engine_rate: float, seconds: float, row, rows: list[dict]) ->
             counted, dropped = _read(p, "EventCount"), _read(p, "DroppedMessageCount")
             lossless = counted == sent["events"] and dropped == 0 and int(_read(p, "image").sum()) == counted
             rate = counted / took
-            row(f"EventHistogrammer ingest, publishing 10^6 image + 1000-bin TOF every {PUBLISH_PERIOD} s",
+            row(f"EventHistogrammer ingest, publishing 10^6 image + 1000-bin TOF + ROI spectrum every {PUBLISH_PERIOD} s",
                 rate, "events/s", "engine-only zmq end to end (same run)", engine_rate,
                 ">= 80% of engine-only, zero loss", rate >= 0.8 * engine_rate and lossless)  # fmt: skip
             rows[-1].update(sent=sent["events"], counted=counted, dropped_messages=dropped)

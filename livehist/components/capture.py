@@ -42,6 +42,19 @@ def histogram_records(histogrammer) -> tuple[list[HistogramDecl], list[Histogram
     return decls, records
 
 
+def provenance(histogrammer) -> dict:
+    """Where the counts come from, for the file: a HistogramSum's members and, per member and
+    partition, the Kafka offsets counted; an EventHistogrammer's own Kafka offsets."""
+    attrs = {a.lower() for a in histogrammer.get_attribute_list()}
+    for name in ("Provenance", "KafkaOffsets"):
+        if name.lower() in attrs:
+            value = json.loads(histogrammer.read_attribute(name).value or "{}")
+            if name == "Provenance":
+                return {"Members": list(value.get("members", {})), "provenance": value}
+            return {"provenance": value} if value.get("offsets") else {}
+    return {}
+
+
 def metadata_snapshot(metadata_device) -> dict:
     return json.loads(metadata_device.GetMetadata()) if metadata_device is not None else {}
 
@@ -100,6 +113,7 @@ def record_histograms(
     decls, records = histogram_records(histogrammer)
     config = {"device": histogrammer.dev_name(), "EventSource": histogrammer.EventSourceURI,
               "Histograms": [d.spec for d in decls]}  # fmt: skip
+    config.update(provenance(histogrammer))
     recorder = Recorder([open_sink(t) for t in targets])
     recorder.start(ScanStart(title, scan_number, [], metadata=metadata_snapshot(metadata_device),
                              histograms=decls, config=config))  # fmt: skip

@@ -17,13 +17,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from livehist.components.checkpoint import Checkpoint, next_offsets, path_for
 from livehist.engine import Engine, Snapshot
 from livehist.engine.sources import SourceError, open_source
+from livehist.engine.sources.kafka_group import GroupWorkerSource
 from livehist.engine.spec import DEFAULT_MAX_BYTES, HistogramSpec, SpecError, parse_histograms
 from livehist.errors import LivehistError
 
@@ -59,7 +62,16 @@ class Histogrammer:
         max_queue_bytes: int = 256 * 2**20,
         reconnect_delays: tuple[float, float] = (0.5, 10.0),
         alarm_hold: float = 2.0,
+        threads: int = 1,
+        name: str = "",
+        checkpoint_dir: str | None = None,
     ) -> None:
+        from livehist.engine.histograms import MAX_THREADS
+
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+            raise LivehistError(
+                f"AccumulatingThreads must be an integer in 1..{MAX_THREADS} (1 = the default), got {threads!r}"
+            )
         if not MIN_PUBLISH_PERIOD <= publish_period <= 3600:
             raise LivehistError(
                 f"PublishPeriod must be {MIN_PUBLISH_PERIOD} to 3600 s, got {publish_period!r}"
@@ -84,12 +96,15 @@ class Histogrammer:
         except ValueError as exc:
             self.problem = f"{exc}; fix the Histograms property and run Init, or call Configure"
         self.source_uri = source_uri
+        self.name = name or "histogrammer"
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint: Checkpoint | None = None  # a consumer-group worker's durable counts + offsets
         self._source = None  # kept between acquisitions: opening one can be slow (sim model, file index)
         try:
-            self._source = open_source(source_uri)  # check the URI (and a replay's file) now
+            self._source = self._open(source_uri)  # check the URI (and a replay's file) now
         except SourceError as exc:
             self.problem = f"{exc}; fix the EventSource property and run Init"
-        self.engine = Engine(specs, max_queue_items, max_queue_bytes, on_end=self._ended)
+        self.engine = Engine(specs, max_queue_items, max_queue_bytes, on_end=self._ended, threads=threads)
         threading.Thread(target=self._warm_up, args=(specs,), name="livehist-warm-up", daemon=True).start()
         self.update_counter = 0
         self.last = self.engine.snapshot()
@@ -104,8 +119,12 @@ class Histogrammer:
         self._configured = True
         self._kick = threading.Event()
         self._closed = threading.Event()
+        resume = self._restore() if self.checkpoint is not None and not self.problem else False
         self._publisher = threading.Thread(target=self._publish_loop, name="livehist-publisher", daemon=True)
         self._publisher.start()
+        if resume:  # killed while acquiring: go on from the checkpoint, as the group expects
+            log.warning("resuming the acquisition from checkpoint %s", self.checkpoint.path)
+            self.start()
 
     # --- commands --------------------------------------------------------------------
     @property
@@ -127,8 +146,12 @@ class Histogrammer:
             if self.engine.running:
                 raise LivehistError("already RUNNING; Stop first")
             source = self._source if self._source is not None and self._source.error is None else None
-            source = source or open_source(self.source_uri)
+            source = source or self._open(self.source_uri)
             self._source = source
+            if (
+                self.checkpoint is not None
+            ):  # each partition from where our counts end (or the group's commit)
+                source.start_from(next_offsets(self.engine.offsets))
             source.finished = False
             self._end_reason = None
             self._source_error = None
@@ -194,6 +217,19 @@ class Histogrammer:
         if pulses is not None:
             self.engine.preset_pulses = int(pulses)
 
+    def provenance(self) -> dict:
+        """What the last published counts cover: Kafka offsets per partition, checkpoint, notes."""
+        snap = self.last
+        source = self._source
+        return {
+            "offsets": {f"{t}/{p}": [a, b] for (t, p), (a, b) in sorted(snap.offsets.items())},
+            "group": getattr(source, "group", None),
+            "assigned": sorted(f"{t}/{p}" for t, p in getattr(source, "assigned", ())),
+            "checkpoint": str(self.checkpoint.path) if self.checkpoint else None,
+            "checkpoint_error": self.checkpoint.last_error if self.checkpoint else None,
+            "notes": list(getattr(source, "notes", ()))[-10:],
+        }
+
     def config_json(self) -> str:
         """The current histogram list, as JSON a Configure accepts."""
         return json.dumps([s.source for s in self.engine.specs])
@@ -206,29 +242,77 @@ class Histogrammer:
     # --- internals -------------------------------------------------------------------
     @staticmethod
     def _warm_up(specs: list[HistogramSpec]) -> None:
-        """Compile the kernels for int32 events now, not during the first acquisition's preset."""
-        import numpy as np
-
+        """Compile the device's fused kernel for int32 events now, not during the first acquisition's preset."""
         from livehist.engine import histograms
-        from livehist.engine.events import EventBatch
 
-        one = np.ones(1, np.int32)
-        batch = EventBatch(one, one, np.zeros(1, np.int64), np.zeros(1, np.int64))
-        import dataclasses
-
-        for spec in specs:  # a one-pixel copy: same kernels, no big allocation
-            tiny = dataclasses.replace(
-                spec, shape=tuple(1 for _ in spec.shape),
-                roi_pixels=np.array([spec.first_pixel]) if spec.kind == "roi" else spec.roi_pixels,
-            )  # fmt: skip
-            histograms.make(tiny).add(batch)
+        histograms.warm_up(specs)
         if any(len(spec.data_shape) == 2 for spec in specs):  # and the display block sums
+            import numpy as np
+
             from livehist.engine.preview import block_sum
 
             block_sum(np.zeros((2, 1025), np.int64))
 
     def _refresh(self) -> None:
-        self.last = self.engine.snapshot()
+        ck = self.checkpoint
+        if ck is None:
+            self.last = self.engine.snapshot()
+            return
+        with ck.lock:  # snapshots reach the file in the order they were taken
+            snap = self.engine.snapshot()
+            try:
+                ck.write(snap, self.config_json(), self.engine.running)
+                ck.last_error = None
+            except OSError as exc:  # nothing committed past the last good checkpoint
+                ck.last_error = f"checkpoint {ck.path} not written: {exc}"
+                log.error(ck.last_error)
+                snap_ok = False
+            else:
+                snap_ok = True
+        source = self.engine.source
+        if snap_ok and isinstance(source, GroupWorkerSource) and snap.offsets:
+            source.commit(next_offsets(snap.offsets))  # only after the checkpoint that covers them
+        self.last = snap
+
+    # --- consumer-group workers (issue 19) ---------------------------------------------
+    def _open(self, uri: str):
+        """The source for `uri`; a Kafka consumer-group worker gets checkpoints and exact hand-overs."""
+        source = open_source(uri)
+        if getattr(source, "group", None) and self.checkpoint_dir != "":
+            from livehist.engine.sources.kafka import KafkaSource
+
+            if isinstance(source, KafkaSource):
+                source = GroupWorkerSource(uri, handover=self._handover)
+                if self.checkpoint is None or self.checkpoint.uri != uri:
+                    self.checkpoint = Checkpoint(path_for(self.name, self.checkpoint_dir), uri)
+        return source
+
+    def _handover(self) -> dict:
+        """From the consumer thread, before partitions go: all fed counted, checkpointed; next offsets."""
+        self.engine.wait_processed(timeout=10.0)
+        ck = self.checkpoint
+        with ck.lock:
+            snap = self.engine.snapshot()
+            ck.write(snap, self.config_json(), self.engine.running)
+        return next_offsets(snap.offsets)
+
+    def _restore(self) -> bool:
+        """Load the checkpoint if it belongs to this source and histogram list; True if it was acquiring."""
+        ck = self.checkpoint
+        data = ck.read()
+        if data is None:
+            return False
+        mine = json.loads(self.config_json())
+        if data.get("uri") != self.source_uri or json.loads(data.get("histograms", "[]")) != mine:
+            stale = ck.path.with_suffix(".stale")
+            os.replace(ck.path, stale)
+            log.warning("checkpoint %s is for another source or histogram list: moved to %s", ck.path, stale)
+            return False
+        restored = self.engine.restore(data["counts"], data["counters"], data["offsets"])
+        self.last = self.engine.snapshot()  # not rewritten yet: it still says whether we were acquiring
+        log.warning("restored %s from checkpoint %s (%s events; offsets %s)", ", ".join(restored), ck.path,
+                    data["counters"].get("events"), data["offsets"])  # fmt: skip
+        return bool(data.get("running"))
 
     def _ended(self, reason: str) -> None:
         """Engine callback when accumulation ends (Stop, preset, shutdown): data first, then state."""
@@ -285,6 +369,10 @@ class Histogrammer:
                 )
             )
 
+        ck = self.checkpoint
+        if ck is not None and ck.last_error and self._state != FAULT:
+            self._status += f"; {ck.last_error} (offsets are not committed until it is)"
+
     def _supervise(self) -> None:
         """Notice drops and failed sources; reopen a failed source with back-off."""
         e = self.engine
@@ -304,7 +392,7 @@ class Histogrammer:
             elif self._source_error is not None and time.monotonic() >= self._next_reconnect:
                 self._reconnects += 1
                 try:
-                    self._source = open_source(self.source_uri)
+                    self._source = self._open(self.source_uri)
                     e.attach(self._source)
                     self._source_error = None
                 except SourceError as exc:  # still broken: try again later, longer

@@ -1,4 +1,4 @@
-"""Re-stream histograms as ESS hs01 flatbuffers, for clients that do not speak Tango.
+"""Re-stream histograms as ESS hs01 (or da00) flatbuffers, for clients that do not speak Tango.
 
 Each publish of an EventHistogrammer becomes one hs01 message per histogram on a ZeroMQ
 PUB socket (`tcp://*:PORT`) and, where configured, a Kafka topic (`BROKER/TOPIC`):
@@ -14,6 +14,11 @@ whole updates and counts them (`dropped`). A slow or stalled ZeroMQ subscriber n
 slows the sender: ZeroMQ drops for that subscriber alone once its high-water mark is
 reached, and the others go on; each message's `info.update` numbers updates, so a
 subscriber sees any it missed (`livehist listen` reports the gaps). Ingestion is never touched.
+
+To Kafka, a message counts as sent when the broker acknowledges it (librdkafka's delivery
+report) and as dropped when it is not acknowledged within `kafka_timeout_s`; the device shows
+`problem` in its Status. `fmt="da00"` sends ESS's da00 DataArrays instead of hs01 (whole
+histograms: da00 has no block offset).
 """
 
 from __future__ import annotations
@@ -140,17 +145,85 @@ def hs01_messages(snap: Snapshot, device: str, state: str, counter: int,
     return out
 
 
+def da00_messages(snap: Snapshot, device: str, state: str, counter: int) -> list[bytes]:
+    """ESS's da00 (the format its live-data services publish): one DataArray per histogram,
+    `signal` (int64 counts, unit "counts") with its axes, and one bin-edge coordinate per axis
+    (`time_of_flight` in the histogram's unit; `row`, `col` or `pixel` as 0..n)."""
+    from streaming_data_types.dataarray_da00 import Variable, serialise_da00
+
+    out = []
+    stamp = int(snap.taken_at * 1e9)
+    for name, counts in snap.counts.items():
+        spec = snap.specs[name]
+        edges = snap.edges.get(name)
+        coords = []
+        if spec.kind == "image":
+            ny, nx = counts.shape
+            axes = ["row", "col"]
+            coords = [Variable("row", np.arange(ny + 1, dtype=np.float64), ["row"], unit=""),
+                      Variable("col", np.arange(nx + 1, dtype=np.float64), ["col"], unit="")]  # fmt: skip
+        elif spec.kind == "pixel_tof":
+            axes = ["pixel", "time_of_flight"]
+            n = counts.shape[0]
+            coords = [
+                Variable("pixel", spec.first_pixel + np.arange(n + 1, dtype=np.float64), ["pixel"], unit="")
+            ]
+        else:
+            axes = ["time_of_flight"]
+        if edges is not None:
+            coords.append(Variable("time_of_flight", np.asarray(edges, np.float64), ["time_of_flight"],
+                                   unit=spec.tof.unit if spec.tof else ""))  # fmt: skip
+        signal = Variable("signal", np.ascontiguousarray(counts, np.int64), axes, unit="counts", label=name,
+                          source=f"{device}/{name}")  # fmt: skip
+        out.append(serialise_da00(f"{device}/{name}", stamp, [signal, *coords]))
+    return out
+
+
+FORMATS = ("hs01", "da00")
+
+
 class Restreamer:
+    """Sends each publish to ZeroMQ and/or Kafka, in the chosen format (hs01 or da00).
+
+    Kafka deliveries are counted when the broker acknowledges them (`sent`), failures when it
+    does not within `kafka_timeout_s` (`dropped`); `problem` says what is failing."""
+
     def __init__(self, device: str, endpoint: str = "", kafka: str = "", max_queue: int = 4,
-                 max_message_bytes: int = 64 * 2**20) -> None:  # fmt: skip
+                 max_message_bytes: int = 64 * 2**20, fmt: str = "hs01",
+                 kafka_timeout_s: float = 10.0) -> None:  # fmt: skip
         self.device, self.endpoint, self.kafka = device, endpoint, kafka
         self.max_message_bytes = max_message_bytes
+        fmt = (fmt or "hs01").strip().lower()
+        if fmt not in FORMATS:
+            raise ValueError(f"RestreamFormat must be hs01 or da00, got {fmt!r}")
+        self.fmt = fmt
         self.sent = self.dropped = 0
+        self.kafka_sent = self.kafka_failed = 0
+        self._kafka_error: str | None = None  # the last failure, until a delivery succeeds again
         self._queue: collections.deque = collections.deque()
         self._max_queue = max_queue
         self._cond = threading.Condition()
         self._closed = False
         self._pub = self._producer = None
+        if kafka:
+            brokers, _, self.topic = kafka.rpartition("/")
+            if not brokers or not self.topic:
+                raise ValueError(f"RestreamKafka {kafka!r}: give BROKER[,BROKER]/TOPIC")
+            try:
+                from confluent_kafka import Producer
+            except ImportError:
+                raise ValueError(
+                    "RestreamKafka needs confluent-kafka (pip install 'livehist[kafka]')"
+                ) from None
+            from livehist.engine.events import RateLimitedLog
+
+            self._errors = RateLimitedLog(log)
+            self._producer = Producer({
+                "bootstrap.servers": brokers, "queue.buffering.max.messages": 1000,
+                "message.max.bytes": max_message_bytes + 2**20,
+                "message.timeout.ms": int(kafka_timeout_s * 1000),  # a failed delivery shows within this
+                "linger.ms": 5, "error_cb": self._kafka_error_cb, "logger": _RateLimitedRdLog(self._errors),
+            })  # fmt: skip
         if endpoint:
             import zmq
 
@@ -164,24 +237,39 @@ class Restreamer:
                 raise ValueError(
                     f"RestreamEndpoint {endpoint!r} cannot be bound: {exc}; use tcp://*:PORT"
                 ) from None
-        if kafka:
-            if "/" not in kafka:
-                raise ValueError(f"RestreamKafka {kafka!r}: give BROKER[,BROKER]/TOPIC")
-            brokers, self.topic = kafka.rsplit("/", 1)
-            try:
-                from confluent_kafka import Producer
-            except ImportError:
-                raise ValueError(
-                    "RestreamKafka needs confluent-kafka (pip install 'livehist[kafka]')"
-                ) from None
-            self._producer = Producer({"bootstrap.servers": brokers, "queue.buffering.max.messages": 1000,
-                                       "message.max.bytes": max_message_bytes + 2**20})  # fmt: skip
         self._thread = threading.Thread(target=self._run, name="livehist-restream", daemon=True)
         self._thread.start()
 
     @property
     def active(self) -> bool:
         return self._pub is not None or self._producer is not None
+
+    @property
+    def problem(self) -> str | None:
+        """What re-streaming to Kafka is failing with, for the device's Status (None: all well)."""
+        if self._kafka_error is None:
+            return None
+        return (f"re-streaming to Kafka {self.kafka} fails: {self._kafka_error} "
+                f"({self.kafka_failed} {self.fmt} messages not delivered)")  # fmt: skip
+
+    def _kafka_error_cb(self, err) -> None:
+        from confluent_kafka import KafkaError
+
+        if err.fatal() or err.code() == KafkaError._ALL_BROKERS_DOWN:  # not an idle disconnect
+            self._kafka_error = err.str()
+        self._errors.warning(err.name(), f"RestreamKafka {self.kafka}: {err.str()}")
+
+    def _delivered(self, err, msg) -> None:
+        """librdkafka's delivery report (called from poll/flush in this object's threads)."""
+        if err is None:
+            self.sent += 1
+            self.kafka_sent += 1
+            self._kafka_error = None
+        else:
+            self.dropped += 1
+            self.kafka_failed += 1
+            self._kafka_error = err.str()
+            self._errors.warning("delivery", f"RestreamKafka {self.kafka}: not delivered: {err.str()}")
 
     def publish(self, snap: Snapshot, state: str, counter: int) -> None:
         """Hand one update over; never blocks (a full queue drops it and counts it)."""
@@ -194,19 +282,29 @@ class Restreamer:
             self._queue.append((snap, state, counter))
             self._cond.notify()
 
+    def _messages(self, snap: Snapshot, state: str, counter: int) -> list:
+        if self.fmt == "da00":
+            return da00_messages(snap, self.device, state, counter)
+        return hs01_messages(snap, self.device, state, counter, self.max_message_bytes)
+
     def _run(self) -> None:
         import zmq
 
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._closed)
+                # wake up now and then to serve Kafka's delivery reports while idle
+                self._cond.wait_for(lambda: self._queue or self._closed, timeout=0.2)
                 if self._closed:
                     return
-                snap, state, counter = self._queue.popleft()
+                item = self._queue.popleft() if self._queue else None
+            if self._producer is not None:
+                self._producer.poll(0)
+            if item is None:
+                continue
             try:
-                messages = hs01_messages(snap, self.device, state, counter, self.max_message_bytes)
+                messages = self._messages(*item)
             except Exception:
-                log.exception("hs01 serialisation failed")
+                log.exception("%s serialisation failed", self.fmt)
                 continue
             for msg in messages:
                 if self._pub is not None:
@@ -217,10 +315,15 @@ class Restreamer:
                         self.dropped += 1
                 if self._producer is not None:
                     try:
-                        self._producer.produce(self.topic, bytes(msg))
-                        self._producer.poll(0)
-                    except BufferError:
+                        self._producer.produce(self.topic, bytes(msg), on_delivery=self._delivered)
+                    except BufferError:  # librdkafka's queue is full: the broker is not taking them
                         self.dropped += 1
+                        self.kafka_failed += 1
+                    except Exception as exc:  # e.g. a message larger than message.max.bytes
+                        self.dropped += 1
+                        self.kafka_failed += 1
+                        self._kafka_error = str(exc)
+                    self._producer.poll(0)
 
     def close(self) -> None:
         with self._cond:
@@ -231,6 +334,18 @@ class Restreamer:
             self._pub.close(0)
         if self._producer is not None:
             self._producer.flush(1.0)
+
+
+class _RateLimitedRdLog:
+    """librdkafka's log lines through a RateLimitedLog (one per facility every few seconds)."""
+
+    def __init__(self, limited) -> None:
+        self.limited = limited
+
+    def log(self, level: int, fmt: str, *args) -> None:
+        if level >= logging.WARNING:
+            message = fmt % args if args else fmt
+            self.limited.warning(message.split(" ", 1)[0], f"librdkafka: {message}")
 
 
 def listen(endpoint: str, count: int = 0, seconds: float = 0.0, say=print) -> int:

@@ -32,6 +32,7 @@ class EventBatch:
     pulse_index: np.ndarray  # int64, first event of each pulse
     tof_unit: str = "ns"
     source_name: str = ""
+    origin: tuple[str, int, int] | None = None  # (topic, partition, offset) of a Kafka message
 
     def __len__(self) -> int:
         return self.tof.size
@@ -40,7 +41,7 @@ class EventBatch:
         """The first n events, with the pulses they belong to."""
         keep = int(np.searchsorted(self.pulse_index, n, side="left")) if n else 0
         return EventBatch(self.tof[:n], self.pixel_id[:n], self.pulse_time[:keep],
-                          self.pulse_index[:keep], self.tof_unit, self.source_name)  # fmt: skip
+                          self.pulse_index[:keep], self.tof_unit, self.source_name, self.origin)  # fmt: skip
 
     def pulse_slices(self):
         """(pulse_time, start, stop) for each pulse."""

@@ -94,6 +94,8 @@ class Snapshot:
     elapsed: float
     event_rate: float
     running: bool
+    # Kafka: {(topic, partition): (first, last)} offsets counted since Reset, taken with the counts
+    offsets: dict = field(default_factory=dict)
     taken_at: float = field(default_factory=time.time)
 
 
@@ -104,9 +106,11 @@ class Engine:
         max_queue_items: int = 64,
         max_queue_bytes: int = 256 * 2**20,
         on_end: Callable[[str], None] | None = None,
+        threads: int = 1,
     ) -> None:
         self._lock = threading.RLock()
-        self._hists = {s.name: histograms.make(s) for s in specs}
+        self.threads = threads  # accumulating threads, each with its own partial counts
+        self._hists, self._set = self._build(specs)
         self.queue = BoundedQueue(max_queue_items, max_queue_bytes)
         self.on_end = on_end
         self.source = None
@@ -120,6 +124,7 @@ class Engine:
         self._accumulating = False
         self.fault: str | None = None  # why the accumulating thread gave up (None: it did not)
         self._rate_samples: collections.deque = collections.deque(maxlen=64)
+        self._fed = self._processed = 0  # items queued / taken by the worker: `wait_processed`
         self.reset()
 
     # --- configuration -------------------------------------------------------------
@@ -127,14 +132,17 @@ class Engine:
         """Swap the histogram list atomically; counters and acquisition go on."""
         self.commit(self.prepare(specs))
 
-    @staticmethod
-    def prepare(specs: list[HistogramSpec]) -> dict:
+    def prepare(self, specs: list[HistogramSpec]) -> tuple[dict, histograms.HistogramSet]:
         """Allocate the histograms of a new list (may raise MemoryError); nothing changes yet."""
-        return {s.name: histograms.make(s) for s in specs}
+        return self._build(specs)
 
-    def commit(self, prepared: dict) -> None:
+    def commit(self, prepared: tuple[dict, histograms.HistogramSet]) -> None:
         with self._lock:
-            self._hists = prepared
+            self._hists, self._set = prepared
+
+    def _build(self, specs: list[HistogramSpec]) -> tuple[dict, histograms.HistogramSet]:
+        hists = {s.name: histograms.make(s, self.threads) for s in specs}
+        return hists, histograms.HistogramSet(list(hists.values()), self.threads)
 
     @property
     def specs(self) -> list[HistogramSpec]:
@@ -147,6 +155,7 @@ class Engine:
                 h.clear()
             self.events = self.messages = self.bad_messages = self.dropped_messages = 0
             self.pulses = self.foreign_messages = 0
+            self.offsets: dict[tuple[str, int], tuple[int, int]] = {}
             self._elapsed_before = 0.0
             self._started_at = time.monotonic() if self._accumulating else None
             self._preset_base = (0, 0, 0.0)
@@ -184,6 +193,8 @@ class Engine:
         old, self.source = self.source, source
         if old is not None:
             old.stop()
+            if hasattr(source, "resume_after"):  # continue where the old one stopped reading
+                source.resume_after(old)
         self.source_name = getattr(source, "source_name", None)
         source.start(self.feed)
 
@@ -208,12 +219,16 @@ class Engine:
         if self.on_end:
             self.on_end(reason)
 
-    def feed(self, item, block: bool = False, timeout: float | None = None) -> bool:
-        """Queue a raw message (bytes) or an EventBatch. False (and counted) when dropped."""
+    def feed(self, item, block: bool = False, timeout: float | None = None, retry: bool = False) -> bool:
+        """Queue a raw message (bytes) or an EventBatch. False (and counted) when dropped;
+        `retry`: the caller (a paced source) tries again, so a full queue is no drop."""
         if not self._accumulating:
             return False
         if self.queue.put(item, block=block, timeout=timeout):
+            self._fed += 1  # one feeding thread: the source's
             return True
+        if retry:
+            return False
         with self._lock:
             self.dropped_messages += 1
         return False
@@ -236,10 +251,20 @@ class Engine:
             item = self.queue.get(timeout=self._wait())
             if item is not None and self._accumulating:
                 self.process(item)
+            if item is not None:
+                self._processed += 1
             elif item is None and self._stop_worker.is_set():
                 return
             if self._accumulating:
                 reason = self._preset_reached()
+                source = self.source
+                if (
+                    not reason
+                    and source is not None
+                    and getattr(source, "ended", None)
+                    and not len(self.queue)
+                ):
+                    reason = source.ended  # e.g. Kafka's stop=TIME: everything before it is counted
                 if reason:
                     self.queue.clear()
                     source, self.source = self.source, None
@@ -284,13 +309,19 @@ class Engine:
             with self._lock:
                 self.foreign_messages += 1
             return 0
+        self._set.prepare(
+            batch
+        )  # a first batch of new dtypes or histograms compiles here, not under the lock
         with self._lock:
             batch = self._within_presets(batch)
-            for h in self._hists.values():
-                h.add(batch)
+            self._set.add(batch)  # one pass over the batch for every histogram
             self.messages += 1
             self.events += len(batch)
             self.pulses += batch.pulse_time.size
+            if batch.origin is not None:
+                topic, partition, offset = batch.origin
+                first = self.offsets.get((topic, partition), (offset, offset))[0]
+                self.offsets[(topic, partition)] = (first, offset)
             now = time.monotonic()
             if now - self._rate_samples[-1][0] >= 0.05:  # samples span seconds at any message rate
                 self._rate_samples.append((now, self.events))
@@ -307,6 +338,42 @@ class Engine:
             batch = batch.head(n)
             batch.pulse_time, batch.pulse_index = batch.pulse_time[:keep], batch.pulse_index[:keep]
         return batch
+
+    def wait_processed(self, timeout: float = 10.0) -> bool:
+        """Wait until every item fed so far has been histogrammed (or acquisition ended):
+        a checkpoint taken then covers everything the source handed over."""
+        target = self._fed
+        deadline = time.monotonic() + timeout
+        while self._processed < target and self._accumulating and len(self.queue):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        while self._processed < target and self._accumulating:  # the last item, being histogrammed
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+    def restore(self, counts: dict[str, np.ndarray], counters: dict[str, float],
+                offsets: dict[tuple[str, int], tuple[int, int]]) -> list[str]:  # fmt: skip
+        """Load counts, counters and offsets (a checkpoint) into the current histograms; returns
+        the names restored (windowed histograms, and names not in `counts`, start empty)."""
+        restored = []
+        with self._lock:
+            for name, h in self._hists.items():
+                c = counts.get(name)
+                if c is not None and not h.spec.window and c.size == h._cells:
+                    h.clear()
+                    h.parts[0][-1][: h._cells] = np.asarray(c, np.int64).ravel()  # the int64 counts of part 0
+                    restored.append(name)
+            self.events = int(counters.get("events", 0))
+            self.messages = int(counters.get("messages", 0))
+            self.bad_messages = int(counters.get("bad_messages", 0))
+            self.dropped_messages = int(counters.get("dropped_messages", 0))
+            self.pulses = int(counters.get("pulses", 0))
+            self._elapsed_before = float(counters.get("elapsed", 0.0))
+            self.offsets = {(str(t), int(p)): (int(a), int(b)) for (t, p), (a, b) in offsets.items()}
+        return restored
 
     # --- reading -------------------------------------------------------------------
     @property
@@ -340,4 +407,5 @@ class Engine:
                 elapsed=self.elapsed,
                 event_rate=self.event_rate(),
                 running=self._accumulating,
+                offsets=dict(self.offsets),
             )

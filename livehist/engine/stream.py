@@ -1,14 +1,22 @@
-"""`livehist stream`: publish sim:// or nexus:// events as ev44 on a ZeroMQ PUSH/PUB socket."""
+"""`livehist stream`: publish sim:// or nexus:// events as ev44 on ZeroMQ (PUSH/PUB) or Kafka.
+
+To Kafka, messages go round-robin over the topic's partitions, each with its Kafka timestamp
+set to its first pulse time (ESS's convention, which offsets-for-times relies on); the topic is
+created with `partitions` partitions if it does not exist.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import zmq
 
-from livehist.engine.events import encode_ev44
+from livehist.engine.events import RateLimitedLog, encode_ev44
 from livehist.engine.sources import Source, open_source
 from livehist.errors import LivehistError
+
+log = logging.getLogger("livehist.engine.stream")
 
 
 class _Collector:
@@ -17,7 +25,7 @@ class _Collector:
     def __init__(self, send) -> None:
         self.send = send
 
-    def __call__(self, item, block=True, timeout=None) -> bool:
+    def __call__(self, item, block=True, timeout=None, retry=False) -> bool:
         self.send(item)
         return True
 
@@ -28,8 +36,12 @@ def stream(
     pub: bool = False,
     seconds: float = 0.0,
     say=print,
+    kafka: str | None = None,
+    partitions: int | None = None,
 ) -> int:
     """Publish until `seconds` pass (0: until the source ends or Ctrl-C). Returns events sent."""
+    if kafka:
+        return _stream_kafka(source_uri, kafka, partitions, seconds, say)
     ctx = zmq.Context()  # its own: term() below waits for our zero-copy frames only
     sock = ctx.socket(zmq.PUB if pub else zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, 8)
@@ -80,3 +92,103 @@ def bind_error(bind: str, exc: Exception) -> str:
     if getattr(exc, "errno", None) == zmq.EADDRINUSE:
         return f"cannot bind {bind}: the address is already in use (another stream or device?); choose another port"
     return f"cannot bind {bind}: {exc}; give an endpoint like tcp://127.0.0.1:5555"
+
+
+def _kafka_topic(brokers: str, topic: str, partitions: int | None, say) -> int:
+    """The topic's partition count, creating it (with `partitions`, default 1) if needed."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": brokers, "logger": log})
+    try:
+        meta = admin.list_topics(timeout=5).topics
+    except KafkaException as exc:
+        raise LivehistError(f"no Kafka broker answers at {brokers}: {exc.args[0].str()}") from None
+    if topic in meta and meta[topic].error is None and meta[topic].partitions:
+        n = len(meta[topic].partitions)
+        if partitions is not None and partitions != n:
+            say(f"topic {topic} exists with {n} partitions (not {partitions}); publishing to its {n}")
+        return n
+    n = partitions or 1
+    try:
+        for future in admin.create_topics([NewTopic(topic, n, 1)]).values():
+            future.result(30)
+    except KafkaException as exc:
+        raise LivehistError(f"cannot create topic {topic!r} on {brokers}: {exc.args[0].str()}") from None
+    say(f"created topic {topic} with {n} partition{'s' if n > 1 else ''}")
+    return n
+
+
+def _stream_kafka(source_uri: str, target: str, partitions: int | None, seconds: float, say) -> int:
+    try:
+        from confluent_kafka import Producer
+    except ImportError:
+        raise LivehistError("--kafka needs confluent-kafka: pip install 'livehist[kafka]'") from None
+    brokers, _, topic = target.rpartition("/")
+    if not brokers or not topic or "," in topic:
+        raise LivehistError(f"--kafka {target!r}: give BROKER[,BROKER]/TOPIC")
+    from livehist.engine.sources.kafka import TOPIC_NAME
+
+    if not TOPIC_NAME.match(topic):
+        raise LivehistError(
+            f"--kafka {target!r}: {topic!r} is not a Kafka topic name (letters, digits, '.', '_', '-'; at most 249)"
+        )
+    if partitions is not None and partitions < 1:
+        raise LivehistError(f"--partitions must be >= 1, got {partitions}")
+    src: Source = open_source(source_uri)  # a bad source fails before anything is created
+    n = _kafka_topic(brokers, topic, partitions, say)
+    errors = RateLimitedLog(log)
+    sent = {"events": 0, "messages": 0, "delivered": 0, "failed": 0}
+
+    def delivered(err, msg) -> None:
+        if err is None:
+            sent["delivered"] += 1
+        else:
+            sent["failed"] += 1
+            errors.warning("delivery", f"not delivered to {topic}: {err.str()}")
+
+    producer = Producer({"bootstrap.servers": brokers, "message.max.bytes": 256 * 2**20,
+                         "queue.buffering.max.kbytes": 256 * 1024, "linger.ms": 5, "logger": log})  # fmt: skip
+    stopping = []
+
+    def send(batch) -> None:
+        payload = encode_ev44(batch, sent["messages"])
+        stamp = int(batch.pulse_time[0] // 1_000_000) if batch.pulse_time.size else None
+        while not stopping:
+            try:
+                producer.produce(topic, payload, partition=sent["messages"] % n, timestamp=stamp or 0,
+                                 on_delivery=delivered)  # fmt: skip
+                break
+            except BufferError:  # librdkafka's queue is full: wait for the broker (back-pressure)
+                producer.poll(0.1)
+        producer.poll(0)
+        sent["messages"] += 1
+        sent["events"] += len(batch)
+
+    say(f"publishing {source_uri} as ev44 to Kafka {brokers}, topic {topic} ({n} partitions; Ctrl-C stops)")
+    src.start(_Collector(send))
+    t0 = last = time.monotonic()
+    try:
+        while not src.finished and src.error is None:
+            time.sleep(0.1)
+            now = time.monotonic()
+            if seconds and now - t0 >= seconds:
+                break
+            if now - last >= 2:
+                say(
+                    f"  {sent['events']} events in {sent['messages']} messages, {sent['delivered']} delivered"
+                )
+                last = now
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stopping.append(True)
+        src.stop()
+        left = producer.flush(30)
+    say(f"sent {sent['events']} events in {sent['messages']} messages; {sent['delivered']} delivered, "
+        f"{sent['failed'] + left} not")  # fmt: skip
+    if src.error:  # what was sent is said above; the command still failed
+        raise LivehistError(f"source failed: {src.error}")
+    if sent["failed"] + left:
+        raise LivehistError(f"{sent['failed'] + left} messages were not delivered to {topic} on {brokers}")
+    return sent["events"]

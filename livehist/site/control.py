@@ -270,7 +270,10 @@ def _histogrammer_info(proxy) -> str:
 
 
 # device class -> extra info column
-STATUS_EXTRAS: dict[str, Callable[[object], str]] = {"EventHistogrammer": _histogrammer_info}
+STATUS_EXTRAS: dict[str, Callable[[object], str]] = {
+    "EventHistogrammer": _histogrammer_info,
+    "HistogramSum": _histogrammer_info,
+}
 
 
 def print_table(site: Site, say: Say) -> bool:

@@ -2,7 +2,9 @@
 
 The config's `livehist.sardana` section (beside dsconfig's `servers`) names Pool
 controllers with their channels, measurement groups, and MacroServer environment
-defaults. Pool elements are made with the Pool's own commands (as `defctrl`, `defelem`
+defaults. Its `histogrammer` key names the device the livehist controllers read (unless a
+controller sets its own `Histogrammer` property) and the macros' `LivehistHistogrammer`
+default: pointing it at a HistogramSum makes `mg_livehist` count on the sum. Pool elements are made with the Pool's own commands (as `defctrl`, `defelem`
 and `defmeas` do), only when missing; environment variables are set only when unset, so
 `up` never undoes what users changed.
 """
@@ -40,9 +42,13 @@ def ensure(site, say: Callable[[str], None]) -> list[str]:
     pool.set_timeout_millis(30_000)
     ctrls = _names(pool.ControllerList)
     channels = _names(pool.ExpChannelList)
+    histogrammer = cfg.get("histogrammer")
     for c in cfg.get("controllers", []):
         if c["name"] not in ctrls:
-            props = [str(x) for kv in c.get("properties", {}).items() for x in kv]
+            properties = dict(c.get("properties", {}))
+            if histogrammer and c.get("library") == "LivehistCtrl.py":
+                properties.setdefault("Histogrammer", histogrammer)
+            props = [str(x) for kv in properties.items() for x in kv]
             try:
                 pool.CreateController([c["type"], c["library"], c["class"], c["name"], *props])
             except tango.DevFailed as exc:
@@ -60,7 +66,9 @@ def ensure(site, say: Callable[[str], None]) -> list[str]:
         if name not in groups:
             pool.CreateMeasurementGroup([name, *members])
             done.append(f"measurement group {name}: {', '.join(members)}")
-    defaults = cfg.get("environment", {})
+    defaults = dict(cfg.get("environment", {}))
+    if histogrammer:
+        defaults.setdefault("LivehistHistogrammer", histogrammer)
     if defaults:
         ms = tango.DeviceProxy(site.url(cfg["macroserver"]))
         current = environment(ms)

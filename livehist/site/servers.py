@@ -22,6 +22,7 @@ KNOWN: dict[str, tuple[frozenset[str], str | None]] = {
     "Sardana": (SARDANA_CLASSES, None),
     "EventHistogrammer": (frozenset({"EventHistogrammer"}), "livehist.devices.histogrammer"),
     "MetadataManager": (frozenset({"MetadataManager"}), "livehist.devices.metadata"),
+    "HistogramSum": (frozenset({"HistogramSum"}), "livehist.devices.histsum"),
 }
 
 

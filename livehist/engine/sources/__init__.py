@@ -61,7 +61,7 @@ class Source:
         if not self.paced:  # absorb bursts (back-pressure); a consumer that stays slow drops
             return self._feed(item, block=True, timeout=self.max_wait)
         while not self._stop.is_set():
-            if self._feed(item, block=True, timeout=0.2):
+            if self._feed(item, block=True, timeout=0.2, retry=True):
                 return True
         return False
 

@@ -1,18 +1,100 @@
-"""kafka://BROKER[,BROKER]/TOPIC?source=NAME  ev44/ev42 messages from Kafka (confluent-kafka).
+"""kafka://BROKER[,BROKER]/TOPIC[,TOPIC]?source=NAME&group=G&start=S&stop=T  (confluent-kafka).
 
-Installed with the `kafka` extra. Messages of other source names are skipped when
-`source` is given (the engine filters after decoding).
+ev44/ev42 messages from every partition of every topic, consumed in batches. Each message is
+decoded here, in place (the arrays are views of the message's bytes), cut to the counting
+window `[start, stop)` by pulse time (ev44 `reference_time`) and handed to the engine with its
+origin (topic, partition, offset), so the engine knows exactly which offsets it has counted.
+Malformed messages go to the engine as they are, which counts them as bad.
+
+- `start=latest` (default), `earliest`, or a time (ISO 8601, or Unix milliseconds): every
+  partition is sought with Kafka's offsets-for-times (a little earlier, `LOOKBACK_MS`, since a
+  message's timestamp is its first pulse), then pulses before `start` are skipped.
+- `stop=TIME`: pulses at or after it are not counted; the source ends the acquisition
+  (`ended`) once every partition has passed it (a message with a pulse at or after `stop`, or
+  the partition's end reached while the clock is `STOP_GRACE_S` past `stop`).
+- `group=G`: a consumer group (devices with one group share the partitions). Without it the
+  source assigns itself every partition (no group join, so no wait) and sees every event.
+- Back-pressure, not drops: when histogramming falls behind, the source waits and the
+  messages wait in Kafka (the consumer lags; nothing is lost while retention holds them).
+- Transient errors (a broker restarting, a timeout) are logged at a bounded rate; the source
+  fails (`error`, so FAULT) only when no broker has been reachable for `DOWN_AFTER_S`, or
+  none answers within `CONNECT_TIMEOUT_S` at start. The histogrammer then reopens it with
+  back-off; the new source continues from the offsets the old one reached (`resume_after`).
+
+For owners that checkpoint or commit (HistogramSum, issue 19): `start_from({(topic, partition):
+offset})` before Start; `positions()` the next offset to read per partition; the engine's
+`Snapshot.offsets` the (first, last) offsets counted per partition, taken under the engine's
+lock with the histograms; `commit({(topic, partition): next_offset})` commits through the
+consumer thread (offsets are never committed automatically).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import threading
+import time
 import uuid
+from datetime import datetime
 
+import numpy as np
+
+from livehist.engine.events import BadMessage, EventBatch, RateLimitedLog, decode
 from livehist.engine.sources import Source, SourceError, check_known, query
+
+log = logging.getLogger("livehist.engine.sources.kafka")
+
+BATCH_MESSAGES = 500  # messages per consume(): one call into librdkafka per batch, not per message
+CONNECT_TIMEOUT_S = 5.0
+DOWN_AFTER_S = 3.0  # no broker reachable this long (with 1 s statistics): FAULT within 10 s
+STOP_GRACE_S = 2.0  # an idle partition at its end counts as past `stop` this long after it
+LOOKBACK_MS = 10_000  # seek this much before `start`: a message's timestamp is its first pulse
+GROUP_TIMING = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}  # join in ~3 s, not ~23 s
+TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+Key = tuple[str, int]
+
+
+def parse_time(raw: str, key: str, uri: str) -> int:
+    """ISO 8601 (naive = local time) or Unix milliseconds, as ns since the epoch."""
+    text = re.sub(r" (\d\d(:?\d\d)?)$", r"+\1", raw.strip())  # a URI's unescaped '+' arrives as ' '
+    try:
+        if re.fullmatch(r"-?\d+(\.\d*)?", text):
+            ns = int(round(float(text) * 1e6))
+        else:
+            ns = int(round(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1e9))
+        if not -(2**62) < ns < 2**62:  # beyond int64 nanoseconds (year 2116)
+            raise ValueError(raw)
+        return ns
+    except (ValueError, OverflowError):
+        raise SourceError(
+            f"EventSource {uri!r}: {key} must be latest, earliest, an ISO 8601 time "
+            f"(2026-11-22T10:00:00Z) or Unix milliseconds, got {raw!r}"
+            if key == "start"
+            else f"EventSource {uri!r}: {key} must be an ISO 8601 time (2026-11-22T10:00:00Z) "
+            f"or Unix milliseconds, got {raw!r}"
+        ) from None
+
+
+class _RdLog:
+    """librdkafka's log lines into Python logging, at most one per facility every 5 s."""
+
+    def __init__(self) -> None:
+        self.limited = RateLimitedLog(log)
+
+    def log(self, level: int, fmt: str, *args) -> None:
+        message = fmt % args if args else fmt
+        if level >= logging.WARNING:
+            self.limited.warning(message.split(" ", 1)[0], f"librdkafka: {message}")
+        else:
+            log.debug("librdkafka: %s", message)
 
 
 class KafkaSource(Source):
-    paced = False
+    # the broker keeps what we have not read: wait for room instead of dropping (a backlog read
+    # with start=earliest would otherwise lose messages while the kernels compile)
+    paced = True
 
     def __init__(self, uri: str) -> None:
         super().__init__(uri)
@@ -21,28 +103,299 @@ class KafkaSource(Source):
         except ImportError:
             raise SourceError("kafka:// needs confluent-kafka: pip install 'livehist[kafka]'") from None
         parts, params = query(uri)
-        check_known(params, {"source", "group"}, uri)
+        check_known(params, {"source", "group", "start", "stop"}, uri)
         self.brokers = parts.netloc
-        self.topic = parts.path.strip("/")
-        if not self.brokers or not self.topic:
-            raise SourceError(f"EventSource {uri!r}: give kafka://BROKER[,BROKER]/TOPIC")
-        self.source_name = params.get("source")
-        self.group = params.get("group") or f"livehist-{uuid.uuid4()}"
+        self.topics = [t.strip() for t in parts.path.strip("/").split(",") if t.strip()]
+        if not self.brokers or not self.topics:
+            raise SourceError(f"EventSource {uri!r}: give kafka://BROKER[,BROKER]/TOPIC[,TOPIC]")
+        for topic in self.topics:
+            if not TOPIC_NAME.match(topic):
+                raise SourceError(
+                    f"EventSource {uri!r}: topic {topic!r} is not a Kafka topic name "
+                    "(letters, digits, '.', '_', '-'; at most 249)"
+                )
+        self.source_name = params.get("source") or None
+        self.group = params.get("group") or None
+        if "group" in params and not self.group:
+            raise SourceError(
+                f"EventSource {uri!r}: group must not be empty (leave it out for a private one)"
+            )
+        start = params.get("start", "latest").strip() or "latest"
+        self.start_mode = start if start in ("latest", "earliest") else "time"
+        self.start_ns = parse_time(start, "start", uri) if self.start_mode == "time" else None
+        self.stop_ns = parse_time(params["stop"], "stop", uri) if params.get("stop") else None
+        if self.start_ns is not None and self.stop_ns is not None and self.stop_ns <= self.start_ns:
+            raise SourceError(f"EventSource {uri!r}: stop must be after start")
+        self.ended: str | None = None  # set when `stop` is passed: the engine ends the acquisition
+        self.outside_messages = 0  # messages wholly outside [start, stop)
+        self._resume: dict[Key, int] = {}
+        self._resume_ids: dict[str, str] = {}  # topic ids the resumed offsets belong to
+        self.topic_ids: dict[str, str] = {}
+        self._next: dict[Key, int] = {}
+        self._commit_lock = threading.Lock()
+        self._commit_request: dict[Key, int] | None = None
+        self.commit_error: str | None = None
+        self._errors = RateLimitedLog(log)
+
+    # --- the API for owners (checkpoints, commits, reconnects) -----------------------------
+    def start_from(self, offsets: dict[Key, int]) -> None:
+        """Before Start: read these partitions from these offsets (next to read), not from `start`."""
+        self._resume = {(str(t), int(p)): int(o) for (t, p), o in offsets.items()}
+
+    def positions(self) -> dict[Key, int]:
+        """The next offset to read, per partition this source has read from (or was given)."""
+        return {**self._resume, **self._next}
+
+    def resume_after(self, old: Source) -> None:
+        """A reconnect: continue where the failed source `old` stopped reading."""
+        if isinstance(old, KafkaSource) and old.topics == self.topics:
+            self.start_from(old.positions())
+            self._resume_ids = dict(old.topic_ids or old._resume_ids)
+
+    def commit(self, offsets: dict[Key, int] | None = None) -> None:
+        """Commit these offsets (default: `positions()`) for the group, from the consumer thread."""
+        if self.group is None:
+            raise SourceError(f"EventSource {self.uri!r}: offsets are committed only for a group=")
+        with self._commit_lock:
+            self._commit_request = dict(offsets if offsets is not None else self.positions())
+
+    # --- the consumer thread -----------------------------------------------------------
+    def _config(self) -> dict:
+        return {
+            "bootstrap.servers": self.brokers,
+            "group.id": self.group or f"livehist-{uuid.uuid4()}",
+            "enable.auto.commit": False,  # the owner commits what it has counted
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest" if self.start_mode != "latest" or self._resume else "latest",
+            "enable.partition.eof": True,
+            "statistics.interval.ms": 1000,
+            "stats_cb": self._stats,
+            "error_cb": self._error,
+            "logger": _RdLog(),
+            "fetch.max.bytes": 64 * 2**20,
+            "max.partition.fetch.bytes": 16 * 2**20,
+            "receive.message.max.bytes": 80 * 2**20,
+            "queued.max.messages.kbytes": 32 * 1024,  # prefetch per partition, bounded
+            "fetch.wait.max.ms": 100,
+            "socket.timeout.ms": 6000,  # a frozen broker (not closed, not answering) counts as gone
+            **GROUP_TIMING,
+        }
+
+    def _stats(self, raw: str) -> None:
+        try:
+            brokers = json.loads(raw).get("brokers", {})
+        except ValueError:
+            return
+        # UP and heard from lately: fetches (every fetch.wait.max.ms) or heartbeats keep `rxidle`
+        # (µs since the last receive; -1 before the first) small, a frozen broker lets it grow
+        quiet_us = DOWN_AFTER_S * 1e6 / 2
+        if any(b.get("state") == "UP" and b.get("rxidle", -1) < quiet_us for b in brokers.values()):
+            self._last_up = time.monotonic()
+
+    def _error(self, err) -> None:
+        if err.fatal():
+            self._fatal = str(err)
+        self._errors.warning(err.name(), f"Kafka {self.brokers}: {err.str()}")
+
+    def start(self, feed) -> None:
+        self.ended = None  # before the engine can look: a previous run's stop is not this one's
+        super().start(feed)
+
+    def _metadata(self, consumer):
+        """The cluster's topics, asked in short steps so that Stop is never kept waiting."""
+        from confluent_kafka import KafkaException
+
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S
+        while True:
+            try:
+                return consumer.list_topics(timeout=0.5)
+            except KafkaException as exc:
+                if self.stopping:
+                    return None
+                if time.monotonic() >= deadline:
+                    self.error = (
+                        f"no Kafka broker answers at {self.brokers} within {CONNECT_TIMEOUT_S:g} s "
+                        f"({exc.args[0].str()})"
+                    )
+                    return None
 
     def run(self) -> None:
         from confluent_kafka import Consumer
 
-        consumer = Consumer({"bootstrap.servers": self.brokers, "group.id": self.group,
-                             "auto.offset.reset": "latest", "enable.auto.commit": False})  # fmt: skip
-        consumer.subscribe([self.topic])
+        self.ended = None
+        self._fatal: str | None = None
+        self._next = {}
+        self._eof: dict[Key, bool] = {}
+        self._passed: set[Key] = set()
+        self._recreated: set[str] = set()
+        consumer = Consumer(self._config())
         try:
-            while not self.stopping:
-                msg = consumer.poll(0.1)
-                if msg is None:
-                    continue
-                if msg.error():
-                    self.error = str(msg.error())
-                    continue
-                self.emit(msg.value())
+            metadata = self._metadata(consumer)
+            if metadata is None:
+                return
+            partitions = []
+            for topic in self.topics:
+                meta = metadata.topics.get(topic)
+                if meta is None or meta.error is not None or not meta.partitions:
+                    known = sorted(t for t in metadata.topics if not t.startswith("__"))[:10]
+                    self.error = (
+                        f"topic {topic!r} does not exist on {self.brokers} "
+                        f"(topics there: {', '.join(known) or 'none'}); create it or fix the EventSource"
+                    )
+                    return
+                partitions += [(topic, p) for p in sorted(meta.partitions)]
+            self._check_topic_ids()
+            self._last_up = time.monotonic()
+            if self.group:
+                consumer.subscribe(self.topics, **self._rebalance_callbacks())
+            else:
+                consumer.assign(self._positions_for(consumer, partitions))
+            self._consume(consumer)
         finally:
             consumer.close()
+
+    def _check_topic_ids(self) -> None:
+        """Drop resumed offsets of a topic deleted and created again: its offsets start anew."""
+        from confluent_kafka import KafkaException, TopicCollection
+        from confluent_kafka.admin import AdminClient
+
+        try:
+            admin = AdminClient({"bootstrap.servers": self.brokers, "logger": _RdLog()})
+            futures = admin.describe_topics(TopicCollection(self.topics), request_timeout=2.0)
+            self.topic_ids = {t: str(f.result(2.5).topic_id) for t, f in futures.items()}
+        except (KafkaException, Exception) as exc:  # a broker without topic ids: resume as it is
+            log.debug("no topic ids from %s: %s", self.brokers, exc)
+            return
+        for topic, old_id in self._resume_ids.items():
+            if self.topic_ids.get(topic) not in (None, old_id):
+                log.warning("topic %s was created anew on %s: reading it from its start", topic, self.brokers)
+                self._resume = {k: o for k, o in self._resume.items() if k[0] != topic}
+                self._recreated.add(topic)
+
+    def _positions_for(self, consumer, keys: list[Key], group: bool = False) -> list:
+        """Where each partition starts: given offsets, else `start` (offsets-for-times for a time)."""
+        from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, OFFSET_INVALID, TopicPartition
+
+        out = {k: TopicPartition(k[0], k[1], self._resume[k]) for k in keys if k in self._resume}
+        out.update({k: TopicPartition(k[0], k[1], OFFSET_BEGINNING) for k in keys if k[0] in self._recreated})
+        rest = [k for k in keys if k not in out]
+        if rest and self.start_mode == "time":
+            want = [TopicPartition(t, p, max(self.start_ns // 1_000_000 - LOOKBACK_MS, 0)) for t, p in rest]
+            for tp in consumer.offsets_for_times(want, timeout=CONNECT_TIMEOUT_S):
+                # -1: nothing at or after that time yet; read what comes
+                out[(tp.topic, tp.partition)] = TopicPartition(tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_END)  # fmt: skip
+        elif rest and self.start_mode == "earliest":
+            out.update({k: TopicPartition(k[0], k[1], OFFSET_BEGINNING) for k in rest})
+        elif rest:  # latest; a group continues from its committed offsets, if any
+            for k in rest:
+                out[k] = TopicPartition(k[0], k[1], OFFSET_INVALID if group else OFFSET_END)
+        return [out[k] for k in keys]
+
+    def _rebalance_callbacks(self) -> dict:
+        """The group's rebalance callbacks (a checkpointing worker adds on_revoke and on_lost)."""
+        return {"on_assign": self._on_assign}
+
+    def _on_assign(self, consumer, partitions) -> None:
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        consumer.assign(self._positions_for(consumer, keys, group=True))
+
+    def _consume(self, consumer) -> None:
+        from confluent_kafka import KafkaError
+
+        eof_code = KafkaError._PARTITION_EOF
+        while not self.stopping:
+            messages = consumer.consume(BATCH_MESSAGES, 0.1)
+            if messages:
+                self._last_up = time.monotonic()
+            for m in messages:
+                err = m.error()
+                if err is None:
+                    self._message(m)
+                elif err.code() == eof_code:
+                    self._eof[(m.topic(), m.partition())] = True
+                elif err.fatal():
+                    self._fatal = str(err)
+                else:
+                    self._errors.warning(err.name(), f"Kafka {m.topic()}[{m.partition()}]: {err.str()}")
+            if self.stopping:
+                return
+            if self._fatal:
+                self.error = f"Kafka consumer failed: {self._fatal}"
+                return
+            down = time.monotonic() - self._last_up
+            if down > DOWN_AFTER_S:
+                self.error = f"no Kafka broker reachable at {self.brokers} for {down:.0f} s"
+                return
+            self._do_commit(consumer)
+            if self.stop_ns is not None and self._past_stop(consumer):
+                self.ended = "stop time reached"
+                return
+
+    def _message(self, m) -> None:
+        key = (m.topic(), m.partition())
+        offset = m.offset()
+        self._next[key] = offset + 1
+        self._eof[key] = False
+        value = m.value()
+        if value is None:
+            value = b""  # a tombstone: the engine counts it as a bad message
+        try:
+            batch = decode(value)
+        except BadMessage:
+            self.emit(value)  # decoded again by the engine, which counts it and logs why
+            return
+        if self.start_ns is not None or self.stop_ns is not None:
+            batch = self._window(batch, key)
+            if batch is None:
+                self.outside_messages += 1
+                return
+        batch.origin = (key[0], key[1], offset)
+        self.emit(batch)
+
+    def _window(self, batch: EventBatch, key: Key) -> EventBatch | None:
+        """The pulses of `batch` inside [start, stop); None if there are none."""
+        t = batch.pulse_time
+        if t.size == 0:
+            return batch
+        lo = self.start_ns if self.start_ns is not None else np.iinfo(np.int64).min
+        hi = self.stop_ns if self.stop_ns is not None else np.iinfo(np.int64).max
+        if self.stop_ns is not None and int(t.max()) >= hi:
+            self._passed.add(key)
+        inside = (t >= lo) & (t < hi)
+        if inside.all():
+            return batch
+        if not inside.any():
+            return None
+        ends = np.append(batch.pulse_index[1:], batch.tof.size)
+        keep = np.flatnonzero(inside)
+        slices = [slice(int(batch.pulse_index[i]), int(ends[i])) for i in keep]
+        sizes = np.array([s.stop - s.start for s in slices], np.int64)
+        index = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
+        return EventBatch(
+            np.concatenate([batch.tof[s] for s in slices]),
+            np.concatenate([batch.pixel_id[s] for s in slices]),
+            t[keep].astype(np.int64), index, batch.tof_unit, batch.source_name,
+        )  # fmt: skip
+
+    def _past_stop(self, consumer) -> bool:
+        late = time.time_ns() >= self.stop_ns + STOP_GRACE_S * 1e9
+        assigned = [(tp.topic, tp.partition) for tp in consumer.assignment()]
+        if not assigned:  # nothing to read (a group whose other members hold every partition)
+            return late
+        return all(k in self._passed or (late and self._eof.get(k, False)) for k in assigned)
+
+    def _do_commit(self, consumer) -> None:
+        with self._commit_lock:
+            request, self._commit_request = self._commit_request, None
+        if not request:
+            return
+        from confluent_kafka import KafkaException, TopicPartition
+
+        try:
+            consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in request.items()], asynchronous=False
+            )
+            self.commit_error = None
+        except KafkaException as exc:
+            self.commit_error = str(exc)
+            self._errors.warning("commit", f"Kafka commit failed: {exc}")

@@ -1,0 +1,152 @@
+"""A consumer-group worker that hands over exactly: `kafka://BROKER/TOPIC?group=G` with a checkpoint.
+
+`KafkaSource` with these changes, for an owner that checkpoints its counts (the histogrammer
+component with a checkpoint file, issue 19):
+- paced: Kafka keeps the data, so a full queue waits instead of dropping (a drop would be a loss);
+- on assignment, each partition starts at the later of the group's committed offset and the
+  owner's checkpoint (`start_from`): a survivor that went on is not counted again, and our own
+  counts past a commit that did not land are not counted twice;
+- before partitions are revoked (a rebalance) and when consumption ends, the owner's
+  `handover()` waits until everything fed is histogrammed, writes a checkpoint and returns
+  the next offsets, which are committed synchronously before the partitions go;
+- periodic commits (`commit`, after each checkpoint) touch only partitions still assigned
+  and never move an offset back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from livehist.engine.sources.kafka import KafkaSource, Key
+
+log = logging.getLogger("livehist.engine.sources.kafka_group")
+
+
+class GroupWorkerSource(KafkaSource):
+    paced = True
+
+    def __init__(self, uri: str, handover: Callable[[], dict[Key, int]] | None = None) -> None:
+        super().__init__(uri)
+        self.handover = handover
+        self.assigned: set[Key] = set()
+        self.committed: dict[Key, int] = {}  # the last offsets this worker committed
+        self.notes: list[str] = []  # what an operator should know (a commit that did not land)
+        self._consumer = None
+
+    def emit(self, item) -> bool:
+        """Paced, and a commit asked for meanwhile goes out at once: a checkpoint's offsets reach
+        the broker within one message, not after the queue has room again."""
+        consumer = self._consumer
+        while not self.stopping:
+            if consumer is not None and self._commit_request:
+                self._do_commit(consumer)
+            if self._feed(item, block=True, timeout=0.05):
+                return True
+        return False
+
+    def _consume(self, consumer) -> None:
+        self.handover_done = False
+        self._consumer = consumer
+        try:
+            super()._consume(consumer)
+        finally:
+            if self.assigned and self.handover is not None and self._fatal is None:
+                self._hand_over(consumer, set(self.assigned), "end of acquisition")
+            self.handover_done = True
+            self._consumer = None
+
+    def _rebalance_callbacks(self) -> dict:
+        self.handover_done = False
+        self.assigned = set()
+        return {"on_assign": self._on_assign, "on_revoke": self._on_revoke, "on_lost": self._on_lost}
+
+    def _on_assign(self, consumer, partitions) -> None:
+        from confluent_kafka import TopicPartition
+
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        try:
+            committed = {
+                (tp.topic, tp.partition): tp.offset for tp in consumer.committed(partitions, timeout=10)
+            }
+        except Exception as exc:  # no answer: start as a plain group member would
+            log.warning("committed offsets not read (%s): starting from the checkpoint or `start`", exc)
+            committed = {}
+        out, rest = [], []
+        for k in keys:
+            mine, group = self._resume.get(k), committed.get(k, -1)
+            if mine is not None and group >= 0 and group < mine:
+                note = (f"{k[0]}[{k[1]}]: the group's commit is at {group}, our checkpoint at {mine} "
+                        "(our last commit did not land); reading on from the checkpoint")  # fmt: skip
+                log.warning(note)
+                self.notes.append(note)
+            known = [x for x in (mine, group) if x is not None and x >= 0]
+            if known:
+                out.append(TopicPartition(k[0], k[1], max(known)))
+            else:
+                rest.append(k)
+        out += self._positions_for(consumer, rest, group=True) if rest else []
+        self.assigned |= set(keys)
+        log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in out))
+        consumer.assign(out)
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        if keys and self.handover is not None and not getattr(self, "handover_done", False):
+            self._hand_over(consumer, keys & self.assigned, "rebalance")
+        self.assigned -= keys
+        for k in keys:
+            self._next.pop(k, None)
+            self._resume.pop(k, None)  # if it comes back, the group's commit is the truth
+        consumer.unassign()
+
+    def _on_lost(self, consumer, partitions) -> None:
+        """Partitions lost without a revoke (our session expired): another member has them now."""
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        log.warning("partitions lost (session expired): %s", sorted(keys))
+        self.assigned -= keys
+        for k in keys:
+            self._next.pop(k, None)
+            self._resume.pop(k, None)
+
+    def _hand_over(self, consumer, keys: set[Key], why: str) -> None:
+        """Everything fed is counted and checkpointed; then commit those partitions' next offsets."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        try:
+            offsets = self.handover()
+        except Exception as exc:  # no checkpoint: commit nothing, the group re-reads from the last one
+            log.error("checkpoint before %s failed: %s; offsets not committed", why, exc)
+            return
+        todo = {k: o for k, o in offsets.items() if k in keys and o > self.committed.get(k, -1)}
+        if not todo:
+            return
+        try:
+            consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in todo.items()], asynchronous=False
+            )
+            self.committed.update(todo)
+            log.info("%s: committed %s", why, todo)
+        except KafkaException as exc:
+            self.commit_error = str(exc)
+            log.warning("%s: commit failed: %s", why, exc)
+
+    def _do_commit(self, consumer) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        with self._commit_lock:
+            request, self._commit_request = self._commit_request, None
+        if not request:
+            return
+        todo = {k: o for k, o in request.items() if k in self.assigned and o > self.committed.get(k, -1)}
+        if not todo:
+            return
+        try:
+            consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in todo.items()], asynchronous=False
+            )
+            self.committed.update(todo)
+            self.commit_error = None
+        except KafkaException as exc:
+            self.commit_error = str(exc)
+            self._errors.warning("commit", f"Kafka commit failed: {exc}")

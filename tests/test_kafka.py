@@ -1,0 +1,506 @@
+"""kafka:// and re-streaming to Kafka against a real Kafka-protocol broker.
+
+The broker is the `kafka_broker` session fixture (a Tansu process of our own, or the site's
+Kafka named by $LIVEHIST_KAFKA_BROKER); tests that kill a broker get one of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import numpy as np
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from livehist.components.histogrammer import Histogrammer
+from livehist.engine import Engine
+from livehist.engine.events import EventBatch, encode_ev44
+from livehist.engine.sources import SourceError, open_source
+from livehist.engine.spec import parse_histograms
+from livehist.site.broker import create_topic
+from tests.conftest import kafka_topic
+
+T0 = 1_763_800_000_000_000_000  # ns: pulse times of the produced events
+PULSE = 71_428_571  # ns, 14 Hz
+TOF_SPEC = {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 70_000_000, "bins": 70}}
+IMAGE_SPEC = {"name": "image", "kind": "image", "pixels": {"first": 0, "shape": [16, 16]}}
+
+
+def wait_for(pred, timeout: float = 30.0, what: str = "condition", detail=lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what} {detail()}"
+        time.sleep(0.05)
+
+
+def pulses(first: int, n: int, per_pulse: int, seed: int) -> EventBatch:
+    """n pulses (numbered from `first`) of `per_pulse` events each, in one batch."""
+    rng = np.random.default_rng(seed)
+    tof = rng.integers(0, 70_000_000, n * per_pulse, dtype=np.int32)
+    pixel = rng.integers(0, 256, n * per_pulse, dtype=np.int32)
+    times = T0 + (first + np.arange(n, dtype=np.int64)) * PULSE
+    return EventBatch(tof, pixel, times, np.arange(n, dtype=np.int64) * per_pulse)
+
+
+def producer(broker: str) -> Producer:
+    return Producer({"bootstrap.servers": broker, "message.max.bytes": 16 * 2**20, "linger.ms": 5,
+                     "logger": logging.getLogger("tests.kafka.producer")})  # fmt: skip
+
+
+def engine_for(uri: str, specs=(TOF_SPEC, IMAGE_SPEC)) -> Engine:
+    engine = Engine(parse_histograms(list(specs)))
+    engine.start(open_source(uri))
+    return engine
+
+
+def test_exact_counts_over_four_partitions_with_malformed_and_foreign_messages(kafka_broker):
+    topic = kafka_topic(kafka_broker, 4)
+    p = producer(kafka_broker)
+    sent = []
+    for i in range(40):
+        batch = pulses(i * 3, 3, 500 + i, seed=i)
+        p.produce(
+            topic, encode_ev44(batch, i, "det"), partition=i % 4, timestamp=int(batch.pulse_time[0] // 10**6)
+        )
+        sent.append(batch)
+        if i % 10 == 3:
+            p.produce(topic, b"\x00\x01garbage that is no flatbuffer", partition=i % 4)
+        if i % 10 == 7:  # another detector's events on the same topic: not ours
+            p.produce(topic, encode_ev44(pulses(0, 1, 99, seed=99), 0, "monitor"), partition=(i + 1) % 4)
+    p.flush(30)
+    engine = engine_for(f"kafka://{kafka_broker}/{topic}?source=det&start=earliest")
+    expected = sum(len(b) for b in sent)
+    try:
+        wait_for(lambda: engine.events >= expected and engine.bad_messages >= 4, what="every message")
+        time.sleep(0.5)  # nothing more may come
+    finally:
+        engine.stop()
+    snap = engine.snapshot()
+    tof = np.concatenate([b.tof for b in sent])
+    pixel = np.concatenate([b.pixel_id for b in sent])
+    assert snap.events == expected and snap.messages == 44 and snap.bad_messages == 4
+    assert snap.pulses == 120 and engine.foreign_messages == 4 and snap.dropped_messages == 0
+    assert np.array_equal(snap.counts["tof"], np.histogram(tof, np.linspace(0, 70_000_000, 71))[0])
+    assert np.array_equal(snap.counts["image"].ravel(), np.bincount(pixel, minlength=256))
+    # the offsets counted, per partition: what a checkpoint records
+    assert sorted(snap.offsets) == [(topic, p) for p in range(4)]
+    assert all(first == 0 and last >= 9 for first, last in snap.offsets.values())
+
+
+def iso(ns: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat()
+
+
+def test_a_time_window_counts_exactly_the_pulses_inside_it_and_ends_by_itself(kafka_broker):
+    topic = kafka_topic(kafka_broker, 2)
+    p = producer(kafka_broker)
+    everything = []
+    for i in range(30):  # 30 messages of 4 pulses: windows cut through messages
+        batch = pulses(i * 4, 4, 200, seed=100 + i)
+        p.produce(
+            topic, encode_ev44(batch, i, "det"), partition=i % 2, timestamp=int(batch.pulse_time[0] // 10**6)
+        )
+        everything.append(batch)
+    p.flush(30)
+    start_ns, stop_ns = T0 + 17 * PULSE + 5, T0 + 90 * PULSE  # pulses 18 .. 89
+    # start in ISO 8601, stop in Unix milliseconds (both forms users give)
+    uri = f"kafka://{kafka_broker}/{topic}?start={iso(start_ns)}&stop={stop_ns / 1e6:.3f}"
+    hg = Histogrammer(uri, [TOF_SPEC, IMAGE_SPEC], publish_period=0.1)
+    try:
+        hg.start()
+        wait_for(lambda: not hg.running, what="the acquisition to end at stop")
+        assert hg.state == "ON" and "stop time reached" in hg.status, hg.status
+        snap = hg.last
+    finally:
+        hg.close()
+    keep_tof, keep_pixel, kept = [], [], 0
+    for b in everything:
+        for t, a, z in b.pulse_slices():
+            if start_ns <= t < stop_ns:
+                keep_tof.append(b.tof[a:z])
+                keep_pixel.append(b.pixel_id[a:z])
+                kept += 1
+    assert kept == 72 and snap.pulses == kept
+    assert snap.events == sum(x.size for x in keep_tof)
+    assert np.array_equal(
+        snap.counts["tof"], np.histogram(np.concatenate(keep_tof), np.linspace(0, 7e7, 71))[0]
+    )
+    assert np.array_equal(
+        snap.counts["image"].ravel(), np.bincount(np.concatenate(keep_pixel), minlength=256)
+    )
+
+
+def test_group_members_share_the_partitions_and_count_everything_once(kafka_broker):
+    topic = kafka_topic(kafka_broker, 4)
+    group = f"g-{topic}"
+    uri = f"kafka://{kafka_broker}/{topic}?group={group}&start=earliest"
+    a, b = engine_for(uri), engine_for(uri)
+    try:
+        p = producer(kafka_broker)
+        sent = 0
+        for i in range(40):
+            batch = pulses(i, 1, 300, seed=i)
+            p.produce(topic, encode_ev44(batch, i, "det"), partition=i % 4)
+            sent += len(batch)
+        p.flush(30)
+        wait_for(lambda: a.events + b.events >= sent, timeout=60, what="both members to count everything")
+        time.sleep(1.0)
+    finally:
+        a.stop()
+        b.stop()
+    assert a.events + b.events == sent
+    assert a.events > 0 and b.events > 0, "one member took every partition"
+    assert not set(a.snapshot().offsets) & set(b.snapshot().offsets)
+
+
+@pytest.mark.parametrize(
+    "uri, message",
+    [
+        ("kafka://b:9092/t?start=yesterday", "start must be latest, earliest, an ISO 8601 time"),
+        ("kafka://b:9092/t?stop=soon", "stop must be an ISO 8601 time"),
+        ("kafka://b:9092/t?start=99999999999999999999", "start must be latest, earliest"),
+        ("kafka://b:9092/t?start=2026-01-02T00:00:00Z&stop=2026-01-01T00:00:00Z", "stop must be after start"),
+        ("kafka://b:9092/d\u00e9tecteur", "topic 'd\u00e9tecteur' is not a Kafka topic name"),
+        ("kafka://b:9092/t?group=", "group must not be empty"),
+        ("kafka://b:9092/t?partition=1", "unknown parameter 'partition'"),
+        ("kafka://b:9092/,", "give kafka://BROKER[,BROKER]/TOPIC[,TOPIC]"),
+    ],
+)
+def test_bad_kafka_uris_name_the_fault(uri, message):
+    with pytest.raises(SourceError) as err:
+        open_source(uri)
+    assert message in str(err.value)
+
+
+def test_no_broker_and_no_topic_give_fault_within_10_s_with_the_reason(kafka_broker):
+    for uri, reason in [
+        ("kafka://127.0.0.1:1/events", "no Kafka broker answers at 127.0.0.1:1"),
+        (f"kafka://{kafka_broker}/no-such-topic-{time.time_ns()}", "does not exist on"),
+    ]:
+        hg = Histogrammer(uri, [TOF_SPEC], publish_period=0.1)
+        try:
+            hg.start()
+            t0 = time.monotonic()
+            wait_for(lambda hg=hg: hg.state == "FAULT", timeout=10, what=f"FAULT for {uri}")
+            assert time.monotonic() - t0 < 10 and reason in hg.status, hg.status
+            time.sleep(1.0)  # a reconnect attempt is under way (back-off 0.5 s)
+            t1 = time.monotonic()
+            hg.stop()
+            assert time.monotonic() - t1 < 2.0, "Stop waited for a connection attempt"
+            assert hg.state == "ON"
+        finally:
+            hg.close()
+
+
+def test_broker_killed_and_restarted_gives_fault_then_running_with_histograms_kept(own_kafka_broker, caplog):
+    broker = own_kafka_broker.address
+    topic = kafka_topic(broker, 2, prefix="restart")
+    p = producer(broker)
+
+    def produce(first: int, n: int) -> list[EventBatch]:
+        out = []
+        for i in range(first, first + n):
+            batch = pulses(i, 1, 1000, seed=i)
+            p.produce(topic, encode_ev44(batch, i, "det"), partition=i % 2)
+            out.append(batch)
+        p.flush(30)
+        return out
+
+    hg = Histogrammer(
+        f"kafka://{broker}/{topic}", [TOF_SPEC], publish_period=0.1, reconnect_delays=(0.5, 2.0)
+    )
+    sent = []
+    try:
+        hg.start()
+        time.sleep(1.0)  # start=latest: the consumer must be in place before the first message
+        sent += produce(0, 20)
+        wait_for(lambda: hg.last.events == 20_000, what="the first 20 pulses")
+        before = hg.last.counts["tof"].copy()
+        with caplog.at_level(logging.WARNING, logger="livehist"):
+            own_kafka_broker.kill()
+            t0 = time.monotonic()
+            wait_for(lambda: hg.state == "FAULT", timeout=12, what="FAULT after the broker died")
+            fault_after = time.monotonic() - t0
+            assert "no Kafka broker reachable" in hg.status and "histograms kept" in hg.status, hg.status
+            assert fault_after < 10
+            assert np.array_equal(hg.last.counts["tof"], before)
+            time.sleep(2)
+            own_kafka_broker.start()  # on the same port; a memory broker has forgotten the topic
+            create_topic(broker, topic, 2)
+            wait_for(lambda: hg.state == "RUNNING", timeout=30, what="RUNNING again")
+            time.sleep(1.0)
+            sent += produce(20, 20)
+            wait_for(lambda: hg.last.events == 40_000, what="the pulses after the restart")
+        transient = [r for r in caplog.records if "Kafka" in r.getMessage() or "librdkafka" in r.getMessage()]
+        assert len(transient) < 40, f"{len(transient)} log lines about a dead broker: not rate-limited"
+    finally:
+        hg.close()
+    tof = np.concatenate([b.tof for b in sent])
+    assert np.array_equal(hg.last.counts["tof"], np.histogram(tof, np.linspace(0, 7e7, 71))[0])
+
+
+# --- the device: SANS2D through Kafka, re-streaming to Kafka ---------------------------------
+DEVICE = "test/kafka/1"
+SANS2D_HISTOGRAMS = [
+    {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 100000, "bins": 500, "unit": "us"}},
+    {"name": "image", "kind": "image", "pixels": {"first": 1, "shape": [1024, 121]}},
+]
+
+
+@pytest.fixture(scope="module")
+def kafka_site(sites):
+    props = {"EventSource": ["sim://?rate=1e5"], "PublishPeriod": ["0.2"],
+             "Histograms": [json.dumps(SANS2D_HISTOGRAMS)]}  # fmt: skip
+    config = {
+        "servers": {"EventHistogrammer": {"kafka": {"EventHistogrammer": {DEVICE: {"properties": props}}}}}
+    }
+    return sites.up(config)
+
+
+@pytest.fixture
+def dev(kafka_site):
+    import tango
+
+    p = tango.DeviceProxy(kafka_site.url(DEVICE))
+    p.set_timeout_millis(15_000)
+    yield p
+    reinit(p, EventSource="sim://?rate=1e5", RestreamKafka="", RestreamFormat="hs01")
+
+
+def reinit(p, **props) -> None:
+    p.Stop()
+    p.put_property({k: [v] for k, v in props.items()})
+    p.Init()
+
+
+def sans2d_arrays() -> tuple[np.ndarray, np.ndarray]:
+    import h5py
+
+    from tests.conftest import SANS2D
+
+    with h5py.File(SANS2D) as f:
+        g = f["/raw_data_1/detector_1_events"]
+        return g["event_time_offset"][()], g["event_id"][()]
+
+
+def test_sans2d_streamed_through_kafka_into_the_device_equals_numpy(kafka_broker, dev):
+    import tango
+
+    from tests.conftest import SANS2D, run_cli
+
+    topic = f"sans2d-{time.time_ns()}"
+    r = run_cli("stream", f"nexus://{SANS2D}?rate=realtime", "--kafka", f"{kafka_broker}/{topic}",
+                "--partitions", "4", "--seconds", "0")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "created topic" in r.stdout and "237078 events in 300 messages; 300 delivered, 0 not" in r.stdout
+    # every message carries its pulse time as its Kafka timestamp
+    c = Consumer(
+        {"bootstrap.servers": kafka_broker, "group.id": f"check-{topic}", "enable.auto.commit": False}
+    )
+    c.assign([TopicPartition(topic, 0, 0)])
+    first = next(m for m in iter(lambda: c.poll(10), None) if m.error() is None)
+    c.close()
+    from streaming_data_types.eventdata_ev44 import deserialise_ev44
+
+    assert first.timestamp()[1] == deserialise_ev44(first.value()).reference_time[0] // 1_000_000
+
+    reinit(dev, EventSource=f"kafka://{kafka_broker}/{topic}?start=earliest")
+    assert dev.state() == tango.DevState.ON, dev.status()
+    dev.Start()
+    wait_for(lambda: dev.EventCount == 237_078, timeout=60, what="the whole file through Kafka",
+             detail=lambda: f"({dev.EventCount} events, {dev.MessageCount} messages; {dev.status()})")  # fmt: skip
+    time.sleep(0.5)
+    dev.Stop()
+    tof, pid = sans2d_arrays()
+    assert np.array_equal(dev.tof, np.histogram(tof, np.linspace(0, 100000, 501))[0])
+    assert np.array_equal(dev.image.ravel(), np.bincount(pid - 1, minlength=1024 * 121)[: 1024 * 121])
+    assert dev.PulseCount == 300 and dev.BadMessageCount == dev.DroppedMessageCount == 0
+
+
+def read_topic(broker: str, topic: str, settle: float = 1.5) -> list:
+    """Every message of a topic, from its start, until none has come for `settle` s."""
+    c = Consumer({"bootstrap.servers": broker, "group.id": f"read-{time.time_ns()}", "enable.auto.commit": False,
+                  "logger": logging.getLogger("tests.kafka.reader")})  # fmt: skip
+    meta = c.list_topics(topic, timeout=10).topics[topic]
+    c.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
+    out, quiet = [], time.monotonic()
+    while time.monotonic() - quiet < settle:
+        for m in c.consume(100, 0.2):
+            if m.error() is None:
+                out.append(m.value())
+                quiet = time.monotonic()
+    c.close()
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["hs01", "da00"])
+def test_histograms_read_back_from_kafka_equal_the_attributes(kafka_broker, dev, fmt):
+    import tango
+
+    topic = kafka_topic(kafka_broker, 1, prefix=f"restream-{fmt}")
+    from tests.conftest import SANS2D
+
+    reinit(
+        dev,
+        EventSource=f"nexus://{SANS2D}?rate=max",
+        RestreamKafka=f"{kafka_broker}/{topic}",
+        RestreamFormat=fmt,
+    )
+    assert dev.state() == tango.DevState.ON, dev.status()
+    dev.Start()
+    wait_for(lambda: dev.EventCount == 237_078, timeout=60, what="the whole file")
+    dev.Stop()
+    final_update = dev.UpdateCounter
+    wait_for(lambda: dev.RestreamSentCount >= 2 * final_update, timeout=30, what="every update acknowledged")
+    time.sleep(1.0)
+    sent = dev.RestreamSentCount
+    messages = read_topic(kafka_broker, topic)
+    assert len(messages) == sent and dev.RestreamDroppedCount == 0  # what was counted arrived
+    last = {}
+    if fmt == "hs01":
+        from streaming_data_types.histogram_hs01 import deserialise_hs01
+
+        for raw in messages:
+            msg = deserialise_hs01(raw)
+            last[msg["source"]] = msg
+        tof, image = last[f"{DEVICE}/tof"], last[f"{DEVICE}/image"]
+        assert json.loads(tof["info"])["update"] == final_update
+        assert np.array_equal(tof["data"], dev.tof) and np.array_equal(image["data"], dev.image)
+        assert np.array_equal(tof["dim_metadata"][0]["bin_boundaries"], dev.tof_edges)
+    else:
+        from streaming_data_types.dataarray_da00 import deserialise_da00
+
+        for raw in messages:
+            msg = deserialise_da00(raw)
+            last[msg.source_name] = {v.name: v for v in msg.data}
+        tof, image = last[f"{DEVICE}/tof"], last[f"{DEVICE}/image"]
+        assert np.array_equal(tof["signal"].data, dev.tof) and tof["signal"].axes == ["time_of_flight"]
+        assert (
+            np.array_equal(tof["time_of_flight"].data, dev.tof_edges) and tof["time_of_flight"].unit == "us"
+        )
+        assert np.array_equal(image["signal"].data, dev.image) and image["signal"].axes == ["row", "col"]
+        assert image["signal"].unit == "counts" and image["row"].data.size == 1025
+
+
+def test_restream_failures_show_in_status_and_bad_format_is_named(dev):
+    import tango
+
+    reinit(dev, RestreamFormat="xml")
+    assert (
+        dev.state() == tango.DevState.FAULT
+        and "RestreamFormat must be hs01 or da00, got 'xml'" in dev.status()
+    )
+    reinit(dev, RestreamFormat="da00", RestreamKafka="127.0.0.1:1/histograms")
+    assert dev.state() == tango.DevState.ON, dev.status()
+    dev.Start()
+    wait_for(lambda: "re-streaming to Kafka 127.0.0.1:1/histograms fails" in dev.status(), timeout=20,
+             what="the failing broker in Status")  # fmt: skip
+    wait_for(lambda: dev.EventCount > 0, what="events counted all the same")
+    assert dev.state() == tango.DevState.RUNNING  # the acquisition goes on
+    dev.Stop()
+    wait_for(lambda: dev.RestreamDroppedCount > 0, timeout=20, what="undelivered messages counted")
+    assert dev.RestreamSentCount == 0
+
+
+def test_owners_start_from_offsets_see_what_was_counted_and_commit(kafka_broker):
+    """The API HistogramSum's checkpoints build on: start_from, Snapshot.offsets, positions, commit."""
+    topic = kafka_topic(kafka_broker, 2)
+    p = producer(kafka_broker)
+    for i in range(20):
+        p.produce(topic, encode_ev44(pulses(i, 1, 100, seed=i), i, "det"), partition=i % 2)
+    p.flush(30)
+    group = f"owner-{topic}"
+    source = open_source(f"kafka://{kafka_broker}/{topic}?group={group}&start=earliest")
+    source.start_from({(topic, 0): 5, (topic, 1): 7})
+    engine = Engine(parse_histograms([TOF_SPEC]))
+    engine.start(source)
+    try:
+        wait_for(lambda: engine.events >= 800, timeout=60, what="the messages from the given offsets")
+        time.sleep(0.5)
+        assert source.positions() == {(topic, 0): 10, (topic, 1): 10}
+        source.commit()
+        time.sleep(1.0)  # committed from the consumer thread
+        assert source.commit_error is None
+    finally:
+        engine.stop()
+    snap = engine.snapshot()
+    assert snap.events == 800 and snap.offsets == {(topic, 0): (5, 9), (topic, 1): (7, 9)}
+    c = Consumer({"bootstrap.servers": kafka_broker, "group.id": group})
+    committed = c.committed([TopicPartition(topic, 0), TopicPartition(topic, 1)], timeout=10)
+    c.close()
+    assert [tp.offset for tp in committed] == [10, 10]
+    with pytest.raises(SourceError, match="only for a group="):
+        open_source(f"kafka://{kafka_broker}/{topic}").commit()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--kafka", "just-a-broker"], "--kafka 'just-a-broker': give BROKER[,BROKER]/TOPIC"),
+        (["--kafka", "b:9092/t", "--partitions", "0"], "--partitions must be >= 1, got 0"),
+        (["--kafka", "b:9092/bad topic"], "'bad topic' is not a Kafka topic name"),
+        (["--partitions", "2"], "--partitions goes with --kafka BROKER/TOPIC"),
+        (["--kafka", "127.0.0.1:1/t"], "no Kafka broker answers at 127.0.0.1:1"),
+    ],
+)
+def test_stream_to_kafka_bad_input_names_the_fix(args, message, capsys):
+    from livehist.cli import main
+
+    assert main(["stream", "sim://?rate=1e4", *args]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_device_with_no_broker_goes_to_fault_within_10_s_and_stops(dev):
+    import tango
+
+    reinit(dev, EventSource="kafka://127.0.0.1:1/events")
+    assert dev.state() == tango.DevState.ON, dev.status()
+    dev.Start()
+    t0 = time.monotonic()
+    wait_for(lambda: dev.state() == tango.DevState.FAULT, timeout=10, what="FAULT", detail=dev.status)
+    assert time.monotonic() - t0 < 10 and "no Kafka broker answers at 127.0.0.1:1" in dev.status()
+    dev.Stop()
+    assert dev.state() == tango.DevState.ON
+
+
+def test_frozen_broker_gives_fault_and_counting_resumes_at_the_offsets_reached(own_kafka_broker):
+    import signal
+
+    broker = own_kafka_broker.address
+    topic = kafka_topic(broker, 2, prefix="frozen")
+    p = producer(broker)
+
+    def produce(first: int, n: int) -> None:
+        for i in range(first, first + n):
+            p.produce(topic, encode_ev44(pulses(i, 1, 100, seed=i), i, "det"), partition=i % 2)
+        p.flush(30)
+
+    hg = Histogrammer(f"kafka://{broker}/{topic}?start=earliest", [TOF_SPEC], publish_period=0.1,
+                      reconnect_delays=(0.5, 2.0))  # fmt: skip
+    try:
+        produce(0, 20)
+        hg.start()
+        wait_for(lambda: hg.last.events == 2000, what="the first 20 messages")
+        time.sleep(5)  # idle, nothing new: a quiet topic is no fault
+        assert hg.state == "RUNNING", hg.status
+        own_kafka_broker.proc.send_signal(signal.SIGSTOP)  # alive, connections open, not answering
+        t0 = time.monotonic()
+        wait_for(lambda: hg.state == "FAULT", timeout=12, what="FAULT for a frozen broker")
+        assert time.monotonic() - t0 < 10 and "no Kafka broker reachable" in hg.status
+        own_kafka_broker.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: hg.state == "RUNNING", timeout=30, what="RUNNING again", detail=lambda: hg.status)
+        produce(20, 20)
+        wait_for(lambda: hg.last.events == 4000, what="the messages after the thaw")
+        time.sleep(1.0)
+        snap = hg.last
+    finally:
+        if own_kafka_broker.proc is not None:
+            own_kafka_broker.proc.send_signal(signal.SIGCONT)
+        hg.close()
+    # nothing counted twice, nothing skipped: the new consumer went on from where the old one was
+    assert snap.events == 4000 and snap.messages == 40
+    assert snap.offsets == {(topic, 0): (0, 19), (topic, 1): (0, 19)}
