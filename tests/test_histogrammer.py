@@ -145,11 +145,12 @@ def test_bad_event_source_is_fault_and_start_explains(make):
 def test_a_slow_consumer_goes_to_alarm_and_counts_every_drop(make):
     """Many expensive histograms (10^4 explicit edges: a binary search per event) fall behind.
 
-    12 of them take about 0.8 s per 10^6-event message here, longer than a network source
-    waits for queue room (0.5 s), so whole messages are dropped.
+    120 of them take about 0.9 s per 10^6-event message here (12 took 0.09 s once the kernels
+    were fused), longer than a network source waits for queue room (0.5 s), so whole messages
+    are dropped.
     """
     edges = np.cumsum(np.random.default_rng(0).integers(1, 20, 10_001)).tolist()
-    slow = [{"name": f"s{i}", "kind": "tof", "tof": {"edges": edges}} for i in range(12)]
+    slow = [{"name": f"s{i}", "kind": "tof", "tof": {"edges": edges}} for i in range(120)]
     port = free_port()
     ctx = zmq.Context.instance()
     push = ctx.socket(zmq.PUSH)
