@@ -2,9 +2,17 @@
 
 A thin shell over `livehist.components.histogrammer.Histogrammer`: properties and commands map onto
 it, one attribute per histogram is created from its spec, and every publish of the
-component becomes change events (histograms, counters, State/Status), data-ready events
-(histograms) and archive events (counters). Events are pushed from the publisher thread,
-never from inside a read.
+component becomes change events (counters, State/Status, histograms of fewer than 2048
+values), data-ready events (every histogram and preview) and archive events (counters).
+Events are pushed from the publisher thread, never from inside a read.
+
+Large arrays are announced, not pushed: cppTango sends arrays of LARGE_EVENT (2048) values
+or more zero-copy and waits, without timeout, until every subscriber's connection took the
+buffer; pytango holds the device monitor (and the GIL) meanwhile, so one frozen subscriber
+(a laptop asleep with a panel open) would freeze the device, reads and commands included.
+Clients follow such attributes by their DATA_READY event (its counter is UpdateCounter) and
+read them; a CHANGE subscription to one is refused by Tango (API_AttributePollingNotStarted),
+which Taurus answers by polling.
 
     python -m livehist.devices.histogrammer INSTANCE
 """
@@ -24,6 +32,10 @@ from livehist.components.restream import Restreamer
 from livehist.engine import preview
 from livehist.engine.spec import DEFAULT_MAX_BYTES, HistogramSpec, SpecError, join_property
 from livehist.errors import LivehistError, tango_error_text
+
+LARGE_EVENT = 2048  # cppTango's LARGE_DATA_THRESHOLD: events of this many values are sent zero-copy
+NDIM = {tango.AttrDataFormat.SCALAR: 0, tango.AttrDataFormat.SPECTRUM: 1, tango.AttrDataFormat.IMAGE: 2}
+MAX_DIM = 2**31 - 1  # max dims of every histogram attribute: one bound for every device and shape
 
 STATES = {"ON": DevState.ON, "RUNNING": DevState.RUNNING, "ALARM": DevState.ALARM,
           "FAULT": DevState.FAULT}  # fmt: skip
@@ -60,6 +72,26 @@ def fail(reason: str, desc: str, origin: str) -> None:
     tango.Except.throw_exception(f"livehist_{reason}", tango_error_text(desc), f"EventHistogrammer.{origin}")
 
 
+def number_property(name: str, raw: str, minimum: float, example: str) -> float:
+    """A numeric property given as text: a typo names the property and the fix, never a CORBA error."""
+    try:
+        value = float(str(raw).strip())
+    except ValueError:
+        raise LivehistError(f"property {name} must be a number like {example}, got {raw!r}") from None
+    if not value >= minimum or value == float("inf"):
+        raise LivehistError(f"property {name} must be a number >= {minimum:g} like {example}, got {raw!r}")
+    return value
+
+
+def whole(value: float) -> int | float:
+    """An integral number as int; anything else as it is, for the component to refuse by name."""
+    return int(value) if value.is_integer() else value
+
+
+class AttributeConflict(SpecError):
+    """A histogram name that a sibling device of this server uses with another Tango type or format."""
+
+
 class EventHistogrammer(Device):
     """Histograms of a neutron/X-ray event stream (ev44 over ZeroMQ/Kafka, NeXus replay, simulator)."""
 
@@ -67,8 +99,9 @@ class EventHistogrammer(Device):
                                   doc="sim://, zmq://HOST:PORT, zmq+sub://HOST:PORT, nexus:///PATH, kafka://B/T")  # fmt: skip
     Histograms = device_property(dtype=(str,), default_value=[DEFAULT_HISTOGRAMS],
                                  doc="JSON list of histogram specs, or one spec object per line")  # fmt: skip
-    PublishPeriod = device_property(dtype=float, default_value=0.5, doc="seconds between publishes")
-    MaxHistogramBytes = device_property(dtype=float, default_value=float(DEFAULT_MAX_BYTES),
+    # numbers as text: pytango's own conversion of a typo ("0.5s") fails Init with a bare CORBA error
+    PublishPeriod = device_property(dtype=str, default_value="0.5", doc="seconds between publishes (>= 0.02)")
+    MaxHistogramBytes = device_property(dtype=str, default_value=str(DEFAULT_MAX_BYTES),
                                         doc="cap on the memory of all histogram counts, bytes")  # fmt: skip
     RestreamEndpoint = device_property(dtype=str, default_value="",
                                        doc="ZeroMQ PUB address for hs01 histograms, e.g. tcp://*:5560 ('' = off)")  # fmt: skip
@@ -76,54 +109,65 @@ class EventHistogrammer(Device):
                                     doc="BROKER[,BROKER]/TOPIC for hs01 histograms ('' = off)")  # fmt: skip
     RestreamFormat = device_property(dtype=str, default_value="hs01",
                                      doc="hs01 or da00 (ESS DataArray) for RestreamEndpoint/RestreamKafka")  # fmt: skip
-    AccumulatingThreads = device_property(dtype=int, default_value=1,
+    AccumulatingThreads = device_property(dtype=str, default_value="1",
                                           doc="threads histogramming each large message, each with its own "
                                               "partial counts (memory: this many times the counts)")  # fmt: skip
-    MaxQueueBytes = device_property(dtype=float, default_value=256 * 2**20,
-                                    doc="cap on raw messages waiting to be histogrammed, bytes")  # fmt: skip
+    MaxQueueBytes = device_property(dtype=str, default_value=str(256 * 2**20),
+                                    doc="cap on raw messages waiting to be histogrammed, bytes (>= 1 MiB)")  # fmt: skip
 
     # --- life cycle ------------------------------------------------------------------
     def init_device(self) -> None:
-        super().init_device()
         self.hg: Histogrammer | None = None
         self.restream: Restreamer | None = None
-        # attribute name -> signature (format, dims); dynamic attributes outlive an Init
+        # attribute name -> signature (format, type); dynamic attributes outlive an Init
         self._dynamic: dict[str, tuple] = getattr(self, "_dynamic", {})
         self._readers: dict[str, object] = getattr(self, "_readers", {})
+        self._large: set[str] = getattr(self, "_large", set())  # announced by data-ready events only
         self._preview_cache = None
-        for name in ("State", "Status", *COUNTERS, "UpdateCounter"):
-            self.set_change_event(name, True, False)
-        for name in (*COUNTERS, "UpdateCounter"):
-            self.set_archive_event(name, True, False)
-        try:
+        try:  # anything failing here leaves FAULT with a Status naming it, never a bare CORBA error
+            super().init_device()
+            for name in ("State", "Status", *COUNTERS, "UpdateCounter"):
+                self.set_change_event(name, True, False)
+            for name in (*COUNTERS, "UpdateCounter"):
+                self.set_archive_event(name, True, False)
             self.hg = Histogrammer(
                 self.EventSource,
                 join_property(self.Histograms),
-                publish_period=self.PublishPeriod,
-                max_histogram_bytes=int(self.MaxHistogramBytes),
-                max_queue_bytes=int(self.MaxQueueBytes),
-                threads=int(self.AccumulatingThreads),
+                publish_period=number_property("PublishPeriod", self.PublishPeriod, 0.02, "0.5"),
+                max_histogram_bytes=int(
+                    number_property("MaxHistogramBytes", self.MaxHistogramBytes, 1, "2147483648")
+                ),
+                max_queue_bytes=int(number_property("MaxQueueBytes", self.MaxQueueBytes, 2**20, "268435456")),
+                threads=whole(number_property("AccumulatingThreads", self.AccumulatingThreads, -1e18, "1")),
                 on_update=self._publish,
                 thread_context=tango.EnsureOmniThread,
                 name=self.get_name(),
             )
             self.restream = Restreamer(self.get_name(), self.RestreamEndpoint, self.RestreamKafka,
                                        fmt=self.RestreamFormat)  # fmt: skip
-        except (LivehistError, ValueError) as exc:  # a bad PublishPeriod or re-stream target
+            if getattr(self, "_served", False):  # the Init command: match attributes to the properties
+                self._make_attributes(self.hg.engine.specs)
+        except (LivehistError, ValueError, tango.DevFailed) as exc:  # a bad property or re-stream target
+            why = exc.args[0].desc if isinstance(exc, tango.DevFailed) else str(exc)
             if self.hg is not None:
                 self.hg.close()
                 self.hg = None
             self.set_state(DevState.FAULT)
-            self.set_status(f"{exc}; fix the property and run Init")
+            self.set_status(f"{why}; fix the property and run Init")
             return
-        if getattr(self, "_served", False):  # the Init command: match attributes to the properties
-            self._make_attributes(self.hg.engine.specs)
         self._sync_state()
 
     def initialize_dynamic_attributes(self) -> None:
         self._served = True
         if self.hg is not None:
-            self._make_attributes(self.hg.engine.specs)
+            try:
+                self._make_attributes(self.hg.engine.specs)
+            except (SpecError, tango.DevFailed) as exc:
+                self.hg.close()
+                self.hg = None
+                self.set_state(DevState.FAULT)
+                why = exc.args[0].desc if isinstance(exc, tango.DevFailed) else str(exc)
+                self.set_status(f"{why}; fix the Histograms property and run Init")
 
     def delete_device(self) -> None:
         if self.hg is not None:
@@ -150,86 +194,175 @@ class EventHistogrammer(Device):
         return self.get_status()
 
     # --- dynamic attributes, one per histogram ------------------------------------------
+    # Why this scheme: cppTango keeps ONE list of attribute definitions per device class,
+    # shared by every device of the class in the server, and each device's attribute holds an
+    # index into it. add_attribute reuses a definition of the same name (its max dims, type,
+    # format and default properties); remove_attribute drops it only when no other device uses
+    # it, then shifts indices: the siblings' right, but on the removing device only those of
+    # the attributes listed after the removed one. Erasing class entries ourselves (as before)
+    # left siblings with stale indices: the segfaults with two devices in one server. So:
+    #   1. every histogram attribute has the same generous max dims (MAX_DIM, upper bounds only:
+    #      a client sees the value's shape), so one definition serves every device and shape,
+    #      and a new shape keeps the attribute, its subscribers and their events;
+    #   2. the class list is only changed through add_attribute/remove_attribute;
+    #   3. each device keeps its dynamic attributes in class-list order (later ones are removed
+    #      and re-added around a reused earlier definition), so cppTango's index shift is right;
+    #   4. a name that a sibling device uses with another type or format is refused up front.
     @staticmethod
     def _signatures(spec: HistogramSpec) -> dict[str, tuple]:
+        """name -> (format, Tango type, number of values) of every attribute of one histogram."""
         shape = spec.data_shape
-        out = {spec.name: ("image", shape[1], shape[0]) if len(shape) == 2 else ("spectrum", shape[0], 0)}
+        size = shape[0] * (shape[1] if len(shape) == 2 else 1)
+        out = {spec.name: ("image" if len(shape) == 2 else "spectrum", tango.DevLong64, size)}
         if spec.tof is not None:
-            out[f"{spec.name}_edges"] = ("spectrum", spec.tof.bins + 1, 0)
+            out[f"{spec.name}_edges"] = ("spectrum", tango.DevDouble, spec.tof.bins + 1)
         if spec.kind == "roi":
-            out[f"{spec.name}_total"] = ("scalar", 0, 0)
+            out[f"{spec.name}_total"] = ("scalar", tango.DevLong64, 1)
         if len(shape) == 2 and preview.factor(shape) > 1:
             py, px = preview.preview_shape(shape)
-            out[f"{spec.name}_preview"] = ("image", px, py)
+            out[f"{spec.name}_preview"] = ("image", tango.DevLong64, py * px)
         return out
 
+    def _siblings(self) -> list:
+        util = tango.Util.instance()
+        return [d for d in util.get_device_list_by_class(self.get_device_class().get_name()) if d is not self]
+
+    def _class_index(self) -> dict[str, tuple[int, tango.Attr]]:
+        attrs = self.get_device_class().get_class_attr().get_attr_list()
+        return {a.get_name().lower(): (i, a) for i, a in enumerate(attrs)}
+
+    def _check_conflicts(self, specs: list[HistogramSpec]) -> None:
+        """Refuse, before anything changes, a name a sibling device holds with another type/format."""
+        formats = {"spectrum": tango.AttrDataFormat.SPECTRUM, "image": tango.AttrDataFormat.IMAGE,
+                   "scalar": tango.AttrDataFormat.SCALAR}  # fmt: skip
+        defined = self._class_index()
+        for spec in specs:
+            for name, (fmt, dtype, _) in self._signatures(spec).items():
+                hit = defined.get(name.lower())
+                if hit is None or (hit[1].get_format() == formats[fmt] and hit[1].get_type() == dtype):
+                    continue
+                users = [d.get_name() for d in self._siblings()
+                         if name.lower() in {n.lower() for n in getattr(d, "_dynamic", {})}]  # fmt: skip
+                if users or name not in self._dynamic:
+                    raise AttributeConflict(
+                        f"histogram {spec.name!r}: attribute {name} is already a {hit[1].get_format()} of "
+                        f"{tango.CmdArgType(hit[1].get_type())} on {', '.join(users) or 'this device class'} "
+                        "in this server (Tango shares attribute definitions per class and server); "
+                        "choose another name"
+                    )
+
     def _make_attributes(self, specs: list[HistogramSpec]) -> None:
-        """Add, keep or replace attributes so that they match `specs` (same name + dims: kept)."""
+        """Add, keep or remove attributes so that they match `specs` (same name, format and type: kept)."""
+        self._check_conflicts(specs)
         wanted: dict[str, tuple] = {}
         owner: dict[str, HistogramSpec] = {}
         for spec in specs:
-            for name, sig in self._signatures(spec).items():
-                wanted[name], owner[name] = sig, spec
-        for name, sig in list(self._dynamic.items()):
-            if wanted.get(name) != sig:
-                self.remove_attribute(name)
-                del self._dynamic[name]
-        class_attrs = self.get_device_class().get_class_attr()
-        for name, sig in wanted.items():
-            if name not in self._dynamic:
-                # Tango keeps one class-wide definition per name, and a new attribute takes its
-                # max dims from it: drop it so that this device's shape wins (the siblings'
-                # attributes keep their own copies of their dims)
-                if any(a.get_name().lower() == name.lower() for a in class_attrs.get_attr_list()):
-                    class_attrs.remove_attr(name, "Attr")
-                self.add_attribute(self._attribute(name, sig, owner[name]), self._read_dynamic)
-                self._dynamic[name] = sig
-                self.set_change_event(name, True, False)
-                if not name.endswith(("_edges", "_total", "_preview")):
-                    self.set_data_ready_event(name, True)
+            for name, (fmt, dtype, _size) in self._signatures(spec).items():
+                wanted[name], owner[name] = (fmt, dtype), spec
+                self._readers[name] = self._reader(name, spec)
+        for name in [n for n, sig in self._dynamic.items() if wanted.get(n) != sig]:
+            self.remove_attribute(name, False, False)  # clean_db=False: no database call, works with it down
+            del self._dynamic[name]
+            self._large.discard(name)
+        pending = [n for n in wanted if n not in self._dynamic]
+        while pending:  # add in class-list order (new definitions go last), see 3. above
+            index = self._class_index()
+            pending.sort(key=lambda n: index.get(n.lower(), (len(index), None))[0])
+            name = pending.pop(0)
+            at = index.get(name.lower(), (len(index), None))[0]
+            later = [n for n in self._dynamic if index[n.lower()][0] > at]
+            for n in reversed(later):  # the last one listed first: cppTango's shift stays right
+                self.remove_attribute(n, False, False)
+                del self._dynamic[n]
+                pending.append(n)
+            self.add_attribute(self._attribute(name, wanted[name], owner[name]), self._read_dynamic)
+            self._dynamic[name] = wanted[name]
+            self._large.discard(name)
+            if wanted[name][0] != "scalar":
+                self.set_data_ready_event(name, True)
+        for spec in specs:
+            for name, (_fmt, _, size) in self._signatures(spec).items():
+                self._set_events(name, size)
+                self._set_properties(name, owner[name])
+
+    def _set_events(self, name: str, size: int) -> None:
+        """Change events for attributes under LARGE_EVENT values; larger ones only announce (see top)."""
+        large = size >= LARGE_EVENT
+        if large and name not in self._large:
+            if self._listened(name):  # tell CHANGE subscribers once, instead of going silent
+                try:
+                    fail("UseDataReady", f"{name} now has {size} values: from {LARGE_EVENT} values on, "
+                         "livehist announces it by DATA_READY events (read it then), so that a frozen client "
+                         "cannot block the device", "Configure")  # fmt: skip
+                except tango.DevFailed as exc:
+                    self._push(name, exc)
+            self._large.add(name)
+        elif not large:
+            self._large.discard(name)
+        self.set_change_event(name, not large, False)
+
+    def _set_properties(self, name: str, spec: HistogramSpec) -> None:
+        """This device's label, unit and description (a shared definition carries its first user's)."""
+        label, unit, doc = self._describe(name, spec)
+        attr = self.get_device_attr().get_attr_by_name(name)
+        props = attr.get_properties()
+        if (props.label, props.unit, props.description) == (label, unit, doc):
+            return
+        props.label, props.unit, props.description = label, unit, doc
+        try:
+            attr.set_properties(props)
+        except tango.DevFailed as exc:  # cosmetic (the database may be away): the data are right
+            self.warn_stream(f"could not update the description of {name}: {exc.args[0].desc}")
 
     def _attribute(self, name: str, sig: tuple, spec: HistogramSpec) -> tango.Attr:
-        fmt, dim_x, dim_y = sig
-        tof_unit = spec.tof.unit if spec.tof else ""
-        read, dtype, unit = self._read_histogram, tango.DevLong64, "counts"
-        if name.endswith("_edges") and name != spec.name:
-            read, dtype, unit = self._read_edges, tango.DevDouble, tof_unit
-            label, doc = (
-                f"{spec.name} TOF bin edges",
-                f"TOF bin edges of {spec.name} in {tof_unit}, half-open bins",
-            )
-        elif name.endswith("_total") and name != spec.name:
-            read = self._read_total
-            label, doc = f"{spec.name} total", f"events inside ROI {spec.name} and its TOF range"
-        elif name.endswith("_preview") and name != spec.name:
-            read = self._read_preview
-            f = preview.factor(spec.data_shape)
-            label = f"{spec.name} preview"
-            doc = (
-                f"{spec.name} as sums of {f}x{f} blocks ({dim_y}x{dim_x}), for displays; {spec.name} is exact"
-            )
-        else:
-            label = name
-            doc = {"tof": f"TOF spectrum ({spec.tof.bins if spec.tof else 0} bins, {tof_unit})",
-                   "image": f"detector image {dim_y}x{dim_x} (row, col = divmod(pixel - {spec.first_pixel}, nx))",
-                   "pixel_tof": f"pixel x TOF map ({dim_y} pixels from {spec.first_pixel} x {dim_x} bins)",
-                   "roi": f"TOF spectrum of ROI {spec.name} "
-                          f"({spec.roi_pixels.size if spec.roi_pixels is not None else 0} pixels)",
-                   }[spec.kind]  # fmt: skip
-            doc += f", last {spec.window:g} s" if spec.window else ", cumulative since Reset"
+        fmt, dtype = sig
         if fmt == "image":
-            attr = tango.ImageAttr(name, dtype, AttrWriteType.READ, dim_x, dim_y)
+            attr = tango.ImageAttr(name, dtype, AttrWriteType.READ, MAX_DIM, MAX_DIM)
         elif fmt == "spectrum":
-            attr = tango.SpectrumAttr(name, dtype, AttrWriteType.READ, dim_x)
+            attr = tango.SpectrumAttr(name, dtype, AttrWriteType.READ, MAX_DIM)
         else:
             attr = tango.Attr(name, dtype, AttrWriteType.READ)
+        label, unit, doc = self._describe(name, spec)
         props = tango.UserDefaultAttrProp()
         props.set_unit(unit)
         props.set_label(label)
         props.set_description(doc)
         attr.set_default_properties(props)
-        self._readers[name] = read
         return attr
+
+    def _role(self, name: str, spec: HistogramSpec) -> str:
+        for suffix in ("_edges", "_total", "_preview"):
+            if name == spec.name + suffix:
+                return suffix
+        return ""
+
+    def _reader(self, name: str, spec: HistogramSpec):
+        return {"_edges": self._read_edges, "_total": self._read_total, "_preview": self._read_preview,
+                "": self._read_histogram}[self._role(name, spec)]  # fmt: skip
+
+    def _describe(self, name: str, spec: HistogramSpec) -> tuple[str, str, str]:
+        """(label, unit, description) of one attribute of a histogram. Shapes stay out (the value
+        and HistogramConfig carry them): a description that differs from the shared definition's
+        is written to the database, under the device monitor, at every Configure."""
+        tof_unit = spec.tof.unit if spec.tof else ""
+        role = self._role(name, spec)
+        events = "; DATA_READY events announce each update"
+        if role == "_edges":
+            return (f"{spec.name} TOF bin edges", tof_unit,
+                    f"TOF bin edges of {spec.name} in {tof_unit}, half-open bins")  # fmt: skip
+        if role == "_total":
+            return f"{spec.name} total", "counts", f"events inside ROI {spec.name} and its TOF range"
+        if role == "_preview":
+            return (f"{spec.name} preview", "counts",
+                    f"{spec.name} as sums of square blocks, at most {preview.LIMIT} per side, for displays; "
+                    f"{spec.name} is exact" + events)  # fmt: skip
+        doc = {"tof": f"TOF spectrum in {tof_unit} (edges: {name}_edges)",
+               "image": "detector image, row, col = divmod(pixel - first, nx) (first, shape: HistogramConfig)",
+               "pixel_tof": f"pixel x TOF map, TOF in {tof_unit} (edges: {name}_edges)",
+               "roi": f"TOF spectrum of ROI {name} in {tof_unit} (edges: {name}_edges)",
+               }[spec.kind]  # fmt: skip
+        doc += f", last {spec.window:g} s" if spec.window else ", cumulative since Reset"
+        return name, "counts", doc + events
 
     def _last(self, name: str, table: str):
         snap = self.hg.last
@@ -239,7 +372,10 @@ class EventHistogrammer(Device):
             fail("Reconfigured", f"histogram {name!r} is not in the current configuration", "read")
 
     def _read_dynamic(self, attr: tango.Attribute) -> None:
-        attr.set_value(self._readers[attr.get_name()](attr))
+        value = self._readers[attr.get_name()](attr)
+        if np.ndim(value) != NDIM[attr.get_data_format()]:  # a Configure between attributes and data
+            fail("Reconfigured", f"{attr.get_name()} is being reconfigured; read it again", "read")
+        attr.set_value(value)
 
     def _read_histogram(self, attr: tango.Attribute) -> np.ndarray:
         return self._last(attr.get_name(), "counts")
@@ -287,26 +423,35 @@ class EventHistogrammer(Device):
             self.set_status(status)
             self._push("State", state)
             self._push("Status", status)
+        dynamic, large = dict(self._dynamic), set(self._large)  # Configure may replace them meanwhile
         for name, counts in snap.counts.items():
-            if name not in self._dynamic:
+            if name not in dynamic:
                 continue
-            if self._listened(name):  # a histogram nobody follows is not converted for nobody
-                self._push(name, counts)
-            try:
-                self.push_data_ready_event(name, update.counter)
-            except tango.DevFailed:
-                pass
-            if snap.specs[name].kind == "roi":
+            self._announce(name, counts, name in large, update.counter)
+            if snap.specs[name].kind == "roi" and f"{name}_total" in dynamic:
                 self._push(f"{name}_total", int(counts.sum()))
-            if f"{name}_preview" in self._dynamic and self._listened(f"{name}_preview"):
-                self._push(f"{name}_preview", preview.block_sum(counts))
-            if update.configured and name in snap.edges:
-                self._push(f"{name}_edges", snap.edges[name])
+            view = f"{name}_preview"
+            if view in dynamic:
+                self._announce(view, lambda c=counts: preview.block_sum(c), view in large, update.counter)
+            edges = f"{name}_edges"
+            if update.configured and name in snap.edges and edges in dynamic:
+                self._announce(edges, snap.edges[name], edges in large, update.counter)
         for name, (_, field, _, _) in COUNTERS.items():
             self._push(name, getattr(snap, field), archive=True)
         self._push("UpdateCounter", update.counter, archive=True)
         if self.restream is not None:
             self.restream.publish(snap, update.state, update.counter)
+
+    def _announce(self, name: str, value, large: bool, counter: int) -> None:
+        """A data-ready event always; the value itself only when small enough (see top)."""
+        if not large and self._listened(name):  # a histogram nobody follows is not converted for nobody
+            self._push(name, value() if callable(value) else value)
+        if name.endswith("_edges") and not large:
+            return
+        try:
+            self.push_data_ready_event(name, counter)
+        except tango.DevFailed:
+            pass
 
     # --- counters and presets ---------------------------------------------------------
     EventCount = _counter("EventCount")
@@ -411,24 +556,43 @@ class EventHistogrammer(Device):
 
     @command(dtype_in=str, doc_in="JSON list of histogram specs; replaces the list, kept in the database")
     def Configure(self, histograms: str) -> None:
+        """All or nothing: a bad spec, a name clash or an unreachable database change nothing."""
         if self.hg is None:
             fail("NotInitialised", self.get_status(), "Configure")
         try:
-            specs = self.hg.configure(histograms)
+            checked = self.hg.check(histograms)  # parsed and allocated; nothing changed yet
+            self._check_conflicts(checked[0])
         except SpecError as exc:
             fail("BadSpec", f"{exc}; the previous histograms keep running", "Configure")
-        self._make_attributes(specs)
-        self._store_histograms()
+        old = self.hg.config_json()
+        self._store_histograms(json.dumps([s.source for s in checked[0]]))
+        try:
+            self._make_attributes(checked[0])
+        except (tango.DevFailed, SpecError) as exc:  # put back what was there, then say why
+            why = exc.args[0].desc if isinstance(exc, tango.DevFailed) else str(exc)
+            try:
+                self._make_attributes(self.hg.engine.specs)
+                self._store_histograms(old)
+            except (tango.DevFailed, SpecError) as again:
+                self.error_stream(f"Configure could not restore the attributes: {again}")
+            fail("ConfigureFailed", f"{why}; the previous histograms keep running", "Configure")
+        self.hg.configure(histograms, checked)
         self._sync_state()
 
-    def _store_histograms(self) -> None:
-        """Write the new list to the Histograms property, so a restarted server comes back with it."""
+    def _store_histograms(self, config_json: str) -> None:
+        """Write the list to the Histograms property, so a restarted server comes back with it."""
         try:
             db = tango.Util.instance().get_database()
         except tango.DevFailed:  # running without a database (DeviceTestContext)
             return
-        if db is not None:
-            db.put_device_property(self.get_name(), {"Histograms": [self.hg.config_json()]})
+        if db is None:
+            return
+        try:
+            db.put_device_property(self.get_name(), {"Histograms": [config_json]})
+        except tango.DevFailed as exc:
+            fail("DatabaseUnreachable", f"Configure could not save the histogram list in the Tango database "
+                 f"({exc.args[-1].desc.strip()}); nothing was changed: retry when the database answers",
+                 "Configure")  # fmt: skip
 
 
 def main(args: list[str] | None = None) -> None:

@@ -141,6 +141,15 @@ class HistogramSum(Device):
     _push = EH._push
     _listened = EH._listened
     _with_restream = EH._with_restream
+    _check_conflicts = EH._check_conflicts
+    _siblings = EH._siblings
+    _class_index = EH._class_index
+    _set_events = EH._set_events
+    _set_properties = EH._set_properties
+    _reader = EH._reader
+    _role = EH._role
+    _describe = EH._describe
+    _announce = EH._announce
 
     # --- life cycle ------------------------------------------------------------------
     def init_device(self) -> None:
@@ -149,6 +158,7 @@ class HistogramSum(Device):
         self.restream = None
         self._dynamic: dict[str, tuple] = getattr(self, "_dynamic", {})
         self._readers: dict[str, object] = getattr(self, "_readers", {})
+        self._large: set[str] = getattr(self, "_large", set())  # announced by data-ready events only
         self._preview_cache = None
         self._attrs_stale = False
         for name in ("State", "Status", *COUNTERS, "UpdateCounter", "MemberStates", "Provenance"):

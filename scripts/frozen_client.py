@@ -1,14 +1,15 @@
-"""Reproduce a known limit: a frozen Tango client blocks an EventHistogrammer's large events.
+"""A frozen Tango client beside an EventHistogrammer: what it does (nothing) and why.
 
 cppTango sends attribute events of 2048 values or more without copying them and waits
 until ZeroMQ has released the buffer (ZmqEventSupplier::push_event: `push_cond.wait()`,
 released by the `tg_unlock` callback). A client that is alive but reads nothing (SIGSTOP,
-a debugger, a machine swapping to death) keeps that buffer: the push waits, holding the
-device's monitor, so reads and commands time out until the client reads or disconnects.
-A client that dies is harmless (its connection closes and ZeroMQ frees the buffer).
+a debugger, a machine swapping to death) would keep that buffer, and pytango pushes holding
+the device monitor and the GIL: reads and commands would time out. So the device pushes no
+array of that size: it announces it by a DATA_READY event and clients read it. This script
+subscribes a client the way it can (CHANGE is refused for such attributes; it says so and
+takes DATA_READY), freezes it with SIGSTOP, and prints reads before, during and after.
 
 Usage: .venv/bin/python scripts/frozen_client.py [ATTRIBUTE]   (default image_preview)
-Prints reads before, during and after freezing a subscribed client with SIGSTOP.
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ from livehist.site.process import free_port
 CLIENT = """
 import sys, time, tango
 proxy = tango.DeviceProxy(sys.argv[1])
-proxy.subscribe_event(sys.argv[2], tango.EventType.CHANGE_EVENT, lambda event: None)
-print("subscribed", flush=True)
+try:
+    proxy.subscribe_event(sys.argv[2], tango.EventType.CHANGE_EVENT, lambda event: None)
+    print("subscribed to CHANGE", flush=True)
+except tango.DevFailed as exc:
+    proxy.subscribe_event(sys.argv[2], tango.EventType.DATA_READY_EVENT, lambda event: None)
+    print(f"CHANGE refused ({exc.args[0].reason}); subscribed to DATA_READY", flush=True)
 time.sleep(1000)
 """
 
@@ -55,7 +60,7 @@ def main(attribute: str = "image_preview") -> None:
             proxy.Start()
             client = subprocess.Popen([sys.executable, "-c", CLIENT, site.url(device), attribute],
                                       stdout=subprocess.PIPE, text=True)  # fmt: skip
-            client.stdout.readline()
+            print(f"client: {client.stdout.readline().strip()}", flush=True)
 
             def report(when: str) -> None:
                 try:

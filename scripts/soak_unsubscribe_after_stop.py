@@ -35,7 +35,11 @@ with tempfile.TemporaryDirectory() as tmp:
             producer = Producer(8)
             _reinit(p, f"zmq://127.0.0.1:{producer.port}")
             subs = [
-                p.subscribe_event(n, tango.EventType.CHANGE_EVENT, lambda e: None) for n in ("image", "tof")
+                p.subscribe_event(n, kind, lambda e: None)
+                for n, kind in (
+                    ("image", tango.EventType.DATA_READY_EVENT),
+                    ("tof", tango.EventType.CHANGE_EVENT),
+                )
             ]
             p.Start()
             time.sleep(0.5)

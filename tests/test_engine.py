@@ -302,7 +302,8 @@ def test_presets_end_acquisition_exactly():
     engine.start(source)
     while engine.running:
         time.sleep(0.01)
-    assert 0.5 <= time.monotonic() - t0 < 2 and ended[-1] == "preset time reached"
+    # wall time only bounds it loosely (a loaded machine); the accumulating time is the exact check
+    assert 0.5 <= time.monotonic() - t0 < 10 and ended[-1] == "preset time reached"
     assert 0.5 <= engine.elapsed < 1.0
 
 
@@ -486,7 +487,7 @@ def test_nan_negative_and_huge_values_are_out_of_range_not_corrupting():
         ),
         (
             '[{"name": "a", "kind": "image", "pixels": {"shape": [4, 4]}, "colour": 1}]',
-            "unknown field 'colour'",
+            "unknown key 'colour'",
         ),
         (
             '[{"name": "a", "kind": "roi", "pixels": {"shape": [4, 4]}, "roi": {"rows": [0, 9], "cols": [0, 1]}, "tof": {"start": 0, "stop": 1, "bins": 1}}]',
@@ -502,7 +503,7 @@ def test_nan_negative_and_huge_values_are_out_of_range_not_corrupting():
         ),
         (
             '[{"name": "a", "kind": "tof", "tof": {"start": 0, "stop": 1, "bins": 1}, "window": -1}]',
-            "Histograms[0].window must be > 0 seconds",
+            "Histograms[0].window must be 0.001 to 1e+07 seconds",
         ),
     ],
 )
@@ -525,7 +526,7 @@ def test_bad_histogram_specs_name_the_field(spec, message):
         ("nexus:///no/such/file.nxs", "cannot open /no/such/file.nxs"),
         (f"nexus://{SANS2D}?path=/raw_data_1", "/raw_data_1 is not NXevent_data"),
         (f"nexus://{SANS2D}?path=/nope", "/nope not found"),
-        (f"nexus://{SANS2D}?tof_unit=parsecs", "tof_unit must be ns, us or ms"),
+        (f"nexus://{SANS2D}?tof_unit=parsecs", "tof_unit must be ns, us, ms or s"),
         ("kafka://", "give kafka://BROKER"),
     ],
 )

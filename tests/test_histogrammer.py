@@ -145,11 +145,12 @@ def test_bad_event_source_is_fault_and_start_explains(make):
 def test_a_slow_consumer_goes_to_alarm_and_counts_every_drop(make):
     """Many expensive histograms (10^4 explicit edges: a binary search per event) fall behind.
 
-    12 of them take about 0.8 s per 10^6-event message here, longer than a network source
-    waits for queue room (0.5 s), so whole messages are dropped.
+    120 of them take about 0.9 s per 10^6-event message here (12 took 0.09 s once the kernels
+    were fused), longer than a network source waits for queue room (0.5 s), so whole messages
+    are dropped.
     """
     edges = np.cumsum(np.random.default_rng(0).integers(1, 20, 10_001)).tolist()
-    slow = [{"name": f"s{i}", "kind": "tof", "tof": {"edges": edges}} for i in range(12)]
+    slow = [{"name": f"s{i}", "kind": "tof", "tof": {"edges": edges}} for i in range(120)]
     port = free_port()
     ctx = zmq.Context.instance()
     push = ctx.socket(zmq.PUSH)
@@ -161,17 +162,17 @@ def test_a_slow_consumer_goes_to_alarm_and_counts_every_drop(make):
     n = 1_000_000
     msg = encode_ev44(EventBatch(rng.integers(0, edges[-1], n, dtype=np.int32), np.ones(n, np.int32),
                                  np.zeros(1, np.int64), np.zeros(1, np.int64)), 0, "slow")  # fmt: skip
-    sent, states = 0, set()
-    deadline = time.monotonic() + 8
-    while time.monotonic() < deadline and h.engine.dropped_messages < 3:
+    sent, alarm_status = 0, None
+    deadline = time.monotonic() + 30  # generous: the machine may be loaded; drops go on until ALARM is seen
+    while time.monotonic() < deadline and (h.engine.dropped_messages < 3 or alarm_status is None):
         try:
             push.send(msg, flags=zmq.NOBLOCK)
             sent += 1
         except zmq.Again:
             time.sleep(0.01)
-        states.add(h.state)
-    wait_for(lambda: h.state == "ALARM", timeout=5, what="ALARM")
-    assert "dropping messages" in h.status
+        if h.state == "ALARM":
+            alarm_status = h.status
+    assert alarm_status is not None and "dropping messages" in alarm_status
     push.close(linger=0)
     h.stop()
     assert h.state == "ON"
@@ -222,3 +223,74 @@ def test_a_failing_source_is_fault_then_reconnects_keeping_histograms(make, tmp_
     wait_for(lambda: h.last.events > kept + 2000, what="events after reconnect")
     h.stop()
     assert h.last.counts["tof"].sum() + h.last.out_of_range["tof"] == h.last.events
+
+
+def _seconds_file(tmp_path, units: str = "s"):
+    """An NXevent_data whose event_time_offset is float seconds (a unit ev44 never uses)."""
+    rng = np.random.default_rng(9)
+    tof = rng.uniform(0, 0.07, 20 * 500)
+    ids = rng.integers(1, 128 * 128 + 1, tof.size, dtype=np.int32)
+    path = tmp_path / "seconds.nxs"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("entry/events")
+        g.attrs["NX_class"] = "NXevent_data"
+        g["event_time_offset"] = tof
+        g["event_time_offset"].attrs["units"] = units
+        g["event_id"] = ids
+        g["event_time_zero"] = np.arange(20) * 0.05
+        g["event_time_zero"].attrs["units"] = "s"
+        g["event_index"] = np.arange(20, dtype=np.int64) * 500
+    return path, tof
+
+
+def test_a_replay_in_seconds_histograms_like_numpy(make, tmp_path):
+    """On main the engine thread died on KeyError: 's' and the device stayed RUNNING with 0 events."""
+    path, tof = _seconds_file(tmp_path)
+    us = {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 70_000, "bins": 700, "unit": "us"}}
+    h = make(f"nexus://{path}?rate=max", hists=[us], publish_period=0.1)
+    h.set_presets(events=tof.size)
+    h.start()
+    wait_for(lambda: h.state != "RUNNING", what="the preset")
+    assert h.state == "ON", h.status
+    assert np.array_equal(h.last.counts["tof"], np.histogram(tof * 1e6, np.linspace(0, 70_000, 701))[0])
+
+
+def test_any_failure_in_the_accumulating_thread_is_fault_naming_it_and_ends_a_preset(make):
+    h = make("sim://?rate=1e5&seed=1", publish_period=0.1)
+    h.set_presets(time_s=30)
+    h.start()
+    wait_for(lambda: h.last.events > 0, what="events")
+    one = np.ones(3, np.int32)
+    # a batch no histogram can take (an unknown TOF unit): the thread fails on it
+    h.engine.feed(EventBatch(one, one, np.zeros(1, np.int64), np.zeros(1, np.int64), "furlongs"), block=True)
+    wait_for(lambda: h.state == "FAULT", timeout=10, what="FAULT")  # the 30 s preset ends now
+    assert not h.running and "histogramming failed: KeyError: 'furlongs'" in h.status
+    assert "histograms kept" in h.status
+    kept = h.last.events
+    assert kept > 0 and h.last.counts["image"].sum() > 0
+    h.stop()  # harmless; the fault stays until the next Start
+    assert h.state == "FAULT" and h.last.events == kept
+    h.set_presets(time_s=0.3)
+    h.start()
+    wait_for(lambda: h.state == "ON", what="a clean acquisition after the fault")
+    assert h.last.events > kept
+
+
+def test_a_silent_network_source_says_so_in_status(make):
+    port = free_port()  # nothing sends there: ZeroMQ cannot tell a dead peer from a quiet one
+    h = make(f"zmq://127.0.0.1:{port}", publish_period=0.1)
+    h.start()
+    wait_for(lambda: "no message for" in h.status, timeout=15, what="the silence in Status")
+    assert h.state == "RUNNING" and "is the sender running?" in h.status
+    h.stop()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"publish_period": 1e-6}, "PublishPeriod must be 0.02 to 3600 s"),
+     ({"max_queue_bytes": -5}, "MaxQueueBytes must be >= 1048576"),
+     ({"max_histogram_bytes": 0}, "MaxHistogramBytes must be > 0")],
+)  # fmt: skip
+def test_bad_numbers_are_refused_naming_them(kwargs, message):
+    with pytest.raises(LivehistError, match=message):
+        Histogrammer("sim://", "[]", **kwargs)

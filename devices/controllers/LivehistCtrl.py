@@ -185,9 +185,9 @@ class _Reader:
         pass  # the timer's controller stops the device
 
     def GetAxisPar(self, axis, par):
-        if par == "shape":
-            cfg = self.device().get_attribute_config(self.names[axis])
-            return [cfg.max_dim_x] if cfg.max_dim_y == 0 else [cfg.max_dim_x, cfg.max_dim_y]
+        if par == "shape":  # the value's dims: max dims are only a generous upper bound
+            value = self.device().read_attribute(self.names[axis])
+            return [value.dim_x] if value.dim_y == 0 else [value.dim_x, value.dim_y]
         return super().GetAxisPar(axis, par)
 
 

@@ -109,11 +109,11 @@ def checked(batch: EventBatch) -> EventBatch:
 
 def encode_ev44(batch: EventBatch, message_id: int, source_name: str = "livehist") -> bytes:
     """ev44 bytes of a batch (TOF converted to integer ns, as ev44 defines)."""
-    from livehist.engine.spec import UNITS_NS
+    from livehist.engine.spec import EVENT_UNITS_NS
 
     tof = batch.tof
     if batch.tof_unit != "ns" or tof.dtype != np.int32:
-        tof = np.rint(np.asarray(tof, np.float64) * UNITS_NS[batch.tof_unit]).astype(np.int32)
+        tof = np.rint(np.asarray(tof, np.float64) * EVENT_UNITS_NS[batch.tof_unit]).astype(np.int32)
     return bytes(
         eventdata_ev44.serialise_ev44(
             source_name,

@@ -122,6 +122,7 @@ class Engine:
         self._worker: threading.Thread | None = None
         self._stop_worker = threading.Event()
         self._accumulating = False
+        self.fault: str | None = None  # why the accumulating thread gave up (None: it did not)
         self._rate_samples: collections.deque = collections.deque(maxlen=64)
         self._fed = self._processed = 0  # items queued / taken by the worker: `wait_processed`
         self.reset()
@@ -129,9 +130,15 @@ class Engine:
     # --- configuration -------------------------------------------------------------
     def configure(self, specs: list[HistogramSpec]) -> None:
         """Swap the histogram list atomically; counters and acquisition go on."""
-        new = self._build(specs)
+        self.commit(self.prepare(specs))
+
+    def prepare(self, specs: list[HistogramSpec]) -> tuple[dict, histograms.HistogramSet]:
+        """Allocate the histograms of a new list (may raise MemoryError); nothing changes yet."""
+        return self._build(specs)
+
+    def commit(self, prepared: tuple[dict, histograms.HistogramSet]) -> None:
         with self._lock:
-            self._hists, self._set = new
+            self._hists, self._set = prepared
 
     def _build(self, specs: list[HistogramSpec]) -> tuple[dict, histograms.HistogramSet]:
         hists = {s.name: histograms.make(s, self.threads) for s in specs}
@@ -167,6 +174,7 @@ class Engine:
                 return
             self.queue.clear()
             self._accumulating = True
+            self.fault = None
             self._started_at = time.monotonic()
             # presets count from this Start, not from Reset
             self._preset_base = (self.events, self.pulses, self._elapsed_before)
@@ -226,6 +234,19 @@ class Engine:
         return False
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # never die silently: end the acquisition, keep the histograms, say why
+            log.exception("histogramming failed")
+            first = (str(exc).strip().splitlines() or [""])[0]  # numba's typing errors run to pages
+            self.fault = f"{type(exc).__name__}: {first[:300]}"
+            self.queue.clear()
+            source, self.source = self.source, None
+            if source is not None:
+                source.stop(wait=False)
+            self._end(f"histogramming failed: {self.fault}")
+
+    def _loop(self) -> None:
         while True:
             item = self.queue.get(timeout=self._wait())
             if item is not None and self._accumulating:

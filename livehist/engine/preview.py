@@ -17,16 +17,27 @@ def factor(shape: tuple[int, ...], limit: int = LIMIT) -> int:
     return int(np.ceil(max(shape) / limit)) if max(shape) > limit else 1
 
 
-def preview_shape(shape: tuple[int, ...], limit: int = LIMIT) -> tuple[int, int]:
+def blocks(shape: tuple[int, ...], limit: int = LIMIT) -> tuple[int, int]:
+    """Block height and width: f x f, but a side shorter than f is one block ([1, N] -> 1 x f)."""
     f = factor(shape, limit)
-    return (shape[0] // f, shape[1] // f) if f > 1 else (shape[0], shape[1])
+    return min(f, shape[0]), min(f, shape[1])
+
+
+def preview_shape(shape: tuple[int, ...], limit: int = LIMIT) -> tuple[int, int]:
+    by, bx = blocks(shape, limit)
+    return shape[0] // by, shape[1] // bx
 
 
 def block_sum(image: np.ndarray, limit: int = LIMIT) -> np.ndarray:
-    """Sums of f x f blocks (rows/columns beyond a whole block are left out)."""
+    """Sums of f x f blocks (rows/columns beyond a whole block are left out; a side shorter
+    than f is summed whole, so one-row and one-column images get a preview too)."""
     f = factor(image.shape, limit)
     if f == 1:
         return image
+    by, bx = blocks(image.shape, limit)
+    if (by, bx) != (f, f):
+        ny, nx = (image.shape[0] // by) * by, (image.shape[1] // bx) * bx
+        return image[:ny, :nx].reshape(ny // by, by, nx // bx, bx).sum(axis=(1, 3))
     if image.dtype.kind in "iu" and image.flags.c_contiguous:  # counts: the compiled one-pass sum
         from livehist.engine.kernels import block_sum as kernel
 

@@ -5,6 +5,7 @@ Example error: "Histograms[2].tof.bins must be an integer > 0, got -5".
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -14,9 +15,11 @@ from typing import Any
 import numpy as np
 
 UNITS_NS = {"ns": 1.0, "us": 1e3, "ms": 1e6}
+# units event TOFs may arrive in (a NeXus replay can hold seconds); spec axes use UNITS_NS
+EVENT_UNITS_NS = {**UNITS_NS, "s": 1e9}
 KINDS = ("tof", "image", "pixel_tof", "roi")
 NEEDS_TOF = {"tof", "pixel_tof", "roi"}
-NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,39}$")
+NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,39}")  # used with fullmatch: "$" lets "x\n" through
 # attribute names the device owns; a histogram may not shadow them (Tango names are caseless)
 RESERVED = {
     n.lower()
@@ -28,6 +31,13 @@ RESERVED = {
 }  # fmt: skip
 DEFAULT_MAX_BYTES = 2 * 1024**3
 WINDOW_SLICES = 10  # a sliding window is kept as this many time slices
+MIN_WINDOW = 1e-3  # seconds; a slice must span at least 100 us of pulse time
+MAX_WINDOW = 1e7  # seconds (about 4 months)
+MAX_PIXEL_ID = 2**62  # pixel ids are int64 in the kernels; keep first + count far from overflow
+MAX_AXIS = 2**31 - 1  # Tango dims are 32-bit
+TOF_KEYS = ("start", "stop", "bins", "unit", "scale", "edges")
+PIXEL_KEYS = ("first", "shape", "count")
+ROI_KEYS = ("rows", "cols", "pixels")
 
 
 class SpecError(ValueError):
@@ -48,7 +58,7 @@ class TofAxis:
         """Edges converted to another TOF unit (the unit of an event batch)."""
         if unit == self.unit:
             return self.edges
-        return self.edges * (UNITS_NS[self.unit] / UNITS_NS[unit])
+        return self.edges * (EVENT_UNITS_NS[self.unit] / EVENT_UNITS_NS[unit])
 
     def to_json(self) -> dict:
         if self.scale == "explicit":
@@ -83,8 +93,30 @@ class HistogramSpec:
 
     @property
     def nbytes(self) -> int:
+        """Memory of the counts (and an ROI's pixel mask and ids), in Python ints: no overflow."""
         slices = WINDOW_SLICES + 1 if self.window else 1
-        return int(np.prod(self.data_shape)) * 8 * slices
+        extra = 0
+        if self.kind == "roi":
+            extra = self.pixel_count + (self.roi_pixels.size * 8 if self.roi_pixels is not None else 0)
+        return math.prod(self.data_shape) * 8 * slices + extra
+
+
+def unknown_key(obj: dict, known: tuple[str, ...] | set[str], path: str) -> None:
+    """Refuse keys we do not read (a typo would silently give a default), naming the nearest known one."""
+    for key in obj:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.5)
+            near = near or [k for k in known if k.lower() == str(key).lower()]
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise SpecError(f"{path} has unknown key {key!r}{hint} (known: {', '.join(sorted(known))})")
+
+
+def _check_cap(what: str, nbytes: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and nbytes > max_bytes:
+        raise SpecError(
+            f"{what} needs {nbytes / 2**20:.0f} MiB, over the limit of {max_bytes / 2**20:.0f} MiB; "
+            "use fewer bins/pixels or raise MaxHistogramBytes"
+        )
 
 
 def _where(path: str, key: str) -> str:
@@ -122,11 +154,12 @@ def _object(obj: dict, key: str, path: str) -> dict:
     return v
 
 
-def parse_tof(obj: Any, path: str) -> TofAxis:
+def parse_tof(obj: Any, path: str, max_bytes: int | None = None) -> TofAxis:
     if not isinstance(obj, dict):
         raise SpecError(
             f"{path} must be an object like {{'start': 0, 'stop': 1e5, 'bins': 1000}}, got {obj!r}"
         )
+    unknown_key(obj, TOF_KEYS, path)
     unit = obj.get("unit", "ns")
     if unit not in UNITS_NS:
         raise SpecError(f"{path}.unit must be one of ns, us, ms, got {unit!r}")
@@ -150,6 +183,9 @@ def parse_tof(obj: Any, path: str) -> TofAxis:
     bins = _int(obj, "bins", path)
     if bins <= 0:
         raise SpecError(f"{path}.bins must be > 0, got {bins}")
+    if bins > MAX_AXIS - 1:
+        raise SpecError(f"{path}.bins must be < {MAX_AXIS}, got {bins}")
+    _check_cap(f"{path}.bins={bins}", (bins + 1) * 8, max_bytes)  # before the edges are made
     if start >= stop:
         raise SpecError(f"{path}.start must be < {path}.stop, got start={start} stop={stop}")
     scale = obj.get("scale", "linear")
@@ -164,11 +200,11 @@ def parse_tof(obj: Any, path: str) -> TofAxis:
     return TofAxis(edges, unit, scale)
 
 
-def parse_one(obj: Any, path: str) -> HistogramSpec:
+def parse_one(obj: Any, path: str, max_bytes: int | None = None) -> HistogramSpec:
     if not isinstance(obj, dict):
         raise SpecError(f"{path} must be an object with name and kind, got {obj!r}")
     name = obj.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise SpecError(
             f"{path}.name must start with a letter and hold only letters, digits and _ "
             f"(at most 40), got {name!r}"
@@ -179,15 +215,16 @@ def parse_one(obj: Any, path: str) -> HistogramSpec:
     if kind not in KINDS:
         raise SpecError(f"{path}.kind must be one of {', '.join(KINDS)}, got {kind!r}")
     known = {"name", "kind", "tof", "pixels", "roi", "window"}
-    unknown = sorted(set(obj) - known)
-    if unknown:
-        raise SpecError(f"{path} has unknown field {unknown[0]!r}; known fields: {', '.join(sorted(known))}")
-    tof = parse_tof(obj.get("tof"), f"{path}.tof") if kind in NEEDS_TOF else None
+    unknown_key(obj, known, path)
+    tof = parse_tof(obj.get("tof"), f"{path}.tof", max_bytes) if kind in NEEDS_TOF else None
     first, shape, roi_pixels = 0, (), None
     if kind != "tof":
         pix_path = f"{path}.pixels"
         pixels = _object(obj, "pixels", path)
+        unknown_key(pixels, PIXEL_KEYS, pix_path)
         first = _int(pixels, "first", pix_path, minimum=0, default=0)
+        if first > MAX_PIXEL_ID:
+            raise SpecError(f"{pix_path}.first must be <= 2**62, got {first}")
         if kind == "pixel_tof" and "count" in pixels:
             shape = (_int(pixels, "count", pix_path, minimum=1),)
         else:
@@ -196,20 +233,34 @@ def parse_one(obj: Any, path: str) -> HistogramSpec:
                     or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in raw)):  # fmt: skip
                 what = "a count N or a shape [ny, nx]" if kind == "pixel_tof" else "a shape [ny, nx]"
                 raise SpecError(f"{pix_path}.shape must be {what} of positive integers, got {raw!r}")
+            if max(raw) > MAX_AXIS:
+                raise SpecError(f"{pix_path}.shape must have sides <= {MAX_AXIS}, got {raw!r}")
             shape = tuple(raw)
             if kind == "pixel_tof":
                 shape = (shape[0] * shape[1],)
+        if shape[0] > MAX_AXIS:
+            raise SpecError(f"{pix_path} count must be <= {MAX_AXIS}, got {shape[0]}")
+        if first + math.prod(shape) > MAX_PIXEL_ID:
+            raise SpecError(f"{pix_path}: pixel ids first + count must stay <= 2**62, got first={first}")
         if kind == "roi":
-            roi_pixels = _parse_roi(_object(obj, "roi", path), f"{path}.roi", first, shape)
+            roi = _object(obj, "roi", path)
+            unknown_key(roi, ROI_KEYS, f"{path}.roi")
+            _check_cap(f"{path} (its pixel mask)", math.prod(shape), max_bytes)  # before it is made
+            roi_pixels = _parse_roi(roi, f"{path}.roi", first, shape, max_bytes)
     window = None
     if obj.get("window") is not None:
         window = _number(obj, "window", path)
-        if window <= 0:
-            raise SpecError(f"{path}.window must be > 0 seconds (or absent for cumulative), got {window}")
+        if not MIN_WINDOW <= window <= MAX_WINDOW:
+            raise SpecError(
+                f"{path}.window must be {MIN_WINDOW:g} to {MAX_WINDOW:g} seconds (or absent for cumulative), "
+                f"got {window:g}"
+            )
     return HistogramSpec(name, kind, tof, first, shape, roi_pixels, window, obj)
 
 
-def _parse_roi(roi: dict, path: str, first: int, shape: tuple[int, ...]) -> np.ndarray:
+def _parse_roi(
+    roi: dict, path: str, first: int, shape: tuple[int, ...], max_bytes: int | None = None
+) -> np.ndarray:
     ny, nx = shape
     if "pixels" in roi:
         ids = roi["pixels"]
@@ -219,13 +270,12 @@ def _parse_roi(roi: dict, path: str, first: int, shape: tuple[int, ...]) -> np.n
             or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
         ):
             raise SpecError(f"{path}.pixels must be a non-empty list of pixel ids, got {ids!r}")
-        arr = np.unique(np.asarray(ids, dtype=np.int64))
-        outside = arr[(arr < first) | (arr >= first + ny * nx)]
-        if outside.size:
+        outside = [i for i in ids if not first <= i < first + ny * nx]  # checked before int64 conversion
+        if outside:
             raise SpecError(
-                f"{path}.pixels holds {int(outside[0])}, outside pixels {first}..{first + ny * nx - 1}"
+                f"{path}.pixels holds {outside[0]}, outside pixels {first}..{first + ny * nx - 1}"
             )
-        return arr
+        return np.unique(np.asarray(ids, dtype=np.int64))
     for key, n in (("rows", ny), ("cols", nx)):
         v = roi.get(key)
         if (not isinstance(v, list) or len(v) != 2
@@ -233,6 +283,7 @@ def _parse_roi(roi: dict, path: str, first: int, shape: tuple[int, ...]) -> np.n
                 or not 0 <= v[0] < v[1] <= n):  # fmt: skip
             raise SpecError(f"{path}.{key} must be [start, stop) with 0 <= start < stop <= {n}, got {v!r}")
     (r0, r1), (c0, c1) = roi["rows"], roi["cols"]
+    _check_cap(f"{path} ({r1 - r0}x{c1 - c0} pixel ids)", (r1 - r0) * (c1 - c0) * 8, max_bytes)
     rows, cols = np.meshgrid(np.arange(r0, r1), np.arange(c0, c1), indexing="ij")
     return (first + rows * nx + cols).ravel().astype(np.int64)
 
@@ -258,7 +309,7 @@ def parse_histograms(
             ) from None
     if not isinstance(value, list):
         raise SpecError(f"{label} must be a JSON list of histogram objects, got {type(value).__name__}")
-    specs = [parse_one(obj, f"{label}[{i}]") for i, obj in enumerate(value)]
+    specs = [parse_one(obj, f"{label}[{i}]", max_bytes) for i, obj in enumerate(value)]
     seen: dict[str, int] = {}
     for i, s in enumerate(specs):
         for attr in (

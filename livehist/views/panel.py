@@ -2,7 +2,10 @@
 
 TOF and ROI spectra in taurus_pyqtgraph plots, the detector image with a colour scale,
 counters, state and status, a metadata summary, Start/Stop/Reset buttons. Everything
-follows the device's change events (Taurus subscribes; nothing polls at a fixed rate).
+follows the device's events (Taurus subscribes; nothing polls at a fixed rate): change events
+for counters, state and spectra, and for the image its DATA_READY events, on which the panel
+reads it (the device pushes no array of 2048 values or more, so that a frozen client cannot
+block it; see devices/histogrammer.py).
 The image is redrawn at most 10 times a second whatever the publish rate; for images over
 512 pixels per side the panel subscribes to the device's `<image>_preview` (block sums made
 in the device), and anything still larger is block-summed here, so the panel never freezes. When the
@@ -221,8 +224,9 @@ def _make_panel_class():
                     self.configure()  # the device came back: its histograms may have changed
 
         def _subscribe_image(self, name: str) -> None:
-            """Image change events straight from PyTango as numpy: large images skip Taurus's
-            unit-aware wrapping, which costs more than the drawing at 10 updates/s."""
+            """The image's DATA_READY events straight from PyTango, each followed by one read
+            as numpy: large images skip Taurus's unit-aware wrapping, which costs more than the
+            drawing at 10 updates/s."""
             import tango
 
             old = getattr(self, "_image_sub", None)
@@ -233,15 +237,27 @@ def _make_panel_class():
                     pass
             try:
                 proxy = tango.DeviceProxy(self.device)
-                sub = proxy.subscribe_event(name, tango.EventType.CHANGE_EVENT, self._on_image,
-                                            extract_as=tango.ExtractAs.Numpy, stateless=True)  # fmt: skip
+                self._image_name = name
+                sub = proxy.subscribe_event(name, tango.EventType.DATA_READY_EVENT, self._on_image,
+                                            stateless=True)  # fmt: skip
                 self._image_sub = (proxy, sub)
+                value = proxy.read_attribute(name, extract_as=tango.ExtractAs.Numpy).value
+                if value is not None:  # shown now, as a CHANGE subscription's first event would
+                    self.imageArrived.emit(value)
             except tango.DevFailed:
                 self._image_sub = None  # the device is away; configure() runs again when it is back
 
-        def _on_image(self, event) -> None:  # a PyTango event thread
-            if not event.err and event.attr_value is not None and event.attr_value.value is not None:
-                self.imageArrived.emit(event.attr_value.value)
+        def _on_image(self, event) -> None:  # a PyTango event thread: announced, so read it now
+            import tango
+
+            if event.err:
+                return
+            try:
+                value = event.device.read_attribute(self._image_name, extract_as=tango.ExtractAs.Numpy).value
+            except tango.DevFailed:  # reconfigured or away: the next announcement or configure() follows
+                return
+            if value is not None:
+                self.imageArrived.emit(value)
 
         def _draw_image(self, value) -> None:
             self._pending = value  # the latest wins; drawn by the timer

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
@@ -32,11 +33,14 @@ class Source:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._feed: Callable | None = None
+        self.started_at = time.monotonic()
+        self.last_message_at: float | None = None  # monotonic time of the last item handed on
 
     def start(self, feed: Callable) -> None:
         self._feed = feed
         self._stop.clear()
         self.error = None
+        self.started_at, self.last_message_at = time.monotonic(), None
         self._thread = threading.Thread(
             target=self._main, name=f"livehist-source-{self.uri[:20]}", daemon=True
         )
@@ -53,12 +57,17 @@ class Source:
 
     def emit(self, item) -> bool:
         """Hand one item to the engine; paced sources wait (re-checking stop) for room."""
+        self.last_message_at = time.monotonic()
         if not self.paced:  # absorb bursts (back-pressure); a consumer that stays slow drops
             return self._feed(item, block=True, timeout=self.max_wait)
         while not self._stop.is_set():
             if self._feed(item, block=True, timeout=0.2, retry=True):
                 return True
         return False
+
+    def silent_for(self) -> float:
+        """Seconds since the last message (or since start when none came)."""
+        return time.monotonic() - (self.last_message_at or self.started_at)
 
     def _main(self) -> None:
         try:

@@ -34,7 +34,7 @@ def _unit(ds, default: str | None, what: str, path: str) -> str:
     raw = ds.attrs.get("units")
     if raw is None:
         if default is None:
-            raise SourceError(f"{path}/{what} has no units attribute; add tof_unit=us|ns|ms to the URI")
+            raise SourceError(f"{path}/{what} has no units attribute; add tof_unit=us|ns|ms|s to the URI")
         return default
     raw = raw.decode() if isinstance(raw, bytes) else str(raw)
     unit = UNIT_NAMES.get(raw.strip().lower())
@@ -62,8 +62,8 @@ class NexusSource(Source):
             raise SourceError(f"EventSource {uri!r}: rate must be realtime or max, got {params['rate']!r}")
         self.loops = int(number(params, "loop", 1, uri, integer=True))
         tof_unit = params.get("tof_unit")
-        if tof_unit is not None and tof_unit not in ("ns", "us", "ms"):
-            raise SourceError(f"EventSource {uri!r}: tof_unit must be ns, us or ms, got {tof_unit!r}")
+        if tof_unit is not None and tof_unit not in ("ns", "us", "ms", "s"):
+            raise SourceError(f"EventSource {uri!r}: tof_unit must be ns, us, ms or s, got {tof_unit!r}")
         self.read_index(tof_unit)
 
     def read_index(self, tof_unit: str | None) -> None:
