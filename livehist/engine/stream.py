@@ -60,6 +60,21 @@ def stream(
 
     src: Source = open_source(source_uri)
     say(f"publishing {source_uri} as ev44 on {'PUB' if pub else 'PUSH'} {bind} (Ctrl-C stops)")
+    try:
+        _pump(src, send, seconds, say,
+              lambda t: f"  {sent['events']} events in {sent['messages']} messages ({sent['events'] / t:.3g} ev/s)")  # fmt: skip
+    finally:
+        src.stop()
+        sock.close(linger=2000)
+        ctx.term()  # frames still queued are sent (or dropped after the linger) before we return
+    say(f"sent {sent['events']} events in {sent['messages']} messages")
+    if src.error:  # what was sent is said above; the command still failed
+        raise LivehistError(f"source failed: {src.error}")
+    return sent["events"]
+
+
+def _pump(src: Source, send, seconds: float | None, say, progress) -> None:
+    """Run `src` into `send` until it ends, fails, `seconds` pass or Ctrl-C; progress every 2 s."""
     src.start(_Collector(send))
     t0 = last = time.monotonic()
     try:
@@ -69,20 +84,10 @@ def stream(
             if seconds and now - t0 >= seconds:
                 break
             if now - last >= 2:
-                say(
-                    f"  {sent['events']} events in {sent['messages']} messages ({sent['events'] / (now - t0):.3g} ev/s)"
-                )
+                say(progress(now - t0))
                 last = now
     except KeyboardInterrupt:
         pass
-    finally:
-        src.stop()
-        sock.close(linger=2000)
-        ctx.term()  # frames still queued are sent (or dropped after the linger) before we return
-    say(f"sent {sent['events']} events in {sent['messages']} messages")
-    if src.error:  # what was sent is said above; the command still failed
-        raise LivehistError(f"source failed: {src.error}")
-    return sent["events"]
 
 
 def bind_error(bind: str, exc: Exception) -> str:
@@ -166,21 +171,9 @@ def _stream_kafka(source_uri: str, target: str, partitions: int | None, seconds:
         sent["events"] += len(batch)
 
     say(f"publishing {source_uri} as ev44 to Kafka {brokers}, topic {topic} ({n} partitions; Ctrl-C stops)")
-    src.start(_Collector(send))
-    t0 = last = time.monotonic()
     try:
-        while not src.finished and src.error is None:
-            time.sleep(0.1)
-            now = time.monotonic()
-            if seconds and now - t0 >= seconds:
-                break
-            if now - last >= 2:
-                say(
-                    f"  {sent['events']} events in {sent['messages']} messages, {sent['delivered']} delivered"
-                )
-                last = now
-    except KeyboardInterrupt:
-        pass
+        _pump(src, send, seconds, say,
+              lambda t: f"  {sent['events']} events in {sent['messages']} messages, {sent['delivered']} delivered")  # fmt: skip
     finally:
         stopping.append(True)
         src.stop()
