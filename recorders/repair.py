@@ -216,7 +216,6 @@ def _drop_placeholders(entry, prov) -> list[str]:
     """Histogram groups made at scan start whose snapshot never came (snapshot_time still empty):
     their zeros are not data, so they go rather than read as 0 counts."""
     import h5py
-
     from livehist.recorders.nexus import snapshot_written
 
     dropped = []
