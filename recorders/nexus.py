@@ -56,6 +56,14 @@ def _text(group: h5py.Group, name: str, value: str, **attrs) -> None:
         group[name].attrs[k] = v
 
 
+def snapshot_written(prov: h5py.Group) -> bool:
+    """Did a histogram snapshot reach this livehist/<name> group? Its snapshot_time is set by every
+    write (counters may be absent and stay -1, so they cannot tell); files older than it: events."""
+    if "snapshot_time" in prov:
+        return bool(bytes(prov["snapshot_time"][()]).strip(b"\0"))
+    return "events" not in prov or int(prov["events"][()]) != -1
+
+
 def _nx(group: h5py.Group, name: str, nx_class: str) -> h5py.Group:
     g = group.create_group(name)
     g.attrs["NX_class"] = nx_class

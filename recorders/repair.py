@@ -213,14 +213,15 @@ def _consistent_points(entry) -> int:
 
 
 def _drop_placeholders(entry, prov) -> list[str]:
-    """Histogram groups made at scan start whose snapshot never came (events still -1): their
-    zeros are not data, so they go rather than read as 0 counts."""
+    """Histogram groups made at scan start whose snapshot never came (snapshot_time still empty):
+    their zeros are not data, so they go rather than read as 0 counts."""
     import h5py
+    from livehist.recorders.nexus import snapshot_written
 
     dropped = []
     for name in list(prov):
         c = prov[name]
-        if isinstance(c, h5py.Group) and "events" in c and int(c["events"][()]) == -1 and name in entry:
+        if isinstance(c, h5py.Group) and not snapshot_written(c) and name in entry:
             del entry[name]
             del prov[name]
             dropped.append(name)

@@ -96,9 +96,14 @@ WRITER = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 from livehist.recorders.base import Recorder, open_sink
+import numpy as np
+from livehist.recorders.records import Histogram
 from tests.test_recorders import scan_start, point
-r = Recorder([open_sink(t) for t in sys.argv[2:]])
+snapshot = sys.argv[2] == "snapshot"  # one image snapshot with no counters (the record allows none)
+r = Recorder([open_sink(t) for t in sys.argv[3:]])
 r.start(scan_start(7))
+if snapshot:
+    r.histogram(Histogram("image", np.arange(256).reshape(16, 16)))
 i = 0
 while True:
     r.point(point(i))
@@ -109,10 +114,10 @@ while True:
 """
 
 
-def _kill_a_writer(tmp_path: Path, stem: str) -> list[Path]:
+def _kill_a_writer(tmp_path: Path, stem: str, snapshot: bool = False) -> list[Path]:
     targets = [tmp_path / f"{stem}.nxs", tmp_path / f"{stem}.spec", tmp_path / f"{stem}.jsonl"]
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, ROOT, *map(str, targets)], stdout=subprocess.PIPE,
-                              text=True)  # fmt: skip
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, ROOT, "snapshot" if snapshot else "-",
+                               *map(str, targets)], stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert writer.stdout.readline().strip() == "running"
         time.sleep(0.5)  # at least one timed flush after the 300th point
@@ -161,6 +166,20 @@ def test_sigkilled_writer_is_repaired_by_the_cli_and_keeps_every_flushed_point(t
     assert specfile.Specfile(str(spec))[0].lines() >= n  # SPEC and JSON keep every point as before
     again = run_cli("repair", str(nxs))
     assert again.returncode == 0 and "nothing to repair" in again.stdout
+
+
+def test_repair_and_plot_keep_a_snapshot_written_without_counters(tmp_path):
+    """A snapshot whose record carried no counters (events stays -1) is still data: its
+    snapshot_time says it was written, so repair keeps it and plot draws it."""
+    nxs, _, _ = _kill_a_writer(tmp_path, "counterless", snapshot=True)
+    out = run_cli("repair", str(nxs))
+    assert out.returncode == 0, out.stderr
+    with h5py.File(nxs, "r") as f:
+        e = f["scan_7"]
+        assert e["image/data"][()].tolist() == np.arange(256).reshape(16, 16).tolist()
+        assert "tof" not in e and "removed: tof" in e["livehist/end_reason"][()].decode()
+    res = run_cli("plot", str(nxs), "--out", str(tmp_path / "png"))
+    assert res.returncode == 0 and "image" in res.stdout and "tof" not in res.stdout, res.stderr
 
 
 def test_the_next_scan_repairs_a_crashed_file_and_appends(tmp_path):

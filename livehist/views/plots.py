@@ -116,6 +116,8 @@ def from_nexus(path) -> dict[str, list[Picture]]:
 
     import h5py
 
+    from livehist.recorders.nexus import snapshot_written
+
     out: dict[str, list[Picture]] = {}
     with h5py.File(path, "r") as f:
         for entry_name, entry in f.items():
@@ -134,7 +136,7 @@ def from_nexus(path) -> dict[str, list[Picture]]:
                 if not isinstance(prov, h5py.Group) or not isinstance(prov[name], h5py.Group) \
                         or "spec" not in prov[name] or "data" not in group:  # fmt: skip
                     continue
-                if "events" in prov[name] and int(prov[name]["events"][()]) == -1:
+                if not snapshot_written(prov[name]):
                     continue  # declared at scan start, never written (the scan did not get that far)
                 spec = json.loads(prov[name]["spec"][()] or "{}")
                 edges = group["time_of_flight"][()] if "time_of_flight" in group else None
