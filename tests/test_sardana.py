@@ -185,10 +185,21 @@ def test_unwritable_scandir_fails_before_any_motion(spock):
     assert mot.Position == pytest.approx(3.0)  # the scan never moved
 
 
+def wait_points(tmp_path, n=1, timeout=120):
+    """Wait until the scan's JSON lines hold `n` points (the first point waits for a cold start)."""
+    path = tmp_path / "scan.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().count('"record": "point"') >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the scan wrote fewer than {n} points in {timeout} s")
+
+
 def test_abort_mid_scan_leaves_consistent_files(spock, tmp_path):
     door = spock.door.proxy
     door.RunMacro(["ascan", "mot01", "0", "10", "40", "0.1"])
-    time.sleep(2.5)
+    wait_points(tmp_path, 2)
     door.AbortMacro()
     wait_state(door, (tango.DevState.ON, tango.DevState.ALARM))
     h = tango.DeviceProxy(spock.site.url("livehist/histogrammer/1"))
@@ -229,7 +240,7 @@ def test_histogrammer_down_at_scan_start_and_dying_mid_scan(spock, tmp_path):
 
     door = spock.door.proxy
     door.RunMacro(["ascan", "mot01", "0", "10", "40", "0.1"])
-    time.sleep(2.5)
+    wait_points(tmp_path, 2)
     _kill_histogrammer(site)
     try:
         wait_state(door, (tango.DevState.ON, tango.DevState.ALARM), timeout=60)

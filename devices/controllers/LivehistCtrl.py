@@ -40,6 +40,7 @@ class _Device:
     def __init__(self, name):
         self.name = name
         self._proxy = None
+        self.start_error = ""  # why the last StartAll could not start the device ('' = it did)
 
     def __call__(self):
         if self._proxy is None:
@@ -49,6 +50,9 @@ class _Device:
         return self._proxy
 
     def state(self):
+        if self.start_error:  # reported once: it ends that acquisition, not the next ones
+            error, self.start_error = self.start_error, ""
+            return State.Fault, error
         try:
             p = self()
             s = p.state()
@@ -108,6 +112,7 @@ class LivehistCounterTimerController(CounterTimerController):
 
     def PreStartAll(self):
         self._start = False
+        self.device.start_error = ""
 
     def PreStartOne(self, axis, value=None):
         return True
@@ -118,15 +123,24 @@ class LivehistCounterTimerController(CounterTimerController):
     def StartAll(self):
         if not self._start:
             return
-        p = self.device()
-        if p.state() in (tango.DevState.RUNNING, tango.DevState.ALARM):
-            p.Stop()
-        p.Reset()
-        if self.integ_time is not None:
-            p.write_attributes([("PresetEvents", 0), ("PresetTime", float(self.integ_time))])
-        else:
-            p.write_attributes([("PresetTime", 0.0), ("PresetEvents", int(self.monitor_count))])
-        p.Start()
+        # A failure here is reported as the channels' Fault state, never raised: Sardana 3.7 leaves
+        # a software-synchronised measurement group MOVING for ever after a StartAll that raised,
+        # and the next scan then hangs (seen when the histogrammer died between two points).
+        try:
+            p = self.device()
+            if p.state() in (tango.DevState.RUNNING, tango.DevState.ALARM):
+                p.Stop()
+            p.Reset()
+            if self.integ_time is not None:
+                p.write_attributes([("PresetEvents", 0), ("PresetTime", float(self.integ_time))])
+            else:
+                p.write_attributes([("PresetTime", 0.0), ("PresetEvents", int(self.monitor_count))])
+            p.Start()
+        except tango.DevFailed as exc:
+            self.device._proxy = None
+            self.device.start_error = (
+                f"{self.device.name} could not start: {exc.args[0].desc.strip()}; is its server running?"
+            )
 
     def StateOne(self, axis):
         return self.device.state()
