@@ -86,7 +86,9 @@ def desc(exc: pytest.ExceptionInfo) -> str:
     return exc.value.args[0].desc
 
 
-def send(sock: zmq.Socket, rng: np.random.Generator, messages: int, first_id: int = 0) -> list[EventBatch]:
+def send(
+    sock: zmq.Socket, rng: np.random.Generator, messages: int, first_id: int = 0, flags: int = 0
+) -> list[EventBatch]:
     """Known events: random TOF over the range (a few beyond it) and pixels over the image."""
     out = []
     for i in range(messages):
@@ -94,7 +96,7 @@ def send(sock: zmq.Socket, rng: np.random.Generator, messages: int, first_id: in
         tof = rng.integers(0, 75_000_000, n, dtype=np.int32)  # some beyond the last edge: not counted in tof
         pid = rng.integers(1, 64 * 32 + 1, n, dtype=np.int32)
         b = EventBatch(tof, pid, np.array([i * 10], np.int64), np.array([0], np.int64))
-        sock.send(encode_ev44(b, first_id + i))
+        sock.send(encode_ev44(b, first_id + i), flags=flags)
         out.append(b)
     return out
 
@@ -317,7 +319,10 @@ def test_the_taurus_panel_shows_the_sum(site, pushers, display):  # noqa: F811 -
     def feed() -> None:
         rng = np.random.default_rng(3)
         while not stop.is_set():
-            send(pushers["w1"], rng, 1)
+            try:  # never block: a member that stopped reading must not hang the test's join
+                send(pushers["w1"], rng, 1, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
             time.sleep(0.05)
 
     feeder = threading.Thread(target=feed, daemon=True)
@@ -327,7 +332,7 @@ def test_the_taurus_panel_shows_the_sum(site, pushers, display):  # noqa: F811 -
         out, _ = panel.communicate(timeout=90)
     finally:
         stop.set()
-        feeder.join()
+        feeder.join(timeout=30)
         s.Stop()
     assert panel.returncode == 0, out
     assert "state: RUNNING" in out
