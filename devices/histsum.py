@@ -238,7 +238,11 @@ class HistogramSum(Device):
     def UpdateCounter(self) -> int:
         return self.hg.update_counter if self.hg else 0
 
-    @attribute(dtype=bool, doc="True while any member acquires (ALARM can also mean idle with a member down)")
+    @attribute(
+        dtype=bool,
+        doc="True while any member acquires, as of the last update of the sum (ALARM can also mean idle "
+        "with a member down); False: the sum holds every member's final data",
+    )
     def Acquiring(self) -> bool:
         return self.hg.running if self.hg else False
 

@@ -9,7 +9,8 @@ How members are followed, so that no member can block the sum:
 - each member has its own thread; it is woken by the member's small events (the client
   calls `kick` on each UpdateCounter change event) and at least once per poll period;
 - it reads the member's counters, state, configuration and histograms in one call with a
-  client timeout, and reads again if the member published in between (UpdateCounter);
+  client timeout, and reads again if its data changed in between (UpdateCounter, counters,
+  state: Stop and a preset end change the data before UpdateCounter follows);
 - a member that fails a read is marked DOWN (its last counts are kept in the sum and
   flagged), never waited for; it is retried every poll period;
 - the sum thread adds the members' last reads into one `Snapshot` and calls `on_update`.
@@ -46,6 +47,7 @@ SUMMED = {"EventCount": "events", "MessageCount": "messages", "BadMessageCount":
           "DroppedMessageCount": "dropped_messages", "PulseCount": "pulses"}  # fmt: skip
 SMALL = ["UpdateCounter", "State", "Status", *SUMMED, "EventRate", "ElapsedTime", "HistogramConfig",
          "PresetTime", "PresetEvents", "PresetPulses", "KafkaOffsets"]  # fmt: skip
+SAME = ["UpdateCounter", "State", *SUMMED]  # equal in two reads: no new data in between
 OPTIONAL = {"KafkaOffsets"}  # read where the member has it (EventHistogrammers before issue 19 do not)
 DEVICE_NAME = re.compile(r"^(tango://[^/]+:\d+/)?[^/\s]+/[^/\s]+/[^/\s]+$")
 
@@ -182,7 +184,9 @@ class HistogramSum:
 
     @property
     def running(self) -> bool:
-        return self._state in (RUNNING, ALARM) and any(m.state in (RUNNING, ALARM) for m in self.members)
+        """As of the last publish, like `state` and `last`: a count seen ended has its final sum."""
+        with self._lock:
+            return self._state in (RUNNING, ALARM) and self.last.running
 
     def member_states(self) -> list[str]:
         return [m.describe() for m in self.members]
@@ -230,16 +234,22 @@ class HistogramSum:
             small = client.read(SMALL)
             counter = int(small["UpdateCounter"])
             values = small
-            if counter != m.counter or small["HistogramConfig"] != m.values.get("HistogramConfig"):
-                for _ in range(3):  # again if the member published between the two reads
+            # a member's data also changes without a publish (Stop, preset end, Reset set `last`
+            # at once; UpdateCounter follows): new counters or state mean new histograms too
+            if (
+                counter != m.counter
+                or small["HistogramConfig"] != m.values.get("HistogramConfig")
+                or any(small[k] != m.values.get(k) for k in SAME)
+            ):
+                for _ in range(3):  # again if the member's data changed between the reads
                     config, specs = _canonical(small["HistogramConfig"])
                     names = [s.name for s in specs]
                     values = client.read(["UpdateCounter", *SMALL[1:], *names]) if names else small
-                    # each attribute is read from the member's last publish: no publish in between?
-                    after = int(client.read(["UpdateCounter"])["UpdateCounter"]) if names else counter
-                    if int(values["UpdateCounter"]) == counter == after:
+                    # histograms and counters from one `last`: the same UpdateCounter, counters, state after
+                    after = client.read(SAME) if names else values
+                    if int(values["UpdateCounter"]) == counter and all(after[k] == values[k] for k in SAME):
                         break
-                    counter, small = after, values
+                    counter, small = int(after["UpdateCounter"]), values
                 for s in specs:
                     values[s.name] = np.asarray(values[s.name], dtype=np.int64)
                     if values[s.name].shape != s.data_shape:
