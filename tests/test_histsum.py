@@ -62,6 +62,7 @@ def pushers():
     socks = {}
     for w, port in PORTS.items():
         s = ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.SNDTIMEO, 30_000)  # a member that never reads fails the test, never hangs it
         s.bind(f"tcp://127.0.0.1:{port}")
         socks[w] = s
     yield socks
@@ -175,11 +176,19 @@ def test_presets_fan_out_and_events_are_met_on_the_total(site, pushers):
     s.write_attributes([("PresetTime", 0.0), ("PresetEvents", 30_000)])
     assert w1.PresetEvents == w2.PresetEvents == 30_000
     s.Start()
+    wait_for(lambda: w1.state() == w2.state() == tango.DevState.RUNNING, what="members running")
     rng = np.random.default_rng(5)
-    for _ in range(14):  # about 42,000 events in all, half to each member: neither alone reaches 30,000
+    # about 3,000 events a pair, half to each member, until the sum stops them on the total (so
+    # neither alone reaches 30,000); a member that stopped no longer reads: never block on it
+    for _ in range(60):
+        if s.state() == tango.DevState.ON:
+            break
         for w in ("w1", "w2"):
-            send(pushers[w], rng, 1)
-        time.sleep(0.02)
+            try:
+                send(pushers[w], rng, 1, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+        time.sleep(0.05)
     wait_for(lambda: s.state() == tango.DevState.ON, what="the total to reach the preset")
     assert w1.state() == w2.state() == tango.DevState.ON
     assert s.EventCount >= 30_000 and w1.EventCount < 30_000 and w2.EventCount < 30_000
