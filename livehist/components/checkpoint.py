@@ -4,8 +4,12 @@ One file per device (`<dir>/<domain>_<family>_<member>.npz`), replaced atomicall
 publish (written to a temporary file, fsynced, renamed over the old one, directory fsynced),
 so a SIGKILL at any moment leaves either the previous checkpoint or the new one, whole.
 The offsets are committed to Kafka only after the checkpoint that covers them is on disk;
-on restart the worker loads it and reads each partition it gets from the later of its
-checkpoint and the group's commit.
+on restart the worker loads it and reads each partition it gets from the latest of its
+checkpoint, the group's commit and the other checkpoints of its group in the same folder
+(`group_offsets`): a worker SIGKILLed after its checkpoint and before its commit reached the
+broker has counted more than the group's commit says, and whoever takes its partitions over
+starts after what it counted. Workers on several hosts share the folder (a network file
+system) for this; each file is only ever replaced whole, by its one writer.
 """
 
 from __future__ import annotations
@@ -35,6 +39,39 @@ def default_dir() -> Path:
 def path_for(device: str, directory: str | Path | None = None) -> Path:
     safe = "_".join(p for p in device.replace("\\", "/").split("/")[-3:] if p) or "histogrammer"
     return Path(directory or default_dir()) / f"{safe}.npz"
+
+
+def group_of(uri: str) -> tuple[str, str] | None:
+    """(topics, group) of a kafka://...?group=G URI (brokers may be spelled differently)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(uri)
+    group = parse_qs(parts.query).get("group", [""])[0]
+    return (parts.path.strip("/"), group) if parts.scheme == "kafka" and group else None
+
+
+def group_offsets(directory: str | Path, uri: str) -> dict[tuple[str, int], tuple[int, str]]:
+    """Per partition, the furthest next offset any checkpoint of `uri`'s group in `directory`
+    covers, written while acquiring, and the file that says so. Only the small `meta` entry of
+    each file is read."""
+    me = group_of(uri)
+    out: dict[tuple[str, int], tuple[int, str]] = {}
+    if me is None:
+        return out
+    for path in sorted(Path(directory).glob("*.npz")):
+        try:
+            with np.load(path) as z:
+                meta = json.loads(bytes(z["meta"]).decode())
+        except Exception as exc:  # being replaced, damaged, not ours: its owner deals with it
+            log.debug("checkpoint %s not read: %s", path, exc)
+            continue
+        if group_of(str(meta.get("uri", ""))) != me or not meta.get("running"):
+            continue  # a worker that stopped in order handed over and committed: its commit says it all
+        for t, p, _, last in meta.get("offsets", []):
+            k = (str(t), int(p))
+            if k not in out or int(last) + 1 > out[k][0]:
+                out[k] = (int(last) + 1, path.stem)
+    return out
 
 
 def next_offsets(offsets: dict) -> dict[tuple[str, int], int]:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from livehist.components.checkpoint import Checkpoint, next_offsets, path_for
+from livehist.components.checkpoint import Checkpoint, group_offsets, next_offsets, path_for
 from livehist.engine import Engine, Snapshot
 from livehist.engine.sources import SourceError, open_source
 from livehist.engine.sources.kafka_group import GroupWorkerSource
@@ -282,9 +282,10 @@ class Histogrammer:
             from livehist.engine.sources.kafka import KafkaSource
 
             if isinstance(source, KafkaSource):
-                source = GroupWorkerSource(uri, handover=self._handover)
                 if self.checkpoint is None or self.checkpoint.uri != uri:
                     self.checkpoint = Checkpoint(path_for(self.name, self.checkpoint_dir), uri)
+                folder = self.checkpoint.path.parent  # the group's other workers checkpoint here too
+                source = GroupWorkerSource(uri, handover=self._handover, peers=lambda: group_offsets(folder, uri))
         return source
 
     def _handover(self) -> dict:

@@ -171,6 +171,18 @@ def _source(layout: Layout) -> str:
         spare = f"c{k}.size - 1"  # the spare cell of direct counts
         if s.kind == "tof":
             ok, cell = None, U(f"b{g}")  # bin nb is the spare cell
+        elif s.kind == "roi" and not s.stage:  # note the events in the ROI's span; test the mask after
+            j = U("j")
+            loop += [f"q = p - f{k}", f"wq{k}[{U(f'k{k}')}] = q",
+                     f"wb{k}[{U(f'k{k}')}] = {'i' if g in lazy_axes else f'b{g}'}", f"k{k} += (q >= 0) & (q < n{k})"]
+            scatter += [f"for j in range(k{k}):", f"    qq = wq{k}[{j}]",
+                        f"    b = bin{g}(tof[{U(f'wb{k}[{j}]')}], e{g}, lo{g}, s{g}, nb{g})" if g in lazy_axes
+                        else f"    b = wb{k}[{j}]",
+                        f"    ok = (((m{k}[{U('qq >> 3')}] >> (qq & 7)) & 1) == 1) & (b >= 0) & (b < nb{g})",
+                        f"    c{k}[{U('b')}] += ok", f"    in{k} += ok"]  # fmt: skip
+            head += [f"wq{k} = np.empty({CHUNK}, np.int64)", f"wb{k} = np.empty({CHUNK}, np.int64)", f"in{k} = 0"]
+            tail.append(f"inside[{k}] += in{k}")
+            continue
         else:
             loop += [f"q = p - f{k}", f"ok = (q >= 0) & (q < n{k})"]
             if s.kind == "roi":  # one bit per pixel of the ROI's span: 25 KiB for 200x200 of 1000 wide
@@ -209,7 +221,7 @@ def _source(layout: Layout) -> str:
             tail += [f"inside[{k}] += stop - start - c{k}[{spare}]", f"c{k}[{spare}] = 0"]
     body = ["    " + x for x in head]
     body += [f"    for ch in range(start, stop, {CHUNK}):"]
-    body += [f"        k{k} = 0" for k, s in enumerate(layout.slots) if s.stage]
+    body += [f"        k{k} = 0" for k, s in enumerate(layout.slots) if s.stage or s.kind == "roi"]
     body += [f"        for i in range(ch, min(ch + {CHUNK}, stop)):", "            u = np.uint64(i)"]
     body += (
         ["            " + x for x in loop] + ["        " + x for x in scatter] + ["    " + x for x in tail]

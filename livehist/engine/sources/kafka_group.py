@@ -3,9 +3,12 @@
 `KafkaSource` with these changes, for an owner that checkpoints its counts (the histogrammer
 component with a checkpoint file, issue 19):
 - paced: Kafka keeps the data, so a full queue waits instead of dropping (a drop would be a loss);
-- on assignment, each partition starts at the later of the group's committed offset and the
-  owner's checkpoint (`start_from`): a survivor that went on is not counted again, and our own
-  counts past a commit that did not land are not counted twice;
+- on assignment, each partition starts at the latest of the group's committed offset, the
+  owner's checkpoint (`start_from`) and the checkpoints of the group's other workers
+  (`peers()`): a survivor that went on is not counted again, our own counts past a commit that
+  did not land are not counted twice, and neither are those of a worker that was killed after
+  its checkpoint and before its commit reached the broker (its checkpoint holds them, and it
+  adds them back when it restarts);
 - before partitions are revoked (a rebalance) and when consumption ends, the owner's
   `handover()` waits until everything fed is histogrammed, writes a checkpoint and returns
   the next offsets, which are committed synchronously before the partitions go;
@@ -26,9 +29,15 @@ log = logging.getLogger("livehist.engine.sources.kafka_group")
 class GroupWorkerSource(KafkaSource):
     paced = True
 
-    def __init__(self, uri: str, handover: Callable[[], dict[Key, int]] | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        handover: Callable[[], dict[Key, int]] | None = None,
+        peers: Callable[[], dict[Key, tuple[int, str]]] | None = None,
+    ) -> None:
         super().__init__(uri)
         self.handover = handover
+        self.peers = peers  # per partition: the furthest next offset a group checkpoint covers, and whose
         self.assigned: set[Key] = set()
         self.committed: dict[Key, int] = {}  # the last offsets this worker committed
         self.notes: list[str] = []  # what an operator should know (a commit that did not land)
@@ -72,6 +81,7 @@ class GroupWorkerSource(KafkaSource):
         except Exception as exc:  # no answer: start as a plain group member would
             log.warning("committed offsets not read (%s): starting from the checkpoint or `start`", exc)
             committed = {}
+        peers = self._peer_positions(consumer, keys)
         out, rest = [], []
         for k in keys:
             mine, group = self._resume.get(k), committed.get(k, -1)
@@ -80,7 +90,13 @@ class GroupWorkerSource(KafkaSource):
                         "(our last commit did not land); reading on from the checkpoint")  # fmt: skip
                 log.warning(note)
                 self.notes.append(note)
-            known = [x for x in (mine, group) if x is not None and x >= 0]
+            peer, who = peers.get(k, (None, ""))
+            if peer is not None and peer > max(group, mine if mine is not None else -1):
+                note = (f"{k[0]}[{k[1]}]: the group's commit is at {group}, but {who}'s checkpoint covers "
+                        f"it up to {peer} (its commit did not land before it stopped); reading on from {peer}")  # fmt: skip
+                log.warning(note)
+                self.notes.append(note)
+            known = [x for x in (mine, group, peer) if x is not None and x >= 0]
             if known:
                 out.append(TopicPartition(k[0], k[1], max(known)))
             else:
@@ -89,6 +105,32 @@ class GroupWorkerSource(KafkaSource):
         self.assigned |= set(keys)
         log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in out))
         consumer.assign(out)
+
+    def _peer_positions(self, consumer, keys: list[Key]) -> dict[Key, tuple[int, str]]:
+        """The group's other checkpoints, cut to what the topic holds: an offset past a
+        partition's end is from a topic deleted and created again, and is ignored."""
+        from confluent_kafka import TopicPartition
+
+        if self.peers is None:
+            return {}
+        try:
+            peers = {k: v for k, v in self.peers().items() if k in keys}
+        except Exception as exc:  # unreadable folder: the group's commits, as before
+            log.warning("the group's checkpoints not read (%s): starting from the group's commits", exc)
+            return {}
+        out = {}
+        for k, (offset, who) in peers.items():
+            try:
+                _, high = consumer.get_watermark_offsets(TopicPartition(*k), timeout=5.0)
+            except Exception as exc:
+                log.warning("%s[%d]: end offset not read (%s): %s's checkpoint ignored", k[0], k[1], exc, who)
+                continue
+            if offset > high:
+                log.warning("%s[%d]: %s's checkpoint says %d, past the partition's end %d (a topic created "
+                            "anew?): ignored", k[0], k[1], who, offset, high)  # fmt: skip
+                continue
+            out[k] = (offset, who)
+        return out
 
     def _on_revoke(self, consumer, partitions) -> None:
         keys = {(tp.topic, tp.partition) for tp in partitions}
