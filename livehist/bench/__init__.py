@@ -25,7 +25,24 @@ def bench(as_json: bool = False, quick: bool = False, say=print, only: list[str]
         raise LivehistError(f"--only {unknown[0]!r} is not a section; choose from {', '.join(SECTIONS)}")
     ROWS.clear()
     info = machine()
+    import signal
+
+    def _interrupted(signum, frame):  # a bench stopped with kill still prints what it measured
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, _interrupted)
     say(f"livehist bench on {info}") if not as_json else None
+    try:
+        _sections(only, as_json, quick, say)
+    except KeyboardInterrupt as exc:
+        say(f"livehist bench: interrupted ({exc or 'Ctrl-C'}); the rows measured so far:")
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        _report(info, as_json, say)
+    return ROWS
+
+
+def _sections(only: list[str], as_json: bool, quick: bool, say) -> None:
     pairs = 5 if quick else 11
     if "engine" in only:
         from livehist.bench.engine import engine_kernels
@@ -73,6 +90,9 @@ def bench(as_json: bool = False, quick: bool = False, say=print, only: list[str]
         from livehist.bench.sardana import sardana_figures
 
         sardana_figures(_row, quick)
+
+
+def _report(info: str, as_json: bool, say) -> None:
     if as_json:
         say(json.dumps({"machine": info, "rows": ROWS}, indent=1))
     else:
@@ -93,4 +113,3 @@ def bench(as_json: bool = False, quick: bool = False, say=print, only: list[str]
                     f"dropped messages {r['dropped_messages']}")  # fmt: skip
             if "detail" in r:
                 say(f"     {r['figure']}: {r['detail']}")
-    return ROWS

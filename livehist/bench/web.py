@@ -5,6 +5,13 @@
   a 10 Hz publish of a 1000-bin TOF and a 1024x1024 image (a 512x512 preview); beside it, in
   alternating windows, a plain pytango client's publish -> both arrays read;
 - the device's ingestion with 10 browser sessions open, against none, in alternating pairs.
+  A session is a WebSocket client taking every frame the service sends, as a page does before
+  it draws (a helper process at nice 19). The browsers' own drawing happens on the users'
+  machines, not the device's host: measured here, one headless chromium page drawing at
+  10 Hz takes 0.4 of a core even at nice 19 (chromium, run as root, raises its own priority),
+  and chromium could not open 10 drawing pages on these 2 cores (the 7th page took 133 s, the
+  8th never opened). So the row measures what 10 sessions cost the device through the
+  service, and the latency row above measures a real browser.
 """
 
 from __future__ import annotations
@@ -95,43 +102,54 @@ def _plain_client_latencies(url: str, seconds: float) -> list[float]:
     return out
 
 
-def _ingest(p, producer_seconds: float, sessions: int, pw, url: str | None) -> tuple[float, bool, float, int]:
-    """Events/s while `sessions` pages show the device (0: no page), lossless?, page paints/s."""
+SESSIONS = """
+import asyncio, json, sys, time
+import websockets
+
+async def session(url, counts, i):
+    async with websockets.connect(url, max_size=None) as ws:
+        async for frame in ws:
+            counts[i] += len(frame)
+
+async def main(url, n):
+    counts = [0] * n
+    tasks = [asyncio.create_task(session(url, counts, i)) for i in range(n)]
+    while True:  # one line per second: bytes each session has taken
+        await asyncio.sleep(1.0)
+        print(json.dumps(counts), flush=True)
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def _ingest(p, producer_seconds: float, sessions: int, url: str | None) -> tuple[float, bool, int]:
+    """Events/s with `sessions` WebSocket sessions open (0: none); lossless?; sessions fed."""
+    import subprocess
+
     producer = Producer(producer_seconds)
-    pages = []
+    helper = None
     try:
         p.Stop()
         p.put_property({"EventSource": [f"zmq://127.0.0.1:{producer.port}"]})
         p.Init()
         p.Reset()
         p.Start()
-        for _ in range(sessions):  # one browser per session, as 10 users would have (10 pages in
-            # one headless chromium made it close itself on this machine)
-            b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = b.new_page(viewport={"width": 1300, "height": 1000})
-            page.goto(url, wait_until="domcontentloaded", timeout=120_000)
-            pages.append(page)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not all(pg.evaluate(PAINTS) for pg in pages):
-            time.sleep(0.5)  # every page has drawn an image (or a minute went by: counted below)
-        time.sleep(4.0)  # the pages open and draw (the same wait without them)
-        before = [pg.evaluate(PAINTS) for pg in pages]
-        t0 = time.monotonic()
+        if sessions:
+            ws_url = url.replace("http://", "ws://") + "ws"
+            helper = subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", SESSIONS, ws_url, str(sessions)],
+                                      stdout=subprocess.PIPE, text=True)  # fmt: skip
+        time.sleep(4.0)  # the sessions open and take the current frames (the same wait without them)
+        taken0 = json.loads(helper.stdout.readline()) if helper else []
         sent, took = producer.run(lambda: p.EventCount, lambda: p.DroppedMessageCount)
-        painted = [pg.evaluate(PAINTS) for pg in pages]
-        paint_rate = (
-            float(np.mean([b - a for a, b in zip(before, painted, strict=True)])) / (time.monotonic() - t0)
-            if pages
-            else 0.0
-        )
+        taken1 = json.loads(helper.stdout.readline()) if helper else []
         p.Stop()
         counted = p.EventCount
-        drawing = sum(b > a for a, b in zip(before, painted, strict=True))
-        return counted / took, counted == sent["events"] and p.DroppedMessageCount == 0, paint_rate, drawing
+        fed = sum(b > a for a, b in zip(taken0, taken1, strict=True))
+        return counted / took, counted == sent["events"] and p.DroppedMessageCount == 0, fed
     finally:
-        for pg in pages:
-            with contextlib.suppress(Exception):
-                pg.context.browser.close()
+        if helper is not None:
+            helper.kill()
+            helper.wait()
         producer.close()
 
 
@@ -189,24 +207,26 @@ def web_figures(row, quick: bool = False) -> None:
             # 2. ingestion with 10 browser sessions against none, alternating pairs (a browser
             # that dies on a loaded machine makes the row a MISS saying so, not the bench fail)
             try:
-                seconds = 3.0 if quick else 12.0
+                seconds = 3.0 if quick else 10.0
                 runs: dict[str, list] = {"none": [], "ten": []}
-                for _ in range(1 if quick else 3):
-                    runs["none"].append(_ingest(p, seconds, 0, pw, None))
-                    runs["ten"].append(_ingest(p, seconds, 10, pw, url))
+                for _ in range(1 if quick else 5):
+                    runs["none"].append(_ingest(p, seconds, 0, None))
+                    runs["ten"].append(_ingest(p, seconds, 10, url))
                 none = float(np.median([r[0] for r in runs["none"]]))
                 ten = float(np.median([r[0] for r in runs["ten"]]))
                 lossless = all(r[1] for rs in runs.values() for r in rs)
                 ratios = [b[0] / a[0] for a, b in zip(runs["none"], runs["ten"], strict=True)]
+                pairs = {"ratio": float(np.median(ratios)), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                         "ratios": ratios}  # fmt: skip
                 row("EventHistogrammer ingest at a 10 Hz publish with `livehist web` + 10 browser sessions "
-                    "(median of alternated runs)", ten, "events/s", "same with livehist web running and no browser (same run)", none,
-                    ">= 90% of that, zero loss", ten >= 0.9 * none and lossless)  # fmt: skip
+                    "(WebSocket clients taking every frame, nice 19; alternated runs)", ten, "events/s",
+                    "same with livehist web running and no session (same run)", none,
+                    ">= 90% of that, zero loss", pairs["ratio"] >= 0.9 and lossless, pairs=pairs)  # fmt: skip
                 common.ROWS[-1]["detail"] = (
                     "pairs (none, ten sessions): "
                     + ", ".join(f"{a[0]:.3g}/{b[0]:.3g}" for a, b in zip(runs["none"], runs["ten"], strict=True))
                     + f"; ratio median {np.median(ratios):.2f}, spread {min(ratios):.2f}-{max(ratios):.2f}; "
-                    + "images painted per page per s: " + ", ".join(f"{r[2]:.1f}" for r in runs["ten"])
-                    + "; pages drawing during the run: " + ", ".join(f"{r[3]}/10" for r in runs["ten"])
+                    + "sessions fed during the run: " + ", ".join(f"{r[2]}/10" for r in runs["ten"])
                 )  # fmt: skip
             except Exception as exc:  # noqa: BLE001 (playwright raises its own error types)
                 row("EventHistogrammer ingest at a 10 Hz publish with `livehist web` + 10 browser sessions",
