@@ -93,8 +93,9 @@ def _xvfb():
     return f":{n}", proc
 
 
-def _ingest_at_10_hz(p, seconds: float, with_panel: bool, site) -> tuple[float, bool, float | None]:
-    """Events/s, lossless, and the panel's image redraws per second (None without a panel)."""
+def _ingest_at_10_hz(p, seconds: float, with_panel: bool, site, nice: int = 0) -> tuple[float, bool, float | None]:
+    """Events/s, lossless, and the panel's image redraws per second (None without a panel).
+    `nice`: the panel and the listener run at that niceness (19: as if on another host)."""
     import os
     import subprocess
     import sys
@@ -111,7 +112,7 @@ def _ingest_at_10_hz(p, seconds: float, with_panel: bool, site) -> tuple[float, 
         if with_panel:
             display, xvfb = _xvfb()
             env = dict(os.environ, TANGO_HOST=site.tango_host)
-            cli = [sys.executable, "-m", "livehist.cli"]
+            cli = [*(["nice", "-n", str(nice)] if nice else []), sys.executable, "-m", "livehist.cli"]
             helpers.append(subprocess.Popen([*cli, "listen", endpoint, "--seconds", str(seconds + 20)], env=env,
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
             if display:  # it closes itself just after the measurement and says how often it drew
@@ -180,24 +181,33 @@ def device_figures(engine_rate: float, seconds: float, row, rows: list[dict]) ->
                 f"; reads retried after a timeout: {RETRIES}" if RETRIES else "")  # fmt: skip
 
             # 1b. at a 10 Hz publish: nothing else, then a Taurus panel + hs01 re-stream + a listener,
-            # alternated (3 pairs in the full bench: one pair on a shared machine is mostly noise)
-            runs: dict[str, list] = {"plain": [], "panel": []}
+            # then the same with the panel and listener at nice 19, alternated (3 rounds in the full
+            # bench: one on a shared machine is mostly noise). The panel's own drawing (Qt painting
+            # in software on Xvfb, measured 0.3 of a core at 6-7 redraws/s) takes the device's CPU
+            # when both share 2 cores; at nice 19 it stands for a panel on a control-room machine.
+            runs: dict[str, list] = {"plain": [], "panel": [], "niced": []}
             for _ in range(3 if seconds > 5 else 1):
-                for case in ("plain", "panel"):
-                    runs[case].append(_ingest_at_10_hz(p, min(seconds, 15.0), case == "panel", site))
+                for case in ("plain", "panel", "niced"):
+                    runs[case].append(_ingest_at_10_hz(p, min(seconds, 15.0), case != "plain", site,
+                                                       nice=19 if case == "niced" else 0))  # fmt: skip
             plain = float(np.median([r[0] for r in runs["plain"]]))
-            panel = float(np.median([r[0] for r in runs["panel"]]))
             lossless = all(r[1] for rs in runs.values() for r in rs)
-            row("EventHistogrammer ingest at a 10 Hz publish with a Taurus panel + hs01 re-stream + listener "
-                "(median of alternated runs)", panel, "events/s", "same at 10 Hz with neither (same run)", plain,
-                ">= 90% of that, zero loss", panel >= 0.9 * plain and lossless)  # fmt: skip
-            redraws = [r[2] for r in runs["panel"] if r[2] is not None]
-            rows[-1]["detail"] = (
-                "pairs (plain, with panel): "
-                + ", ".join(f"{a[0]:.3g}/{b[0]:.3g}" for a, b in zip(runs["plain"], runs["panel"], strict=True))
-                + (f"; panel image redraws/s over its whole life (start-up included): {', '.join(f'{r:.1f}' for r in redraws)}" if redraws
-                   else "; no display: the panel did not run")
-            )  # fmt: skip
+            for case, label in (("panel", "a Taurus panel + hs01 re-stream + listener on the same 2 cores"),
+                                ("niced", "a Taurus panel + hs01 re-stream + listener at nice 19")):  # fmt: skip
+                ratios = [b[0] / a[0] for a, b in zip(runs["plain"], runs[case], strict=True)]
+                pairs = {"ratio": float(np.median(ratios)), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                         "ratios": ratios}  # fmt: skip
+                value = float(np.median([r[0] for r in runs[case]]))
+                row(f"EventHistogrammer ingest at a 10 Hz publish with {label} (alternated runs)", value, "events/s",
+                    "same at 10 Hz with neither (same run)", plain, ">= 90% of that, zero loss",
+                    pairs["ratio"] >= 0.9 and lossless, pairs=pairs)  # fmt: skip
+                redraws = [r[2] for r in runs[case] if r[2] is not None]
+                rows[-1]["detail"] = (
+                    "runs (plain, with panel): "
+                    + ", ".join(f"{a[0]:.3g}/{b[0]:.3g}" for a, b in zip(runs["plain"], runs[case], strict=True))
+                    + (f"; panel image redraws/s over its whole life (start-up included): {', '.join(f'{r:.1f}' for r in redraws)}" if redraws
+                       else "; no display: the panel did not run")
+                )  # fmt: skip
 
             # 2. reads of the 10^6-pixel image (int64, 8 MB), idle and while RUNNING
             idle = _reads_per_second(p, "image", 2.0)
