@@ -183,7 +183,9 @@ def test_a_worker_restarts_from_its_checkpoint_and_refuses_foreign_or_damaged_on
         other.close()
 
 
-def test_a_survivor_starts_after_what_a_killed_worker_checkpointed_but_never_committed(kafka_broker, tmp_path):
+def test_a_survivor_starts_after_what_a_killed_worker_checkpointed_but_never_committed(
+    kafka_broker, tmp_path
+):
     """The window of issue 19's test: a worker killed after its checkpoint is renamed and before its
     commit reaches the broker. Its partitions go to a survivor, which must read on from the
     checkpoint (the killed worker adds those counts back when it restarts), not from the commit."""
@@ -232,3 +234,50 @@ def test_a_survivor_starts_after_what_a_killed_worker_checkpointed_but_never_com
         b.close()
         if a2 is not None:
             a2.close()
+
+
+def test_the_group_checkpoints_a_survivor_trusts_and_those_it_does_not(kafka_broker, tmp_path):
+    """A checkpoint past a partition's end (a topic made anew), one of a worker that stopped in
+    order (it committed), another group's, and a file that is not a checkpoint: none moves where
+    a worker starts; each partition is read from its start here (no commit, start=earliest)."""
+    from livehist.components.checkpoint import group_offsets, path_for
+    from livehist.components.histogrammer import Histogrammer
+
+    topic = kafka_topic(kafka_broker, 2)
+    uri = f"kafka://{kafka_broker}/{topic}?group=g-{topic}&start=earliest"
+
+    def fake(device: str, uri: str, running: bool, last: int) -> None:
+        meta = {
+            "version": 1,
+            "uri": uri,
+            "running": running,
+            "offsets": [[topic, 0, 0, last], [topic, 1, 0, last]],
+        }
+        path = path_for(device, tmp_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+
+    fake("test/old/1", uri, True, 10**6)  # past the end: the topic was made anew
+    fake("test/done/1", uri, False, 3)  # stopped in order: its commit says it all
+    fake("test/other/1", uri.replace("group=", "group=x-"), True, 3)  # another group
+    path_for("test/junk/1", tmp_path).write_bytes(b"not a zip")
+    assert group_offsets(tmp_path, uri) == {
+        (topic, 0): (10**6 + 1, "test_old_1"),
+        (topic, 1): (10**6 + 1, "test_old_1"),
+    }
+    producer = Producer({"bootstrap.servers": kafka_broker})
+    sent = [_events(100 + i, 200 + i) for i in range(8)]
+    for i, b in enumerate(sent):
+        producer.produce(topic, encode_ev44(b, i), partition=i % 2)
+    producer.flush(30)
+    w = Histogrammer(
+        uri, json.dumps([TOF]), publish_period=0.2, name="test/ck/c", checkpoint_dir=str(tmp_path)
+    )
+    try:
+        w.start()
+        wait_for(lambda: w.engine.messages >= 8, what="every message")
+        time.sleep(0.5)
+        assert w.engine.messages == 8 and w.engine.events == sum(len(b) for b in sent)
+    finally:
+        w.close()

@@ -93,7 +93,9 @@ def _xvfb():
     return f":{n}", proc
 
 
-def _ingest_at_10_hz(p, seconds: float, with_panel: bool, site, nice: int = 0) -> tuple[float, bool, float | None]:
+def _ingest_at_10_hz(
+    p, seconds: float, with_panel: bool, site, nice: int = 0
+) -> tuple[float, bool, float | None]:
     """Events/s, lossless, and the panel's image redraws per second (None without a panel).
     `nice`: the panel and the listener run at that niceness (19: as if on another host)."""
     import os

@@ -285,7 +285,9 @@ class Histogrammer:
                 if self.checkpoint is None or self.checkpoint.uri != uri:
                     self.checkpoint = Checkpoint(path_for(self.name, self.checkpoint_dir), uri)
                 folder = self.checkpoint.path.parent  # the group's other workers checkpoint here too
-                source = GroupWorkerSource(uri, handover=self._handover, peers=lambda: group_offsets(folder, uri))
+                source = GroupWorkerSource(
+                    uri, handover=self._handover, peers=lambda: group_offsets(folder, uri)
+                )
         return source
 
     def _handover(self) -> dict:
