@@ -136,6 +136,20 @@ def _events(n: int, seed: int) -> EventBatch:
                       np.array([T0 + seed * PULSE], np.int64), np.array([0], np.int64))  # fmt: skip
 
 
+def _send(producer, topic: str, batches: list[EventBatch], first: int = 0, partitions: int = 2) -> None:
+    """Message i (numbered from `first`) to partition i % partitions, all acknowledged."""
+    for i, b in enumerate(batches, first):
+        producer.produce(topic, encode_ev44(b, i), partition=i % partitions)
+    producer.flush(30)
+
+
+def _crash(h) -> None:
+    """As SIGKILL leaves a worker: nothing more written, no hand-over, no commit."""
+    h.checkpoint = None
+    h._source.handover = None
+    h.close()
+
+
 def test_a_worker_restarts_from_its_checkpoint_and_refuses_foreign_or_damaged_ones(kafka_broker, tmp_path):
     from livehist.components.checkpoint import path_for
     from livehist.components.histogrammer import Histogrammer
@@ -150,19 +164,13 @@ def test_a_worker_restarts_from_its_checkpoint_and_refuses_foreign_or_damaged_on
     assert h1.state == "ON" and path.with_suffix(".damaged").exists()
     producer = Producer({"bootstrap.servers": kafka_broker})
     sent = [_events(500 + i, i) for i in range(20)]
-    for i, b in enumerate(sent[:10]):
-        producer.produce(topic, encode_ev44(b, i), partition=i % 2)
-    producer.flush(30)
+    _send(producer, topic, sent[:10])
     h1.start()
     wait_for(lambda: h1.engine.events == sum(len(b) for b in sent[:10]), what="the first half")
     wait_for(lambda: path.exists() and h1.checkpoint.written >= 2, what="a checkpoint")
     time.sleep(0.5)  # a publish (checkpoint + commit) after the last message
-    h1.checkpoint = None  # a crash: nothing more is written, no hand-over
-    h1._source.handover = None
-    h1.close()
-    for i, b in enumerate(sent[10:], 10):
-        producer.produce(topic, encode_ev44(b, i), partition=i % 2)
-    producer.flush(30)
+    _crash(h1)
+    _send(producer, topic, sent[10:], 10)
     h2 = Histogrammer(uri, hists, publish_period=0.2, name="test/ck/1", checkpoint_dir=str(tmp_path))
     try:
         assert h2.running  # it was acquiring: it goes on
@@ -196,21 +204,15 @@ def test_a_survivor_starts_after_what_a_killed_worker_checkpointed_but_never_com
     hists = json.dumps([TOF, IMAGE])
     producer = Producer({"bootstrap.servers": kafka_broker})
     sent = [_events(300 + i, 100 + i) for i in range(20)]
-    for i, b in enumerate(sent[:10]):
-        producer.produce(topic, encode_ev44(b, i), partition=i % 2)
-    producer.flush(30)
+    _send(producer, topic, sent[:10])
     a = Histogrammer(uri, hists, publish_period=0.2, name="test/ck/a", checkpoint_dir=str(tmp_path))
     a.start()
     a._source.commit = lambda *args, **kw: None  # the kill comes before any commit reaches the broker
     wait_for(lambda: a.engine.events == sum(len(b) for b in sent[:10]), what="the first half")
     first = sum(len(b) for b in sent[:10])
     wait_for(lambda: a.checkpoint.read()["counters"]["events"] == first, what="a checkpoint of it")
-    a.checkpoint = None  # SIGKILL: nothing more is written, no hand-over, no commit
-    a._source.handover = None
-    a.close()
-    for i, b in enumerate(sent[10:], 10):
-        producer.produce(topic, encode_ev44(b, i), partition=i % 2)
-    producer.flush(30)
+    _crash(a)
+    _send(producer, topic, sent[10:], 10)
     b = Histogrammer(uri, hists, publish_period=0.2, name="test/ck/b", checkpoint_dir=str(tmp_path))
     a2 = None
     try:
@@ -268,9 +270,7 @@ def test_the_group_checkpoints_a_survivor_trusts_and_those_it_does_not(kafka_bro
     }
     producer = Producer({"bootstrap.servers": kafka_broker})
     sent = [_events(100 + i, 200 + i) for i in range(8)]
-    for i, b in enumerate(sent):
-        producer.produce(topic, encode_ev44(b, i), partition=i % 2)
-    producer.flush(30)
+    _send(producer, topic, sent)
     w = Histogrammer(
         uri, json.dumps([TOF]), publish_period=0.2, name="test/ck/c", checkpoint_dir=str(tmp_path)
     )
