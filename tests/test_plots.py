@@ -42,3 +42,15 @@ def test_panel_downsamples_huge_images_for_display():
     assert downsample(image).shape == (500, 333)  # the panel's default: at most 512 per side
     small = np.ones((128, 128))
     assert downsample(small) is small
+
+
+def test_panel_scales_move_in_nice_steps_not_with_every_update():
+    from livehist.views.panel import NICE, nice_top
+
+    assert [nice_top(v) for v in (0, 0.2, 1, 1.01, 7, 9.5, 11, 119, 120.5, 999, 1001)] == [
+        1, 1, 1, 1.2, 8, 10, 12, 120, 150, 1000, 1200]  # fmt: skip
+    assert nice_top(2.5e9) == 2.5e9 and nice_top(np.int64(3_000_001)) == 4e6
+    # counts growing one by one from 1 to 10^6 move a scale only 6 x 10 times, never down
+    tops = [nice_top(v) for v in range(1, 1_000_001, 7)]
+    assert len(set(tops)) <= 6 * (len(NICE) - 1) + 1 and tops == sorted(tops)
+    assert all(t >= v for t, v in zip(tops, range(1, 1_000_001, 7), strict=True))

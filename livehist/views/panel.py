@@ -36,6 +36,23 @@ COUNTERS = (
 MAX_DISPLAY = 512  # image pixels per side drawn (about what a panel shows); larger ones are block-summed
 
 
+NICE = (1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0)
+
+
+def nice_top(value: float) -> float:
+    """The smallest of 1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8 x 10^k at or above `value` (at least 1).
+
+    Plot ranges and colour levels move in these steps, not with every update: pyqtgraph then
+    keeps its axis pictures (regenerating an axis's ticks and labels is a fifth of what a
+    panel costs at 10 redraws/s), and the scale stays readable while counts grow."""
+    value = max(float(value), 1.0)
+    decade = 10.0 ** np.floor(np.log10(value))
+    for step in NICE:
+        if step * decade >= value * (1 - 1e-12):
+            return step * decade
+    return 10.0 * decade
+
+
 def downsample(image: np.ndarray, limit: int = MAX_DISPLAY) -> np.ndarray:
     from livehist.engine.preview import block_sum
 
@@ -99,6 +116,7 @@ def _make_panel_class():
             super().__init__()
             self.device, self.metadata, self.trace = device, metadata, trace
             self._last_state = None
+            self._following: dict = {}  # plot -> the y range it was last given (None: not yet)
             self.setWindowTitle(f"livehist: {device}")
             self._pending = None
             self.redraws = 0
@@ -124,6 +142,7 @@ def _make_panel_class():
             self.image_item = pg.ImageItem(axisOrder="row-major")
             self.image_view.addItem(self.image_item)
             self.colour_bar = pg.ColorBarItem(values=(0, 1), colorMap=pg.colormap.get("viridis"))
+            self._colour_top = 1.0
             self.colour_bar.setImageItem(self.image_item, insert_in=self.image_view.getPlotItem())
             layout.addWidget(self.image_view, 1, 1)
             self.roi_plot = TaurusPlot()
@@ -147,7 +166,7 @@ def _make_panel_class():
             except Exception:  # no such device, or its server is down: say so, Taurus retries
                 self.stateArrived.emit("DOWN")
             self._timer = Qt.QTimer(self)  # coalesces image events: at most 10 redraws per second
-            self._timer.timeout.connect(self._flush_image)
+            self._timer.timeout.connect(self._tick)
             self._timer.start(100)
 
         @staticmethod
@@ -179,6 +198,8 @@ def _make_panel_class():
             # x: the N+1 bin edges in the TOF unit (the PNGs' axis), y: the N counts, drawn as steps
             self.tof_plot.setModel([(f"{self.device}/{n}_edges", f"{self.device}/{n}") for n in spectra])
             self.roi_plot.setModel([(f"{self.device}/{n}_edges", f"{self.device}/{n}") for n in rois])
+            for plot in (self.tof_plot, self.roi_plot):
+                self._follow(plot)
             units = {s["name"]: (s.get("tof") or {}).get("unit", "ns") for s in specs}
             for plot, names in ((self.tof_plot, spectra), (self.roi_plot, rois)):
                 for item in plot.getPlotItem().listDataItems():
@@ -203,6 +224,42 @@ def _make_panel_class():
         def _set_log_y(self, on: bool) -> None:
             for plot in (self.tof_plot, self.roi_plot):
                 plot.getPlotItem().setLogMode(y=on)
+                self._follow(plot)
+
+        def _follow(self, plot) -> None:
+            """The panel sets this plot's range itself (see `_fit`); pyqtgraph's autorange
+            would move it, and relabel the axes, with every update. A user's zoom or pan
+            stops the following; the plot's "A" (auto-range) button starts it again."""
+            vb = plot.getPlotItem().getViewBox()
+            vb.disableAutoRange()
+            self._following[plot] = None
+            if not getattr(plot, "_livehist_hooked", False):
+                vb.sigRangeChangedManually.connect(lambda *_: self._following.pop(plot, None))
+                plot._livehist_hooked = True
+
+        def _fit(self, plot) -> None:
+            vb = plot.getPlotItem().getViewBox()
+            if any(vb.autoRangeEnabled()):  # the "A" button: back to following
+                self._follow(plot)
+            if plot not in self._following:
+                return
+            xs, ys = [], []
+            for item in plot.getPlotItem().listDataItems():
+                x, y = item.xData, item.yData
+                if x is not None and y is not None and len(x) and len(y):
+                    xs.append((float(np.min(x)), float(np.max(x))))
+                    ys.append(float(np.nanmax(y)) if np.size(y) else 0.0)
+            if not xs:
+                return
+            x0, x1 = min(a for a, _ in xs), max(b for _, b in xs)
+            top = nice_top(max(ys) * 1.05)
+            log = plot.getPlotItem().ctrl.logYCheck.isChecked()
+            y0, y1 = (-0.2, float(np.log10(top))) if log else (0.0, top)
+            pad = 0.03 * (y1 - y0)  # the top tick label and the zero line stay inside the frame
+            want = (x0, x1, y0 - (0.0 if log else pad), y1 + pad)
+            if want != self._following[plot]:
+                self._following[plot] = want
+                vb.setRange(xRange=want[:2], yRange=want[2:], padding=0.0)
 
         def _on_state(self, src, evt_type, evt_value) -> None:
             """Follow the device's state; `--trace` prints each change (DOWN when it is gone)."""
@@ -262,14 +319,21 @@ def _make_panel_class():
         def _draw_image(self, value) -> None:
             self._pending = value  # the latest wins; drawn by the timer
 
+        def _tick(self) -> None:
+            for plot in (self.tof_plot, self.roi_plot):
+                self._fit(plot)
+            self._flush_image()
+
         def _flush_image(self) -> None:
             if self._pending is None:
                 return
             value, self._pending = self._pending, None
             image = downsample(np.asarray(getattr(value, "magnitude", value)))
-            top = float(image.max()) if image.size else 1.0
-            self.image_item.setImage(image, autoLevels=False, levels=(0, max(top, 1.0)))
-            self.colour_bar.setLevels((0, max(top, 1.0)))
+            top = nice_top(float(image.max()) if image.size else 1.0)
+            self.image_item.setImage(image, autoLevels=False, levels=(0, top))
+            if top != self._colour_top:  # the colour bar's axis is redrawn only when its top moves
+                self._colour_top = top
+                self.colour_bar.setLevels((0, top))
             self.redraws += 1
 
     return Panel
