@@ -195,17 +195,35 @@ def test_panel_on_a_huge_image_draws_the_devices_block_sums_at_the_publish_rate(
         "test/huge/1": {"properties": props}}}}}})  # fmt: skip
     h = tango.DeviceProxy(site.url("test/huge/1"))
     h.Start()
+    seen = []
     try:
-        panel = view(site, display, "test/huge/1", "--seconds", "8", "--trace")
-        out, _ = panel.communicate(timeout=90)
+        panel = view(site, display, "test/huge/1", "--seconds", "90", "--trace")
+        for line in panel.stdout:  # the panel's curves are made: 1000 TOF bins
+            seen.append(line.strip())
+            if line.startswith("curve tof: 1000 bins"):
+                break
+        t0 = time.monotonic()
+        time.sleep(8)
         assert h.state() == tango.DevState.RUNNING
+        h.Configure(props["Histograms"][0].replace('"bins": 1000', '"bins": 250'))  # while it runs
+        for line in panel.stdout:  # the panel notices the new bins and makes its curves again
+            seen.append(line.strip())
+            if line.startswith("curve tof: 250 bins"):
+                break
+        took = time.monotonic() - t0
+        panel.send_signal(signal.SIGUSR1)  # done: it says how often it drew
+        out, _ = panel.communicate(timeout=60)
+        seen += out.splitlines()
     finally:
         h.Stop()
-    assert panel.returncode == 0
-    assert "image: det_preview" in out  # 32 MB per update stay in the device; 2 MB reach the panel
-    redraws = int(next(line for line in out.splitlines() if line.startswith("image redraws")).split()[-1])
-    assert redraws >= 30, out  # about 10 per second once subscribed: the panel keeps up
-    assert h.det_preview.shape == (500, 500)
+        if panel.poll() is None:
+            panel.kill()
+    assert panel.returncode == 0, seen
+    assert "image: det_preview" in seen  # 32 MB per update stay in the device; 2 MB reach the panel
+    assert "curve tof: 250 bins" in seen, seen
+    redraws = int(next(line for line in seen if line.startswith("image redraws")).split()[-1])
+    assert redraws >= 3 * took, seen  # about 10 per second once subscribed: the panel keeps up
+    assert h.det_preview.shape == (500, 500) and h.tof.shape == (250,)
 
 
 STALLED = """

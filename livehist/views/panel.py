@@ -1,15 +1,17 @@
 """`livehist view [DEVICE]`: a Taurus panel on a running EventHistogrammer.
 
-TOF and ROI spectra in taurus_pyqtgraph plots, the detector image with a colour scale,
-counters, state and status, a metadata summary, Start/Stop/Reset buttons. Everything
-follows the device's events (Taurus subscribes; nothing polls at a fixed rate): change events
-for counters, state and spectra, and for the image its DATA_READY events, on which the panel
-reads it (the device pushes no array of 2048 values or more, so that a frozen client cannot
-block it; see devices/histogrammer.py).
-The image is redrawn at most 10 times a second whatever the publish rate; for images over
-512 pixels per side the panel subscribes to the device's `<image>_preview` (block sums made
-in the device), and anything still larger is block-summed here, so the panel never freezes. When the
-device goes away Taurus shows it (State UNKNOWN, values invalid) and reconnects by itself.
+TOF and ROI spectra (x in the TOF unit from `<name>_edges`, log y on demand), the detector
+image with a colour scale, counters, state and status (Taurus labels), a metadata summary
+(a TaurusForm), Start/Stop/Reset (Taurus buttons). Nothing polls at a fixed rate: the panel
+follows the device's `UpdateCounter` change event (one per publish) and then reads counters,
+spectra and image in one `read_attributes` call (the device pushes no array of 2048 values
+or more, so that a frozen client cannot block it; see devices/histogrammer.py). A timer draws
+the latest update at most 10 times a second whatever the publish rate, and plot ranges and
+colour levels move in steps (`nice_top`), so the axes are not redrawn with every update.
+For images over 512 pixels per side the panel reads the device's `<image>_preview` (block
+sums made in the device), and anything still larger is block-summed here, so the panel never
+freezes. When the device goes away the panel shows DOWN (counters "-") and picks the device
+up again by itself when it is back.
 
 Plain Taurus works too, for example:
     taurus form 'tango://HOST:PORT/livehist/histogrammer/1/EventRate' '.../EventCount'
@@ -98,6 +100,14 @@ def view(device: str, metadata: str = "livehist/metadata/1", screenshot: Path | 
     return 0
 
 
+def _text(name: str, value) -> str:
+    if name == "EventRate":
+        return f"{float(value):,.0f} events/s"
+    if name == "ElapsedTime":
+        return f"{float(value):.1f} s"
+    return f"{int(value):,}"
+
+
 def _make_panel_class():
     import pyqtgraph as pg
     import taurus
@@ -106,19 +116,23 @@ def _make_panel_class():
     from taurus.qt.qtgui.button import TaurusCommandButton
     from taurus.qt.qtgui.display import TaurusLabel
     from taurus.qt.qtgui.panel import TaurusForm
-    from taurus_pyqtgraph import TaurusPlot
 
     class Panel(Qt.QWidget):
-        imageArrived = Qt.pyqtSignal(object)
+        dataArrived = Qt.pyqtSignal(object)
         stateArrived = Qt.pyqtSignal(str)
+        reconfigure = Qt.pyqtSignal()
 
         def __init__(self, device: str, metadata: str, trace: bool = False) -> None:
             super().__init__()
             self.device, self.metadata, self.trace = device, metadata, trace
             self._last_state = None
-            self._following: dict = {}  # plot -> the y range it was last given (None: not yet)
+            self._following: dict = {}  # plot -> the range it was last given (absent: the user's own)
             self.setWindowTitle(f"livehist: {device}")
-            self._pending = None
+            self._pending = None  # the latest update read from the device, drawn by the timer
+            self._sub = None  # (proxy, subscription id) of the UpdateCounter change events
+            self._names: list[str] = []  # what one read per update fetches
+            self._curves: dict = {}  # spectrum name -> (curve, its TOF edges)
+            self._image_name = None
             self.redraws = 0
             layout = Qt.QGridLayout(self)
 
@@ -133,7 +147,8 @@ def _make_panel_class():
                 top.addWidget(button)
             layout.addLayout(top, 0, 0, 1, 2)
 
-            self.tof_plot = TaurusPlot()
+            self.tof_plot = pg.PlotWidget()
+            self.tof_plot.addLegend()
             layout.addWidget(self.tof_plot, 1, 0)
             self.log_y = Qt.QCheckBox("log y")
             self.log_y.toggled.connect(self._set_log_y)
@@ -142,84 +157,123 @@ def _make_panel_class():
             self.image_item = pg.ImageItem(axisOrder="row-major")
             self.image_view.addItem(self.image_item)
             self.colour_bar = pg.ColorBarItem(values=(0, 1), colorMap=pg.colormap.get("viridis"))
-            self._colour_top = 1.0
             self.colour_bar.setImageItem(self.image_item, insert_in=self.image_view.getPlotItem())
+            self._colour_top = 1.0
             layout.addWidget(self.image_view, 1, 1)
-            self.roi_plot = TaurusPlot()
+            self.roi_plot = pg.PlotWidget()
+            self.roi_plot.addLegend()
             layout.addWidget(self.roi_plot, 2, 0)
 
             side = Qt.QVBoxLayout()
-            side.addWidget(self._counters(device))
+            side.addWidget(self._counters())
             meta = TaurusForm()
             meta.setModel([f"{metadata}/{a}" for a in ("Proposal", "Title", "SampleName", "DatasetName")])
             side.addWidget(meta)
             box = Qt.QWidget()
             box.setLayout(side)
             layout.addWidget(box, 2, 1)
-            self.configure()
-            self.imageArrived.connect(self._draw_image)
+            self.dataArrived.connect(self._data)
             self.stateArrived.connect(self._state_changed)
+            self.reconfigure.connect(self.configure)
+            self.configure()
             try:
                 self.state_attr = taurus.Attribute(f"{device}/State")
                 self.state_attr.addListener(self._on_state)
                 self.state_attr.read(cache=False)
             except Exception:  # no such device, or its server is down: say so, Taurus retries
                 self.stateArrived.emit("DOWN")
-            self._timer = Qt.QTimer(self)  # coalesces image events: at most 10 redraws per second
+            self._timer = Qt.QTimer(self)  # draws the latest update: at most 10 redraws per second
             self._timer.timeout.connect(self._tick)
             self._timer.start(100)
 
-        @staticmethod
-        def _counters(device: str) -> Qt.QWidget:
-            """One TaurusLabel per counter: they change with every publish (10/s), and a
-            TaurusForm row is three Taurus widgets (name, value, unit) all handling each event."""
+        def _counters(self) -> Qt.QWidget:
+            """Counters as plain labels, filled from the one read per update (six Taurus labels,
+            each handling its own change event ten times a second, cost a quarter of the panel)."""
             box = Qt.QGroupBox("counters")
             grid = Qt.QGridLayout(box)
+            self._counter_labels = {}
             for row, attr in enumerate(COUNTERS):
                 grid.addWidget(Qt.QLabel(attr), row, 0)
-                value = TaurusLabel()
-                value.setAutoTooltip(False)  # a formatted tooltip per event costs more than the text
-                value.setToolTip(f"{device}/{attr}")
-                value.setModel(f"{device}/{attr}")
+                value = Qt.QLabel("-")
+                value.setAlignment(Qt.Qt.AlignRight | Qt.Qt.AlignVCenter)
+                value.setToolTip(f"{self.device}/{attr}")
+                value.setTextInteractionFlags(Qt.Qt.TextSelectableByMouse)
                 grid.addWidget(value, row, 1)
+                self._counter_labels[attr] = value
             return box
 
         def configure(self) -> None:
-            """Models from the device's histogram list (re-read when the list changes)."""
+            """Curves, image source and the one subscription, from the device's histogram
+            list (again when the device comes back or its histograms change)."""
+            import tango
+
+            if self._sub is not None:
+                try:
+                    self._sub[0].unsubscribe_event(self._sub[1])
+                except tango.DevFailed:
+                    pass
+                self._sub = None
+            for plot in (self.tof_plot, self.roi_plot):
+                for item in plot.getPlotItem().listDataItems():
+                    plot.removeItem(item)
+            self._curves, self._names, self._image_name = {}, [], None
             try:
-                specs = json.loads(
-                    taurus.Attribute(f"{self.device}/HistogramConfig").read(cache=False).rvalue
-                )
-            except Exception:
-                specs = []
+                proxy = tango.DeviceProxy(self.device)
+                specs = json.loads(proxy.read_attribute("HistogramConfig").value)
+                names = {n.lower() for n in proxy.get_attribute_list()}
+            except (tango.DevFailed, ValueError, TypeError):
+                return  # the device is away: configure() runs again when it is back
             spectra = [s["name"] for s in specs if s.get("kind") == "tof"]
             rois = [s["name"] for s in specs if s.get("kind") == "roi"]
             images = [s["name"] for s in specs if s.get("kind") in ("image", "pixel_tof")]
-            # x: the N+1 bin edges in the TOF unit (the PNGs' axis), y: the N counts, drawn as steps
-            self.tof_plot.setModel([(f"{self.device}/{n}_edges", f"{self.device}/{n}") for n in spectra])
-            self.roi_plot.setModel([(f"{self.device}/{n}_edges", f"{self.device}/{n}") for n in rois])
-            for plot in (self.tof_plot, self.roi_plot):
-                self._follow(plot)
             units = {s["name"]: (s.get("tof") or {}).get("unit", "ns") for s in specs}
-            for plot, names in ((self.tof_plot, spectra), (self.roi_plot, rois)):
-                for item in plot.getPlotItem().listDataItems():
-                    item.opts["stepMode"] = "center"
-                unit = ", ".join(sorted({units[n] for n in names}))  # in the text: no SI re-prefixing of "us"
+            colours = ("#ff5050", "#50c0ff", "#ffd040", "#60ff60", "#ff80ff", "#ffffff")
+            for plot, group in ((self.tof_plot, spectra), (self.roi_plot, rois)):
+                for i, name in enumerate(group):
+                    try:  # x: the N+1 bin edges in the TOF unit (the PNGs' axis), y: N counts as steps
+                        edges = proxy.read_attribute(f"{name}_edges", extract_as=tango.ExtractAs.Numpy).value
+                    except tango.DevFailed:
+                        continue
+                    curve = plot.plot(edges, np.zeros(max(edges.size - 1, 0)), stepMode="center", name=name,
+                                      pen=colours[i % len(colours)])  # fmt: skip
+                    self._curves[name] = (curve, edges)
+                    if self.trace:
+                        print(f"curve {name}: {edges.size - 1} bins", flush=True)
+                unit = ", ".join(sorted({units[n] for n in group}))  # in the text: no SI re-prefixing of "us"
                 plot.setLabel("bottom", f"time of flight ({unit})" if unit else "time of flight")
                 plot.setLabel("left", "counts")
+                self._follow(plot)
             if images:
-                import tango
-
-                try:  # the device's display-sized block sums, when the image is large
-                    names = {n.lower() for n in tango.DeviceProxy(self.device).get_attribute_list()}
-                except tango.DevFailed:
-                    names = set()
-                preview = f"{images[0]}_preview"
-                source = preview if preview.lower() in names else images[0]
+                preview = f"{images[0]}_preview"  # the device's display-sized block sums of a large image
+                self._image_name = preview if preview.lower() in names else images[0]
                 if self.trace:
-                    print(f"image: {source}", flush=True)
-                self._subscribe_image(source)
+                    print(f"image: {self._image_name}", flush=True)
                 self.image_view.setTitle(f"{images[0]} (counts)")
+            self._names = [*COUNTERS, *self._curves, *([self._image_name] if self._image_name else [])]
+            try:
+                sub = proxy.subscribe_event("UpdateCounter", tango.EventType.CHANGE_EVENT, self._on_update,
+                                            stateless=True)  # fmt: skip
+                self._sub = (proxy, sub)
+            except tango.DevFailed:
+                return
+            self._read(proxy)  # shown now, not at the next publish
+
+        def _on_update(self, event) -> None:  # a PyTango event thread: one read of everything shown
+            if not event.err:
+                self._read(event.device)
+
+        def _read(self, proxy) -> None:
+            import tango
+
+            try:
+                values = proxy.read_attributes(self._names, extract_as=tango.ExtractAs.Numpy)
+            except tango.DevFailed:  # reconfigured or away: the next update or configure() follows
+                return
+            got = {v.name.lower(): v.value for v in values if not v.has_failed and v.value is not None}
+            self.dataArrived.emit(got)
+
+        def _data(self, got: dict) -> None:
+            self._pending = got  # the latest wins; drawn by the timer
 
         def _set_log_y(self, on: bool) -> None:
             for plot in (self.tof_plot, self.roi_plot):
@@ -277,58 +331,35 @@ def _make_panel_class():
                 self._last_state = state
                 if self.trace:
                     print(f"state: {state}", flush=True)
-                if back or not self.tof_plot.getModel():
+                if state == "DOWN":
+                    for label in self._counter_labels.values():
+                        label.setText("-")  # nothing stale passes for live
+                if back or self._sub is None:
                     self.configure()  # the device came back: its histograms may have changed
 
-        def _subscribe_image(self, name: str) -> None:
-            """The image's DATA_READY events straight from PyTango, each followed by one read
-            as numpy: large images skip Taurus's unit-aware wrapping, which costs more than the
-            drawing at 10 updates/s."""
-            import tango
-
-            old = getattr(self, "_image_sub", None)
-            if old is not None:
-                try:
-                    old[0].unsubscribe_event(old[1])
-                except tango.DevFailed:
-                    pass
-            try:
-                proxy = tango.DeviceProxy(self.device)
-                self._image_name = name
-                sub = proxy.subscribe_event(name, tango.EventType.DATA_READY_EVENT, self._on_image,
-                                            stateless=True)  # fmt: skip
-                self._image_sub = (proxy, sub)
-                value = proxy.read_attribute(name, extract_as=tango.ExtractAs.Numpy).value
-                if value is not None:  # shown now, as a CHANGE subscription's first event would
-                    self.imageArrived.emit(value)
-            except tango.DevFailed:
-                self._image_sub = None  # the device is away; configure() runs again when it is back
-
-        def _on_image(self, event) -> None:  # a PyTango event thread: announced, so read it now
-            import tango
-
-            if event.err:
-                return
-            try:
-                value = event.device.read_attribute(self._image_name, extract_as=tango.ExtractAs.Numpy).value
-            except tango.DevFailed:  # reconfigured or away: the next announcement or configure() follows
-                return
-            if value is not None:
-                self.imageArrived.emit(value)
-
-        def _draw_image(self, value) -> None:
-            self._pending = value  # the latest wins; drawn by the timer
-
         def _tick(self) -> None:
+            got, self._pending = self._pending, None
+            if got is not None:
+                self._draw(got)
             for plot in (self.tof_plot, self.roi_plot):
                 self._fit(plot)
-            self._flush_image()
 
-        def _flush_image(self) -> None:
-            if self._pending is None:
+        def _draw(self, got: dict) -> None:
+            for attr, label in self._counter_labels.items():
+                if attr.lower() in got:
+                    label.setText(_text(attr, got[attr.lower()]))
+            for name, (curve, edges) in self._curves.items():
+                counts = got.get(name.lower())
+                if counts is None:
+                    continue
+                if counts.size + 1 != edges.size:  # Configure changed its bins: new edges, new curves
+                    self.reconfigure.emit()
+                    return
+                curve.setData(edges, counts, stepMode="center")
+            image = got.get((self._image_name or "").lower())
+            if image is None or image.ndim != 2:
                 return
-            value, self._pending = self._pending, None
-            image = downsample(np.asarray(getattr(value, "magnitude", value)))
+            image = downsample(np.asarray(image))
             top = nice_top(float(image.max()) if image.size else 1.0)
             self.image_item.setImage(image, autoLevels=False, levels=(0, top))
             if top != self._colour_top:  # the colour bar's axis is redrawn only when its top moves
