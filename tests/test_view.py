@@ -211,6 +211,14 @@ def test_panel_on_a_huge_image_draws_the_devices_block_sums_at_the_publish_rate(
             if line.startswith("curve tof: 250 bins"):
                 break
         took = time.monotonic() - t0
+        shapes_then = h.det_preview.shape == (500, 500) and h.tof.shape == (250,)
+        h.Configure(
+            json.dumps([{"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 72e6, "bins": 100}}])
+        )
+        for line in panel.stdout:  # the image is gone: the panel clears it rather than show it stale
+            seen.append(line.strip())
+            if line.startswith("image: none"):
+                break
         panel.send_signal(signal.SIGUSR1)  # done: it says how often it drew
         out, _ = panel.communicate(timeout=60)
         seen += out.splitlines()
@@ -220,10 +228,11 @@ def test_panel_on_a_huge_image_draws_the_devices_block_sums_at_the_publish_rate(
             panel.kill()
     assert panel.returncode == 0, seen
     assert "image: det_preview" in seen  # 32 MB per update stay in the device; 2 MB reach the panel
-    assert "curve tof: 250 bins" in seen, seen
+    assert "curve tof: 250 bins" in seen and "image: none" in seen, seen
+    assert seen.index("image: none") > seen.index("curve tof: 250 bins") and "curve tof: 100 bins" in seen
     redraws = int(next(line for line in seen if line.startswith("image redraws")).split()[-1])
     assert redraws >= 3 * took, seen  # about 10 per second once subscribed: the panel keeps up
-    assert h.det_preview.shape == (500, 500) and h.tof.shape == (250,)
+    assert shapes_then  # the preview and the new tof bins, read while the image was there
 
 
 STALLED = """

@@ -133,6 +133,7 @@ def _make_panel_class():
             self._names: list[str] = []  # what one read per update fetches
             self._curves: dict = {}  # spectrum name -> (curve, its TOF edges)
             self._image_name = None
+            self._config = None  # the HistogramConfig the curves were made for
             self.redraws = 0
             layout = Qt.QGridLayout(self)
 
@@ -219,7 +220,8 @@ def _make_panel_class():
             self._curves, self._names, self._image_name = {}, [], None
             try:
                 proxy = tango.DeviceProxy(self.device)
-                specs = json.loads(proxy.read_attribute("HistogramConfig").value)
+                self._config = proxy.read_attribute("HistogramConfig").value
+                specs = json.loads(self._config)
                 names = {n.lower() for n in proxy.get_attribute_list()}
             except (tango.DevFailed, ValueError, TypeError):
                 return  # the device is away: configure() runs again when it is back
@@ -243,13 +245,23 @@ def _make_panel_class():
                 plot.setLabel("bottom", f"time of flight ({unit})" if unit else "time of flight")
                 plot.setLabel("left", "counts")
                 self._follow(plot)
-            if images:
+            if not images:  # none (any more): nothing stale passes for live
+                self.image_item.clear()
+                self.image_view.setTitle("no image histogram")
+                if self.trace:
+                    print("image: none", flush=True)
+            else:
                 preview = f"{images[0]}_preview"  # the device's display-sized block sums of a large image
                 self._image_name = preview if preview.lower() in names else images[0]
                 if self.trace:
                     print(f"image: {self._image_name}", flush=True)
                 self.image_view.setTitle(f"{images[0]} (counts)")
-            self._names = [*COUNTERS, *self._curves, *([self._image_name] if self._image_name else [])]
+            self._names = [
+                *COUNTERS,
+                "HistogramConfig",
+                *self._curves,
+                *([self._image_name] if self._image_name else []),
+            ]
             try:
                 sub = proxy.subscribe_event("UpdateCounter", tango.EventType.CHANGE_EVENT, self._on_update,
                                             stateless=True)  # fmt: skip
@@ -345,6 +357,9 @@ def _make_panel_class():
                 self._fit(plot)
 
         def _draw(self, got: dict) -> None:
+            if got.get("histogramconfig", self._config) != self._config:  # Configure: new curves, image
+                self.reconfigure.emit()
+                return
             for attr, label in self._counter_labels.items():
                 if attr.lower() in got:
                     label.setText(_text(attr, got[attr.lower()]))
@@ -352,9 +367,8 @@ def _make_panel_class():
                 counts = got.get(name.lower())
                 if counts is None:
                     continue
-                if counts.size + 1 != edges.size:  # Configure changed its bins: new edges, new curves
-                    self.reconfigure.emit()
-                    return
+                if counts.size + 1 != edges.size:  # read between a Configure and its HistogramConfig
+                    continue
                 curve.setData(edges, counts, stepMode="center")
             image = got.get((self._image_name or "").lower())
             if image is None or image.ndim != 2:
