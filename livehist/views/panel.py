@@ -120,7 +120,6 @@ def _make_panel_class():
     class Panel(Qt.QWidget):
         dataArrived = Qt.pyqtSignal(object)
         stateArrived = Qt.pyqtSignal(str)
-        reconfigure = Qt.pyqtSignal()
 
         def __init__(self, device: str, metadata: str, trace: bool = False) -> None:
             super().__init__()
@@ -175,7 +174,6 @@ def _make_panel_class():
             layout.addWidget(box, 2, 1)
             self.dataArrived.connect(self._data)
             self.stateArrived.connect(self._state_changed)
-            self.reconfigure.connect(self.configure)
             self.configure()
             try:
                 self.state_attr = taurus.Attribute(f"{device}/State")
@@ -358,7 +356,7 @@ def _make_panel_class():
 
         def _draw(self, got: dict) -> None:
             if got.get("histogramconfig", self._config) != self._config:  # Configure: new curves, image
-                self.reconfigure.emit()
+                self.configure()
                 return
             for attr, label in self._counter_labels.items():
                 if attr.lower() in got:
