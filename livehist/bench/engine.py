@@ -19,6 +19,7 @@ import zmq
 
 from livehist.bench.common import E2E_HISTOGRAMS, MultiProducer, _row, alternate
 from livehist.engine.events import EventBatch, decode
+from livehist.engine import histograms
 from livehist.engine.histograms import HistogramSet, make
 from livehist.engine.spec import parse_histograms
 
@@ -148,7 +149,8 @@ def end_to_end(seconds: float, pairs: int, threads: int = 1) -> float:
             rx.close()
             return rx.events / took
 
-        engine_run()  # warm-up: compile, first connections
+        histograms.warm_up(parse_histograms(E2E_HISTOGRAMS))  # compile before any message arrives, as the device does
+        engine_run()  # warm-up: first connections
         r = alternate(engine_run, bare_run, pairs)
     finally:
         producer.close()

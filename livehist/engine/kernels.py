@@ -177,12 +177,12 @@ def _source(layout: Layout) -> str:
                 f"q = p - f{k}",
                 f"wq{k}[{U(f'k{k}')}] = q",
                 f"wb{k}[{U(f'k{k}')}] = {'i' if g in lazy_axes else f'b{g}'}",
-                f"k{k} += (q >= 0) & (q < n{k})",
+                f"k{k} += {U('q')} < {U(f'n{k}')}",
             ]
             scatter += [f"for j in range(k{k}):", f"    qq = wq{k}[{j}]",
                         f"    b = bin{g}(tof[{U(f'wb{k}[{j}]')}], e{g}, lo{g}, s{g}, nb{g})" if g in lazy_axes
                         else f"    b = wb{k}[{j}]",
-                        f"    ok = (((m{k}[{U('qq >> 3')}] >> (qq & 7)) & 1) == 1) & (b >= 0) & (b < nb{g})",
+                        f"    ok = (((m{k}[{U('qq >> 3')}] >> (qq & 7)) & 1) == 1) & ({U('b')} < {U(f'nb{g}')})",
                         f"    c{k}[{U('b')}] += ok", f"    in{k} += ok"]  # fmt: skip
             head += [
                 f"wq{k} = np.empty({CHUNK}, np.int64)",
@@ -192,13 +192,13 @@ def _source(layout: Layout) -> str:
             tail.append(f"inside[{k}] += in{k}")
             continue
         else:
-            loop += [f"q = p - f{k}", f"ok = (q >= 0) & (q < n{k})"]
+            loop += [f"q = p - f{k}", f"ok = {U('q')} < {U(f'n{k}')}"]
             if s.kind == "roi":  # one bit per pixel of the ROI's span: 25 KiB for 200x200 of 1000 wide
                 loop += ["qq = q if ok else 0", f"ok = ok & (((m{k}[{U('qq >> 3')}] >> (qq & 7)) & 1) == 1)"]
             if s.kind != "image":
                 if g in lazy_axes:
                     loop += [f"if ok and b{g} == -1:", f"    b{g} = bin{g}(tof[u], e{g}, lo{g}, s{g}, nb{g})"]
-                loop += [f"ok = ok & (b{g} >= 0) & (b{g} < nb{g})"]
+                loop += [f"ok = ok & ({U(f'b{g}')} < {U(f'nb{g}')})"]
             ok = "ok"
             roi_bin = f"max(b{g}, 0)" if g in lazy_axes else U(f"b{g}")  # b = -1: not binned
             cell = {"image": "q", "roi": roi_bin, "pixel_tof": f"q * nb{g} + b{g}"}[s.kind]
