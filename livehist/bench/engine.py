@@ -18,8 +18,8 @@ import numpy as np
 import zmq
 
 from livehist.bench.common import E2E_HISTOGRAMS, MultiProducer, _row, alternate
-from livehist.engine.events import EventBatch, decode
 from livehist.engine import histograms
+from livehist.engine.events import EventBatch, decode
 from livehist.engine.histograms import HistogramSet, make
 from livehist.engine.spec import parse_histograms
 
@@ -149,7 +149,8 @@ def end_to_end(seconds: float, pairs: int, threads: int = 1) -> float:
             rx.close()
             return rx.events / took
 
-        histograms.warm_up(parse_histograms(E2E_HISTOGRAMS))  # compile before any message arrives, as the device does
+        # compile before any message arrives, as the device does
+        histograms.warm_up(parse_histograms(E2E_HISTOGRAMS))
         engine_run()  # warm-up: first connections
         r = alternate(engine_run, bare_run, pairs)
     finally:
