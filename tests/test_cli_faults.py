@@ -42,6 +42,12 @@ def test_listen_to_a_silent_publisher_exits_non_zero_with_a_hint():
         ctx.term()
 
 
+def test_view_image_rate_out_of_range_is_refused_before_any_window():
+    for bad in ("0", "-1", "11", "nan"):
+        line = _one_line_error(run_cli("view", "--image-rate", bad, "--seconds", "1"), "view")
+        assert "--image-rate must be 0.1 to 10" in line and "the default is 5" in line, line
+
+
 def test_stream_bind_errors_and_a_failing_source_exit_non_zero(tmp_path):
     ctx = zmq.Context()
     busy = ctx.socket(zmq.PUB)

@@ -23,9 +23,13 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+
+from livehist.errors import LivehistError
 
 COUNTERS = (
     "EventRate",
@@ -35,6 +39,19 @@ COUNTERS = (
     "BadMessageCount",
     "UpdateCounter",
 )
+IMAGE_RATE = 5.0  # image reads and redraws per second at most (spectra and counters: every publish)
+
+
+def check_image_rate(rate: float) -> float:
+    """The panel's image refresh rate, or a LivehistError naming the fix."""
+    if not (isinstance(rate, int | float) and 0.1 <= rate <= 10):
+        raise LivehistError(
+            f"--image-rate must be 0.1 to 10 image refreshes per second, got {rate!r}; "
+            f"the default is {IMAGE_RATE:g} (spectra and counters follow every publish anyway)"
+        )
+    return float(rate)
+
+
 MAX_DISPLAY = 512  # image pixels per side drawn (about what a panel shows); larger ones are block-summed
 
 
@@ -71,12 +88,13 @@ def _full(device: str) -> str:
 
 
 def view(device: str, metadata: str = "livehist/metadata/1", screenshot: Path | None = None,
-         seconds: float = 0.0, trace: bool = False) -> int:  # fmt: skip
+         seconds: float = 0.0, trace: bool = False, image_rate: float = IMAGE_RATE) -> int:  # fmt: skip
+    check_image_rate(image_rate)
     from taurus.external.qt import Qt
     from taurus.qt.qtgui.application import TaurusApplication
 
     app = TaurusApplication.instance() or TaurusApplication(sys.argv[:1], cmd_line_parser=None)
-    panel = _make_panel_class()(_full(device), _full(metadata), trace)
+    panel = _make_panel_class()(_full(device), _full(metadata), trace, image_rate)
     panel.resize(1300, 850)
     panel.show()
     if seconds:
@@ -87,6 +105,7 @@ def view(device: str, metadata: str = "livehist/metadata/1", screenshot: Path | 
                 print(f"panel picture: {screenshot}", flush=True)
             if trace:
                 print(f"image redraws: {panel.redraws}", flush=True)
+                print(f"reads: {panel.reads}", flush=True)
             app.quit()
 
         Qt.QTimer.singleShot(int(seconds * 1000), finish)
@@ -121,13 +140,24 @@ def _make_panel_class():
         dataArrived = Qt.pyqtSignal(object)
         stateArrived = Qt.pyqtSignal(str)
 
-        def __init__(self, device: str, metadata: str, trace: bool = False) -> None:
+        def __init__(
+            self, device: str, metadata: str, trace: bool = False, image_rate: float = IMAGE_RATE
+        ) -> None:
             super().__init__()
+            self._image_period = 1.0 / check_image_rate(image_rate)
+            self._image_read_at = -1e9  # monotonic time of the last read that fetched the image
             self.device, self.metadata, self.trace = device, metadata, trace
             self._last_state = None
             self._following: dict = {}  # plot -> the range it was last given (absent: the user's own)
             self.setWindowTitle(f"livehist: {device}")
             self._pending = None  # the latest update read from the device, drawn by the timer
+            # reads never outpace draws: an update event only marks the device "changed"; one reader
+            # thread reads when it has changed and what it read last has been drawn (a read per
+            # publish at 10 Hz, of which the timer drew 7, was a third of reads for nothing)
+            self._cv = threading.Condition()
+            self._changed = None  # the proxy of the last update event not yet read
+            self._undrawn = False  # a read is on its way to the screen
+            self.reads = 0
             self._sub = None  # (proxy, subscription id) of the UpdateCounter change events
             self._names: list[str] = []  # what one read per update fetches
             self._curves: dict = {}  # spectrum name -> (curve, its TOF edges)
@@ -184,6 +214,7 @@ def _make_panel_class():
             self._timer = Qt.QTimer(self)  # draws the latest update: at most 10 redraws per second
             self._timer.timeout.connect(self._tick)
             self._timer.start(100)
+            threading.Thread(target=self._reader, name="livehist-view-reader", daemon=True).start()
 
         def _counters(self) -> Qt.QWidget:
             """Counters as plain labels, filled from the one read per update (six Taurus labels,
@@ -254,12 +285,7 @@ def _make_panel_class():
                 if self.trace:
                     print(f"image: {self._image_name}", flush=True)
                 self.image_view.setTitle(f"{images[0]} (counts)")
-            self._names = [
-                *COUNTERS,
-                "HistogramConfig",
-                *self._curves,
-                *([self._image_name] if self._image_name else []),
-            ]
+            self._names = [*COUNTERS, "HistogramConfig", *self._curves]  # the image: see _read
             try:
                 sub = proxy.subscribe_event("UpdateCounter", tango.EventType.CHANGE_EVENT, self._on_update,
                                             stateless=True)  # fmt: skip
@@ -268,19 +294,39 @@ def _make_panel_class():
                 return
             self._read(proxy)  # shown now, not at the next publish
 
-        def _on_update(self, event) -> None:  # a PyTango event thread: one read of everything shown
+        def _on_update(self, event) -> None:  # a PyTango event thread: never blocks it
             if not event.err:
-                self._read(event.device)
+                with self._cv:
+                    self._changed = event.device
+                    self._cv.notify()
 
-        def _read(self, proxy) -> None:
+        def _reader(self) -> None:
+            while True:
+                with self._cv:
+                    self._cv.wait_for(lambda: self._changed is not None and not self._undrawn)
+                    proxy, self._changed = self._changed, None
+                    self._undrawn = True
+                if not self._read(proxy):
+                    with self._cv:
+                        self._undrawn = False
+
+        def _read(self, proxy) -> bool:
             import tango
 
+            names, now = list(self._names), time.monotonic()
+            image = self._image_name is not None and now - self._image_read_at >= self._image_period * 0.95
+            if image:  # the costliest part to read and draw: at most image_rate times a second
+                names.append(self._image_name)
             try:
-                values = proxy.read_attributes(self._names, extract_as=tango.ExtractAs.Numpy)
+                values = proxy.read_attributes(names, extract_as=tango.ExtractAs.Numpy)
             except tango.DevFailed:  # reconfigured or away: the next update or configure() follows
-                return
+                return False
+            if image:
+                self._image_read_at = now
             got = {v.name.lower(): v.value for v in values if not v.has_failed and v.value is not None}
+            self.reads += 1
             self.dataArrived.emit(got)
+            return True
 
         def _data(self, got: dict) -> None:
             self._pending = got  # the latest wins; drawn by the timer
@@ -351,6 +397,9 @@ def _make_panel_class():
             got, self._pending = self._pending, None
             if got is not None:
                 self._draw(got)
+                with self._cv:  # drawn: the reader may fetch the next update
+                    self._undrawn = False
+                    self._cv.notify()
             for plot in (self.tof_plot, self.roi_plot):
                 self._fit(plot)
 
