@@ -396,10 +396,12 @@ def _make_panel_class():
         def _tick(self) -> None:
             got, self._pending = self._pending, None
             if got is not None:
-                self._draw(got)
-                with self._cv:  # drawn: the reader may fetch the next update
-                    self._undrawn = False
-                    self._cv.notify()
+                try:
+                    self._draw(got)
+                finally:  # drawn (or failed to): the reader may fetch the next update
+                    with self._cv:
+                        self._undrawn = False
+                        self._cv.notify()
             for plot in (self.tof_plot, self.roi_plot):
                 self._fit(plot)
 
