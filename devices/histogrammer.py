@@ -20,10 +20,12 @@ which Taurus answers by polling.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import numpy as np
 import tango
+from livehist.devices import events
 from tango import AttrWriteType, DevState
 from tango.server import Device, attribute, command, device_property, run
 
@@ -32,6 +34,8 @@ from livehist.components.restream import Restreamer
 from livehist.engine import preview
 from livehist.engine.spec import DEFAULT_MAX_BYTES, HistogramSpec, SpecError, join_property
 from livehist.errors import LivehistError, tango_error_text
+
+log = logging.getLogger(__name__)
 
 LARGE_EVENT = 2048  # cppTango's LARGE_DATA_THRESHOLD: events of this many values are sent zero-copy
 NDIM = {tango.AttrDataFormat.SCALAR: 0, tango.AttrDataFormat.SPECTRUM: 1, tango.AttrDataFormat.IMAGE: 2}
@@ -139,7 +143,7 @@ class EventHistogrammer(Device):
                 ),
                 max_queue_bytes=int(number_property("MaxQueueBytes", self.MaxQueueBytes, 2**20, "268435456")),
                 threads=whole(number_property("AccumulatingThreads", self.AccumulatingThreads, -1e18, "1")),
-                on_update=self._publish,
+                on_update=self._publisher(),
                 thread_context=tango.EnsureOmniThread,
                 name=self.get_name(),
             )
@@ -159,6 +163,7 @@ class EventHistogrammer(Device):
 
     def initialize_dynamic_attributes(self) -> None:
         self._served = True
+        events.open_event_socket(self.get_name())
         if self.hg is not None:
             try:
                 self._make_attributes(self.hg.engine.specs)
@@ -170,6 +175,7 @@ class EventHistogrammer(Device):
                 self.set_status(f"{why}; fix the Histograms property and run Init")
 
     def delete_device(self) -> None:
+        self._publishing = None  # the closed engine's publisher thread pushes nothing more
         if self.hg is not None:
             self.hg.close()  # never waits on the publisher: it may be waiting for our monitor
         if getattr(self, "restream", None) is not None:
@@ -398,7 +404,25 @@ class EventHistogrammer(Device):
         return int(self._last(attr.get_name()[: -len("_total")], "counts").sum())
 
     # --- publishing (publisher thread) ------------------------------------------------
+    def _publisher(self):
+        """The engine's on_update: publishes under our monitor, and only while this engine is
+        the device's (an Init or a shutdown runs under the monitor too, so an engine's last
+        update never meets attributes being replaced, or a server being torn down)."""
+        token = self._publishing = object()
+
+        def publish(update: Update) -> None:
+            try:
+                with tango.AutoTangoMonitor(self):
+                    if token is self._publishing:
+                        self._publish(update)
+            except tango.DevFailed as exc:  # the monitor was busy too long: the next update carries it
+                log.debug("update %s not published: %s", update.counter, exc.args[0].desc)
+
+        return publish
+
     def _push(self, name: str, value, archive: bool = False) -> None:
+        if not events.ready():  # see devices/events.py
+            return
         try:
             self.push_change_event(name, value)
             if archive and self._listened(name, tango.EventType.ARCHIVE_EVENT):
@@ -446,7 +470,7 @@ class EventHistogrammer(Device):
         """A data-ready event always; the value itself only when small enough (see top)."""
         if not large and self._listened(name):  # a histogram nobody follows is not converted for nobody
             self._push(name, value() if callable(value) else value)
-        if name.endswith("_edges") and not large:
+        if (name.endswith("_edges") and not large) or not events.ready():
             return
         try:
             self.push_data_ready_event(name, counter)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import tango
+from livehist.devices import events
 from livehist.devices.histogrammer import COUNTERS, STATES, EventHistogrammer, _counter
 from tango import AttrWriteType, DevState
 from tango.server import Device, attribute, command, device_property, run
@@ -172,7 +173,7 @@ class HistogramSum(Device):
                 lambda name, on_event: TangoMember(name, on_event, timeout),
                 publish_period=self.PublishPeriod,
                 timeout=timeout,
-                on_update=self._publish,
+                on_update=EH._publisher(self),
                 thread_context=tango.EnsureOmniThread,
                 own_name=self.get_name(),
             )
@@ -187,11 +188,13 @@ class HistogramSum(Device):
 
     def initialize_dynamic_attributes(self) -> None:
         self._served = True
+        events.open_event_socket(self.get_name())
         if self.hg is not None:
             with _ATTRIBUTE_CHANGES:
                 self._make_attributes(self.hg.specs)
 
     def delete_device(self) -> None:
+        self._publishing = None  # see EventHistogrammer._publisher
         if self.hg is not None:
             self.hg.close()
 

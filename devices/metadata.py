@@ -15,6 +15,7 @@ import os
 import sys
 
 import tango
+from livehist.devices import events
 from tango import AttrWriteType, DevState
 from tango.server import Device, attribute, command, device_property, run
 
@@ -129,6 +130,8 @@ class MetadataManager(Device):
         The change is saved by now, so a failing push is logged, never raised: a command
         that raises must have changed nothing."""
         self._sync_state()
+        if not events.ready():  # see devices/events.py; a subscriber reads the saved value
+            return
         for name in (*PUSHED, "State", "Status"):
             try:
                 value = self.get_state() if name == "State" else self.get_status() if name == "Status" \
@@ -187,6 +190,7 @@ class MetadataManager(Device):
         self._merge({key: {sub: value}} if sub else {key: value}, f"write {attr.get_name()}")
 
     def initialize_dynamic_attributes(self) -> None:
+        events.open_event_socket(self.get_name())
         docs = {"Proposal": "proposal id (ProposalPattern)", "Title": "experiment title",
                 "Instrument": "instrument / beamline", "DataRoot": "absolute folder under which datasets go",
                 "SampleName": "sample name", "SampleDescription": "sample description"}  # fmt: skip

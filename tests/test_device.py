@@ -291,3 +291,11 @@ def test_accumulating_threads_property(dev_a):
         assert 0 < tof.sum() <= dev_a.EventCount
     finally:
         reinit(dev_a, AccumulatingThreads="1")
+
+
+def test_servers_leave_a_python_stack_in_their_log_if_native_code_crashes(site):
+    """faulthandler is on in every server we start: a segfault in cppTango or numba names the
+    Python line of every thread in logs/<server>.log instead of leaving only a dmesg line."""
+    pid = Managed(site.state_dir, "EventHistogrammer-banks").pid()
+    environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    assert b"PYTHONFAULTHANDLER=1" in environ

@@ -72,6 +72,8 @@ class Managed:
         with open(self.log, "ab") as log:
             log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} start {argv}\n".encode())
             log.flush()
+            # a crash in native code (cppTango, numba) leaves every thread's Python stack in the log
+            env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
