@@ -35,7 +35,7 @@ def open_event_socket(device_name: str) -> None:
     """Start, once per process, the subscription that makes cppTango create the event socket."""
     if not _started.acquire(blocking=False):
         return
-    if not tango.Util._UseDb:  # DeviceTestContext and friends: no name to subscribe by
+    if not tango.Util._UseDb or tango.Util._FileDb:  # DeviceTestContext, --file=: no name to subscribe by
         _ready.set()
         return
     threading.Thread(
