@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 
 import numpy as np
 import tango
@@ -36,6 +37,10 @@ from livehist.engine.spec import DEFAULT_MAX_BYTES, HistogramSpec, SpecError, jo
 from livehist.errors import LivehistError, tango_error_text
 
 log = logging.getLogger(__name__)
+# Tango keeps one attribute-definition list per device class and server, and commands of
+# different devices run concurrently (serialisation by device): every change of a device's
+# dynamic attributes, by any livehist device of the server, holds this lock
+ATTRIBUTE_CHANGES = threading.RLock()
 
 LARGE_EVENT = 2048  # cppTango's LARGE_DATA_THRESHOLD: events of this many values are sent zero-copy
 NDIM = {tango.AttrDataFormat.SCALAR: 0, tango.AttrDataFormat.SPECTRUM: 1, tango.AttrDataFormat.IMAGE: 2}
@@ -259,7 +264,27 @@ class EventHistogrammer(Device):
 
     def _make_attributes(self, specs: list[HistogramSpec]) -> None:
         """Add, keep or remove attributes so that they match `specs` (same name, format and type: kept)."""
-        self._check_conflicts(specs)
+        with ATTRIBUTE_CHANGES:
+            self._forget_missing()
+            self._check_conflicts(specs)
+            self._match_attributes(specs)
+
+    def _forget_missing(self) -> None:
+        """Drop from our books an attribute that Tango no longer holds for this device or class
+        (never seen since the lock above; kept so that an Init always repairs the device)."""
+        present = {a.get_name().lower() for a in self.get_device_attr().get_attribute_list()}
+        index = self._class_index()
+        for name in [n for n in self._dynamic if n.lower() not in present or n.lower() not in index]:
+            if name.lower() in present:
+                try:
+                    self.remove_attribute(name, False, False)
+                except tango.DevFailed as exc:
+                    log.warning("could not remove the stale attribute %s: %s", name, exc.args[0].desc)
+            log.warning("attribute %s was missing from Tango's lists; recreating it", name)
+            del self._dynamic[name]
+            self._large.discard(name)
+
+    def _match_attributes(self, specs: list[HistogramSpec]) -> None:
         wanted: dict[str, tuple] = {}
         owner: dict[str, HistogramSpec] = {}
         for spec in specs:
@@ -518,6 +543,8 @@ class EventHistogrammer(Device):
         return self.hg.source_uri if self.hg else self.EventSource
 
     def _set_preset(self, **preset) -> None:
+        if self.hg is None:  # FAULT after a bad property: say so, not a Python error
+            fail("NotInitialised", self.get_status(), "write preset")
         try:
             self.hg.set_presets(**preset)
         except LivehistError as exc:
@@ -585,6 +612,13 @@ class EventHistogrammer(Device):
             fail("NotInitialised", self.get_status(), "Configure")
         try:
             checked = self.hg.check(histograms)  # parsed and allocated; nothing changed yet
+        except SpecError as exc:
+            fail("BadSpec", f"{exc}; the previous histograms keep running", "Configure")
+        with ATTRIBUTE_CHANGES:  # no sibling changes the class's attributes between check and change
+            self._configure(histograms, checked)
+
+    def _configure(self, histograms: str, checked) -> None:
+        try:
             self._check_conflicts(checked[0])
         except SpecError as exc:
             fail("BadSpec", f"{exc}; the previous histograms keep running", "Configure")

@@ -18,14 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import threading
 import types
 from collections.abc import Callable
 from typing import Any
 
 import tango
 from livehist.devices import events
-from livehist.devices.histogrammer import COUNTERS, STATES, EventHistogrammer, _counter
+from livehist.devices.histogrammer import ATTRIBUTE_CHANGES, COUNTERS, STATES, EventHistogrammer, _counter
 from tango import AttrWriteType, DevState
 from tango.server import Device, attribute, command, device_property, run
 
@@ -37,7 +36,7 @@ from livehist.errors import LivehistError
 
 EH = EventHistogrammer
 log = logging.getLogger("livehist.devices.histsum")
-_ATTRIBUTE_CHANGES = threading.Lock()  # one device at a time changes the class-wide attribute list
+_ATTRIBUTE_CHANGES = ATTRIBUTE_CHANGES  # one device at a time changes the class-wide attribute list
 # why a member does not answer, in words an operator can act on
 REASONS = {
     "DB_DeviceNotDefined": "not defined in the Tango database",

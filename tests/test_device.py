@@ -281,6 +281,9 @@ def test_accumulating_threads_property(dev_a):
         reinit(dev_a, AccumulatingThreads="0")
         assert dev_a.state() == tango.DevState.FAULT
         assert "AccumulatingThreads must be an integer in 1..64 (1 = the default), got 0" in dev_a.status()
+        with pytest.raises(tango.DevFailed) as exc:  # a preset on a FAULT device names the fault
+            dev_a.PresetTime = 1.0
+        assert "AccumulatingThreads must be an integer" in exc.value.args[0].desc
         reinit(dev_a, AccumulatingThreads="2", EventSource="sim://?rate=3e7&seed=4")  # 2e6 events per pulse
         dev_a.Reset()
         dev_a.Start()
@@ -299,3 +302,65 @@ def test_servers_leave_a_python_stack_in_their_log_if_native_code_crashes(site):
     pid = Managed(site.state_dir, "EventHistogrammer-banks").pid()
     environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
     assert b"PYTHONFAULTHANDLER=1" in environ
+
+
+def test_concurrent_configure_and_init_of_two_devices_in_one_server_leave_both_usable(site):
+    """Tango shares attribute definitions per class and server, and commands of different
+    devices run at once: Configure and Init storms on two devices of one server, with names
+    that clash in kind, must leave both devices repairable by Init and publishing."""
+    a, b = proxy(site, "test/hist/a"), proxy(site, "test/hist/b")
+    specs = [
+        [TOF, IMAGE],
+        [{**IMAGE, "name": "tof"}, {**TOF, "name": "image"}],  # the same names, the other format
+        [{**TOF, "name": "h0"}],
+        [{**IMAGE, "name": "h0"}, {**TOF, "name": "h1", "tof": {**TOF["tof"], "bins": 5}}],
+        [{"name": "h1", "kind": "roi", "pixels": {"first": 1, "shape": [128, 128]},
+          "roi": {"rows": [0, 64], "cols": [0, 64]}, "tof": {"start": 0, "stop": 72_000_000, "bins": 50}}],
+    ]  # fmt: skip
+    stop = threading.Event()
+    refused: list[str] = []
+    unexpected: list[str] = []
+
+    def storm(p: tango.DeviceProxy, seed: int) -> None:
+        i = seed
+        while not stop.is_set():
+            i += 1
+            try:
+                if i % 7 == 0:
+                    p.put_property({"Histograms": [json.dumps(specs[i % len(specs)])]})
+                    p.Init()
+                else:
+                    p.Configure(json.dumps(specs[i % len(specs)]))
+            except tango.DevFailed as exc:  # a clash with the sibling is refused and named
+                (refused if "already a" in exc.args[0].desc else unexpected).append(exc.args[0].desc)
+
+    for p in (a, b):
+        p.Start()
+    threads = [threading.Thread(target=storm, args=(p, k)) for k, p in enumerate((a, b, a, b))]
+    for t in threads:
+        t.start()
+    time.sleep(8)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    try:
+        assert not unexpected, unexpected[:5]
+        for p, name in ((a, "a_only"), (b, "b_only"), (a, "tof"), (b, "tof")):  # no name the sibling holds
+            reinit(p, Histograms=json.dumps([{**TOF, "name": name}]))
+            assert p.state() == tango.DevState.ON, p.status()
+        for p in (a, b):
+            reinit(p, Histograms=json.dumps([TOF, IMAGE]))
+            assert p.state() == tango.DevState.ON, p.status()
+            assert {"tof", "tof_edges", "image"} <= set(p.get_attribute_list())
+            p.Reset()
+            p.PresetTime = 0.3
+            p.Start()
+        wait_for(lambda: a.state() == b.state() == tango.DevState.ON, what="presets after the storm")
+        for p in (a, b):
+            assert p.tof.sum() == p.image.sum() == p.EventCount > 0
+    finally:
+        for p, name in ((a, "a_only"), (b, "b_only"), (a, "tof"), (b, "tof")):
+            reinit(p, Histograms=json.dumps([{**TOF, "name": name}]))
+        for p in (a, b):
+            reinit(p, Histograms=json.dumps([TOF, IMAGE]))
+            p.PresetTime = 0
