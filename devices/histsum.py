@@ -24,7 +24,7 @@ from typing import Any
 
 import tango
 from livehist.devices import events
-from livehist.devices.histogrammer import ATTRIBUTE_CHANGES, COUNTERS, STATES, EventHistogrammer, _counter
+from livehist.devices.histogrammer import COUNTERS, STATES, EventHistogrammer, _counter
 from tango import AttrWriteType, DevState
 from tango.server import Device, attribute, command, device_property, run
 
@@ -36,7 +36,6 @@ from livehist.errors import LivehistError
 
 EH = EventHistogrammer
 log = logging.getLogger("livehist.devices.histsum")
-_ATTRIBUTE_CHANGES = ATTRIBUTE_CHANGES  # one device at a time changes the class-wide attribute list
 # why a member does not answer, in words an operator can act on
 REASONS = {
     "DB_DeviceNotDefined": "not defined in the Tango database",
@@ -180,17 +179,15 @@ class HistogramSum(Device):
             self.set_state(DevState.FAULT)
             self.set_status(f"{exc}")
             return
-        if getattr(self, "_served", False):  # the Init command
-            with _ATTRIBUTE_CHANGES:
-                self._make_attributes(self.hg.specs)
+        if getattr(self, "_served", False):  # the Init command (EH's server-wide attribute lock inside)
+            self._make_attributes(self.hg.specs)
         self._sync_state()
 
     def initialize_dynamic_attributes(self) -> None:
         self._served = True
         events.open_event_socket(self.get_name())
         if self.hg is not None:
-            with _ATTRIBUTE_CHANGES:
-                self._make_attributes(self.hg.specs)
+            self._make_attributes(self.hg.specs)
 
     def delete_device(self) -> None:
         self._publishing = None  # see EventHistogrammer._publisher
@@ -213,15 +210,14 @@ class HistogramSum(Device):
     # --- publishing (component threads) ------------------------------------------------
     def _publish(self, update: Update) -> None:
         if (update.configured or self._attrs_stale) and getattr(self, "_served", False):
-            # under our monitor, then the server-wide lock: Tango's attribute definitions are
-            # shared by every device of the class, and each sum changes its own from its thread
-            with tango.AutoTangoMonitor(self), _ATTRIBUTE_CHANGES:
-                try:
-                    self._make_attributes(list(update.snapshot.specs.values()))
-                    self._attrs_stale = False
-                except tango.DevFailed as exc:
-                    self._attrs_stale = True  # tried again at the next update
-                    log.warning("attributes not matched to the members' histograms yet: %s", exc.args[0].desc)
+            # we run under our monitor (EH._publisher); _make_attributes takes the server-wide
+            # lock: Tango's attribute definitions are shared by every device of the class
+            try:
+                self._make_attributes(list(update.snapshot.specs.values()))
+                self._attrs_stale = False
+            except tango.DevFailed as exc:
+                self._attrs_stale = True  # tried again at the next update
+                log.warning("attributes not matched to the members' histograms yet: %s", exc.args[0].desc)
         EH._publish(self, update)
         self._push("MemberStates", self.hg.member_states() if self.hg else [])
         if self._listened("Provenance"):
