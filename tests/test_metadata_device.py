@@ -63,6 +63,26 @@ def test_metadata_survives_a_server_kill_and_restart(site):
     assert schema["properties"]["proposal"]["pattern"] == "^[0-9]{8}$"
 
 
+def test_up_restarts_a_server_that_dies_while_up_waits_for_it(site):
+    """A server alive but not answering when `up` looks (here SIGSTOPped; in real life killed a
+    moment before and not yet gone) is started again when it exits, not reported as failed."""
+    m = proxy(site)
+    m.SampleName = "kept-through-the-restart"
+    pid = Managed(site.state_dir, "MetadataManager-meta").pid()
+    os.kill(pid, signal.SIGSTOP)
+    said: list[str] = []
+
+    def say(line: str) -> None:
+        said.append(line)
+        if "alive but does not answer" in line:  # `up` has looked: now it dies
+            os.kill(pid, signal.SIGKILL)
+
+    control.up(site.tango_host, site.config_path, site.state_dir, say=say)
+    assert any("the process found running had exited" in line for line in said), said
+    assert Managed(site.state_dir, "MetadataManager-meta").pid() not in (None, pid)
+    assert proxy(site).SampleName == "kept-through-the-restart"
+
+
 WRITER = """
 import json, sys, tango
 p = tango.DeviceProxy(sys.argv[1])

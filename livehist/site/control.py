@@ -148,6 +148,7 @@ def up(
     say(f"configuration {site.config_path}: {calls} database changes" if calls else
         f"configuration {site.config_path}: database already up to date")  # fmt: skip
     started: dict[str, Managed] = {}
+    adopted: set[str] = set()  # alive but not answering: starting, or dying (just killed)
     for server, devs in server_devices(site.config).items():
         missing = [dev for _, dev in devs if not ping(site.url(dev))]
         if not missing:
@@ -171,8 +172,11 @@ def up(
         if proc.pid() is None:
             proc.start(server_catalogue.argv(server), env=site.server_env())
             say(f"{server}: started (log {proc.log})")
+        else:
+            adopted.add(server)
+            say(f"{server}: its process is alive but does not answer yet; waiting for it (log {proc.log})")
         started[server] = proc
-    wait_ready(site, started, timeout, say)
+    wait_ready(site, started, timeout, say, adopted)
     from livehist.site import sardana_setup
 
     sardana_setup.ensure(site, say)
@@ -180,14 +184,22 @@ def up(
     return site
 
 
-def wait_ready(site: Site, started: dict[str, Managed], timeout: float, say: Say) -> None:
-    """Wait until every device of the started servers answers; fail naming device and log."""
+def wait_ready(site: Site, started: dict[str, Managed], timeout: float, say: Say, adopted: set[str]) -> None:
+    """Wait until every device of the started servers answers; fail naming device and log.
+
+    A server in `adopted` was alive but not answering when `up` looked: if it exits (it was
+    dying, e.g. killed a moment before), it is started once, as a server found down would be."""
     deadline = time.monotonic() + timeout
     pending = {server: [dev for _, dev in devs] for server, devs in server_devices(site.config).items()
                if server in started}  # fmt: skip
     while pending:
         for server in list(pending):
             proc = started[server]
+            if proc.pid() is None and server in adopted:
+                adopted.discard(server)
+                proc.start(server_catalogue.argv(server), env=site.server_env())
+                say(f"{server}: started (log {proc.log}); the process found running had exited")
+                continue
             if proc.pid() is None:
                 code = proc.exit_code()
                 raise LivehistError(
