@@ -15,7 +15,7 @@ from streaming_data_types import eventdata_ev42
 
 from livehist.engine import Engine
 from livehist.engine.events import BadMessage, EventBatch, decode, encode_ev44
-from livehist.engine.histograms import make
+from livehist.engine.histograms import HistogramSet, make
 from livehist.engine.sources import SourceError, open_source
 from livehist.engine.spec import SpecError, parse_histograms
 from tests.conftest import SANS2D, free_port
@@ -59,6 +59,28 @@ def test_tof_kinds_equal_numpy_including_events_on_edges(tof_spec, data, as_floa
     expected = half_open(tof, edges)
     assert np.array_equal(h.data(), expected)
     assert h.out_of_range == tof.size - expected.sum()
+
+
+@settings(max_examples=40, deadline=None)
+@given(dtype=st.sampled_from([np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32]),
+       start=st.integers(-300, 300), width=st.integers(1, 4000), bins=st.integers(1, 1000),
+       n=st.integers(0, 5000), seed=st.integers(0, 2**32 - 1))  # fmt: skip
+def test_tof_spectra_alone_equal_numpy_for_every_integer_dtype_across_chunks(dtype, start, width, bins, n, seed):
+    """TOF spectra alone get their bins in a loop of their own (vectorised); two spectra, one
+    of them on a second axis, over batches of several chunks, with the dtype's extremes."""
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(seed)
+    lo, hi = max(info.min, start - 50), min(info.max, start + width + 50)
+    tof = rng.integers(min(lo, hi), hi, n, endpoint=True).astype(dtype)
+    tof = np.concatenate([tof, np.array([info.min, info.max, 0], dtype)])
+    specs = parse_histograms([{"name": "a", "kind": "tof", "tof": {"start": start, "stop": start + width, "bins": bins}},
+                              {"name": "b", "kind": "tof", "tof": {"start": 0, "stop": 255, "bins": 17}}])  # fmt: skip
+    hs = HistogramSet([make(s) for s in specs])
+    hs.add(batch(tof, np.zeros(tof.size, np.int32)))
+    for h in hs.hists:
+        expected = half_open(tof, h.spec.tof.edges)
+        assert np.array_equal(h.data(), expected)
+        assert h.out_of_range == tof.size - expected.sum()
 
 
 @settings(max_examples=40, deadline=None)
@@ -184,7 +206,7 @@ def test_staging_carries_exactly_past_the_staging_range():
     for _ in range(3):
         h.add(batch(np.zeros(pix.size, np.int32), pix))
     assert h.stage == "uint8" and h.data().ravel().tolist() == [3000, 768, 0, 765]
-    assert h.parts[0][0].dtype == np.uint8 and h.parts[0][1].tolist() == [2816, 768, 0, 512]  # the carries
+    assert h.parts[0][0].dtype == np.uint8 and h.parts[0][1][:4].tolist() == [2816, 768, 0, 512]  # the carries
 
 
 def test_accumulating_threads_must_be_positive():

@@ -93,7 +93,7 @@ class Histogram:
             parts = list(self.parts)
             total = parts[0][-1][: self._cells].copy()  # the int64 array of the first part
             if self.stage:
-                total += parts[0][0]
+                total += parts[0][0][: self._cells]
             for part in parts[1:]:
                 for arr in part:
                     total += arr[: self._cells]
@@ -105,7 +105,8 @@ class Histogram:
     # --- helpers -------------------------------------------------------------------
     def _new_part(self) -> tuple[np.ndarray, ...]:
         if self.stage:
-            return np.zeros(self._cells, dtype=self.stage), np.zeros(self._cells, dtype=np.int64)
+            n = self._cells + kernels.SPARE  # + the kernel's spare cells for events outside
+            return np.zeros(n, dtype=self.stage), np.zeros(n, dtype=np.int64)
         return (np.zeros(self._cells + 1, dtype=np.int64),)  # + the kernel's spare cell for events outside
 
     def _slot_args(self, part: tuple[np.ndarray, ...]) -> list:

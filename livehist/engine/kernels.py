@@ -14,6 +14,10 @@ to find a TOF bin, chosen per axis and event dtype by `tof_mode`:
   LINEAR    one multiply corrected by comparing with the neighbouring edges (as numpy does)
   SEARCH    binary search (log and explicit edges)
 A kernel adds to `inside[k]` how many events histogram k counted; callers derive out-of-range counts.
+
+Where a loop without branches pays, the kernel has one that the compiler vectorises: the FAST
+bins of TOF spectra alone (`prebin`), and the cells of large pixel_tof maps (an event outside
+notes one of SPARE spare cells past the map's cells, never read back).
 """
 
 from __future__ import annotations
@@ -100,6 +104,16 @@ def _binner(mode: int):
 BINNERS = {mode: _binner(mode) for mode in (FAST, LINEAR, SEARCH)}
 
 
+@numba.njit(inline="always")
+def prebin(t, out, lo, s, fn):
+    """FAST bins of a chunk of TOFs, in a loop of its own that the compiler vectorises: the
+    same bin as FAST's `bin_of` (fn, one past the last bin, when outside). Bins are < 2**31."""
+    for j in range(t.size):
+        x = np.float64(t[j])
+        y = min((x - lo) * s, fn)
+        out[j] = np.int32(y if x >= lo else fn)
+
+
 @dataclass(frozen=True)
 class Slot:
     """One histogram in a fused kernel: its kind, TOF axis (index into the axes), storage."""
@@ -142,6 +156,7 @@ def U(index: str) -> str:
     return f"np.uint64({index})"
 
 
+SPARE = 64  # spare cells after the cells of a staged histogram (see `_source`)
 CHUNK = 1024  # events per chunk: its pending cells (8 KiB per large histogram) stay in L1
 
 
@@ -160,15 +175,58 @@ def _source(layout: Layout) -> str:
     # binary searches only when an event falls on a histogram's pixels; the multiply for every event
     lazy_axes = {g for g, mode in enumerate(layout.axes) if mode == SEARCH}
     lazy_axes -= {s.axis for s in layout.slots if s.kind == "tof"}
-    for g in range(len(layout.axes)):
+    pre = []  # per chunk, before the event loop
+    # TOF spectra alone: the FAST bins of a chunk in a loop of their own (vectorised), then the
+    # counting loop. Measured in alternated pairs: 1.5x for a 1000-bin tof; 4-9% slower beside an
+    # image, ROI or pixel_tof, whose loop then reads the bin back instead of computing it
+    prebinned = all(s.kind == "tof" for s in layout.slots)
+    # large pixel_tof maps: their cells noted in a loop without branches or compaction, which
+    # the compiler vectorises (an event outside notes one of SPARE spare cells, in turn, so no
+    # chain of adds forms on one cell). Measured in alternated pairs: 1.5x for pixel_tof; for a
+    # large image 0.8x beside a tof (its notes are too cheap to gain, the extra loop costs)
+    vec = {k for k, s in enumerate(layout.slots)
+           if s.stage and s.two_loop and s.kind == "pixel_tof" and s.axis not in lazy_axes}  # fmt: skip
+    vec_axes = {layout.slots[k].axis for k in vec}
+    scalar_axes = {s.axis for k, s in enumerate(layout.slots) if k not in vec and s.axis >= 0}
+    vloop, vscatter = [], []
+    if vec:
+        vloop.append("p = np.int64(pc[j])")
+    for g, mode in enumerate(layout.axes):
         head += [f"nb{g} = e{g}.size - 1", f"lo{g} = e{g}[0]", f"s{g} = nb{g} / (e{g}[nb{g}] - lo{g})"]
-        loop.append(f"b{g} = -1" if g in lazy_axes else f"b{g} = bin{g}(tof[u], e{g}, lo{g}, s{g}, nb{g})")
+        if g in vec_axes:
+            if mode == FAST:  # prebin's formula, inline
+                head.append(f"fn{g} = np.float64(nb{g})")
+                vloop += ["x = np.float64(tc[j])", f"y = min((x - lo{g}) * s{g}, fn{g})",
+                          f"b{g} = np.int64(np.int32(y if x >= lo{g} else fn{g}))"]  # fmt: skip
+            else:
+                vloop.append(f"b{g} = bin{g}(tc[j], e{g}, lo{g}, s{g}, nb{g})")
+            if g in scalar_axes:
+                head.append(f"t{g} = np.empty({CHUNK}, np.int64)")
+                vloop.append(f"t{g}[j] = b{g}")
+                loop.append(f"b{g} = t{g}[np.uint64(i - ch)]")
+        elif g in lazy_axes:
+            loop.append(f"b{g} = -1")
+        elif mode == FAST and prebinned:
+            head += [f"fn{g} = np.float64(nb{g})", f"t{g} = np.empty({CHUNK}, np.int32)"]
+            pre.append(f"prebin(tof[ch:hi], t{g}, lo{g}, s{g}, fn{g})")
+            loop.append(f"b{g} = np.int64(t{g}[np.uint64(i - ch)])")
+        else:
+            loop.append(f"b{g} = bin{g}(tof[u], e{g}, lo{g}, s{g}, nb{g})")
     head += [f"w{k} = np.empty({CHUNK}, np.int64)" for k, s in enumerate(layout.slots) if s.stage]
-    if any(s.kind != "tof" for s in layout.slots):
+    if any(s.kind != "tof" for k, s in enumerate(layout.slots) if k not in vec):
         loop.insert(0, "p = np.int64(pix[u])")
     for k, s in enumerate(layout.slots):
         g = s.axis
         spare = f"c{k}.size - 1"  # the spare cell of direct counts
+        if k in vec:
+            ok = f"{U('q')} < {U(f'n{k}')} and {U(f'b{g}')} < {U(f'nb{g}')}"
+            cell = f"q * nb{g} + b{g}"
+            vloop += [f"q = p - f{k}", f"ok = {ok}", f"w{k}[j] = {cell} if ok else sp{k} + (j & {SPARE - 1})",
+                      f"in{k} += ok"]  # fmt: skip
+            vscatter += [f"for j in range(hi - ch):", f"    r = {U(f'w{k}[j]')}", *_bump(k, s.stage, "r", "    ")]
+            head += [f"sp{k} = c{k}.size - {SPARE}", f"in{k} = 0"]
+            tail.append(f"inside[{k}] += in{k}")
+            continue
         if s.kind == "tof":
             ok, cell = None, U(f"b{g}")  # bin nb is the spare cell
         elif s.kind == "roi" and not s.stage:  # note the events in the ROI's span; test the mask after
@@ -229,11 +287,14 @@ def _source(layout: Layout) -> str:
             tail += [f"inside[{k}] += stop - start - c{k}[{spare}]", f"c{k}[{spare}] = 0"]
     body = ["    " + x for x in head]
     body += [f"    for ch in range(start, stop, {CHUNK}):"]
-    body += [f"        k{k} = 0" for k, s in enumerate(layout.slots) if s.stage or s.kind == "roi"]
-    body += [f"        for i in range(ch, min(ch + {CHUNK}, stop)):", "            u = np.uint64(i)"]
-    body += (
-        ["            " + x for x in loop] + ["        " + x for x in scatter] + ["    " + x for x in tail]
-    )
+    body += [f"        k{k} = 0" for k, s in enumerate(layout.slots) if (s.stage or s.kind == "roi") and k not in vec]
+    body += [f"        hi = min(ch + {CHUNK}, stop)"] + ["        " + x for x in pre]
+    if vec:
+        body += ["        pc = pix[ch:hi]", "        tc = tof[ch:hi]", "        for j in range(hi - ch):"]
+        body += ["            " + x for x in vloop]
+    if len(vec) < len(layout.slots):
+        body += ["        for i in range(ch, hi):", "            u = np.uint64(i)"] + ["            " + x for x in loop]
+    body += ["        " + x for x in scatter + vscatter] + ["    " + x for x in tail]
     return f"def fill({args}):\n" + "\n".join(body) + "\n"
 
 
@@ -262,7 +323,7 @@ def _module_source(layout: Layout, cache: bool = True) -> str:
     binners = "".join(f"bin{g} = BINNERS[{mode}]\n" for g, mode in enumerate(layout.axes))
     return (
         f"# generated by livehist.engine.kernels for {layout}\n"
-        "import numba\nimport numpy as np\n\nfrom livehist.engine.kernels import BINNERS\n\n"
+        "import numba\nimport numpy as np\n\nfrom livehist.engine.kernels import BINNERS, prebin\n\n"
         f"{binners}\n\n@numba.njit(nogil=True{', cache=True' if cache else ''})\n{_source(layout)}"
     )
 
