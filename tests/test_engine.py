@@ -193,6 +193,36 @@ def test_fused_histogram_set_equals_numpy(case, ny, nx, first, repeats, as_float
         assert h.stage == ("" if s.window or min_cells else np.dtype(stage).name)
 
 
+@settings(max_examples=30, deadline=None)
+@given(ny=st.integers(1, 9), nx=st.integers(1, 9), staged=st.booleans(), data=st.data())
+def test_roi_and_pixel_tof_on_a_log_axis_of_their_own_equal_numpy(ny, nx, staged, data):
+    """A log axis no TOF spectrum shares is binned only for events on the histogram's pixels
+    (a binary search per such event, none for the others)."""
+    from livehist.engine import histograms
+
+    n = ny * nx
+    size = data.draw(st.integers(0, 3000))
+    pix = np.array(data.draw(st.lists(st.integers(-3, n + 3), min_size=size, max_size=size)), np.int32)
+    tof = np.array(data.draw(st.lists(st.integers(0, 1200), min_size=size, max_size=size)), np.int32)
+    r0, c0 = data.draw(st.integers(0, ny - 1)), data.draw(st.integers(0, nx - 1))
+    r1, c1 = data.draw(st.integers(r0 + 1, ny)), data.draw(st.integers(c0 + 1, nx))
+    log = {"start": 10, "stop": 1000, "bins": 7, "scale": "log"}
+    pixels = {"first": 0, "shape": [ny, nx]}
+    specs = parse_histograms([
+        {"name": "t", "kind": "tof", "tof": {"start": 0, "stop": 1000, "bins": 10}},
+        {"name": "pt", "kind": "pixel_tof", "pixels": {"first": 0, "count": n}, "tof": dict(log, bins=5)},
+        {"name": "roi", "kind": "roi", "pixels": pixels, "roi": {"rows": [r0, r1], "cols": [c0, c1]}, "tof": log},
+    ])  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(histograms, "STAGE_MIN_CELLS", 0 if staged else 1 << 40)
+        hs = [make(s) for s in specs]
+        histograms.HistogramSet(hs).add(batch(tof, pix))
+    for s, h in zip(specs, hs, strict=True):
+        expected = numpy_reference(s, tof, pix)
+        assert np.array_equal(h.data(), expected), s.name
+        assert h.out_of_range == size - expected.sum(), s.name
+
+
 def test_staging_carries_exactly_past_the_staging_range():
     """A cell counted far past its staging dtype's range stays exact (uint8: carried every 256)."""
     from livehist.engine import histograms
