@@ -223,6 +223,21 @@ def test_roi_and_pixel_tof_on_a_log_axis_of_their_own_equal_numpy(ny, nx, staged
         assert h.out_of_range == size - expected.sum(), s.name
 
 
+@pytest.mark.parametrize("pixel", [5, 2**31 - 1, 2**31, 2**31 + 15, 2**32 + 5])
+def test_an_roi_spanning_more_than_2_31_pixels_counts_exactly(pixel):
+    """Allowed with a raised byte cap. Its pixel offset does not fit the packed note of smaller
+    ROIs (found by a hostile test: a segfault from 2**31, a count of the wrong pixel from 2**32)."""
+    roi = [0, 5, 2**31 + 15, 2**32 + 10]
+    [spec] = parse_histograms([{"name": "r", "kind": "roi", "pixels": {"first": 0, "shape": [3, 2**31 - 1]},
+                                "roi": {"pixels": roi}, "tof": {"start": 0, "stop": 100, "bins": 10}}],
+                              max_bytes=2**40)  # fmt: skip
+    h = make(spec)
+    h.add(batch(np.array([5, 5], np.int32), np.array([pixel, 7], np.int64)))
+    inside = int(pixel in roi)
+    assert h.data().tolist() == [inside] + [0] * 9
+    assert h.out_of_range == 2 - inside
+
+
 def test_staging_carries_exactly_past_the_staging_range():
     """A cell counted far past its staging dtype's range stays exact (uint8: carried every 256)."""
     from livehist.engine import histograms
@@ -556,6 +571,14 @@ def test_nan_negative_and_huge_values_are_out_of_range_not_corrupting():
         (
             '[{"name": "a", "kind": "tof", "tof": {"start": 0, "stop": 1, "bins": 1}, "window": -1}]',
             "Histograms[0].window must be 0.001 to 1e+07 seconds",
+        ),
+        (  # found by a hostile test: the scale bins / (stop - start) was infinite and nothing counted
+            '[{"name": "a", "kind": "tof", "tof": {"start": 0, "stop": 1e-310, "bins": 1}}]',
+            "Histograms[0].tof from 0 to 1e-310 ns cannot be binned exactly in float64",
+        ),
+        (  # ... and here an edge was NaN
+            '[{"name": "a", "kind": "tof", "tof": {"start": -1e308, "stop": 1e308, "bins": 1}}]',
+            "Histograms[0].tof from -1e+308 to 1e+308 is wider than float64 holds",
         ),
     ],
 )

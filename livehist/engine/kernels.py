@@ -122,6 +122,7 @@ class Slot:
     axis: int = -1  # index of its TOF axis, -1 for image
     stage: str = ""  # "": int64 counts (and a spare cell at the end); "uint8" etc.: staging + int64 carry
     two_loop: bool = True  # staged: note cells, scatter them in a second loop (False: count at once)
+    wide: bool = False  # an ROI spanning 2**31 pixels or more: its pixel and bin do not fit one int64 note
 
 
 @dataclass(frozen=True)
@@ -231,10 +232,12 @@ def _source(layout: Layout) -> str:
             ok, cell = None, U(f"b{g}")  # bin nb is the spare cell
         elif s.kind == "roi" and not s.stage:  # note the events in the ROI's span; test the mask after
             j = U("j")
-            if g in lazy_axes:  # the event's index, to bin it later
-                loop += [f"q = p - f{k}", f"wq{k}[{U(f'k{k}')}] = q", f"wb{k}[{U(f'k{k}')}] = i"]
+            if g in lazy_axes or s.wide:  # a note of the pixel, one of the bin (lazy: the event's index, to bin it later)
+                loop += [f"q = p - f{k}", f"wq{k}[{U(f'k{k}')}] = q",
+                         f"wb{k}[{U(f'k{k}')}] = {'i' if g in lazy_axes else f'b{g}'}"]  # fmt: skip
                 scatter += [f"for j in range(k{k}):", f"    qq = wq{k}[{j}]",
-                            f"    b = bin{g}(tof[{U(f'wb{k}[{j}]')}], e{g}, lo{g}, s{g}, nb{g})"]  # fmt: skip
+                            f"    b = bin{g}(tof[{U(f'wb{k}[{j}]')}], e{g}, lo{g}, s{g}, nb{g})" if g in lazy_axes
+                            else f"    b = wb{k}[{j}]"]  # fmt: skip
                 head += [f"wb{k} = np.empty({CHUNK}, np.int64)"]
             else:  # pixel and bin in one note (both < 2**31 where kept): one store per event, 3-5% faster
                 loop += [f"q = p - f{k}", f"wq{k}[{U(f'k{k}')}] = (q << 32) | b{g}"]

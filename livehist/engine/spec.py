@@ -178,7 +178,7 @@ def parse_tof(obj: Any, path: str, max_bytes: int | None = None) -> TofAxis:
             raise SpecError(
                 f"{path}.edges must be strictly increasing; edges[{i}]={arr[i]} >= edges[{i + 1}]={arr[i + 1]}"
             )
-        return TofAxis(arr, unit, "explicit")
+        return _binnable(TofAxis(arr, unit, "explicit"), path)
     start, stop = _number(obj, "start", path), _number(obj, "stop", path)
     bins = _int(obj, "bins", path)
     if bins <= 0:
@@ -188,6 +188,9 @@ def parse_tof(obj: Any, path: str, max_bytes: int | None = None) -> TofAxis:
     _check_cap(f"{path}.bins={bins}", (bins + 1) * 8, max_bytes)  # before the edges are made
     if start >= stop:
         raise SpecError(f"{path}.start must be < {path}.stop, got start={start} stop={stop}")
+    if not math.isfinite(stop - start):
+        raise SpecError(f"{path} from {start:g} to {stop:g} is wider than float64 holds; keep the edges "
+                        f"between -1e290 and 1e290")  # fmt: skip
     scale = obj.get("scale", "linear")
     if scale == "linear":
         edges = np.linspace(start, stop, bins + 1)
@@ -197,7 +200,23 @@ def parse_tof(obj: Any, path: str, max_bytes: int | None = None) -> TofAxis:
         edges = np.geomspace(start, stop, bins + 1)
     else:
         raise SpecError(f"{path}.scale must be 'linear' or 'log', got {scale!r}")
-    return TofAxis(edges, unit, scale)
+    return _binnable(TofAxis(edges, unit, scale), path)
+
+
+def _binnable(axis: TofAxis, path: str) -> TofAxis:
+    """The axis, if float64 bins it right in every unit events may come in (the kernels take
+    the edges in the batch's unit and scale by bins / (stop - start))."""
+    for unit in EVENT_UNITS_NS:
+        with np.errstate(all="ignore"):
+            e = axis.edges_in(unit)
+            ok = np.all(np.isfinite(e)) and np.all(np.diff(e) > 0) and np.isfinite(axis.bins / (e[-1] - e[0]))
+        if not ok:
+            raise SpecError(
+                f"{path} from {axis.edges[0]:g} to {axis.edges[-1]:g} {axis.unit} cannot be binned exactly in "
+                f"float64 (in {unit} its edges overflow, merge or give an infinite scale); keep the edges "
+                f"between -1e290 and 1e290, and more than 1e-290 apart"
+            )
+    return axis
 
 
 def parse_one(obj: Any, path: str, max_bytes: int | None = None) -> HistogramSpec:
