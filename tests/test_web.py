@@ -341,12 +341,12 @@ def test_a_frozen_browser_drops_frames_alone(site, web, page):
         wait_for(lambda: paints(page, "image") >= 2, 60, "image painted")
         time.sleep(3)  # the frozen client's socket buffers fill up
         counter, n, t0 = h.UpdateCounter, paints(page, "image"), time.monotonic()
-        time.sleep(4)
-        took = time.monotonic() - t0
-        painted = (paints(page, "image") - n) / took
-        published = (h.UpdateCounter - counter) / took
+        time.sleep(6)
+        published = (h.UpdateCounter - counter) / (time.monotonic() - t0)
         assert published >= 3  # the device publishes on at its 5/s
-        assert painted >= 2  # and this browser keeps drawing
+        # and this browser keeps drawing: a count, not a rate (software painting in chromium on
+        # 2 busy cores managed 1 frame/s in one full-suite run; a blocked service gives none)
+        assert paints(page, "image") - n >= 3
         with urllib.request.urlopen(web + "api/stats", timeout=10) as r:
             clients = json.loads(r.read())["clients"]
         stuck = max(clients, key=lambda c: c["dropped"])

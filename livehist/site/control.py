@@ -192,6 +192,7 @@ def wait_ready(site: Site, started: dict[str, Managed], timeout: float, say: Say
     deadline = time.monotonic() + timeout
     pending = {server: [dev for _, dev in devs] for server, devs in server_devices(site.config).items()
                if server in started}  # fmt: skip
+    puzzled: set[str] = set()  # our running child that `Managed.pid` did not recognise (said once)
     while pending:
         for server in list(pending):
             proc = started[server]
@@ -200,12 +201,18 @@ def wait_ready(site: Site, started: dict[str, Managed], timeout: float, say: Say
                 proc.start(server_catalogue.argv(server), env=site.server_env())
                 say(f"{server}: started (log {proc.log}); the process found running had exited")
                 continue
-            if proc.pid() is None:
-                code = proc.exit_code()
-                raise LivehistError(
-                    f"server {server} exited (code {code}) while starting; read {proc.log}; "
-                    f"last lines:\n{proc.log_tail()}"
-                )
+            pid, why = proc.check()
+            if pid is None:
+                code = proc.poll_child()
+                if code == "running":  # our own child, not exited, so its pid is not reused: keep waiting
+                    if server not in puzzled:
+                        puzzled.add(server)
+                        say(f"{server}: still starting ({why}); waiting for it")
+                else:
+                    raise LivehistError(
+                        f"server {server} exited (code {code}) while starting; read {proc.log}; "
+                        f"last lines:\n{proc.log_tail()}"
+                    )
             pending[server] = [d for d in pending[server] if not ping(site.url(d), 1000)]
             if not pending[server]:
                 del pending[server]

@@ -26,6 +26,9 @@ def free_port() -> int:
             return port
 
 
+_CHILDREN: dict[int, subprocess.Popen] = {}  # the processes this process started, by pid
+
+
 @dataclass(frozen=True)
 class Managed:
     """A background process known by name inside a state directory."""
@@ -49,21 +52,37 @@ class Managed:
 
     def pid(self) -> int | None:
         """The pid if the recorded process is alive and is still the one we started."""
+        return self.check()[0]
+
+    def check(self) -> tuple[int | None, str]:
+        """(pid, "") as `pid`, or (None, why the recorded process is not taken as ours)."""
         rec = self.record()
         if not rec:
-            return None
+            return None, f"no readable record {self.pidfile}"
         pid = int(rec["pid"])
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
             stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return None
+        except OSError as exc:
+            return None, f"process {pid} is gone ({exc.strerror})"
         if stat.rsplit(")", 1)[1].split()[0] == "Z":  # zombie: exited, not yet reaped
-            return None
+            return None, f"process {pid} has exited"
         # an empty cmdline is a process caught mid-exec: still ours
         if cmdline and [c.decode(errors="replace") for c in cmdline] != rec["argv"]:
+            return None, f"process {pid} runs another command line: {[c.decode(errors='replace') for c in cmdline]}"
+        return pid, ""
+
+    def poll_child(self) -> str | int | None:
+        """For a process started by this one: "running", or its exit code once it has exited
+        (reaped here); None if the recorded process is not a child of this process."""
+        rec = self.record()
+        if not rec:
             return None
-        return pid
+        child = _CHILDREN.get(int(rec["pid"]))
+        if child is None:
+            return None
+        code = child.poll()
+        return "running" if code is None else code
 
     def start(self, argv: list[str], env: dict[str, str] | None = None) -> int:
         """Start argv in its own session (so it outlives the CLI), output to the log."""
@@ -84,20 +103,13 @@ class Managed:
                 close_fds=True,
             )
         self.pidfile.write_text(json.dumps({"pid": proc.pid, "argv": argv, "started": time.time()}))
+        _CHILDREN[proc.pid] = proc  # else subprocess reaps it when a later Popen starts, and its exit code is lost
         return proc.pid
 
     def exit_code(self) -> int | None:
         """Exit status of a child we started in this process, if it already exited."""
-        rec = self.record()
-        if not rec:
-            return None
-        try:
-            pid, status = os.waitpid(int(rec["pid"]), os.WNOHANG)
-        except ChildProcessError:
-            return None
-        if pid == 0:
-            return None
-        return os.waitstatus_to_exitcode(status)
+        code = self.poll_child()
+        return None if code == "running" else code
 
     def stop(self, timeout: float = 10.0) -> bool:
         """SIGTERM the process group, SIGKILL after `timeout`. True if something was stopped."""
@@ -139,6 +151,11 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 def _reap(pid: int) -> None:
+    child = _CHILDREN.get(pid)
+    if child is not None:  # through its Popen, which keeps the exit code
+        if child.poll() is not None:
+            del _CHILDREN[pid]
+        return
     try:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
