@@ -224,7 +224,11 @@ def _source(layout: Layout) -> str:
             cell = f"q * nb{g} + b{g}"
             vloop += [f"q = p - f{k}", f"ok = {ok}", f"w{k}[j] = {cell} if ok else sp{k} + (j & {SPARE - 1})",
                       f"in{k} += ok"]  # fmt: skip
-            vscatter += [f"for j in range(hi - ch):", f"    r = {U(f'w{k}[j]')}", *_bump(k, s.stage, "r", "    ")]
+            vscatter += [
+                "for j in range(hi - ch):",
+                f"    r = {U(f'w{k}[j]')}",
+                *_bump(k, s.stage, "r", "    "),
+            ]
             head += [f"sp{k} = c{k}.size - {SPARE}", f"in{k} = 0"]
             tail.append(f"inside[{k}] += in{k}")
             continue
@@ -232,7 +236,8 @@ def _source(layout: Layout) -> str:
             ok, cell = None, U(f"b{g}")  # bin nb is the spare cell
         elif s.kind == "roi" and not s.stage:  # note the events in the ROI's span; test the mask after
             j = U("j")
-            if g in lazy_axes or s.wide:  # a note of the pixel, one of the bin (lazy: the event's index, to bin it later)
+            # a note of the pixel and one of the bin (lazy axis: the event's index, to bin it later)
+            if g in lazy_axes or s.wide:
                 loop += [f"q = p - f{k}", f"wq{k}[{U(f'k{k}')}] = q",
                          f"wb{k}[{U(f'k{k}')}] = {'i' if g in lazy_axes else f'b{g}'}"]  # fmt: skip
                 scatter += [f"for j in range(k{k}):", f"    qq = wq{k}[{j}]",
@@ -287,13 +292,19 @@ def _source(layout: Layout) -> str:
             tail += [f"inside[{k}] += stop - start - c{k}[{spare}]", f"c{k}[{spare}] = 0"]
     body = ["    " + x for x in head]
     body += [f"    for ch in range(start, stop, {CHUNK}):"]
-    body += [f"        k{k} = 0" for k, s in enumerate(layout.slots) if (s.stage or s.kind == "roi") and k not in vec]
+    body += [
+        f"        k{k} = 0"
+        for k, s in enumerate(layout.slots)
+        if (s.stage or s.kind == "roi") and k not in vec
+    ]
     body += [f"        hi = min(ch + {CHUNK}, stop)"] + ["        " + x for x in pre]
     if vec:
         body += ["        pc = pix[ch:hi]", "        tc = tof[ch:hi]", "        for j in range(hi - ch):"]
         body += ["            " + x for x in vloop]
     if len(vec) < len(layout.slots):
-        body += ["        for i in range(ch, hi):", "            u = np.uint64(i)"] + ["            " + x for x in loop]
+        body += ["        for i in range(ch, hi):", "            u = np.uint64(i)"] + [
+            "            " + x for x in loop
+        ]
     body += ["        " + x for x in scatter + vscatter] + ["    " + x for x in tail]
     return f"def fill({args}):\n" + "\n".join(body) + "\n"
 

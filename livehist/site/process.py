@@ -69,7 +69,10 @@ class Managed:
             return None, f"process {pid} has exited"
         # an empty cmdline is a process caught mid-exec: still ours
         if cmdline and [c.decode(errors="replace") for c in cmdline] != rec["argv"]:
-            return None, f"process {pid} runs another command line: {[c.decode(errors='replace') for c in cmdline]}"
+            return (
+                None,
+                f"process {pid} runs another command line: {b' '.join(cmdline).decode(errors='replace')}",
+            )
         return pid, ""
 
     def poll_child(self) -> str | int | None:
@@ -103,7 +106,8 @@ class Managed:
                 close_fds=True,
             )
         self.pidfile.write_text(json.dumps({"pid": proc.pid, "argv": argv, "started": time.time()}))
-        _CHILDREN[proc.pid] = proc  # else subprocess reaps it when a later Popen starts, and its exit code is lost
+        # kept: else subprocess reaps it when a later Popen starts, and its exit code is lost
+        _CHILDREN[proc.pid] = proc
         return proc.pid
 
     def exit_code(self) -> int | None:
