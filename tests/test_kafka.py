@@ -157,6 +157,69 @@ def test_group_members_share_the_partitions_and_count_everything_once(kafka_brok
     assert not set(a.snapshot().offsets) & set(b.snapshot().offsets)
 
 
+GHOST = """
+import sys
+from confluent_kafka import Consumer
+c = Consumer({"bootstrap.servers": sys.argv[1], "group.id": sys.argv[3], "session.timeout.ms": 6000,
+              "heartbeat.interval.ms": 500, "auto.offset.reset": "earliest"})
+c.subscribe([sys.argv[2]])
+while not c.assignment():
+    c.poll(0.2)
+print("assigned", flush=True)
+while True:
+    c.poll(0.2)
+"""
+
+
+def test_a_member_killed_without_leaving_does_not_pass_for_a_dead_broker(kafka_broker, monkeypatch):
+    """A member SIGKILLed keeps its place in the group until its session times out; the next
+    member's JoinGroup waits for that, with nothing else heard from the broker meanwhile. That
+    wait must not read as 'no broker reachable' (which restarted the join, again and again)."""
+    import signal
+    import subprocess
+    import sys
+
+    from livehist.engine.sources import kafka as kafka_source
+
+    topic = kafka_topic(kafka_broker, 4)
+    group = f"g-{topic}"
+    p = producer(kafka_broker)
+    sent = 0
+    for i in range(8):
+        batch = pulses(i, 1, 100, seed=i)
+        p.produce(topic, encode_ev44(batch, i, "det"), partition=i % 4)
+        sent += len(batch)
+    p.flush(30)
+    ghost = subprocess.Popen([sys.executable, "-c", GHOST, kafka_broker, topic, group], stdout=subprocess.PIPE, text=True)
+    try:
+        assert ghost.stdout.readline().strip() == "assigned"
+    finally:
+        ghost.send_signal(signal.SIGKILL)
+        ghost.wait()
+    ticks = []  # librdkafka's statistics while joining: (quiet brokers, answering by our rule)
+    real = kafka_source.KafkaSource._stats
+
+    def spy(self, raw):
+        stats = json.loads(raw)
+        if stats.get("cgrp", {}).get("join_state") not in (None, "init", "steady"):
+            up = [b for b in stats["brokers"].values() if b.get("state") == "UP"]
+            quiet = bool(up) and all(b.get("rxidle", -1) >= kafka_source.DOWN_AFTER_S * 1e6 / 2 for b in up)
+            ticks.append((quiet, kafka_source.broker_answers(stats["brokers"], stats["cgrp"])))
+        real(self, raw)
+
+    monkeypatch.setattr(kafka_source.KafkaSource, "_stats", spy)
+    engine = engine_for(f"kafka://{kafka_broker}/{topic}?group={group}&start=earliest")
+    try:
+        wait_for(lambda: engine.events >= sent or engine.source.error, timeout=60, what="the new member to count",
+                 detail=lambda: f"{engine.events} of {sent}")  # fmt: skip
+        assert engine.source.error is None, engine.source.error
+    finally:
+        engine.stop()
+    assert engine.events == sent
+    assert any(quiet for quiet, _ in ticks), f"the join never went quiet: {ticks}"  # the case that failed
+    assert all(answering for _, answering in ticks), ticks
+
+
 @pytest.mark.parametrize(
     "uri, message",
     [
@@ -168,6 +231,18 @@ def test_group_members_share_the_partitions_and_count_everything_once(kafka_brok
         ("kafka://b:9092/t?group=", "group must not be empty"),
         ("kafka://b:9092/t?partition=1", "unknown parameter 'partition'"),
         ("kafka://b:9092/,", "give kafka://BROKER[,BROKER]/TOPIC[,TOPIC]"),
+        ("kafka://b:9092/t?group=%00", "holds a control character"),  # aborted the process in librdkafka
+        ("kafka://b:9092/t,t", "topic 't' is listed twice"),
+        ("kafka://b:abc/t", "'b:abc' is not HOST:PORT"),
+        ("kafka://b:99999/t", "'b:99999' is not HOST:PORT"),
+        ("kafka://b:9092,,c:9092/t", "an empty broker"),
+        ("kafka://user:pw@b:9092/t", "carries a user name"),
+        ("kafka://b:9092/..", "topic '..' is not a Kafka topic name"),
+        ("kafka://b:9092/t#frag", "'#frag' is not part of any livehist URI"),
+        ("kafka://b:9092/t?start=earliest&start=latest", "start is given 2 times"),
+        ("kafka://b:9092/t?stop=0", "stop is in the past and start is latest"),
+        ("zmq://127.0.0.1:99999", "'127.0.0.1:99999' is not HOST:PORT"),
+        ("zmq://127.0.0.1:x", "is not HOST:PORT"),
     ],
 )
 def test_bad_kafka_uris_name_the_fault(uri, message):

@@ -81,11 +81,32 @@ class Source:
 
 
 def query(uri: str) -> tuple[object, dict[str, str]]:
+    """The URI's parts and its parameters; a repeated parameter or a #fragment is refused
+    (neither means anything here, and a '#' in a file name would cut the path short)."""
     parts = urlsplit(uri)
+    if parts.fragment or uri.endswith("#"):
+        raise SourceError(
+            f"EventSource {uri!r}: '#{parts.fragment}' is not part of any livehist URI; "
+            "remove it (write a '#' inside a name as %23)"
+        )
     params = {}
     for key, values in parse_qs(parts.query, keep_blank_values=True).items():
-        params[key] = values[-1]
+        if len(values) > 1:
+            raise SourceError(f"EventSource {uri!r}: {key} is given {len(values)} times; give it once")
+        params[key] = values[0]
     return parts, params
+
+
+def host_port(text: str, uri: str, example: str) -> tuple[str, int]:
+    """HOST:PORT (port 1..65535), or SourceError naming the bad part and the form to use."""
+    host, sep, port = text.rpartition(":")
+    if "@" in text:
+        raise SourceError(f"EventSource {uri!r}: {text!r} carries a user name; give HOST:PORT, e.g. {example}")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SourceError(
+            f"EventSource {uri!r}: {text!r} is not HOST:PORT (port 1-65535); give HOST:PORT, e.g. {example}"
+        )
+    return host.strip("[]"), int(port)
 
 
 def number(

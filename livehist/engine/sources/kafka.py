@@ -41,7 +41,7 @@ from datetime import datetime
 import numpy as np
 
 from livehist.engine.events import BadMessage, EventBatch, RateLimitedLog, decode
-from livehist.engine.sources import Source, SourceError, check_known, query
+from livehist.engine.sources import Source, SourceError, check_known, host_port, query
 
 log = logging.getLogger("livehist.engine.sources.kafka")
 
@@ -77,6 +77,23 @@ def parse_time(raw: str, key: str, uri: str) -> int:
         ) from None
 
 
+def broker_answers(brokers: dict, cgrp: dict | None) -> bool:
+    """From librdkafka's statistics: is a broker up and answering?
+
+    UP and heard from lately: fetches (every fetch.wait.max.ms) or heartbeats keep `rxidle`
+    (µs since the last receive; -1 before the first) small, a frozen broker lets it grow. While
+    the consumer group is joining, the coordinator holds the JoinGroup request until the group's
+    other members rejoin or time out (a member killed without leaving: its session, 6 s), and
+    nothing else may arrive meanwhile: then a connected (UP) broker counts as answering. A frozen
+    one is still found out: its requests time out (socket.timeout.ms) and its state leaves UP."""
+    quiet_us = DOWN_AFTER_S * 1e6 / 2
+    up = [b for b in brokers.values() if isinstance(b, dict) and b.get("state") == "UP"]
+    if any(b.get("rxidle", -1) < quiet_us for b in up):
+        return True
+    joining = isinstance(cgrp, dict) and cgrp.get("join_state") not in (None, "init", "steady")
+    return bool(up) and joining
+
+
 class _RdLog:
     """librdkafka's log lines into Python logging, at most one per facility every 5 s."""
 
@@ -108,17 +125,30 @@ class KafkaSource(Source):
         self.topics = [t.strip() for t in parts.path.strip("/").split(",") if t.strip()]
         if not self.brokers or not self.topics:
             raise SourceError(f"EventSource {uri!r}: give kafka://BROKER[,BROKER]/TOPIC[,TOPIC]")
+        brokers = self.brokers.split(",")
+        if any(not b.strip() for b in brokers):
+            raise SourceError(f"EventSource {uri!r}: an empty broker in {self.brokers!r}; give BROKER[,BROKER]")
+        for broker in brokers:
+            host_port(broker.strip(), uri, "kafka://localhost:9092/TOPIC")
         for topic in self.topics:
-            if not TOPIC_NAME.match(topic):
+            if not TOPIC_NAME.match(topic) or topic in (".", ".."):
                 raise SourceError(
                     f"EventSource {uri!r}: topic {topic!r} is not a Kafka topic name "
-                    "(letters, digits, '.', '_', '-'; at most 249)"
+                    "(letters, digits, '.', '_', '-'; at most 249; not '.' or '..')"
                 )
+        if len(set(self.topics)) < len(self.topics):
+            twice = next(t for t in self.topics if self.topics.count(t) > 1)
+            raise SourceError(f"EventSource {uri!r}: topic {twice!r} is listed twice; list each topic once")
         self.source_name = params.get("source") or None
         self.group = params.get("group") or None
         if "group" in params and not self.group:
             raise SourceError(
                 f"EventSource {uri!r}: group must not be empty (leave it out for a private one)"
+            )
+        if self.group and re.search(r"[\x00-\x1f\x7f]", self.group):
+            raise SourceError(
+                f"EventSource {uri!r}: group {self.group!r} holds a control character (such as %00); "
+                "use printable characters"
             )
         start = params.get("start", "latest").strip() or "latest"
         self.start_mode = start if start in ("latest", "earliest") else "time"
@@ -126,6 +156,11 @@ class KafkaSource(Source):
         self.stop_ns = parse_time(params["stop"], "stop", uri) if params.get("stop") else None
         if self.start_ns is not None and self.stop_ns is not None and self.stop_ns <= self.start_ns:
             raise SourceError(f"EventSource {uri!r}: stop must be after start")
+        if self.start_mode == "latest" and self.stop_ns is not None and self.stop_ns <= time.time_ns():
+            raise SourceError(
+                f"EventSource {uri!r}: stop is in the past and start is latest, so nothing would be "
+                "counted; give start=earliest or a start time to read back, or a later stop"
+            )
         self.ended: str | None = None  # set when `stop` is passed: the engine ends the acquisition
         self.outside_messages = 0  # messages wholly outside [start, stop)
         self._resume: dict[Key, int] = {}
@@ -183,13 +218,11 @@ class KafkaSource(Source):
 
     def _stats(self, raw: str) -> None:
         try:
-            brokers = json.loads(raw).get("brokers", {})
-        except ValueError:
+            stats = json.loads(raw)
+            brokers = stats.get("brokers", {})
+        except (ValueError, AttributeError):
             return
-        # UP and heard from lately: fetches (every fetch.wait.max.ms) or heartbeats keep `rxidle`
-        # (µs since the last receive; -1 before the first) small, a frozen broker lets it grow
-        quiet_us = DOWN_AFTER_S * 1e6 / 2
-        if any(b.get("state") == "UP" and b.get("rxidle", -1) < quiet_us for b in brokers.values()):
+        if broker_answers(brokers, stats.get("cgrp")):
             self._last_up = time.monotonic()
 
     def _error(self, err) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import zmq
 
-from livehist.engine.sources import Source, SourceError, check_known, query
+from livehist.engine.sources import Source, SourceError, check_known, host_port, query
 
 
 class ZmqSource(Source):
@@ -18,9 +18,10 @@ class ZmqSource(Source):
         super().__init__(uri)
         parts, params = query(uri)
         check_known(params, set(), uri)
-        if not parts.hostname or parts.port is None:
+        if not parts.netloc:
             raise SourceError(f"EventSource {uri!r}: give HOST:PORT, e.g. zmq://127.0.0.1:5555")
-        self.endpoint = f"tcp://{parts.hostname}:{parts.port}"
+        host, port = host_port(parts.netloc, uri, "zmq://127.0.0.1:5555")
+        self.endpoint = f"tcp://{host}:{port}"
         self.kind = zmq.SUB if parts.scheme == "zmq+sub" else zmq.PULL
 
     def run(self) -> None:
