@@ -190,7 +190,9 @@ def test_a_member_killed_without_leaving_does_not_pass_for_a_dead_broker(kafka_b
         p.produce(topic, encode_ev44(batch, i, "det"), partition=i % 4)
         sent += len(batch)
     p.flush(30)
-    ghost = subprocess.Popen([sys.executable, "-c", GHOST, kafka_broker, topic, group], stdout=subprocess.PIPE, text=True)
+    ghost = subprocess.Popen(
+        [sys.executable, "-c", GHOST, kafka_broker, topic, group], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert ghost.stdout.readline().strip() == "assigned"
     finally:

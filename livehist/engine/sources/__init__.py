@@ -101,7 +101,9 @@ def host_port(text: str, uri: str, example: str) -> tuple[str, int]:
     """HOST:PORT (port 1..65535), or SourceError naming the bad part and the form to use."""
     host, sep, port = text.rpartition(":")
     if "@" in text:
-        raise SourceError(f"EventSource {uri!r}: {text!r} carries a user name; give HOST:PORT, e.g. {example}")
+        raise SourceError(
+            f"EventSource {uri!r}: {text!r} carries a user name; give HOST:PORT, e.g. {example}"
+        )
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise SourceError(
             f"EventSource {uri!r}: {text!r} is not HOST:PORT (port 1-65535); give HOST:PORT, e.g. {example}"

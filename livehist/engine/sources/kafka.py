@@ -127,7 +127,9 @@ class KafkaSource(Source):
             raise SourceError(f"EventSource {uri!r}: give kafka://BROKER[,BROKER]/TOPIC[,TOPIC]")
         brokers = self.brokers.split(",")
         if any(not b.strip() for b in brokers):
-            raise SourceError(f"EventSource {uri!r}: an empty broker in {self.brokers!r}; give BROKER[,BROKER]")
+            raise SourceError(
+                f"EventSource {uri!r}: an empty broker in {self.brokers!r}; give BROKER[,BROKER]"
+            )
         for broker in brokers:
             host_port(broker.strip(), uri, "kafka://localhost:9092/TOPIC")
         for topic in self.topics:
