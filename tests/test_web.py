@@ -214,6 +214,7 @@ def test_roi_drawn_with_the_mouse_appears_on_the_device(site, web, page):
     h = running(site)
     page.goto(web + f"?token={TOKEN}")
     wait_for(lambda: paints(page, "image") >= 2, 60, "image painted")
+    assert "token" not in page.url, page.url  # out of the address bar and the history once read
 
     def drag(row0: int, col0: int, row1: int, col1: int) -> None:
         """Drag the mouse over the image from one detector pixel to another."""
@@ -253,6 +254,35 @@ def test_roi_drawn_with_the_mouse_appears_on_the_device(site, web, page):
     assert status == 409 and "rows" in answer["error"] and "600" in answer["error"], answer
     assert h.HistogramConfig == before
     h.Configure(json.dumps(HISTOGRAMS))  # back to the module's histograms
+
+
+def test_rois_sent_at_once_all_land_and_odd_bodies_get_400(site, web):
+    """Each ROI is a read-modify-write of the device's histogram list: sent at once, all must land."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    h = proxy(site)
+    before = h.HistogramConfig
+    try:
+        bodies = [{"device": DEV, "image": "image", "name": f"race_{i}", "rows": [10 * i, 10 * i + 20],
+                   "cols": [0, 30]} for i in range(4)]  # fmt: skip
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda b: post(web, "api/roi", b, TOKEN), bodies))
+        assert all(status == 200 for status, _ in answers), answers
+        names = {s["name"] for s in json.loads(h.HistogramConfig)}
+        assert {f"race_{i}" for i in range(4)} <= names, names
+    finally:
+        h.Configure(before)
+    for body in ({"device": [DEV], "command": "Stop"}, {"device": {"a": 1}, "command": "Stop"}):
+        status, answer = post(web, "api/command", body, TOKEN)
+        assert status == 404 and "not one this view follows" in answer["error"], answer
+    req = urllib.request.Request(
+        web + "api/command", b"[" * 100_000, {"X-Livehist-Token": TOKEN}, method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 400 and "must be JSON" in json.loads(err.value.read())["error"]
+    with urllib.request.urlopen(web, timeout=30) as r:  # the page's address may hold ?token=
+        assert r.headers["Referrer-Policy"] == "no-referrer"
 
 
 def test_buttons_start_stop_and_reset_the_device(site, web, page):
@@ -414,6 +444,28 @@ def test_a_client_that_does_not_read_is_bounded_and_the_others_get_everything():
         pool.submit(asyncio.run, scenario()).result(timeout=60)
 
 
+def test_the_hub_forgets_the_frames_of_histograms_a_device_no_longer_has():
+    from livehist.views.web.frames import encode
+
+    async def scenario():
+        hub = Hub(asyncio.get_running_loop())
+        config = lambda *names: encode({"kind": "config", "histograms": [{"name": n} for n in names]})  # noqa: E731
+        hub.publish(("d/e/v", "config"), config("tof", "img0"))
+        for key in ("tof", "img0", "status", "metadata"):
+            hub.publish(("d/e/v", key), b"x")
+        hub.publish(("o/t/her", "img0"), b"y")
+        hub.publish(("d/e/v", "config"), config("tof", "img1"))  # Configure renamed the image
+        assert set(hub.latest) == {("d/e/v", k) for k in ("config", "tof", "status", "metadata")} | {
+            ("o/t/her", "img0")
+        }
+        assert len(hub.join().waiting) == 5  # a new browser gets no frame of a histogram gone
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, scenario()).result(timeout=60)
+
+
 def test_layouts_from_json_and_yaml_and_their_errors(tmp_path):
     y = tmp_path / "l.yaml"
     y.write_text("title: SANS2D\ncolumns: 3\npanels:\n  - {device: a/b/1, show: status, width: 3}\n"
@@ -434,12 +486,20 @@ def test_layouts_from_json_and_yaml_and_their_errors(tmp_path):
         "panels: [{device: a/b/c, colour: red}]": "unknown key(s) ['colour']",
         "panels: [{device: a/b/c}]\nextra: 1": "unknown key(s) ['extra']",
         "panels: [{device: a/b/c": "not valid YAML",
+        # 300 bytes that YAML's aliases would make 10**8 values (took 35 s and 1 GB, then a traceback)
+        "a: &a [x,x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\npanels: [{device: a/b/c, show: *b}]": "aliases (*name) are not allowed",
+        "panels: [{device: a/b/c, show: tof}, {device: A/B/C, show: tof}]": "panels[1] repeats panels[0]",
+        f"title: [{'x, ' * 10000}x]\npanels: [{{device: a/b/c}}]": "title must be a string, got ['x', 'x',",
     }
     for text, message in bad.items():
         y.write_text(text)
         with pytest.raises(LayoutError) as err:
             load_layout(y)
         assert message in str(err.value) and str(y) in str(err.value), (text, str(err.value))
+        assert len(str(err.value)) < 600, "the bad value is cut short, not copied whole"
+    y.write_text("panels: [{device: a/b/c}]\n" + "#" * (1 << 20))
+    with pytest.raises(LayoutError, match="a layout is at most"):
+        load_layout(y)
     with pytest.raises(LayoutError, match="cannot read"):
         load_layout(tmp_path / "missing.yaml")
     with pytest.raises(LayoutError, match="must be a string"):
@@ -459,6 +519,8 @@ def test_livehist_web_refuses_bad_input_with_clear_messages(site, tmp_path):
         (["not-a-device"], "device names are domain/family/member, got 'not-a-device'"),
         (["--control-token", "short"], "at least 8 characters"),
         (["--control-token", "schlüssel-geheim"], "printable ASCII"),
+        (["--control-token", " padded-token "], "must not begin or end with a space"),
+        ([f"tango://127.0.0.1:1/{DEV}"], f"give the device as '{DEV}' with --tango-host 127.0.0.1:1"),
         (["--layout", str(tmp_path / "none.yaml")], "cannot read it"),
         (["--tango-host", "nohost"], "Tango host must be HOST:PORT, got 'nohost'"),
     ]

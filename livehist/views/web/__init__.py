@@ -52,6 +52,13 @@ def find_devices(names: list[str], tango_host: str | None = None) -> dict[str, t
         return found
     for name in names:
         short = name.split("/", 3)[-1] if name.startswith("tango://") else name
+        if name.startswith("tango://"):
+            given = name[len("tango://") :].split("/", 1)[0]
+            if given.lower() not in (f"{host}:{port}".lower(), f"{host.split('.')[0]}:{port}".lower()):
+                raise LivehistError(
+                    f"{name!r} names the Tango host {given}, but this view reads {host}:{port}; "
+                    f"give the device as {short!r} with --tango-host {given}"
+                )
         if short.count("/") != 2:
             raise LivehistError(f"device names are domain/family/member, got {name!r}")
         try:
@@ -100,6 +107,11 @@ def web(devices: list[str], port: int = 8050, bind: str = "127.0.0.1", layout: P
     if token is not None and len(token.strip()) < 8:
         raise LivehistError(
             "the control token must be at least 8 characters (it guards Start/Stop/Configure)"
+        )
+    if token is not None and token != token.strip():
+        raise LivehistError(
+            "the control token must not begin or end with a space (HTTP drops those, so no browser "
+            "could send it); remove the spaces"
         )
     if token is not None and not (token.isascii() and token.isprintable()):
         raise LivehistError("the control token must be printable ASCII (browsers send it in an HTTP header)")

@@ -15,14 +15,17 @@ token the service is read-only and both POSTs answer 403.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import json
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -118,12 +121,12 @@ def create_app(service: Service) -> Starlette:
             return None, _refuse(401, "wrong or missing control token (header X-Livehist-Token)")
         try:
             body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            return None, _refuse(400, "the request body must be JSON")
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None, _refuse(400, "the request body must be JSON (a small object)")
         if not isinstance(body, dict):
             return None, _refuse(400, "the request body must be a JSON object")
         device = body.get("device")
-        if device not in service.devices:
+        if not isinstance(device, str) or device not in service.devices:
             return None, _refuse(404, f"device {device!r} is not one this view follows "
                                       f"({', '.join(service.devices)})")  # fmt: skip
         return body, None
@@ -167,7 +170,26 @@ def create_app(service: Service) -> Starlette:
         WebSocketRoute("/ws", stream),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(NoReferrer)])
+
+
+class NoReferrer:
+    """Every HTTP answer says `Referrer-Policy: no-referrer`: the page's address may carry
+    ?token=, which must not travel in the Referer of the requests the page makes."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_policy(message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"referrer-policy", b"no-referrer")]
+            await send(message)
+
+        await self.app(scope, receive, send_with_policy)
 
 
 def _proxy(url: str):
@@ -193,7 +215,7 @@ def roi_spec(specs: list[dict], image: str, name: str, rows: list[int], cols: li
     if source is None or source.get("kind") != "image":
         raise ValueError(f"{image!r} is not an image histogram of this device")
     if any(s.get("name") == name and s.get("kind") != "roi" for s in specs):
-        raise ValueError(f"{name!r} is already the name of a {next(s['kind'] for s in specs if s['name'] == name)}"
+        raise ValueError(f"{name!r} is already the name of the {next(s['kind'] for s in specs if s['name'] == name)}"
                          " histogram; choose another ROI name")  # fmt: skip
     tof = next((s["tof"] for s in specs if s.get("kind") == "tof" and "tof" in s), None)
     tof = tof or {"start": 0, "stop": 100_000_000, "bins": 1000, "unit": "ns"}
@@ -204,7 +226,18 @@ def roi_spec(specs: list[dict], image: str, name: str, rows: list[int], cols: li
     return out
 
 
+_ROI_LOCKS: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+
+
 def _configure_roi(url: str, image: str, name: str, rows: list[int], cols: list[int]) -> str | None:
+    """Read the histogram list, add the ROI, Configure: one at a time per device, so ROIs drawn
+    at once in two browsers both land (each read-modify-write sees the one before it). A change
+    made by another Tango client between the read and the Configure is still overwritten."""
+    with _ROI_LOCKS[url]:
+        return _configure_roi_locked(url, image, name, rows, cols)
+
+
+def _configure_roi_locked(url: str, image: str, name: str, rows: list[int], cols: list[int]) -> str | None:
     try:
         p = _proxy(url)
         specs = json.loads(p.read_attribute("HistogramConfig").value)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 
+from livehist.views.web.frames import decode
+
 Key = tuple[str, str]
 MAX_KEYS = 1024  # a bound on what waits for one client even if devices grow many histograms
 
@@ -41,6 +43,9 @@ class Client:
         return self.waiting.popitem(last=False)[1]
 
 
+OWN_KEYS = ("config", "status", "metadata")  # frames of a device that are not histograms
+
+
 class Hub:
     """Lives on the event loop; `publish_threadsafe` is what follower threads call."""
 
@@ -56,6 +61,10 @@ class Hub:
             pass
 
     def publish(self, key: Key, frame: bytes) -> None:
+        if key[1] == "config":  # histograms gone from the device: their last frames go too
+            keep = {h["name"] for h in decode(frame)[0].get("histograms", [])} | set(OWN_KEYS)
+            for old in [k for k in self.latest if k[0] == key[0] and k[1] not in keep]:
+                del self.latest[old]
         self.latest[key] = frame
         for client in self.clients:
             client.offer(key, frame)

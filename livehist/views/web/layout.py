@@ -28,6 +28,13 @@ from livehist.errors import LivehistError
 SPECIAL = ("status", "metadata", "histograms")
 SCALES = ("linear", "log")
 MAX_COLUMNS = 4
+MAX_BYTES = 1 << 20  # a layout is a page of text; more is a mistake (or an attack)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """repr of a bad value, cut short: an error message never carries a whole document."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class LayoutError(LivehistError):
@@ -79,45 +86,73 @@ def parse_layout(doc: object, origin: str = "layout") -> Layout:
     unknown = set(doc) - {"title", "columns", "panels"}
     _check(not unknown, f"{origin}: unknown key(s) {sorted(unknown)}; use title, columns, panels")
     title = doc.get("title", "livehist")
-    _check(isinstance(title, str), f"{origin}.title must be a string, got {title!r}")
+    _check(isinstance(title, str), f"{origin}.title must be a string, got {_short(title)}")
     columns = doc.get("columns", 2)
     _check(
         isinstance(columns, int) and not isinstance(columns, bool) and 1 <= columns <= MAX_COLUMNS,
-        f"{origin}.columns must be an integer from 1 to {MAX_COLUMNS}, got {columns!r}",
+        f"{origin}.columns must be an integer from 1 to {MAX_COLUMNS}, got {_short(columns)}",
     )
     panels = doc.get("panels")
-    _check(isinstance(panels, list) and panels, f"{origin}.panels must be a non-empty list, got {panels!r}")
+    _check(
+        isinstance(panels, list) and panels, f"{origin}.panels must be a non-empty list, got {_short(panels)}"
+    )
     out = []
     for i, p in enumerate(panels):
         where = f"{origin}.panels[{i}]"
-        _check(isinstance(p, dict), f"{where} must be a mapping like {{device: ..., show: ...}}, got {p!r}")
+        _check(
+            isinstance(p, dict), f"{where} must be a mapping like {{device: ..., show: ...}}, got {_short(p)}"
+        )
         unknown = set(p) - {"device", "show", "scale", "width"}
         _check(not unknown, f"{where}: unknown key(s) {sorted(unknown)}; use device, show, scale, width")
         device = p.get("device")
         _check(
             isinstance(device, str) and device.count("/") >= 2 and device.strip() == device,
-            f"{where}.device must be a Tango device name like domain/family/member, got {device!r}",
+            f"{where}.device must be a Tango device name like domain/family/member, got {_short(device)}",
         )
         show = p.get("show", "histograms")
         _check(
             isinstance(show, str) and show != "",
-            f"{where}.show must be status, metadata, histograms or a histogram name, got {show!r}",
+            f"{where}.show must be status, metadata, histograms or a histogram name, got {_short(show)}",
         )
         scale = p.get("scale", "linear")
-        _check(scale in SCALES, f"{where}.scale must be linear or log, got {scale!r}")
+        _check(scale in SCALES, f"{where}.scale must be linear or log, got {_short(scale)}")
         width = p.get("width", 1)
         _check(
             isinstance(width, int) and not isinstance(width, bool) and 1 <= width <= columns,
-            f"{where}.width must be an integer from 1 to columns ({columns}), got {width!r}",
+            f"{where}.width must be an integer from 1 to columns ({columns}), got {_short(width)}",
         )
+        twin = next(
+            (j for j, q in enumerate(out) if (q.device.lower(), q.show) == (device.lower(), show)), None
+        )
+        _check(twin is None, f"{where} repeats panels[{twin}] ({device}, show {show}); each appears once")
         out.append(Panel(device, show, scale, width))
     return Layout(title, columns, tuple(out))
+
+
+def _loader():
+    """YAML's safe loader without aliases: `*name` can make a few hundred bytes into 10**8 values."""
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(
+                    None, None, "aliases (*name) are not allowed in a layout", mark
+                )
+            return super().compose_node(parent, index)
+
+    return NoAliases
 
 
 def load_layout(path: Path) -> Layout:
     """Read a JSON (.json) or YAML (anything else) layout file."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_BYTES:
+            raise LayoutError(
+                f"layout {path}: {path.stat().st_size} bytes; a layout is at most {MAX_BYTES} bytes"
+            )
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise LayoutError(f"layout {path}: cannot read it ({exc})") from None
@@ -127,7 +162,7 @@ def load_layout(path: Path) -> Layout:
         else:
             import yaml
 
-            doc = yaml.safe_load(text)
+            doc = yaml.load(text, Loader=_loader())
     except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError: both say line and column
         raise LayoutError(
             f"layout {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}"

@@ -477,15 +477,21 @@ function paint() {
 
 async function main() {
   const params = new URLSearchParams(location.search);
+  const token = params.get("token");
+  if (token) {  // out of the address bar and the history (it may be shared or logged), before any request
+    sessionStorage.setItem("livehist-token", token);
+    params.delete("token");
+    const rest = params.toString();
+    history.replaceState(null, "", location.pathname + (rest ? "?" + rest : "") + location.hash);
+  }
   LH.info = await (await fetch("api/info")).json();
   document.title = $("title").textContent = LH.info.layout.title;
   if (LH.info.control) {
     $("tokenbox").hidden = false;
-    $("token").value = params.get("token") || sessionStorage.getItem("livehist-token") || "";
+    $("token").value = token || sessionStorage.getItem("livehist-token") || "";
     $("token").addEventListener("change", () => sessionStorage.setItem("livehist-token", $("token").value));
     setBadge("mode", "control", "warn");
   } else setBadge("mode", "read-only", "");
-  if (params.get("token")) sessionStorage.setItem("livehist-token", params.get("token"));
   build();
   window.addEventListener("resize", () => LH.panels.forEach((p) => (p.dirty = true)));
   connect();
