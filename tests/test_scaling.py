@@ -281,3 +281,113 @@ def test_the_group_checkpoints_a_survivor_trusts_and_those_it_does_not(kafka_bro
         assert w.engine.messages == 8 and w.engine.events == sum(len(b) for b in sent)
     finally:
         w.close()
+
+
+class _Member:
+    """A HistogramSum member over an in-process Histogrammer, read as the device serves it;
+    `down` makes it answer as a killed server does."""
+
+    def __init__(self, h) -> None:
+        self.h, self.down = h, False
+
+    def read(self, names: list[str]) -> dict:
+        from livehist.components.histsum import SUMMED, MemberError
+
+        if self.down:
+            raise MemberError("its server is not running")
+        h, fields = self.h, {**SUMMED, "EventRate": "event_rate", "ElapsedTime": "elapsed"}
+        special = {"UpdateCounter": lambda: h.update_counter, "State": lambda: h.state, "Status": lambda: h.status,
+                   "HistogramConfig": h.config_json, "KafkaOffsets": lambda: json.dumps(h.provenance()),
+                   "PresetTime": lambda: h.engine.preset_time, "PresetEvents": lambda: h.engine.preset_events,
+                   "PresetPulses": lambda: h.engine.preset_pulses}  # fmt: skip
+        return {n: special[n]() if n in special else getattr(h.last, fields[n]) if n in fields else h.last.counts[n]
+                for n in names}  # fmt: skip
+
+    def command(self, name: str, arg=None) -> None:
+        from livehist.components.histsum import MemberError
+
+        if self.down:
+            raise MemberError("its server is not running")
+        {"Start": self.h.start, "Stop": self.h.stop, "Reset": self.h.reset}[name]()
+
+    def write(self, values: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_members_reading_one_topic_outside_a_group_are_named_as_counted_twice(kafka_broker):
+    from livehist.components.histogrammer import Histogrammer
+    from livehist.components.histsum import HistogramSum
+
+    topic = kafka_topic(kafka_broker, 2)
+    producer = Producer({"bootstrap.servers": kafka_broker})
+    sent = [_events(300, i) for i in range(6)]
+    _send(producer, topic, sent)
+    total = sum(len(b) for b in sent)
+    for query, twice in (("start=earliest", True), (f"group=g-{topic}&start=earliest", False)):
+        hs = {f"test/twice/{i}": Histogrammer(f"kafka://{kafka_broker}/{topic}?{query}", json.dumps([TOF]),
+                                              publish_period=0.2, name=f"test/twice/{i}") for i in (1, 2)}  # fmt: skip
+        s = HistogramSum(list(hs), lambda name, on_event, hs=hs: _Member(hs[name]), publish_period=0.2)
+        try:
+            s.start()
+            goal = 2 * total if twice else total
+            wait_for(lambda hs=hs, goal=goal: sum(h.engine.events for h in hs.values()) >= goal and
+                     all(h.last.events == h.engine.events for h in hs.values()), what=f"counted ({query})")  # fmt: skip
+            s.refresh()
+            if twice:  # each private consumer sees every message: the sum holds them twice, and says so
+                assert s.last.events == 2 * total
+                assert s.state == "ALARM" and "counted twice" in s.status and "group=" in s.status, s.status
+            else:
+                assert s.last.events == total and "counted twice" not in s.status, s.status
+        finally:
+            s.close()
+            for h in hs.values():
+                h.close()
+
+
+def test_a_worker_down_at_a_reset_of_the_sum_comes_back_without_its_old_counts(kafka_broker, tmp_path):
+    """It restarts from its checkpoint acquiring, with counts from before the Reset: the sum resets it."""
+    from livehist.components.histogrammer import Histogrammer
+    from livehist.components.histsum import HistogramSum
+
+    topic = kafka_topic(kafka_broker, 2)
+    uri = f"kafka://{kafka_broker}/{topic}?group=g-{topic}&start=earliest"
+    producer = Producer({"bootstrap.servers": kafka_broker})
+    make = lambda name: Histogrammer(uri, json.dumps([TOF]), publish_period=0.2, name=name,  # noqa: E731
+                                     checkpoint_dir=str(tmp_path))  # fmt: skip
+    members = {name: _Member(make(name)) for name in ("test/rs/1", "test/rs/2")}
+    a, b = members.values()
+    s = HistogramSum(list(members), lambda name, on_event: members[name], publish_period=0.2)
+    try:
+        s.start()
+        first = [_events(400, i) for i in range(6)]
+        _send(producer, topic, first)
+        wait_for(lambda: a.h.last.events + b.h.last.events == sum(len(x) for x in first), what="first events")
+        assert b.h.last.events > 0, "the group gave b no partition"
+        time.sleep(0.5)  # a checkpoint after them
+        old = b.h.engine.events
+        _crash(b.h)
+        b.down = True
+        s.refresh()
+        assert s.state == "ALARM" and "test/rs/2" in s.status
+        s.reset()  # b is down: pending for it
+        assert s.last.events == 0
+        b.h, b.down = make("test/rs/2"), False  # restarted from its checkpoint: acquiring, old counts
+        assert b.h.running and b.h.engine.events == old
+        s.refresh()  # the sum reaches it: reset; its old counts never enter the sum
+        s.refresh()
+        assert s.last.events == 0 and b.h.engine.events == 0, s.status
+        later = [_events(250, 10 + i) for i in range(4)]
+        _send(producer, topic, later, 6)
+        wait_for(lambda: a.h.last.events + b.h.last.events == sum(len(x) for x in later), timeout=90,
+                 what="the later events")  # fmt: skip
+        s.refresh()
+        assert s.last.events == sum(len(x) for x in later)
+        tof = np.concatenate([x.tof for x in later])
+        assert np.array_equal(s.last.counts["tof"], np.histogram(tof, np.linspace(0, 70_000_000, 351))[0])
+    finally:
+        s.close()
+        for m in members.values():
+            m.h.close()

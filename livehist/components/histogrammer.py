@@ -224,6 +224,7 @@ class Histogrammer:
         return {
             "offsets": {f"{t}/{p}": [a, b] for (t, p), (a, b) in sorted(snap.offsets.items())},
             "group": getattr(source, "group", None),
+            "brokers": getattr(source, "brokers", None),
             "assigned": sorted(f"{t}/{p}" for t, p in getattr(source, "assigned", ())),
             "checkpoint": str(self.checkpoint.path) if self.checkpoint else None,
             "checkpoint_error": self.checkpoint.last_error if self.checkpoint else None,

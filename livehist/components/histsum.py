@@ -205,8 +205,9 @@ class HistogramSum:
             text = self._end_reason or (
                 f"idle; {ref.name}: {ref.reason}" if ref else "idle; Start to acquire"
             )
-        if trouble:
-            parts = []
+        twice = self._counted_twice()
+        if trouble or twice:
+            parts = [twice] if twice else []
             if down:
                 parts.append("down: " + ", ".join(f"{m.name} ({m.reason})" for m in down))
             for kind, what in ((MISMATCH, "left out, histograms differ"), (ALARM, "dropping messages"),
@@ -216,6 +217,33 @@ class HistogramSum:
                     parts.append(f"{what}: " + ", ".join(f"{m.name} ({m.reason})" for m in bad))
             return ALARM, f"{text}; " + "; ".join(parts)
         return (RUNNING if acquiring else ON), text
+
+    def _counted_twice(self) -> str:
+        """Members in the sum that read the same Kafka partitions outside one consumer group
+        (no group=, or different groups): each counts every message, so the sum holds them twice."""
+        seen: dict[str, tuple[str, set[str], str | None]] = {}
+        for m in self.members:
+            if m.config != self.config or m.config is None:
+                continue
+            try:
+                kafka = json.loads(m.values.get("KafkaOffsets") or "{}")
+            except ValueError:
+                continue
+            if not isinstance(kafka, dict) or not isinstance(kafka.get("offsets"), dict):
+                continue
+            brokers = {b.strip().lower() for b in str(kafka.get("brokers") or "").split(",") if b.strip()}
+            group = kafka.get("group")
+            for partition in kafka["offsets"]:
+                other = seen.get(partition)
+                if other is None:
+                    seen[partition] = (m.name, brokers, group)
+                elif (other[1] & brokers or not (other[1] and brokers)) and (
+                    group is None or group != other[2]
+                ):
+                    return (f"counted twice: {other[0]} and {m.name} both read {partition} outside one consumer "
+                            "group, so the sum holds those events twice; give both the same group= in "
+                            "EventSource (or read other topics)")  # fmt: skip
+        return ""
 
     # --- reading the members ----------------------------------------------------------
     def _client(self, m: Member) -> MemberClient:
@@ -265,17 +293,22 @@ class HistogramSum:
         except (SpecError, ValueError, KeyError, TypeError) as exc:
             self._mark_down(m, f"not an EventHistogrammer as livehist knows it: {exc}")
             return
-        if m.reset_pending:
+        if m.reset_pending:  # it missed a Reset of the sum while down: its counts are older than it
             m.reset_pending = False
-            if str(values["State"]) not in (RUNNING, ALARM):  # it missed a Reset of the sum while down
-                try:
-                    self._client(m).command("Reset")
-                except MemberError as exc:
-                    m.reset_pending = True
-                    self._mark_down(m, str(exc))
-                    return
-                m.kick.set()  # its stale counts never enter the sum: read it again, cleared
+            if str(values["State"]) in (RUNNING, ALARM):
+                # a worker restarted from its checkpoint goes on acquiring with its old counts: they
+                # must not enter the sum. What it counted between its restart and this read goes too
+                log.warning("member %s came back acquiring after a Reset it missed: reset now; the events "
+                            "it counted since its restart (%s in all) are not in the sum",
+                            m.name, values.get("EventCount"))  # fmt: skip
+            try:
+                self._client(m).command("Reset")
+            except MemberError as exc:
+                m.reset_pending = True
+                self._mark_down(m, str(exc))
                 return
+            m.kick.set()  # its stale counts never enter the sum: read it again, cleared
+            return
         with self._lock:
             was_down = not m.answers
             m.values, m.counter, m.config, m.specs = values, counter, config, specs
