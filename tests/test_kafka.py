@@ -157,6 +157,45 @@ def test_group_members_share_the_partitions_and_count_everything_once(kafka_brok
     assert not set(a.snapshot().offsets) & set(b.snapshot().offsets)
 
 
+def test_stop_then_start_goes_on_where_it_stopped_and_reset_reads_from_start_again(kafka_broker):
+    """Without Reset the counts go on, so must the reading: `start=earliest` (or a time) again
+    counted every message twice, bad ones included."""
+    topic = kafka_topic(kafka_broker, 2)
+    p = producer(kafka_broker)
+    events, good = 0, 0
+    for i in range(10):
+        batch = pulses(i, 1, 100, seed=i)
+        p.produce(topic, encode_ev44(batch, i, "det"), partition=i % 2)
+        events, good = events + len(batch), good + 1
+    p.produce(topic, b"not ev44", partition=0)
+    p.flush(30)
+    for k, start in enumerate(("earliest", str(T0 // 1_000_000))):
+        hg = Histogrammer(f"kafka://{kafka_broker}/{topic}?start={start}", [TOF_SPEC], publish_period=0.1)
+        try:
+            for _ in range(2):  # Start, Stop, Start, Stop: nothing new in between
+                hg.start()
+                wait_for(
+                    lambda hg=hg, n=events: hg.engine.events >= n and hg.engine.bad_messages >= 1, what=start
+                )
+                time.sleep(1.5)  # what a re-read would add
+                hg.stop()
+                assert (hg.last.events, hg.last.messages, hg.last.bad_messages) == (events, good + 1, 1), start
+            p.produce(topic, encode_ev44(pulses(20 + k, 1, 50, seed=20), 20 + k, "det"), partition=1)
+            p.flush(30)
+            events, good = events + 50, good + 1
+            hg.start()  # what came meanwhile is counted
+            wait_for(lambda hg=hg, n=events: hg.engine.events == n, what="the new message")
+            hg.stop()
+            hg.reset()  # a new count: from `start` again
+            hg.start()
+            wait_for(lambda hg=hg, n=events: hg.engine.events >= n, what="read again after Reset")
+            time.sleep(1.0)
+            hg.stop()
+            assert (hg.last.events, hg.last.messages, hg.last.bad_messages) == (events, good + 1, 1), start
+        finally:
+            hg.close()
+
+
 GHOST = """
 import sys
 from confluent_kafka import Consumer

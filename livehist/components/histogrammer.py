@@ -117,6 +117,7 @@ class Histogrammer:
         self._last_drop_count = 0
         self._last_drop_time = -1e9
         self._configured = True
+        self._fresh = True  # nothing counted since Init or Reset (see `start`)
         self._kick = threading.Event()
         self._closed = threading.Event()
         resume = self._restore() if self.checkpoint is not None and not self.problem else False
@@ -145,13 +146,23 @@ class Histogrammer:
                 raise LivehistError(self.problem)
             if self.engine.running:
                 raise LivehistError("already RUNNING; Stop first")
-            source = self._source if self._source is not None and self._source.error is None else None
+            old = self._source
+            source = old if old is not None and old.error is None else None
             source = source or self._open(self.source_uri)
             self._source = source
             if (
                 self.checkpoint is not None
             ):  # each partition from where our counts end (or the group's commit)
                 source.start_from(next_offsets(self.engine.offsets))
+            elif not self._fresh and old is not None and hasattr(source, "resume_after") and not source.group:
+                # Start after Stop, without Reset: the counts go on, so reading goes on where it
+                # stopped (a private Kafka reader would read `start=earliest` or a time again:
+                # every event twice). After Reset, reading begins at `start` again. A group member's
+                # partitions may have moved on meanwhile: it starts where the group says
+                source.resume_after(old)
+            elif hasattr(source, "start_from") and not source.group:
+                source.start_from({})  # a kept source forgets where the last count stopped reading
+            self._fresh = False
             source.finished = False
             self._end_reason = None
             self._source_error = None
@@ -171,6 +182,7 @@ class Histogrammer:
     def reset(self) -> None:
         with self._lock:
             self.engine.reset()
+            self._fresh = True  # the next Start reads from the EventSource's `start` again
             self._last_drop_count = 0
             self._last_drop_time = -1e9
             self._refresh()
