@@ -179,7 +179,9 @@ def test_stop_then_start_goes_on_where_it_stopped_and_reset_reads_from_start_aga
                 )
                 time.sleep(1.5)  # what a re-read would add
                 hg.stop()
-                assert (hg.last.events, hg.last.messages, hg.last.bad_messages) == (events, good + 1, 1), start
+                assert (hg.last.events, hg.last.messages, hg.last.bad_messages) == (events, good + 1, 1), (
+                    start
+                )
             p.produce(topic, encode_ev44(pulses(20 + k, 1, 50, seed=20), 20 + k, "det"), partition=1)
             p.flush(30)
             events, good = events + 50, good + 1
@@ -303,7 +305,13 @@ def test_no_broker_and_no_topic_give_fault_within_10_s_with_the_reason(kafka_bro
             t0 = time.monotonic()
             wait_for(lambda hg=hg: hg.state == "FAULT", timeout=10, what=f"FAULT for {uri}")
             assert time.monotonic() - t0 < 10 and reason in hg.status, hg.status
-            time.sleep(1.0)  # a reconnect attempt is under way (back-off 0.5 s)
+            # FAULT through the reconnect attempts (each tries for 5 s): never RUNNING while it only tries
+            seen = set()
+            for _ in range(40):
+                seen.add(hg.state)
+                time.sleep(0.2)
+            assert seen == {"FAULT"}, (uri, seen)
+            assert "reconnect" in hg.status, hg.status
             t1 = time.monotonic()
             hg.stop()
             assert time.monotonic() - t1 < 2.0, "Stop waited for a connection attempt"

@@ -112,6 +112,7 @@ class Histogrammer:
         self._status = self.problem or "idle; Start to acquire"
         self._end_reason: str | None = None
         self._source_error: str | None = None
+        self._reconnecting: str | None = None  # the error a reconnect is under way for
         self._next_reconnect = 0.0
         self._reconnects = 0
         self._last_drop_count = 0
@@ -165,7 +166,7 @@ class Histogrammer:
             self._fresh = False
             source.finished = False
             self._end_reason = None
-            self._source_error = None
+            self._source_error = self._reconnecting = None
             self._reconnects = 0
             self._last_drop_count = self.engine.dropped_messages
             self.engine.start(source)
@@ -356,6 +357,12 @@ class Histogrammer:
                 self._state, self._status = ON, "idle; Start to acquire"
             if self._source_error:
                 self._status += f"; last source error: {self._source_error}"
+        elif self._reconnecting:
+            self._state = FAULT
+            self._status = (
+                f"source {self.source_uri} failed: {self._reconnecting}; reconnecting now "
+                f"(attempt {self._reconnects}); histograms kept"
+            )
         elif self._source_error:
             wait = max(self._next_reconnect - time.monotonic(), 0.0)
             self._state = FAULT
@@ -400,7 +407,7 @@ class Histogrammer:
                 self._last_drop_time = time.monotonic()
             source = e.source
             if self._source_error is None and source is not None and source.error:
-                self._source_error = source.error
+                self._source_error, self._reconnecting = source.error, None
                 first, cap = self.reconnect_delays
                 delay = min(first * 2**self._reconnects, cap)
                 self._next_reconnect = time.monotonic() + delay
@@ -410,11 +417,14 @@ class Histogrammer:
                 try:
                     self._source = self._open(self.source_uri)
                     e.attach(self._source)
-                    self._source_error = None
+                    # FAULT until the new source reaches its broker: not RUNNING while it only tries
+                    self._reconnecting, self._source_error = self._source_error, None
                 except SourceError as exc:  # still broken: try again later, longer
                     self._source_error = str(exc)
                     first, cap = self.reconnect_delays
                     self._next_reconnect = time.monotonic() + min(first * 2**self._reconnects, cap)
+            elif self._reconnecting and source is not None and source.connected:
+                self._reconnecting = None
             elif self._source_error is None and source is not None and self._reconnects:
                 if source.error is None and e.event_rate() > 0:
                     self._reconnects = 0  # healthy again: next failure starts the back-off anew

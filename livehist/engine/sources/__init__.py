@@ -35,6 +35,9 @@ class Source:
         self._feed: Callable | None = None
         self.started_at = time.monotonic()
         self.last_message_at: float | None = None  # monotonic time of the last item handed on
+        # True once the source reached what it reads from (a Kafka source: after the broker
+        # answered and the partitions were assigned); sources that cannot tell say True at once
+        self.connected = True
 
     def start(self, feed: Callable) -> None:
         self._feed = feed

@@ -234,6 +234,7 @@ class KafkaSource(Source):
 
     def start(self, feed) -> None:
         self.ended = None  # before the engine can look: a previous run's stop is not this one's
+        self.connected = False  # until the broker answers (`run`)
         super().start(feed)
 
     def _metadata(self, consumer):
@@ -258,6 +259,7 @@ class KafkaSource(Source):
         from confluent_kafka import Consumer
 
         self.ended = None
+        self.connected = False
         self._fatal: str | None = None
         self._next = {}
         self._eof: dict[Key, bool] = {}
@@ -285,6 +287,7 @@ class KafkaSource(Source):
                 consumer.subscribe(self.topics, **self._rebalance_callbacks())
             else:
                 consumer.assign(self._positions_for(consumer, partitions))
+            self.connected = True  # the broker answered with the topics (a group then joins)
             self._consume(consumer)
         finally:
             consumer.close()
