@@ -272,6 +272,10 @@ def test_rois_sent_at_once_all_land_and_odd_bodies_get_400(site, web):
         assert {f"race_{i}" for i in range(4)} <= names, names
     finally:
         h.Configure(before)
+    for name in ("abc\n", "x" * 41):  # the device's own rule, not a looser one
+        status, answer = post(web, "api/roi", {"device": DEV, "image": "image", "name": name, "rows": [0, 9],
+                                               "cols": [0, 9]}, TOKEN)  # fmt: skip
+        assert status == 400 and "at most 40" in answer["error"], answer
     for body in ({"device": [DEV], "command": "Stop"}, {"device": {"a": 1}, "command": "Stop"}):
         status, answer = post(web, "api/command", body, TOKEN)
         assert status == 404 and "not one this view follows" in answer["error"], answer

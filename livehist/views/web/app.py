@@ -19,7 +19,6 @@ import collections
 import contextlib
 import hmac
 import json
-import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +31,13 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from livehist.engine.spec import NAME_RE
 from livehist.views.web.follower import Follower, _error_text
 from livehist.views.web.hub import Hub
 from livehist.views.web.layout import Layout
 
 STATIC = Path(__file__).parent / "static"
 COMMANDS = ("Start", "Stop", "Reset")
-NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
 TOKEN_HEADER = "x-livehist-token"
 
 
@@ -150,9 +149,9 @@ def create_app(service: Service) -> Starlette:
         if cls == "MetadataManager":
             return _refuse(400, f"{body['device']} is a MetadataManager: it has no histograms")
         name, image = body.get("name"), body.get("image")
-        if not isinstance(name, str) or not NAME.match(name):
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
             return _refuse(
-                400, f"ROI name must be a letter then letters, digits or _ (at most 48), got {name!r}"
+                400, f"ROI name must be a letter then letters, digits or _ (at most 40), got {name!r}"
             )
         for key in ("rows", "cols"):
             v = body.get(key)
