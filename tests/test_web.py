@@ -289,6 +289,36 @@ def test_rois_sent_at_once_all_land_and_odd_bodies_get_400(site, web):
         assert r.headers["Referrer-Policy"] == "no-referrer"
 
 
+def test_an_image_one_pixel_high_is_drawn_visibly_and_takes_an_roi(site, web, page):
+    h = running(site)
+    before = h.HistogramConfig
+    thin = {"name": "thin", "kind": "image", "pixels": {"first": 0, "shape": [1, 500]}}
+    h.Configure(json.dumps([*json.loads(before), thin]))
+    try:
+        page.goto(web + f"?token={TOKEN}")
+        wait_for(lambda: paints(page, "thin") >= 1, 60, "the thin image painted")
+        box = page.evaluate(f"() => livehist.panels.find(p => p.name === 'thin' && p.device === '{DEV}').box")
+        assert box["h"] >= 24 and box["w"] >= 300, box  # it was 0.8 px high
+        status, answer = post(web, "api/roi", {"device": DEV, "image": "thin", "name": "thin_roi",
+                                               "rows": [0, 1], "cols": [100, 200]}, TOKEN)  # fmt: skip
+        assert status == 200, answer
+        # and with the mouse: a drag across the drawn strip
+        canvas = page.locator(f'section[data-device="{DEV}"][data-name="thin"] canvas').bounding_box()
+        page.locator(f'section[data-device="{DEV}"][data-name="thin"] input[data-roi-name]').fill("thin_drag")
+        page.mouse.move(canvas["x"] + box["x"] + box["w"] * 0.5, canvas["y"] + box["y"] + 1)
+        page.mouse.down()
+        page.mouse.move(
+            canvas["x"] + box["x"] + box["w"] * 0.7, canvas["y"] + box["y"] + box["h"] - 1, steps=5
+        )
+        page.mouse.up()
+        roi = wait_for(lambda: {s["name"]: s for s in json.loads(h.HistogramConfig)}.get("thin_drag"), 30,
+                       "the dragged ROI on the device")  # fmt: skip
+        (r0, r1), (c0, c1) = roi["roi"]["rows"], roi["roi"]["cols"]
+        assert (r0, r1) == (0, 1) and abs(c0 - 250) <= 3 and abs(c1 - 350) <= 3, roi
+    finally:
+        h.Configure(before)
+
+
 def test_buttons_start_stop_and_reset_the_device(site, web, page):
     h = running(site)
     page.goto(web + f"?token={TOKEN}")

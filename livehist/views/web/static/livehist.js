@@ -374,14 +374,17 @@ function drawImage(p, d, hc) {
   }
   p.off.getContext("2d").putImageData(p.pixels, 0, 0);
   const width = p.canvas.clientWidth || 400, bar = 70;
-  const side = Math.min(width - bar, 420), sx = side / Math.max(nx, ny);
-  const [ctx, W, H] = fitCanvas(p.canvas, Math.max(140, ny * sx + 10));
+  // one scale for both axes, but never thinner than MIN_SIDE pixels: a 1xN image stays visible
+  // (and an ROI can be drawn on it), stretched across its short side
+  const side = Math.min(width - bar, 420), s1 = side / Math.max(nx, ny), MIN_SIDE = 24;
+  const sx = Math.max(s1, MIN_SIDE / nx), sy = Math.max(s1, MIN_SIDE / ny);
+  const [ctx, W, H] = fitCanvas(p.canvas, Math.max(140, ny * sy + 10));
   ctx.clearRect(0, 0, W, H);
   ctx.imageSmoothingEnabled = false;
-  p.box = { x: 4, y: 4, w: nx * sx, h: ny * sx, nx, ny };
+  p.box = { x: 4, y: 4, w: nx * sx, h: ny * sy, nx, ny };
   ctx.drawImage(p.off, p.box.x, p.box.y, p.box.w, p.box.h);
   // colour bar: one 1x256 strip made once, stretched
-  const bx = p.box.x + p.box.w + 12, bh = p.box.h;
+  const bx = p.box.x + p.box.w + 12, bh = Math.max(p.box.h, 64);  // room for its three labels
   ctx.drawImage(colourBar(), bx, p.box.y, 12, bh);
   ctx.fillStyle = "#374151"; ctx.font = "11px system-ui, sans-serif"; ctx.textAlign = "left";
   ctx.textBaseline = "top"; ctx.fillText(fmt(max), bx + 15, p.box.y);
@@ -394,8 +397,8 @@ function drawImage(p, d, hc) {
     if (h.kind !== "roi" || !h.spec.roi || !h.spec.roi.rows) continue;
     const [r0, r1] = h.spec.roi.rows, [c0, c1] = h.spec.roi.cols;
     ctx.strokeStyle = "#f43f5e"; ctx.fillStyle = "#f43f5e";
-    ctx.strokeRect(p.box.x + (c0 / f) * sx, p.box.y + (r0 / f) * sx, ((c1 - c0) / f) * sx, ((r1 - r0) / f) * sx);
-    ctx.fillText(h.name, p.box.x + (c0 / f) * sx + 2, p.box.y + (r0 / f) * sx);
+    ctx.strokeRect(p.box.x + (c0 / f) * sx, p.box.y + (r0 / f) * sy, ((c1 - c0) / f) * sx, ((r1 - r0) / f) * sy);
+    ctx.fillText(h.name, p.box.x + (c0 / f) * sx + 2, p.box.y + (r0 / f) * sy);
   }
   if (p.drag) {
     ctx.strokeStyle = "#fff"; ctx.setLineDash([4, 3]);
@@ -439,11 +442,11 @@ function roiMove(p, e) {
 async function roiEnd(p, e) {
   if (!p.drag) return;
   const g = p.drag; p.drag = null; p.dirty = true;
-  const hc = histConfig(p), f = hc.factor || 1, b = p.box, s = b.w / b.nx;
+  const hc = histConfig(p), f = hc.factor || 1, b = p.box, sx = b.w / b.nx, sy = b.h / b.ny;
   const [ny, nx] = hc.shape;
-  const toPix = (v, o, n) => Math.min(n, Math.max(0, Math.round(((v - o) / s) * f)));
-  const rows = [toPix(Math.min(g.y0, g.y1), b.y, ny), toPix(Math.max(g.y0, g.y1), b.y, ny)];
-  const cols = [toPix(Math.min(g.x0, g.x1), b.x, nx), toPix(Math.max(g.x0, g.x1), b.x, nx)];
+  const toPix = (v, o, n, s) => Math.min(n, Math.max(0, Math.round(((v - o) / s) * f)));
+  const rows = [toPix(Math.min(g.y0, g.y1), b.y, ny, sy), toPix(Math.max(g.y0, g.y1), b.y, ny, sy)];
+  const cols = [toPix(Math.min(g.x0, g.x1), b.x, nx, sx), toPix(Math.max(g.x0, g.x1), b.x, nx, sx)];
   if (rows[1] <= rows[0] || cols[1] <= cols[0]) return;  // a click, not a rectangle
   const name = p.roiName.value.trim();
   try {
