@@ -555,6 +555,7 @@ def test_livehist_web_refuses_bad_input_with_clear_messages(site, tmp_path):
         (["--control-token", "schlüssel-geheim"], "printable ASCII"),
         (["--control-token", " padded-token "], "must not begin or end with a space"),
         ([f"tango://127.0.0.1:1/{DEV}"], f"give the device as '{DEV}' with --tango-host 127.0.0.1:1"),
+        ([DEV, DEV.upper()], "are one device (Tango names ignore case)"),
         (["--layout", str(tmp_path / "none.yaml")], "cannot read it"),
         (["--tango-host", "nohost"], "Tango host must be HOST:PORT, got 'nohost'"),
     ]

@@ -71,6 +71,10 @@ def find_devices(names: list[str], tango_host: str | None = None) -> dict[str, t
         if cls not in (*HISTOGRAMMER_CLASSES, METADATA_CLASS):
             raise LivehistError(f"device {short!r} is a {cls}; livehist web shows EventHistogrammer, "
                                 "HistogramSum and MetadataManager devices")  # fmt: skip
+        twin = next((n for n in found if n.lower() == short.lower() and n != short), None)
+        if twin is not None:
+            raise LivehistError(f"{short!r} and {twin!r} are one device (Tango names ignore case); "
+                                "write it the same way everywhere")  # fmt: skip
         found[short] = (f"tango://{host}:{port}/{short}", cls)
     return found
 
