@@ -198,6 +198,29 @@ def test_stop_then_start_goes_on_where_it_stopped_and_reset_reads_from_start_aga
             hg.close()
 
 
+def test_the_counted_offsets_cover_bad_foreign_and_outside_messages_too(kafka_broker):
+    """A restart from the counted offsets (a group worker's checkpoint) must read none of them
+    again: bad, foreign and out-of-window messages at a partition's end were read twice."""
+    topic = kafka_topic(kafka_broker, 1)
+    p = producer(kafka_broker)
+    for i in range(3):
+        p.produce(topic, encode_ev44(pulses(i, 1, 100, seed=i), i, "det"), partition=0)
+    p.produce(topic, b"garbage", partition=0)  # bad
+    p.produce(topic, encode_ev44(pulses(5, 1, 100, seed=5), 5, "other"), partition=0)  # foreign
+    p.produce(topic, encode_ev44(pulses(500, 1, 100, seed=6), 6, "det"), partition=0)  # after stop
+    p.flush(30)
+    stop = (T0 + 100 * PULSE) // 1_000_000
+    engine = engine_for(f"kafka://{kafka_broker}/{topic}?source=det&start=earliest&stop={stop}")
+    try:
+        wait_for(lambda: engine.snapshot().offsets.get((topic, 0), (0, 0))[1] == 5, what="every offset covered",
+                 detail=lambda: str(engine.snapshot().offsets))  # fmt: skip
+    finally:
+        engine.stop()
+    snap = engine.snapshot()
+    assert snap.offsets == {(topic, 0): (0, 5)}
+    assert (snap.events, snap.bad_messages, engine.foreign_messages) == (300, 1, 1)
+
+
 GHOST = """
 import sys
 from confluent_kafka import Consumer

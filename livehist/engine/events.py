@@ -126,6 +126,17 @@ def encode_ev44(batch: EventBatch, message_id: int, source_name: str = "livehist
     )
 
 
+@dataclass
+class Tagged:
+    """A message that is not an EventBatch (raw bytes, which the engine decodes and may count as
+    bad), or None for one that counts nowhere (outside a time window), with the Kafka origin
+    (topic, partition, offset) it came from: the engine's offsets then cover every message read,
+    so a restart from them reads none of them again."""
+
+    payload: bytes | memoryview | None
+    origin: tuple[str, int, int]
+
+
 class RateLimitedLog:
     """At most one log line per `period` seconds per key; the rest are counted and reported."""
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from livehist.engine import histograms
-from livehist.engine.events import BadMessage, EventBatch, RateLimitedLog, decode
+from livehist.engine.events import BadMessage, EventBatch, RateLimitedLog, Tagged, decode
 from livehist.engine.spec import HistogramSpec
 
 log = logging.getLogger("livehist.engine")
@@ -34,6 +34,8 @@ class BoundedQueue:
 
     @staticmethod
     def _size(item) -> int:
+        if isinstance(item, Tagged):
+            item = item.payload if item.payload is not None else b""
         if isinstance(item, bytes | bytearray | memoryview):
             return len(item)
         if isinstance(item, EventBatch):
@@ -294,6 +296,13 @@ class Engine:
 
     def process(self, item) -> int:
         """Decode (if bytes) and histogram one message now; return the events taken."""
+        origin = None
+        if isinstance(item, Tagged):  # read from Kafka but no batch: its offset is covered all the same
+            origin, item = item.origin, item.payload
+            if item is None:
+                with self._lock:
+                    self._covered(origin)
+                return 0
         if isinstance(item, EventBatch):
             batch = item
         else:
@@ -303,11 +312,14 @@ class Engine:
                 with self._lock:
                     self.messages += 1
                     self.bad_messages += 1
+                    self._covered(origin)
                 self._bad_log.warning("bad", f"bad message skipped: {exc}")
                 return 0
+            batch.origin = origin
         if self.source_name and batch.source_name and batch.source_name != self.source_name:
             with self._lock:
                 self.foreign_messages += 1
+                self._covered(batch.origin)
             return 0
         self._set.prepare(
             batch
@@ -318,14 +330,19 @@ class Engine:
             self.messages += 1
             self.events += len(batch)
             self.pulses += batch.pulse_time.size
-            if batch.origin is not None:
-                topic, partition, offset = batch.origin
-                first = self.offsets.get((topic, partition), (offset, offset))[0]
-                self.offsets[(topic, partition)] = (first, offset)
+            self._covered(batch.origin)
             now = time.monotonic()
             if now - self._rate_samples[-1][0] >= 0.05:  # samples span seconds at any message rate
                 self._rate_samples.append((now, self.events))
         return len(batch)
+
+    def _covered(self, origin: tuple[str, int, int] | None) -> None:
+        """The Kafka offset `origin` has been dealt with (counted, or counted as bad, foreign or
+        outside the window); under the lock, with the counts."""
+        if origin is not None:
+            topic, partition, offset = origin
+            first = self.offsets.get((topic, partition), (offset, offset))[0]
+            self.offsets[(topic, partition)] = (first, offset)
 
     def _within_presets(self, batch: EventBatch) -> EventBatch:
         """Cut a batch so that event and pulse presets end exactly where asked."""

@@ -40,7 +40,7 @@ from datetime import datetime
 
 import numpy as np
 
-from livehist.engine.events import BadMessage, EventBatch, RateLimitedLog, decode
+from livehist.engine.events import BadMessage, EventBatch, RateLimitedLog, Tagged, decode
 from livehist.engine.sources import Source, SourceError, check_known, host_port, query
 
 log = logging.getLogger("livehist.engine.sources.kafka")
@@ -377,17 +377,19 @@ class KafkaSource(Source):
         value = m.value()
         if value is None:
             value = b""  # a tombstone: the engine counts it as a bad message
+        origin = (key[0], key[1], offset)
         try:
             batch = decode(value)
         except BadMessage:
-            self.emit(value)  # decoded again by the engine, which counts it and logs why
+            self.emit(Tagged(value, origin))  # decoded again by the engine, which counts it and logs why
             return
         if self.start_ns is not None or self.stop_ns is not None:
             batch = self._window(batch, key)
             if batch is None:
                 self.outside_messages += 1
+                self.emit(Tagged(None, origin))  # counted nowhere, but read: its offset is covered
                 return
-        batch.origin = (key[0], key[1], offset)
+        batch.origin = origin
         self.emit(batch)
 
     def _window(self, batch: EventBatch, key: Key) -> EventBatch | None:
