@@ -138,8 +138,11 @@ def web(devices: list[str], port: int = 8050, bind: str = "127.0.0.1", layout: P
         ) from None
     sock = listen_socket(bind, port)
     app = create_app(Service(found, lay, token))
-    shown = f"[{bind}]" if ":" in bind else bind
+    host = sock.getsockname()[0]  # what was bound ("0" is 0.0.0.0: every interface)
+    shown = f"[{host}]" if ":" in host else host
     say(f"livehist web: {len(found)} device(s): {', '.join(found)}")
+    if host in ("0.0.0.0", "::"):
+        say("livehist web: listening on every interface; put it behind the site's reverse proxy (README)")
     say(f"livehist web: open http://{shown}:{port}/  ({'control with the token' if token else 'read-only'})")
     # no per-message deflate: compressing 1 MB images 10 times a second costs more than sending them
     config = uvicorn.Config(app, log_level="warning", ws_max_size=1 << 16, ws_per_message_deflate=False,
