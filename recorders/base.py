@@ -141,6 +141,10 @@ class Recorder:
         self._start: ScanStart | None = None
 
     def start(self, record: ScanStart) -> None:
+        if self._start is not None:  # refused before any sink is touched: the open scan goes on
+            raise RecordError(
+                f"scan {self._start.scan_number} is still open; end it before starting scan {record.scan_number}"
+            )
         problems = []
         for sink in self.sinks:
             try:
@@ -172,6 +176,8 @@ class Recorder:
         self._each("histogram", record.checked(self._start))
 
     def end(self, record: ScanEnd) -> None:
+        if self._start is None:
+            raise RecordError("no scan is open: end() comes once, after start()")
         try:
             self._each("end", record)
         finally:

@@ -13,6 +13,7 @@ layout up front (HDF5 in SWMR mode, SPS arrays) can create it before the first p
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +21,10 @@ from typing import Any
 import numpy as np
 
 STATUSES = ("ok", "aborted", "interrupted", "failed")
+
+
+RESERVED = ("SCAN_D", "SCAN_D_ENV")  # SPS array names of the scan itself
+MAX_HISTOGRAM_CELLS = 1 << 31  # a snapshot larger than that is a mistake in a scan file
 
 
 class RecordError(ValueError):
@@ -40,16 +45,23 @@ class Column:
     role: str = "data"  # axis (a moved motor), data (a counter/channel), monitor, time
 
     def __post_init__(self) -> None:
-        if not self.name or not all(c.isalnum() or c in "_-." for c in self.name):
-            raise RecordError(f"column name {self.name!r}: use letters, digits, _ - .")
+        if (not self.name or not all(c.isalnum() or c in "_-." for c in self.name)
+                or self.name.strip(".") == "" or self.name in RESERVED):  # fmt: skip
+            raise RecordError(
+                f"column name {self.name!r}: use letters, digits, _ - . (not only dots; not {', '.join(RESERVED)})"
+            )
         if self.role not in ("axis", "data", "monitor", "time"):
             raise RecordError(
                 f"column {self.name}: role must be axis, data, monitor or time, got {self.role!r}"
             )
         try:
-            np.dtype(self.dtype)
+            kind = np.dtype(self.dtype).kind
         except TypeError:
             raise RecordError(f"column {self.name}: dtype {self.dtype!r} is not a numpy dtype") from None
+        if kind not in "biuf":
+            raise RecordError(
+                f"column {self.name}: dtype {self.dtype!r} is not numeric; use an integer or float dtype"
+            )
         object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
         if len(self.shape) > 2 or any(n <= 0 for n in self.shape):
             raise RecordError(
@@ -66,6 +78,22 @@ class HistogramDecl:
     tof_bins: int = 0  # >0: the last axis has TOF edges of tof_bins + 1 values
     unit: str = "ns"
     spec: dict = field(default_factory=dict, compare=False)  # the histogram spec (JSON)
+
+    def __post_init__(self) -> None:
+        if (not isinstance(self.name, str) or not self.name or self.name.strip(".") == ""
+                or not all(c.isalnum() or c in "_-." for c in self.name)):  # fmt: skip
+            raise RecordError(f"histogram name {self.name!r}: use letters, digits, _ - . (not only dots)")
+        shape = tuple(int(n) for n in self.shape)
+        if (
+            not 1 <= len(shape) <= 2
+            or any(n <= 0 for n in shape)
+            or int(np.prod(shape)) > MAX_HISTOGRAM_CELLS
+        ):
+            raise RecordError(
+                f"histogram {self.name}: shape must be (n,) or (ny, nx) with n > 0 and at most "
+                f"{MAX_HISTOGRAM_CELLS:,} cells, got {tuple(self.shape)}"
+            )
+        object.__setattr__(self, "shape", shape)
 
 
 @dataclass
@@ -88,6 +116,13 @@ class ScanStart:
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise RecordError(f"column names must be unique; repeated: {sorted(dup)}")
+        hnames = [h.name for h in self.histograms]
+        hdup = {n for n in hnames if hnames.count(n) > 1}
+        if hdup:
+            raise RecordError(f"histogram names must be unique; repeated: {sorted(hdup)}")
+        clash = set(hnames) & set(names)
+        if clash:
+            raise RecordError(f"{sorted(clash)} name both a column and a histogram; rename one")
         if self.signal is not None and self.signal not in names:
             raise RecordError(f"signal {self.signal!r} is not a column; columns: {names}")
 
@@ -102,6 +137,27 @@ class ScanStart:
         return scalars[0] if scalars else next((c for c in self.columns if c.role == "data"), None)
 
 
+def _kept(given, value: np.ndarray) -> bool:
+    """Whether `value` (cast to a column's dtype) holds `given` exactly (NaN stays NaN)."""
+    try:
+        original = np.asarray(given)
+        if original.dtype.kind not in "biuf" or original.dtype == value.dtype:
+            return True
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if value.dtype.kind == "f" and original.dtype.kind in "iu":
+                back = value.astype(np.float64)  # int -> float: exact where the float holds the int
+                if not np.all(np.isfinite(back)) or np.any(np.abs(back) >= 2.0**63):
+                    return False
+                return bool(np.array_equal(back.astype(np.int64), original.astype(np.int64)))
+            back = value.astype(original.dtype)
+            if original.dtype.kind == "f":
+                return bool(np.array_equal(back, original, equal_nan=True))
+            return bool(np.array_equal(back, original))
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
 @dataclass
 class Point:
     index: int
@@ -114,12 +170,19 @@ class Point:
         for col in start.columns:
             if col.name not in self.values:
                 raise RecordError(f"point {self.index}: no value for column {col.name!r}")
+            given = self.values[col.name]
             try:
-                value = np.asarray(self.values[col.name], dtype=col.dtype)
-            except (TypeError, ValueError) as exc:
+                value = np.asarray(given, dtype=col.dtype)
+            except (TypeError, ValueError, OverflowError) as exc:
                 raise RecordError(
                     f"point {self.index}: column {col.name!r} is not {col.dtype}: {exc}"
                 ) from None
+            if not _kept(given, value):
+                shown = repr(given) if np.ndim(given) == 0 else "a value"
+                raise RecordError(
+                    f"point {self.index}: column {col.name!r}: {shown[:60]} does not fit {col.dtype} "
+                    f"(it would be stored as something else); declare the column with a wider dtype"
+                )
             if value.shape != col.shape:
                 raise RecordError(
                     f"point {self.index}: column {col.name!r} has shape {value.shape}, declared {col.shape}"
@@ -149,6 +212,15 @@ class Histogram:
                 f"histogram {self.name!r} was not declared at scan start (ScanStart.histograms); declare it"
             )
         counts = np.asarray(self.counts)
+        if counts.dtype.kind not in "iu" and counts.size:
+            if counts.dtype.kind != "f" or not (
+                np.all(np.isfinite(counts)) and np.all(counts == np.round(counts))
+            ):
+                raise RecordError(
+                    f"histogram {self.name!r}: counts must be whole numbers (no NaN, inf or fractions)"
+                )
+        if counts.size and (counts.min() < 0 or counts.max() > np.iinfo(np.int64).max):
+            raise RecordError(f"histogram {self.name!r}: counts must be from 0 to 2**63-1")
         if counts.shape != tuple(decl.shape):
             raise RecordError(
                 f"histogram {self.name!r} has shape {counts.shape}, declared {tuple(decl.shape)}"
@@ -156,6 +228,12 @@ class Histogram:
         edges = None if self.edges is None else np.asarray(self.edges, dtype=np.float64)
         if decl.tof_bins and (edges is None or edges.shape != (decl.tof_bins + 1,)):
             raise RecordError(f"histogram {self.name!r} needs {decl.tof_bins + 1} TOF edges")
+        if (
+            edges is not None
+            and edges.size
+            and (not np.all(np.isfinite(edges)) or np.any(np.diff(edges) <= 0))
+        ):
+            raise RecordError(f"histogram {self.name!r}: TOF edges must be finite and increasing")
         return Histogram(self.name, counts, edges, self.unit, dict(self.counters), dict(self.spec),
                          float(self.acquisition_time), self.time)  # fmt: skip
 

@@ -61,6 +61,10 @@ class ScanMapping:
             dtype = str(getattr(dd, "dtype", "float64"))
             if dtype == "bool":
                 dtype = "int8"
+            if dtype in NUMERIC and np.dtype(dtype).kind in "iu":
+                # Sardana gives None for a channel that failed to read: as float64 it is recorded
+                # NaN (a failed read, said so in every format), never a 0 that looks like a count
+                dtype = "float64"
             if dtype not in NUMERIC or getattr(dd, "value_ref_enabled", False):
                 self.warn(f"{dd.label}: {dtype} values are not recorded by livehist recorders")
                 continue
@@ -93,8 +97,8 @@ class ScanMapping:
         values = {}
         for sardana_name, col in self.columns.items():
             value = record.data.get(sardana_name)
-            if value is None:  # Sardana gives None for a channel that failed to read
-                value = np.full(col.shape, np.nan) if np.dtype(col.dtype).kind == "f" else np.zeros(col.shape)
+            if value is None:  # Sardana gives None for a channel that failed to read (all columns are float)
+                value = np.full(col.shape, np.nan)
             values[col.name] = value
         return Point(int(record.recordno), values, float(record.data.get("timestamp", 0.0) or 0.0))
 

@@ -429,3 +429,104 @@ def test_a_third_party_sink_plugs_in_through_an_entry_point(tmp_path, monkeypatc
     assert "this plug-in breaks at point 3" in r.errors[f"CsvSink('{csv}')"]
     with h5py.File(nxs) as f:  # the plug-in's failure did not stop the NeXus file
         assert f["scan_1/data/ct01"].shape == (5,) and f["scan_1/livehist/status"][()] == b"ok"
+
+
+def test_an_out_of_order_stream_is_refused_and_the_open_scan_is_kept_whole(tmp_path):
+    """A second start, an end twice or before start: RecordError, and nothing changed (a refused
+    second start closed every sink of the open scan, whose files then held 1 of 2 points)."""
+    targets = [tmp_path / "a.nxs", tmp_path / "a.spec", tmp_path / "a.jsonl"]
+    r = Recorder([open_sink(t) for t in targets])
+    with pytest.raises(RecordError, match="no scan is open"):
+        r.end(ScanEnd())
+    r.start(scan_start(1))
+    r.point(point(0))
+    with pytest.raises(RecordError, match="scan 1 is still open; end it before starting scan 2"):
+        r.start(scan_start(2))
+    r.point(point(1))
+    r.end(ScanEnd())
+    with pytest.raises(RecordError, match="no scan is open"):
+        r.end(ScanEnd("failed"))
+    assert r.errors == {} and set(r.points.values()) == {2}
+    with h5py.File(targets[0], "r") as f:
+        entry = f["scan_1"]
+        assert entry["livehist/status"][()].rstrip(b"\0") == b"ok" and entry["data/mot01"].shape == (2,)
+    lines = [json.loads(x) for x in targets[2].read_text().splitlines()]
+    assert [x["record"] for x in lines] == ["start", "point", "point", "end"]
+
+
+@pytest.mark.parametrize(
+    "column, value, message",
+    [
+        (Column("n", dtype="int64"), 1.7, "1.7 does not fit int64"),
+        (Column("h", dtype="float16"), 70000, "70000 does not fit float16"),
+        (Column("f", dtype="float32"), 1e300, "1e+300 does not fit float32"),
+        (Column("b", dtype="int8"), 300, "column 'b' is not int8"),
+        (Column("u", dtype="int64"), 2**64, "column 'u' is not int64"),
+        (Column("g", dtype="float64"), 2**63 + 1, None),  # float64 rounds it: refused too
+    ],
+)
+def test_a_value_the_declared_dtype_cannot_hold_is_refused_naming_the_column(
+    tmp_path, column, value, message
+):
+    r = Recorder([open_sink(tmp_path / "v.jsonl")])
+    r.start(ScanStart("dtypes", 1, [column]))
+    with pytest.raises(RecordError) as err:
+        r.point(Point(0, {column.name: value}))
+    assert (message or "does not fit float64") in str(err.value) and repr(column.name) in str(err.value)
+    r.point(Point(0, {column.name: 1}))  # the scan goes on
+    r.end(ScanEnd())
+    assert [json.loads(x)["record"] for x in (tmp_path / "v.jsonl").read_text().splitlines()] == [
+        "start", "point", "end"
+    ]  # fmt: skip
+
+
+def test_bad_columns_and_histograms_are_refused_when_declared():
+    for name in (".", "..", "SCAN_D"):
+        with pytest.raises(RecordError, match="column name"):
+            Column(name)
+    for dtype in ("U8", "O", "datetime64[s]"):
+        with pytest.raises(RecordError, match="is not numeric"):
+            Column("c", dtype=dtype)
+    for name in ("a/b", "..", ""):
+        with pytest.raises(RecordError, match="histogram name"):
+            HistogramDecl(name, (5,))
+    for shape in ((), (0,), (1 << 40,), (2, 2, 2)):
+        with pytest.raises(RecordError, match="shape must be"):
+            HistogramDecl("h", shape)
+    with pytest.raises(RecordError, match="histogram names must be unique"):
+        ScanStart("t", 1, [], histograms=[HistogramDecl("h", (5,)), HistogramDecl("h", (5,))])
+    with pytest.raises(RecordError, match="name both a column and a histogram"):
+        ScanStart("t", 1, [Column("tof")], histograms=[HistogramDecl("tof", (5,))])
+    start = ScanStart("t", 1, [], histograms=[HistogramDecl("h", (3,), tof_bins=3)])
+    edges = np.array([0.0, 1.0, 2.0, 3.0])
+    for counts, message in (([1, np.nan, 3], "whole numbers"), ([1, 1.5, 3], "whole numbers"),
+                            ([1, -3, 3], "from 0 to 2\\*\\*63-1"), (np.array([1, 2**63 + 5, 3], np.uint64), "2\\*\\*63-1")):  # fmt: skip
+        with pytest.raises(RecordError, match=message):
+            Histogram("h", np.asarray(counts), edges).checked(start)
+    with pytest.raises(RecordError, match="finite and increasing"):
+        Histogram("h", np.array([1, 2, 3]), np.array([0.0, np.nan, 2.0, 3.0])).checked(start)
+    assert Histogram("h", np.array([1.0, 2.0, 3.0]), edges).checked(start).counts.tolist() == [1, 2, 3]
+
+
+def test_a_sardana_integer_channel_that_failed_to_read_is_nan_not_zero(tmp_path):
+    """Sardana gives None for a channel that failed to read; an integer channel recorded it as 0."""
+    from types import SimpleNamespace as NS
+
+    from livehist.recorders.sardana_adapter import ScanMapping
+
+    m = ScanMapping()
+    env = {"datadesc": [NS(name="ct01", label="ct01", dtype="int64", shape=[]),
+                        NS(name="ct02", label="ct02", dtype="float64", shape=[])],
+           "counters": ["ct01", "ct02"], "title": "ct 1", "serialno": 3}  # fmt: skip
+    start = m.start(env, {}, {})
+    assert [c.dtype for c in start.columns] == ["float64", "float64"]
+    r = Recorder([open_sink(tmp_path / "s.nxs"), open_sink(tmp_path / "s.jsonl")])
+    r.start(start)
+    r.point(m.point(NS(recordno=0, data={"ct01": 17, "ct02": 1.0})))
+    r.point(m.point(NS(recordno=1, data={"ct01": None, "ct02": None})))
+    r.end(ScanEnd())
+    with h5py.File(tmp_path / "s.nxs", "r") as f:
+        ct01 = f["scan_3/data/ct01"][()]
+    assert ct01[0] == 17 and np.isnan(ct01[1])
+    last = json.loads((tmp_path / "s.jsonl").read_text().splitlines()[2])
+    assert last["values"]["ct01"] is None and "values.ct01" in last["nonfinite"], last
