@@ -60,6 +60,11 @@ def test_merge_validates_and_keeps_free_form_keys():
         ({"free": {"k\x00": 1}}, "free key contains U+0000"),
         ("{not json", "not valid JSON"),
         ("[1, 2]", "needs a JSON object"),
+        ({"proposal": "P1\n"}, "does not match the pattern"),  # re.match's '$' let a newline through
+        ({"beam\n": 1}, "is not allowed"),
+        ({"sample": {"temperature": 10**400}}, "finite number of kelvin"),  # was OverflowError
+        ({"free": 10**400}, "an integer of 401 digits"),
+        ("[" * 100_000, "nested too deep"),  # was RecursionError
     ],
 )
 def test_bad_metadata_is_refused_whole_and_named(update, message):
@@ -116,7 +121,7 @@ def test_dataset_life_cycle_with_folder_group_mode_and_summary(tmp_path):
     with pytest.raises(MetadataError, match="no DataRoot set"):
         store.start_dataset("run1")
     store.merge({"data_root": str(tmp_path), "instrument": "SANS2D", "sample": {"name": "Si"}})
-    for bad in ("../x", "a/b", "..", "", "x" * 70, "-lead"):
+    for bad in ("../x", "a/b", "..", "", "x" * 70, "-lead", "run1\n"):
         with pytest.raises(MetadataError, match="is not allowed"):
             store.start_dataset(bad)
     folder = store.start_dataset("run1")

@@ -244,7 +244,7 @@ class MetadataStore:
         """The validated (and normalised) value for a top-level key."""
         if key == "proposal":
             value = self._text(value, "proposal")
-            if value and not self._proposal_re.match(value):
+            if value and not self._proposal_re.fullmatch(value):  # fullmatch: '$' lets 'x\n' through
                 raise MetadataError(
                     f"proposal {value!r} does not match the pattern {self.rules.proposal_pattern!r} "
                     "(ProposalPattern property); give the proposal id as issued by the user office"
@@ -267,7 +267,7 @@ class MetadataStore:
                 if SAMPLE_KEYS[k] is float:
                     if isinstance(v, bool) or not isinstance(v, int | float):
                         raise MetadataError(f"sample.{k} must be a number (K), got {v!r:.60}")
-                    if not math.isfinite(v) or v < 0:
+                    if isinstance(v, int) and abs(v) > 1e300 or not math.isfinite(v) or v < 0:
                         raise MetadataError(
                             f"sample.{k} must be a finite number of kelvin >= 0, got {v!r}; "
                             "give the temperature in K (e.g. 295.0)"
@@ -298,7 +298,7 @@ class MetadataStore:
                     )
                 users.append({k: self._text(v, f"users[{i}].{k}") for k, v in u.items()})
             return users
-        if not FREE_KEY_RE.match(key):
+        if not FREE_KEY_RE.fullmatch(key):
             raise MetadataError(
                 f"metadata key {key!r} is not allowed; keys start with a letter and hold letters, digits, _ . -"
             )
@@ -306,6 +306,11 @@ class MetadataStore:
 
     def _free(self, value: Any, where: str, depth: int) -> Any:
         if value is None or isinstance(value, bool | int | float):
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+                raise MetadataError(
+                    f"{where} is an integer of {len(str(abs(value)))} digits; files keep integers of "
+                    "at most 64 bits: give it as a string or a float"
+                )
             if isinstance(value, float) and not math.isfinite(value):
                 raise MetadataError(
                     f"{where} is {value!r}, which JSON cannot hold; give a finite number or null"
@@ -330,6 +335,10 @@ class MetadataStore:
         if isinstance(update, str):
             try:
                 update = json.loads(update, parse_constant=_no_constant)
+            except RecursionError:
+                raise MetadataError(
+                    "SetMetadata argument is nested too deep; give a flat JSON object"
+                ) from None
             except ValueError as exc:
                 raise MetadataError(
                     f"SetMetadata argument is not valid JSON ({exc}); give a JSON object"
@@ -416,7 +425,7 @@ class MetadataStore:
 
     # --- datasets ----------------------------------------------------------------------
     def folder_for(self, name: str) -> Path:
-        if not isinstance(name, str) or not DATASET_NAME_RE.match(name) or name in (".", ".."):
+        if not isinstance(name, str) or not DATASET_NAME_RE.fullmatch(name) or name in (".", ".."):
             raise MetadataError(
                 f"dataset name {name!r} is not allowed: use 1-64 letters, digits, _ . - "
                 "(no path separators, no '..'), starting with a letter or digit"
@@ -468,7 +477,7 @@ class MetadataStore:
         for k in range(2, 10_000):
             candidate = f"{name}_{k}"
             if (
-                DATASET_NAME_RE.match(candidate)
+                DATASET_NAME_RE.fullmatch(candidate)
                 and not (self.folder_for(candidate) / "dataset.json").exists()
             ):
                 return candidate
