@@ -35,6 +35,45 @@ class RecorderError(LivehistError):
     """A sink cannot record (bad target, unknown format, write failure); names the fix."""
 
 
+class TextAppender:
+    """A text file a sink appends whole lines to, opened O_APPEND: each `write` is whole or not
+    at all. A write that fails (a full disk) is cut back to the file's size before it, so a
+    reader never finds a torn line that passes for a record; the error goes on to the Recorder.
+    A file that did not end with a newline gets one first (no record glued to another's end)."""
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        size = os.fstat(fd).st_size
+        self.size = size
+        self._newline = False
+        if size:
+            try:
+                with open(path, "rb") as f:
+                    f.seek(size - 1)
+                    self._newline = f.read(1) != b"\n"
+            except OSError:
+                pass
+
+    def write(self, text: str) -> None:
+        data = ("\n" if self._newline else "").encode() + text.encode("utf-8", "replace")
+        before = os.fstat(self.fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError:
+            try:
+                os.ftruncate(self.fd, before)  # no torn line left behind
+            except OSError as exc:
+                log.error("cutting %s back after a failed write: %s", self.fd, exc)
+            raise
+        self._newline = False
+        self.size = before + len(data)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class Sink:
     """One output. Subclasses set `extensions` and/or `schemes` and implement the four methods."""
 
@@ -197,6 +236,10 @@ class Recorder:
             except Exception as exc:
                 where = "at scan start" if method == "start" else f"in {method}"
                 self.errors[repr(sink)] = f"{type(exc).__name__} {where}: {exc}"
+                if isinstance(
+                    getattr(sink, "written", None), int
+                ):  # a sink that buffers: what is in its file
+                    self.points[repr(sink)] = sink.written
                 log.error("recorder %s failed in %s, dropped for the rest of the scan: %s", sink, method, exc)
                 self.sinks.remove(sink)
                 self._close(sink)

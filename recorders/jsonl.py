@@ -19,7 +19,7 @@ import math
 import os
 
 import numpy as np
-from livehist.recorders.base import RecorderError, Sink
+from livehist.recorders.base import RecorderError, Sink, TextAppender
 from livehist.recorders.records import Histogram, Point, ScanEnd, ScanStart
 
 
@@ -71,7 +71,7 @@ class JsonLinesSink(Sink):
                 raise RecorderError(f"{self.path} is locked by another writer; use another file") from None
             except OSError as exc:
                 raise RecorderError(f"cannot open {self.path} for writing: {exc.strerror}") from None
-            self.f = os.fdopen(fd, "a", encoding="utf-8")
+            self.f = TextAppender(fd, self.path)
         if self.publish:
             import zmq
 
@@ -90,8 +90,7 @@ class JsonLinesSink(Sink):
             obj["nonfinite"] = sorted(set(nonfinite))
         line = json.dumps(obj, allow_nan=False, ensure_ascii=False)
         if self.f is not None:
-            self.f.write(line + "\n")
-            self.f.flush()
+            self.f.write(line + "\n")  # whole or not at all
         if self.pub is not None:
             import zmq
 

@@ -27,6 +27,7 @@ flags are cleared and its unfinished entry is marked "incomplete" with the point
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -39,7 +40,13 @@ from livehist.recorders.repair import RepairError, repair, writer_lock
 
 from livehist import __version__
 
+log = logging.getLogger("livehist.recorders.nexus")
+
 FLUSH_PERIOD = 0.2
+# kept free on the disk: HDF5 crashes the process (at its next close or at exit) after a write
+# it could not make, so a sink stops before the disk is that full, and closes its file with an
+# honest status while there is room for it
+DISK_RESERVE = 16 * 2**20
 STR = h5py.string_dtype()
 # names an entry (and its livehist collection) already uses: a histogram may not take them
 ENTRY_NAMES = {"title", "start_time", "end_time", "entry_identifier", "experiment_identifier",
@@ -87,6 +94,7 @@ class NexusSink(Sink):
         self._last_flush = 0.0
         self._timer: threading.Thread | None = None
         self._stop = threading.Event()
+        self._broken: str | None = None  # why this sink stopped writing (a disk nearly full)
 
     # --- setup --------------------------------------------------------------------------
     def prepare(self, start: ScanStart) -> None:
@@ -332,8 +340,40 @@ class NexusSink(Sink):
         _text(c, "spec", json.dumps(h.spec))
 
     # --- data ---------------------------------------------------------------------------
+    @property
+    def written(self) -> int:
+        """Points in the file (not those still buffered)."""
+        return self._written
+
+    def _room(self) -> int:
+        """Bytes this file may still grow by: free space on its disk, and the process's file size limit."""
+        import resource
+
+        st = os.statvfs(os.path.dirname(os.path.abspath(self.target)))
+        room = st.f_bavail * st.f_frsize
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if soft != resource.RLIM_INFINITY:
+            room = min(room, soft - os.path.getsize(self.target))
+        return room
+
+    def _stop_writing(self, why: str) -> None:
+        """Stop before HDF5 meets a full disk: drop what is buffered, close the entry as failed
+        (a few bytes, within the reserve), and refuse every later record."""
+        lost, self._buffer = len(self._buffer), []
+        self._broken = f"{why}; {lost} point(s) not written, the {self._written} before are in the file"
+        try:
+            self.entry["livehist/status"][()] = b"failed"
+            self.entry["livehist/end_reason"][()] = self._broken.encode()[:512]
+            self.entry["end_time"][()] = time.strftime("%Y-%m-%dT%H:%M:%S").encode()
+            self.file.flush()
+        except Exception as exc:  # noqa: BLE001 - the file still says running: repaired as incomplete
+            log.error("%s: status not written: %s", self.target, exc)
+        raise RecorderError(self._broken)
+
     def point(self, record: Point) -> None:
         with self._lock:
+            if self._broken:
+                raise RecorderError(self._broken)
             self._buffer.append(record)
             if time.monotonic() - self._last_flush >= FLUSH_PERIOD:
                 self._flush()
@@ -343,7 +383,16 @@ class NexusSink(Sink):
         with self._lock:
             if self.entry is None:
                 return
+            if self._broken:
+                raise RecorderError(self._broken)
             if self._buffer:
+                need = sum(p.values[c.name].nbytes for p in self._buffer for c in self.start_record.columns)
+                room = self._room()
+                if room < need + DISK_RESERVE:
+                    self._stop_writing(
+                        f"{self.target}: only {room / 2**20:.1f} MiB left on its disk, {need / 2**20:.1f} MiB "
+                        f"to write and {DISK_RESERVE / 2**20:.0f} MiB kept free to close the file"
+                    )
                 d = self.entry["data"]
                 n0, n = self._written, len(self._buffer)
                 for col in self.start_record.columns:
@@ -369,6 +418,8 @@ class NexusSink(Sink):
     def histogram(self, record: Histogram) -> None:
         with self._lock:
             self._flush()
+            if self._room() < record.counts.nbytes + DISK_RESERVE:
+                self._stop_writing(f"{self.target}: no room on its disk for histogram {record.name!r}")
             g = self.entry[record.name]
             g["data"][...] = record.counts
             if record.edges is not None and "time_of_flight" in g:
@@ -383,7 +434,7 @@ class NexusSink(Sink):
 
     def end(self, record: ScanEnd) -> None:
         with self._lock:
-            self._flush()
+            self._flush()  # raises if this sink stopped writing: its status says failed already
             self.entry["end_time"][()] = record.end_time.encode()[:40]
             self.entry["livehist/status"][()] = record.status.encode()
             self.entry["livehist/end_reason"][()] = record.reason.encode("utf-8")[:512]
@@ -411,7 +462,7 @@ class NexusSink(Sink):
             try:
                 if self.file is not None:
                     try:
-                        if self._buffer:
+                        if self._buffer and not self._broken:
                             self._flush()
                     finally:
                         self.file.close()

@@ -20,7 +20,7 @@ import os
 import time
 
 import numpy as np
-from livehist.recorders.base import RecorderError, Sink
+from livehist.recorders.base import RecorderError, Sink, TextAppender
 from livehist.recorders.records import Histogram, Point, ScanEnd, ScanStart
 
 from livehist import __version__
@@ -62,15 +62,32 @@ class SpecSink(Sink):
         except BlockingIOError:
             os.close(fd)
             raise RecorderError(f"{self.target} is locked by another writer; use another file") from None
-        self.f = os.fdopen(fd, "a", encoding="utf-8", errors="replace")
+        first = b""
+        if os.path.isfile(self.target):  # a regular file we append to (not a device such as /dev/full)
+            try:
+                with open(self.target, "rb") as head:
+                    first = head.read(2)
+            except OSError:
+                pass
+        if first and first != b"#F":
+            os.close(fd)
+            raise RecorderError(f"{self.target} exists and is not a SPEC file (no #F line); use another name")
+        self.f = TextAppender(fd, self.target)
+        self._pending: list[str] = []
 
     def _w(self, text: str) -> None:
-        self.f.write(text)
+        self._pending.append(text)
+
+    def _flush(self) -> None:
+        """What the record wrote, as one write: a point is in the file whole or not at all."""
+        text, self._pending = "".join(self._pending), []
+        if text:
+            self.f.write(text)
 
     def start(self, record: ScanStart) -> None:
         self.start_record = record
         self.number = record.scan_number  # the acquisition's number, as NeXus and JSON record it
-        if self.f.tell() == 0:
+        if self.f.size == 0:
             self._w(f"#F {self.target}\n#E {int(time.time())}\n#D {time.ctime()}\n"
                     f"#C livehist {__version__}  SPEC file\n\n")  # fmt: skip
         else:
@@ -109,7 +126,7 @@ class SpecSink(Sink):
         lines.append(f"#N {len(self.scalars)}")
         lines.append("#L " + "  ".join(c.name for c in self.scalars))
         self._w("\n".join(lines) + "\n")
-        self.f.flush()
+        self._flush()
 
     def point(self, record: Point) -> None:
         v = record.values
@@ -119,7 +136,7 @@ class SpecSink(Sink):
         if bad:  # PyMca and silx stop reading a scan at a nan/inf token: keep the point as a comment
             self._w(f"#C point {record.index} has non-finite {', '.join(bad)}; kept here, not as a data line "
                     f"(read it from NeXus or JSON): {line}\n")  # fmt: skip
-            self.f.flush()
+            self._flush()
             return
         out = [line]
         for c in self.spectra:
@@ -127,7 +144,7 @@ class SpecSink(Sink):
             rows = [" ".join(values[i : i + 16]) for i in range(0, len(values), 16)]
             out.append("@A " + " \\\n".join(rows))
         self._w("\n".join(out) + "\n")
-        self.f.flush()
+        self._flush()
 
     def histogram(self, record: Histogram) -> None:
         self.histograms.append(record)  # written after the scan, as scans of their own
@@ -155,7 +172,7 @@ class SpecSink(Sink):
             self._w(f"#N 3\n#L bin_low_{h.unit}  bin_high_{h.unit}  counts\n")
             rows = np.column_stack([h.edges[:-1], h.edges[1:], h.counts])
             self._w("".join(f"{lo!r} {hi!r} {int(c)}\n" for lo, hi, c in rows.tolist()))
-        self.f.flush()
+        self._flush()
 
     def discard(self) -> None:
         path = self.target
@@ -164,8 +181,5 @@ class SpecSink(Sink):
 
     def close(self) -> None:
         if self.f is not None:
-            try:
-                self.f.flush()
-            finally:
-                self.f.close()  # closing the descriptor releases the lock
-                self.f = None
+            f, self.f = self.f, None
+            f.close()  # closing the descriptor releases the lock (what a failed record wrote is not kept)

@@ -530,3 +530,76 @@ def test_a_sardana_integer_channel_that_failed_to_read_is_nan_not_zero(tmp_path)
     assert ct01[0] == 17 and np.isnan(ct01[1])
     last = json.loads((tmp_path / "s.jsonl").read_text().splitlines()[2])
     assert last["values"]["ct01"] is None and "values.ct01" in last["nonfinite"], last
+
+
+DISK_FULL = """
+import json, resource, signal, sys, time
+import numpy as np
+from livehist.recorders.base import Recorder, open_sink
+from livehist.recorders.records import Column, Point, ScanEnd, ScanStart
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG), as on a full disk
+folder, limit, kinds, pause = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), float(sys.argv[4])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+r = Recorder([open_sink(f"{folder}/f.{k}") for k in kinds])
+r.start(ScanStart("fill", 1, [Column("x"), Column("s", dtype="int64", shape=(3000,))]))
+rng = np.random.default_rng(1)
+for i in range(400):
+    r.point(Point(i, {"x": float(i), "s": rng.integers(1, 1000, 3000)}))
+    if i % 50 == 49:
+        time.sleep(pause)  # the NeXus sink writes what it buffered
+r.end(ScanEnd())
+print(json.dumps({"errors": r.errors, "points": r.points}))
+"""
+
+
+def test_a_full_disk_leaves_whole_records_and_files_that_say_what_they_hold(tmp_path):
+    """A full disk (here: the process's file size limit) while recording: HDF5 crashed the process
+    after a write it could not make, and SPEC / JSON lines kept a torn last point."""
+    from PyMca5.PyMcaIO import specfile
+
+    def run(folder, limit, kinds, pause):
+        folder.mkdir()
+        out = subprocess.run([sys.executable, "-c", DISK_FULL, str(folder), str(limit), kinds, str(pause)],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.splitlines()[-1])
+
+    text = run(tmp_path / "text", 3_000_000, "spec,jsonl", 0.0)
+    spec, jsonl = tmp_path / "text/f.spec", tmp_path / "text/f.jsonl"
+    n_spec, n_jsonl = text["points"][f"SpecSink('{spec}')"], text["points"][f"JsonLinesSink('{jsonl}')"]
+    assert 0 < n_spec < 400 and 0 < n_jsonl < 400 and len(text["errors"]) == 2, text
+    scan = specfile.Specfile(str(spec))[0]
+    assert scan.lines() == n_spec and scan.nbmca() == n_spec  # no torn point read as whole
+    assert spec.read_bytes().endswith(b"\n")
+    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]  # every line whole
+    assert [x["record"] for x in lines] == ["start"] + ["point"] * n_jsonl
+
+    from livehist.recorders.nexus import DISK_RESERVE
+
+    nxs = run(tmp_path / "nxs", DISK_RESERVE + 1_500_000, "nxs", 0.5)  # crashed with SIGSEGV before
+    path = tmp_path / "nxs/f.nxs"
+    (error,) = nxs["errors"].values()
+    assert "left on its disk" in error, nxs
+    with h5py.File(path, "r") as f:  # opens without repair: closed in order
+        e = f["scan_1"]
+        written = int(e["livehist/points"][()])
+        assert (
+            e["livehist/status"][()].rstrip(b"\0") == b"failed"
+            and b"not written" in e["livehist/end_reason"][()]
+        )
+        assert e["data/s"].shape == (written, 3000) and e["data/x"][()].tolist() == list(range(written))
+        assert (e["data/s"][()] > 0).all()  # every row kept holds data, none is a never-written 0
+    assert nxs["points"][f"NexusSink('{path}')"] == written and 0 < written < 400
+
+
+def test_appending_never_glues_a_record_to_a_foreign_last_line(tmp_path):
+    jsonl, spec = tmp_path / "a.jsonl", tmp_path / "a.spec"
+    jsonl.write_text('{"record": "foreign"}')  # no newline at its end
+    spec.write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(RecorderError, match="is not a SPEC file"):
+        record_scan([spec])
+    assert spec.read_bytes() == b"\x89PNG\r\n"
+    record_scan([jsonl], n=2)
+    assert [json.loads(x)["record"] for x in jsonl.read_text().splitlines()] == [
+        "foreign", "start", "point", "point", "histogram", "histogram", "end"
+    ]  # fmt: skip
