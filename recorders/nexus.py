@@ -63,6 +63,21 @@ def _text(group: h5py.Group, name: str, value: str, **attrs) -> None:
         group[name].attrs[k] = v
 
 
+def utf8_cut(text: str, limit: int) -> bytes:
+    """`text` as UTF-8 in at most `limit` bytes, cut between characters (never inside one)."""
+    data = text.encode("utf-8", "replace")
+    return data if len(data) <= limit else data[:limit].decode("utf-8", "ignore").encode()
+
+
+def _numeric(value) -> np.ndarray | None:
+    """`value` as a numeric array, or None if it is not one (None, dicts, mixed lists...)."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError):
+        return None
+    return array if array.dtype.kind in "biufc" else None
+
+
 def snapshot_written(prov: h5py.Group) -> bool:
     """Did a histogram snapshot reach this livehist/<name> group? Its snapshot_time is set by every
     write (counters may be absent and stay -1, so they cannot tell); files older than it: events."""
@@ -363,7 +378,7 @@ class NexusSink(Sink):
         self._broken = f"{why}; {lost} point(s) not written, the {self._written} before are in the file"
         try:
             self.entry["livehist/status"][()] = b"failed"
-            self.entry["livehist/end_reason"][()] = self._broken.encode()[:512]
+            self.entry["livehist/end_reason"][()] = utf8_cut(self._broken, 512)
             self.entry["end_time"][()] = time.strftime("%Y-%m-%dT%H:%M:%S").encode()
             self.file.flush()
         except Exception as exc:  # noqa: BLE001 - the file still says running: repaired as incomplete
@@ -437,9 +452,11 @@ class NexusSink(Sink):
             self._flush()  # raises if this sink stopped writing: its status says failed already
             self.entry["end_time"][()] = record.end_time.encode()[:40]
             self.entry["livehist/status"][()] = record.status.encode()
-            self.entry["livehist/end_reason"][()] = record.reason.encode("utf-8")[:512]
+            self.entry["livehist/end_reason"][()] = utf8_cut(record.reason, 512)
             self.file.flush()
-            if record.custom:  # SWMR forbids new objects: reopen without it to add them
+            prov = self.entry["livehist"]
+            missing = [h.name for h in self.start_record.histograms if not snapshot_written(prov[h.name])]
+            if record.custom or missing:  # SWMR forbids new or deleted objects: reopen without it
                 name = self.entry.name
                 self.file.close()
                 self.file = h5py.File(self.target, "a", libver="latest")
@@ -447,12 +464,19 @@ class NexusSink(Sink):
                 import fcntl  # closing any descriptor of the file dropped our POSIX lock
 
                 fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                c = _nx(self.entry, "custom_data", "NXcollection")
+                if missing:  # declared, never sent: their zeros are not data (as `repair` does)
+                    from livehist.recorders.repair import _drop_placeholders
+
+                    _drop_placeholders(self.entry, self.entry["livehist"])
+                    self.entry["livehist"].attrs["histograms_never_received"] = json.dumps(missing)
+                if record.custom:
+                    c = _nx(self.entry, "custom_data", "NXcollection")
                 for key, value in record.custom.items():
-                    if isinstance(value, str):
-                        _text(c, key, value)
+                    array = None if isinstance(value, str) else _numeric(value)
+                    if array is None:  # text, or what HDF5 has no type for: kept as JSON text
+                        _text(c, key, value if isinstance(value, str) else json.dumps(value, default=str))
                     else:
-                        c[key] = np.asarray(value)
+                        c[key] = array
 
     def close(self) -> None:
         self._stop.set()

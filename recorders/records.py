@@ -110,6 +110,8 @@ class ScanStart:
     signal: str | None = None  # column to plot by default (else: first scalar data column)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.title, str) or "\x00" in self.title or not _encodable(self.title):
+            raise RecordError(f"scan title {self.title!r:.80}: text without NUL or lone surrogates, please")
         if not isinstance(self.scan_number, int | np.integer) or self.scan_number < 0:
             raise RecordError(f"scan_number must be an integer >= 0, got {self.scan_number!r}")
         names = [c.name for c in self.columns]
@@ -135,6 +137,14 @@ class ScanStart:
             return next(c for c in self.columns if c.name == self.signal)
         scalars = [c for c in self.columns if c.role == "data" and not c.shape]
         return scalars[0] if scalars else next((c for c in self.columns if c.role == "data"), None)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _kept(given, value: np.ndarray) -> bool:

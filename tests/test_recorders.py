@@ -603,3 +603,29 @@ def test_appending_never_glues_a_record_to_a_foreign_last_line(tmp_path):
     assert [json.loads(x)["record"] for x in jsonl.read_text().splitlines()] == [
         "foreign", "start", "point", "point", "histogram", "histogram", "end"
     ]  # fmt: skip
+
+
+def test_a_scan_file_holds_only_what_arrived(tmp_path):
+    """A declared histogram that never came is not left as zeros; custom data HDF5 has no type
+    for is kept as JSON text; a long reason is cut between characters; a NUL title is refused."""
+    path = tmp_path / "h.nxs"
+    r = Recorder([open_sink(path)])
+    r.start(scan_start())
+    r.point(point(0))
+    r.histogram(histograms()[1])  # "image" only: "tof" never comes
+    r.end(ScanEnd("ok", reason="é" * 400, custom={"none": None, "mixed": [1, "a"], "n": [1, 2]}))
+    assert r.errors == {}
+    with h5py.File(path, "r") as f:
+        e = f["scan_1"]
+        assert "tof" not in e and "tof" not in e["livehist"] and "image" in e
+        assert json.loads(e["livehist"].attrs["histograms_never_received"]) == ["tof"]
+        assert e["livehist/end_reason"][()].decode("utf-8") == "é" * 256  # 512 bytes, whole characters
+        c = e["custom_data"]
+        assert (
+            c["none"][()] == b"null"
+            and json.loads(c["mixed"][()]) == [1, "a"]
+            and c["n"][()].tolist() == [1, 2]
+        )
+    for title in ("a\x00b", "\ud800"):
+        with pytest.raises(RecordError, match="scan title"):
+            scan_start(title=title)
