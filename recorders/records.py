@@ -80,7 +80,7 @@ class HistogramDecl:
     spec: dict = field(default_factory=dict, compare=False)  # the histogram spec (JSON)
 
     def __post_init__(self) -> None:
-        if (not isinstance(self.name, str) or not self.name or self.name.strip(".") == ""
+        if (not isinstance(self.name, str) or not self.name or self.name.strip(".") == "" or self.name in RESERVED
                 or not all(c.isalnum() or c in "_-." for c in self.name)):  # fmt: skip
             raise RecordError(f"histogram name {self.name!r}: use letters, digits, _ - . (not only dots)")
         shape = tuple(int(n) for n in self.shape)

@@ -20,6 +20,7 @@ from livehist.recorders.base import RecorderError, Sink
 from livehist.recorders.records import Histogram, Point, ScanEnd, ScanStart
 
 MAX_ENV, ENV_LEN = 128, 1024
+MAX_ARRAYS, MAX_ARRAY_NAME = 256, 31  # per SPS name (more are created but never listed: lost)
 
 
 class SpsSink(Sink):
@@ -38,6 +39,15 @@ class SpsSink(Sink):
             raise RecorderError(f"shared memory needs PyMca5's sps ({exc}); pip install PyMca5") from None
         if not self.name.replace("_", "").isalnum() or len(self.name) > 32:
             raise RecorderError(f"SPS name {self.name!r}: use up to 32 letters, digits and _")
+        arrays = [c.name for c in start.columns if c.shape] + [h.name for h in start.histograms]
+        if 2 + len(arrays) > MAX_ARRAYS:
+            raise RecorderError(
+                f"SPS holds {MAX_ARRAYS} arrays per name and this scan needs {2 + len(arrays)} (SCAN_D, "
+                "SCAN_D_ENV, one per spectrum, image and histogram); record the rest in NeXus only"
+            )
+        long = [a for a in arrays if len(a) > MAX_ARRAY_NAME]
+        if long:
+            raise RecorderError(f"SPS array names are at most {MAX_ARRAY_NAME} characters: {long[0]!r}")
         self.sps = sps
 
     def _create(self, array: str, rows: int, cols: int, dtype, flags: int = 0) -> None:
@@ -52,7 +62,11 @@ class SpsSink(Sink):
             ) from None
 
     def putenv(self, key: str, value) -> None:
-        self.sps.putenv(self.name, "SCAN_D_ENV", key, str(value)[: ENV_LEN - 1])
+        """One environment string, KEY=VALUE in at most ENV_LEN bytes: a longer value is cut
+        (between characters), never refused (a refusal stopped the strings after it)."""
+        room = ENV_LEN - len(key.encode()) - 2
+        text = str(value).encode("utf-8", "replace")[:room].decode("utf-8", "ignore")
+        self.sps.putenv(self.name, "SCAN_D_ENV", key, text)
 
     def start(self, record: ScanStart) -> None:
         self.start_record = record
@@ -83,9 +97,24 @@ class SpsSink(Sink):
                "xlabel": record.axes[0].name if record.axes else "point",
                "ylabel": (record.default_signal().name if record.default_signal() else "counts"),
                "proposal": md.get("proposal", ""), "sample": (md.get("sample") or {}).get("name", ""),
-               "metadata": json.dumps(md, default=str)}  # fmt: skip
+               "metadata": self._metadata(md)}  # fmt: skip
         for k, v in env.items():
             self.putenv(k, v)
+
+    @staticmethod
+    def _metadata(md: dict) -> str:
+        """The metadata as JSON if it fits one environment string, else a summary that does
+        (always valid JSON: a cut one does not parse)."""
+        full = json.dumps(md, default=str)
+        room = ENV_LEN - len("metadata") - 2
+        if len(full.encode()) <= room:
+            return full
+        short = {"proposal": md.get("proposal", ""), "sample": (md.get("sample") or {}).get("name", ""),
+                 "dataset": (md.get("dataset") or {}).get("name", ""), "title": str(md.get("title", ""))[:200],
+                 "cut": "the full metadata is in the NeXus and JSON lines files"}  # fmt: skip
+        while len(json.dumps(short).encode()) > room and short["title"]:
+            short["title"] = short["title"][: len(short["title"]) // 2]
+        return json.dumps(short)
 
     def point(self, record: Point) -> None:
         if self.n >= self.rows:  # grow: a new, twice larger array with the data so far
@@ -110,8 +139,8 @@ class SpsSink(Sink):
         self.sps.putdata(self.name, record.name, counts.reshape(1, -1) if counts.ndim == 1 else counts)
 
     def end(self, record: ScanEnd) -> None:
-        self.putenv("ended", time.ctime())
+        self.putenv("status", record.status)  # what a reader must not miss, first
         self.putenv("aborted", int(record.status != "ok"))
-        self.putenv("status", record.status)
+        self.putenv("ended", time.ctime())
         for key, value in record.custom.items():
             self.putenv(f"custom_{key}", value)

@@ -629,3 +629,29 @@ def test_a_scan_file_holds_only_what_arrived(tmp_path):
     for title in ("a\x00b", "\ud800"):
         with pytest.raises(RecordError, match="scan title"):
             scan_start(title=title)
+
+
+def test_sps_keeps_its_environment_whole_and_refuses_what_it_cannot_hold():
+    """Metadata over one environment string (1 KiB) was cut mid-JSON and stopped the strings
+    after it (status and aborted of a failed scan never written); arrays past 256 were lost."""
+    from PyMca5.PyMcaIO import sps
+
+    name = f"lhenv{os.getpid()}"
+    big = {**METADATA, "notes": "x" * 2000}
+    r = Recorder([open_sink(f"sps://{name}")])
+    r.start(ScanStart("env", 1, [Column("x")], metadata=big))
+    r.point(Point(0, {"x": 1.0}))
+    r.end(ScanEnd("failed", reason="detector died", custom={"long": "y" * 5000}))
+    assert r.errors == {}
+    md = json.loads(sps.getenv(name, "SCAN_D_ENV", "metadata"))  # valid JSON, saying it is a summary
+    assert md["proposal"] == "20261234" and "cut" in md
+    assert (
+        sps.getenv(name, "SCAN_D_ENV", "status") == "failed"
+        and sps.getenv(name, "SCAN_D_ENV", "aborted") == "1"
+    )
+    assert len(sps.getenv(name, "SCAN_D_ENV", "custom_long")) < 1024
+    many = [Column(f"s{i}", shape=(4,)) for i in range(300)]
+    with pytest.raises(RecorderError, match="SPS holds 256 arrays per name and this scan needs 302"):
+        Recorder([open_sink(f"sps://{name}x")]).start(ScanStart("many", 2, many))
+    with pytest.raises(RecorderError, match="at most 31 characters"):
+        Recorder([open_sink(f"sps://{name}y")]).start(ScanStart("long", 3, [Column("s" * 40, shape=(4,))]))
