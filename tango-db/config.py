@@ -57,6 +57,15 @@ def load(path: Path, state_dir: Path) -> dict:
     from livehist.site.servers import check_servers
 
     check_servers(config.get("servers", {}), path)
+    seen: dict[str, str] = {}
+    for server, _cls, dev in devices(config):
+        where = seen.get(dev.lower())
+        if where is not None:
+            raise LivehistError(
+                f"config {path}: device {dev!r} is listed twice ({where} and {server}; Tango names ignore "
+                "case); a device belongs to one server: remove one"
+            )
+        seen[dev.lower()] = server
     return _expand(config, placeholders(state_dir))
 
 

@@ -18,16 +18,20 @@ EMBEDDED_NAME = "tango-db"
 
 def parse_tango_host(text: str) -> tuple[str, int]:
     """'host:port' (first of a comma-separated list) -> (host, port), with a clear error."""
-    first = text.split(",")[0].strip()
-    host, sep, port = first.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise LivehistError(
-            f"Tango host {text!r} is not HOST:PORT; use for example --tango-host 127.0.0.1:10000"
-        )
-    return host, int(port)
+    parsed = []
+    for entry in text.split(","):  # every entry of a list: the servers read them all
+        host, sep, port = entry.strip().rpartition(":")
+        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+            raise LivehistError(
+                f"Tango host {text!r} is not HOST:PORT; use for example --tango-host 127.0.0.1:10000"
+            )
+        parsed.append((host, int(port)))
+    return parsed[0]
 
 
 def resolve_tango_host(option: str | None) -> str:
+    if option is not None and not option.strip():
+        raise LivehistError("--tango-host is empty; give HOST:PORT, e.g. --tango-host 127.0.0.1:10000")
     return option or os.environ.get("TANGO_HOST") or DEFAULT_TANGO_HOST
 
 
@@ -66,8 +70,8 @@ def probe(host: str, port: int, timeout: float = 3.0) -> str:
 
         try:
             db = tango.Database(host, port)
-            db.get_info()
-            result.append("tango")
+            db.get_server_name_list()  # not get_info(): it carries the sqlite path, which pytango
+            result.append("tango")  # cannot encode when it holds non-ASCII characters
         except Exception:  # any failure of a listener to speak Tango
             result.append("other")
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import h5py
@@ -104,3 +107,47 @@ def test_bench_only_names_the_sections():
 
     assert f"--only 'engines' is not a section; choose from {', '.join(SECTIONS)}" in line
     assert len(SECTIONS) >= 5 and "engine" in SECTIONS
+
+
+def test_up_keeps_a_state_dir_on_its_own_database(sites):
+    """`up` without a host uses the one the state dir used (it started a second embedded
+    database on the same sqlite file at TANGO_HOST or 10000, the first orphaned); another host
+    while it runs is refused; two `up` at once leave one database; an empty host is refused."""
+    from livehist.site.process import managed_processes
+
+    config = {"servers": {"MetadataManager": {"ks": {"MetadataManager": {
+        "test/keep/a": {"properties": {"DefaultDataRoot": ["/tmp"]}}}}}}}  # fmt: skip
+    state, host, cfg = sites.new(config)
+    env = {k: v for k, v in os.environ.items() if k != "TANGO_HOST"}
+    runs = [subprocess.Popen([sys.executable, "-m", "livehist.cli", "up", "--tango-host", host, "--config", str(cfg),
+                              "--state-dir", str(state)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]  # fmt: skip
+    outs = [r.communicate(timeout=180) for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], outs
+    assert sum("starting the embedded Tango database" in o for o, _ in outs) == 1, outs
+    pids = {p.name: p.pid() for p in managed_processes(state)}
+    server = next(n for n in pids if n.startswith("MetadataManager"))
+    os.kill(pids[server], 9)
+    out = run_cli("up", "--config", str(cfg), "--state-dir", str(state), env=env)  # no host given
+    assert out.returncode == 0, out.stderr
+    assert f"Tango database at {host}" in out.stdout and "starting the embedded" not in out.stdout, out.stdout
+    assert {p.name: p.pid() for p in managed_processes(state)}["tango-db"] == pids["tango-db"]
+    other = f"127.0.0.1:{free_port()}"
+    line = _one_line_error(
+        run_cli("up", "--tango-host", other, "--config", str(cfg), "--state-dir", str(state)), "up"
+    )
+    assert f"runs at {host}, and this asks for {other}" in line
+    line = _one_line_error(run_cli("up", "--tango-host", "", "--state-dir", str(state)), "up")
+    assert "--tango-host is empty" in line
+    line = _one_line_error(
+        run_cli("up", "--tango-host", "127.0.0.1:\u0664\u0660\u0669", "--state-dir", str(state)), "up"
+    )
+    assert "is not HOST:PORT" in line
+    dup = state / "dup.json"
+    dup.write_text(json.dumps({"servers": {"MetadataManager": {"ks": {"MetadataManager": {
+        "test/keep/a": {}, "TEST/KEEP/A": {}}}}}}))  # fmt: skip
+    assert "is listed twice" in _one_line_error(
+        run_cli("up", "--config", str(dup), "--state-dir", str(state), env=env), "up"
+    )
+    assert run_cli("down", "--state-dir", str(state)).returncode == 0
+    assert all(p.pid() is None for p in managed_processes(state))

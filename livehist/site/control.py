@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -127,6 +128,51 @@ def ensure_database(site: Site, say: Say) -> None:
     site.embedded_db = True
 
 
+@contextlib.contextmanager
+def site_lock(state_dir: Path, say: Say):
+    """One `up` or `down` at a time per state dir (two at once started two databases on one
+    port and each took the other's record); the second waits for the first."""
+    import fcntl
+
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o664)
+    except OSError as exc:
+        raise LivehistError(
+            f"state dir {state_dir}: {exc.strerror}; give a writable folder with --state-dir "
+            "(or LIVEHIST_STATE_DIR)"
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"another `livehist up` or `down` is working on {state_dir}; waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _host_for(state_dir: Path, option: str | None) -> str:
+    """The Tango host of `up`: the option, else TANGO_HOST, else the one this state dir used
+    (its embedded database and servers are there). A running embedded database of this state
+    dir at another host is refused: two databases on one sqlite file, the first orphaned."""
+    try:
+        saved = json.loads((state_dir / "state.json").read_text()).get("tango_host")
+    except (OSError, ValueError, AttributeError):
+        saved = None
+    if option is None and not os.environ.get("TANGO_HOST") and saved:
+        return saved
+    host = embedded.resolve_tango_host(option)
+    if saved and embedded.embedded(state_dir).pid() is not None:
+        if embedded.parse_tango_host(host) != embedded.parse_tango_host(saved):
+            raise LivehistError(
+                f"the embedded Tango database of {state_dir} runs at {saved}, and this asks for {host}; "
+                f"use --tango-host {saved}, or `livehist down` first to move the site"
+            )
+    return host
+
+
 def up(
     tango_host: str | None = None,
     config: Path | None = None,
@@ -134,10 +180,16 @@ def up(
     timeout: float = 90.0,
     say: Say = print,
 ) -> Site:
+    state_dir = Path(state_dir) if state_dir else default_state_dir()
+    with site_lock(state_dir, say):
+        return _up(tango_host, config, state_dir, timeout, say)
+
+
+def _up(tango_host: str | None, config: Path | None, state_dir: Path, timeout: float, say: Say) -> Site:
     site = Site(
-        tango_host=embedded.resolve_tango_host(tango_host),
+        tango_host=_host_for(state_dir, tango_host),
         config_path=Path(config) if config else DEFAULT_CONFIG,
-        state_dir=Path(state_dir) if state_dir else default_state_dir(),
+        state_dir=state_dir,
     )
     site.host_port  # noqa: B018 - validates the host before anything starts
     site.config = dsconfig.load(site.config_path, site.state_dir)  # bad config: fail before starting
@@ -230,6 +282,14 @@ def wait_ready(site: Site, started: dict[str, Managed], timeout: float, say: Say
 def down(state_dir: Path | None = None, say: Say = print) -> list[str]:
     """Stop what `up` started: servers first, then the embedded database."""
     state_dir = Path(state_dir) if state_dir else default_state_dir()
+    if not state_dir.is_dir():
+        say(f"nothing to stop in {state_dir}")
+        return []
+    with site_lock(state_dir, say):
+        return _down(state_dir, say)
+
+
+def _down(state_dir: Path, say: Say) -> list[str]:
     procs = managed_processes(state_dir)
     db = [p for p in procs if p.name == embedded.EMBEDDED_NAME]
     stopped = []

@@ -45,10 +45,13 @@ class Managed:
         return self.state_dir / "logs" / f"{self.name}.log"
 
     def record(self) -> dict | None:
+        """The record `start` wrote, or None (missing, unreadable, or not one of ours: hand-edited)."""
         try:
-            return json.loads(self.pidfile.read_text())
+            rec = json.loads(self.pidfile.read_text())
         except (OSError, ValueError):
             return None
+        ok = isinstance(rec, dict) and type(rec.get("pid")) is int and rec["pid"] > 0
+        return rec if ok and isinstance(rec.get("argv"), list) else None
 
     def pid(self) -> int | None:
         """The pid if the recorded process is alive and is still the one we started."""
