@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -252,3 +254,36 @@ def test_histogrammer_down_at_scan_start_and_dying_mid_scan(spock, tmp_path):
         assert specfile.Specfile(str(tmp_path / "scan.spec"))[0].lines() == n
     finally:
         control.up(site.tango_host, site.config_path, site.state_dir, say=lambda s: None)
+
+
+INTERRUPTED = """
+import sys
+from livehist.site.door import Door
+print("running", flush=True)
+Door(sys.argv[1], say=None).run(["ascan", "mot01", "0", "10", "200", "0.1"], timeout=300)
+"""
+
+
+def test_ctrl_c_while_a_macro_runs_aborts_it(site):
+    """`livehist demo` interrupted left its scan running: the Door stayed RUNNING and the next
+    demo was refused ('RunMacro not allowed when the device is in RUNNING state')."""
+
+    url = site.url("door/livehist/1")
+    door = tango.DeviceProxy(url)
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "running"
+        deadline = time.monotonic() + 60
+        while door.state() != tango.DevState.RUNNING and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert door.state() == tango.DevState.RUNNING
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert "KeyboardInterrupt" in err, err
+    finally:
+        proc.kill()
+    deadline = time.monotonic() + 30
+    while door.state() == tango.DevState.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert door.state() != tango.DevState.RUNNING, f"the macro ran on after Ctrl-C: {err[-1500:]}"

@@ -100,6 +100,12 @@ def demo(
             door.run(["sar_demo"], timeout=180)
         m = tango.DeviceProxy(site.url(METADATA))
         if m.state() == tango.DevState.RUNNING:
+            name = (json.loads(m.Metadata).get("dataset") or {}).get("name", "")
+            if not str(name).startswith("demo_"):  # a user's dataset: never ended by the demo
+                raise LivehistError(
+                    f"dataset {name!r} is open on {METADATA}; the demo records datasets of its own: end it "
+                    "first (spock> dataset_end, or EndDataset on the device) or run the demo on another site"
+                )
             m.EndDataset()  # a demo interrupted earlier
         steps = [
             ["meta_set", "proposal", "20260001"],

@@ -43,15 +43,39 @@ class Door:
         except tango.DevFailed as exc:
             raise LivehistError(f"macro {argv[0]} refused: {exc.args[0].desc.strip()}") from None
         deadline = time.monotonic() + timeout
-        time.sleep(0.05)
-        while self.proxy.state() == tango.DevState.RUNNING:
-            if time.monotonic() > deadline:
-                self.proxy.AbortMacro()
-                raise LivehistError(f"macro {' '.join(argv)} did not end within {timeout:.0f} s; aborted")
+        try:
             time.sleep(0.05)
+            while self.proxy.state() == tango.DevState.RUNNING:
+                if time.monotonic() > deadline:
+                    self.proxy.AbortMacro()
+                    raise LivehistError(f"macro {' '.join(argv)} did not end within {timeout:.0f} s; aborted")
+                time.sleep(0.05)
+        except KeyboardInterrupt:  # Ctrl-C: the macro stops too, as in spock (it kept the Door RUNNING)
+            self._abort()
+            raise
         if self.proxy.state() == tango.DevState.ALARM:
             errors = self.proxy.read_attribute("Error").value or ("(no error text)",)
             raise LivehistError(f"macro {' '.join(argv)} failed: {' '.join(errors).strip()}")
+
+    def _abort(self, wait: float = 15.0) -> None:
+        """Abort the running macro and wait until the Door has stopped it. An abort that comes
+        while the macro is still being prepared (its hooks) is not always kept: sent again each
+        second. A second Ctrl-C stops the waiting (the macro may then run on)."""
+        import tango
+
+        say = self.say or (lambda line: None)
+        say("aborting the macro (Ctrl-C again to stop waiting)")
+        deadline, sent = time.monotonic() + wait, 0.0
+        try:
+            while time.monotonic() < deadline:
+                if time.monotonic() - sent >= 1.0:
+                    self.proxy.AbortMacro()
+                    sent = time.monotonic()
+                time.sleep(0.1)
+                if self.proxy.state() != tango.DevState.RUNNING:
+                    return
+        except (tango.DevFailed, KeyboardInterrupt):
+            pass
 
     def close(self) -> None:
         for sub in self._subs:
