@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -90,8 +91,34 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+class _QuietWhenClosed:
+    """stdout that goes quiet when its reader has gone (`livehist up | head -1`): the command
+    finishes its work (servers started, files written) instead of dying half way on EPIPE."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.stream = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.stream = open(os.devnull, "w")  # noqa: SIM115
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if not isinstance(sys.stdout, _QuietWhenClosed):
+        sys.stdout = _QuietWhenClosed(sys.stdout)
     try:
         if args.command == "up":
             from livehist.site.control import up

@@ -151,3 +151,11 @@ def test_up_keeps_a_state_dir_on_its_own_database(sites):
     )
     assert run_cli("down", "--state-dir", str(state)).returncode == 0
     assert all(p.pid() is None for p in managed_processes(state))
+
+
+def test_demo_out_that_tango_cannot_pass_is_refused_before_anything_starts(tmp_path):
+    state = tmp_path / "state"
+    line = _one_line_error(
+        run_cli("demo", "--out", str(tmp_path / "out ☃"), "--state-dir", str(state)), "demo"
+    )
+    assert "Latin-1" in line and not state.exists()  # nothing started (it died in RunMacro, the site up)

@@ -87,6 +87,14 @@ def demo(
 ) -> list[Path]:
     import tango
 
+    if out is not None:
+        try:
+            str(Path(out).resolve()).encode("latin-1")
+        except UnicodeEncodeError:
+            raise LivehistError(
+                f"--out {str(out)!r}: Tango passes text to Sardana as Latin-1, which cannot hold this "
+                "path; choose a folder whose path is Latin-1 (letters such as é, ü are fine)"
+            ) from None
     site = up(tango_host, config, state_dir, say=say)
     if web:  # started first, so that the acquisition below can be watched live
         from livehist.views.web import start_background
