@@ -59,8 +59,8 @@ class Door:
 
     def _abort(self, wait: float = 15.0) -> None:
         """Abort the running macro and wait until the Door has stopped it. An abort that comes
-        while the macro is still being prepared (its hooks) is not always kept: sent again each
-        second. A second Ctrl-C stops the waiting (the macro may then run on)."""
+        while the macro is still being prepared (its hooks) is not always kept: sent again every
+        3 s. A second Ctrl-C stops the waiting (the macro may then run on)."""
         import tango
 
         say = self.say or (lambda line: None)
@@ -68,7 +68,7 @@ class Door:
         deadline, sent = time.monotonic() + wait, 0.0
         try:
             while time.monotonic() < deadline:
-                if time.monotonic() - sent >= 1.0:
+                if time.monotonic() - sent >= 3.0:
                     self.proxy.AbortMacro()
                     sent = time.monotonic()
                 time.sleep(0.1)
