@@ -356,11 +356,11 @@ STATUS_EXTRAS: dict[str, Callable[[object], str]] = {
 
 
 def print_table(site: Site, say: Say) -> bool:
-    rows = [("DEVICE", "CLASS", "SERVER", "STATE", "INFO")]
-    all_up = True
-    for server, cls, dev in dsconfig.devices(site.config):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def row(entry: tuple[str, str, str]) -> tuple[str, str, str, str, str]:
+        server, cls, dev = entry
         state = ping(site.url(dev))
-        all_up &= state is not None
         info = ""
         if state is not None and cls in STATUS_EXTRAS:
             import tango
@@ -369,7 +369,14 @@ def print_table(site: Site, say: Say) -> bool:
                 info = STATUS_EXTRAS[cls](tango.DeviceProxy(site.url(dev)))
             except tango.DevFailed as exc:
                 info = f"({exc.args[0].desc.strip()[:60]})"
-        rows.append((dev, cls, server, state or "DOWN", info))
+        return dev, cls, server, state or "DOWN", info
+
+    # all devices at once: a frozen server costs its own timeouts (about 9 s), not 9 s per device
+    devices = dsconfig.devices(site.config)
+    with ThreadPoolExecutor(max(1, min(16, len(devices)))) as pool:
+        found = list(pool.map(row, devices))
+    all_up = all(r[3] != "DOWN" for r in found)
+    rows = [("DEVICE", "CLASS", "SERVER", "STATE", "INFO"), *found]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         say("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
