@@ -159,3 +159,20 @@ def test_demo_out_that_tango_cannot_pass_is_refused_before_anything_starts(tmp_p
         run_cli("demo", "--out", str(tmp_path / "out ☃"), "--state-dir", str(state)), "demo"
     )
     assert "Latin-1" in line and not state.exists()  # nothing started (it died in RunMacro, the site up)
+
+
+def test_a_state_dir_with_non_ascii_characters_works(tmp_path):
+    """The DB probe asked DbInfo, whose reply carries the sqlite path: pytango could not encode
+    it, so `up` waited 30 s for a database that was running ('did not answer')."""
+    from livehist.site import control
+
+    state = tmp_path / "müller ☃"
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"servers": {"MetadataManager": {"uni": {"MetadataManager": {
+        "test/uni/a": {"properties": {"DefaultDataRoot": ["/tmp"]}}}}}}}))  # fmt: skip
+    try:
+        t0 = time.monotonic()
+        site = control.up(f"127.0.0.1:{free_port()}", cfg, state, timeout=60, say=lambda s: None)
+        assert time.monotonic() - t0 < 30 and control.ping(site.url("test/uni/a")) is not None
+    finally:
+        control.down(state, say=lambda s: None)
