@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -254,46 +252,3 @@ def test_histogrammer_down_at_scan_start_and_dying_mid_scan(spock, tmp_path):
         assert specfile.Specfile(str(tmp_path / "scan.spec"))[0].lines() == n
     finally:
         control.up(site.tango_host, site.config_path, site.state_dir, say=lambda s: None)
-
-
-INTERRUPTED = """
-import sys
-from livehist.site.door import Door
-print("running", flush=True)
-Door(sys.argv[1], say=None).run(["ascan", "mot04", "0", "10", "200", "0.1"], timeout=300)
-"""
-
-
-def test_ctrl_c_while_a_macro_runs_aborts_it(site):
-    """`livehist demo` interrupted left its scan running: the Door stayed RUNNING and the next
-    demo was refused ('RunMacro not allowed when the device is in RUNNING state')."""
-
-    url = site.url("door/livehist/1")
-    door = tango.DeviceProxy(url)
-    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
-    try:
-        assert proc.stdout.readline().strip() == "running"
-        deadline = time.monotonic() + 60
-        while door.state() != tango.DevState.RUNNING and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert door.state() == tango.DevState.RUNNING
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-        assert "KeyboardInterrupt" in err, err
-    finally:
-        proc.kill()
-    deadline = time.monotonic() + 30
-    while door.state() == tango.DevState.RUNNING and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert door.state() != tango.DevState.RUNNING, f"the macro ran on after Ctrl-C: {err[-1500:]}"
-    host, port = site.host_port
-    # mot04, which no other test moves: Sardana's Pool may keep a motor aborted while its motion
-    # starts 'already in motion' for the rest of the session (seen once in a full run with mot01)
-    motor = tango.DeviceProxy(
-        f"tango://{host}:{port}/" + tango.Database(host, port).get_device_alias("mot04")
-    )
-    deadline = time.monotonic() + 60
-    while motor.state() == tango.DevState.MOVING and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert motor.state() != tango.DevState.MOVING, "the motor moved on after the macro was aborted"

@@ -76,6 +76,8 @@ class Door:
                     return
         except (tango.DevFailed, KeyboardInterrupt):
             pass
+        say(f"the Door {self.proxy.dev_name()} is still RUNNING: abort it from spock (Ctrl-C) or with its "
+            "AbortMacro command before running another macro")  # fmt: skip
 
     def close(self) -> None:
         for sub in self._subs:
