@@ -49,6 +49,18 @@ def producer(broker: str) -> Producer:
                      "logger": logging.getLogger("tests.kafka.producer")})  # fmt: skip
 
 
+def produce_pulses(broker: str, topic: str, messages: int, per_pulse: int, partitions: int) -> int:
+    """Message i (one pulse of `per_pulse` events, seed i) to partition i % partitions; the events sent."""
+    p = producer(broker)
+    sent = 0
+    for i in range(messages):
+        batch = pulses(i, 1, per_pulse, seed=i)
+        p.produce(topic, encode_ev44(batch, i, "det"), partition=i % partitions)
+        sent += len(batch)
+    p.flush(30)
+    return sent
+
+
 def engine_for(uri: str, specs=(TOF_SPEC, IMAGE_SPEC)) -> Engine:
     engine = Engine(parse_histograms(list(specs)))
     engine.start(open_source(uri))
@@ -140,13 +152,7 @@ def test_group_members_share_the_partitions_and_count_everything_once(kafka_brok
     uri = f"kafka://{kafka_broker}/{topic}?group={group}&start=earliest"
     a, b = engine_for(uri), engine_for(uri)
     try:
-        p = producer(kafka_broker)
-        sent = 0
-        for i in range(40):
-            batch = pulses(i, 1, 300, seed=i)
-            p.produce(topic, encode_ev44(batch, i, "det"), partition=i % 4)
-            sent += len(batch)
-        p.flush(30)
+        sent = produce_pulses(kafka_broker, topic, 40, 300, partitions=4)
         wait_for(lambda: a.events + b.events >= sent, timeout=60, what="both members to count everything")
         time.sleep(1.0)
     finally:
@@ -247,13 +253,7 @@ def test_a_member_killed_without_leaving_does_not_pass_for_a_dead_broker(kafka_b
 
     topic = kafka_topic(kafka_broker, 4)
     group = f"g-{topic}"
-    p = producer(kafka_broker)
-    sent = 0
-    for i in range(8):
-        batch = pulses(i, 1, 100, seed=i)
-        p.produce(topic, encode_ev44(batch, i, "det"), partition=i % 4)
-        sent += len(batch)
-    p.flush(30)
+    sent = produce_pulses(kafka_broker, topic, 8, 100, partitions=4)
     ghost = subprocess.Popen(
         [sys.executable, "-c", GHOST, kafka_broker, topic, group], stdout=subprocess.PIPE, text=True
     )
