@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--control-token", metavar="TOKEN",
                    help="allow Start/Stop/Reset/ROIs to browsers that give this token "
                         "(default: $LIVEHIST_WEB_TOKEN; unset: read-only)")  # fmt: skip
+    p.add_argument("--allow-origin", action="append", default=[], metavar="URL",
+                   help="a browser origin besides the page's own that may use the service, e.g. the "
+                        "site's reverse proxy https://beamline.example.org (repeatable)")  # fmt: skip
     p.add_argument(
         "--tango-host", metavar="HOST:PORT", help="Tango DB (default: $TANGO_HOST, else 127.0.0.1:10000)"
     )
@@ -142,7 +145,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "web":
             from livehist.views.web import web
 
-            return web(args.devices, args.port, args.bind, args.layout, args.control_token, args.tango_host)
+            return web(
+                args.devices,
+                args.port,
+                args.bind,
+                args.layout,
+                args.control_token,
+                args.tango_host,
+                allow_origins=args.allow_origin,
+            )
         if args.command == "stream":
             from livehist.engine.stream import stream
 

@@ -384,11 +384,83 @@ def test_a_device_restart_shows_down_then_recovers(site, web, page):
     wait_for(lambda: paints(page, "image") >= n + 5, 60, "images flowing again")
 
 
+def handshake(url: str, path: str = "/ws", host: str | None = None, origin: str | None = None) -> str:
+    """The status line a raw HTTP/WebSocket request gets (as a browser would send it)."""
+    import socket
+
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host or f'127.0.0.1:{port}'}"]
+    if path == "/ws":
+        lines += ["Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                  "Sec-WebSocket-Version: 13"]  # fmt: skip
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        return s.makefile("rb").readline().decode("latin-1").strip()
+
+
+def test_other_web_sites_and_rebound_host_names_are_refused(site, web, page):
+    """Browsers let any site open a WebSocket to 127.0.0.1 and, via DNS rebinding, read its
+    pages: only the page's own origin (and loopback host names) get data."""
+    port = web.rsplit(":", 1)[1].strip("/")
+    me = f"http://127.0.0.1:{port}"
+    assert " 101 " in handshake(web, origin=me)  # the page itself
+    assert " 101 " in handshake(web, origin=f"http://localhost:{port}", host=f"localhost:{port}")
+    assert " 101 " in handshake(web)  # no Origin: not a browser (scripts, livehist bench)
+    for origin in ("http://evil.example", f"http://evil.example:{port}", "null", "file://",
+                   f"http://127.0.0.1:{int(port) + 1}"):  # fmt: skip
+        assert " 403 " in handshake(web, origin=origin), origin
+    # DNS rebinding: evil.example now resolves to 127.0.0.1, the browser sends its name
+    for path in ("/ws", "/api/info", "/"):
+        assert " 403 " in handshake(
+            web, path, host=f"evil.example:{port}", origin=f"http://evil.example:{port}"
+        )
+        assert " 403 " in handshake(web, path, host=f"evil.example:{port}")
+    assert " 200 " in handshake(web, "/api/info")
+    # a page from another site cannot reach control even with the token (a POST carries its Origin)
+    req = urllib.request.Request(web + "api/command", json.dumps({"device": DEV, "command": "Stop"}).encode(),
+                                 {"Content-Type": "application/json", "X-Livehist-Token": TOKEN,
+                                  "Origin": "http://evil.example"}, method="POST")  # fmt: skip
+    h = running(site)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=30)
+    assert refused.value.code == 403 and "--allow-origin" in json.loads(refused.value.read())["error"]
+    assert h.state() == tango.DevState.RUNNING
+    # and the page still works in a real browser
+    page.goto(web)
+    wait_for(lambda: paints(page, "image") >= 1, 60, "image painted")
+
+
+def test_allow_origin_lets_a_reverse_proxy_in_and_bad_values_are_refused(site):
+    url = start_web(site, "web-proxy", DEV, "--allow-origin", "https://beamline.example.org")
+    try:
+        # nginx as in the README forwards Host 127.0.0.1:PORT and the browser's Origin
+        assert " 101 " in handshake(url, origin="https://beamline.example.org")
+        assert " 101 " in handshake(url, origin="https://beamline.example.org:443")
+        # a proxy that forwards the browser's Host too
+        assert " 101 " in handshake(url, host="beamline.example.org", origin="https://beamline.example.org")
+        assert " 403 " in handshake(url, origin="http://beamline.example.org")  # not the same scheme
+        assert " 403 " in handshake(url, origin="https://other.example.org")
+    finally:
+        Managed(site.state_dir, "web-proxy").stop()
+    for bad in (
+        "beamline.example.org",
+        "ftp://x.org",
+        "https://x.org/path",
+        "https://x.org:99999",
+        "null",
+        "",
+    ):
+        r = run_cli("web", "--allow-origin", bad, DEV, env=dict(os.environ, TANGO_HOST=site.tango_host))
+        assert r.returncode != 0 and "--allow-origin" in r.stderr and "https://" in r.stderr, (bad, r.stderr)
+
+
 FROZEN = r"""
 import socket, sys, time
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+s.sendall(b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
 print("connected", flush=True)
 time.sleep(3600)  # never reads a byte

@@ -103,7 +103,8 @@ def listen_socket(bind: str, port: int) -> socket.socket:
 
 
 def web(devices: list[str], port: int = 8050, bind: str = "127.0.0.1", layout: Path | None = None,
-        control_token: str | None = None, tango_host: str | None = None, say=print) -> int:  # fmt: skip
+        control_token: str | None = None, tango_host: str | None = None, say=print,
+        allow_origins: list[str] = ()) -> int:  # fmt: skip
     """Serve the page until interrupted."""
     from livehist.views.web.layout import default_layout, load_layout
 
@@ -119,6 +120,14 @@ def web(devices: list[str], port: int = 8050, bind: str = "127.0.0.1", layout: P
         )
     if token is not None and not (token.isascii() and token.isprintable()):
         raise LivehistError("the control token must be printable ASCII (browsers send it in an HTTP header)")
+    for origin in allow_origins:
+        from livehist.views.web.app import normal_origin
+
+        if normal_origin(origin) is None:
+            raise LivehistError(
+                f"--allow-origin {origin[:80]!r}: give a browser origin, scheme://host[:port] with "
+                "scheme http or https and nothing after it, e.g. https://beamline.example.org"
+            )
     if layout is not None:
         lay = load_layout(layout)
         if devices:
@@ -137,8 +146,12 @@ def web(devices: list[str], port: int = 8050, bind: str = "127.0.0.1", layout: P
             f"livehist web needs the web extra: pip install 'livehist[web]' ({exc})"
         ) from None
     sock = listen_socket(bind, port)
-    app = create_app(Service(found, lay, token))
     host = sock.getsockname()[0]  # what was bound ("0" is 0.0.0.0: every interface)
+    from livehist.views.web.app import _is_loopback
+
+    app = create_app(
+        Service(found, lay, token, loopback=_is_loopback(host), allowed_origins=tuple(allow_origins))
+    )
     shown = f"[{host}]" if ":" in host else host
     say(f"livehist web: {len(found)} device(s): {', '.join(found)}")
     if host in ("0.0.0.0", "::"):

@@ -49,6 +49,8 @@ class Service:
     layout: Layout
     token: str | None = None
     max_rate: float = 10.0
+    loopback: bool = True  # bound to a loopback address: other host names are refused (DNS rebinding)
+    allowed_origins: tuple[str, ...] = ()  # origins a browser may come from besides the page's own
     followers: list[Follower] = field(default_factory=list)
     hub: Hub | None = None
 
@@ -169,7 +171,105 @@ def create_app(service: Service) -> Starlette:
         WebSocketRoute("/ws", stream),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(NoReferrer)])
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[
+        Middleware(SameOrigin, loopback=service.loopback, allowed=service.allowed_origins),
+        Middleware(NoReferrer)])  # fmt: skip
+
+
+LOOPBACK_NAMES = ("localhost", "ip6-localhost")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    host = host.strip("[]").lower()
+    if host in LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _split_host(hostport: str) -> tuple[str, str]:
+    """("name", "port") of a Host header value or an origin's netloc ("" when no port)."""
+    hostport = hostport.strip().lower()
+    if hostport.startswith("["):  # [::1]:8050
+        end = hostport.find("]")
+        return hostport[: end + 1], hostport[end + 2 :] if end >= 0 else ""
+    name, _, port = hostport.partition(":")
+    return name, port
+
+
+def normal_origin(origin: str) -> str | None:
+    """scheme://host[:port] of an Origin header or an --allow-origin value, its default port
+    dropped; None when it is not one (e.g. "null", from a sandboxed page or a file)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(origin.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        return None
+    if parts.query or parts.fragment or parts.username or parts.password:
+        return None
+    default = {"http": 80, "https": 443}[parts.scheme]
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
+
+
+class SameOrigin:
+    """Answers only the page's own origin, the allowed ones, and (bound to loopback) loopback names.
+
+    Browsers let any web site open a WebSocket to 127.0.0.1 (no CORS for WebSockets), and a
+    site whose name re-resolves to 127.0.0.1 (DNS rebinding) even reads its answers. So a
+    request that carries an `Origin` must come from the page itself (its host and port are
+    the `Host` the request was sent to) or from an `--allow-origin`, and while the service
+    listens on loopback only, the `Host` must be a loopback name or an allowed origin's
+    host. Non-browser clients (no `Origin`) and the page itself pass."""
+
+    def __init__(self, app, loopback: bool, allowed: tuple[str, ...]) -> None:
+        self.app = app
+        self.loopback = loopback
+        self.allowed = {o for o in map(normal_origin, allowed) if o}
+        self.allowed_hosts = {_split_host(o.split("://", 1)[1])[0] for o in self.allowed}
+
+    def refusal(self, scope) -> str | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host = headers.get("host", "")
+        name, port = _split_host(host)
+        if self.loopback and not (_is_loopback(name) or name in self.allowed_hosts):
+            return (f"host {host[:80]!r} is not this service's: it listens on loopback only; "
+                    "open it as http://127.0.0.1:PORT/ or start livehist web with --allow-origin")  # fmt: skip
+        origin = headers.get("origin")
+        if origin is None:
+            return None
+        seen = normal_origin(origin)
+        if seen is not None and (
+            seen in self.allowed or seen.split("://", 1)[1] == _host_only(name, port, seen)
+        ):
+            return None
+        return (f"origin {origin[:80]!r} may not use this service; start livehist web with "
+                f"--allow-origin {origin[:80] if seen else 'URL'} to allow it")  # fmt: skip
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        why = self.refusal(scope)
+        if why is None:
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":  # refused before the handshake: the browser sees 403
+            await send({"type": "websocket.close", "code": 1008, "reason": why[:120]})
+            return
+        await _refuse(403, why)(scope, receive, send)
+
+
+def _host_only(name: str, port: str, origin: str) -> str:
+    """The Host header as an origin writes it (default port of the origin's scheme dropped)."""
+    default = "443" if origin.startswith("https:") else "80"
+    return name if port in ("", default) else f"{name}:{port}"
 
 
 class NoReferrer:
