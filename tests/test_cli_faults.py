@@ -176,3 +176,16 @@ def test_a_state_dir_with_non_ascii_characters_works(tmp_path):
         assert time.monotonic() - t0 < 30 and control.ping(site.url("test/uni/a")) is not None
     finally:
         control.down(state, say=lambda s: None)
+
+
+def test_status_names_a_device_in_fault_and_exits_4(sites):
+    """A histogrammer that answers but is FAULT is not "all up": status says why, exit 4."""
+    config = {"servers": {"EventHistogrammer": {"faulty": {"EventHistogrammer": {
+        "test/faulty/1": {"properties": {"EventSource": ["zmq://127.0.0.1:notaport"]}},
+        "test/fine/1": {"properties": {"EventSource": ["sim://?rate=1e3"]}}}}}}}  # fmt: skip
+    site = sites.up(config)
+    r = run_cli("status", "--state-dir", str(site.state_dir), "--config", str(site.config_path))
+    assert r.returncode == 4, r.stdout + r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("test/faulty/1"))
+    assert line.split()[3] == "FAULT" and "notaport" in line, line
+    assert next(ln for ln in r.stdout.splitlines() if ln.startswith("test/fine/1")).split()[3] == "ON"

@@ -308,7 +308,8 @@ def status(
     config: Path | None = None,
     say: Say = print,
 ) -> int:
-    """Print devices and states. 0: all up, 1: no database, 3: some device down."""
+    """Print devices and states. 0: all up, 1: no database, 3: some device down, 4: all answer
+    but some are in FAULT (each with the first line of its Status)."""
     site = Site.from_state(state_dir, tango_host, config)
     host, port = site.host_port
     if embedded.probe(host, port) != "tango":
@@ -316,9 +317,11 @@ def status(
         return 1
     site.config = dsconfig.load(site.config_path, site.state_dir)
     say(f"Tango database {host}:{port} ({'embedded' if site.embedded_db else 'site'})")
-    all_up = print_table(site, say)
+    all_up, faults = print_table(site, say)
     last_files(site, say)
-    return 0 if all_up else 3
+    if not all_up:
+        return 3
+    return 4 if faults else 0
 
 
 def last_files(site: Site, say: Say) -> None:
@@ -355,7 +358,8 @@ STATUS_EXTRAS: dict[str, Callable[[object], str]] = {
 }
 
 
-def print_table(site: Site, say: Say) -> bool:
+def print_table(site: Site, say: Say) -> tuple[bool, list[str]]:
+    """Print the device table; (every device answers, the devices in FAULT)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def row(entry: tuple[str, str, str]) -> tuple[str, str, str, str, str]:
@@ -369,6 +373,14 @@ def print_table(site: Site, say: Say) -> bool:
                 info = STATUS_EXTRAS[cls](tango.DeviceProxy(site.url(dev)))
             except tango.DevFailed as exc:
                 info = f"({exc.args[0].desc.strip()[:60]})"
+        if state == "FAULT":  # why, in its own words
+            import tango
+
+            try:
+                why = tango.DeviceProxy(site.url(dev)).status().strip().splitlines()
+            except tango.DevFailed as exc:
+                why = [exc.args[0].desc.strip()]
+            info = (why[0][:200] if why else "") or info
         return dev, cls, server, state or "DOWN", info
 
     # all devices at once: a frozen server costs its own timeouts (about 9 s), not 9 s per device
@@ -380,4 +392,4 @@ def print_table(site: Site, say: Say) -> bool:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         say("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
-    return all_up
+    return all_up, [r[0] for r in found if r[3] == "FAULT"]
