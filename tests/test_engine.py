@@ -699,3 +699,27 @@ def test_kernels_compile_without_a_writable_cache(tmp_path, monkeypatch):
         assert counts[0][:10].tolist() == counts[1][:10].tolist() == [1] * 10 and inside.tolist() == [10, 10]
     finally:
         kernels._compiled.pop(layout, None)
+
+
+def test_configure_keeps_the_counts_of_histograms_it_does_not_change():
+    """Adding an ROI (the web view's Configure) must not wipe the spectrum acquired so far."""
+    tof = {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 100, "bins": 10}}
+    win = {"name": "win", "kind": "tof", "window": 100, "tof": {"start": 0, "stop": 100, "bins": 10}}
+    img = {"name": "img", "kind": "image", "pixels": {"first": 0, "shape": [2, 2]}}
+    engine = Engine(parse_histograms([tof, win, img]))
+    engine.start()
+    engine.process(batch(np.arange(0, 100, 5, dtype=np.int32), np.arange(20, dtype=np.int32) % 4))
+    before = engine.snapshot()
+    wider = {"name": "img", "kind": "image", "pixels": {"first": 0, "shape": [2, 3]}}
+    extra = {"name": "tof2", "kind": "tof", "tof": {"start": 0, "stop": 100, "bins": 5}}
+    engine.configure(parse_histograms([tof, win, wider, extra]))  # img's binning changes, tof's does not
+    snap = engine.snapshot()
+    assert snap.counts["tof"].sum() == 20 and np.array_equal(snap.counts["tof"], before.counts["tof"])
+    assert np.array_equal(snap.counts["win"], before.counts["win"])
+    assert snap.counts["img"].sum() == 0 and snap.counts["tof2"].sum() == 0  # new binning: from zero
+    engine.process(batch(np.array([1, 2], np.int32), np.array([0, 1], np.int32)))
+    snap = engine.snapshot()
+    assert snap.counts["tof"].sum() == 22 and snap.counts["tof2"].sum() == 2 and snap.events == 22
+    engine.reset()
+    assert engine.snapshot().counts["tof"].sum() == 0
+    engine.stop()

@@ -75,6 +75,16 @@ class Histogram:
             self.parts = [self._new_part() for _ in range(self.threads)]
         self.out_of_range = 0
 
+    def take_counts(self, old: Histogram) -> None:
+        """Go on counting where `old` (a histogram of the same binning, being replaced) is."""
+        if self.spec.window:
+            self._slices, self._latest_slice = old._slices, old._latest_slice
+        elif len(old.parts) == len(self.parts) and old.stage == self.stage:
+            self.parts = old.parts
+        else:
+            return
+        self.out_of_range = old.out_of_range
+
     def add(self, batch: EventBatch) -> int:
         """Histogram one batch (alone; a device's histograms go through one HistogramSet)."""
         if self._alone is None:
@@ -276,6 +286,19 @@ def warm_up(specs: list[HistogramSpec], threads: int = 1) -> None:
         h.clear()
         hists.append(h)
     HistogramSet(hists, threads).add(EventBatch(one, one, np.zeros(1, np.int64), np.zeros(1, np.int64)))
+
+
+def same_binning(a: HistogramSpec, b: HistogramSpec) -> bool:
+    """Do two specs count the same events into the same cells (so counts carry over)?"""
+    if (a.kind, a.first_pixel, a.shape, a.window) != (b.kind, b.first_pixel, b.shape, b.window):
+        return False
+    if (a.tof is None) != (b.tof is None):
+        return False
+    if a.tof is not None and (a.tof.unit != b.tof.unit or not np.array_equal(a.tof.edges, b.tof.edges)):
+        return False
+    if (a.roi_pixels is None) != (b.roi_pixels is None):
+        return False
+    return a.roi_pixels is None or np.array_equal(a.roi_pixels, b.roi_pixels)
 
 
 def make(spec: HistogramSpec, threads: int = 1) -> Histogram:

@@ -139,8 +139,15 @@ class Engine:
         return self._build(specs)
 
     def commit(self, prepared: tuple[dict, histograms.HistogramSet]) -> None:
+        """Swap in a prepared list; a histogram of the same name and binning keeps its counts
+        (adding an ROI must not wipe the spectrum acquired so far: EventCount goes on too)."""
+        hists, hset = prepared
         with self._lock:
-            self._hists, self._set = prepared
+            for name, h in hists.items():
+                old = self._hists.get(name)
+                if old is not None and old is not h and histograms.same_binning(old.spec, h.spec):
+                    h.take_counts(old)
+            self._hists, self._set = hists, hset
 
     def _build(self, specs: list[HistogramSpec]) -> tuple[dict, histograms.HistogramSet]:
         hists = {s.name: histograms.make(s, self.threads) for s in specs}
