@@ -156,8 +156,13 @@ class EventHistogrammer(Device):
                                        fmt=self.RestreamFormat)  # fmt: skip
             if getattr(self, "_served", False):  # the Init command: match attributes to the properties
                 self._make_attributes(self.hg.engine.specs)
-        except (LivehistError, ValueError, tango.DevFailed) as exc:  # a bad property or re-stream target
-            why = exc.args[0].desc if isinstance(exc, tango.DevFailed) else str(exc)
+        except Exception as exc:  # a bad property or re-stream target, or no memory for what they ask
+            if isinstance(exc, tango.DevFailed):
+                why = exc.args[0].desc
+            elif isinstance(exc, LivehistError | ValueError):
+                why = str(exc)
+            else:  # MemoryError has no text: an UNKNOWN CORBA error and a device left "ON" that would not Start
+                why = f"Init failed with {type(exc).__name__}: {exc or 'no detail'} (EventSource {self.EventSource!r})"
             if self.hg is not None:
                 self.hg.close()
                 self.hg = None

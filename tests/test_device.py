@@ -364,3 +364,17 @@ def test_concurrent_configure_and_init_of_two_devices_in_one_server_leave_both_u
         for p in (a, b):
             reinit(p, Histograms=json.dumps([TOF, IMAGE]))
             p.PresetTime = 0
+
+
+def test_init_with_a_source_too_big_to_build_says_fault_and_why(dev_a):
+    """A simulator model that cannot be allocated: FAULT naming it, never an UNKNOWN CORBA error
+    from Init and a device claiming ON that refuses Start."""
+    dev_a.Stop()
+    dev_a.put_property({"EventSource": ["sim://?shape=100000x100000"]})
+    dev_a.Init()  # raised "UNKNOWN CORBA system exception" (MemoryError)
+    assert dev_a.state() == tango.DevState.FAULT and "shape must be NYxNX" in dev_a.status()
+    for uri, message in [("sim://?rate=inf", "rate must be a finite number"),
+                         ("sim://?peaks=-5", "peaks must be TOFs in ms (> 0)")]:  # fmt: skip
+        dev_a.put_property({"EventSource": [uri]})
+        dev_a.Init()
+        assert dev_a.state() == tango.DevState.FAULT and message in dev_a.status(), dev_a.status()

@@ -597,7 +597,7 @@ def test_bad_histogram_specs_name_the_field(spec, message):
         ("nonsense", "is not a URI"),
         ("ftp://x", "unknown scheme 'ftp'"),
         ("sim://?rate=abc", "rate must be a number, got 'abc'"),
-        ("sim://?rate=-5", "rate must be >= 0.0"),
+        ("sim://?rate=-5", "rate must be a finite number >= 0.0"),
         ("sim://?shape=12", "shape must be NYxNX"),
         ("sim://?colour=red", "unknown parameter 'colour'"),
         ("zmq://localhost", "give HOST:PORT"),

@@ -125,8 +125,8 @@ def number(
     except ValueError:
         kind = "an integer" if integer else "a number"
         raise SourceError(f"EventSource {uri!r}: {key} must be {kind}, got {raw!r}") from None
-    if not value >= minimum or value != value:
-        raise SourceError(f"EventSource {uri!r}: {key} must be >= {minimum}, got {raw!r}")
+    if not value >= minimum or value != value or value == float("inf"):
+        raise SourceError(f"EventSource {uri!r}: {key} must be a finite number >= {minimum}, got {raw!r}")
     return value
 
 

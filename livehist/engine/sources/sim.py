@@ -19,6 +19,7 @@ from livehist.engine.events import EventBatch
 from livehist.engine.sources import Source, SourceError, check_known, number, query
 
 DEFAULT_PEAKS_MS = (12.5, 20.4, 24.0, 33.1, 41.7)
+MAX_PIXELS = 2**24  # a 4096 x 4096 model takes about 1.6 GB while it is built (20000x20000: 19 GB, 67 s)
 
 
 class DetectorModel:
@@ -82,19 +83,24 @@ def parse(uri: str) -> tuple[DetectorModel, float, bool]:
     if "shape" in params:
         try:
             ny, nx = (int(v) for v in params["shape"].lower().split("x"))
-            assert ny >= 4 and nx >= 4
+            assert ny >= 4 and nx >= 4 and ny * nx <= MAX_PIXELS
             shape = (ny, nx)
         except (ValueError, AssertionError):
             raise SourceError(
-                f"EventSource {uri!r}: shape must be NYxNX (each >= 4), got {params['shape']!r}"
+                f"EventSource {uri!r}: shape must be NYxNX (each >= 4, at most {MAX_PIXELS:,} pixels: "
+                f"the model takes about 100 bytes a pixel), got {params['shape']!r}"
             ) from None
+    if first + shape[0] * shape[1] > 2**31:
+        raise SourceError(f"EventSource {uri!r}: first + pixels must stay below 2**31 (ev44 pixel ids are "
+                          f"int32), got first={first}")  # fmt: skip
     peaks = DEFAULT_PEAKS_MS
     if "peaks" in params:
         try:
             peaks = tuple(float(v) for v in params["peaks"].split(",") if v)
-        except ValueError:
+            assert all(0 < v < 1e6 for v in peaks)
+        except (ValueError, AssertionError):
             raise SourceError(
-                f"EventSource {uri!r}: peaks must be TOFs in ms like 12.5,20.4, got {params['peaks']!r}"
+                f"EventSource {uri!r}: peaks must be TOFs in ms (> 0) like 12.5,20.4, got {params['peaks']!r}"
             ) from None
     pace = params.get("pace", "realtime")
     if pace not in ("realtime", "max"):
