@@ -723,3 +723,24 @@ def test_configure_keeps_the_counts_of_histograms_it_does_not_change():
     engine.reset()
     assert engine.snapshot().counts["tof"].sum() == 0
     engine.stop()
+
+
+def test_nexus_path_percent_encoded_and_a_corrupt_event_index(tmp_path):
+    """The URI error advises '#' as %23: it must open that file; an event_index out of order
+    (one pulse pointing past the events) is refused, not replayed twice over."""
+    odd = tmp_path / "run #1 é.nxs"
+    odd.symlink_to(SANS2D)
+    source = open_source(f"nexus://{tmp_path}/run%20%231%20%C3%A9.nxs?rate=max")
+    assert source.file == str(odd) and source.n_events == 237078
+    bad = tmp_path / "bad.nxs"
+    with h5py.File(bad, "w") as f:
+        g = f.create_group("entry/events")
+        g.attrs["NX_class"] = "NXevent_data"
+        g["event_id"] = np.arange(1000)
+        g["event_time_offset"] = np.arange(1000, dtype=np.float32)
+        g["event_time_zero"] = np.arange(10) * 0.1
+        index = np.arange(10) * 100
+        index[5] = 10**9
+        g["event_index"] = index
+    with pytest.raises(SourceError, match="event_index must not decrease.*pulse 5 has 1000000000"):
+        open_source(f"nexus://{bad}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime
+from urllib.parse import unquote
 
 import h5py
 import numpy as np
@@ -55,7 +56,7 @@ class NexusSource(Source):
                 f"EventSource {uri!r}: {parts.netloc!r} was read as a host name; a file path needs three "
                 f"slashes: nexus:///{parts.netloc}{parts.path}"
             )
-        self.file = parts.path
+        self.file = unquote(parts.path)  # %23, %3F, %20: a '#', '?' or space in a file name
         self.group = params.get("path", "")
         self.realtime = params.get("rate", "realtime") == "realtime"
         if params.get("rate", "realtime") not in ("realtime", "max"):
@@ -110,6 +111,15 @@ class NexusSource(Source):
             if self.event_index.size != self.pulse_time.size:
                 raise SourceError(
                     f"{group}: event_index has {self.event_index.size} pulses but event_time_zero {self.pulse_time.size}"
+                )
+            idx = self.event_index
+            if idx.size and (idx[0] < 0 or idx[-1] > self.n_events or np.any(np.diff(idx) < 0)):
+                wrong = (idx < 0) | (idx > self.n_events) | np.append(np.diff(idx) < 0, False)
+                bad = int(np.flatnonzero(wrong)[0]) if wrong.any() else idx.size - 1
+                raise SourceError(
+                    f"EventSource {self.uri!r}: {group}/event_index must not decrease and stay within the "
+                    f"{self.n_events} events (0..{self.n_events}); pulse {bad} has {int(idx[bad])} "
+                    f"(replaying it would count events twice)"
                 )
 
     def run(self) -> None:
