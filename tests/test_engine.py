@@ -744,3 +744,53 @@ def test_nexus_path_percent_encoded_and_a_corrupt_event_index(tmp_path):
         g["event_index"] = index
     with pytest.raises(SourceError, match="event_index must not decrease.*pulse 5 has 1000000000"):
         open_source(f"nexus://{bad}")
+
+
+def test_a_worker_stop_gave_up_on_neither_counts_into_the_next_acquisition_nor_stays(tmp_path, monkeypatch):
+    """Stop waits `stop_wait` for the accumulating thread; one still compiling a kernel then
+    (minutes for hundreds of histograms) must, once done, count its message as dropped and end,
+    not count it after Reset into the next acquisition, beside the next worker, under the lock."""
+    import threading
+
+    # a layout no other test compiles, big enough that its first batch compiles for seconds
+    # (outside the lock) even after other tests compiled the parts
+    kinds = [{"kind": "tof", "tof": {"start": 1, "stop": 100, "bins": 3, "scale": "log"}},
+             {"kind": "pixel_tof", "pixels": {"first": 0, "count": 5}, "tof": {"edges": [0, 7, 50, 100]}},
+             {"kind": "image", "pixels": {"first": 0, "shape": [2, 3]}},
+             {"kind": "tof", "tof": {"edges": [0, 1, 5, 100]}, "window": 60},
+             {"kind": "roi", "pixels": {"first": 0, "shape": [2, 3]}, "roi": {"rows": [0, 1], "cols": [0, 2]},
+              "tof": {"start": 0, "stop": 100, "bins": 4}}]  # fmt: skip
+    odd = [{"name": f"t{i}", **kinds[(i * 3) % 5]} for i in range(29)]
+    monkeypatch.setenv("LIVEHIST_KERNEL_CACHE", str(tmp_path))  # no kernel from an earlier run's disk cache
+    engine = Engine(parse_histograms(odd))
+    engine.stop_wait = 0.1
+    engine.start()
+    engine.feed(batch(np.arange(0, 100, dtype=np.int32), np.arange(100, dtype=np.int32) % 5))
+    deadline = time.monotonic() + 10
+    while len(engine.queue) and time.monotonic() < deadline:  # the worker took it and compiles
+        time.sleep(0.01)
+    engine.stop()
+    assert engine._worker.is_alive()  # the premise: Stop gave up on a worker still compiling
+    engine.reset()
+    engine.start()
+    deadline = time.monotonic() + 120
+    while engine.dropped_messages == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.dropped_messages == 1 and engine.events == 0  # counted as dropped, not as events
+    engine.feed(batch(np.array([10, 20], np.int32), np.array([1, 2], np.int32)))
+    deadline = time.monotonic() + 30
+    while engine.events < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    snap = engine.snapshot()
+    assert snap.events == 2 and snap.counts["t0"].sum() == 2
+    workers = [t for t in threading.enumerate() if t.name == "livehist-engine" and t.is_alive()]
+    assert len(workers) == 1, f"{len(workers)} accumulating threads for one engine"
+    engine.stop()
+
+
+def test_more_histograms_than_one_kernel_compiles_in_reasonable_time_are_refused():
+    many = [{"name": f"h{i}", "kind": "tof", "tof": {"start": 0, "stop": 1, "bins": 2}} for i in range(300)]
+    with pytest.raises(SpecError, match="Configure holds 300 histograms, more than 64 per device"):
+        parse_histograms(many, "Configure")
+    assert len(parse_histograms(many[:64])) == 64

@@ -102,6 +102,8 @@ class Snapshot:
 
 
 class Engine:
+    stop_wait = 10.0  # s Stop waits for the accumulating thread (it may be compiling a kernel)
+
     def __init__(
         self,
         specs: list[HistogramSpec] = (),
@@ -123,6 +125,10 @@ class Engine:
         self._bad_log = RateLimitedLog(log)
         self._worker: threading.Thread | None = None
         self._stop_worker = threading.Event()
+        # +1 per Start: a worker that Stop stopped waiting for (a kernel compile of minutes) sees
+        # it is stale, counts the message it held as dropped and ends, instead of counting it into
+        # the next acquisition and running beside the next worker
+        self._generation = 0
         self._accumulating = False
         self.fault: str | None = None  # why the accumulating thread gave up (None: it did not)
         self._rate_samples: collections.deque = collections.deque(maxlen=64)
@@ -190,7 +196,9 @@ class Engine:
             self._rate_samples.clear()
             self._rate_samples.append((self._started_at, self.events))
             self._stop_worker.clear()
-        self._worker = threading.Thread(target=self._run, name="livehist-engine", daemon=True)
+            self._generation += 1
+            generation = self._generation
+        self._worker = threading.Thread(target=self._run, args=(generation,), name="livehist-engine", daemon=True)
         self._worker.start()
         self.source = source
         if source is not None:
@@ -215,7 +223,7 @@ class Engine:
         worker = self._worker
         if worker is not None and worker is not threading.current_thread():
             self._stop_worker.set()
-            worker.join(timeout=10)
+            worker.join(timeout=self.stop_wait)
         self._end(reason)
 
     def _end(self, reason: str) -> None:
@@ -242,11 +250,13 @@ class Engine:
             self.dropped_messages += 1
         return False
 
-    def _run(self) -> None:
+    def _run(self, generation: int | None = None) -> None:
         try:
-            self._loop()
+            self._loop(generation)
         except Exception as exc:  # never die silently: end the acquisition, keep the histograms, say why
             log.exception("histogramming failed")
+            if generation is not None and generation != self._generation:
+                return  # a stale worker's failure is not the running acquisition's
             first = (str(exc).strip().splitlines() or [""])[0]  # numba's typing errors run to pages
             self.fault = f"{type(exc).__name__}: {first[:300]}"
             self.queue.clear()
@@ -255,11 +265,13 @@ class Engine:
                 source.stop(wait=False)
             self._end(f"histogramming failed: {self.fault}")
 
-    def _loop(self) -> None:
+    def _loop(self, generation: int | None = None) -> None:
         while True:
+            if generation is not None and generation != self._generation:
+                return  # Stop gave up waiting for this worker and a Start made another
             item = self.queue.get(timeout=self._wait())
             if item is not None and self._accumulating:
-                self.process(item)
+                self.process(item, generation)
             if item is not None:
                 self._processed += 1
             elif item is None and self._stop_worker.is_set():
@@ -301,7 +313,7 @@ class Engine:
             return "preset time reached"
         return None
 
-    def process(self, item) -> int:
+    def process(self, item, generation: int | None = None) -> int:
         """Decode (if bytes) and histogram one message now; return the events taken."""
         origin = None
         if isinstance(item, Tagged):  # read from Kafka but no batch: its offset is covered all the same
@@ -328,20 +340,25 @@ class Engine:
                 self.foreign_messages += 1
                 self._covered(batch.origin)
             return 0
-        self._set.prepare(
-            batch
-        )  # a first batch of new dtypes or histograms compiles here, not under the lock
-        with self._lock:
-            batch = self._within_presets(batch)
-            self._set.add(batch)  # one pass over the batch for every histogram
-            self.messages += 1
-            self.events += len(batch)
-            self.pulses += batch.pulse_time.size
-            self._covered(batch.origin)
-            now = time.monotonic()
-            if now - self._rate_samples[-1][0] >= 0.05:  # samples span seconds at any message rate
-                self._rate_samples.append((now, self.events))
-        return len(batch)
+        while True:
+            hset = self._set
+            hset.prepare(batch)  # a first batch of new dtypes or histograms compiles here, not under the lock
+            with self._lock:
+                if generation is not None and generation != self._generation:
+                    self.dropped_messages += 1  # held by a worker Stop gave up on: not lost silently
+                    return 0
+                if self._set is not hset:  # a Configure meanwhile: compile its kernel outside the lock too
+                    continue  # (compiling under the lock froze Stop, and the device, for minutes)
+                batch = self._within_presets(batch)
+                hset.add(batch)  # one pass over the batch for every histogram
+                self.messages += 1
+                self.events += len(batch)
+                self.pulses += batch.pulse_time.size
+                self._covered(batch.origin)
+                now = time.monotonic()
+                if now - self._rate_samples[-1][0] >= 0.05:  # samples span seconds at any message rate
+                    self._rate_samples.append((now, self.events))
+            return len(batch)
 
     def _covered(self, origin: tuple[str, int, int] | None) -> None:
         """The Kafka offset `origin` has been dealt with (counted, or counted as bad, foreign or

@@ -30,6 +30,9 @@ RESERVED = {
     )
 }  # fmt: skip
 DEFAULT_MAX_BYTES = 2 * 1024**3
+# one generated kernel fills all histograms of a device; its compile time grows with the square
+# of their number (2026-12-04, 2-core host: 30 -> 5 s, 60 -> 15 s, 120 -> 57 s, 300 -> minutes and 6 GB)
+MAX_HISTOGRAMS = 64
 WINDOW_SLICES = 10  # a sliding window is kept as this many time slices
 MIN_WINDOW = 1e-3  # seconds; a slice must span at least 100 us of pulse time
 MAX_WINDOW = 1e7  # seconds (about 4 months)
@@ -328,6 +331,11 @@ def parse_histograms(
             ) from None
     if not isinstance(value, list):
         raise SpecError(f"{label} must be a JSON list of histogram objects, got {type(value).__name__}")
+    if len(value) > MAX_HISTOGRAMS:
+        raise SpecError(
+            f"{label} holds {len(value)} histograms, more than {MAX_HISTOGRAMS} per device (one pass "
+            f"fills them all; compiling it for 300 took minutes and 6 GB); use fewer, or more devices"
+        )
     specs = [parse_one(obj, f"{label}[{i}]", max_bytes) for i, obj in enumerate(value)]
     seen: dict[str, int] = {}
     for i, s in enumerate(specs):
