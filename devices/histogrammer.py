@@ -34,7 +34,7 @@ from livehist.components.histogrammer import Histogrammer, Update
 from livehist.components.restream import Restreamer
 from livehist.engine import preview
 from livehist.engine.spec import DEFAULT_MAX_BYTES, HistogramSpec, SpecError, join_property
-from livehist.errors import LivehistError, tango_error_text
+from livehist.errors import LivehistError, tango_error_text, tango_text
 
 log = logging.getLogger(__name__)
 # Tango keeps one attribute-definition list per device class and server, and commands of
@@ -545,7 +545,8 @@ class EventHistogrammer(Device):
 
     @attribute(dtype=str, doc="the EventSource in use (set the property and run Init to change it)")
     def EventSourceURI(self) -> str:
-        return self.hg.source_uri if self.hg else self.EventSource
+        # tango_text: a file name beyond Latin-1 (nexus:///data/数据.nxs) failed the read with UnicodeError
+        return tango_text(self.hg.source_uri if self.hg else self.EventSource)
 
     def _set_preset(self, **preset) -> None:
         if self.hg is None:  # FAULT after a bad property: say so, not a Python error

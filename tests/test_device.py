@@ -378,3 +378,16 @@ def test_init_with_a_source_too_big_to_build_says_fault_and_why(dev_a):
         dev_a.put_property({"EventSource": [uri]})
         dev_a.Init()
         assert dev_a.state() == tango.DevState.FAULT and message in dev_a.status(), dev_a.status()
+
+
+def test_event_source_uri_beyond_latin1_reads(dev_a, tmp_path):
+    """A replay of a file named beyond Latin-1 runs; reading EventSourceURI failed with UnicodeError."""
+    odd = tmp_path / "数据.nxs"
+    odd.symlink_to(SANS2D)
+    dev_a.Stop()
+    dev_a.put_property({"EventSource": [f"nexus://{odd}?rate=max"]})
+    dev_a.Init()
+    assert dev_a.state() == tango.DevState.ON, dev_a.status()
+    assert dev_a.EventSourceURI == f"nexus://{tmp_path}/\\u6570\\u636e.nxs?rate=max"  # livehist's lossless escapes
+    dev_a.Start()
+    wait_for(lambda: dev_a.EventCount == 237078, what="the replay")
