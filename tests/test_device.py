@@ -388,6 +388,7 @@ def test_event_source_uri_beyond_latin1_reads(dev_a, tmp_path):
     dev_a.put_property({"EventSource": [f"nexus://{odd}?rate=max"]})
     dev_a.Init()
     assert dev_a.state() == tango.DevState.ON, dev_a.status()
-    assert dev_a.EventSourceURI == f"nexus://{tmp_path}/\\u6570\\u636e.nxs?rate=max"  # livehist's lossless escapes
+    # livehist's lossless escapes
+    assert dev_a.EventSourceURI == f"nexus://{tmp_path}/\\u6570\\u636e.nxs?rate=max"
     dev_a.Start()
     wait_for(lambda: dev_a.EventCount == 237078, what="the replay")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 
@@ -298,8 +299,17 @@ def test_a_silent_network_source_says_so_in_status(make):
     ("kwargs", "message"),
     [({"publish_period": 1e-6}, "PublishPeriod must be 0.02 to 3600 s"),
      ({"max_queue_bytes": -5}, "MaxQueueBytes must be >= 1048576"),
-     ({"max_histogram_bytes": 0}, "MaxHistogramBytes must be > 0")],
+     ({"max_histogram_bytes": 0}, "MaxHistogramBytes must be > 0"),
+     ({"max_queue_bytes": 10**30}, r"MaxQueueBytes must be >= 1048576 \(1 MiB\) and < 2\*\*63, got 10{30}"),
+     ({"max_histogram_bytes": 10**30}, r"MaxHistogramBytes must be > 0 and < 2\*\*63"),
+     ({"max_histogram_bytes": 100}, "Histograms.0..tof.bins=1000 needs 8008 bytes, over the limit of 100 bytes")],
 )  # fmt: skip
 def test_bad_numbers_are_refused_naming_them(kwargs, message):
+    if "Histograms" in message:  # a bad Histograms property is FAULT with a Status, not an exception
+        h = Histogrammer("sim://", [{"name": "t", "kind": "tof", "tof": {"start": 0, "stop": 1, "bins": 1000}}],
+                         **kwargs)  # fmt: skip
+        assert re.search(message, h.status) and h.state == "FAULT", h.status
+        h.close()
+        return
     with pytest.raises(LivehistError, match=message):
         Histogrammer("sim://", "[]", **kwargs)

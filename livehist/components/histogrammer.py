@@ -78,10 +78,10 @@ class Histogrammer:
             )
         if not MIN_QUEUE_BYTES <= max_queue_bytes < 2**63:
             raise LivehistError(
-                f"MaxQueueBytes must be >= {MIN_QUEUE_BYTES} (1 MiB), got {max_queue_bytes!r}"
+                f"MaxQueueBytes must be >= {MIN_QUEUE_BYTES} (1 MiB) and < 2**63, got {max_queue_bytes!r}"
             )
         if not 0 < max_histogram_bytes < 2**63:
-            raise LivehistError(f"MaxHistogramBytes must be > 0, got {max_histogram_bytes!r}")
+            raise LivehistError(f"MaxHistogramBytes must be > 0 and < 2**63, got {max_histogram_bytes!r}")
         self.publish_period = float(publish_period)
         self.max_histogram_bytes = int(max_histogram_bytes)
         self.on_update = on_update

@@ -198,7 +198,9 @@ class Engine:
             self._stop_worker.clear()
             self._generation += 1
             generation = self._generation
-        self._worker = threading.Thread(target=self._run, args=(generation,), name="livehist-engine", daemon=True)
+        self._worker = threading.Thread(
+            target=self._run, args=(generation,), name="livehist-engine", daemon=True
+        )
         self._worker.start()
         self.source = source
         if source is not None:

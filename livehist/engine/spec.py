@@ -114,10 +114,15 @@ def unknown_key(obj: dict, known: tuple[str, ...] | set[str], path: str) -> None
             raise SpecError(f"{path} has unknown key {key!r}{hint} (known: {', '.join(sorted(known))})")
 
 
+def size_text(nbytes: int) -> str:
+    """Bytes as MiB, or as bytes below 1 MiB (not "0 MiB, over the limit of 0 MiB")."""
+    return f"{nbytes / 2**20:.0f} MiB" if nbytes >= 2**20 else f"{nbytes} bytes"
+
+
 def _check_cap(what: str, nbytes: int, max_bytes: int | None) -> None:
     if max_bytes is not None and nbytes > max_bytes:
         raise SpecError(
-            f"{what} needs {nbytes / 2**20:.0f} MiB, over the limit of {max_bytes / 2**20:.0f} MiB; "
+            f"{what} needs {size_text(nbytes)}, over the limit of {size_text(max_bytes)}; "
             "use fewer bins/pixels or raise MaxHistogramBytes"
         )
 
@@ -354,7 +359,7 @@ def parse_histograms(
     if total > max_bytes:
         big = max(specs, key=lambda s: s.nbytes)
         raise SpecError(
-            f"{label} need {total / 2**20:.0f} MiB of counts, over the limit of {max_bytes / 2**20:.0f} MiB "
-            f"(largest: {big.name}, {big.nbytes / 2**20:.0f} MiB); use fewer bins/pixels or raise the limit"
+            f"{label} need {size_text(total)} of counts, over the limit of {size_text(max_bytes)} "
+            f"(largest: {big.name}, {size_text(big.nbytes)}); use fewer bins/pixels or raise the limit"
         )
     return specs
