@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.partitions is not None and not args.kafka:
                 raise LivehistError("--partitions goes with --kafka BROKER/TOPIC")
+            _check_seconds(args.seconds)
             stream(
                 args.source, args.bind, args.pub, args.seconds, kafka=args.kafka, partitions=args.partitions
             )
@@ -174,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "listen":
             from livehist.components.restream import listen
 
+            _check_seconds(args.seconds)
+            if args.count < 0:
+                raise LivehistError(f"--count must be >= 0 (0: never), got {args.count}")
             endpoint = _check_listen_endpoint(args.endpoint)
             n = listen(endpoint, args.count, args.seconds)
             if n == 0 and (args.count or args.seconds):
@@ -206,6 +210,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"livehist {args.command}: interrupted", file=sys.stderr)
         return 130
     return 2
+
+
+def _check_seconds(seconds: float) -> None:
+    import math
+
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise LivehistError(f"--seconds must be a number >= 0 (0: never stop), got {seconds}")
 
 
 def _check_listen_endpoint(endpoint: str) -> str:

@@ -18,6 +18,7 @@ as the same escapes; GetMetadata (JSON) is exact.
 """
 
 import json
+import math
 import os
 import time
 
@@ -28,7 +29,7 @@ from livehist.components.metadata import STRING_KEYS, canonical_key
 from livehist.errors import LivehistError, from_tango_text, tango_text
 
 HISTOGRAMMER, METADATA = "livehist/histogrammer/1", "livehist/metadata/1"
-FILE_EXTENSIONS = (".nxs", ".h5", ".hdf5", ".spec", ".jsonl", ".ndjson")
+SCANDIR_BEFORE = "_LivehistScanDirBeforeDataset"  # ScanDir when dataset_start ran
 
 
 class _Livehist:
@@ -105,9 +106,39 @@ class histo_count(Macro, _Livehist):
     param_def = [["seconds", Type.Float, None, "acquisition time in seconds (> 0)"]]
 
     def prepare(self, seconds):
-        if not seconds > 0:
-            raise ValueError(f"seconds must be > 0, got {seconds}; e.g. histo_count 10")
+        if not (seconds > 0 and math.isfinite(seconds)):
+            raise ValueError(f"seconds must be a finite number > 0, got {seconds}; e.g. histo_count 10")
+        self.targets = self._targets()  # refused before the device is touched: nothing cleared
         self.h = self.histogrammer()
+
+    def _targets(self):
+        """The files (and SPS) this count records to; a ScanDir that cannot be made fails now,
+        before the acquisition, not after it."""
+        from livehist.recorders.base import sink_classes
+
+        known = tuple(f".{k}" for k in sink_classes() if k.isalnum() and k != "sps")
+        scan_dir = self._env("ScanDir", None)
+        files = self._env("ScanFile", [])
+        files = [files] if isinstance(files, str) else list(files or [])
+        skipped = [f for f in files if f and not f.lower().endswith(known)]
+        if skipped:
+            self.warning(tango_text(f"histo_count records {', '.join(known)} files only; not in "
+                                    f"{', '.join(skipped)}"))  # fmt: skip
+        targets = [os.path.join(scan_dir, f) for f in files if scan_dir and f and f.lower().endswith(known)]
+        if targets:
+            for folder in sorted({os.path.dirname(t) for t in targets}):
+                try:
+                    os.makedirs(folder, exist_ok=True)
+                except OSError as exc:
+                    raise RuntimeError(tango_text(
+                        f"ScanDir {folder} cannot be created: {exc.strerror}; senv ScanDir to a writable "
+                        "folder")) from None  # fmt: skip
+                if not os.access(folder, os.W_OK):
+                    raise RuntimeError(tango_text(f"ScanDir {folder} is not writable; senv ScanDir to a "
+                                                  "writable folder"))  # fmt: skip
+        if str(self._env("SharedMemory", "")).lower() == "sps":
+            targets.append("sps://livehist")
+        return targets
 
     def run(self, seconds):
         h = self.h
@@ -119,14 +150,20 @@ class histo_count(Macro, _Livehist):
         self.output(f"counting {seconds:g} s on {h.dev_name()} ({h.EventSourceURI})")
         last, line, most = time.monotonic(), "", 0.0
         started = seen = time.monotonic()
-        while h.state() in (tango.DevState.RUNNING, tango.DevState.ALARM):
-            seen = time.monotonic()
-            self.checkPoint()  # Ctrl-C lands here; on_abort stops the device
-            time.sleep(0.05)
-            most = max(most, self._elapsed(h))
-            if time.monotonic() - last >= 1.0:
-                last, line = time.monotonic(), self.counters_line(h)
-                self.output(line)
+        try:
+            while h.state() in (tango.DevState.RUNNING, tango.DevState.ALARM):
+                seen = time.monotonic()
+                self.checkPoint()  # Ctrl-C lands here; on_abort stops the device
+                time.sleep(0.05)
+                most = max(most, self._elapsed(h))
+                if time.monotonic() - last >= 1.0:
+                    last, line = time.monotonic(), self.counters_line(h)
+                    self.output(line)
+        except tango.DevFailed as exc:
+            raise RuntimeError(
+                f"{h.dev_name()} stopped answering after {seen - started:.1f} s of {seconds:g} s "
+                f"({exc.args[0].desc.strip()}); nothing was recorded: restart it (`livehist up`) and count again"
+            ) from None
         if h.state() == tango.DevState.FAULT:
             raise RuntimeError(f"{h.dev_name()} is in FAULT: {h.status()}")
         if self.counters_line(h) != line:  # the final counts, unless just shown
@@ -150,18 +187,10 @@ class histo_count(Macro, _Livehist):
         outcome = count_outcome(seconds, self._elapsed(h), most, black_box, running_for)
         if outcome.status != "ok":
             self.warning(tango_text(outcome.reason))
-        scan_dir = self._env("ScanDir", None)
-        files = self._env("ScanFile", [])
-        files = [files] if isinstance(files, str) else list(files or [])
-        targets = [
-            os.path.join(scan_dir, f) for f in files if scan_dir and f.lower().endswith(FILE_EXTENSIONS)
-        ]
-        if str(self._env("SharedMemory", "")).lower() == "sps":
-            targets.append("sps://livehist")
+        targets = self.targets
         if not targets:
             self.warning("histograms not recorded: set ScanDir and ScanFile (e.g. senv ScanFile scan.nxs)")
             return
-        os.makedirs(scan_dir, exist_ok=True)
         serial = int(self._env("ScanID", 0)) + 1
         try:
             m = self.metadata_device()
@@ -264,7 +293,9 @@ class dataset_start(Macro, _Livehist):
 
     def run(self, name):
         m = self.metadata_device()
+        before = self._env("ScanDir", "")
         folder = self.call(m.StartDataset, name)
+        self.setEnv(SCANDIR_BEFORE, before or "")  # dataset_end sets it back
         self.setEnv("ScanDir", from_tango_text(folder))
         self.output(f"dataset {name} open: ScanDir = {folder}")
 
@@ -280,6 +311,17 @@ class dataset_end(Macro, _Livehist):
         self.output(f"dataset {summary['dataset']} closed: {len(summary['files'])} files, summary {path}")
         for f in summary["files"]:
             self.output(tango_text(f"  {f['path']}  ({f['size']:,} bytes)"))
+        # scans after this one must not go on into the closed dataset's folder (its summary is written)
+        if os.path.normpath(str(self._env("ScanDir", ""))) == os.path.normpath(
+            str(summary.get("folder", ""))
+        ):
+            before = self._env(SCANDIR_BEFORE, "")
+            if before:
+                self.setEnv("ScanDir", before)
+                self.output(tango_text(f"ScanDir = {before} (as before dataset_start)"))
+            else:
+                self.warning(tango_text(f"ScanDir is still {summary['folder']}, the closed dataset's folder: "
+                                        "dataset_start another dataset or senv ScanDir before the next scan"))  # fmt: skip
 
 
 class livehist_check(Macro, _Livehist):

@@ -51,6 +51,8 @@ class ScanMapping:
         self.warn = warn
         self.columns: dict[str, Column] = {}  # Sardana column name -> our column
         self.custom: dict = {}
+        self.changed: dict[str, str] = {}  # column -> how its shape changed mid-scan (first time)
+        self.dropped: list[str] = []  # points no file could take, with why
 
     def start(self, env: dict, metadata: dict, config: dict) -> ScanStart:
         moveables = set(env.get("ref_moveables") or [])
@@ -99,6 +101,17 @@ class ScanMapping:
             value = record.data.get(sardana_name)
             if value is None:  # Sardana gives None for a channel that failed to read (all columns are float)
                 value = np.full(col.shape, np.nan)
+            elif col.shape and np.shape(value) != col.shape:
+                # the channel changed shape mid-scan (a Configure of the histogrammer): the point is
+                # kept with this column NaN (a failed read, in every format), and the end says so
+                if col.name not in self.changed:
+                    self.changed[col.name] = (
+                        f"{col.name} changed shape from {col.shape} to {np.shape(value)} at point "
+                        f"{record.recordno} (the histogrammer was reconfigured during the scan); "
+                        "recorded as NaN from there"
+                    )
+                    self.warn(self.changed[col.name])
+                value = np.full(col.shape, np.nan)
             values[col.name] = value
         return Point(int(record.recordno), values, float(record.data.get("timestamp", 0.0) or 0.0))
 
@@ -111,4 +124,10 @@ class ScanMapping:
             status, ""
         )
         end_time = iso(env["endtime"]) if env.get("endtime") else now_iso()
+        notes = list(self.changed.values())
+        if self.dropped:
+            notes.append(f"{len(self.dropped)} point(s) not recorded: " + "; ".join(self.dropped[:3]))
+        if notes:  # the file holds less than was measured: never 'ok'
+            status = "interrupted" if status == "ok" else status
+            reason = "; ".join([reason, *notes] if reason else notes)
         return ScanEnd(status, end_time, reason, custom=dict(self.custom))

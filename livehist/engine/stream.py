@@ -54,7 +54,14 @@ def stream(
     sent = {"events": 0, "messages": 0}
 
     def send(batch) -> None:
-        sock.send(encode_ev44(batch, sent["messages"]), copy=False)
+        # never blocked for good in the source's thread: with no consumer a PUSH socket holds
+        # SNDHWM messages and then waits; the socket is closed by the main thread only after this
+        # thread ended (closing it under a blocked send aborts the process inside ZeroMQ)
+        frame = encode_ev44(batch, sent["messages"])
+        while not sock.poll(100, zmq.POLLOUT):
+            if src.stopping:
+                return
+        sock.send(frame, copy=False)
         sent["messages"] += 1
         sent["events"] += len(batch)
 

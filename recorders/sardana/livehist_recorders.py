@@ -100,6 +100,7 @@ class _Adapter:
         try:
             self.recorder.point(self.mapping.point(record))
         except RecordError as exc:
+            self.mapping.dropped.append(str(exc))
             self._warn(f"point {record.recordno} not recorded: {exc}")
         for sink, error in self.recorder.errors.items():
             if sink not in self._reported:

@@ -1,0 +1,98 @@
+"""Found by a hostile test of the Sardana integration and the command line (real servers)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import h5py
+import numpy as np
+import pytest
+import tango
+
+from livehist.errors import LivehistError
+from livehist.site.process import free_port
+from livehist.site.sardana_setup import environment
+from tests import test_sardana
+from tests.conftest import run_cli
+from tests.test_sardana import wait_points, wait_state
+
+site, spock = test_sardana.site, test_sardana.spock  # the fixtures of the Sardana tests
+
+
+def test_configure_mid_scan_keeps_every_point_and_the_files_say_so(spock, tmp_path):
+    h = tango.DeviceProxy(spock.site.url("livehist/histogrammer/1"))
+    original = h.HistogramConfig
+    smaller = json.loads(original)
+    smaller[0]["tof"]["bins"] = 10  # tof: 1000 bins -> 10 while the scan runs
+    door = spock.door.proxy
+    try:
+        door.RunMacro(["ascan", "mot01", "0", "1", "8", "0.2"])
+        wait_points(tmp_path, 3)
+        h.Configure(json.dumps(smaller))
+        wait_state(door, (tango.DevState.ON, tango.DevState.ALARM), timeout=60)
+    finally:
+        h.Configure(original)
+    with h5py.File(tmp_path / "scan.nxs") as f:
+        entry = f[next(iter(f))]
+        events, tof = entry["data/lh_events"][()], entry["data/lh_tof"][()]
+        assert events.shape == (9,) and (events > 0).all()  # every measured point is in the file
+        assert tof.shape == (9, 1000) and np.isnan(tof[-1]).all()  # never a spectrum it did not get
+        assert entry["livehist/status"][()] == b"interrupted"
+        assert b"lh_tof changed shape" in entry["livehist/end_reason"][()]
+    records = [json.loads(line) for line in (tmp_path / "scan.jsonl").read_text().splitlines()]
+    assert sum(r["record"] == "point" for r in records) == 9 and records[-1]["status"] == "interrupted"
+    assert "#C scan interrupted" in (tmp_path / "scan.spec").read_text()
+
+
+def test_histo_count_refuses_before_touching_the_device(spock, site, tmp_path):
+    h = tango.DeviceProxy(site.url("livehist/histogrammer/1"))
+    spock.run("histo_count", "0.3")
+    counted = h.EventCount
+    assert counted > 0
+    with pytest.raises(LivehistError) as exc:
+        spock.run("histo_count", "inf")
+    assert "seconds must be a finite number" in str(exc.value)
+    assert h.EventCount == counted  # the last count is still there (it was reset before)
+    spock.env(ScanDir="/proc/livehist-cannot-write-here")
+    t0 = time.monotonic()
+    with pytest.raises(LivehistError) as exc:
+        spock.run("histo_count", "5")
+    assert "ScanDir /proc/livehist-cannot-write-here" in str(exc.value)  # was a bare FileNotFoundError
+    assert time.monotonic() - t0 < 4  # refused at once, not after counting 5 s for nothing
+    assert h.EventCount == counted
+
+
+def test_dataset_end_sets_scandir_back(spock, site, tmp_path):
+    m = tango.DeviceProxy(site.url("livehist/metadata/1"))
+    if m.state() == tango.DevState.RUNNING:
+        m.EndDataset()
+    (tmp_path / "root").mkdir()
+    spock.run("meta_set", "proposal", "20263333")
+    spock.run("meta_set", "data_root", str(tmp_path / "root"))
+    spock.run("dataset_start", f"scandir_{int(time.time())}")
+    ms = tango.DeviceProxy(site.url("macroserver/livehist/1"))
+    assert environment(ms)["ScanDir"].startswith(str(tmp_path / "root"))
+    spock.run("dataset_end")
+    # the next scans must not go on into the closed dataset's folder (its summary is written)
+    assert environment(ms)["ScanDir"] == str(tmp_path)
+
+
+def test_stream_without_a_consumer_ends_cleanly():
+    # PUSH with nobody connected: the send blocked for good, then closing the socket under it
+    # aborted the process in ZeroMQ (signaler.cpp assertion, SIGABRT) about 11 s later
+    t0 = time.monotonic()
+    r = run_cli("stream", "sim://?rate=1e5", "--seconds", "1", "--bind", f"tcp://127.0.0.1:{free_port()}",
+                timeout=60)  # fmt: skip
+    assert r.returncode == 0, (r.returncode, r.stderr[-500:])
+    assert "sent 0 events" in r.stdout and time.monotonic() - t0 < 8
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_stream_and_listen_refuse_bad_seconds(value):
+    for argv in (
+        ["stream", "sim://?rate=1e5", "--seconds", value],
+        ["listen", "tcp://127.0.0.1:1", "--seconds", value],
+    ):
+        r = run_cli(*argv, timeout=30)
+        assert r.returncode == 1 and "--seconds must be a number >= 0" in r.stderr, r.stderr
