@@ -107,7 +107,7 @@ class histo_count(Macro, _Livehist):
 
     def prepare(self, seconds):
         if not (seconds > 0 and math.isfinite(seconds)):
-            raise ValueError(f"seconds must be a finite number > 0, got {seconds}; e.g. histo_count 10")
+            raise ValueError(f"seconds must be > 0 and finite, got {seconds}; e.g. histo_count 10")
         self.targets = self._targets()  # refused before the device is touched: nothing cleared
         self.h = self.histogrammer()
 
