@@ -343,6 +343,11 @@ class livehist_check(Macro, _Livehist):
             if ctrl is not None and str(ctrl.getClassName()).startswith("Livehist"):
                 prop = ctrl.get_property("Histogrammer").get("Histogrammer") or [HISTOGRAMMER]
                 devices.add(prop[0])
+        parent = self.getParentMacro()
+        integ_time = getattr(parent, "integ_time", None)
+        if devices and isinstance(integ_time, int | float) and not integ_time:
+            raise RuntimeError(f"integration time {integ_time}: livehist channels ({mg_name}) need seconds "
+                               "(> 0) or a monitor count of events (< 0)")  # fmt: skip
         for name in sorted(devices):
             try:
                 p = tango.DeviceProxy(name)

@@ -96,3 +96,23 @@ def test_stream_and_listen_refuse_bad_seconds(value):
     ):
         r = run_cli(*argv, timeout=30)
         assert r.returncode == 1 and "--seconds must be a number >= 0" in r.stderr, r.stderr
+
+
+def test_scan_with_integration_time_zero_is_refused_and_the_door_stays_usable(spock, site, tmp_path):
+    # 0 is neither a time nor a monitor count: the device got no preset, counted for ever, and the
+    # scan hung at its first point until aborted
+    ms = tango.DeviceProxy(site.url("macroserver/livehist/1"))
+    hooks = environment(ms)["_GeneralHooks"]
+    with pytest.raises(LivehistError) as exc:
+        spock.run("ascan", "mot01", "0", "1", "2", "0", timeout=30)
+    assert "integration time 0" in str(exc.value)  # the pre-scan hook says why
+    spock.env(_GeneralHooks=[])  # without the hook the controller still ends the acquisition
+    try:
+        with pytest.raises(LivehistError) as exc:
+            spock.run("ascan", "mot01", "0", "1", "2", "0", timeout=30)
+        assert "did not end" not in str(exc.value)
+    finally:
+        spock.env(_GeneralHooks=hooks)
+    spock.run("ascan", "mot01", "0", "1", "2", "0.1", timeout=60)  # the next scan runs
+    records = [json.loads(line) for line in (tmp_path / "scan.jsonl").read_text().splitlines()]
+    assert records[-1]["status"] == "ok" and sum(r["record"] == "point" for r in records[-5:]) == 3

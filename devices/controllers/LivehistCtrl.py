@@ -105,6 +105,14 @@ class LivehistCounterTimerController(CounterTimerController):
     def LoadOne(self, axis, value, repetitions, latency_time):
         if repetitions != 1:
             raise ValueError("livehist counts one acquisition per start (software synchronisation)")
+        # 0 (or NaN) is no preset at all: the device would count for ever and the scan never end.
+        # Refused through StartAll's Fault state: a raise here leaves Sardana 3.7's measurement group
+        # MOVING for ever (the Door stays RUNNING, the next scan hangs too)
+        self.load_error = (
+            f"integration time {value}: give seconds (> 0) or a monitor count of events (< 0), e.g. ascan ... 0.1"
+            if not value or value != value
+            else ""
+        )
         if value > 0:
             self.integ_time, self.monitor_count = value, None
         else:
@@ -122,6 +130,9 @@ class LivehistCounterTimerController(CounterTimerController):
 
     def StartAll(self):
         if not self._start:
+            return
+        if getattr(self, "load_error", ""):
+            self.device.start_error = self.load_error  # this acquisition ends in Fault at once
             return
         # A failure here is reported as the channels' Fault state, never raised: Sardana 3.7 leaves
         # a software-synchronised measurement group MOVING for ever after a StartAll that raised,
