@@ -73,12 +73,21 @@ class _Livehist:
 
 
 class histo_start(Macro, _Livehist):
-    """Start accumulating on the EventHistogrammer (it runs until histo_stop or a preset)."""
+    """Start accumulating on the EventHistogrammer; it runs until histo_stop (presets left by
+    the last histo_count, ct or scan are cleared)."""
 
     def run(self):
         h = self.histogrammer()
+        # presets are what the last histo_count, ct or scan left behind: kept, they stopped this
+        # acquisition after that count's time (0.1 s after an ascan ... 0.1) without a word
+        left = {a.name: a.value for a in h.read_attributes(["PresetTime", "PresetEvents"]) if a.value}
+        if left:
+            self.call(h.write_attributes, [("PresetTime", 0.0), ("PresetEvents", 0)])
         self.call(h.Start)
         self.output(f"{h.dev_name()}: {h.state()} from {h.EventSourceURI}")
+        if left:
+            shown = ", ".join(f"{k} {v:g}" for k, v in left.items())
+            self.output(f"  presets of the last count cleared ({shown}): it runs until histo_stop")
 
 
 class histo_stop(Macro, _Livehist):

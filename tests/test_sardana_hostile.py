@@ -116,3 +116,16 @@ def test_scan_with_integration_time_zero_is_refused_and_the_door_stays_usable(sp
     spock.run("ascan", "mot01", "0", "1", "2", "0.1", timeout=60)  # the next scan runs
     records = [json.loads(line) for line in (tmp_path / "scan.jsonl").read_text().splitlines()]
     assert records[-1]["status"] == "ok" and sum(r["record"] == "point" for r in records[-5:]) == 3
+
+
+def test_histo_start_after_a_count_runs_until_histo_stop(spock, site):
+    # the count's PresetTime (0.2 s) stayed on the device, so histo_start stopped by itself 0.2 s later
+    h = tango.DeviceProxy(site.url("livehist/histogrammer/1"))
+    spock.run("histo_count", "0.2")
+    spock.run("histo_start")
+    try:
+        time.sleep(1.5)
+        assert h.state() == tango.DevState.RUNNING
+    finally:
+        spock.run("histo_stop")
+    assert h.ElapsedTime > 1.2 and h.PresetTime == 0
