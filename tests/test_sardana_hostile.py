@@ -129,3 +129,15 @@ def test_histo_start_after_a_count_runs_until_histo_stop(spock, site):
     finally:
         spock.run("histo_stop")
     assert h.ElapsedTime > 1.2 and h.PresetTime == 0
+
+
+def test_demo_with_an_unwritable_out_fails_before_starting_anything(tmp_path):
+    state = tmp_path / "state"
+    try:
+        r = run_cli("demo", "--out", "/proc/livehist-demo", "--state-dir", str(state),
+                    "--tango-host", f"127.0.0.1:{free_port()}", timeout=60)  # fmt: skip
+    finally:
+        if (state / "state.json").exists():  # it started a site (the bug): stop it
+            run_cli("down", "--state-dir", str(state), timeout=60)
+    assert r.returncode == 1 and "--out '/proc/livehist-demo' cannot be created" in r.stderr, r.stderr[-800:]
+    assert "Traceback" not in r.stderr and not (state / "state.json").exists()  # nothing was started

@@ -8,6 +8,7 @@ up -> sar_demo (once) -> meta_set ... -> dataset_start -> live acquisition + PNG
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -95,6 +96,14 @@ def demo(
                 f"--out {str(out)!r}: Tango passes text to Sardana as Latin-1, which cannot hold this "
                 "path; choose a folder whose path is Latin-1 (letters such as é, ü are fine)"
             ) from None
+        try:  # before `up`: a command that fails must have started nothing
+            Path(out).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LivehistError(
+                f"--out {str(out)!r} cannot be created ({exc.strerror}); give a folder you can write to"
+            ) from None
+        if not os.access(out, os.W_OK):
+            raise LivehistError(f"--out {str(out)!r} is not writable; give a folder you can write to")
     site = up(tango_host, config, state_dir, say=say)
     if web:  # started first, so that the acquisition below can be watched live
         from livehist.views.web import start_background
