@@ -63,6 +63,9 @@ def test_stream_bind_errors_and_a_failing_source_exit_non_zero(tmp_path):
         ctx.term()
     out = run_cli("stream", "sim://", "--bind", "127.0.0.1:5599", "--seconds", "1")
     assert "has no scheme" in _one_line_error(out, "stream")
+    # ZeroMQ binds port 99999 as 34463: nobody connecting to 99999 would hear anything
+    out = run_cli("stream", "sim://", "--bind", "tcp://127.0.0.1:99999", "--seconds", "1")
+    assert "port 99999 is past 65535" in _one_line_error(out, "stream") and "publishing" not in out.stdout
     bad = tmp_path / "bad_events.nxs"
     with h5py.File(bad, "w") as f:  # readable at open, fails while streaming
         g = f.create_group("entry/events")

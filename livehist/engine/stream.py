@@ -42,6 +42,7 @@ def stream(
     """Publish until `seconds` pass (0: until the source ends or Ctrl-C). Returns events sent."""
     if kafka:
         return _stream_kafka(source_uri, kafka, partitions, seconds, say)
+    check_bind(bind)
     ctx = zmq.Context()  # its own: term() below waits for our zero-copy frames only
     sock = ctx.socket(zmq.PUB if pub else zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, 8)
@@ -95,6 +96,16 @@ def _pump(src: Source, send, seconds: float | None, say, progress) -> None:
                 last = now
     except KeyboardInterrupt:
         pass
+
+
+def check_bind(bind: str) -> None:
+    """A TCP port past 65535: ZeroMQ binds it modulo 65536 (99999 binds 34463), so nobody
+    connecting to the port written would ever hear from us."""
+    if bind.startswith("tcp://"):
+        port = bind.rsplit(":", 1)[-1]
+        if port.isascii() and port.isdigit() and int(port) > 65535:
+            raise LivehistError(f"--bind {bind!r}: port {port} is past 65535; give a port 1-65535 "
+                                "(or * for any free one), e.g. tcp://127.0.0.1:5555")  # fmt: skip
 
 
 def bind_error(bind: str, exc: Exception) -> str:
