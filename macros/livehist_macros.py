@@ -240,15 +240,32 @@ def _parse(key, value):
         return [u.strip() for u in value.split(",") if u.strip()]
     if key == "sample.temperature":
         try:
-            return float(value)
+            t = float(value)
         except ValueError:
-            raise ValueError(tango_text(f"sample.temperature must be a number in K, got {value!r}")) from None
+            t = math.nan
+        if not math.isfinite(t):
+            raise ValueError(tango_text(f"sample.temperature must be a number in K, got {value!r}"))
+        return t
     if key in STRING_KEYS or key.startswith("sample."):
         return value
     try:
-        return json.loads(value)  # free-form keys: numbers, lists, true/false, null
+        parsed = json.loads(value)  # free-form keys: numbers, lists, true/false, null
     except ValueError:
         return value
+    if not _finite(parsed):  # 1e400, NaN, Infinity: JSON (and so the metadata) has no such number
+        raise ValueError(tango_text(f"{key}: {value[:80]!r} is not a finite number; give a finite "
+                                    f"number, or quote it to keep it as text: '\"{value[:40]}\"'"))  # fmt: skip
+    return parsed
+
+
+def _finite(value) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    return True
 
 
 class meta_set(Macro, _Livehist):

@@ -143,6 +143,8 @@ def test_histo_count_and_dataset_macros(spock, site):
         (["histo_count", "-1"], "seconds must be > 0"),
         (["meta_set", "proposal", "../etc"], "does not match the pattern"),
         (["meta_set", "sample.temperature", "warm"], "sample.temperature must be a number"),
+        (["meta_set", "sample.temperature", "nan"], "sample.temperature must be a number"),
+        (["meta_set", "big", "1e400"], "big: '1e400' is not a finite number"),
         (["dataset_start", "a/b"], "is not allowed"),
         (["histo_count"], "'seconds' not specified"),
     ],
