@@ -153,6 +153,8 @@ class histo_count(Macro, _Livehist):
         h = self.h
         if h.state() in (tango.DevState.RUNNING, tango.DevState.ALARM):
             self.call(h.Stop)
+            self.warning(f"{h.dev_name()} was acquiring ({h.EventCount:,} events since its Reset, "
+                         "e.g. from histo_start): histo_count stopped it and counts from zero")  # fmt: skip
         self.call(h.Reset)
         self.call(h.write_attributes, [("PresetEvents", 0), ("PresetTime", float(seconds))])
         self.call(h.Start)

@@ -131,6 +131,16 @@ def test_histo_start_after_a_count_runs_until_histo_stop(spock, site):
     assert h.ElapsedTime > 1.2 and h.PresetTime == 0
 
 
+def test_histo_count_over_a_running_acquisition_says_it_ends_it(spock, site):
+    h = tango.DeviceProxy(site.url("livehist/histogrammer/1"))
+    spock.run("histo_start")
+    time.sleep(0.5)
+    spock.run("histo_count", "0.2")
+    said = "\n".join(spock.lines[-30:])
+    assert "was acquiring (" in said and "histo_count stopped it and counts from zero" in said, said
+    assert h.state() == tango.DevState.ON
+
+
 def test_demo_with_an_unwritable_out_fails_before_starting_anything(tmp_path):
     state = tmp_path / "state"
     try:
