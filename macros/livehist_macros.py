@@ -3,7 +3,7 @@
 Histogrammer: histo_start, histo_stop, histo_reset, histo_count SECONDS
 Metadata:     meta_set KEY VALUE, meta_show, dataset_start NAME, dataset_end
 Scans:        livehist_check (a pre-scan general hook: fails a scan before any motion when
-              a histogrammer of the active measurement group is down or in FAULT)
+              a histogrammer of the active measurement group is down, in FAULT or acquiring)
 
 The devices are named by the environment variables LivehistHistogrammer (default
 livehist/histogrammer/1) and LivehistMetadata (default livehist/metadata/1).
@@ -386,3 +386,6 @@ class livehist_check(Macro, _Livehist):
                                    "(`livehist up`) or choose another ActiveMntGrp") from None  # fmt: skip
             if state == tango.DevState.FAULT:
                 raise RuntimeError(f"{name} (used by {mg_name}) is in FAULT: {p.status()}")
+            if state in (tango.DevState.RUNNING, tango.DevState.ALARM):  # Sardana: "mg state is Moving"
+                raise RuntimeError(f"{name} (used by {mg_name}) is acquiring ({p.EventCount:,} events since its "
+                                   "Reset, e.g. from histo_start): histo_stop first; each scan point Resets it")  # fmt: skip

@@ -141,6 +141,26 @@ def test_histo_count_over_a_running_acquisition_says_it_ends_it(spock, site):
     assert h.state() == tango.DevState.ON
 
 
+def test_a_scan_over_a_running_acquisition_is_refused_before_it_changes_anything(spock, site, tmp_path):
+    # it failed with Sardana's "mg_livehist state is Moving ... Can not proceed to start"
+    h = tango.DeviceProxy(site.url("livehist/histogrammer/1"))
+    spock.env(ScanDir=str(tmp_path), ScanFile=["running.jsonl"])
+    spock.run("histo_start")
+    try:
+        time.sleep(0.5)
+        with pytest.raises(LivehistError) as exc:
+            spock.run("ascan", "mot01", "0", "1", "1", "0.1", timeout=60)
+        assert "is acquiring (" in str(exc.value) and "histo_stop first" in str(exc.value), exc.value
+        counted = h.EventCount
+        time.sleep(0.3)
+        assert h.state() == tango.DevState.RUNNING and h.EventCount > counted  # still acquiring
+    finally:
+        spock.run("histo_stop")
+    spock.run("ascan", "mot01", "0", "1", "1", "0.1", timeout=60)  # after histo_stop the scan runs
+    records = [json.loads(line) for line in (tmp_path / "running.jsonl").read_text().splitlines()]
+    assert records[-1]["status"] == "ok" and sum(r["record"] == "point" for r in records) == 2
+
+
 def test_demo_with_an_unwritable_out_fails_before_starting_anything(tmp_path):
     state = tmp_path / "state"
     try:
