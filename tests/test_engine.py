@@ -524,6 +524,7 @@ def test_nan_negative_and_huge_values_are_out_of_range_not_corrupting():
     "spec, message",
     [
         ("[", "Histograms is not valid JSON"),
+        ("[" * 100_000 + "]" * 100_000, "Histograms is nested too deep"),  # was a bare RecursionError
         ('{"name": "a"}', "must be a JSON list"),
         (
             '[{"name": "a", "kind": "tof", "tof": {"start": 0, "stop": 1, "bins": -5}}]',

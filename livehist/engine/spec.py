@@ -330,6 +330,10 @@ def parse_histograms(
     if isinstance(value, str):
         try:
             value = json.loads(value)
+        except RecursionError:
+            raise SpecError(
+                f"{label} is nested too deep to be histogram specs; give a JSON list of histogram objects"
+            ) from None
         except ValueError as exc:
             raise SpecError(
                 f"{label} is not valid JSON ({exc}); give a JSON list of histogram objects"
