@@ -90,7 +90,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--quick", action="store_true", help="short runs (for smoke tests)")
     p.add_argument("--only", nargs="+", metavar="SECTION",
-                   help="only these sections: engine zmq kafka scaling device recorders sardana")  # fmt: skip
+                   help="only these sections: engine zmq kafka scaling device web recorders sardana")  # fmt: skip
     return ap
 
 

@@ -110,6 +110,8 @@ def test_bench_only_names_the_sections():
 
     assert f"--only 'engines' is not a section; choose from {', '.join(SECTIONS)}" in line
     assert len(SECTIONS) >= 5 and "engine" in SECTIONS
+    usage = run_cli("bench", "--help").stdout
+    assert all(name in usage for name in SECTIONS), usage  # 'web' was missing from the help
 
 
 def test_up_keeps_a_state_dir_on_its_own_database(sites):
