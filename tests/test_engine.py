@@ -795,3 +795,39 @@ def test_more_histograms_than_one_kernel_compiles_in_reasonable_time_are_refused
     with pytest.raises(SpecError, match="Configure holds 300 histograms, more than 64 per device"):
         parse_histograms(many, "Configure")
     assert len(parse_histograms(many[:64])) == 64
+
+
+RETAIN = r"""
+import resource, sys, numpy as np
+from livehist.engine.sources import open_source
+source = open_source("zmq://127.0.0.1:%d")  # a network source: starting it raises malloc's thresholds
+source.start(lambda item, **kw: True)
+faults = []
+for _ in range(3):  # a queue of 30 messages of 8 MB, filled and drained
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    buffers = [np.ones(8 << 20, np.uint8) for _ in range(30)]
+    del buffers
+    faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 30)
+source.stop()
+print(faults)
+"""
+
+
+@pytest.mark.parametrize("retain", ["1", "0"])
+def test_a_network_source_keeps_freed_message_memory_for_the_next_messages(retain):
+    # glibc gave the buffers of a drained queue back to the kernel: each next message faulted
+    # ~500 times and the kernel zeroed its pages, in the receive thread
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LIVEHIST_RETAIN_MEMORY=retain)
+    out = subprocess.run([sys.executable, "-c", RETAIN % free_port()], env=env, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    faults = json.loads(out.stdout.strip().splitlines()[-1])
+    assert faults[0] > 100  # the first fill takes pages from the kernel either way
+    if retain == "1":
+        assert max(faults[1:]) < 5, faults
+    else:  # LIVEHIST_RETAIN_MEMORY=0: malloc as it was
+        assert min(faults[1:]) > 100, faults

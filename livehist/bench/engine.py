@@ -122,8 +122,10 @@ class _BareReceiver:
 def end_to_end(seconds: float, pairs: int, threads: int = 1) -> float:
     """The realistic configuration over zmq:// beside bare receive + decode; returns the engine's rate."""
     from livehist.engine import Engine
+    from livehist.engine.memory import retain_freed_memory
     from livehist.engine.sources import open_source
 
+    retain_freed_memory()  # as the zmq source does: the bare receiver runs under the same malloc
     producer = MultiProducer()
     losses: list[str] = []
     try:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
+from livehist.engine.memory import retain_freed_memory
 from livehist.errors import LivehistError
 
 log = logging.getLogger("livehist.engine.sources")
@@ -40,6 +41,8 @@ class Source:
         self.connected = True
 
     def start(self, feed: Callable) -> None:
+        if not self.paced:  # messages of megabytes from a transport: see livehist.engine.memory
+            retain_freed_memory()
         self._feed = feed
         self._stop.clear()
         self.error = None
