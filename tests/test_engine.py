@@ -798,25 +798,39 @@ def test_more_histograms_than_one_kernel_compiles_in_reasonable_time_are_refused
 
 
 RETAIN = r"""
-import resource, sys, numpy as np
+import json, os, threading, zmq
 from livehist.engine.sources import open_source
 source = open_source("zmq://127.0.0.1:%d")  # a network source: starting it raises malloc's thresholds
 source.start(lambda item, **kw: True)
+ctx = zmq.Context()  # one I/O thread receives (allocates) every message
+pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+port = pull.bind_to_random_port("tcp://127.0.0.1")
+push.connect(f"tcp://127.0.0.1:{port}")
+payload = os.urandom(8 << 20)  # a 10^6-event ev44 is 8 MB
+
+def io_faults():
+    tasks = os.listdir("/proc/self/task")
+    stats = [open(f"/proc/self/task/{t}/stat").read() for t in tasks]
+    return sum(int(s[s.rindex(")") + 2 :].split()[7]) for s in stats if "(ZMQbg/IO" in s)
+
 faults = []
-for _ in range(3):  # a queue of 30 messages of 8 MB, filled and drained
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    buffers = [np.ones(8 << 20, np.uint8) for _ in range(30)]
-    del buffers
-    faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 30)
+for _ in range(4):  # a queue of 30 messages, filled and drained
+    sender = threading.Thread(target=lambda: [push.send(payload, copy=False) for _ in range(30)])
+    before = io_faults()
+    sender.start()
+    held = [pull.recv(copy=False) for _ in range(30)]
+    sender.join()
+    faults.append((io_faults() - before) / 30)
+    del held
 source.stop()
-print(faults)
+print(json.dumps(faults))
 """
 
 
 @pytest.mark.parametrize("retain", ["1", "0"])
 def test_a_network_source_keeps_freed_message_memory_for_the_next_messages(retain):
     # glibc gave the buffers of a drained queue back to the kernel: each next message faulted
-    # ~500 times and the kernel zeroed its pages, in the receive thread
+    # ~100-2000 times and the kernel zeroed its pages, in the receive thread
     import os
     import subprocess
     import sys
@@ -826,8 +840,8 @@ def test_a_network_source_keeps_freed_message_memory_for_the_next_messages(retai
                          text=True, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr
     faults = json.loads(out.stdout.strip().splitlines()[-1])
-    assert faults[0] > 100  # the first fill takes pages from the kernel either way
+    assert faults[0] > 50  # the first fill takes pages from the kernel either way
     if retain == "1":
-        assert max(faults[1:]) < 5, faults
+        assert max(faults[2:]) < 5, faults
     else:  # LIVEHIST_RETAIN_MEMORY=0: malloc as it was
-        assert min(faults[1:]) > 100, faults
+        assert min(faults[1:]) > 50, faults

@@ -9,8 +9,9 @@ were given back and taken again: every page of the next message then faulted and
 by the kernel, in the receive thread (measured: 100-170 page faults per 8 MB message, and
 up to 40% of the receive thread's CPU in `clear_page`).
 
-`retain_freed_memory()` raises both thresholds, once per process: freed buffers stay for the
-next message. The process then keeps its high-water mark of message memory (bounded by the
+`retain_freed_memory()` raises both thresholds and the top pad (which also decides whether
+an I/O thread's heap whose chunks are all free is unmapped), once per process: freed buffers
+stay for the next message. The process then keeps its high-water mark of message memory (bounded by the
 engine queue's MaxQueueBytes plus the transport's few in-flight messages) instead of
 returning it. LIVEHIST_RETAIN_MEMORY=0 leaves malloc as it is. Other C libraries: nothing done.
 """
@@ -24,9 +25,10 @@ import threading
 
 log = logging.getLogger("livehist.engine.memory")
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's <malloc.h>
 MMAP_THRESHOLD = 32 << 20  # glibc's largest (HEAP_MAX_SIZE / 2 on 64-bit); larger messages are mmapped
 TRIM_THRESHOLD = 1 << 30
+TOP_PAD = 64 << 20  # also what a thread's heap keeps when all its chunks are free (else it is unmapped)
 
 _done: bool | None = None
 _lock = threading.Lock()
@@ -44,9 +46,11 @@ def retain_freed_memory() -> bool:
                 except (OSError, AttributeError):  # not glibc
                     return False
                 mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-                _done = (
-                    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-                    and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+                settings = (
+                    (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+                    (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+                    (M_TOP_PAD, TOP_PAD),
                 )
+                _done = all([mallopt(option, value) == 1 for option, value in settings])
                 log.debug("malloc thresholds raised: %s", _done)
         return _done
