@@ -194,3 +194,16 @@ def test_status_names_a_device_in_fault_and_exits_4(sites):
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("test/faulty/1"))
     assert line.split()[3] == "FAULT" and "notaport" in line, line
     assert next(ln for ln in r.stdout.splitlines() if ln.startswith("test/fine/1")).split()[3] == "ON"
+
+
+def test_up_timeout_that_cannot_work_is_refused_before_anything_starts(tmp_path):
+    """`up --timeout -1` started every server and then gave up on them at once; nan waited for ever."""
+    for bad in ("-1", "0", "nan", "inf"):
+        state = tmp_path / f"state{bad}"
+        out = run_cli(
+            "up", "--timeout", bad, "--state-dir", str(state), "--tango-host", f"127.0.0.1:{free_port()}"
+        )
+        line = _one_line_error(out, "up")
+        assert "--timeout must be a number of seconds > 0" in line and "the default is 90" in line, line
+        assert not state.exists(), list(state.rglob("*"))  # no database, no server, no state
+

@@ -180,6 +180,12 @@ def up(
     timeout: float = 90.0,
     say: Say = print,
 ) -> Site:
+    import math
+
+    if not (isinstance(timeout, int | float) and math.isfinite(timeout) and timeout > 0):
+        # checked before anything starts: -1 started every server and then gave up on them at
+        # once; nan waited for ever on a server that never answers
+        raise LivehistError(f"--timeout must be a number of seconds > 0, got {timeout}; the default is 90")
     state_dir = Path(state_dir) if state_dir else default_state_dir()
     with site_lock(state_dir, say):
         return _up(tango_host, config, state_dir, timeout, say)
