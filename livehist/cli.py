@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "view":
             from livehist.views.panel import view
 
+            _check_seconds(args.seconds)
             return view(
                 args.device, args.metadata, args.screenshot, args.seconds, args.trace, args.image_rate
             )

@@ -207,3 +207,15 @@ def test_up_timeout_that_cannot_work_is_refused_before_anything_starts(tmp_path)
         assert "--timeout must be a number of seconds > 0" in line and "the default is 90" in line, line
         assert not state.exists(), list(state.rglob("*"))  # no database, no server, no state
 
+
+def test_view_without_a_display_or_with_bad_seconds_says_so_instead_of_aborting():
+    """Without an X display Qt aborted the process (exit 134) with a page of plugin names."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "QT_QPA_PLATFORM", "WAYLAND_DISPLAY")}
+    line = _one_line_error(run_cli("view", "--seconds", "1", env=env), "view")
+    assert "DISPLAY is not set" in line and "xvfb-run" in line, line
+    n = next(k for k in range(300, 400) if not os.path.exists(f"/tmp/.X11-unix/X{k}"))
+    line = _one_line_error(run_cli("view", "--seconds", "1", env={**env, "DISPLAY": f":{n}"}), "view")
+    assert f"no X server answers on DISPLAY=:{n}" in line, line
+    for bad in ("-1", "nan"):
+        line = _one_line_error(run_cli("view", "--seconds", bad, env=env), "view")
+        assert "--seconds must be a number >= 0" in line, line

@@ -78,6 +78,38 @@ def downsample(image: np.ndarray, limit: int = MAX_DISPLAY) -> np.ndarray:
     return block_sum(image, limit)
 
 
+def check_display(env: dict[str, str] | None = None) -> None:
+    """A LivehistError naming the fix when Qt would find no X display: Qt itself aborts the
+    process (exit 134, "could not load the Qt platform plugin xcb") after a page of hints."""
+    import os
+    import re
+    import socket
+
+    env = os.environ if env is None else env
+    if env.get("QT_QPA_PLATFORM", "xcb").split(":")[0] not in ("", "xcb"):
+        return  # offscreen, wayland, vnc, ...: the user chose a platform; Qt checks it
+    fix = ("run it in a desktop session, over `ssh -X`, or under `xvfb-run livehist view ...` "
+           "(QT_QPA_PLATFORM=offscreen with --seconds and --screenshot takes a picture without a display)")  # fmt: skip
+    display = env.get("DISPLAY", "")
+    if not display:
+        raise LivehistError(f"no display to open the panel on (DISPLAY is not set); {fix}")
+    m = re.match(r"^(?:unix)?(?P<host>[^:]*):(?P<n>\d+)(?:\.\d+)?$", display)
+    if not m:
+        return  # a form we do not know: let Qt try
+    host, n = m.group("host"), int(m.group("n"))
+    try:
+        if host in ("", "unix"):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(3)
+                s.connect(f"/tmp/.X11-unix/X{n}")
+        else:
+            socket.create_connection((host, 6000 + n), timeout=3).close()
+    except OSError as exc:
+        raise LivehistError(
+            f"no X server answers on DISPLAY={display} ({exc.strerror or exc}); {fix}"
+        ) from None
+
+
 def _full(device: str) -> str:
     if device.startswith("tango://"):
         return device
@@ -90,6 +122,7 @@ def _full(device: str) -> str:
 def view(device: str, metadata: str = "livehist/metadata/1", screenshot: Path | None = None,
          seconds: float = 0.0, trace: bool = False, image_rate: float = IMAGE_RATE) -> int:  # fmt: skip
     check_image_rate(image_rate)
+    check_display()
     from taurus.external.qt import Qt
     from taurus.qt.qtgui.application import TaurusApplication
 
