@@ -226,6 +226,10 @@ def test_bad_input_is_refused_and_names_the_fix(site):
     bad = proxy(site, "test/sum/bad")
     for members, message in (([], "Members is empty"), (["test/worker/1", "nodevice"], "Members[1] 'nodevice'"),
                              (["test/worker/1", "TEST/worker/1"], "repeats Members[0]"),
+                             # the same device by its full name was added twice (the sum counted it double)
+                             (["test/worker/1", site.url("test/worker/1")], "repeats Members[0] 'test/worker/1'"),
+                             ([site.url("test/worker/1").replace("127.0.0.1", "localhost"), "test/worker/1"],
+                              "repeats Members[0]"),
                              (["test/sum/bad"], "this HistogramSum itself")):  # fmt: skip
         bad.put_property({"Members": members})
         bad.Init()

@@ -93,23 +93,47 @@ class Member:
         return f"{self.name}: {self.state}" + (f" ({self.reason})" if self.state in (DOWN, MISMATCH) else "")
 
 
-def check_members(members: list[str] | tuple[str, ...], own_name: str = "") -> list[str]:
-    """The member names, or LivehistError naming the bad entry and the fix."""
+def _device_key(name: str, local_host: str | None) -> tuple:
+    """(host address, port, device) of a member name, lower case: `tango://HOST:PORT/a/b/c` and
+    `a/b/c` on the same database are one device (HOST resolved, so localhost is 127.0.0.1)."""
+    import socket
+
+    m = re.match(r"^tango://([^/]+):(\d+)/(.*)$", name)
+    if m:
+        host, port, device = m.groups()
+    else:
+        host, _, port = (local_host or "").rpartition(":")
+        device = name
+    try:
+        host = socket.gethostbyname(host) if host else host
+    except OSError:
+        pass
+    return host.lower(), str(port).lstrip("0"), device.lower()
+
+
+def check_members(
+    members: list[str] | tuple[str, ...], own_name: str = "", local_host: str | None = None
+) -> list[str]:
+    """The member names, or LivehistError naming the bad entry and the fix. `local_host`: the
+    Tango host names without tango:// are on (default $TANGO_HOST)."""
+    import os
+
+    local_host = local_host if local_host is not None else os.environ.get("TANGO_HOST", "").split(",")[0]
     names = [m.strip() for m in members if m.strip()]
     if not names:
         raise LivehistError("Members is empty; set it to the EventHistogrammer device names and run Init")
-    seen: dict[str, int] = {}
+    seen: dict[tuple, int] = {}
     for i, name in enumerate(names):
         if not DEVICE_NAME.match(name):
             raise LivehistError(
                 f"Members[{i}] {name!r} is not a Tango device name (domain/family/member); fix it and run Init"
             )
-        key = name.lower()
+        key = _device_key(name, local_host)
         if key in seen:
             raise LivehistError(
-                f"Members[{i}] {name!r} repeats Members[{seen[key]}]; each member counts once"
+                f"Members[{i}] {name!r} repeats Members[{seen[key]}] {names[seen[key]]!r}; each member counts once"
             )
-        if own_name and key.rsplit("/", 3)[-3:] == own_name.lower().split("/")[-3:]:
+        if own_name and key[2].split("/") == own_name.lower().split("/")[-3:]:
             raise LivehistError(f"Members[{i}] {name!r} is this HistogramSum itself; list EventHistogrammers")
         seen[key] = i
     return names
