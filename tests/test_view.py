@@ -186,6 +186,62 @@ def test_listen_prints_what_arrives(restream_site):
     assert len(lines) == 6 and any("500 time_of_flight (ns)" in ln and "counts" in ln for ln in lines)
 
 
+def test_panel_on_a_frozen_device_says_down_marks_the_plots_stale_and_comes_back(restream_site, display):
+    """A SIGSTOPped server sends no error event: the panel showed it RUNNING, its last data as
+    live, for as long as it was frozen; its Taurus State/Status labels then read it in the GUI
+    thread (3 s each) when Tango's event error came. Two panels: one is asked to finish while
+    the device is frozen (its GUI thread must answer), the other sees the device come back."""
+    site, _ = restream_site
+    h = tango.DeviceProxy(site.url("test/restream/1"))
+    h.PresetTime = 0
+    h.Start()
+    panels = [view(site, display, "test/restream/1", "--seconds", "120", "--trace") for _ in range(2)]
+    lines: list[list[tuple[float, str]]] = [[], []]
+    readers = [threading.Thread(target=lambda k=k: lines[k].extend((time.monotonic(), ln) for ln in panels[k].stdout),
+                                daemon=True) for k in range(2)]  # fmt: skip
+    for r in readers:
+        r.start()
+
+    def wait_for(k: int, what: str, after: float = 0, timeout: float = 30) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [t for t, ln in lines[k] if t >= after and ln.startswith(what)]
+            if found:
+                return found[0]
+            assert panels[k].poll() is None, f"panel {k} ended early: {lines[k]}"
+            time.sleep(0.05)
+        raise AssertionError(f"panel {k} never printed {what!r} within {timeout} s: {lines[k]}")
+
+    pid = Managed(site.state_dir, "EventHistogrammer-restream").pid()
+    try:
+        for k in range(2):
+            wait_for(k, "state: RUNNING")
+        time.sleep(1)
+        os.kill(pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        for k in range(2):
+            assert wait_for(k, "state: DOWN", frozen_at, timeout=15) - frozen_at < 12
+            wait_for(k, "plots: stale (not answering since", frozen_at, timeout=2)
+        time.sleep(4)  # Tango's event error arrives in this time: the GUI must not wait on the device
+        asked = time.monotonic()
+        panels[0].send_signal(signal.SIGUSR1)  # handled by the GUI thread: it answers at once
+        assert wait_for(0, "reads:", asked, timeout=2.5) - asked < 1.5
+        os.kill(pid, signal.SIGCONT)
+        resumed = time.monotonic()
+        wait_for(1, "state: RUNNING", resumed, timeout=15)
+        wait_for(1, "plots: live", resumed, timeout=5)
+        panels[1].send_signal(signal.SIGUSR1)
+        wait_for(1, "reads:", resumed, timeout=10)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        for p in panels:
+            if p.poll() is None:
+                p.kill()
+        h.Stop()
+    for r in readers:
+        r.join(timeout=10)
+
+
 def test_panel_on_a_huge_image_draws_the_devices_block_sums_at_the_publish_rate(sites, display):
     props = {"EventSource": ["sim://?rate=2e7&shape=2000x2000&first=0&seed=6"], "PublishPeriod": ["0.1"],
              "Histograms": [json.dumps([

@@ -1,8 +1,9 @@
 """`livehist view [DEVICE]`: a Taurus panel on a running EventHistogrammer.
 
 TOF and ROI spectra (x in the TOF unit from `<name>_edges`, log y on demand), the detector
-image with a colour scale, counters, state and status (Taurus labels), a metadata summary
-(a TaurusForm), Start/Stop/Reset (Taurus buttons). Nothing polls at a fixed rate: the panel
+image with a colour scale, counters, state and status, a metadata summary
+(a TaurusForm), Start/Stop/Reset (Taurus buttons). Only State and Status are polled (twice a
+second, in a thread of their own, so that a frozen server shows DOWN): the panel
 follows the device's `UpdateCounter` change event (one per publish) and then reads counters,
 spectra and image in one `read_attributes` call (the device pushes no array of 2048 values
 or more, so that a frozen client cannot block it; see devices/histogrammer.py). A timer draws
@@ -10,8 +11,9 @@ the latest update at most 10 times a second whatever the publish rate, and plot 
 colour levels move in steps (`nice_top`), so the axes are not redrawn with every update.
 For images over 512 pixels per side the panel reads the device's `<image>_preview` (block
 sums made in the device), and anything still larger is block-summed here, so the panel never
-freezes. When the device goes away the panel shows DOWN (counters "-") and picks the device
-up again by itself when it is back.
+freezes. When the device goes away or stops answering the panel shows DOWN (counters "-",
+plots titled "not answering since ...: last data shown") and picks the device up again by
+itself when it is back.
 
 Plain Taurus works too, for example:
     taurus form 'tango://HOST:PORT/livehist/histogrammer/1/EventRate' '.../EventCount'
@@ -40,6 +42,7 @@ COUNTERS = (
     "UpdateCounter",
 )
 IMAGE_RATE = 5.0  # image reads and redraws per second at most (spectra and counters: every publish)
+WATCH_S = 2.0  # State and Status are read every WATCH_S / 2; no answer within WATCH_S: DOWN
 
 
 def check_image_rate(rate: float) -> float:
@@ -166,12 +169,12 @@ def _make_panel_class():
     from taurus.core.taurusbasetypes import TaurusEventType
     from taurus.external.qt import Qt
     from taurus.qt.qtgui.button import TaurusCommandButton
-    from taurus.qt.qtgui.display import TaurusLabel
     from taurus.qt.qtgui.panel import TaurusForm
 
     class Panel(Qt.QWidget):
         dataArrived = Qt.pyqtSignal(object)
         stateArrived = Qt.pyqtSignal(str)
+        statusArrived = Qt.pyqtSignal(str, str)
 
         def __init__(
             self, device: str, metadata: str, trace: bool = False, image_rate: float = IMAGE_RATE
@@ -181,6 +184,8 @@ def _make_panel_class():
             self._image_read_at = -1e9  # monotonic time of the last read that fetched the image
             self.device, self.metadata, self.trace = device, metadata, trace
             self._last_state = None
+            self._stale = False  # the plots show the last data of a device that does not answer
+            self._image_title = "detector image"
             self._following: dict = {}  # plot -> the range it was last given (absent: the user's own)
             self.setWindowTitle(f"livehist: {device}")
             self._pending = None  # the latest update read from the device, drawn by the timer
@@ -200,10 +205,13 @@ def _make_panel_class():
             layout = Qt.QGridLayout(self)
 
             top = Qt.QHBoxLayout()
-            for attr in ("State", "Status"):
-                label = TaurusLabel()
-                label.setModel(f"{device}/{attr}")
-                top.addWidget(label, 1 if attr == "State" else 4)
+            # plain labels filled by `_watch`: a TaurusLabel reads its device in the GUI thread
+            # when an error event comes, which froze the panel 3 s per label on a frozen server
+            self.state_label, self.status_label = Qt.QLabel("-"), Qt.QLabel("")
+            self.status_label.setWordWrap(True)
+            self.status_label.setTextInteractionFlags(Qt.Qt.TextSelectableByMouse)
+            top.addWidget(self.state_label, 1)
+            top.addWidget(self.status_label, 4)
             for cmd in ("Start", "Stop", "Reset"):
                 button = TaurusCommandButton(command=cmd, text=cmd)
                 button.setModel(device)
@@ -237,6 +245,8 @@ def _make_panel_class():
             layout.addWidget(box, 2, 1)
             self.dataArrived.connect(self._data)
             self.stateArrived.connect(self._state_changed)
+            self.statusArrived.connect(self._status_changed)
+            self._watch_now = threading.Event()
             self.configure()
             try:
                 self.state_attr = taurus.Attribute(f"{device}/State")
@@ -248,6 +258,7 @@ def _make_panel_class():
             self._timer.timeout.connect(self._tick)
             self._timer.start(100)
             threading.Thread(target=self._reader, name="livehist-view-reader", daemon=True).start()
+            threading.Thread(target=self._watch, name="livehist-view-watch", daemon=True).start()
 
         def _counters(self) -> Qt.QWidget:
             """Counters as plain labels, filled from the one read per update (six Taurus labels,
@@ -287,6 +298,7 @@ def _make_panel_class():
                 names = {n.lower() for n in proxy.get_attribute_list()}
             except (tango.DevFailed, ValueError, TypeError):
                 return  # the device is away: configure() runs again when it is back
+            self._mark_stale(False)
             spectra = [s["name"] for s in specs if s.get("kind") == "tof"]
             rois = [s["name"] for s in specs if s.get("kind") == "roi"]
             images = [s["name"] for s in specs if s.get("kind") in ("image", "pixel_tof")]
@@ -309,7 +321,8 @@ def _make_panel_class():
                 self._follow(plot)
             if not images:  # none (any more): nothing stale passes for live
                 self.image_item.clear()
-                self.image_view.setTitle("no image histogram")
+                self._image_title = "no image histogram"
+                self.image_view.setTitle(self._image_title)
                 if self.trace:
                     print("image: none", flush=True)
             else:
@@ -317,7 +330,8 @@ def _make_panel_class():
                 self._image_name = preview if preview.lower() in names else images[0]
                 if self.trace:
                     print(f"image: {self._image_name}", flush=True)
-                self.image_view.setTitle(f"{images[0]} (counts)")
+                self._image_title = f"{images[0]} (counts)"
+                self.image_view.setTitle(self._image_title)
             self._names = [*COUNTERS, "HistogramConfig", *self._curves]  # the image: see _read
             try:
                 sub = proxy.subscribe_event("UpdateCounter", tango.EventType.CHANGE_EVENT, self._on_update,
@@ -342,6 +356,43 @@ def _make_panel_class():
                 if not self._read(proxy):
                     with self._cv:
                         self._undrawn = False
+
+        def _watch(self) -> None:
+            """State and Status, read in this thread (never the GUI's) every WATCH_S / 2, with
+            WATCH_S as the timeout: a frozen server (SIGSTOP, a hung host) sends no error event,
+            and Taurus kept showing it RUNNING, with its last data, for as long as it was frozen."""
+            import tango
+
+            proxy = None
+            while True:
+                try:
+                    if proxy is None:
+                        proxy = tango.DeviceProxy(self.device)
+                        proxy.set_timeout_millis(int(WATCH_S * 1000))
+                    state, status = (a.value for a in proxy.read_attributes(["State", "Status"]))
+                    state = str(state)
+                except tango.DevFailed as exc:
+                    why = (exc.args[0].desc.strip().splitlines() or [""])[0][:200]
+                    state, status = "DOWN", f"{self.device} does not answer: {why}"
+                self.statusArrived.emit(state, status)
+                self._watch_now.wait(WATCH_S / 2)
+                self._watch_now.clear()
+
+        def _status_changed(self, state: str, status: str) -> None:
+            self.status_label.setText(status)
+            self._state_changed(state)
+
+        def _mark_stale(self, stale: bool) -> None:
+            """The plots keep the last data of a device that stopped answering, marked so."""
+            if stale == self._stale:
+                return
+            self._stale = stale
+            note = f"not answering since {time.strftime('%H:%M:%S')}: last data shown" if stale else None
+            for plot in (self.tof_plot, self.roi_plot):
+                plot.setTitle(note)
+            self.image_view.setTitle(f"{self._image_title}: {note}" if stale else self._image_title)
+            if self.trace:
+                print(f"plots: {'stale (' + note + ')' if stale else 'live'}", flush=True)
 
         def _read(self, proxy) -> bool:
             import tango
@@ -406,9 +457,10 @@ def _make_panel_class():
 
         def _on_state(self, src, evt_type, evt_value) -> None:
             """Follow the device's state; `--trace` prints each change (DOWN when it is gone)."""
-            if evt_type == TaurusEventType.Error:
-                state = "DOWN"
-            elif evt_type in (TaurusEventType.Change, TaurusEventType.Periodic) and evt_value is not None:
+            if evt_type == TaurusEventType.Error:  # gone, or a glitch of the event channel: ask it
+                self._watch_now.set()
+                return
+            if evt_type in (TaurusEventType.Change, TaurusEventType.Periodic) and evt_value is not None:
                 state = str(evt_value.rvalue.name if hasattr(evt_value.rvalue, "name") else evt_value.rvalue)
             else:
                 return
@@ -418,11 +470,13 @@ def _make_panel_class():
             if state != self._last_state:
                 back = self._last_state == "DOWN"
                 self._last_state = state
+                self.state_label.setText(state)
                 if self.trace:
                     print(f"state: {state}", flush=True)
                 if state == "DOWN":
                     for label in self._counter_labels.values():
                         label.setText("-")  # nothing stale passes for live
+                    self._mark_stale(True)
                 if back or self._sub is None:
                     self.configure()  # the device came back: its histograms may have changed
 
@@ -430,7 +484,8 @@ def _make_panel_class():
             got, self._pending = self._pending, None
             if got is not None:
                 try:
-                    self._draw(got)
+                    if not self._stale:  # a read from before the device stopped answering
+                        self._draw(got)
                 finally:  # drawn (or failed to): the reader may fetch the next update
                     with self._cv:
                         self._undrawn = False
