@@ -24,7 +24,7 @@ from typing import Any
 
 import tango
 from livehist.devices import events
-from livehist.devices.histogrammer import COUNTERS, STATES, EventHistogrammer, _counter
+from livehist.devices.histogrammer import COUNTERS, STATES, EventHistogrammer, _counter, number_property
 from tango import AttrWriteType, DevState
 from tango.server import Device, attribute, command, device_property, run
 
@@ -121,9 +121,11 @@ class HistogramSum(Device):
     """The sum of several EventHistogrammers, presented as one EventHistogrammer."""
 
     Members = device_property(dtype=(str,), default_value=[], doc="the EventHistogrammer devices to add up")
-    PublishPeriod = device_property(dtype=float, default_value=0.5,
+    # numbers as text, parsed in init_device: a typo ("abc") made Tango's conversion kill the whole
+    # server, every HistogramSum in it, instead of leaving this one in FAULT naming the property
+    PublishPeriod = device_property(dtype=str, default_value="0.5",
                                     doc="seconds between checks of the members (updates follow their events)")  # fmt: skip
-    MemberTimeout = device_property(dtype=float, default_value=1.0,
+    MemberTimeout = device_property(dtype=str, default_value="1.0",
                                     doc="seconds a member may take to answer before it is marked down")  # fmt: skip
 
     # the EventHistogrammer's attribute and event code, on our `hg` (same fields: last, state, ...)
@@ -164,12 +166,12 @@ class HistogramSum(Device):
             self.set_change_event(name, True, False)
         for name in (*COUNTERS, "UpdateCounter"):
             self.set_archive_event(name, True, False)
-        timeout = self.MemberTimeout
         try:
+            timeout = number_property("MemberTimeout", self.MemberTimeout, 0, "1.0")
             self.hg = SumComponent(
                 list(self.Members),
                 lambda name, on_event: TangoMember(name, on_event, timeout),
-                publish_period=self.PublishPeriod,
+                publish_period=number_property("PublishPeriod", self.PublishPeriod, 0, "0.5"),
                 timeout=timeout,
                 on_update=EH._publisher(self),
                 thread_context=tango.EnsureOmniThread,

@@ -237,6 +237,14 @@ def test_bad_input_is_refused_and_names_the_fix(site):
         with pytest.raises(tango.DevFailed):
             bad.Start()
     bad.put_property({"Members": ["test/worker/1"]})
+    # a number property with a typo: Tango's own conversion killed the server (every sum in it)
+    for prop, value, message in (("PublishPeriod", "abc", "property PublishPeriod must be a number like 0.5"),
+                                 ("PublishPeriod", "0", "PublishPeriod must be in (0, 3600] s"),
+                                 ("MemberTimeout", "nan", "property MemberTimeout must be a number >= 0")):  # fmt: skip
+        bad.put_property({prop: [value]})
+        bad.Init()
+        assert bad.state() == tango.DevState.FAULT and message in bad.status(), bad.status()
+        bad.delete_property(prop)
     bad.Init()
     wait_for(lambda: bad.state() == tango.DevState.ON, what="a fixed Members to work after Init")
 
