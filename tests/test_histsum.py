@@ -288,9 +288,39 @@ def test_a_killed_member_is_named_and_never_blocks_the_sum(site, pushers):
     s.Stop()  # the dead member is not waited for
     assert w1.state() == tango.DevState.ON
     control.up(site.tango_host, site.config_path, site.state_dir, say=lambda s: None)
-    wait_for(lambda: s.state() == tango.DevState.ON, what=f"the member back: {s.status()}")
+    wait_for(lambda: s.MemberStates[1] == "test/worker/2: ON", what=f"the member back: {s.status()}")
     assert s.MemberStates == ("test/worker/1: ON", "test/worker/2: ON")
     assert s.EventCount == expected(more)["events"]  # the restarted member starts from 0
+    # ... so the events it had counted left the sum: said, not silently ON (until a Reset)
+    lost = f"events lost by a restart: test/worker/2 ({expected(sent)['events']:,})"
+    assert s.state() == tango.DevState.ALARM and lost in s.status(), s.status()
+    s.Reset()
+    wait_for(lambda: s.state() == tango.DevState.ON, what=f"ON after the Reset: {s.status()}")
+
+
+def test_a_member_restarted_during_a_count_is_named_until_the_sum_starts_again(site, pushers):
+    """It came back idle with 0 counts while the sum said RUNNING ("RUNNING on 1 of 2 members"):
+    its events before the crash and after its return were missing, and nothing said so."""
+    s = proxy(site, "test/sum/1", timeout_ms=3000)
+    s.Reset()
+    s.Start()
+    rng = np.random.default_rng(11)
+    sent = send(pushers["w2"], rng, 5)
+    wait_for(lambda: s.EventCount == expected(sent)["events"], what="w2's events in the sum")
+    os.kill(Managed(site.state_dir, "EventHistogrammer-w2").pid(), signal.SIGKILL)
+    wait_for(lambda: s.MemberStates[1].startswith("test/worker/2: DOWN"), what="w2 down")
+    control.up(site.tango_host, site.config_path, site.state_dir, say=lambda s: None)
+    wait_for(lambda: s.MemberStates[1] == "test/worker/2: ON", what=f"w2 back: {s.MemberStates}")
+    wait_for(lambda: "idle after a restart" in s.status(), timeout=5, what=s.status())
+    assert s.state() == tango.DevState.ALARM and "test/worker/2" in s.status(), s.status()
+    assert f"events lost by a restart: test/worker/2 ({expected(sent)['events']:,})" in s.status()
+    s.Stop()
+    s.Start()  # both acquire again: no longer idle; the loss stays said until a Reset
+    wait_for(lambda: "idle after a restart" not in s.status(), timeout=5, what=s.status())
+    assert "events lost by a restart" in s.status() and s.MemberStates[1] == "test/worker/2: RUNNING"
+    s.Stop()
+    s.Reset()
+    wait_for(lambda: s.state() == tango.DevState.ON, what=f"ON after the Reset: {s.status()}")
 
 
 def test_a_frozen_member_does_not_freeze_the_sum(site):

@@ -84,6 +84,8 @@ class Member:
     kick: threading.Event = field(default_factory=threading.Event)
     connecting: threading.Lock = field(default_factory=threading.Lock)
     reset_pending: bool = False  # down at a Reset of the sum: reset it when it answers again
+    lost: int = 0  # events it had counted before a restart and came back without (until a Reset)
+    came_back: bool = False  # answers again after being DOWN (until the next Start or Reset)
 
     @property
     def answers(self) -> bool:
@@ -230,10 +232,19 @@ class HistogramSum:
                 f"idle; {ref.name}: {ref.reason}" if ref else "idle; Start to acquire"
             )
         twice = self._counted_twice()
-        if trouble or twice:
+        lost = [m for m in self.members if m.lost]
+        # a member restarted during a count comes back idle: the others go on without it
+        idle = [m for m in answering if acquiring and m.came_back and m.state == ON]
+        if trouble or twice or lost or idle:
             parts = [twice] if twice else []
             if down:
                 parts.append("down: " + ", ".join(f"{m.name} ({m.reason})" for m in down))
+            if lost:
+                parts.append("events lost by a restart: " + ", ".join(f"{m.name} ({m.lost:,})" for m in lost)
+                             + " are no longer in the sum; Reset to count afresh")  # fmt: skip
+            if idle:
+                parts.append("idle after a restart while the others acquire: " + ", ".join(m.name for m in idle)
+                             + "; Stop and Start the sum to include it")  # fmt: skip
             for kind, what in ((MISMATCH, "left out, histograms differ"), (ALARM, "dropping messages"),
                                (FAULT, "in FAULT")):  # fmt: skip
                 bad = [m for m in self.members if m.state == kind]
@@ -335,6 +346,13 @@ class HistogramSum:
             return
         with self._lock:
             was_down = not m.answers
+            if m.state == DOWN:
+                m.came_back = True
+                # restarted without its counts (no checkpoint, or an older one): they leave the sum
+                before, now = m.values.get("EventCount"), values.get("EventCount")
+                if before is not None and now is not None and int(now) < int(before):
+                    m.lost += int(before) - int(now)
+                    log.warning("member %s came back with %s events fewer than it had", m.name, m.lost)
             m.values, m.counter, m.config, m.specs = values, counter, config, specs
             m.state, m.reason, m.down_since = str(values["State"]), str(values["Status"]), None
             self._match_specs()
@@ -542,6 +560,8 @@ class HistogramSum:
                 "call Configure on the sum to give every member the same list"
             )
         self._end_reason = None
+        for m in self.members:
+            m.came_back = False
         values = dict(self.presets)
         errors = self._fan_out("Start", lambda c: (c.write(values), c.command("Start")))
         self.refresh()
@@ -563,6 +583,7 @@ class HistogramSum:
         errors = self._fan_out("Reset", lambda c: c.command("Reset"))
         with self._lock:
             for m in self.members:
+                m.lost, m.came_back = 0, False
                 if not m.answers or m.name in errors:
                     m.reset_pending = True
                     m.values = {
