@@ -219,3 +219,40 @@ def test_view_without_a_display_or_with_bad_seconds_says_so_instead_of_aborting(
     for bad in ("-1", "nan"):
         line = _one_line_error(run_cli("view", "--seconds", bad, env=env), "view")
         assert "--seconds must be a number >= 0" in line, line
+
+
+def test_ctrl_c_during_up_stops_what_it_had_started(tmp_path):
+    """Ctrl-C halfway through `up` left the database and the servers started so far running,
+    and said only 'interrupted'."""
+    import signal
+
+    from livehist.site.process import managed_processes
+
+    state, port = tmp_path / "state", free_port()
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"servers": {
+        "MetadataManager": {"ctrlc": {"MetadataManager": {"test/ctrlc/m": {}}}},
+        "EventHistogrammer": {"ctrlc": {"EventHistogrammer": {"test/ctrlc/h": {}}}}}}))  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TANGO_HOST"}
+    argv = [sys.executable, "-m", "livehist.cli", "up", "--config", str(cfg), "--state-dir", str(state),
+            "--tango-host", f"127.0.0.1:{port}"]  # fmt: skip
+    up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        seen = []
+        for line in up.stdout:
+            seen.append(line)
+            if line.startswith("EventHistogrammer/ctrlc: started"):
+                up.send_signal(signal.SIGINT)  # while it waits for the servers to answer
+                break
+        out = "".join(seen) + up.communicate(timeout=60)[0]
+    finally:
+        if up.poll() is None:
+            up.kill()
+        for proc in managed_processes(state):  # whatever the outcome, nothing of ours survives the test
+            proc.stop(timeout=2)
+    assert up.returncode == 130, out
+    assert "interrupted: stopped what this `livehist up` had started:" in out, out
+    assert "tango-db" in out and "MetadataManager-ctrlc" in out and "EventHistogrammer-ctrlc" in out, out
+    assert not managed_processes(state), [p.name for p in managed_processes(state)]
+    r = run_cli("status", "--state-dir", str(state), env=env)
+    assert r.returncode == 1 and "no Tango database answers" in r.stdout, r.stdout

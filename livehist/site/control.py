@@ -188,7 +188,31 @@ def up(
         raise LivehistError(f"--timeout must be a number of seconds > 0, got {timeout}; the default is 90")
     state_dir = Path(state_dir) if state_dir else default_state_dir()
     with site_lock(state_dir, say):
-        return _up(tango_host, config, state_dir, timeout, say)
+        began = time.time()
+        try:
+            return _up(tango_host, config, state_dir, timeout, say)
+        except KeyboardInterrupt:
+            _undo_up(state_dir, began, say)
+            raise
+
+
+def _undo_up(state_dir: Path, began: float, say: Say) -> None:
+    """Ctrl-C in `up`: stop what this `up` started (servers, then the embedded database), so that
+    no half-started site is left running unannounced; what ran before it keeps running."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # a second Ctrl-C: same
+    try:
+        ours = [p for p in managed_processes(state_dir) if (p.record() or {}).get("started", 0) >= began]
+        ours.sort(key=lambda p: p.name == embedded.EMBEDDED_NAME)  # the database last
+        stopped = [p.name for p in ours if p.stop()]
+        if stopped:
+            say(f"interrupted: stopped what this `livehist up` had started: {', '.join(stopped)}")
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _up(tango_host: str | None, config: Path | None, state_dir: Path, timeout: float, say: Say) -> Site:
