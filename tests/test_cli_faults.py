@@ -256,3 +256,13 @@ def test_ctrl_c_during_up_stops_what_it_had_started(tmp_path):
     assert not managed_processes(state), [p.name for p in managed_processes(state)]
     r = run_cli("status", "--state-dir", str(state), env=env)
     assert r.returncode == 1 and "no Tango database answers" in r.stdout, r.stdout
+
+
+def test_stream_on_any_free_port_says_which_one():
+    """`--bind tcp://127.0.0.1:0` (or :*) printed 'on PUSH tcp://127.0.0.1:0', a port nobody can connect to."""
+    for bind in ("tcp://127.0.0.1:0", "tcp://127.0.0.1:*"):
+        out = run_cli("stream", "sim://?rate=1e3", "--bind", bind, "--seconds", "0.5")
+        assert out.returncode == 0, out.stderr
+        line = next(ln for ln in out.stdout.splitlines() if ln.startswith("publishing"))
+        port = line.split(" on PUSH tcp://127.0.0.1:")[1].split()[0]
+        assert port.isdigit() and 0 < int(port) < 65536, line

@@ -67,7 +67,9 @@ def stream(
         sent["events"] += len(batch)
 
     src: Source = open_source(source_uri)
-    say(f"publishing {source_uri} as ev44 on {'PUB' if pub else 'PUSH'} {bind} (Ctrl-C stops)")
+    # the port ZeroMQ chose for :* or :0 (it said ":0", where nobody can connect)
+    where = sock.getsockopt_string(zmq.LAST_ENDPOINT) or bind
+    say(f"publishing {source_uri} as ev44 on {'PUB' if pub else 'PUSH'} {where} (Ctrl-C stops)")
     try:
         _pump(src, send, seconds, say,
               lambda t: f"  {sent['events']} events in {sent['messages']} messages ({sent['events'] / t:.3g} ev/s)")  # fmt: skip
