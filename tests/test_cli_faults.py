@@ -14,6 +14,7 @@ import zmq
 
 from livehist.site.process import free_port
 from tests.conftest import run_cli
+from tests.test_view import display  # noqa: F401 - the Xvfb fixture
 
 
 def _one_line_error(out, command: str) -> str:
@@ -266,3 +267,23 @@ def test_stream_on_any_free_port_says_which_one():
         line = next(ln for ln in out.stdout.splitlines() if ln.startswith("publishing"))
         port = line.split(" on PUSH tcp://127.0.0.1:")[1].split()[0]
         assert port.isdigit() and 0 < int(port) < 65536, line
+
+
+def test_view_on_a_tango_host_that_is_not_tango_says_so_instead_of_hanging(display):  # noqa: F811
+    """A TANGO_HOST where a program that does not speak Tango listens: the panel hung for minutes
+    (each Taurus widget waiting out its own 9 s timeouts) and never closed after --seconds."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(50)  # accepts, never answers
+    port = silent.getsockname()[1]
+    try:
+        env = dict(os.environ, DISPLAY=display, TANGO_HOST=f"127.0.0.1:{port}", QT_QPA_PLATFORM="xcb")
+        t0 = time.monotonic()
+        out = run_cli("view", "--seconds", "2", env=env, timeout=60)
+        line = _one_line_error(out, "view")
+        assert f"127.0.0.1:{port} does not answer as a Tango database" in line and "TANGO_HOST" in line, line
+        assert time.monotonic() - t0 < 20
+    finally:
+        silent.close()

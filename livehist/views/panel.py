@@ -113,6 +113,44 @@ def check_display(env: dict[str, str] | None = None) -> None:
         ) from None
 
 
+def check_tango_host(device: str, wait: float = 5.0) -> None:
+    """A LivehistError when the Tango host of `device` is a listener that does not speak Tango
+    (or a host that does not answer): the panel then hung for minutes opening its widgets, each
+    Taurus model waiting out its own timeouts. A host where nothing listens is let through: the
+    panel opens showing DOWN and picks the device up when the database comes back."""
+    import os
+    import re
+
+    import tango
+
+    m = re.match(r"^tango://([^/]+)/", device)
+    where = (m.group(1) if m else os.environ.get("TANGO_HOST", "")).split(",")[0].strip()
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():
+        return  # no TANGO_HOST: Tango's own error follows, shown as DOWN
+    answer: list[str] = []
+
+    def ask() -> None:
+        try:
+            tango.Database(host, int(port)).get_server_name_list()
+            answer.append("tango")
+        except tango.DevFailed as exc:
+            text = " ".join(f"{e.reason} {e.desc}" for e in exc.args)
+            answer.append("timeout" if "Timeout" in text or "TimedOut" in text else "down")
+        except Exception:
+            answer.append("other")
+
+    t = threading.Thread(target=ask, daemon=True)
+    t.start()
+    t.join(wait)
+    if not answer or answer[0] in ("timeout", "other"):
+        raise LivehistError(
+            f"{host}:{port} does not answer as a Tango database within {wait:g} s (a program that is not "
+            "a Tango database listens there, or the host does not answer); check TANGO_HOST or the "
+            "tango://HOST:PORT/ of the device"
+        )
+
+
 def _full(device: str) -> str:
     if device.startswith("tango://"):
         return device
@@ -126,6 +164,7 @@ def view(device: str, metadata: str = "livehist/metadata/1", screenshot: Path | 
          seconds: float = 0.0, trace: bool = False, image_rate: float = IMAGE_RATE) -> int:  # fmt: skip
     check_image_rate(image_rate)
     check_display()
+    check_tango_host(_full(device))
     from taurus.external.qt import Qt
     from taurus.qt.qtgui.application import TaurusApplication
 
