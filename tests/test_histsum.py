@@ -288,7 +288,9 @@ def test_a_killed_member_is_named_and_never_blocks_the_sum(site, pushers):
     s.Stop()  # the dead member is not waited for
     assert w1.state() == tango.DevState.ON
     control.up(site.tango_host, site.config_path, site.state_dir, say=lambda s: None)
-    wait_for(lambda: s.MemberStates[1] == "test/worker/2: ON", what=f"the member back: {s.status()}")
+    # (MemberStates are live; the counters are those of the next update of the sum)
+    wait_for(lambda: s.MemberStates[1] == "test/worker/2: ON" and s.EventCount == expected(more)["events"],
+             what=f"the member back, from 0: {s.status()}")  # fmt: skip
     assert s.MemberStates == ("test/worker/1: ON", "test/worker/2: ON")
     assert s.EventCount == expected(more)["events"]  # the restarted member starts from 0
     # ... so the events it had counted left the sum: said, not silently ON (until a Reset)
@@ -311,12 +313,12 @@ def test_a_member_restarted_during_a_count_is_named_until_the_sum_starts_again(s
     wait_for(lambda: s.MemberStates[1].startswith("test/worker/2: DOWN"), what="w2 down")
     control.up(site.tango_host, site.config_path, site.state_dir, say=lambda s: None)
     wait_for(lambda: s.MemberStates[1] == "test/worker/2: ON", what=f"w2 back: {s.MemberStates}")
-    wait_for(lambda: "idle after a restart" in s.status(), timeout=5, what=s.status())
+    wait_for(lambda: "back from DOWN but idle" in s.status(), timeout=5, what=s.status())
     assert s.state() == tango.DevState.ALARM and "test/worker/2" in s.status(), s.status()
     assert f"events lost by a restart: test/worker/2 ({expected(sent)['events']:,})" in s.status()
     s.Stop()
     s.Start()  # both acquire again: no longer idle; the loss stays said until a Reset
-    wait_for(lambda: "idle after a restart" not in s.status(), timeout=5, what=s.status())
+    wait_for(lambda: "back from DOWN but idle" not in s.status(), timeout=5, what=s.status())
     assert "events lost by a restart" in s.status() and s.MemberStates[1] == "test/worker/2: RUNNING"
     s.Stop()
     s.Reset()
@@ -337,9 +339,20 @@ def test_a_frozen_member_does_not_freeze_the_sum(site):
             time.sleep(0.1)
         assert max(times) < 1.0, times
         assert "does not answer in time" in s.status()
+        # commands go on with the others, within a client's 3 s: each waited for the frozen
+        # member again (Start and Reset timed out on the client, the sum's State with them)
+        for cmd in ("Start", "Stop", "Reset"):
+            t0 = time.monotonic()
+            s.command_inout(cmd)
+            assert time.monotonic() - t0 < 2.0, (cmd, time.monotonic() - t0)
+            assert s.MemberStates[1].startswith("test/worker/2: DOWN (does not answer in time)"), (
+                s.MemberStates
+            )
     finally:
         os.kill(pid, signal.SIGCONT)
     wait_for(lambda: s.state() == tango.DevState.ON, what="the member to answer again")
+    w2 = proxy(site, "test/worker/2")
+    wait_for(lambda: w2.EventCount == 0, what="the Reset it missed, once it answers")
 
 
 def test_configure_fans_out_all_or_nothing(site):

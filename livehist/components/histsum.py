@@ -86,6 +86,7 @@ class Member:
     reset_pending: bool = False  # down at a Reset of the sum: reset it when it answers again
     lost: int = 0  # events it had counted before a restart and came back without (until a Reset)
     came_back: bool = False  # answers again after being DOWN (until the next Start or Reset)
+    timed_out: bool = False  # DOWN because it did not answer in time (frozen, overloaded), not refused
 
     @property
     def answers(self) -> bool:
@@ -233,7 +234,7 @@ class HistogramSum:
             )
         twice = self._counted_twice()
         lost = [m for m in self.members if m.lost]
-        # a member restarted during a count comes back idle: the others go on without it
+        # a member restarted (or frozen) during a count comes back idle: the others go on without it
         idle = [m for m in answering if acquiring and m.came_back and m.state == ON]
         if trouble or twice or lost or idle:
             parts = [twice] if twice else []
@@ -243,7 +244,7 @@ class HistogramSum:
                 parts.append("events lost by a restart: " + ", ".join(f"{m.name} ({m.lost:,})" for m in lost)
                              + " are no longer in the sum; Reset to count afresh")  # fmt: skip
             if idle:
-                parts.append("idle after a restart while the others acquire: " + ", ".join(m.name for m in idle)
+                parts.append("back from DOWN but idle while the others acquire: " + ", ".join(m.name for m in idle)
                              + "; Stop and Start the sum to include it")  # fmt: skip
             for kind, what in ((MISMATCH, "left out, histograms differ"), (ALARM, "dropping messages"),
                                (FAULT, "in FAULT")):  # fmt: skip
@@ -292,6 +293,7 @@ class HistogramSum:
 
     def _read(self, m: Member) -> None:
         """One consistent read of a member; marks it DOWN or MISMATCH instead of raising."""
+        began = time.monotonic()
         try:
             client = self._client(m)
             small = client.read(SMALL)
@@ -323,7 +325,7 @@ class HistogramSum:
                 values = {**m.values, **small}  # nothing new published: keep the histograms read last
                 config, specs = m.config, m.specs
         except MemberError as exc:
-            self._mark_down(m, str(exc))
+            self._mark_down(m, str(exc), timed_out=time.monotonic() - began >= 0.9 * self.timeout)
             return
         except (SpecError, ValueError, KeyError, TypeError) as exc:
             self._mark_down(m, f"not an EventHistogrammer as livehist knows it: {exc}")
@@ -355,14 +357,16 @@ class HistogramSum:
                     log.warning("member %s came back with %s events fewer than it had", m.name, m.lost)
             m.values, m.counter, m.config, m.specs = values, counter, config, specs
             m.state, m.reason, m.down_since = str(values["State"]), str(values["Status"]), None
+            m.timed_out = False
             self._match_specs()
         if was_down:
             log.info("member %s answers (%s)", m.name, m.state)
             self._sync_presets(m)
         self._kick.set()
 
-    def _mark_down(self, m: Member, reason: str) -> None:
+    def _mark_down(self, m: Member, reason: str, timed_out: bool = False) -> None:
         with self._lock:
+            m.timed_out = timed_out
             if m.state != DOWN:
                 log.warning("member %s is down: %s", m.name, reason or "no answer")
                 m.down_since = time.monotonic()
@@ -404,16 +408,23 @@ class HistogramSum:
                 except Exception:  # never lose the thread that follows a member
                     log.exception("reading %s failed", m.name)
 
-    def refresh(self) -> None:
-        """Read every member now (in parallel, each with its timeout) and publish the sum."""
-        threads = [
-            threading.Thread(target=self._read_in_context, args=(m,), daemon=True) for m in self.members
-        ]
+    def refresh(self, skip_frozen: bool = False) -> None:
+        """Read every member now (in parallel, each with its timeout) and publish the sum.
+
+        A read still running at the deadline marks its member DOWN (its thread goes on: Tango's
+        first timeout on a frozen server takes several times the client timeout). `skip_frozen`
+        (the commands): members already DOWN for not answering in time are not waited for again;
+        the thread that follows each member sees them answer again."""
+        targets = [m for m in self.members if not (skip_frozen and m.state == DOWN and m.timed_out)]
+        threads = [threading.Thread(target=self._read_in_context, args=(m,), daemon=True) for m in targets]
         for t in threads:
             t.start()
         deadline = time.monotonic() + self.timeout + 0.25
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        for t, m in zip(threads, targets, strict=True):
+            if t.is_alive():
+                self._mark_down(m, "does not answer in time", timed_out=True)
         self.publish()
 
     def _read_in_context(self, m: Member) -> None:
@@ -504,7 +515,7 @@ class HistogramSum:
         with self._thread_context():
             try:
                 self._fan_out("Stop", lambda c: c.command("Stop"), only_answering=True)
-                self.refresh()
+                self.refresh(skip_frozen=True)
             finally:
                 self._stopping = False
 
@@ -532,14 +543,15 @@ class HistogramSum:
         for t, m in zip(threads, targets, strict=True):
             if t.is_alive():
                 errors[m.name] = f"{what} did not return within {self.timeout + 0.25:g} s"
+                self._mark_down(m, errors[m.name], timed_out=True)
         return errors
 
     def _require_answering(self, what: str) -> list[Member]:
         for delay in (0.0, 1.1):  # Tango holds a reconnection back for 1 s after a failure
-            if all(m.answers for m in self.members):
-                break
+            if all(m.answers or m.timed_out for m in self.members):
+                break  # a frozen member is not asked again: each try cost a client timeout
             time.sleep(delay)
-            self.refresh()
+            self.refresh(skip_frozen=True)
         answering = [m for m in self.members if m.answers]
         if not answering:
             raise LivehistError(
@@ -548,7 +560,7 @@ class HistogramSum:
         return answering
 
     def start(self) -> None:
-        self.refresh()  # the members' states now, not as of their last event
+        self.refresh(skip_frozen=True)  # the members' states now, not as of their last event
         answering = self._require_answering("Start")
         running = [m.name for m in answering if m.state in (RUNNING, ALARM)]
         if running:
@@ -564,7 +576,7 @@ class HistogramSum:
             m.came_back = False
         values = dict(self.presets)
         errors = self._fan_out("Start", lambda c: (c.write(values), c.command("Start")))
-        self.refresh()
+        self.refresh(skip_frozen=True)
         if len(errors) == len(answering):
             raise LivehistError(
                 "Start failed on every member: " + "; ".join(f"{k}: {v}" for k, v in errors.items())
@@ -575,7 +587,7 @@ class HistogramSum:
         self._fan_out("Stop", lambda c: c.command("Stop"))
         if self._end_reason is None:
             self._end_reason = "stopped"
-        self.refresh()
+        self.refresh(skip_frozen=True)
 
     def reset(self) -> None:
         """Reset the members that answer; the others leave the sum and are reset when they answer again."""
@@ -591,7 +603,7 @@ class HistogramSum:
                     }
                     m.counter = -1
                     m.config = None
-        self.refresh()
+        self.refresh(skip_frozen=True)
 
     def configure(self, histograms: str) -> list[HistogramSpec]:
         """Give every member the same histogram list; all or nothing."""
@@ -609,10 +621,10 @@ class HistogramSum:
                 if m.name not in errors:
                     with contextlib.suppress(MemberError):
                         self._client(m).command("Configure", before[m.name])
-            self.refresh()
+            self.refresh(skip_frozen=True)
             raise LivehistError("Configure failed on " + "; ".join(f"{k}: {v}" for k, v in errors.items())
                                 + "; every member keeps its previous histograms")  # fmt: skip
-        self.refresh()
+        self.refresh(skip_frozen=True)
         return specs
 
     def set_presets(self, **values: float) -> None:
