@@ -391,3 +391,43 @@ def test_a_worker_down_at_a_reset_of_the_sum_comes_back_without_its_old_counts(k
         s.close()
         for m in members.values():
             m.h.close()
+
+
+def test_a_group_worker_back_with_fewer_counts_is_not_called_lost(kafka_broker):
+    """A consumer-group worker restarted without its counts (here: no checkpoints) is no loss:
+    the group hands its uncommitted partitions to the others, who count them again. The sum
+    names lost events only for members outside a group (tests/test_histsum.py)."""
+    from livehist.components.histogrammer import Histogrammer
+    from livehist.components.histsum import HistogramSum
+
+    topic = kafka_topic(kafka_broker, 2)
+    uri = f"kafka://{kafka_broker}/{topic}?group=g-{topic}&start=earliest"
+    producer = Producer({"bootstrap.servers": kafka_broker})
+    make = lambda name: Histogrammer(uri, json.dumps([TOF]), publish_period=0.2, name=name,  # noqa: E731
+                                     checkpoint_dir="")  # fmt: skip
+    members = {name: _Member(make(name)) for name in ("test/nl/1", "test/nl/2")}
+    a, b = members.values()
+    s = HistogramSum(list(members), lambda name, on_event: members[name], publish_period=0.2)
+    try:
+        s.start()
+        sent = [_events(300, i) for i in range(6)]
+        _send(producer, topic, sent)
+        total = sum(len(x) for x in sent)
+        wait_for(lambda: a.h.last.events + b.h.last.events == total, what="the events")
+        s.refresh()
+        assert b.h.last.events > 0, "the group gave b no partition"
+        _crash(b.h)
+        b.down = True
+        s.refresh()
+        assert s.state == "ALARM" and "test/nl/2" in s.status
+        b.h, b.down = make("test/nl/2"), False  # restarted, idle, from 0: its partitions go to a
+        s.refresh()
+        assert "lost" not in s.status and "idle" not in s.status, s.status
+        wait_for(
+            lambda: (s.refresh(), s.last.events)[1] == total, timeout=90, what="a to count b's share again"
+        )
+        assert s.state == "RUNNING", s.status
+    finally:
+        s.close()
+        for m in members.values():
+            m.h.close()

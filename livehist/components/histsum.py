@@ -142,6 +142,15 @@ def check_members(
     return names
 
 
+def _kafka_group(values: dict[str, Any]) -> str | None:
+    """The consumer group of a member's Kafka source, from its KafkaOffsets (None: none)."""
+    try:
+        kafka = json.loads(values.get("KafkaOffsets") or "{}")
+    except (ValueError, TypeError):
+        return None
+    return kafka.get("group") if isinstance(kafka, dict) else None
+
+
 def spec_key(s: HistogramSpec) -> tuple:
     """What makes two specs count the same events into the same bins (not how the JSON was written)."""
     tof = (s.tof.unit, s.tof.scale, s.tof.edges.tobytes()) if s.tof is not None else None
@@ -348,7 +357,9 @@ class HistogramSum:
             return
         with self._lock:
             was_down = not m.answers
-            if m.state == DOWN:
+            # a Kafka consumer-group worker is exempt: the group hands what it had not committed to
+            # the others (or to itself, restarted from its checkpoint), and they count it again
+            if m.state == DOWN and _kafka_group(values) is None:
                 m.came_back = True
                 # restarted without its counts (no checkpoint, or an older one): they leave the sum
                 before, now = m.values.get("EventCount"), values.get("EventCount")
