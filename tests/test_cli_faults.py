@@ -287,3 +287,19 @@ def test_view_on_a_tango_host_that_is_not_tango_says_so_instead_of_hanging(displ
         assert time.monotonic() - t0 < 20
     finally:
         silent.close()
+
+
+def test_status_on_a_port_taken_by_something_else_does_not_send_the_user_to_up(tmp_path):
+    """It said 'no Tango database answers; run `livehist up`', and `up` then refused the port."""
+    import socket
+
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))
+    other.listen(5)  # accepts and never speaks Tango
+    port = other.getsockname()[1]
+    try:
+        r = run_cli("status", "--state-dir", str(tmp_path / "s"), "--tango-host", f"127.0.0.1:{port}")
+    finally:
+        other.close()
+    assert r.returncode == 1 and "is taken by a program that is not a Tango database" in r.stdout, r.stdout
+    assert "run `livehist up`" not in r.stdout

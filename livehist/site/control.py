@@ -342,7 +342,12 @@ def status(
     but some are in FAULT (each with the first line of its Status)."""
     site = Site.from_state(state_dir, tango_host, config)
     host, port = site.host_port
-    if embedded.probe(host, port) != "tango":
+    found = embedded.probe(host, port)
+    if found == "other":  # `livehist up` would refuse this port: do not send the user there
+        say(f"{host}:{port} is taken by a program that is not a Tango database; check TANGO_HOST / "
+            "--tango-host (`livehist up` with another port starts one)")  # fmt: skip
+        return 1
+    if found != "tango":
         say(f"no Tango database answers at {host}:{port}; run `livehist up`")
         return 1
     site.config = dsconfig.load(site.config_path, site.state_dir)
