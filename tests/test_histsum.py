@@ -344,7 +344,7 @@ def test_a_frozen_member_does_not_freeze_the_sum(site):
         for cmd in ("Start", "Stop", "Reset"):
             t0 = time.monotonic()
             s.command_inout(cmd)
-            assert time.monotonic() - t0 < 2.0, (cmd, time.monotonic() - t0)
+            assert time.monotonic() - t0 < 2.9, (cmd, time.monotonic() - t0)  # the client timeout: 3 s
             assert s.MemberStates[1].startswith("test/worker/2: DOWN (does not answer in time)"), (
                 s.MemberStates
             )
