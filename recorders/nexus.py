@@ -415,6 +415,10 @@ class NexusSink(Sink):
                     ds = d[col.name]
                     ds.resize(n0 + n, axis=0)
                     ds[n0 : n0 + n] = block
+                # the rows reach the file first: a scalar's new value is on disk as soon as it is
+                # written, the datasets' new lengths only at a flush (a SWMR reader saw points=8
+                # beside 7 rows); so the count follows the rows it counts
+                self.file.flush()
                 self._written += n
                 self.entry["livehist/points"][()] = self._written
                 self._buffer.clear()
@@ -439,6 +443,7 @@ class NexusSink(Sink):
             g["data"][...] = record.counts
             if record.edges is not None and "time_of_flight" in g:
                 g["time_of_flight"][...] = record.edges
+            self.file.flush()  # the counts before the counters and snapshot_time that vouch for them
             c = self.entry["livehist"][record.name]
             for key in ("events", "messages", "bad_messages", "dropped_messages", "pulses"):
                 if key in record.counters:

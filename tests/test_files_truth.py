@@ -240,3 +240,60 @@ def test_plot_skips_datasets_at_the_root(tmp_path):
     out = run_cli("plot", str(plain))
     assert out.returncode == 1 and "holds no livehist histogram snapshots" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+SWMR_READER = """
+import json, sys
+import h5py
+f = h5py.File(sys.argv[1], "r", swmr=True, libver="latest")
+e = f[sys.argv[2]]
+for _ in sys.stdin:
+    for ds in (e["livehist/points"], *e["data"].values(), e["tof/data"], e["livehist/tof/events"],
+               e["livehist/tof/snapshot_time"]):
+        ds.refresh()
+    print(json.dumps({"points": int(e["livehist/points"][()]), "rows": min(d.shape[0] for d in e["data"].values()),
+                      "snapshot": bool(e["livehist/tof/snapshot_time"][()].strip(b"\\0")),
+                      "events": int(e["livehist/tof/events"][()]), "tof_sum": int(e["tof/data"][()].sum())}),
+          flush=True)
+"""
+
+
+def test_a_swmr_reader_never_sees_more_points_or_counters_than_the_file_holds(tmp_path):
+    """What another process reads while a scan is written: the point count and a snapshot's
+    counters claimed data whose rows (and counts) were only in the writer's cache; a reader
+    polling a scan saw points=8 beside datasets of 7 rows."""
+    path = tmp_path / "live.nxs"
+    r = Recorder([open_sink(path)])
+    r.start(scan_start(3))
+    sink = r.sinks[0]
+    reader = subprocess.Popen([sys.executable, "-c", SWMR_READER, str(path), "scan_3"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    seen = []
+    flush = sink.file.flush
+
+    def checked_flush():  # what any reader may see at this moment: the state before this flush
+        reader.stdin.write("check\n")
+        reader.stdin.flush()
+        seen.append(json.loads(reader.stdout.readline()))
+        flush()
+
+    try:
+        sink.file.flush = checked_flush
+        for i in range(3):
+            time.sleep(0.25)  # each point is flushed (FLUSH_PERIOD 0.2 s)
+            r.point(point(i))
+        tof, image = histograms()
+        r.histogram(tof)
+        r.histogram(image)
+        r.end(ScanEnd())
+    finally:
+        reader.stdin.close()
+        reader.wait(timeout=10)
+    assert len(seen) >= 4, seen
+    for state in seen:
+        assert state["points"] <= state["rows"], seen  # never a point count beyond the rows
+        if state["snapshot"] or state["events"] != -1:  # counters only beside the counts they describe
+            assert state["tof_sum"] == int(tof.counts.sum()), seen
+    assert r.errors == {}
+    with h5py.File(path, "r") as f:
+        assert f["scan_3/livehist/points"][()] == 3 and f["scan_3/data/ct01"].shape == (3,)
