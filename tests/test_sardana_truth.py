@@ -185,3 +185,16 @@ def test_a_file_failing_at_scan_start_ends_the_files_already_started(spock, tmp_
         e = f[next(iter(f))]
         assert e["livehist/status"][()] == b"failed" and e["data/lh_events"].shape == (0,)
         assert b"the scan did not start" in e["livehist/end_reason"][()]
+
+
+def test_a_scan_dir_and_file_names_beyond_latin1_record(spock, tmp_path):
+    """A ScanDir under a DataRoot such as /data/实验 failed every scan before it started:
+    Sardana shows the file names in the Door's Output (Latin-1) and raised UnicodeError."""
+    folder = tmp_path / "实验"
+    spock.env(ScanDir=str(folder), ScanFile=["数据 α.nxs", "数据 α.spec", "数据 α.jsonl"])
+    spock.run("ascan", "mot01", "0", "1", "2", "0.1")
+    with h5py.File(folder / "数据 α.nxs", "r") as f:
+        e = f[next(iter(f))]
+        assert e["livehist/status"][()] == b"ok" and e["data/lh_events"].shape == (3,)
+    assert specfile.Specfile(str(folder / "数据 α.spec"))[0].lines() == 3
+    assert json.loads((folder / "数据 α.jsonl").read_text().splitlines()[-1])["status"] == "ok"

@@ -129,6 +129,11 @@ class LivehistRecorder(_Adapter, BaseFileRecorder):
     def getFormat(self):
         return os.path.splitext(self.filename or "")[1].lstrip(".") or "nxs"
 
+    def getFileName(self):
+        # only shown ("Operation will be saved in ...") in the Door's Output, which is Latin-1: a
+        # name beyond it (ScanDir under a DataRoot /data/实验) failed every scan with UnicodeError
+        return tango_text(self.filename) if self.filename else self.filename
+
     def _startRecordList(self, recordlist):
         if not self.filename:
             return
