@@ -86,6 +86,18 @@ def snapshot_written(prov: h5py.Group) -> bool:
     return "events" not in prov or int(prov["events"][()]) != -1
 
 
+def _reopen(path: str) -> h5py.File:
+    """The scan's own file again, without SWMR, to add or remove objects after the points. A SWMR
+    reader following the scan holds a lock that made this fail (and the scan's end with it:
+    custom data lost, placeholder zeros left); livehist's writer lock keeps other writers out."""
+    try:
+        return h5py.File(path, "a", libver="latest")
+    except OSError as exc:
+        if "lock" not in str(exc).lower():
+            raise
+        return h5py.File(path, "a", libver="latest", locking=False)
+
+
 def _nx(group: h5py.Group, name: str, nx_class: str) -> h5py.Group:
     g = group.create_group(name)
     g.attrs["NX_class"] = nx_class
@@ -464,7 +476,7 @@ class NexusSink(Sink):
             if record.custom or missing:  # SWMR forbids new or deleted objects: reopen without it
                 name = self.entry.name
                 self.file.close()
-                self.file = h5py.File(self.target, "a", libver="latest")
+                self.file = _reopen(self.target)
                 self.entry = self.file[name]
                 import fcntl  # closing any descriptor of the file dropped our POSIX lock
 

@@ -297,3 +297,29 @@ def test_a_swmr_reader_never_sees_more_points_or_counters_than_the_file_holds(tm
     assert r.errors == {}
     with h5py.File(path, "r") as f:
         assert f["scan_3/livehist/points"][()] == 3 and f["scan_3/data/ct01"].shape == (3,)
+
+
+def test_a_swmr_reader_attached_at_the_end_does_not_make_the_end_fail(tmp_path):
+    """An end with custom data or a histogram never received reopens the file without SWMR; a
+    reader following the scan (a live plot) made that fail: the custom data was lost and the
+    never-sent histogram kept its zeros as if counted."""
+    path = tmp_path / "followed.nxs"
+    r = Recorder([open_sink(path)])
+    r.start(scan_start(4))
+    r.point(point(0))
+    r.histogram(histograms()[0])  # the image never comes
+    reader = subprocess.Popen([sys.executable, "-c", SWMR_READER, str(path), "scan_4"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        reader.stdin.write("check\n")
+        reader.stdin.flush()
+        assert json.loads(reader.stdout.readline())["points"] == 1  # attached and reading
+        r.end(ScanEnd(custom={"fit": [1.0, 2.0]}))
+    finally:
+        reader.stdin.close()
+        reader.wait(timeout=10)
+    assert r.errors == {}
+    with h5py.File(path, "r") as f:
+        e = f["scan_4"]
+        assert e["livehist/status"][()] == b"ok" and e["custom_data/fit"][()].tolist() == [1.0, 2.0]
+        assert "image" not in e and json.loads(e["livehist"].attrs["histograms_never_received"]) == ["image"]
