@@ -102,6 +102,11 @@ class Sink:
     def close(self) -> None:
         """Release files and resources; called once, also after a failure."""
 
+    def add_custom(self, name: str, value) -> None:
+        """After `end`: data a macro adds once the scan has ended (Sardana's addCustomData after
+        the scan loop), appended to this scan's record. Sinks that cannot say so refuse."""
+        raise RecorderError(f"{self} cannot add custom data after the scan ended; {name!r} not recorded")
+
     def discard(self) -> None:
         """The scan did not start (this or another sink refused it): remove what `prepare` created."""
 

@@ -4,6 +4,7 @@
     {"record": "point", "index": 0, "time": 0.1, "values": {"mot01": 0.0, "tof": [...]}}
     {"record": "histogram", "name": "tof", "counts": [...], "edges": [...], ...}
     {"record": "end", "status": "ok", ...}
+    {"record": "custom", "scan_number": ..., "name": ..., "value": ...}   (added after the end)
 
 NaN and infinities have no JSON form: they are written as null and their column names are
 listed in the record's "nonfinite". `publish="tcp://*:5556"` also sends every line on a
@@ -100,6 +101,7 @@ class JsonLinesSink(Sink):
                 pass
 
     def start(self, record: ScanStart) -> None:
+        self.scan_number = record.scan_number
         d = dataclasses.asdict(record)
         self._emit({"record": "start", **d})
 
@@ -111,6 +113,24 @@ class JsonLinesSink(Sink):
 
     def end(self, record: ScanEnd) -> None:
         self._emit({"record": "end", **dataclasses.asdict(record)})
+
+    def add_custom(self, name: str, value) -> None:
+        """A record of its own after the scan's end: {"record": "custom", "scan_number", "name", "value"}."""
+        if self.path is None or getattr(self, "scan_number", None) is None:
+            raise RecorderError(f"{self} has no file to add {name!r} to")
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RecorderError(f"{self.path} is being written by another scan; {name!r} not added") from None
+        except OSError as exc:
+            raise RecorderError(f"cannot append {name!r} to {self.path}: {exc.strerror}") from None
+        self.f = TextAppender(fd, self.path)
+        try:
+            self._emit({"record": "custom", "scan_number": self.scan_number, "name": name, "value": value})
+        finally:
+            self.close()
 
     def discard(self) -> None:
         path = self.path

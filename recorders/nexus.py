@@ -98,6 +98,19 @@ def _reopen(path: str) -> h5py.File:
         return h5py.File(path, "a", libver="latest", locking=False)
 
 
+def _custom(entry: h5py.Group, key: str, value) -> None:
+    """One custom datum in entry/custom_data: numbers as arrays, anything else as (JSON) text."""
+    c = entry["custom_data"] if "custom_data" in entry else _nx(entry, "custom_data", "NXcollection")
+    if key in c:
+        raise RecorderError(f"custom data {key!r} is already in {entry.name}; give it another name")
+    array = None if isinstance(value, str) else _numeric(value)
+    if array is None:  # text, or what HDF5 has no type for: kept as JSON text
+        _text(c, key, value if isinstance(value, str) else json.dumps(value, default=str))
+    else:
+        c[key] = array
+    entry.file.flush()
+
+
 def _nx(group: h5py.Group, name: str, nx_class: str) -> h5py.Group:
     g = group.create_group(name)
     g.attrs["NX_class"] = nx_class
@@ -486,14 +499,36 @@ class NexusSink(Sink):
 
                     _drop_placeholders(self.entry, self.entry["livehist"])
                     self.entry["livehist"].attrs["histograms_never_received"] = json.dumps(missing)
-                if record.custom:
-                    c = _nx(self.entry, "custom_data", "NXcollection")
                 for key, value in record.custom.items():
-                    array = None if isinstance(value, str) else _numeric(value)
-                    if array is None:  # text, or what HDF5 has no type for: kept as JSON text
-                        _text(c, key, value if isinstance(value, str) else json.dumps(value, default=str))
-                    else:
-                        c[key] = array
+                    _custom(self.entry, key, value)
+
+    def add_custom(self, name: str, value) -> None:
+        """Custom data a macro adds after the scan ended, into this scan's entry (as Sardana's
+        NeXus recorder does)."""
+        entry = getattr(self, "_entry_name", None)
+        if entry is None:
+            raise RecorderError(f"{self.target}: no scan of this recorder to add {name!r} to")
+        real = os.path.realpath(self.target)
+        with _WRITING_LOCK:
+            if real in _WRITING:
+                raise RecorderError(f"{self.target} is being written by another scan; {name!r} not added")
+            _WRITING.add(real)
+        try:
+            fd = writer_lock(self.target)
+            if fd is None:
+                raise RecorderError(f"{self.target} is being written by another process; {name!r} not added")
+            try:
+                with _reopen(self.target) as f:
+                    if entry not in f:
+                        raise RecorderError(f"{self.target} has no {entry} any more; {name!r} not added")
+                    _custom(f[entry], name, value)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise RecorderError(f"cannot add {name!r} to {self.target}: {exc}") from None
+        finally:
+            with _WRITING_LOCK:
+                _WRITING.discard(real)
 
     def close(self) -> None:
         self._stop.set()

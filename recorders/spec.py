@@ -174,6 +174,27 @@ class SpecSink(Sink):
             self._w("".join(f"{lo!r} {hi!r} {int(c)}\n" for lo, hi, c in rows.tolist()))
         self._flush()
 
+    def add_custom(self, name: str, value) -> None:
+        """Appended as the scan's end writes custom data (`#C custom NAME: JSON`), as Sardana's
+        SPEC recorder appends it after the scan."""
+        shown = value.tolist() if isinstance(value, np.ndarray) else value
+        try:
+            fd = os.open(self.target, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            raise RecorderError(f"cannot append {name!r} to {self.target}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RecorderError(
+                f"{self.target} is being written by another scan; {name!r} not added"
+            ) from None
+        f = TextAppender(fd, self.target)
+        try:
+            f.write(f"#C custom {name}: {one_line(json.dumps(shown, default=str))}\n")
+        finally:
+            f.close()
+
     def discard(self) -> None:
         path = self.target
         if getattr(self, "created", False) and path and os.path.isfile(path) and os.path.getsize(path) == 0:

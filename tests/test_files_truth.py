@@ -299,6 +299,67 @@ def test_a_swmr_reader_never_sees_more_points_or_counters_than_the_file_holds(tm
         assert f["scan_3/livehist/points"][()] == 3 and f["scan_3/data/ct01"].shape == (3,)
 
 
+def _sardana_recorder(path: Path):
+    """livehist's Sardana recorder under Sardana's own DataHandler and RecordList (as the
+    MacroServer runs it, without the servers)."""
+    sys.path.insert(0, str(Path(ROOT) / "recorders" / "sardana"))
+    from datetime import datetime
+
+    from livehist_recorders import LivehistRecorder
+    from sardana.macroserver.scan.recorder.datarecorder import DataHandler
+    from sardana.macroserver.scan.scandata import ColumnDesc, RecordEnvironment, RecordList
+
+    dh = DataHandler()
+    dh.addRecorder(LivehistRecorder(str(path)))
+    env = RecordEnvironment()
+    env.update(datadesc=[ColumnDesc(name="point_nb", label="#Pt No", dtype="int64"),
+                         ColumnDesc(name="mot01", label="mot01"), ColumnDesc(name="ct01", label="ct01")],
+               serialno=12, title="ascan mot01 0 1 1 0.1", starttime=datetime.now(), ref_moveables=["mot01"],
+               counters=["ct01"], ScanFile=[path.name], ScanDir=str(path.parent))  # fmt: skip
+    return dh, RecordList(dh, env)
+
+
+@pytest.mark.parametrize("ext", ["nxs", "spec", "jsonl"])
+def test_custom_data_added_after_a_sardana_scan_ended_reaches_the_file(tmp_path, ext):
+    """Sardana's scan macros add custom data after the scan loop, when the record list has
+    already ended (its ascan_with_addcustomdata, ascanct_midtrigger): livehist's recorder
+    dropped it without a word, where Sardana's own recorders append it."""
+    from datetime import datetime
+
+    path = tmp_path / f"s.{ext}"
+    dh, rl = _sardana_recorder(path)
+    rl.start()
+    for i in range(2):
+        rl.addRecord({"point_nb": i, "mot01": float(i), "ct01": 10.0 + i, "timestamp": 0.1 * i})
+    rl.setEnvironValue("endstatus", "Normal")
+    rl.setEnvironValue("endtime", datetime.now())
+    rl.end()
+    dh.addCustomData("fit ok", "fit_status")
+    dh.addCustomData(np.arange(4) * 0.5, "fitted")
+    if ext == "nxs":
+        with h5py.File(path, "r") as f:
+            e = f["scan_12"]
+            assert e["livehist/status"][()] == b"ok" and e["data/ct01"][()].tolist() == [10.0, 11.0]
+            assert e["custom_data/fit_status"][()] == b"fit ok"
+            assert e["custom_data/fitted"][()].tolist() == [0.0, 0.5, 1.0, 1.5]
+        assert "Total number of errors: 0" in run_tool("nxcheck", path)
+    elif ext == "spec":
+        from PyMca5.PyMcaIO import specfile
+
+        text = path.read_text()
+        assert '#C custom fit_status: "fit ok"' in text and "#C custom fitted: [0.0, 0.5, 1.0, 1.5]" in text
+        assert specfile.Specfile(str(path))[0].lines() == 2
+    else:
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [r["record"] for r in records] == ["start", "point", "point", "end", "custom", "custom"]
+        assert records[-1] == {
+            "record": "custom",
+            "scan_number": 12,
+            "name": "fitted",
+            "value": [0.0, 0.5, 1.0, 1.5],
+        }
+
+
 def test_a_swmr_reader_attached_at_the_end_does_not_make_the_end_fail(tmp_path):
     """An end with custom data or a histogram never received reopens the file without SWMR; a
     reader following the scan (a live plot) made that fail: the custom data was lost and the

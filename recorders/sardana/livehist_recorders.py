@@ -18,7 +18,7 @@ import weakref
 
 from livehist.recorders.base import Recorder, RecorderError, open_sink
 from livehist.recorders.records import RecordError, ScanEnd
-from livehist.recorders.sardana_adapter import ScanMapping
+from livehist.recorders.sardana_adapter import ScanMapping, safe_name
 from sardana.macroserver.scan.recorder.datarecorder import DataRecorder
 from sardana.macroserver.scan.recorder.storage import BaseFileRecorder
 
@@ -67,6 +67,7 @@ class _Adapter:
         self.mapping = ScanMapping(self._warn)
         config = {"ScanFile": env.get("ScanFile"), "ScanDir": env.get("ScanDir"),
                   "recorder": type(self).__name__, "livehist": __version__}  # fmt: skip
+        self._ended = None  # custom data added after the end goes to the scan that ended last
         start = self.mapping.start(env, _metadata(self._macro()), config)
         try:
             self.recorder = Recorder([open_sink(t) for t in targets])
@@ -112,7 +113,7 @@ class _Adapter:
     def _close(self, recordlist):
         if self.recorder is not None:
             self.recorder.end(self.mapping.end(recordlist.getEnviron()))
-            self.recorder = None
+            self._ended, self.recorder = self.recorder, None
 
 
 class LivehistRecorder(_Adapter, BaseFileRecorder):
@@ -154,6 +155,19 @@ class LivehistRecorder(_Adapter, BaseFileRecorder):
     def _addCustomData(self, value, name, **kwargs):
         if self.recorder is not None:
             self.mapping.add_custom(value, name)
+            return
+        # Sardana's scan macros add custom data after the scan loop, when the record list has
+        # ended (its example ascan_with_addcustomdata, ascanct_midtrigger): appended to the
+        # scan's files as Sardana's own recorders do; it was dropped without a word
+        ended = getattr(self, "_ended", None)
+        if ended is None or not ended.sinks:
+            self._warn(f"custom data {name!r} not recorded in {self.filename}: no scan of it was recorded")
+            return
+        for sink in ended.sinks:
+            try:
+                sink.add_custom(safe_name(name), value)
+            except Exception as exc:
+                self._warn(f"custom data {name!r} not recorded: {exc}")
 
 
 class SPSRecorder(_Adapter, DataRecorder):
