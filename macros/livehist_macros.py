@@ -157,6 +157,7 @@ class histo_count(Macro, _Livehist):
                          "e.g. from histo_start): histo_count stopped it and counts from zero")  # fmt: skip
         self.call(h.Reset)
         self.call(h.write_attributes, [("PresetEvents", 0), ("PresetTime", float(seconds))])
+        self._config_at_start = h.HistogramConfig  # a Configure during the count is judged against it
         self.call(h.Start)
         self.output(f"counting {seconds:g} s on {h.dev_name()} ({h.EventSourceURI})")
         last, line, most = time.monotonic(), "", 0.0
@@ -189,13 +190,23 @@ class histo_count(Macro, _Livehist):
             return 0.0
 
     def record(self, h, seconds, most=0.0, running_for=0.0):
-        from livehist.components.capture import count_outcome, record_histograms
+        from livehist.components.capture import CountOutcome, count_outcome, reconfigured, record_histograms
 
         try:
             black_box = list(h.black_box(30))
         except tango.DevFailed:
             black_box = []
         outcome = count_outcome(seconds, self._elapsed(h), most, black_box, running_for)
+        try:
+            changed = reconfigured(getattr(self, "_config_at_start", None), h.HistogramConfig)
+        except tango.DevFailed:
+            changed = []
+        if changed:  # restarted from zero mid-count: the file must not say they hold the whole count
+            note = (f"{', '.join(changed)} reconfigured during the count (Configure): counted only since "
+                    f"then, not for the {seconds:g} s and events recorded with them")  # fmt: skip
+            outcome = CountOutcome(
+                "interrupted", outcome.counted, "; ".join(filter(None, [outcome.reason, note]))
+            )
         if outcome.status != "ok":
             self.warning(tango_text(outcome.reason))
         targets = self.targets

@@ -198,3 +198,32 @@ def test_a_scan_dir_and_file_names_beyond_latin1_record(spock, tmp_path):
         assert e["livehist/status"][()] == b"ok" and e["data/lh_events"].shape == (3,)
     assert specfile.Specfile(str(folder / "数据 α.spec"))[0].lines() == 3
     assert json.loads((folder / "数据 α.jsonl").read_text().splitlines()[-1])["status"] == "ok"
+
+
+def test_a_histogram_reconfigured_during_a_count_is_not_recorded_as_the_whole_count(spock, tmp_path):
+    """A Configure that changed the tof binning 1 s into `histo_count 3` restarted tof from zero;
+    the file said status ok, 3 s and every event for a tof holding a fraction of them."""
+    h = tango.DeviceProxy(spock.site.url("livehist/histogrammer/1"))
+    original = h.HistogramConfig
+    fewer = json.loads(original)
+    fewer[0]["tof"]["bins"] = 10
+    door = spock.door.proxy
+    try:
+        door.RunMacro(["histo_count", "3"])
+        wait_state(h, (tango.DevState.RUNNING, tango.DevState.ALARM))
+        time.sleep(1.0)
+        h.Configure(json.dumps(fewer))  # another client (a panel) changes the binning
+        wait_state(door, (tango.DevState.ON, tango.DevState.ALARM), timeout=60)
+    finally:
+        h.Configure(original)
+    time.sleep(0.3)
+    assert any("tof" in line and "reconfigured" in line for line in spock.lines), spock.lines[-10:]
+    with h5py.File(tmp_path / "u.nxs", "r") as f:
+        e = f[next(iter(f))]
+        reason = e["livehist/end_reason"][()].decode()
+        assert e["livehist/status"][()] == b"interrupted" and "tof" in reason and "reconfigured" in reason
+        assert "image" not in reason.split("reconfigured")[0]  # kept its binning, and its counts
+        assert e["tof/data"].shape == (10,) and e["tof/data"][()].sum() < e["image/data"][()].sum()
+    end = json.loads((tmp_path / "u.jsonl").read_text().splitlines()[-1])
+    assert end["status"] == "interrupted" and "tof" in end["reason"]
+    assert "#C scan interrupted at" in (tmp_path / "u.spec").read_text()

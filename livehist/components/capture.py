@@ -101,6 +101,33 @@ def count_outcome(seconds: float, elapsed: float, most_elapsed: float, black_box
     return CountOutcome("interrupted", elapsed, f"interrupted by {by} after {elapsed:.2f} s of {seconds:g} s")
 
 
+def reconfigured(before: str, after: str) -> list[str]:
+    """Histograms of `after` (HistogramConfig JSON at a count's end) that did not count since
+    `before` (at its start): new ones, and those a Configure gave another binning (their counts
+    started again from zero; a histogram whose binning was kept kept its counts)."""
+    from livehist.engine.histograms import same_binning
+    from livehist.engine.spec import parse_one
+
+    try:
+        old = {s["name"]: s for s in json.loads(before)}
+        new = json.loads(after)
+    except (ValueError, TypeError, KeyError):
+        return []
+    out = []
+    for spec in new:
+        name = spec.get("name")
+        was = old.get(name)
+        if was == spec:
+            continue
+        try:
+            if was is not None and same_binning(parse_one(was, name), parse_one(spec, name)):
+                continue
+        except ValueError:
+            pass
+        out.append(name)
+    return out
+
+
 def record_histograms(
     histogrammer,
     targets: Iterable[str | os.PathLike],
