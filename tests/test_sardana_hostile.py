@@ -171,3 +171,31 @@ def test_demo_with_an_unwritable_out_fails_before_starting_anything(tmp_path):
             run_cli("down", "--state-dir", str(state), timeout=60)
     assert r.returncode == 1 and "--out '/proc/livehist-demo' cannot be created" in r.stderr, r.stderr[-800:]
     assert "Traceback" not in r.stderr and not (state / "state.json").exists()  # nothing was started
+
+
+def test_a_configure_that_keeps_the_shape_mid_scan_is_not_recorded_as_ok(spock, tmp_path):
+    """A Configure halving the tof range (1000 bins kept) during an ascan: the lh_tof points after
+    it hold another binning than those before, yet the files said status ok."""
+    h = tango.DeviceProxy(spock.site.url("livehist/histogrammer/1"))
+    original = h.HistogramConfig
+    narrower = json.loads(original)
+    narrower[0]["tof"]["stop"] //= 2
+    door = spock.door.proxy
+    try:
+        door.RunMacro(["ascan", "mot01", "0", "1", "6", "0.2"])
+        wait_points(tmp_path, 3)
+        h.Configure(json.dumps(narrower))
+        wait_state(door, (tango.DevState.ON, tango.DevState.ALARM), timeout=60)
+    finally:
+        h.Configure(original)
+    time.sleep(0.3)
+    said = [line for line in spock.lines if "reconfigured during the scan" in line]
+    assert len(said) == 1 and "lh_tof" in said[0], spock.lines[-10:]  # once, not once per file
+    with h5py.File(tmp_path / "scan.nxs") as f:
+        entry = f[next(iter(f))]
+        assert entry["data/lh_tof"].shape == (7, 1000)  # every point kept
+        assert entry["livehist/status"][()] == b"interrupted"
+        assert b"histogram tof" in entry["livehist/end_reason"][()]
+    records = [json.loads(line) for line in (tmp_path / "scan.jsonl").read_text().splitlines()]
+    assert records[-1]["status"] == "interrupted" and "lh_tof" in records[-1]["reason"]
+    assert "#C scan interrupted" in (tmp_path / "scan.spec").read_text()

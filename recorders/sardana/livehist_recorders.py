@@ -26,6 +26,7 @@ from livehist import __version__
 from livehist.errors import tango_text
 
 METADATA_DEVICE = "livehist/metadata/1"
+HISTOGRAMMER = "livehist/histogrammer/1"
 
 
 def _env(macro, name, default=None):
@@ -51,6 +52,52 @@ def _metadata(macro) -> dict:
         return {}
 
 
+def _histogram_watch(macro, env) -> dict | None:
+    """The histograms this scan's spectrum and image channels read (axis attribute `Histogram`
+    of livehist's controllers) and the histogrammer's HistogramConfig now, to tell at the end
+    whether a Configure changed their binning part way (the points then mix two binnings)."""
+    import tango
+
+    columns = {}
+    for dd in env.get("datadesc") or []:
+        if not getattr(dd, "shape", None) or "/" not in str(dd.name):
+            continue
+        try:
+            channel = tango.DeviceProxy(str(dd.name))
+            channel.set_timeout_millis(1000)
+            columns[safe_name(dd.label)] = str(channel.read_attribute("Histogram").value)
+        except Exception:  # not a livehist channel
+            continue
+    if not columns:
+        return None
+    device = _env(macro, "LivehistHistogrammer", HISTOGRAMMER)
+    try:
+        proxy = tango.DeviceProxy(device)
+        proxy.set_timeout_millis(2000)
+        return {"device": device, "columns": columns, "config": proxy.HistogramConfig}
+    except Exception:
+        return None
+
+
+def _reconfigured_columns(watch: dict | None) -> dict[str, str]:
+    """Column -> why, for the watched histograms whose binning changed since the scan started."""
+    if not watch:
+        return {}
+    import tango
+
+    from livehist.components.capture import reconfigured
+
+    try:
+        proxy = tango.DeviceProxy(watch["device"])
+        proxy.set_timeout_millis(2000)
+        changed = set(reconfigured(watch["config"], proxy.HistogramConfig))
+    except Exception:  # the device is gone: the channels' reads said so already
+        return {}
+    return {col: (f"{col}: histogram {name} of {watch['device']} was reconfigured during the scan "
+                  "(Configure): its points before and after hold different binnings")
+            for col, name in watch["columns"].items() if name in changed}  # fmt: skip
+
+
 class _Adapter:
     """Shared by both recorders: Sardana record list -> livehist Recorder over some sinks."""
 
@@ -69,6 +116,7 @@ class _Adapter:
                   "recorder": type(self).__name__, "livehist": __version__}  # fmt: skip
         self._ended = None  # custom data added after the end goes to the scan that ended last
         start = self.mapping.start(env, _metadata(self._macro()), config)
+        self._watch = _histogram_watch(self._macro(), env)
         try:
             self.recorder = Recorder([open_sink(t) for t in targets])
             self.recorder.start(start)  # a bad target fails here, before the scan moves anything
@@ -112,6 +160,13 @@ class _Adapter:
 
     def _close(self, recordlist):
         if self.recorder is not None:
+            for col, why in _reconfigured_columns(getattr(self, "_watch", None)).items():
+                if col not in self.mapping.changed:
+                    self.mapping.changed[col] = why
+                    warned = recordlist.__dict__.setdefault("_livehist_warned", set())
+                    if why not in warned:  # once, not once per file of the scan
+                        warned.add(why)
+                        self._warn(why)
             self.recorder.end(self.mapping.end(recordlist.getEnviron()))
             self._ended, self.recorder = self.recorder, None
 
