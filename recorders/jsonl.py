@@ -45,6 +45,25 @@ def plain(value, nonfinite: list, where: str):
     return value
 
 
+def _own_file(path: str) -> bool:
+    """Empty, not a regular file (a pipe), or a JSON lines file of records: one we may append to.
+    A user's own text (notes.jsonl) got scans appended after its lines."""
+    if not os.path.isfile(path):
+        return True
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 20)
+    except OSError:
+        return True  # the write will say what is wrong
+    if not first.strip():
+        return os.path.getsize(path) == 0
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "record" in record
+
+
 class JsonLinesSink(Sink):
     extensions = ("jsonl", "ndjson")
     schemes = ("jsonl+pub",)
@@ -72,6 +91,12 @@ class JsonLinesSink(Sink):
                 raise RecorderError(f"{self.path} is locked by another writer; use another file") from None
             except OSError as exc:
                 raise RecorderError(f"cannot open {self.path} for writing: {exc.strerror}") from None
+            if not self.created and not _own_file(self.path):
+                os.close(fd)
+                raise RecorderError(
+                    f"{self.path} exists and is not a livehist JSON lines file (its first line is no "
+                    '{"record": ...} object); give a new file name (livehist appends only to its own files)'
+                )
             self.f = TextAppender(fd, self.path)
         if self.publish:
             import zmq

@@ -384,3 +384,16 @@ def test_a_swmr_reader_attached_at_the_end_does_not_make_the_end_fail(tmp_path):
         e = f["scan_4"]
         assert e["livehist/status"][()] == b"ok" and e["custom_data/fit"][()].tolist() == [1.0, 2.0]
         assert "image" not in e and json.loads(e["livehist"].attrs["histograms_never_received"]) == ["image"]
+
+
+def test_a_foreign_json_lines_file_is_refused_and_left_as_it_was(tmp_path):
+    """ScanFile notes.jsonl naming a user's own text file: scans were appended after its lines."""
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("my own notes, not json\nline 2\n")
+    with pytest.raises(RecorderError, match="not a livehist JSON lines file.*new file name"):
+        record_scan([notes, tmp_path / "n.spec"])
+    assert notes.read_text() == "my own notes, not json\nline 2\n" and not (tmp_path / "n.spec").exists()
+    ours = tmp_path / "ours.jsonl"
+    record_scan([ours])
+    record_scan([ours])  # livehist's own file: appended
+    assert [json.loads(line)["record"] for line in ours.read_text().splitlines()].count("start") == 2
