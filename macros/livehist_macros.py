@@ -133,7 +133,15 @@ class histo_count(Macro, _Livehist):
         if skipped:
             self.warning(tango_text(f"histo_count records {', '.join(known)} files only; not in "
                                     f"{', '.join(skipped)}"))  # fmt: skip
-        targets = [os.path.join(scan_dir, f) for f in files if scan_dir and f and f.lower().endswith(known)]
+        targets, seen = [], set()
+        for f in files:
+            if scan_dir and f and f.lower().endswith(known):
+                path = os.path.join(scan_dir, f)
+                if os.path.realpath(path) in seen:  # refused the count as if another Door wrote it
+                    self.warning(tango_text(f"{path} is listed twice in ScanFile: recorded once"))
+                    continue
+                seen.add(os.path.realpath(path))
+                targets.append(path)
         if targets:
             for folder in sorted({os.path.dirname(t) for t in targets}):
                 try:

@@ -199,3 +199,20 @@ def test_a_configure_that_keeps_the_shape_mid_scan_is_not_recorded_as_ok(spock, 
     records = [json.loads(line) for line in (tmp_path / "scan.jsonl").read_text().splitlines()]
     assert records[-1]["status"] == "interrupted" and "lh_tof" in records[-1]["reason"]
     assert "#C scan interrupted" in (tmp_path / "scan.spec").read_text()
+
+
+def test_the_same_file_twice_in_scanfile_is_recorded_once(spock, tmp_path):
+    """ScanFile ['scan.nxs', 'scan.spec', 'scan.nxs']: the scan was refused ('being written by
+    another scan of this server (another Door?)') and left a failed entry in scan.spec."""
+    spock.env(ScanFile=["scan.nxs", "scan.spec", "scan.nxs"])
+    spock.run("ascan", "mot01", "0", "1", "2", "0.1")
+    assert sum("listed twice in ScanFile" in line for line in spock.lines) == 1
+    with h5py.File(tmp_path / "scan.nxs") as f:
+        assert len(f) == 1
+        entry = f[next(iter(f))]
+        assert entry["livehist/status"][()] == b"ok" and entry["data/lh_events"].shape == (3,)
+    assert "#C scan ended at" in (tmp_path / "scan.spec").read_text()
+    spock.run("histo_count", "0.2")  # the count was refused likewise
+    assert sum("listed twice in ScanFile" in line for line in spock.lines) == 2
+    with h5py.File(tmp_path / "scan.nxs") as f:
+        assert len(f) == 2 and all(f[e]["livehist/status"][()] == b"ok" for e in f)

@@ -193,6 +193,18 @@ class LivehistRecorder(_Adapter, BaseFileRecorder):
     def _startRecordList(self, recordlist):
         if not self.filename:
             return
+        handler = getattr(recordlist, "datahandler", None)
+        for other in getattr(handler, "recorders", None) or []:
+            if other is self:
+                break
+            if (
+                isinstance(other, LivehistRecorder)
+                and other.filename
+                and (os.path.realpath(other.filename) == os.path.realpath(self.filename))
+            ):  # the same file twice in ScanFile: the scan was refused as if another Door wrote it
+                self.recorder, self._ended = None, None
+                self._warn(f"{self.filename} is listed twice in ScanFile: recorded once")
+                return
         folder = os.path.dirname(self.filename)
         try:
             os.makedirs(folder, exist_ok=True)
