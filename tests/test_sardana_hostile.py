@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -216,3 +217,31 @@ def test_the_same_file_twice_in_scanfile_is_recorded_once(spock, tmp_path):
     assert sum("listed twice in ScanFile" in line for line in spock.lines) == 2
     with h5py.File(tmp_path / "scan.nxs") as f:
         assert len(f) == 2 and all(f[e]["livehist/status"][()] == b"ok" for e in f)
+
+
+def test_end_dataset_is_refused_while_a_scan_writes_into_it(spock, site, tmp_path):
+    """EndDataset from another client (a panel) during an ascan wrote a summary listing the files
+    at half their final size, and the scan went on into the closed dataset."""
+    m = tango.DeviceProxy(site.url("livehist/metadata/1"))
+    if m.state() == tango.DevState.RUNNING:
+        m.EndDataset()
+    (tmp_path / "root").mkdir()
+    spock.run("meta_set", "proposal", "20264444")
+    spock.run("meta_set", "data_root", str(tmp_path / "root"))
+    spock.run("dataset_start", f"busy_{int(time.time())}")
+    folder = Path(environment(tango.DeviceProxy(site.url("macroserver/livehist/1")))["ScanDir"])
+    door = spock.door.proxy
+    door.RunMacro(["ascan", "mot01", "0", "1", "6", "0.2"])
+    try:
+        wait_points(folder, 2)
+        with pytest.raises(tango.DevFailed) as exc:
+            m.EndDataset()
+        assert "being written" in exc.value.args[0].desc and "scan.nxs" in exc.value.args[0].desc
+        assert m.state() == tango.DevState.RUNNING and not (folder / "dataset.json").exists()
+    finally:
+        wait_state(door, (tango.DevState.ON, tango.DevState.ALARM), timeout=60)
+    spock.run("dataset_end")  # once the scan has ended
+    summary = json.loads((folder / "dataset.json").read_text())
+    assert {f["path"]: f["size"] for f in summary["files"]} == {
+        p.name: p.stat().st_size for p in folder.iterdir() if p.name != "dataset.json"
+    }

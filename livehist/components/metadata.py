@@ -490,6 +490,13 @@ class MetadataStore:
                 raise MetadataError("no dataset is open; StartDataset first")
             ds = dict(self.dataset, end=_now())
             folder = Path(ds["folder"])
+            busy = _being_written(folder)
+            if busy:
+                raise MetadataError(
+                    f"{', '.join(busy[:3])} in dataset {ds['name']!r} {'is' if len(busy) == 1 else 'are'} being "
+                    "written (a scan or count is running); EndDataset once it has ended: a summary now would "
+                    "list files still growing, and the scan would go on into the closed dataset"
+                )
             summary = {
                 "schema": "livehist-dataset/1",
                 "dataset": ds["name"],
@@ -556,6 +563,30 @@ def _files(folder: Path) -> list[dict]:
             out.append({"path": str(p.relative_to(folder)), "size": st.st_size,
                         "modified": datetime.fromtimestamp(st.st_mtime, UTC).isoformat(timespec="seconds")})  # fmt: skip
     return out
+
+
+def _being_written(folder: Path) -> list[str]:
+    """Files of `folder` a writer holds locked: livehist's SPEC and JSON lines sinks hold a flock,
+    its NeXus sink a POSIX lock (other HDF5 writers a flock), for as long as a scan writes."""
+    import fcntl
+
+    busy = []
+    for entry in _files(folder):
+        try:
+            fd = os.open(folder / entry["path"], os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            for lock, unlock in ((fcntl.flock, fcntl.flock), (fcntl.lockf, fcntl.lockf)):
+                try:
+                    lock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except OSError:
+                    busy.append(entry["path"])
+                    break
+                unlock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+    return busy
 
 
 def _no_constant(name: str) -> None:
