@@ -171,6 +171,8 @@ class NexusSink(Sink):
                 raise RecorderError(
                     f"cannot open {self.target} for writing (cannot create it: {why})"
                 ) from None
+        elif os.path.isdir(self.target):  # it said "exists and is not an HDF5 file"
+            raise RecorderError(f"cannot open {self.target} for writing: it is a folder; give a file name")
         elif not h5py.is_hdf5(self.target):
             raise RecorderError(
                 f"{self.target} exists and is not an HDF5 file; give a new file name (livehist never overwrites)"

@@ -397,3 +397,11 @@ def test_a_foreign_json_lines_file_is_refused_and_left_as_it_was(tmp_path):
     record_scan([ours])
     record_scan([ours])  # livehist's own file: appended
     assert [json.loads(line)["record"] for line in ours.read_text().splitlines()].count("start") == 2
+
+
+def test_a_folder_named_like_a_scan_file_is_called_a_folder(tmp_path):
+    for name in ("x.nxs", "x.spec", "x.jsonl"):
+        (tmp_path / name).mkdir()
+        with pytest.raises(RecorderError, match="it is a folder|Is a directory"):
+            record_scan([tmp_path / name])
+        assert not list((tmp_path / name).iterdir())
