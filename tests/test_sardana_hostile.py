@@ -245,3 +245,25 @@ def test_end_dataset_is_refused_while_a_scan_writes_into_it(spock, site, tmp_pat
     assert {f["path"]: f["size"] for f in summary["files"]} == {
         p.name: p.stat().st_size for p in folder.iterdir() if p.name != "dataset.json"
     }
+
+
+def test_a_hung_metadata_manager_delays_a_scan_start_a_few_seconds_once(spock, site, tmp_path):
+    """A MetadataManager that stopped answering (its server hung) held the start of each file of
+    a scan for 12 s: a one-point ascan into .nxs, .spec and .jsonl took 37 s, warning 3 times."""
+    import os
+    import signal
+
+    pid = json.loads((site.state_dir / "run" / "MetadataManager-livehist.json").read_text())["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        spock.run("ascan", "mot01", "0", "1", "1", "0.1")
+        took = time.monotonic() - t0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    warned = [line for line in spock.lines if "no metadata from" in line]
+    assert len(warned) == 1 and "files carry none" in warned[0], warned
+    assert took < 15, took
+    with h5py.File(tmp_path / "scan.nxs") as f:
+        entry = f[next(iter(f))]
+        assert entry["livehist/status"][()] == b"ok" and json.loads(entry["notes/data"][()])["metadata"] == {}

@@ -11,9 +11,11 @@ Both take the metadata of the MetadataManager named by the `LivehistMetadata` en
 variable (default livehist/metadata/1) at scan start.
 """
 
+import copy
 import json
 import os
 import re
+import threading
 import weakref
 
 from livehist.recorders.base import Recorder, RecorderError, open_sink
@@ -36,20 +38,39 @@ def _env(macro, name, default=None):
         return default
 
 
-def _metadata(macro) -> dict:
-    """The MetadataManager's snapshot; a scan goes on without it, with a warning."""
+METADATA_WAIT = 4.0  # seconds a scan start waits for the MetadataManager
+
+
+def _metadata(macro, recordlist=None) -> dict:
+    """The MetadataManager's snapshot, fetched once per scan for all its files; a scan goes on
+    without it, with one warning. A hung device (a stopped server) held each file's start for
+    12 s (36 s for .nxs, .spec and .jsonl): the wait is bounded to METADATA_WAIT."""
     if macro is None:
         return {}
-    import tango
-
+    cache = recordlist.__dict__ if recordlist is not None else {}
+    if "_livehist_metadata" in cache:
+        return copy.deepcopy(cache["_livehist_metadata"])
     device = _env(macro, "LivehistMetadata", METADATA_DEVICE)
-    try:
-        proxy = tango.DeviceProxy(device)
-        proxy.set_timeout_millis(2000)
-        return json.loads(proxy.GetMetadata())
-    except Exception as exc:
-        macro.warning(f"livehist: no metadata from {device} ({exc.__class__.__name__}); files carry none")
-        return {}
+    result = {}
+
+    def fetch():
+        import tango
+
+        try:
+            proxy = tango.DeviceProxy(device)
+            proxy.set_timeout_millis(2000)
+            result["metadata"] = json.loads(proxy.GetMetadata())
+        except Exception as exc:
+            result["error"] = exc.__class__.__name__
+
+    worker = threading.Thread(target=fetch, name="livehist-metadata", daemon=True)
+    worker.start()
+    worker.join(METADATA_WAIT)
+    if "metadata" not in result:
+        why = result.get("error", f"no answer within {METADATA_WAIT:g} s")
+        macro.warning(f"livehist: no metadata from {device} ({why}); files carry none")
+    cache["_livehist_metadata"] = result.get("metadata", {})
+    return copy.deepcopy(cache["_livehist_metadata"])
 
 
 def _histogram_watch(macro, env) -> dict | None:
@@ -115,7 +136,7 @@ class _Adapter:
         config = {"ScanFile": env.get("ScanFile"), "ScanDir": env.get("ScanDir"),
                   "recorder": type(self).__name__, "livehist": __version__}  # fmt: skip
         self._ended = None  # custom data added after the end goes to the scan that ended last
-        start = self.mapping.start(env, _metadata(self._macro()), config)
+        start = self.mapping.start(env, _metadata(self._macro(), recordlist), config)
         self._watch = _histogram_watch(self._macro(), env)
         try:
             self.recorder = Recorder([open_sink(t) for t in targets])
