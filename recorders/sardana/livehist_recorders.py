@@ -73,6 +73,19 @@ def _metadata(macro, recordlist=None) -> dict:
     return copy.deepcopy(cache["_livehist_metadata"])
 
 
+def _once(recordlist, key: str, fn, wait: float = 4.0):
+    """`fn()` once per scan (shared by the scan's files), given at most `wait` seconds (a hung
+    device must not hold each file's start or end for Tango's 12 s); None if it did not answer."""
+    cache = recordlist.__dict__ if recordlist is not None else {}
+    if key not in cache:
+        result = {}
+        worker = threading.Thread(target=lambda: result.setdefault("value", fn()), daemon=True)
+        worker.start()
+        worker.join(wait)
+        cache[key] = result.get("value")
+    return cache[key]
+
+
 def _histogram_watch(macro, env) -> dict | None:
     """The histograms this scan's spectrum and image channels read (axis attribute `Histogram`
     of livehist's controllers) and the histogrammer's HistogramConfig now, to tell at the end
@@ -137,7 +150,8 @@ class _Adapter:
                   "recorder": type(self).__name__, "livehist": __version__}  # fmt: skip
         self._ended = None  # custom data added after the end goes to the scan that ended last
         start = self.mapping.start(env, _metadata(self._macro(), recordlist), config)
-        self._watch = _histogram_watch(self._macro(), env)
+        macro = self._macro()
+        self._watch = _once(recordlist, "_livehist_watch", lambda: _histogram_watch(macro, env))
         try:
             self.recorder = Recorder([open_sink(t) for t in targets])
             self.recorder.start(start)  # a bad target fails here, before the scan moves anything
@@ -181,7 +195,9 @@ class _Adapter:
 
     def _close(self, recordlist):
         if self.recorder is not None:
-            for col, why in _reconfigured_columns(getattr(self, "_watch", None)).items():
+            watch = getattr(self, "_watch", None)
+            changed = _once(recordlist, "_livehist_reconfigured", lambda: _reconfigured_columns(watch)) or {}
+            for col, why in changed.items():
                 if col not in self.mapping.changed:
                     self.mapping.changed[col] = why
                     warned = recordlist.__dict__.setdefault("_livehist_warned", set())
