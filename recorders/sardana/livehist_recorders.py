@@ -132,6 +132,20 @@ def _reconfigured_columns(watch: dict | None) -> dict[str, str]:
             for col, name in watch["columns"].items() if name in changed}  # fmt: skip
 
 
+def _macro_of(recordlist):
+    """A weak reference to the scan's macro, from a recorder that has it (Sardana's output
+    recorder always does): the shared-memory recorder gets none, so SPS carried no metadata."""
+    for other in getattr(getattr(recordlist, "datahandler", None), "recorders", None) or []:
+        for ref in (getattr(other, "macro", None), getattr(other, "_stream", None)):
+            try:
+                macro = ref() if callable(ref) else None
+            except TypeError:
+                continue
+            if macro is not None and hasattr(macro, "getEnv"):
+                return weakref.ref(macro)
+    return None
+
+
 class _Adapter:
     """Shared by both recorders: Sardana record list -> livehist Recorder over some sinks."""
 
@@ -287,6 +301,8 @@ class SPSRecorder(_Adapter, DataRecorder):
 
     def _startRecordList(self, recordlist):
         if self.active:
+            if self.macro is None:  # Sardana makes shared-memory recorders without their macro
+                self.macro = _macro_of(recordlist)
             self._open(recordlist, [f"sps://{self.name}"])
 
     def _writeRecord(self, record):
