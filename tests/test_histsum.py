@@ -169,6 +169,23 @@ def test_the_sum_equals_the_members_and_numpy(site, pushers):
     assert np.array_equal(np.asarray(t.read().rvalue.magnitude), want["tof"])
 
 
+def test_an_idle_unchanged_sum_hands_out_no_updates(site, pushers):
+    # it published every PublishPeriod while idle: a panel re-read all its histograms 10 times a second
+    s = proxy(site, "test/sum/1")
+    wait_for(lambda: s.state() == tango.DevState.ON, what=f"the sum idle: {s.status()}")
+    time.sleep(4 * PERIOD)  # let an update for what changed last go out
+    before = s.UpdateCounter
+    time.sleep(10 * PERIOD)
+    assert s.UpdateCounter == before  # nothing moved: nothing handed out
+    proxy(site, "test/worker/1").Reset()  # a member changes while the sum is idle: that is shown
+    wait_for(lambda: s.UpdateCounter > before, timeout=5, what="an update after a member's Reset")
+    s.Start()  # a command always hands out an update, and a running sum one every period
+    counter = s.UpdateCounter
+    time.sleep(5 * PERIOD)
+    assert s.UpdateCounter >= counter + 2
+    s.Stop()
+
+
 def test_presets_fan_out_and_events_are_met_on_the_total(site, pushers):
     s = proxy(site, "test/sum/1")
     w1, w2 = proxy(site, "test/worker/1"), proxy(site, "test/worker/2")

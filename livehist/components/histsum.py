@@ -194,6 +194,7 @@ class HistogramSum:
         self.config: tuple | None = None  # the histogram list the sum presents (spec keys)
         self.config_json = "[]"  # ... as the JSON of the member it was taken from
         self.update_counter = 0
+        self._unchanged: tuple | None = None  # what the last update showed (see `publish`)
         self.last = self._empty()
         self.provenance: dict = {"update": 0, "members": {}}
         self._state, self._status = FAULT, "no member read yet"
@@ -471,11 +472,19 @@ class HistogramSum:
             **summed,
         )
 
-    def publish(self) -> Update:
-        """Add the members' last reads, update state, check the event preset, hand out the update."""
+    def publish(self, force: bool = True) -> Update | None:
+        """Add the members' last reads, update state, check the event preset, hand out the update.
+        Not `force`d (the periodic publish): nothing is handed out while idle and unchanged (the
+        same members' updates, states, total and status), so clients are not made to re-read a
+        sum that did not move (a panel read all its histograms 10 times a second)."""
         with self._lock:
             snap = self._sum()
             state, status = self._compute_state()
+            unchanged = (snap.running, snap.events, state, status,
+                         tuple((m.counter, m.state, m.config) for m in self.members))  # fmt: skip
+            if not force and not snap.running and not self._configured and unchanged == self._unchanged:
+                return None
+            self._unchanged = unchanged
             preset = int(self.presets["PresetEvents"])
             if preset and snap.running and snap.events >= preset and not self._stopping:
                 self._stopping = True
@@ -518,7 +527,7 @@ class HistogramSum:
                 time.sleep(min(0.05, self.publish_period / 10))
                 self._kick.clear()
                 try:
-                    self.publish()
+                    self.publish(force=False)
                 except Exception:  # never lose the publisher
                     log.exception("adding up the members failed")
 
