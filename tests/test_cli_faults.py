@@ -167,6 +167,16 @@ def test_demo_out_that_tango_cannot_pass_is_refused_before_anything_starts(tmp_p
     assert "Latin-1" in line and not state.exists()  # nothing started (it died in RunMacro, the site up)
 
 
+def test_a_state_dir_that_is_a_file_is_called_a_file(tmp_path):
+    # it said "File exists"
+    state = tmp_path / "state"
+    state.write_text("mine")
+    for command in ("up", "demo"):
+        line = _one_line_error(run_cli(command, "--state-dir", str(state)), command)
+        assert f"state dir {state}: is a file, not a folder; give a writable folder" in line, line
+    assert state.read_text() == "mine"
+
+
 def test_a_state_dir_with_non_ascii_characters_works(tmp_path):
     """The DB probe asked DbInfo, whose reply carries the sqlite path: pytango could not encode
     it, so `up` waited 30 s for a database that was running ('did not answer')."""

@@ -138,9 +138,9 @@ def site_lock(state_dir: Path, say: Say):
         state_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o664)
     except OSError as exc:
+        what = "is a file, not a folder" if state_dir.exists() and not state_dir.is_dir() else exc.strerror
         raise LivehistError(
-            f"state dir {state_dir}: {exc.strerror}; give a writable folder with --state-dir "
-            "(or LIVEHIST_STATE_DIR)"
+            f"state dir {state_dir}: {what}; give a writable folder with --state-dir (or LIVEHIST_STATE_DIR)"
         ) from None
     try:
         try:
