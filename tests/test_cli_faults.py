@@ -237,7 +237,7 @@ def test_ctrl_c_during_up_stops_what_it_had_started(tmp_path):
     and said only 'interrupted'."""
     import signal
 
-    from livehist.site.process import managed_processes
+    from livehist.site.process import Managed, managed_processes
 
     state, port = tmp_path / "state", free_port()
     cfg = tmp_path / "c.json"
@@ -253,7 +253,10 @@ def test_ctrl_c_during_up_stops_what_it_had_started(tmp_path):
         for line in up.stdout:
             seen.append(line)
             if line.startswith("EventHistogrammer/ctrlc: started"):
-                up.send_signal(signal.SIGINT)  # while it waits for the servers to answer
+                # frozen, it cannot answer: `up` is surely still waiting for it (under load, `up`
+                # had sometimes finished before the SIGINT came)
+                os.kill(Managed(state, "EventHistogrammer-ctrlc").pid(), signal.SIGSTOP)
+                up.send_signal(signal.SIGINT)
                 break
         out = "".join(seen) + up.communicate(timeout=60)[0]
     finally:

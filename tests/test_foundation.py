@@ -275,3 +275,19 @@ def test_demo_runs_the_whole_chain(sardana_site, tmp_path):
     assert {"demo.nxs", "demo.spec", "demo.jsonl", "live_histograms.png"} <= {
         f["path"] for f in summary["files"]
     }
+
+
+def test_stopping_a_frozen_server_does_not_wait_for_the_kill(tmp_path):
+    # a SIGSTOPped process never handled the SIGTERM: `down` (and Ctrl-C in `up`) waited the
+    # whole timeout, then SIGKILLed it
+    import signal
+
+    from livehist.site.process import Managed
+
+    proc = Managed(tmp_path, "frozen")
+    pid = proc.start([sys.executable, "-c", "import time; time.sleep(600)"])
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    assert proc.stop(timeout=20)
+    # the SIGTERM is handled at once, not the SIGKILL at 20 s
+    assert time.monotonic() - t0 < 10 and proc.pid() is None

@@ -124,6 +124,8 @@ class Managed:
         stopped = False
         if pid is not None:
             _signal_group(pid, signal.SIGTERM)
+            # a frozen (SIGSTOPped) server handles SIGTERM only once it runs: it waited for the SIGKILL
+            _signal_group(pid, signal.SIGCONT)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and self.pid() is not None:
                 _reap(pid)
