@@ -121,6 +121,8 @@ class _QuietWhenClosed:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not isinstance(sys.stdout, _QuietWhenClosed):
+        if hasattr(sys.stdout, "reconfigure"):  # progress lines reach a pipe (`up | tee up.log`) as they come
+            sys.stdout.reconfigure(line_buffering=True)
         sys.stdout = _QuietWhenClosed(sys.stdout)
     try:
         if args.command == "up":
