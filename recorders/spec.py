@@ -42,6 +42,21 @@ def _tokens(a: np.ndarray) -> list[str]:
     return list(map(str if a.dtype.kind in "iub" else repr, a.tolist()))
 
 
+def _locked(path: str, flags: int, cannot_open: str, locked: str) -> int:
+    """A descriptor of `path` holding its exclusive lock (livehist's writers hold it for a whole
+    scan); RecorderError with `cannot_open` (and the reason) or `locked` otherwise."""
+    try:
+        fd = os.open(path, flags, 0o664)
+    except OSError as exc:
+        raise RecorderError(f"{cannot_open}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RecorderError(locked) from None
+    return fd
+
+
 class SpecSink(Sink):
     extensions = ("spec", "dat")
 
@@ -53,15 +68,8 @@ class SpecSink(Sink):
 
     def prepare(self, start: ScanStart) -> None:
         self.created = not os.path.exists(self.target)
-        try:
-            fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o664)
-        except OSError as exc:
-            raise RecorderError(f"cannot open {self.target} for writing: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RecorderError(f"{self.target} is locked by another writer; use another file") from None
+        fd = _locked(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, f"cannot open {self.target} for writing",
+                     f"{self.target} is locked by another writer; use another file")  # fmt: skip
         first = b""
         if os.path.isfile(self.target):  # a regular file we append to (not a device such as /dev/full)
             try:
@@ -178,17 +186,8 @@ class SpecSink(Sink):
         """Appended as the scan's end writes custom data (`#C custom NAME: JSON`), as Sardana's
         SPEC recorder appends it after the scan."""
         shown = value.tolist() if isinstance(value, np.ndarray) else value
-        try:
-            fd = os.open(self.target, os.O_WRONLY | os.O_APPEND)
-        except OSError as exc:
-            raise RecorderError(f"cannot append {name!r} to {self.target}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RecorderError(
-                f"{self.target} is being written by another scan; {name!r} not added"
-            ) from None
+        fd = _locked(self.target, os.O_WRONLY | os.O_APPEND, f"cannot append {name!r} to {self.target}",
+                     f"{self.target} is being written by another scan; {name!r} not added")  # fmt: skip
         f = TextAppender(fd, self.target)
         try:
             f.write(f"#C custom {name}: {one_line(json.dumps(shown, default=str))}\n")

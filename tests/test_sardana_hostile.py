@@ -21,19 +21,25 @@ from tests.test_sardana import wait_points, wait_state
 site, spock = test_sardana.site, test_sardana.spock  # the fixtures of the Sardana tests
 
 
-def test_configure_mid_scan_keeps_every_point_and_the_files_say_so(spock, tmp_path):
+def _configure_mid_scan(spock, tmp_path, intervals: str, change) -> None:
+    """An ascan of `intervals` into tmp_path; after its 3rd point another client Configures the
+    histogrammer with `change` applied to the first histogram's tof axis; the list is put back after."""
     h = tango.DeviceProxy(spock.site.url("livehist/histogrammer/1"))
     original = h.HistogramConfig
-    smaller = json.loads(original)
-    smaller[0]["tof"]["bins"] = 10  # tof: 1000 bins -> 10 while the scan runs
+    changed = json.loads(original)
+    change(changed[0]["tof"])
     door = spock.door.proxy
     try:
-        door.RunMacro(["ascan", "mot01", "0", "1", "8", "0.2"])
+        door.RunMacro(["ascan", "mot01", "0", "1", intervals, "0.2"])
         wait_points(tmp_path, 3)
-        h.Configure(json.dumps(smaller))
+        h.Configure(json.dumps(changed))
         wait_state(door, (tango.DevState.ON, tango.DevState.ALARM), timeout=60)
     finally:
         h.Configure(original)
+
+
+def test_configure_mid_scan_keeps_every_point_and_the_files_say_so(spock, tmp_path):
+    _configure_mid_scan(spock, tmp_path, "8", lambda tof: tof.update(bins=10))  # 1000 bins -> 10
     with h5py.File(tmp_path / "scan.nxs") as f:
         entry = f[next(iter(f))]
         events, tof = entry["data/lh_events"][()], entry["data/lh_tof"][()]
@@ -64,14 +70,21 @@ def test_histo_count_refuses_before_touching_the_device(spock, site, tmp_path):
     assert h.EventCount == counted
 
 
-def test_dataset_end_sets_scandir_back(spock, site, tmp_path):
+def _start_a_dataset(spock, site, tmp_path, proposal: str, name: str):
+    """A new dataset of `proposal` under tmp_path/root (any dataset still open ended first);
+    returns the MetadataManager's proxy."""
     m = tango.DeviceProxy(site.url("livehist/metadata/1"))
     if m.state() == tango.DevState.RUNNING:
         m.EndDataset()
     (tmp_path / "root").mkdir()
-    spock.run("meta_set", "proposal", "20263333")
+    spock.run("meta_set", "proposal", proposal)
     spock.run("meta_set", "data_root", str(tmp_path / "root"))
-    spock.run("dataset_start", f"scandir_{int(time.time())}")
+    spock.run("dataset_start", f"{name}_{int(time.time())}")
+    return m
+
+
+def test_dataset_end_sets_scandir_back(spock, site, tmp_path):
+    _start_a_dataset(spock, site, tmp_path, "20263333", "scandir")
     ms = tango.DeviceProxy(site.url("macroserver/livehist/1"))
     assert environment(ms)["ScanDir"].startswith(str(tmp_path / "root"))
     spock.run("dataset_end")
@@ -177,18 +190,7 @@ def test_demo_with_an_unwritable_out_fails_before_starting_anything(tmp_path):
 def test_a_configure_that_keeps_the_shape_mid_scan_is_not_recorded_as_ok(spock, tmp_path):
     """A Configure halving the tof range (1000 bins kept) during an ascan: the lh_tof points after
     it hold another binning than those before, yet the files said status ok."""
-    h = tango.DeviceProxy(spock.site.url("livehist/histogrammer/1"))
-    original = h.HistogramConfig
-    narrower = json.loads(original)
-    narrower[0]["tof"]["stop"] //= 2
-    door = spock.door.proxy
-    try:
-        door.RunMacro(["ascan", "mot01", "0", "1", "6", "0.2"])
-        wait_points(tmp_path, 3)
-        h.Configure(json.dumps(narrower))
-        wait_state(door, (tango.DevState.ON, tango.DevState.ALARM), timeout=60)
-    finally:
-        h.Configure(original)
+    _configure_mid_scan(spock, tmp_path, "6", lambda tof: tof.update(stop=tof["stop"] // 2))
     time.sleep(0.3)
     said = [line for line in spock.lines if "reconfigured during the scan" in line]
     assert len(said) == 1 and "lh_tof" in said[0], spock.lines[-10:]  # once, not once per file
@@ -222,13 +224,7 @@ def test_the_same_file_twice_in_scanfile_is_recorded_once(spock, tmp_path):
 def test_end_dataset_is_refused_while_a_scan_writes_into_it(spock, site, tmp_path):
     """EndDataset from another client (a panel) during an ascan wrote a summary listing the files
     at half their final size, and the scan went on into the closed dataset."""
-    m = tango.DeviceProxy(site.url("livehist/metadata/1"))
-    if m.state() == tango.DevState.RUNNING:
-        m.EndDataset()
-    (tmp_path / "root").mkdir()
-    spock.run("meta_set", "proposal", "20264444")
-    spock.run("meta_set", "data_root", str(tmp_path / "root"))
-    spock.run("dataset_start", f"busy_{int(time.time())}")
+    m = _start_a_dataset(spock, site, tmp_path, "20264444", "busy")
     folder = Path(environment(tango.DeviceProxy(site.url("macroserver/livehist/1")))["ScanDir"])
     door = spock.door.proxy
     door.RunMacro(["ascan", "mot01", "0", "1", "6", "0.2"])

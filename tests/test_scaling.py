@@ -347,19 +347,30 @@ def test_members_reading_one_topic_outside_a_group_are_named_as_counted_twice(ka
                 h.close()
 
 
-def test_a_worker_down_at_a_reset_of_the_sum_comes_back_without_its_old_counts(kafka_broker, tmp_path):
-    """It restarts from its checkpoint acquiring, with counts from before the Reset: the sum resets it."""
+def _group_of_two(kafka_broker: str, prefix: str, checkpoint_dir: str):
+    """Two in-process workers of one consumer group on a new 2-partition topic, and their sum:
+    (producer, topic, make(name) -> a new worker, {name: _Member}, HistogramSum)."""
     from livehist.components.histogrammer import Histogrammer
     from livehist.components.histsum import HistogramSum
 
     topic = kafka_topic(kafka_broker, 2)
     uri = f"kafka://{kafka_broker}/{topic}?group=g-{topic}&start=earliest"
     producer = Producer({"bootstrap.servers": kafka_broker})
-    make = lambda name: Histogrammer(uri, json.dumps([TOF]), publish_period=0.2, name=name,  # noqa: E731
-                                     checkpoint_dir=str(tmp_path))  # fmt: skip
-    members = {name: _Member(make(name)) for name in ("test/rs/1", "test/rs/2")}
+
+    def make(name: str) -> Histogrammer:
+        return Histogrammer(
+            uri, json.dumps([TOF]), publish_period=0.2, name=name, checkpoint_dir=checkpoint_dir
+        )
+
+    members = {name: _Member(make(name)) for name in (f"{prefix}/1", f"{prefix}/2")}
+    return producer, topic, make, members, HistogramSum(list(members), lambda name, on_event: members[name],
+                                                        publish_period=0.2)  # fmt: skip
+
+
+def test_a_worker_down_at_a_reset_of_the_sum_comes_back_without_its_old_counts(kafka_broker, tmp_path):
+    """It restarts from its checkpoint acquiring, with counts from before the Reset: the sum resets it."""
+    producer, topic, make, members, s = _group_of_two(kafka_broker, "test/rs", str(tmp_path))
     a, b = members.values()
-    s = HistogramSum(list(members), lambda name, on_event: members[name], publish_period=0.2)
     try:
         s.start()
         first = [_events(400, i) for i in range(6)]
@@ -397,17 +408,8 @@ def test_a_group_worker_back_with_fewer_counts_is_not_called_lost(kafka_broker):
     """A consumer-group worker restarted without its counts (here: no checkpoints) is no loss:
     the group hands its uncommitted partitions to the others, who count them again. The sum
     names lost events only for members outside a group (tests/test_histsum.py)."""
-    from livehist.components.histogrammer import Histogrammer
-    from livehist.components.histsum import HistogramSum
-
-    topic = kafka_topic(kafka_broker, 2)
-    uri = f"kafka://{kafka_broker}/{topic}?group=g-{topic}&start=earliest"
-    producer = Producer({"bootstrap.servers": kafka_broker})
-    make = lambda name: Histogrammer(uri, json.dumps([TOF]), publish_period=0.2, name=name,  # noqa: E731
-                                     checkpoint_dir="")  # fmt: skip
-    members = {name: _Member(make(name)) for name in ("test/nl/1", "test/nl/2")}
+    producer, topic, make, members, s = _group_of_two(kafka_broker, "test/nl", "")  # no checkpoints
     a, b = members.values()
-    s = HistogramSum(list(members), lambda name, on_event: members[name], publish_period=0.2)
     try:
         s.start()
         sent = [_events(300, i) for i in range(6)]
