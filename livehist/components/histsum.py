@@ -142,13 +142,13 @@ def check_members(
     return names
 
 
-def _kafka_group(values: dict[str, Any]) -> str | None:
-    """The consumer group of a member's Kafka source, from its KafkaOffsets (None: none)."""
+def _kafka(values: dict[str, Any]) -> dict:
+    """A member's KafkaOffsets (offsets, group, brokers, assigned) as a dict; {} if none or unreadable."""
     try:
         kafka = json.loads(values.get("KafkaOffsets") or "{}")
     except (ValueError, TypeError):
-        return None
-    return kafka.get("group") if isinstance(kafka, dict) else None
+        return {}
+    return kafka if isinstance(kafka, dict) else {}
 
 
 def spec_key(s: HistogramSpec) -> tuple:
@@ -271,11 +271,8 @@ class HistogramSum:
         for m in self.members:
             if m.config != self.config or m.config is None:
                 continue
-            try:
-                kafka = json.loads(m.values.get("KafkaOffsets") or "{}")
-            except ValueError:
-                continue
-            if not isinstance(kafka, dict) or not isinstance(kafka.get("offsets"), dict):
+            kafka = _kafka(m.values)
+            if not isinstance(kafka.get("offsets"), dict):
                 continue
             brokers = {b.strip().lower() for b in str(kafka.get("brokers") or "").split(",") if b.strip()}
             group = kafka.get("group")
@@ -360,7 +357,7 @@ class HistogramSum:
             was_down = not m.answers
             # a Kafka consumer-group worker is exempt: the group hands what it had not committed to
             # the others (or to itself, restarted from its checkpoint), and they count it again
-            if m.state == DOWN and _kafka_group(values) is None:
+            if m.state == DOWN and _kafka(values).get("group") is None:
                 m.came_back = True
                 # restarted without its counts (no checkpoint, or an older one): they leave the sum
                 before, now = m.values.get("EventCount"), values.get("EventCount")
@@ -507,10 +504,7 @@ class HistogramSum:
         """Per member: what its counts in this update cover (Kafka offsets per partition)."""
         members = {}
         for m in self.members:
-            try:
-                kafka = json.loads(m.values.get("KafkaOffsets") or "{}")
-            except ValueError:
-                kafka = {}
+            kafka = _kafka(m.values)
             members[m.name] = {
                 "state": m.state, "update": m.counter, "in_sum": m.config == self.config and m.config is not None,
                 "offsets": kafka.get("offsets", {}), "group": kafka.get("group"), "assigned": kafka.get("assigned", []),
