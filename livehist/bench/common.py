@@ -137,6 +137,38 @@ E2E_HISTOGRAMS = [
 ]  # fmt: skip
 
 
+class CpuUse:
+    """Cores busy on the whole machine (/proc/stat) and this process's CPU seconds, between
+    `start()` and `stop()`: shows whether a run had CPU to spare or took every core."""
+
+    def start(self) -> None:
+        import resource
+
+        self._stat, self._t = self._busy_idle(), time.monotonic()
+        self._self = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+
+    def stop(self) -> dict:
+        import resource
+
+        busy, idle = (b - a for a, b in zip(self._stat, self._busy_idle(), strict=True))
+        own = sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - self._self
+        seconds = time.monotonic() - self._t
+        return {"busy_cores": busy / seconds / _ticks(), "process_cpu": own, "seconds": seconds}
+
+    @staticmethod
+    def _busy_idle() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + values[4]  # idle, iowait
+        return sum(values[:8]) - idle, idle  # user .. steal (guest time is inside user)
+
+
+def _ticks() -> int:
+    import os
+
+    return os.sysconf("SC_CLK_TCK")
+
+
 class Producer:
     """A subprocess pushing ev44 messages as fast as ZeroMQ takes them, for `seconds`."""
 

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import zmq
 
-from livehist.bench.common import E2E_HISTOGRAMS, MultiProducer, _row, alternate
+from livehist.bench.common import E2E_HISTOGRAMS, CpuUse, MultiProducer, _row, alternate
 from livehist.engine import histograms
 from livehist.engine.events import EventBatch, decode
 from livehist.engine.histograms import HistogramSet, make
@@ -96,6 +96,22 @@ def engine_kernels(n: int, pairs: int) -> None:
                           f"with 1; {_note(r)}")  # fmt: skip
 
 
+def _cpu_note(use: dict[str, list]) -> str:
+    """Where the cores went (medians over the runs): a subject that leaves no core idle cannot
+    go faster on this machine by overlapping better, only by spending less CPU per event."""
+    import os
+
+    def med(side: str, key: str) -> float:
+        return float(np.median([u[key] for u in use[side]]))
+
+    def ns(side: str) -> float:
+        return float(np.median([u["process_cpu"] / u["events"] * 1e9 for u in use[side]]))
+
+    return (f"cores busy on the machine (of {os.cpu_count()}, producer included): {med('engine', 'busy_cores'):.2f} "
+            f"with the engine, {med('bare', 'busy_cores'):.2f} with the bare receiver; CPU of this process per "
+            f"event: {ns('engine'):.2f} ns (receive + histogram), {ns('bare'):.2f} ns (receive + decode)")  # fmt: skip
+
+
 class _BareReceiver:
     """The reference: receive + decode only (what the transport delivers), in one thread."""
 
@@ -128,13 +144,22 @@ def end_to_end(seconds: float, pairs: int, threads: int = 1) -> float:
     retain_freed_memory()  # as the zmq source does: the bare receiver runs under the same malloc
     producer = MultiProducer()
     losses: list[str] = []
+    use: dict[str, list] = {"engine": [], "bare": []}  # CpuUse of each run
+
+    def measured(side: str, counted, dropped) -> tuple[dict, float]:
+        cpu = CpuUse()
+        cpu.start()
+        sent, took = producer.run(seconds, counted, dropped)
+        use[side].append(dict(cpu.stop(), events=sent["events"]))
+        return sent, took
+
     try:
 
         def engine_run() -> float:
             engine = Engine(parse_histograms(E2E_HISTOGRAMS), threads=threads)
             engine.start(open_source(f"zmq://127.0.0.1:{producer.bind()}"))
             time.sleep(0.3)  # connected
-            sent, took = producer.run(seconds, lambda: engine.events, lambda: engine.dropped_messages)
+            sent, took = measured("engine", lambda: engine.events, lambda: engine.dropped_messages)
             engine.stop()
             snap = engine.snapshot()
             if not (snap.events == sent["events"] and snap.dropped_messages == 0
@@ -147,13 +172,14 @@ def end_to_end(seconds: float, pairs: int, threads: int = 1) -> float:
         def bare_run() -> float:
             rx = _BareReceiver(producer.bind())
             time.sleep(0.3)
-            sent, took = producer.run(seconds, lambda: rx.events, lambda: 0)
+            sent, took = measured("bare", lambda: rx.events, lambda: 0)
             rx.close()
             return rx.events / took
 
         # compile before any message arrives, as the device does
         histograms.warm_up(parse_histograms(E2E_HISTOGRAMS))
         engine_run()  # warm-up: first connections
+        use["engine"].clear()
         r = alternate(engine_run, bare_run, pairs)
     finally:
         producer.close()
@@ -163,5 +189,7 @@ def end_to_end(seconds: float, pairs: int, threads: int = 1) -> float:
          ">= 0.6x bare receive + decode, zero loss", r["ratio"] >= 0.6 and not losses, pairs=r)  # fmt: skip
     from livehist.bench.common import ROWS
 
-    ROWS[-1]["detail"] = "zero loss in every run" if not losses else f"LOSS: {losses}"
+    ROWS[-1]["detail"] = (
+        ("zero loss in every run" if not losses else f"LOSS: {losses}") + "; " + _cpu_note(use)
+    )
     return r["subject"]
