@@ -284,3 +284,26 @@ def test_a_reused_dataset_name_never_overwrites_its_summary(tmp_path):
     second = store.end_dataset()
     assert second.name == "dataset_2.json" and (folder / "dataset.json").read_text() == "{}"
     assert [f["path"] for f in json.loads(second.read_text())["files"]] == []
+
+
+@pytest.mark.parametrize(
+    "key", ["Dataset", "DATASET", "DatasetName", "DataFolder", "dataset_name", "data_folder"]
+)
+def test_the_open_dataset_has_no_shadow_key(tmp_path, key):
+    """SetMetadata {"DatasetName": "fake"} (an attribute name) or {"Dataset": ...} (a case variant)
+    was kept as a free-form key, so every file of the dataset carried a second, invented dataset
+    next to the real one (SPEC '#C meta.DatasetName: "fake"' under '#C dataset: run_7')."""
+    store = MetadataStore()
+    store.merge({"proposal": "P1", "data_root": str(tmp_path)})
+    store.start_dataset("run_7")
+    before = store.stored()
+    with pytest.raises(MetadataError, match=f"'{key}': the dataset is set by StartDataset/EndDataset"):
+        store.merge({"title": "not applied", key: "fake"})
+    assert store.stored() == before
+    assert store.snapshot()["dataset"]["name"] == "run_7" and key not in store.snapshot()
+
+
+def test_a_dataset_shadow_key_stored_before_can_still_be_removed():
+    store = MetadataStore(stored={"metadata": {"proposal": "P1", "DatasetName": "fake"}})
+    assert [c.key for c in store.merge({"DatasetName": None})] == ["DatasetName"]
+    assert "DatasetName" not in store.snapshot()

@@ -98,7 +98,10 @@ KEY_ALIASES = {"proposal": "proposal", "title": "title", "instrument": "instrume
                "dataroot": "data_root", "data_root": "data_root", "users": "users", "user": "users",
                "sample": "sample", "samplename": "sample.name", "sampledescription": "sample.description",
                **{f"sample.{k}": f"sample.{k}" for k in SAMPLE_KEYS},
-               **{f"sample_{k}": f"sample.{k}" for k in SAMPLE_KEYS}}  # fmt: skip
+               **{f"sample_{k}": f"sample.{k}" for k in SAMPLE_KEYS},
+               # the open dataset (read-only attributes DatasetName, DataFolder): never a free key
+               "dataset": "dataset", "datasetname": "dataset", "dataset_name": "dataset",
+               "datafolder": "dataset", "data_folder": "dataset"}  # fmt: skip
 
 
 def canonical_key(key: str) -> str:
@@ -345,11 +348,20 @@ class MetadataStore:
                 ) from None
         if not isinstance(update, dict):
             raise MetadataError(f"SetMetadata needs a JSON object of key: value, got {type(update).__name__}")
+        # 'Dataset', 'DatasetName' were kept as free keys beside the real dataset: one stored so
+        # before can still be removed (null), none can be set
+        legacy = [k for k, v in update.items() if v is None and k != "dataset" and k in self.metadata
+                  and canonical_key(k) == "dataset"]  # fmt: skip
+        given = next((k for k in update if canonical_key(k) == "dataset" and k not in legacy), None)
+        if given is not None:
+            raise MetadataError(
+                f"{given!r}: the dataset is set by StartDataset/EndDataset, not by SetMetadata; "
+                "use another key for notes of your own"
+            )
         with self._lock:
-            update = self._canonical(update)
-        if "dataset" in update:
-            raise MetadataError("dataset is set by StartDataset/EndDataset, not by SetMetadata")
+            update = self._canonical({k: v for k, v in update.items() if k not in legacy})
         checked = {str(k): self._check(str(k), v) for k, v in update.items()}
+        checked.update(dict.fromkeys(legacy))
         with self._lock:
             new = copy.deepcopy(self.metadata)
             changes = []
