@@ -307,3 +307,22 @@ def test_a_dataset_shadow_key_stored_before_can_still_be_removed():
     store = MetadataStore(stored={"metadata": {"proposal": "P1", "DatasetName": "fake"}})
     assert [c.key for c in store.merge({"DatasetName": None})] == ["DatasetName"]
     assert "DatasetName" not in store.snapshot()
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ('{"title": "first", "title": "second"}', "title"),
+        ('{"sample": {"name": "Si", "name": "Ge"}}', "name"),
+        ('{"beam": {"x": 1, "x": 2}}', "x"),
+    ],
+)
+def test_a_key_given_twice_in_the_json_is_refused(text, key):
+    """'{"title": "first", "title": "second"}' kept 'second' without a word ('first' dropped),
+    while 'title' and 'Title' together were refused as one key given twice."""
+    store = MetadataStore()
+    store.merge({"proposal": "P1", "title": "kept"})
+    before = store.stored()
+    with pytest.raises(MetadataError, match=f"gives '{key}' twice"):
+        store.merge(text)
+    assert store.stored() == before

@@ -337,7 +337,7 @@ class MetadataStore:
         """Validate everything first, then apply: all keys or none. Returns what changed."""
         if isinstance(update, str):
             try:
-                update = json.loads(update, parse_constant=_no_constant)
+                update = json.loads(update, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
             except RecursionError:
                 raise MetadataError(
                     "SetMetadata argument is nested too deep; give a flat JSON object"
@@ -599,6 +599,18 @@ def _being_written(folder: Path) -> list[str]:
         finally:
             os.close(fd)
     return busy
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object whose keys are all different: json.loads kept the last of two silently."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise MetadataError(
+                f"SetMetadata argument gives {key!r} twice ({out[key]!r:.40} and {value!r:.40}); give it once"
+            )
+        out[key] = value
+    return out
 
 
 def _no_constant(name: str) -> None:
