@@ -13,7 +13,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from livehist.components.metadata import MetadataError, MetadataStore, Rules, parse_user, schema
+from livehist.components.metadata import MetadataError, MetadataStore, Rules, format_user, parse_user, schema
 from livehist.errors import LivehistError
 
 
@@ -326,3 +326,21 @@ def test_a_key_given_twice_in_the_json_is_refused(text, key):
     with pytest.raises(MetadataError, match=f"gives '{key}' twice"):
         store.merge(text)
     assert store.stored() == before
+
+
+def test_users_written_back_as_shown_keep_their_full_records():
+    """The Users attribute shows 'Name (role)'; writing back what was read, or adding one user to
+    it (m.Users = list(m.Users) + ["Ada Li"]), dropped every user's email, ORCID and affiliation."""
+    store = MetadataStore()
+    jane = {"name": "Jane Doe", "role": "PI", "email": "jane@lab.org", "orcid": "0000-0002-1825-0097"}
+    odd = {"name": "Li Wei (guest)", "affiliation": "ILL"}  # shown as 'Li Wei (guest)' too
+    store.merge({"users": [jane, odd]})
+    shown = [format_user(u) for u in store.get("users")]
+    assert shown == ["Jane Doe (PI)", "Li Wei (guest)"]
+    assert store.merge({"users": shown}) == []  # written back unchanged: nothing changed
+    store.merge({"users": [*shown, "Ada Li (student)"]})
+    assert store.get("users") == [jane, odd, {"name": "Ada Li", "role": "student"}]
+    store.merge({"users": ["Li Wei (guest)"]})  # one removed, the other keeps its record
+    assert store.get("users") == [odd]
+    store.merge({"users": ["Jane Doe (PI)"]})  # a user not there any more starts from what is given
+    assert store.get("users") == [{"name": "Jane Doe", "role": "PI"}]

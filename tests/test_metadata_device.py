@@ -258,3 +258,15 @@ def test_a_closed_dataset_name_is_refused_and_its_summary_kept(site):
         m.StartDataset("run_7")
     assert "already recorded and closed" in desc(exc) and "'run_7_2'" in desc(exc)
     assert open(first).read() == text and m.state() == tango.DevState.ON
+
+
+def test_writing_users_back_as_read_keeps_emails_and_orcids(site):
+    """A panel or script that adds a user through the Users attribute (read, append, write)
+    wiped the email, ORCID and affiliation of every user already there."""
+    m = proxy(site)
+    jane = {"name": "Jane Doe", "role": "PI", "email": "jane@lab.org", "orcid": "0000-0002-1825-0097"}
+    m.SetMetadata(json.dumps({"users": [jane, {"name": "Li Wei", "affiliation": "ILL"}]}))
+    m.Users = [*m.Users, "Ada Li (student)"]
+    assert json.loads(m.GetMetadata())["users"] == [
+        jane, {"name": "Li Wei", "affiliation": "ILL"}, {"name": "Ada Li", "role": "student"}]  # fmt: skip
+    assert list(m.Users) == ["Jane Doe (PI)", "Li Wei", "Ada Li (student)"]

@@ -289,9 +289,17 @@ class MetadataStore:
                     f"users has {len(value)} entries, over the limit of {self.rules.max_users}"
                 )
             users = []
+            # 'Name (role)' as the Users attribute shows it stands for that user's whole record:
+            # writing back what was read (or adding one user to it) kept no email, ORCID, affiliation
+            known = [u for u in self.metadata.get("users") or [] if isinstance(u, dict) and u.get("name")]
             for i, u in enumerate(value):
                 if isinstance(u, str):
-                    u = parse_user(u)
+                    same = next((k for k in known if format_user(k) == u), None)
+                    if same is not None:
+                        known.remove(same)
+                        u = copy.deepcopy(same)
+                    else:
+                        u = parse_user(u)
                 if not isinstance(u, dict) or not u.get("name"):
                     raise MetadataError(f"users[{i}] must be an object with a name, got {u!r:.60}")
                 unknown = sorted(set(u) - set(USER_KEYS))
@@ -360,9 +368,9 @@ class MetadataStore:
             )
         with self._lock:
             update = self._canonical({k: v for k, v in update.items() if k not in legacy})
-        checked = {str(k): self._check(str(k), v) for k, v in update.items()}
-        checked.update(dict.fromkeys(legacy))
         with self._lock:
+            checked = {str(k): self._check(str(k), v) for k, v in update.items()}
+            checked.update(dict.fromkeys(legacy))
             new = copy.deepcopy(self.metadata)
             changes = []
             for key, value in checked.items():
