@@ -344,3 +344,50 @@ def test_users_written_back_as_shown_keep_their_full_records():
     assert store.get("users") == [odd]
     store.merge({"users": ["Jane Doe (PI)"]})  # a user not there any more starts from what is given
     assert store.get("users") == [{"name": "Jane Doe", "role": "PI"}]
+
+
+def test_end_dataset_whose_folder_is_gone_says_so_and_can_be_retried(tmp_path):
+    """A dataset whose folder was moved or deleted could never be ended: EndDataset said only
+    "[Errno 2] No such file or directory: '.../.dataset.json.123.tmp'" and the device stayed RUNNING."""
+    store = MetadataStore()
+    store.merge({"proposal": "P1", "data_root": str(tmp_path)})
+    folder = store.start_dataset("run_1")
+    folder.rmdir()
+    before = store.stored()
+    with pytest.raises(MetadataError) as exc:
+        store.end_dataset()
+    assert f"{folder}, is gone" in str(exc.value) and f"mkdir -p {folder}" in str(exc.value)
+    assert store.stored() == before and store.state == "RUNNING"
+    folder.mkdir()  # the fix the message names
+    assert json.loads(store.end_dataset().read_text())["files"] == [] and store.state == "ON"
+
+
+FULL_DISK = """
+import resource, sys
+from pathlib import Path
+from livehist.components.metadata import MetadataError, MetadataStore
+store = MetadataStore()
+store.merge({"proposal": "P1", "data_root": sys.argv[1], "title": "t" * 4000})
+folder = store.start_dataset("run_1")
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))  # the summary is 4 KB
+try:
+    store.end_dataset()
+except MetadataError as exc:
+    print(exc)
+print(store.state, sorted(p.name for p in folder.iterdir()))
+"""
+
+
+def test_end_dataset_that_cannot_write_its_summary_says_where_and_leaves_no_debris(tmp_path):
+    """On a full disk EndDataset said '[Errno 28] No space left on device' (no folder, no fix) and
+    left a half-written .dataset.json.PID.tmp in the dataset folder."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], capture_output=True, text=True,
+                         timeout=60).stdout.splitlines()  # fmt: skip
+    assert len(out) == 2, out
+    assert out[0].startswith("dataset 'run_1' stays open: its summary cannot be written in ") and (
+        "File too large" in out[0] and "then EndDataset again" in out[0]
+    ), out
+    assert out[1] == "RUNNING []", out  # still open, and no temporary file left

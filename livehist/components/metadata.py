@@ -510,6 +510,11 @@ class MetadataStore:
                 raise MetadataError("no dataset is open; StartDataset first")
             ds = dict(self.dataset, end=_now())
             folder = Path(ds["folder"])
+            if not folder.is_dir():  # it said '[Errno 2] No such file ... .dataset.json.123.tmp'
+                raise MetadataError(
+                    f"the folder of dataset {ds['name']!r}, {folder}, is gone (moved or deleted?): create it "
+                    f"again (mkdir -p {folder}) and EndDataset; the summary then lists what is in it"
+                )
             busy = _being_written(folder)
             if busy:
                 raise MetadataError(
@@ -526,7 +531,13 @@ class MetadataStore:
                 "metadata": copy.deepcopy(self.metadata),
                 "files": _files(folder),
             }
-            path = _write_new(folder, "dataset", json.dumps(summary, indent=1, ensure_ascii=False))
+            try:
+                path = _write_new(folder, "dataset", json.dumps(summary, indent=1, ensure_ascii=False))
+            except OSError as exc:  # it said '[Errno 28] No space left on device' and nothing more
+                raise MetadataError(
+                    f"dataset {ds['name']!r} stays open: its summary cannot be written in {folder} "
+                    f"({exc.strerror}); free space or make the folder writable, then EndDataset again"
+                ) from None
             try:
                 self._commit(self.metadata, self._bounded(self.audit, [Change("dataset", ds["name"], None, client)]),
                              None)  # fmt: skip
@@ -567,12 +578,13 @@ def make_folder(folder: Path, root: Path, group: str, mode: int) -> None:
             if gid != -1:
                 os.chown(p, -1, gid)
             os.chmod(p, mode)  # after chown: chown may clear the setgid bit
-        except PermissionError as exc:
-            raise MetadataError(
-                f"cannot create {p}: {exc.strerror}; check DataRoot permissions / DataGroup"
-            ) from None
         except FileExistsError:
             pass
+        except OSError as exc:  # also a read-only or full file system, not only permissions
+            raise MetadataError(
+                f"cannot create {p}: {exc.strerror}; check DataRoot (permissions, space, a read-only "
+                "mount) and DataGroup"
+            ) from None
 
 
 def _files(folder: Path) -> list[dict]:
@@ -628,8 +640,8 @@ def _no_constant(name: str) -> None:
 def _write_new(folder: Path, stem: str, text: str) -> Path:
     """Write `folder/stem.json` whole, or `stem_2.json`... if taken: never replace a file."""
     tmp = folder / f".{stem}.json.{os.getpid()}.tmp"
-    tmp.write_text(text, encoding="utf-8")
     try:
+        tmp.write_text(text, encoding="utf-8")  # on a full disk, no half-written file is left behind
         for k in range(1, 1000):
             path = folder / (f"{stem}.json" if k == 1 else f"{stem}_{k}.json")
             try:
