@@ -391,3 +391,16 @@ def test_end_dataset_that_cannot_write_its_summary_says_where_and_leaves_no_debr
         "File too large" in out[0] and "then EndDataset again" in out[0]
     ), out
     assert out[1] == "RUNNING []", out  # still open, and no temporary file left
+
+
+@pytest.mark.parametrize(
+    "pattern, root", [("/{data_root}/{dataset}", "{tmp}"), ("{data_root}/{dataset}", "/{tmp}")]
+)
+def test_a_doubled_slash_never_gives_a_folder_that_was_not_created(tmp_path, pattern, root):
+    """With a DataRoot of '/' (or a pattern or DataRoot giving '//...') StartDataset returned
+    '//2026/P1/run_1' as DataFolder and went RUNNING without creating any folder."""
+    store = MetadataStore(Rules(folder_pattern=pattern))
+    store.merge({"proposal": "P1", "data_root": root.format(tmp=tmp_path)})
+    folder = store.start_dataset("run_1")
+    assert str(folder) == f"{tmp_path}/run_1" and folder.is_dir()
+    assert store.snapshot()["dataset"]["folder"] == f"{tmp_path}/run_1"

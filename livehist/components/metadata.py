@@ -464,7 +464,8 @@ class MetadataStore:
                   "instrument": md.get("instrument") or "instrument", "year": f"{now:%Y}",
                   "date": f"{now:%Y-%m-%d}"}  # fmt: skip
         try:
-            folder = Path(self.rules.folder_pattern.format(**fields))
+            # one slash where a DataRoot '/' or '//data' doubled it: Path keeps a leading '//'
+            folder = Path(re.sub(r"/{2,}", "/", self.rules.folder_pattern.format(**fields)))
         except (KeyError, IndexError, ValueError) as exc:
             raise MetadataError(
                 f"DataFolderPattern {self.rules.folder_pattern!r} cannot be filled ({exc}); "
@@ -571,6 +572,7 @@ def make_folder(folder: Path, root: Path, group: str, mode: int) -> None:
             ) from None
     if not root.is_dir():
         raise MetadataError(f"DataRoot {root} does not exist (or is not a folder); create it or fix DataRoot")
+    folder, root = (Path(re.sub(r"/{2,}", "/", str(p))) for p in (folder, root))  # '//data' is '/data'
     missing = [p for p in [folder, *folder.parents] if root in p.parents and not p.exists()]
     for p in reversed(missing):
         try:
@@ -585,6 +587,8 @@ def make_folder(folder: Path, root: Path, group: str, mode: int) -> None:
                 f"cannot create {p}: {exc.strerror}; check DataRoot (permissions, space, a read-only "
                 "mount) and DataGroup"
             ) from None
+    if not folder.is_dir():  # never hand out a DataFolder that is not there
+        raise MetadataError(f"{folder} could not be created under DataRoot {root}; check DataFolderPattern")
 
 
 def _files(folder: Path) -> list[dict]:
