@@ -75,7 +75,14 @@ class MetadataManager(Device):
                           data_group=self.DataGroup, data_mode=int(self.DataMode, 8),
                           max_value_chars=self.MaxValueChars, audit_length=self.AuditLength,
                           audit_bytes=self.AuditBytes)  # fmt: skip
-            stored = json.loads(self.StoredMetadata) if self.StoredMetadata else None
+            try:
+                stored = json.loads(self.StoredMetadata) if self.StoredMetadata else None
+            except ValueError as exc:  # it said only 'Expecting ',' delimiter: line 1 column 49'
+                raise MetadataError(
+                    f"StoredMetadata is not JSON ({exc}; {len(self.StoredMetadata)} characters, cut short?): "
+                    "put back an earlier value from the property's history in the Tango DB, or delete it "
+                    "to start empty"
+                ) from None
             self.store = MetadataStore(rules, save=self._save, stored=stored)
             if self.DefaultDataRoot and not self.store.get("data_root"):
                 os.makedirs(self.DefaultDataRoot, exist_ok=True)
@@ -83,6 +90,12 @@ class MetadataManager(Device):
         except (ValueError, OSError, MetadataError) as exc:
             self.set_state(DevState.FAULT)
             self.set_status(tango_text(f"cannot start: {exc}; fix the properties and run Init"))
+            return
+        except Exception as exc:  # Init said 'UNKNOWN CORBA system exception' and the device 'ON, ready'
+            self.set_state(DevState.FAULT)
+            self.set_status(
+                tango_text(f"cannot start: {exc.__class__.__name__}: {exc}; run Init after the fix")
+            )
             return
         self._sync_state()
 

@@ -404,3 +404,36 @@ def test_a_doubled_slash_never_gives_a_folder_that_was_not_created(tmp_path, pat
     folder = store.start_dataset("run_1")
     assert str(folder) == f"{tmp_path}/run_1" and folder.is_dir()
     assert store.snapshot()["dataset"]["folder"] == f"{tmp_path}/run_1"
+
+
+@pytest.mark.parametrize(
+    "stored, said",
+    [
+        ({"metadata": {"sample": "Si"}}, "metadata.sample is 'Si', not an object"),
+        ({"metadata": [1]}, "metadata is a list, not an object"),
+        ({"metadata": {"users": "Jane"}}, "metadata.users is 'Jane', not a list"),
+        ({"metadata": {"proposal": 5}}, "metadata.proposal is 5, not a string"),
+        ({"metadata": {}, "dataset": "run"}, "dataset is 'run', not an object"),
+        ({"metadata": {}, "audit": "x"}, "audit is 'x', not a list"),
+        (["x"], "a JSON list, not an object"),
+    ],
+)
+def test_a_stored_state_that_is_not_what_was_saved_is_refused_naming_it(stored, said):
+    """Restored without a look: a sample that was not an object made every later merge fail with
+    AttributeError, a list raised TypeError, a proposal 5 read as ON."""
+    with pytest.raises(MetadataError, match="StoredMetadata is not what this device saved") as exc:
+        MetadataStore(stored=stored)
+    assert said in str(exc.value)
+
+
+def test_a_stored_state_from_a_newer_version_is_read_and_its_keys_kept():
+    """An audit entry with one field more (a newer version's) raised TypeError in the restore."""
+    saved = []
+    newer = {"format": 2, "metadata": {"proposal": "P1", "sample": {"name": "Si"}},
+             "audit": [{"time": "t", "client": "c", "key": "proposal", "old": None, "new": "P1", "sig": "x"}],
+             "dataset": None}  # fmt: skip
+    store = MetadataStore(save=saved.append, stored=newer)
+    assert store.state == "ON" and store.get("sample") == {"name": "Si"}
+    assert store.stored()["audit"][0]["new"] == "P1"
+    store.merge({"title": "T"})
+    assert saved[-1]["format"] == 2 and saved[-1]["metadata"]["title"] == "T"

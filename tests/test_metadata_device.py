@@ -270,3 +270,49 @@ def test_writing_users_back_as_read_keeps_emails_and_orcids(site):
     assert json.loads(m.GetMetadata())["users"] == [
         jane, {"name": "Li Wei", "affiliation": "ILL"}, {"name": "Ada Li", "role": "student"}]  # fmt: skip
     assert list(m.Users) == ["Jane Doe (PI)", "Li Wei", "Ada Li (student)"]
+
+
+def test_a_broken_stored_metadata_is_named_and_kept_and_a_newer_one_is_read(site):
+    """A StoredMetadata cut short or edited by hand left the device with 'cannot start: Expecting
+    ',' delimiter...' (no word of which property), or, with one from a newer version (a field more
+    in an audit entry), made Init fail with a Python TypeError; a sample that was not an object made
+    every later SetMetadata fail with AttributeError. It is FAULT naming StoredMetadata, nothing is
+    overwritten, and a newer one is read with its unknown keys kept."""
+    m = proxy(site)
+    m.Proposal = "20261234"
+    m.SampleName = "weld-09"
+    db = tango.Database(*site.host_port)
+
+    def stored() -> list[str]:
+        return list(db.get_device_property(DEV, "StoredMetadata")["StoredMetadata"])
+
+    good = stored()
+    cases = [
+        (good[0][: len(good[0]) // 2], "StoredMetadata is not JSON"),
+        ('{"metadata": {"proposal": "20261234", "sample": "Si"}}', "metadata.sample is 'Si', not an object"),
+        ('{"metadata": {"proposal": 20261234}}', "metadata.proposal is 20261234, not a string"),
+        ('{"metadata": {}, "dataset": "run_7"}', "dataset is 'run_7', not an object with name"),
+        ("[1, 2]", "a JSON list, not an object"),
+    ]
+    try:
+        for text, said in cases:
+            db.put_device_property(DEV, {"StoredMetadata": [text]})
+            m.Init()
+            assert m.state() == tango.DevState.FAULT, (text, m.status())
+            assert said in m.status() and "StoredMetadata" in m.status(), m.status()
+            with pytest.raises(tango.DevFailed):
+                m.SetMetadata('{"title": "not taken"}')
+            assert stored() == [text]  # nothing overwritten: the value can still be repaired
+        newer = json.loads(good[0])
+        newer["format"] = 2
+        newer["audit"][-1]["signature"] = "sha256:..."
+        db.put_device_property(DEV, {"StoredMetadata": [json.dumps(newer)]})
+        m.Init()
+        assert m.state() == tango.DevState.ON, m.status()
+        assert (m.Proposal, m.SampleName) == ("20261234", "weld-09")
+        m.Title = "written by the older version"
+        assert json.loads(stored()[0])["format"] == 2  # a newer version's key is not lost
+    finally:
+        db.put_device_property(DEV, {"StoredMetadata": good})
+        m.Init()
+    assert m.state() == tango.DevState.ON and m.SampleName == "weld-09"

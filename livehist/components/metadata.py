@@ -173,15 +173,59 @@ class MetadataStore:
         self.metadata: dict = {"sample": {}, "users": []}
         self.audit: deque[Change] = deque(maxlen=self.rules.audit_length)
         self.dataset: dict | None = None  # {"name", "folder", "start"} while one is open
+        self._extra: dict = {}  # keys of a StoredMetadata written by a newer version, kept as they were
         if stored:
             self._restore(stored)
 
     # --- persistence -------------------------------------------------------------------
     def _restore(self, stored: dict) -> None:
-        self.metadata = {"sample": {}, "users": [], **stored.get("metadata", {})}
-        audit = [Change(**c) for c in stored.get("audit", [])[-self.rules.audit_length :]]
-        self.audit = self._bounded(self.audit, audit)
-        self.dataset = stored.get("dataset")
+        """Take what `stored()` gave (the device's StoredMetadata). Only its shape is checked, not
+        today's rules (a stricter ProposalPattern must not lose the proposal); keys this version
+        does not know, from a newer one, are kept and saved again. Anything else that is not what
+        a save wrote raises MetadataError saying what, and nothing is taken."""
+
+        def bad(what: str) -> MetadataError:
+            return MetadataError(
+                f"StoredMetadata is not what this device saved: {what} (edited by hand, or cut by the "
+                "database?); correct it, or put back an earlier value from the property's history in the "
+                "Tango DB, or delete it to start empty"
+            )
+
+        if not isinstance(stored, dict):
+            raise bad(f"a JSON {type(stored).__name__}, not an object")
+        metadata = stored.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise bad(f"metadata is a {type(metadata).__name__}, not an object")
+        metadata = {"sample": {}, "users": [], **metadata}
+        for key in STRING_KEYS:
+            if not isinstance(metadata.get(key, ""), str):
+                raise bad(f"metadata.{key} is {metadata[key]!r:.60}, not a string")
+        sample, users = metadata["sample"], metadata["users"]
+        if not isinstance(sample, dict) or not all(
+            k in SAMPLE_KEYS and isinstance(v, str if SAMPLE_KEYS[k] is str else int | float)
+            for k, v in sample.items()
+        ):
+            raise bad(f"metadata.sample is {sample!r:.80}, not an object of {', '.join(SAMPLE_KEYS)}")
+        if not isinstance(users, list) or not all(
+            isinstance(u, dict) and isinstance(u.get("name"), str) and u["name"]
+            and all(k in USER_KEYS and isinstance(v, str) for k, v in u.items()) for u in users
+        ):  # fmt: skip
+            raise bad(f"metadata.users is {users!r:.80}, not a list of users with a name")
+        audit = stored.get("audit") or []
+        if not isinstance(audit, list) or not all(isinstance(c, dict) and "key" in c for c in audit):
+            raise bad(f"audit is {audit!r:.80}, not a list of changes")
+        dataset = stored.get("dataset")
+        if dataset is not None and not (
+            isinstance(dataset, dict)
+            and all(isinstance(dataset.get(k), str) for k in ("name", "folder", "start"))
+        ):
+            raise bad(f"dataset is {dataset!r:.80}, not an object with name, folder and start")
+        self._extra = {k: v for k, v in stored.items() if k not in ("metadata", "audit", "dataset")}
+        self.metadata = metadata
+        changes = [Change(str(c["key"]), c.get("old"), c.get("new"), str(c.get("client", "")),
+                          str(c.get("time", ""))) for c in audit[-self.rules.audit_length :]]  # fmt: skip
+        self.audit = self._bounded(self.audit, changes)
+        self.dataset = dataset
 
     def _bounded(self, audit: deque[Change], new: list[Change]) -> deque[Change]:
         """`audit` plus `new` (abbreviated), oldest dropped until it fits AuditLength and AuditBytes."""
@@ -195,12 +239,13 @@ class MetadataStore:
     def _commit(self, metadata: dict, audit: deque[Change], dataset: dict | None) -> None:
         """Save first, then take the new state: a save that fails changes nothing."""
         if self._save is not None:
-            self._save({"metadata": metadata, "audit": [c.to_json() for c in audit], "dataset": dataset})
+            self._save({**self._extra, "metadata": metadata, "audit": [c.to_json() for c in audit],
+                        "dataset": dataset})  # fmt: skip
         self.metadata, self.audit, self.dataset = metadata, audit, dataset
 
     def stored(self) -> dict:
         with self._lock:
-            return {"metadata": self.metadata, "audit": [c.to_json() for c in self.audit],
+            return {**self._extra, "metadata": self.metadata, "audit": [c.to_json() for c in self.audit],
                     "dataset": self.dataset}  # fmt: skip
 
     # --- reading -----------------------------------------------------------------------
