@@ -437,3 +437,23 @@ def test_a_stored_state_from_a_newer_version_is_read_and_its_keys_kept():
     assert store.stored()["audit"][0]["new"] == "P1"
     store.merge({"title": "T"})
     assert saved[-1]["format"] == 2 and saved[-1]["metadata"]["title"] == "T"
+
+
+@pytest.mark.parametrize("key, value", [("proposal", "P2"), ("data_root", "/elsewhere"), ("proposal", "")])
+def test_what_names_the_open_datasets_folder_cannot_change_under_it(tmp_path, key, value):
+    """Changing the proposal (or DataRoot) while a dataset was open was taken: the next scans went
+    on into DataRoot/2026/P1/run_1 saying proposal P2, and the summary at EndDataset, in P1's folder,
+    claimed proposal P2 for every file, those written for P1 too."""
+    store = MetadataStore()
+    store.merge({"proposal": "P1", "data_root": str(tmp_path), "instrument": "LOKI"})
+    folder = store.start_dataset("run_1")
+    before = store.stored()
+    with pytest.raises(MetadataError) as exc:
+        store.merge({"title": "not applied", key: value})
+    assert f"{key} cannot change while dataset 'run_1' is open in {folder}" in str(exc.value)
+    assert "EndDataset, then set" in str(exc.value)
+    assert store.stored() == before
+    store.merge({"instrument": "LOKI-2", "proposal": "P1"})  # not in the folder's name / unchanged: taken
+    summary = json.loads(store.end_dataset().read_text())
+    assert summary["metadata"]["proposal"] == "P1" and str(folder).endswith("/P1/run_1")
+    store.merge({key: value})  # with no dataset open it is taken

@@ -107,15 +107,15 @@ def test_ascan_with_mg_livehist_writes_nexus_spec_and_json(spock, tmp_path):
 
 
 def test_histo_count_and_dataset_macros(spock, site):
+    m = tango.DeviceProxy(site.url("livehist/metadata/1"))
+    if m.state() == tango.DevState.RUNNING:  # the proposal names an open dataset's folder: fixed till its end
+        m.EndDataset()
     spock.run("meta_set", "proposal", "20262222")
     spock.run("meta_set", "users", "Ada Lovelace (PI), Alan Turing")
     spock.run("meta_set", "sample.temperature", "4.2")
     spock.run("meta_set", "magnetic_field_T", "2.5")
     shown = "\n".join(spock.run("meta_show"))
     assert "sample.temperature  4.2" in shown and "Ada Lovelace (PI), Alan Turing" in shown
-    m = tango.DeviceProxy(site.url("livehist/metadata/1"))
-    if m.state() == tango.DevState.RUNNING:
-        m.EndDataset()
     out = spock.run("dataset_start", "count_test")
     folder = Path(json.loads(m.Metadata)["dataset"]["folder"])
     assert any(str(folder) in line for line in out) and folder.is_dir()

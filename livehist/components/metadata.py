@@ -434,6 +434,15 @@ class MetadataStore:
                 elif old != value:
                     changes.append(Change(key, old, value, client))
                     new[key] = value
+            fixed = self._folder_keys() if self.dataset else set()
+            moved = [c for c in changes if c.key in fixed]
+            if moved:  # the folder is named by them: files of one proposal would land in another's
+                c = moved[0]
+                raise MetadataError(
+                    f"{c.key} cannot change while dataset {self.dataset['name']!r} is open in "
+                    f"{self.dataset['folder']}, a folder named by it ({c.key} {c.old!r}): EndDataset, then "
+                    f"set {c.key} to {c.new!r:.80} and StartDataset"
+                )
             free = [k for k in new if k not in (*STRING_KEYS, "sample", "users")]
             if len(free) > self.rules.max_free_keys:
                 raise MetadataError(
@@ -489,6 +498,16 @@ class MetadataStore:
         return out
 
     # --- datasets ----------------------------------------------------------------------
+    def _folder_keys(self) -> set[str]:
+        """Metadata keys a dataset's folder is made of (DataFolderPattern): fixed while it is open."""
+        import string
+
+        try:
+            used = {f for _, f, _, _ in string.Formatter().parse(self.rules.folder_pattern) if f}
+        except ValueError:
+            used = set()
+        return {"data_root"} | ({"proposal", "instrument"} & used)
+
     def folder_for(self, name: str) -> Path:
         if not isinstance(name, str) or not DATASET_NAME_RE.fullmatch(name) or name in (".", ".."):
             raise MetadataError(
