@@ -457,3 +457,19 @@ def test_what_names_the_open_datasets_folder_cannot_change_under_it(tmp_path, ke
     summary = json.loads(store.end_dataset().read_text())
     assert summary["metadata"]["proposal"] == "P1" and str(folder).endswith("/P1/run_1")
     store.merge({key: value})  # with no dataset open it is taken
+
+
+def test_a_dataset_name_taken_by_a_file_is_refused(tmp_path):
+    """A file where the dataset's folder goes (DataRoot/2026/P1/run_f) was taken as its folder:
+    RUNNING, DataFolder a file, scans failing into it and EndDataset '[Errno 20] Not a directory'."""
+    store = MetadataStore(Rules(folder_pattern="{data_root}/{proposal}/{dataset}"))
+    store.merge({"proposal": "P1", "data_root": str(tmp_path)})
+    (tmp_path / "P1").mkdir()
+    (tmp_path / "P1" / "run_f").write_text("a user's notes")
+    before = store.stored()
+    with pytest.raises(
+        MetadataError, match="run_f exists and is a file, not a folder; choose another dataset name"
+    ):
+        store.start_dataset("run_f")
+    assert store.stored() == before and store.state == "ON"
+    assert (tmp_path / "P1" / "run_f").read_text() == "a user's notes"

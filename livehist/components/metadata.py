@@ -651,6 +651,8 @@ def make_folder(folder: Path, root: Path, group: str, mode: int) -> None:
                 f"cannot create {p}: {exc.strerror}; check DataRoot (permissions, space, a read-only "
                 "mount) and DataGroup"
             ) from None
+    if folder.exists() and not folder.is_dir():  # it was taken as the dataset's folder
+        raise MetadataError(f"{folder} exists and is a file, not a folder; choose another dataset name")
     if not folder.is_dir():  # never hand out a DataFolder that is not there
         raise MetadataError(f"{folder} could not be created under DataRoot {root}; check DataFolderPattern")
 
