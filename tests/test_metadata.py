@@ -473,3 +473,32 @@ def test_a_dataset_name_taken_by_a_file_is_refused(tmp_path):
         store.start_dataset("run_f")
     assert store.stored() == before and store.state == "ON"
     assert (tmp_path / "P1" / "run_f").read_text() == "a user's notes"
+
+
+def test_a_dataset_summary_says_what_changed_while_it_was_open(tmp_path):
+    """The summary's metadata is the one at EndDataset: with the sample changed between two scans it
+    said sample 'Ge' for a dataset whose first file was of 'Si', with no word of the change."""
+    store = MetadataStore()
+    store.merge({"proposal": "P1", "data_root": str(tmp_path), "sample": {"name": "Si"}})
+    folder = store.start_dataset("run_1")
+    (folder / "si.spec").write_text("#F si.spec\n")
+    store.merge({"sample": {"name": "Ge"}, "title": "Ge now"}, client="panel")
+    summary = json.loads(store.end_dataset().read_text())
+    assert summary["metadata"]["sample"]["name"] == "Ge"
+    changes = [(c["key"], c["old"], c["new"], c["client"]) for c in summary["metadata_changes"]]
+    assert changes == [("sample.name", "Si", "Ge", "panel"), ("title", None, "Ge now", "panel")]
+    assert "metadata_changes_complete" not in summary
+    store.start_dataset("run_2")
+    summary = json.loads(store.end_dataset().read_text())
+    assert summary["metadata_changes"] == []  # nothing changed in run_2
+
+
+def test_a_dataset_summary_says_when_the_trail_no_longer_reaches_its_start(tmp_path):
+    store = MetadataStore(Rules(audit_length=3))
+    store.merge({"proposal": "P1", "data_root": str(tmp_path)})
+    store.start_dataset("run_1")
+    for t in "abcd":
+        store.merge({"title": t})
+    summary = json.loads(store.end_dataset().read_text())
+    assert summary["metadata_changes_complete"] is False
+    assert [c["new"] for c in summary["metadata_changes"]] == ["b", "c", "d"]

@@ -594,6 +594,7 @@ class MetadataStore:
                 "start_time": ds["start"],
                 "end_time": ds["end"],
                 "metadata": copy.deepcopy(self.metadata),
+                **self._changes_since_start(ds["name"]),
                 "files": _files(folder),
             }
             try:
@@ -610,6 +611,20 @@ class MetadataStore:
                 path.unlink(missing_ok=True)  # the dataset stays open: no summary claims it closed
                 raise
             return path
+
+    def _changes_since_start(self, name: str) -> dict:
+        """What changed while dataset `name` was open (from the audit trail): `metadata` is the
+        metadata at its end, and a file written before a change (another sample) must not be taken
+        for one of the end's. Incomplete when the trail no longer reaches back to StartDataset."""
+        trail = list(self.audit)
+        start = next((i for i in range(len(trail) - 1, -1, -1)
+                      if trail[i].key == "dataset" and trail[i].old is None and trail[i].new == name), None)  # fmt: skip
+        out: dict = {
+            "metadata_changes": [c.to_json() for c in trail[(start or -1) + 1 :] if c.key != "dataset"]
+        }
+        if start is None:
+            out["metadata_changes_complete"] = False  # AuditLength/AuditBytes dropped the oldest
+        return out
 
 
 def parse_user(text: str) -> dict:
