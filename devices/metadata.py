@@ -71,8 +71,20 @@ class MetadataManager(Device):
             if name not in FIELDS:  # those are made in initialize_dynamic_attributes
                 self.set_change_event(name, True, False)
         try:
+            try:
+                mode = int(self.DataMode, 8)
+            except ValueError:
+                mode = -1
+            if not 0 <= mode <= 0o7777:  # it said "invalid literal for int() with base 8: 'rwxrwsr-x'"
+                raise MetadataError(
+                    f"DataMode {self.DataMode!r} is not an octal mode of folders such as 2775 (setgid, group "
+                    "writable) or 2750"
+                )
+            for name in ("MaxValueChars", "AuditLength", "AuditBytes"):
+                if getattr(self, name) < 1:
+                    raise MetadataError(f"{name} {getattr(self, name)} must be at least 1")
             rules = Rules(proposal_pattern=self.ProposalPattern, folder_pattern=self.DataFolderPattern,
-                          data_group=self.DataGroup, data_mode=int(self.DataMode, 8),
+                          data_group=self.DataGroup, data_mode=mode,
                           max_value_chars=self.MaxValueChars, audit_length=self.AuditLength,
                           audit_bytes=self.AuditBytes)  # fmt: skip
             try:

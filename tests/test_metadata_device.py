@@ -316,3 +316,31 @@ def test_a_broken_stored_metadata_is_named_and_kept_and_a_newer_one_is_read(site
         db.put_device_property(DEV, {"StoredMetadata": good})
         m.Init()
     assert m.state() == tango.DevState.ON and m.SampleName == "weld-09"
+
+
+@pytest.mark.parametrize(
+    "prop, value, said",
+    [
+        ("DataMode", "rwxrwsr-x", "DataMode 'rwxrwsr-x' is not an octal mode of folders such as 2775"),
+        ("DataMode", "77777", "DataMode '77777' is not an octal mode"),
+        ("AuditLength", "-1", "AuditLength -1 must be at least 1"),
+    ],
+)
+def test_an_unusable_property_is_named_in_the_status(site, prop, value, said):
+    """DataMode 'rwxrwsr-x' left the device FAULT with "invalid literal for int() with base 8:
+    'rwxrwsr-x'", naming no property; AuditLength -1 with 'maxlen must be non-negative'."""
+    m = proxy(site)
+    m.Proposal = "20261234"
+    db = tango.Database(*site.host_port)
+    before = list(db.get_device_property(DEV, prop)[prop])
+    try:
+        db.put_device_property(DEV, {prop: [value]})
+        m.Init()
+        assert m.state() == tango.DevState.FAULT and said in m.status(), m.status()
+    finally:
+        if before:
+            db.put_device_property(DEV, {prop: before})
+        else:
+            db.delete_device_property(DEV, prop)
+        m.Init()
+    assert m.state() == tango.DevState.ON and m.Proposal == "20261234"
