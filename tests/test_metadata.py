@@ -502,3 +502,15 @@ def test_a_dataset_summary_says_when_the_trail_no_longer_reaches_its_start(tmp_p
     summary = json.loads(store.end_dataset().read_text())
     assert summary["metadata_changes_complete"] is False
     assert [c["new"] for c in summary["metadata_changes"]] == ["b", "c", "d"]
+
+
+def test_an_abbreviated_audit_entry_survives_restarts_unchanged():
+    """The trail keeps long values abbreviated; each restart (or Init) abbreviated the abbreviation
+    again, so an entry saying '4000 characters in all' said '316 characters in all' afterwards."""
+    store = MetadataStore()
+    store.merge({"title": "x" * 4000, "tags": ["y" * 300]})
+    saved = store.stored()
+    assert saved["audit"][0]["new"].endswith("[abbreviated in the audit trail: 4000 characters in all]")
+    for _ in range(3):  # three restarts
+        store = MetadataStore(stored=store.stored())
+    assert store.stored()["audit"] == saved["audit"]

@@ -224,13 +224,16 @@ class MetadataStore:
         self.metadata = metadata
         changes = [Change(str(c["key"]), c.get("old"), c.get("new"), str(c.get("client", "")),
                           str(c.get("time", ""))) for c in audit[-self.rules.audit_length :]]  # fmt: skip
-        self.audit = self._bounded(self.audit, changes)
+        self.audit = self._bounded(self.audit, changes, abbreviate=False)  # saved abbreviated already
         self.dataset = dataset
 
-    def _bounded(self, audit: deque[Change], new: list[Change]) -> deque[Change]:
-        """`audit` plus `new` (abbreviated), oldest dropped until it fits AuditLength and AuditBytes."""
+    def _bounded(self, audit: deque[Change], new: list[Change], abbreviate: bool = True) -> deque[Change]:
+        """`audit` plus `new` (abbreviated), oldest dropped until it fits AuditLength and AuditBytes.
+
+        Restored entries are not abbreviated again: each restart cut the cut value and its note
+        '4000 characters in all' became '316 characters in all'."""
         out = deque(audit, maxlen=self.rules.audit_length)
-        out.extend(c.abbreviated(self.rules.audit_value_chars) for c in new)
+        out.extend(c.abbreviated(self.rules.audit_value_chars) if abbreviate else c for c in new)
         size = len(json.dumps([c.to_json() for c in out]))
         while out and size > self.rules.audit_bytes:
             size -= len(json.dumps(out.popleft().to_json())) + 2
