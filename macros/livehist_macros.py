@@ -258,7 +258,16 @@ def _parse(key, value):
     except LivehistError as exc:
         raise ValueError(tango_text(str(exc))) from None
     if key == "users":
-        return [u.strip() for u in value.split(",") if u.strip()]
+        # 'Doe, Jane (PI)' was cut into two users, 'Doe' and 'Jane' (PI): with a ';' anywhere the
+        # users are split at ';' only, and a JSON list is taken as it is
+        if value.lstrip().startswith("["):
+            try:
+                users = json.loads(value)
+            except ValueError:
+                users = None
+            if isinstance(users, list):
+                return users
+        return [u.strip() for u in value.split(";" if ";" in value else ",") if u.strip()]
     if key == "sample.temperature":
         try:
             t = float(value)
@@ -292,7 +301,8 @@ def _finite(value) -> bool:
 class meta_set(Macro, _Livehist):
     """Set one metadata key: proposal, title, instrument, data_root, sample.name,
     sample.description, sample.chemical_formula, sample.temperature (K), users
-    ('Jane Doe (PI), Li Wei') or any free-form key (JSON values are parsed).
+    ('Jane Doe (PI), Li Wei'; with ';' between users when a name holds a comma:
+    'Doe, Jane (PI); Li, Wei'; or a JSON list) or any free-form key (JSON values are parsed).
     Attribute names work too (Proposal, SampleName, DataRoot...). Characters beyond
     Latin-1 (spock cannot send them) as escapes: \\u03b1 or \\N{GREEK SMALL LETTER ALPHA}."""
 
@@ -320,8 +330,9 @@ class meta_show(Macro, _Livehist):
             if isinstance(value, dict):
                 rows += [(f"{key}.{k}", v) for k, v in value.items()]
             elif key == "users":
-                rows += [("users", ", ".join(f"{u['name']} ({u['role']})" if u.get("role") else u["name"]
-                                             for u in value))]  # fmt: skip
+                shown = [f"{u['name']} ({u['role']})" if u.get("role") else u["name"] for u in value]
+                # as meta_set takes them: '; ' between users when a name holds a comma
+                rows += [("users", ("; " if any("," in u for u in shown) else ", ").join(shown))]
             else:
                 rows.append((key, value))
         width = max((len(k) for k, _ in rows), default=4)

@@ -137,6 +137,21 @@ def test_histo_count_and_dataset_macros(spock, site):
     assert any("3 files" in line for line in out)
 
 
+def test_meta_set_users_whose_names_hold_a_comma(spock, site):
+    """`meta_set users "Doe, Jane (PI); Li, Wei"` was cut at every comma: four users 'Doe',
+    'Jane' (PI), 'Li; Wei'... in every file, and no way to give a 'Last, First' name at all."""
+    m = tango.DeviceProxy(site.url("livehist/metadata/1"))
+    spock.run("meta_set", "users", "Doe, Jane (PI); Li, Wei")
+    assert json.loads(m.GetMetadata())["users"] == [{"name": "Doe, Jane", "role": "PI"}, {"name": "Li, Wei"}]
+    shown = [line.split(None, 1) for line in spock.run("meta_show") if line.startswith("users ")]
+    assert shown == [["users", "Doe, Jane (PI); Li, Wei"]], shown  # as meta_set takes it
+    spock.run("meta_set", "users", '["Lovelace, Ada (PI)", {"name": "Turing, Alan", "orcid": "0000-0001"}]')
+    assert json.loads(m.GetMetadata())["users"] == [
+        {"name": "Lovelace, Ada", "role": "PI"}, {"name": "Turing, Alan", "orcid": "0000-0001"}]  # fmt: skip
+    spock.run("meta_set", "users", "Ada Lovelace (PI), Alan Turing")  # the comma list as before
+    assert list(m.Users) == ["Ada Lovelace (PI)", "Alan Turing"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
