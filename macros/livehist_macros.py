@@ -222,13 +222,14 @@ class histo_count(Macro, _Livehist):
             self.warning("histograms not recorded: set ScanDir and ScanFile (e.g. senv ScanFile scan.nxs)")
             return
         serial = int(self._env("ScanID", 0)) + 1
+        metadata = {}
         try:
             m = self.metadata_device()
-        except RuntimeError as exc:
-            self.warning(f"{exc}; recording without metadata")
-            m = None
+            metadata = json.loads(self.call(m.GetMetadata))
+        except RuntimeError as exc:  # down, or answering but unusable (FAULT): the count is kept
+            self.warning(tango_text(f"{exc}; recording without metadata"))
         try:
-            r = record_histograms(h, targets, f"histo_count {seconds:g}", serial, metadata_device=m,
+            r = record_histograms(h, targets, f"histo_count {seconds:g}", serial, metadata=metadata,
                                   status=outcome.status, reason=outcome.reason)  # fmt: skip
         except Exception as exc:  # refused at scan start: nothing was written anywhere
             raise RuntimeError(tango_text(f"histograms not recorded: {exc}")) from None

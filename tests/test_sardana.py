@@ -269,3 +269,32 @@ def test_histogrammer_down_at_scan_start_and_dying_mid_scan(spock, tmp_path):
         assert specfile.Specfile(str(tmp_path / "scan.spec"))[0].lines() == n
     finally:
         control.up(site.tango_host, site.config_path, site.state_dir, say=lambda s: None)
+
+
+def test_histo_count_with_the_metadata_manager_in_fault_still_records(spock, site, tmp_path):
+    """With the MetadataManager answering but in FAULT (a StoredMetadata it cannot read), histo_count
+    said 'histograms not recorded: ...' and the whole count was lost, where a scan records with a
+    warning; the count is recorded without metadata, and says so."""
+    name = "livehist/metadata/1"
+    m = tango.DeviceProxy(site.url(name))
+    db = tango.Database(*site.host_port)
+    good = list(db.get_device_property(name, "StoredMetadata")["StoredMetadata"])
+    try:
+        db.put_device_property(name, {"StoredMetadata": ['{"metadata": {"proposal": "2026']})  # cut short
+        m.Init()
+        assert m.state() == tango.DevState.FAULT
+        out = spock.run("histo_count", "0.5")
+        assert any("recording without metadata" in line for line in out), out
+        records = [json.loads(line) for line in (tmp_path / "scan.jsonl").read_text().splitlines()]
+        assert records[0]["metadata"] == {} and records[-1]["record"] == "end", records[-1]
+        assert any(r["record"] == "histogram" for r in records)
+        assert any("scan" in line and "recorded in" in line for line in out), out
+        out = spock.run("ascan", "mot01", "0", "1", "1", "0.1")  # a scan says why it has no metadata
+        assert any("no metadata from" in line and "StoredMetadata is not JSON" in line for line in out), out
+    finally:
+        if good:
+            db.put_device_property(name, {"StoredMetadata": good})
+        else:
+            db.delete_device_property(name, "StoredMetadata")
+        m.Init()
+    assert m.state() != tango.DevState.FAULT

@@ -136,13 +136,18 @@ def record_histograms(
     metadata_device=None,
     status: str = "ok",
     reason: str = "",
+    metadata: dict | None = None,
 ) -> Recorder:
+    """Record the histograms as one scan; `metadata` (already fetched) or else the snapshot of
+    `metadata_device` goes into every file."""
     decls, records = histogram_records(histogrammer)
     config = {"device": histogrammer.dev_name(), "EventSource": histogrammer.EventSourceURI,
               "Histograms": [d.spec for d in decls]}  # fmt: skip
     config.update(provenance(histogrammer))
+    if metadata is None:
+        metadata = metadata_snapshot(metadata_device)
     recorder = Recorder([open_sink(t) for t in targets])
-    recorder.start(ScanStart(title, scan_number, [], metadata=metadata_snapshot(metadata_device),
+    recorder.start(ScanStart(title, scan_number, [], metadata=metadata,
                              histograms=decls, config=config))  # fmt: skip
     for record in records:
         recorder.histogram(record)

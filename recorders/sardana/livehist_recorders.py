@@ -60,8 +60,12 @@ def _metadata(macro, recordlist=None) -> dict:
             proxy = tango.DeviceProxy(device)
             proxy.set_timeout_millis(2000)
             result["metadata"] = json.loads(proxy.GetMetadata())
-        except Exception as exc:
-            result["error"] = exc.__class__.__name__
+        except Exception as exc:  # a DevFailed says why (a FAULT's Status): 'DevFailed' alone did not
+            args = getattr(exc, "args", None)
+            desc = getattr(args[0], "desc", "") if args else ""
+            result["error"] = (
+                f"{exc.__class__.__name__}: {' '.join(str(desc).split())}" if desc else exc.__class__.__name__
+            )
 
     worker = threading.Thread(target=fetch, name="livehist-metadata", daemon=True)
     worker.start()
