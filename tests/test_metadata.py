@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import grp
 import json
 import os
@@ -514,3 +515,24 @@ def test_an_abbreviated_audit_entry_survives_restarts_unchanged():
     for _ in range(3):  # three restarts
         store = MetadataStore(stored=store.stored())
     assert store.stored()["audit"] == saved["audit"]
+
+
+def test_end_dataset_after_a_kill_between_summary_and_save_writes_no_second_summary(tmp_path):
+    """EndDataset writes dataset.json, then saves the closed state; a server killed between the
+    two came back RUNNING, and the next EndDataset wrote dataset_2.json: two summaries of one
+    dataset (a catalogue registers it twice). So did a device cloned with its StoredMetadata."""
+    store = MetadataStore()
+    store.merge({"proposal": "P1", "data_root": str(tmp_path)})
+    folder = store.start_dataset("run_1")
+    open_state = copy.deepcopy(store.stored())  # what the killed server had saved
+    first = store.end_dataset()
+    text = first.read_text()
+    restarted = MetadataStore(stored=open_state)
+    assert restarted.state == "RUNNING"
+    assert restarted.end_dataset() == first and restarted.state == "ON"
+    assert sorted(p.name for p in folder.iterdir()) == ["dataset.json"] and first.read_text() == text
+    restarted.start_dataset("run_2")  # the summary found is only ever the same dataset's
+    (restarted.folder_for("run_2") / "dataset.json").write_text(
+        '{"dataset": "run_2", "start_time": "earlier"}'
+    )
+    assert restarted.end_dataset().name == "dataset_2.json"

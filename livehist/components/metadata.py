@@ -590,6 +590,11 @@ class MetadataStore:
                     "written (a scan or count is running); EndDataset once it has ended: a summary now would "
                     "list files still growing, and the scan would go on into the closed dataset"
                 )
+            done = _summary_of(folder, ds["name"], ds["start"])
+            if done is not None:  # an EndDataset killed before its close was saved, or a cloned device
+                self._commit(self.metadata, self._bounded(self.audit, [Change("dataset", ds["name"], None, client)]),
+                             None)  # fmt: skip
+                return done  # closed as summarised: a second summary (dataset_2.json) would list it twice
             summary = {
                 "schema": "livehist-dataset/1",
                 "dataset": ds["name"],
@@ -707,6 +712,18 @@ def _being_written(folder: Path) -> list[str]:
         finally:
             os.close(fd)
     return busy
+
+
+def _summary_of(folder: Path, name: str, start: str) -> Path | None:
+    """The summary already written in `folder` for the dataset `name` opened at `start`, if any."""
+    for path in sorted(folder.glob("dataset*.json")):
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(summary, dict) and (summary.get("dataset"), summary.get("start_time")) == (name, start):
+            return path
+    return None
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
