@@ -31,6 +31,12 @@ def one_line(text) -> str:
     return " ".join(str(text).split())
 
 
+def _field(value) -> str:
+    """A key=value field's value: as is, or JSON-quoted when it holds what separates fields."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',="') else text
+
+
 def _fmt(v) -> str:
     return repr(float(v)) if isinstance(v, float | np.floating) else str(v)
 
@@ -108,8 +114,8 @@ class SpecSink(Sink):
                 lines.append(f"#C {key}: {one_line(md[key])}")
         for key, value in (md.get("sample") or {}).items():
             lines.append(f"#C sample.{key}: {one_line(value)}")
-        for user in md.get("users") or []:
-            lines.append("#C user: " + one_line(", ".join(f"{k}={v}" for k, v in user.items())))
+        for user in md.get("users") or []:  # a value with ', ' or '=' quoted: 'name=Doe, Jane' read as two
+            lines.append("#C user: " + one_line(", ".join(f"{k}={_field(v)}" for k, v in user.items())))
         if (md.get("dataset") or {}).get("name"):
             lines.append(f"#C dataset: {one_line(md['dataset']['name'])}")
         for key, value in md.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -655,3 +656,20 @@ def test_sps_keeps_its_environment_whole_and_refuses_what_it_cannot_hold():
         Recorder([open_sink(f"sps://{name}x")]).start(ScanStart("many", 2, many))
     with pytest.raises(RecorderError, match="at most 31 characters"):
         Recorder([open_sink(f"sps://{name}y")]).start(ScanStart("long", 3, [Column("s" * 40, shape=(4,))]))
+
+
+def test_spec_user_lines_keep_names_with_commas_whole(tmp_path):
+    """'#C user: name=Doe, Jane, role=PI' read as a user 'Doe' and a stray 'Jane'; a name such as
+    'Eve, role=PI' made the line claim a role nobody gave: such values are quoted."""
+    md = {
+        **METADATA,
+        "users": [{"name": "Doe, Jane", "role": "PI"}, {"name": "Eve, role=PI"}, {"name": "Li Wei"}],
+    }
+    path = tmp_path / "users.spec"
+    record_scan([path], start=dataclasses.replace(scan_start(), metadata=md))
+    users = [line for line in path.read_text().splitlines() if line.startswith("#C user: ")]
+    assert users == [
+        '#C user: name="Doe, Jane", role=PI',
+        '#C user: name="Eve, role=PI"',
+        "#C user: name=Li Wei",
+    ]
