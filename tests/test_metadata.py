@@ -536,3 +536,27 @@ def test_end_dataset_after_a_kill_between_summary_and_save_writes_no_second_summ
         '{"dataset": "run_2", "start_time": "earlier"}'
     )
     assert restarted.end_dataset().name == "dataset_2.json"
+
+
+def test_a_symbolic_link_below_data_root_is_never_a_dataset_folder(tmp_path):
+    """A link DataRoot/2026/P1/run_link -> DataRoot/2026/P2/secret (made by anyone who can write in
+    P1's folder) was taken: P1's dataset was written into P2's folder, its summary there claiming
+    proposal P1; a link leading out of DataRoot was refused as 'fix the pattern'."""
+    store = MetadataStore(Rules(folder_pattern="{data_root}/{proposal}/{dataset}"))
+    store.merge({"proposal": "P1", "data_root": str(tmp_path)})
+    (tmp_path / "P1").mkdir()
+    (tmp_path / "P2" / "secret").mkdir(parents=True)
+    (tmp_path / "P1" / "run_link").symlink_to(tmp_path / "P2" / "secret")
+    (tmp_path / "P1" / "run_out").symlink_to("/tmp")
+    before = store.stored()
+    for name in ("run_link", "run_out"):
+        with pytest.raises(
+            MetadataError, match=f"P1/{name} is a symbolic link .* remove it or choose another"
+        ):
+            store.start_dataset(name)
+    assert store.stored() == before and store.state == "ON"
+    assert list((tmp_path / "P2" / "secret").iterdir()) == []
+    (tmp_path / "P0").symlink_to(tmp_path / "P1")  # a link above the dataset's own folder too
+    store.merge({"proposal": "P0"})
+    with pytest.raises(MetadataError, match="P0 is a symbolic link"):
+        store.start_dataset("run_1")

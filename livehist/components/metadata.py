@@ -538,6 +538,14 @@ class MetadataStore:
                 f"DataFolderPattern {self.rules.folder_pattern!r} cannot be filled ({exc}); "
                 f"it may use {{{'}, {'.join(fields)}}}"
             ) from None
+        base = Path(re.sub(r"/{2,}", "/", md["data_root"]))
+        for p in [folder, *folder.parents]:  # below DataRoot: a link made there led into another folder
+            if base in p.parents and p.is_symlink():
+                raise MetadataError(
+                    f"{p} is a symbolic link (to {os.readlink(p)}); a dataset is never written through a link "
+                    "below DataRoot (it led into another proposal's folder): remove it or choose another "
+                    "dataset name"
+                )
         root = Path(md["data_root"]).resolve()
         if root not in folder.resolve().parents:
             raise MetadataError(f"DataFolderPattern gives {folder}, outside DataRoot {root}; fix the pattern")
