@@ -108,6 +108,13 @@ class NexusSource(Source):
             self.pulse_time = np.rint((zero + base) * 1e9).astype(np.int64)
             self.event_index = g["event_index"][()].astype(np.int64)
             self.n_events = g["event_id"].shape[0]
+            shapes = {k: g[k].shape for k in ("event_id", "event_time_offset")}
+            if shapes["event_id"] != shapes["event_time_offset"] or len(shapes["event_id"]) != 1:
+                raise SourceError(
+                    f"EventSource {self.uri!r}: {group}/event_id has {_size(shapes['event_id'])} values but "
+                    f"event_time_offset has {_size(shapes['event_time_offset'])}; both must be 1-D with one "
+                    "value per event (the file is damaged or still being written)"
+                )
             if self.event_index.size != self.pulse_time.size:
                 raise SourceError(
                     f"{group}: event_index has {self.event_index.size} pulses but event_time_zero {self.pulse_time.size}"
@@ -173,3 +180,7 @@ def _find_event_group(f: h5py.File) -> str | None:
 
     f.visititems(visit)
     return found[0] if found else None
+
+
+def _size(shape: tuple) -> str:
+    return str(shape[0]) if len(shape) == 1 else f"shape {shape}"
