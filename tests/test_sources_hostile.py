@@ -52,3 +52,38 @@ def test_nexus_arrays_of_different_lengths_are_refused_not_half_counted(tmp_path
                           np.arange(10) * 0.1, np.arange(10) * 10)  # fmt: skip
         with pytest.raises(SourceError, match=f"event_id has {ids} .*event_time_offset has {tofs}"):
             open_source(f"nexus://{path}?rate=max")
+
+
+def test_nexus_big_endian_and_unusual_dtypes_replay_equal_numpy(tmp_path):
+    """Big-endian arrays (HDF5 keeps the writer's byte order) failed histogramming with a numba
+    TypingError ('Unsupported array dtype: >i4'): FAULT and nothing counted."""
+    rng = np.random.default_rng(3)
+    n = 5000
+    ids, tofs = rng.integers(-2, 18, n), rng.uniform(-100, 1100, n)
+    index = np.sort(rng.integers(0, n, 20))
+    index[0] = 0
+    cases = [(">i4", ">f4"), (">u8", ">f8"), (">i2", ">i8"), ("<u4", "<f4"), (">i8", ">u4")]
+    for id_type, tof_type in cases:
+        i, t = (
+            ids.astype(id_type) if id_type[1] != "u" else np.abs(ids).astype(id_type),
+            tofs.astype(tof_type),
+        )
+        path = event_file(tmp_path / f"{id_type[1:]}_{tof_type[1:]}.nxs", i, t,
+                          (np.arange(20) * 0.1).astype(">f8"), index.astype(">i8"))  # fmt: skip
+        engine = replay(f"nexus://{path}?rate=max")
+        snap = engine.snapshot()
+        assert snap.events == n and snap.pulses == 20, (id_type, tof_type)
+        t64 = t.astype(
+            np.float64
+        )  # bins are half-open: an event at 1000 is outside (numpy closes its last bin)
+        expected = np.histogram(t64[t64 < 1000], np.linspace(0, 1000, 11))[0]
+        assert snap.counts["t"].tolist() == expected.tolist(), (id_type, tof_type)
+        p = i.astype(np.int64)
+        assert snap.counts["i"].ravel().tolist() == np.bincount(p[(p >= 0) & (p < 16)], minlength=16).tolist()
+
+
+def test_nexus_non_numeric_event_arrays_are_refused_at_open(tmp_path):
+    """String pixel ids failed later, at the first pulse, with a numba TypingError."""
+    path = event_file(tmp_path / "s.nxs", np.array([b"a"] * 10), np.arange(10), [0.0], [0])
+    with pytest.raises(SourceError, match=r"event_id has dtype \|S1; .*numbers"):
+        open_source(f"nexus://{path}")

@@ -115,6 +115,12 @@ class NexusSource(Source):
                     f"event_time_offset has {_size(shapes['event_time_offset'])}; both must be 1-D with one "
                     "value per event (the file is damaged or still being written)"
                 )
+            for k in ("event_id", "event_time_offset"):
+                if g[k].dtype.kind not in "iuf":
+                    raise SourceError(
+                        f"EventSource {self.uri!r}: {group}/{k} has dtype {g[k].dtype.str}; livehist replays "
+                        "integer or floating-point numbers only"
+                    )
             if self.event_index.size != self.pulse_time.size:
                 raise SourceError(
                     f"{group}: event_index has {self.event_index.size} pulses but event_time_zero {self.pulse_time.size}"
@@ -159,7 +165,7 @@ class NexusSource(Source):
                     a = int(self.event_index[p])
                     b = int(self.event_index[q]) if q < n_pulses else self.n_events
                     batch = EventBatch(
-                        g["event_time_offset"][a:b], g["event_id"][a:b],
+                        _native(g["event_time_offset"][a:b]), _native(g["event_id"][a:b]),
                         self.pulse_time[p:q] + shift, self.event_index[p:q] - a, self.tof_unit, self.group,
                     )  # fmt: skip
                     if not self.emit(batch):
@@ -184,3 +190,8 @@ def _find_event_group(f: h5py.File) -> str | None:
 
 def _size(shape: tuple) -> str:
     return str(shape[0]) if len(shape) == 1 else f"shape {shape}"
+
+
+def _native(a: np.ndarray) -> np.ndarray:
+    """The array in this machine's byte order (HDF5 hands over the writer's: the kernels take native only)."""
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
