@@ -11,6 +11,7 @@ import pytest
 from livehist.engine import Engine
 from livehist.engine.sources import SourceError, open_source
 from livehist.engine.spec import parse_histograms
+from tests.conftest import SANS2D
 
 SPECS = [
     {"name": "t", "kind": "tof", "tof": {"start": 0, "stop": 1000, "bins": 10}},
@@ -87,3 +88,16 @@ def test_nexus_non_numeric_event_arrays_are_refused_at_open(tmp_path):
     path = event_file(tmp_path / "s.nxs", np.array([b"a"] * 10), np.arange(10), [0.0], [0])
     with pytest.raises(SourceError, match=r"event_id has dtype \|S1; .*numbers"):
         open_source(f"nexus://{path}")
+
+
+def test_nexus_damaged_file_fails_with_a_source_error_naming_it(tmp_path):
+    """A file damaged in its middle raised a bare RuntimeError ('Object visitation failed (bad
+    symbol table node signature)') from the search for the NXevent_data group: not a SourceError,
+    so a device that reopens a failed source (it catches SourceError) was not prepared for it."""
+    raw = bytearray(open(SANS2D, "rb").read())
+    middle = len(raw) // 2
+    raw[middle : middle + 4096] = b"\xa5" * 4096
+    bad = tmp_path / "damaged.nxs"
+    bad.write_bytes(raw)
+    with pytest.raises(SourceError, match=f"cannot read {bad}: .*bad symbol table"):
+        open_source(f"nexus://{bad}?rate=max")

@@ -73,67 +73,78 @@ class NexusSource(Source):
             f = h5py.File(self.file, "r")
         except OSError as exc:
             raise SourceError(f"EventSource {self.uri!r}: cannot open {self.file}: {exc}") from None
-        with f:
-            group = self.group or _find_event_group(f)
-            if group is None or group not in f or not isinstance(f[group], h5py.Group):
-                raise SourceError(
-                    f"EventSource {self.uri!r}: {group or 'no NXevent_data group'} not found in {self.file}; give path=/entry/..."
+        try:
+            with f:
+                self._read_index(f, tof_unit)
+        except SourceError:
+            raise
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:  # h5py on a damaged file
+            raise SourceError(
+                f"EventSource {self.uri!r}: cannot read {self.file}: {type(exc).__name__}: {exc} "
+                "(a damaged or unfinished file?)"
+            ) from None
+
+    def _read_index(self, f: h5py.File, tof_unit: str | None) -> None:
+        group = self.group or _find_event_group(f)
+        if group is None or group not in f or not isinstance(f[group], h5py.Group):
+            raise SourceError(
+                f"EventSource {self.uri!r}: {group or 'no NXevent_data group'} not found in {self.file}; give path=/entry/..."
+            )
+        g = f[group]
+        nx_class = g.attrs.get("NX_class", b"")
+        nx_class = nx_class.decode() if isinstance(nx_class, bytes) else str(nx_class)
+        missing = [k for k in FIELDS if k not in g]
+        if nx_class != "NXevent_data" or missing:
+            raise SourceError(
+                f"EventSource {self.uri!r}: {group} is not NXevent_data "
+                f"(NX_class={nx_class!r}, missing {missing or 'nothing'})"
+            )
+        self.group = group
+        self.tof_unit = tof_unit or _unit(g["event_time_offset"], "us", "event_time_offset", group)
+        zero_unit = _unit(g["event_time_zero"], "s", "event_time_zero", group)
+        zero = g["event_time_zero"][()].astype(np.float64) * SECONDS[zero_unit]
+        offset = g["event_time_zero"].attrs.get("offset")
+        base = 0.0
+        if offset is not None:
+            try:
+                base = datetime.fromisoformat(
+                    offset.decode() if isinstance(offset, bytes) else str(offset)
+                ).timestamp()
+            except ValueError:
+                log.warning(
+                    "%s/event_time_zero@offset %r is not ISO 8601; pulse times taken as given",
+                    group,
+                    offset,
                 )
-            g = f[group]
-            nx_class = g.attrs.get("NX_class", b"")
-            nx_class = nx_class.decode() if isinstance(nx_class, bytes) else str(nx_class)
-            missing = [k for k in FIELDS if k not in g]
-            if nx_class != "NXevent_data" or missing:
+        self.pulse_time = np.rint((zero + base) * 1e9).astype(np.int64)
+        self.event_index = g["event_index"][()].astype(np.int64)
+        self.n_events = g["event_id"].shape[0]
+        shapes = {k: g[k].shape for k in ("event_id", "event_time_offset")}
+        if shapes["event_id"] != shapes["event_time_offset"] or len(shapes["event_id"]) != 1:
+            raise SourceError(
+                f"EventSource {self.uri!r}: {group}/event_id has {_size(shapes['event_id'])} values but "
+                f"event_time_offset has {_size(shapes['event_time_offset'])}; both must be 1-D with one "
+                "value per event (the file is damaged or still being written)"
+            )
+        for k in ("event_id", "event_time_offset"):
+            if g[k].dtype.kind not in "iuf":
                 raise SourceError(
-                    f"EventSource {self.uri!r}: {group} is not NXevent_data "
-                    f"(NX_class={nx_class!r}, missing {missing or 'nothing'})"
+                    f"EventSource {self.uri!r}: {group}/{k} has dtype {g[k].dtype.str}; livehist replays "
+                    "integer or floating-point numbers only"
                 )
-            self.group = group
-            self.tof_unit = tof_unit or _unit(g["event_time_offset"], "us", "event_time_offset", group)
-            zero_unit = _unit(g["event_time_zero"], "s", "event_time_zero", group)
-            zero = g["event_time_zero"][()].astype(np.float64) * SECONDS[zero_unit]
-            offset = g["event_time_zero"].attrs.get("offset")
-            base = 0.0
-            if offset is not None:
-                try:
-                    base = datetime.fromisoformat(
-                        offset.decode() if isinstance(offset, bytes) else str(offset)
-                    ).timestamp()
-                except ValueError:
-                    log.warning(
-                        "%s/event_time_zero@offset %r is not ISO 8601; pulse times taken as given",
-                        group,
-                        offset,
-                    )
-            self.pulse_time = np.rint((zero + base) * 1e9).astype(np.int64)
-            self.event_index = g["event_index"][()].astype(np.int64)
-            self.n_events = g["event_id"].shape[0]
-            shapes = {k: g[k].shape for k in ("event_id", "event_time_offset")}
-            if shapes["event_id"] != shapes["event_time_offset"] or len(shapes["event_id"]) != 1:
-                raise SourceError(
-                    f"EventSource {self.uri!r}: {group}/event_id has {_size(shapes['event_id'])} values but "
-                    f"event_time_offset has {_size(shapes['event_time_offset'])}; both must be 1-D with one "
-                    "value per event (the file is damaged or still being written)"
-                )
-            for k in ("event_id", "event_time_offset"):
-                if g[k].dtype.kind not in "iuf":
-                    raise SourceError(
-                        f"EventSource {self.uri!r}: {group}/{k} has dtype {g[k].dtype.str}; livehist replays "
-                        "integer or floating-point numbers only"
-                    )
-            if self.event_index.size != self.pulse_time.size:
-                raise SourceError(
-                    f"{group}: event_index has {self.event_index.size} pulses but event_time_zero {self.pulse_time.size}"
-                )
-            idx = self.event_index
-            if idx.size and (idx[0] < 0 or idx[-1] > self.n_events or np.any(np.diff(idx) < 0)):
-                wrong = (idx < 0) | (idx > self.n_events) | np.append(np.diff(idx) < 0, False)
-                bad = int(np.flatnonzero(wrong)[0]) if wrong.any() else idx.size - 1
-                raise SourceError(
-                    f"EventSource {self.uri!r}: {group}/event_index must not decrease and stay within the "
-                    f"{self.n_events} events (0..{self.n_events}); pulse {bad} has {int(idx[bad])} "
-                    f"(replaying it would count events twice)"
-                )
+        if self.event_index.size != self.pulse_time.size:
+            raise SourceError(
+                f"{group}: event_index has {self.event_index.size} pulses but event_time_zero {self.pulse_time.size}"
+            )
+        idx = self.event_index
+        if idx.size and (idx[0] < 0 or idx[-1] > self.n_events or np.any(np.diff(idx) < 0)):
+            wrong = (idx < 0) | (idx > self.n_events) | np.append(np.diff(idx) < 0, False)
+            bad = int(np.flatnonzero(wrong)[0]) if wrong.any() else idx.size - 1
+            raise SourceError(
+                f"EventSource {self.uri!r}: {group}/event_index must not decrease and stay within the "
+                f"{self.n_events} events (0..{self.n_events}); pulse {bad} has {int(idx[bad])} "
+                f"(replaying it would count events twice)"
+            )
 
     def run(self) -> None:
         n_pulses = self.pulse_time.size
