@@ -101,3 +101,17 @@ def test_nexus_damaged_file_fails_with_a_source_error_naming_it(tmp_path):
     bad.write_bytes(raw)
     with pytest.raises(SourceError, match=f"cannot read {bad}: .*bad symbol table"):
         open_source(f"nexus://{bad}?rate=max")
+
+
+@pytest.mark.parametrize("freq", ["0.1", "0.001", "1e12", "1e10"])
+def test_sim_pulse_frequency_whose_frames_ev44_cannot_carry_is_refused(freq):
+    """freq=0.1 made a 10 s frame whose TOFs wrapped past int32 ns (negative TOFs, min -2**31);
+    freq=1e12 made a 0 ns frame: every TOF was -2**31 and every pulse had the same time."""
+    with pytest.raises(SourceError, match=f"freq must be 0.5 to 1e.06 Hz.*got '{freq}'"):
+        open_source(f"sim://?freq={freq}")
+
+
+@pytest.mark.parametrize("freq", ["0.5", "14", "1e6"])
+def test_sim_pulse_frequencies_in_range_give_tofs_inside_the_frame(freq):
+    model = open_source(f"sim://?freq={freq}").model
+    assert model.period_ns > 0 and model.tof.min() >= 0 and model.tof.max() < model.period_ns

@@ -19,6 +19,7 @@ from livehist.engine.events import EventBatch
 from livehist.engine.sources import Source, SourceError, check_known, number, query
 
 DEFAULT_PEAKS_MS = (12.5, 20.4, 24.0, 33.1, 41.7)
+MIN_FREQ, MAX_FREQ = 0.5, 1e6  # Hz: a frame of 2 s to 1 us
 MAX_PIXELS = 2**24  # a 4096 x 4096 model takes about 1.6 GB while it is built (20000x20000: 19 GB, 67 s)
 
 
@@ -76,7 +77,12 @@ def parse(uri: str) -> tuple[DetectorModel, float, bool]:
     parts, params = query(uri)
     check_known(params, {"rate", "seed", "freq", "shape", "first", "peaks", "pace"}, uri)
     rate = number(params, "rate", 1e6, uri)
-    freq = number(params, "freq", 14.0, uri, minimum=1e-3)
+    freq = number(params, "freq", 14.0, uri, minimum=0.0)
+    if not MIN_FREQ <= freq <= MAX_FREQ:  # a frame's TOFs are int32 ns (ev44): at most 2.1 s
+        raise SourceError(
+            f"EventSource {uri!r}: freq must be {MIN_FREQ} to {MAX_FREQ:.0e} Hz (a frame's TOFs must fit "
+            f"ev44's int32 nanoseconds), got {params['freq']!r}"
+        )
     seed = int(number(params, "seed", 0, uri, integer=True))
     first = int(number(params, "first", 1, uri, integer=True))
     shape = (128, 128)
