@@ -115,3 +115,17 @@ def test_sim_pulse_frequency_whose_frames_ev44_cannot_carry_is_refused(freq):
 def test_sim_pulse_frequencies_in_range_give_tofs_inside_the_frame(freq):
     model = open_source(f"sim://?freq={freq}").model
     assert model.period_ns > 0 and model.tof.min() >= 0 and model.tof.max() < model.period_ns
+
+
+@pytest.mark.parametrize("bad_id", [2**32 + 5, 2**31, -(2**31) - 1, 2**63 + 3])
+def test_stream_refuses_pixel_ids_ev44_cannot_carry_instead_of_wrapping_them(tmp_path, bad_id):
+    """`livehist stream` of a file with pixel id 2**32+5 sent pixel 5 (int32 wrap-around), which
+    the receiving device counted in a real pixel; replaying the file directly counts it nowhere."""
+    from livehist.engine.stream import stream
+    from livehist.errors import LivehistError
+    from tests.conftest import free_port
+
+    ids = np.array([1, 2, bad_id, 3], np.uint64 if bad_id >= 2**63 else np.int64)
+    path = event_file(tmp_path / "ids.nxs", ids, np.arange(4), [0.0], [0])
+    with pytest.raises(LivehistError, match=f"pixel id {bad_id} does not fit ev44's int32"):
+        stream(f"nexus://{path}?rate=max", f"tcp://127.0.0.1:{free_port()}", say=lambda s: None, seconds=30)

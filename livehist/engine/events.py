@@ -121,9 +121,29 @@ def encode_ev44(batch: EventBatch, message_id: int, source_name: str = "livehist
             batch.pulse_time.astype(np.int64),
             batch.pulse_index.astype(np.int32),
             tof,
-            np.asarray(batch.pixel_id, np.int32),
+            _int32_pixel_ids(batch.pixel_id),
         )  # fmt: skip
     )
+
+
+def _int32_pixel_ids(pixel_id: np.ndarray) -> np.ndarray:
+    """ev44's int32 pixel ids, or ValueError naming an id it cannot carry (a cast would wrap it
+    onto another, real pixel: 2**32 + 5 becomes 5)."""
+    pid = np.asarray(pixel_id)
+    if pid.dtype == np.int32 or not pid.size:
+        return pid.astype(np.int32, copy=False)
+    if pid.dtype.kind in "iu":
+        lo, hi = pid.min(), pid.max()
+        bad = lo if lo < -(2**31) else hi if hi > 2**31 - 1 else None
+    else:
+        inside = np.isfinite(pid) & (pid > -(2**31) - 1) & (pid < 2**31)
+        bad = None if inside.all() else pid[~inside][0]
+    if bad is not None:
+        raise ValueError(
+            f"pixel id {bad} does not fit ev44's int32 pixel_id; ev44 cannot carry it "
+            "(replay the file with nexus:// in the EventHistogrammer itself, which reads int64 ids)"
+        )
+    return pid.astype(np.int32)
 
 
 @dataclass
