@@ -205,6 +205,7 @@ class Engine:
         self.source = source
         if source is not None:
             self.source_name = getattr(source, "source_name", None)
+            source.count_lost = self.count_lost
             source.start(self.feed)
 
     def attach(self, source) -> None:
@@ -215,6 +216,7 @@ class Engine:
             if hasattr(source, "resume_after"):  # continue where the old one stopped reading
                 source.resume_after(old)
         self.source_name = getattr(source, "source_name", None)
+        source.count_lost = self.count_lost
         source.start(self.feed)
 
     def stop(self, reason: str = "stopped") -> None:
@@ -251,6 +253,13 @@ class Engine:
         with self._lock:
             self.dropped_messages += 1
         return False
+
+    def count_lost(self, n: int) -> None:
+        """Count `n` messages the transport lost before they reached the queue (a source saw a gap
+        in a sender's message ids: ZeroMQ's PUB drops at its high-water mark without a word)."""
+        if n > 0 and self._accumulating:
+            with self._lock:
+                self.dropped_messages += n
 
     def _run(self, generation: int | None = None) -> None:
         try:

@@ -39,6 +39,8 @@ class Source:
         # True once the source reached what it reads from (a Kafka source: after the broker
         # answered and the partitions were assigned); sources that cannot tell say True at once
         self.connected = True
+        # the engine's counter of messages lost before they reached it (set by Engine.start)
+        self.count_lost: Callable[[int], None] | None = None
 
     def start(self, feed: Callable) -> None:
         if not self.paced:  # messages of megabytes from a transport: see livehist.engine.memory
