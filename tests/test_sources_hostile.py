@@ -199,3 +199,18 @@ def test_zmq_sub_gap_counting_per_sender_ev42_restarts_and_garbage():
     for payload in sent:
         src._note_gap(memoryview(payload), last)
     assert lost == [3, 3, 1]  # a: 6..8; (a restarted at 0: no gap); b: 4..6; c: 11
+
+
+@pytest.mark.parametrize("host", ["no-such-host.invalid", "ü.invalid"])
+def test_zmq_host_name_that_does_not_resolve_is_a_source_error_naming_it(host):
+    """ZeroMQ connected to a host name that does not resolve without a word: the device stayed
+    RUNNING with 'no message for N s (is the sender running?)' (or, for 'ü', failed with a bare
+    'ZMQError: Invalid argument')."""
+    src = open_source(f"zmq://{host}:5599")
+    engine = Engine([])
+    engine.start(src)
+    deadline = time.monotonic() + 30
+    while src.error is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    engine.stop()
+    assert src.error is not None and f"host name {host!r} does not resolve" in src.error, src.error

@@ -8,6 +8,8 @@ message ids as dropped messages.
 
 from __future__ import annotations
 
+import socket
+
 import zmq
 from streaming_data_types.fbschemas.eventdata_ev42 import EventMessage
 from streaming_data_types.fbschemas.eventdata_ev44 import Event44Message
@@ -27,10 +29,20 @@ class ZmqSource(Source):
         if not parts.netloc:
             raise SourceError(f"EventSource {uri!r}: give HOST:PORT, e.g. zmq://127.0.0.1:5555")
         host, port = host_port(parts.netloc, uri, "zmq://127.0.0.1:5555")
+        self.host, self.port = host, port
         self.endpoint = f"tcp://{host}:{port}"
         self.kind = zmq.SUB if parts.scheme == "zmq+sub" else zmq.PULL
 
     def run(self) -> None:
+        # ZeroMQ connects to a host name that does not resolve without a word (or says only
+        # 'Invalid argument'): resolve it here, at each (re)start, so the device says what is wrong
+        try:
+            socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            raise SourceError(
+                f"host name {self.host!r} does not resolve ({getattr(exc, 'strerror', None) or exc}); "
+                f"check the EventSource {self.uri!r}"
+            ) from None
         ctx = zmq.Context.instance()
         sock = ctx.socket(self.kind)
         sock.setsockopt(zmq.RCVHWM, 8)  # keep memory bounded: back-pressure stays in the sender
