@@ -214,3 +214,27 @@ def test_zmq_host_name_that_does_not_resolve_is_a_source_error_naming_it(host):
         time.sleep(0.05)
     engine.stop()
     assert src.error is not None and f"host name {host!r} does not resolve" in src.error, src.error
+
+
+@pytest.mark.parametrize(
+    "uri", ["zmq://127.0.0.1:{port}", "zmq+sub://127.0.0.1:{port}", "kafka://127.0.0.1:{port}/t"]
+)
+def test_stream_refuses_a_network_source_before_binding_anything(uri):
+    """`livehist stream zmq://...` printed 'publishing ...', then failed at the first message
+    with 'AttributeError: 'memoryview' object has no attribute 'tof'' (or, with none, said
+    'sent 0 events' and exited 0)."""
+    import socket
+
+    from livehist.engine.stream import stream
+    from livehist.errors import LivehistError
+    from tests.conftest import free_port
+
+    port, bind_port = free_port(), free_port()
+    said = []
+    with pytest.raises(
+        LivehistError, match="publishes sim:// or nexus:// sources; (zmq|zmq\\+sub|kafka):// is"
+    ):
+        stream(uri.format(port=port), f"tcp://127.0.0.1:{bind_port}", say=said.append, seconds=2)
+    assert said == []
+    with socket.socket() as s:  # nothing left bound
+        s.bind(("127.0.0.1", bind_port))

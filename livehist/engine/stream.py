@@ -43,6 +43,7 @@ def stream(
     if kafka:
         return _stream_kafka(source_uri, kafka, partitions, seconds, say)
     check_bind(bind)
+    src: Source = _replayable(source_uri)  # a bad source fails before anything is bound
     ctx = zmq.Context()  # its own: term() below waits for our zero-copy frames only
     sock = ctx.socket(zmq.PUB if pub else zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, 8)
@@ -66,7 +67,6 @@ def stream(
         sent["messages"] += 1
         sent["events"] += len(batch)
 
-    src: Source = open_source(source_uri)
     # the port ZeroMQ chose for :* or :0 (it said ":0", where nobody can connect)
     where = sock.getsockopt_string(zmq.LAST_ENDPOINT) or bind
     say(f"publishing {source_uri} as ev44 on {'PUB' if pub else 'PUSH'} {where} (Ctrl-C stops)")
@@ -81,6 +81,19 @@ def stream(
     if src.error:  # what was sent is said above; the command still failed
         raise LivehistError(f"source failed: {src.error}")
     return sent["events"]
+
+
+def _replayable(source_uri: str) -> Source:
+    """The sim:// or nexus:// source to publish; a network source (which hands over raw messages
+    for a device to decode, not event batches) is refused, naming what to do instead."""
+    src = open_source(source_uri)
+    scheme = source_uri.split("://", 1)[0]
+    if scheme not in ("sim", "nexus"):
+        raise LivehistError(
+            f"SOURCE {source_uri!r}: livehist stream publishes sim:// or nexus:// sources; {scheme}:// is "
+            "already a stream: point the EventHistogrammer's EventSource at it directly"
+        )
+    return src
 
 
 def _pump(src: Source, send, seconds: float | None, say, progress) -> None:
@@ -160,7 +173,7 @@ def _stream_kafka(source_uri: str, target: str, partitions: int | None, seconds:
         )
     if partitions is not None and partitions < 1:
         raise LivehistError(f"--partitions must be >= 1, got {partitions}")
-    src: Source = open_source(source_uri)  # a bad source fails before anything is created
+    src: Source = _replayable(source_uri)  # a bad source fails before anything is created
     n = _kafka_topic(brokers, topic, partitions, say)
     errors = RateLimitedLog(log)
     sent = {"events": 0, "messages": 0, "delivered": 0, "failed": 0}
