@@ -1,0 +1,105 @@
+"""EventHistogrammer devices (real servers) against hostile sources: a flooding PUB, a host
+name that does not resolve; the device says so and stays usable."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import tango
+import zmq
+
+from livehist.engine.events import EventBatch, encode_ev44
+from livehist.site import control
+from tests.conftest import free_port
+
+TOF = {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 1000, "bins": 10}}
+PIXEL_TOF = {"name": "pt", "kind": "pixel_tof", "pixels": {"first": 0, "count": 4000},
+             "tof": {"start": 0, "stop": 1000, "bins": 1000}}  # fmt: skip
+DEV = "test/hostile/a"
+
+
+@pytest.fixture(scope="module")
+def dev(sites) -> tango.DeviceProxy:
+    props = {"EventSource": ["sim://?rate=1e5"], "Histograms": [json.dumps([TOF, PIXEL_TOF])],
+             "PublishPeriod": ["0.2"], "MaxQueueBytes": [str(2**20)]}  # fmt: skip
+    site: control.Site = sites.up(
+        {"servers": {"EventHistogrammer": {"hostile": {"EventHistogrammer": {DEV: {"properties": props}}}}}}
+    )
+    p = tango.DeviceProxy(site.url(DEV))
+    p.set_timeout_millis(10_000)
+    return p
+
+
+def wait_for(pred, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def reinit(p: tango.DeviceProxy, source: str) -> None:
+    p.Stop()
+    p.put_property({"EventSource": [source]})
+    p.Init()
+
+
+def test_a_flooding_pub_is_counted_as_dropped_alarm_then_usable(dev):
+    port = free_port()
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.bind(f"tcp://127.0.0.1:{port}")
+    one = EventBatch(np.arange(10, dtype=np.int32), np.arange(10, dtype=np.int32), np.zeros(1, np.int64),
+                     np.zeros(1, np.int64))  # fmt: skip
+    try:
+        reinit(dev, f"zmq+sub://127.0.0.1:{port}")
+        dev.Reset()
+        dev.Start()
+        wait_for(lambda: (pub.send(encode_ev44(one, 0)), dev.MessageCount)[1] > 0, what="the subscription")
+        time.sleep(0.5)  # the id-0 messages still in flight arrive
+        first = dev.MessageCount
+        for i in range(1, 200_001):  # single small messages, far faster than the device takes them
+            pub.send(encode_ev44(one, i))
+        states = {dev.state()}
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # ALARM while messages are dropped (held 2 s)
+            states.add(dev.state())
+            time.sleep(0.05)
+        pub.send(encode_ev44(one, 200_001))
+        wait_for(lambda: dev.MessageCount + dev.DroppedMessageCount >= first + 200_001, what="every message")
+        assert dev.DroppedMessageCount > 0
+        assert dev.MessageCount + dev.DroppedMessageCount == first + 200_001
+        assert tango.DevState.ALARM in states, states
+        dev.Stop()
+        counted = dev.EventCount
+        assert counted == 10 * dev.MessageCount and int(dev.tof.sum()) == counted
+        dev.Reset()  # usable afterwards: exact counts again
+        dev.Start()
+        wait_for(lambda: dev.state() in (tango.DevState.RUNNING, tango.DevState.ALARM), what="RUNNING")
+        i = 1000
+        while dev.MessageCount < 500:  # a new subscription: the PUB sends to it once it is joined
+            pub.send(encode_ev44(one, i))
+            i += 1
+            time.sleep(0.001)
+            assert i < 200_000, "the restarted source receives nothing"
+        dev.Stop()
+        assert dev.EventCount == 10 * dev.MessageCount == int(dev.tof.sum())
+    finally:
+        pub.close(0)
+        ctx.term()
+
+
+def test_a_host_name_that_does_not_resolve_is_fault_naming_it_and_init_recovers(dev):
+    reinit(dev, "zmq://no-such-host.invalid:5599")
+    dev.Start()
+    wait_for(lambda: dev.state() == tango.DevState.FAULT, what="FAULT")
+    assert "'no-such-host.invalid' does not resolve" in dev.Status()
+    dev.Stop()
+    reinit(dev, "sim://?rate=1e5")
+    dev.Reset()
+    dev.Start()
+    wait_for(lambda: dev.EventCount > 0, what="events from sim://")
+    dev.Stop()
+    assert dev.state() == tango.DevState.ON and int(dev.tof.sum()) <= dev.EventCount
