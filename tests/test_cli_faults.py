@@ -71,8 +71,8 @@ def test_stream_bind_errors_and_a_failing_source_exit_non_zero(tmp_path):
     with h5py.File(bad, "w") as f:  # readable at open, fails while streaming
         g = f.create_group("entry/events")
         g.attrs["NX_class"] = "NXevent_data"
-        g["event_id"] = np.arange(10, dtype="i4")
-        g["event_time_offset"] = np.array([b"x"] * 10)
+        g["event_id"] = np.arange(10, dtype="i8") + 2**32  # ev44 cannot carry it: fails at the first send
+        g["event_time_offset"] = np.arange(10, dtype="i4")
         g["event_time_offset"].attrs["units"] = "ns"
         g["event_index"] = np.array([0, 5])
         g["event_time_zero"] = np.array([0.0, 0.1])
@@ -80,6 +80,13 @@ def test_stream_bind_errors_and_a_failing_source_exit_non_zero(tmp_path):
     out = run_cli("stream", f"nexus://{bad}?rate=max", "--pub", "--bind", f"tcp://127.0.0.1:{free_port()}")
     assert "source failed: ValueError" in _one_line_error(out, "stream")
     assert "sent 0 events" in out.stdout  # what was sent is still said
+    with h5py.File(bad, "r+") as f:  # text where numbers belong: refused at open, naming the dtype
+        del f["entry/events/event_time_offset"]
+        f["entry/events/event_time_offset"] = np.array([b"x"] * 10)
+    out = run_cli("stream", f"nexus://{bad}?rate=max", "--pub", "--bind", f"tcp://127.0.0.1:{free_port()}")
+    assert (
+        "event_time_offset has dtype |S1" in _one_line_error(out, "stream") and "publishing" not in out.stdout
+    )
 
 
 def test_nexus_uri_with_two_slashes_names_the_host_mistake(tmp_path):
