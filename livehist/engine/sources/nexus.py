@@ -127,7 +127,7 @@ class NexusSource(Source):
                 "value per event (the file is damaged or still being written)"
             )
         for k in ("event_id", "event_time_offset"):
-            if g[k].dtype.kind not in "iuf":
+            if g[k].dtype.kind not in "biufc":  # complex: the kernels refuse it later (FAULT, named)
                 raise SourceError(
                     f"EventSource {self.uri!r}: {group}/{k} has dtype {g[k].dtype.str}; livehist replays "
                     "integer or floating-point numbers only"
