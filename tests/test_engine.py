@@ -316,7 +316,7 @@ def test_sans2d_replay_equals_numpy():
 
 def test_nexus_realtime_pace_and_loop():
     src = open_source(f"nexus://{SANS2D}?rate=realtime&loop=2")
-    assert src.group == "/raw_data_1/detector_1_events" and src.tof_unit == "us"
+    assert src.event_group == "/raw_data_1/detector_1_events" and src.tof_unit == "us"
     engine = Engine(
         parse_histograms(
             [{"name": "t", "kind": "tof", "tof": {"start": 0, "stop": 1e5, "bins": 10, "unit": "us"}}]

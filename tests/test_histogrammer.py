@@ -235,6 +235,53 @@ def test_a_failing_source_is_fault_then_reconnects_keeping_histograms(make, tmp_
     assert h.last.counts["tof"].sum() + h.last.out_of_range["tof"] == h.last.events
 
 
+US = {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 70_000, "bins": 70, "unit": "us"}}
+
+
+def _file_counts(tmp_path) -> np.ndarray:
+    tof = np.fromfile(tmp_path / "tof.raw", np.int32)
+    return np.histogram(tof, np.linspace(0, 70_000, 71))[0]
+
+
+def test_a_replay_stopped_and_started_again_goes_on_without_counting_a_pulse_twice(make, tmp_path):
+    """Start after Stop (no Reset) replayed the file from its first pulse: 55,000 events counted
+    from a file of 40,000. It goes on where it stopped; after Reset it begins again."""
+    path, _ = _external_events_file(tmp_path)  # 40 pulses of 1000 events, 10 Hz
+    h = make(f"nexus://{path}?rate=realtime", hists=[US], publish_period=0.1)
+    h.start()
+    wait_for(lambda: h.last.events >= 5000, what="part of the replay")
+    h.stop()
+    assert 0 < h.last.events < 40_000
+    h.start()
+    wait_for(lambda: h.last.events >= 40_000, timeout=30, what="the rest of the replay")
+    time.sleep(0.5)  # a replay from the start would go on counting here
+    h.stop()
+    assert h.last.events == 40_000
+    assert np.array_equal(h.last.counts["tof"], _file_counts(tmp_path))
+    h.reset()
+    h.start()
+    wait_for(lambda: h.last.events >= 40_000, timeout=30, what="the replay after Reset")
+    h.stop()
+    assert h.last.events == 40_000 and np.array_equal(h.last.counts["tof"], _file_counts(tmp_path))
+
+
+def test_a_replay_reconnected_after_a_failure_goes_on_from_the_pulse_that_failed(make, tmp_path):
+    path, raw_id = _external_events_file(tmp_path)
+    h = make(f"nexus://{path}?rate=realtime", hists=[US], publish_period=0.1, reconnect_delays=(0.2, 0.8))
+    h.start()
+    wait_for(lambda: h.last.events >= 5000, what="events")
+    hidden = raw_id.with_suffix(".gone")
+    os.rename(raw_id, hidden)
+    wait_for(lambda: h.state == "FAULT", what="FAULT")
+    os.rename(hidden, raw_id)
+    wait_for(lambda: h.state == "RUNNING", what="reconnect")
+    wait_for(lambda: h.last.events >= 40_000, timeout=30, what="the rest of the replay")
+    time.sleep(0.5)
+    h.stop()
+    assert h.last.events == 40_000  # a reconnect replayed the file from its first pulse
+    assert np.array_equal(h.last.counts["tof"], _file_counts(tmp_path))
+
+
 def _seconds_file(tmp_path, units: str = "s"):
     """An NXevent_data whose event_time_offset is float seconds (a unit ev44 never uses)."""
     rng = np.random.default_rng(9)

@@ -155,13 +155,18 @@ class Histogrammer:
                 self.checkpoint is not None
             ):  # each partition from where our counts end (or the group's commit)
                 source.start_from(next_offsets(self.engine.offsets))
-            elif not self._fresh and old is not None and hasattr(source, "resume_after") and not source.group:
+            elif (
+                not self._fresh
+                and old is not None
+                and hasattr(source, "resume_after")
+                and not getattr(source, "group", None)
+            ):
                 # Start after Stop, without Reset: the counts go on, so reading goes on where it
                 # stopped (a private Kafka reader would read `start=earliest` or a time again:
                 # every event twice). After Reset, reading begins at `start` again. A group member's
                 # partitions may have moved on meanwhile: it starts where the group says
                 source.resume_after(old)
-            elif hasattr(source, "start_from") and not source.group:
+            elif hasattr(source, "start_from") and not getattr(source, "group", None):
                 source.start_from({})  # a kept source forgets where the last count stopped reading
             self._fresh = False
             source.finished = False

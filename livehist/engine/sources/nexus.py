@@ -57,7 +57,8 @@ class NexusSource(Source):
                 f"slashes: nexus:///{parts.netloc}{parts.path}"
             )
         self.file = unquote(parts.path)  # %23, %3F, %20: a '#', '?' or space in a file name
-        self.group = params.get("path", "")
+        self.event_group = params.get("path", "")  # not `group`: that is a Kafka consumer group
+        self.position = (0, 0)  # (loop, pulse) the next run starts at: Start after Stop goes on from there
         self.realtime = params.get("rate", "realtime") == "realtime"
         if params.get("rate", "realtime") not in ("realtime", "max"):
             raise SourceError(f"EventSource {uri!r}: rate must be realtime or max, got {params['rate']!r}")
@@ -85,7 +86,7 @@ class NexusSource(Source):
             ) from None
 
     def _read_index(self, f: h5py.File, tof_unit: str | None) -> None:
-        group = self.group or _find_event_group(f)
+        group = self.event_group or _find_event_group(f)
         if group is None or group not in f or not isinstance(f[group], h5py.Group):
             raise SourceError(
                 f"EventSource {self.uri!r}: {group or 'no NXevent_data group'} not found in {self.file}; give path=/entry/..."
@@ -99,7 +100,7 @@ class NexusSource(Source):
                 f"EventSource {self.uri!r}: {group} is not NXevent_data "
                 f"(NX_class={nx_class!r}, missing {missing or 'nothing'})"
             )
-        self.group = group
+        self.event_group = group
         self.tof_unit = tof_unit or _unit(g["event_time_offset"], "us", "event_time_offset", group)
         zero_unit = _unit(g["event_time_zero"], "s", "event_time_zero", group)
         zero = g["event_time_zero"][()].astype(np.float64) * SECONDS[zero_unit]
@@ -154,12 +155,15 @@ class NexusSource(Source):
         span = int(self.pulse_time[-1] - self.pulse_time[0])
         period = int(np.median(np.diff(self.pulse_time))) if n_pulses > 1 else 100_000_000
         with h5py.File(self.file, "r") as f:
-            g = f[self.group]
-            loop = 0
+            g = f[self.event_group]
+            loop, p = self.position
             wall0 = time.monotonic()
+            if self.realtime:  # a resumed replay keeps the pace from where it went on
+                wall0 -= (
+                    self.pulse_time[min(p, n_pulses - 1)] - self.pulse_time[0] + loop * (span + period)
+                ) / 1e9
             while self.loops == 0 or loop < self.loops:
                 shift = loop * (span + period)
-                p = 0
                 while p < n_pulses:
                     if self.stopping:
                         return
@@ -177,13 +181,24 @@ class NexusSource(Source):
                     b = int(self.event_index[q]) if q < n_pulses else self.n_events
                     batch = EventBatch(
                         _native(g["event_time_offset"][a:b]), _native(g["event_id"][a:b]),
-                        self.pulse_time[p:q] + shift, self.event_index[p:q] - a, self.tof_unit, self.group,
+                        self.pulse_time[p:q] + shift, self.event_index[p:q] - a, self.tof_unit, self.event_group,
                     )  # fmt: skip
                     if not self.emit(batch):
-                        return
+                        return  # not taken (stopping): the next run sends it again
                     p = q
-                loop += 1
+                    self.position = (loop, p)
+                loop, p = loop + 1, 0
+                self.position = (loop, p)
         self.finished = True
+
+    def resume_after(self, old: Source) -> None:
+        """Start after Stop (without Reset), or a reconnect: go on from where `old` stopped, so
+        no pulse is counted twice (a replay from the start counted the first part again)."""
+        self.position = getattr(old, "position", (0, 0))
+
+    def start_from(self, offsets: dict) -> None:
+        """After Reset: the replay begins at its first pulse again."""
+        self.position = (0, 0)
 
 
 def _find_event_group(f: h5py.File) -> str | None:
