@@ -277,7 +277,14 @@ def test_panel_on_a_huge_image_draws_the_devices_block_sums_at_the_publish_rate(
             if line.startswith("image: none"):
                 break
         panel.send_signal(signal.SIGUSR1)  # done: it says how often it drew
-        out, _ = panel.communicate(timeout=60)
+        try:
+            out, _ = panel.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # seen once in CI: say whether it drew its last lines
+            panel.kill()
+            seen += panel.communicate()[0].splitlines()
+            raise AssertionError(
+                f"the panel did not end within 60 s of SIGUSR1; its last lines: {seen[-12:]}"
+            ) from None
         life = time.monotonic() - opened
         seen += out.splitlines()
     finally:
