@@ -14,6 +14,7 @@ import zmq
 from livehist.engine.events import EventBatch, encode_ev44
 from livehist.site import control
 from tests.conftest import free_port
+from tests.test_histsum import wait_for
 
 TOF = {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 1000, "bins": 10}}
 PIXEL_TOF = {"name": "pt", "kind": "pixel_tof", "pixels": {"first": 0, "count": 4000},
@@ -31,13 +32,6 @@ def dev(sites) -> tango.DeviceProxy:
     p = tango.DeviceProxy(site.url(DEV))
     p.set_timeout_millis(10_000)
     return p
-
-
-def wait_for(pred, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def reinit(p: tango.DeviceProxy, source: str) -> None:
