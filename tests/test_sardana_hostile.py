@@ -265,6 +265,42 @@ def test_a_hung_metadata_manager_delays_a_scan_start_a_few_seconds_once(spock, s
         assert entry["livehist/status"][()] == b"ok" and json.loads(entry["notes/data"][()])["metadata"] == {}
 
 
+def test_a_door_that_does_not_answer_for_a_while_does_not_end_the_macro_run(spock, site, tmp_path):
+    """A Door busy beyond a client's 3 s timeout (its server held up: here SIGSTOPped for 5 s) made
+    the run raise CommunicationFailed while the macro went on, and every next macro was refused
+    ('RunMacro not allowed when the device is in RUNNING state'), seen in CI under load."""
+    import os
+    import signal
+    import threading
+
+    pid = json.loads((site.state_dir / "run" / "Sardana-livehist.json").read_text())["pid"]
+    door = tango.DeviceProxy(site.url("door/livehist/1"))
+    done: dict = {}
+
+    def scan():
+        try:
+            spock.run("ascan", "mot01", "0", "1", "3", "0.2")
+            done["ok"] = True
+        except Exception as exc:
+            done["error"] = exc
+
+    worker = threading.Thread(target=scan)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while door.state() != tango.DevState.RUNNING and "error" not in done:
+        assert time.monotonic() < deadline, "the scan did not start"
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(5.0)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    worker.join(timeout=120)
+    assert done.get("ok"), done
+    assert door.state() == tango.DevState.ON
+    spock.run("ascan", "mot01", "0", "1", "1", "0.1")  # the Door takes the next macro
+
+
 def test_shared_memory_of_a_scan_carries_the_metadata(spock, site):
     """Sardana makes its shared-memory recorder without the scan's macro: livehist's SPS sink
     never reached the MetadataManager and SCAN_D_ENV said metadata {} and no proposal."""

@@ -45,7 +45,7 @@ class Door:
         deadline = time.monotonic() + timeout
         try:
             time.sleep(0.05)
-            while self.proxy.state() == tango.DevState.RUNNING:
+            while self._state(argv) == tango.DevState.RUNNING:
                 if time.monotonic() > deadline:
                     self.proxy.AbortMacro()
                     raise LivehistError(f"macro {' '.join(argv)} did not end within {timeout:.0f} s; aborted")
@@ -53,9 +53,28 @@ class Door:
         except KeyboardInterrupt:  # Ctrl-C: the macro stops too, as in spock (it kept the Door RUNNING)
             self._abort()
             raise
-        if self.proxy.state() == tango.DevState.ALARM:
+        if self._state(argv) == tango.DevState.ALARM:
             errors = self.proxy.read_attribute("Error").value or ("(no error text)",)
             raise LivehistError(f"macro {' '.join(argv)} failed: {' '.join(errors).strip()}")
+
+    def _state(self, argv: list[str], patience: float = 60.0):
+        """The Door's state, asked again while it does not answer for up to `patience` seconds: a
+        Door busy with its macro (a hook waiting on a hung device, a loaded machine) can miss a
+        client's 3 s timeout, and giving up then left the macro running under the next one."""
+        import tango
+
+        since = time.monotonic()
+        while True:
+            try:
+                return self.proxy.state()
+            except tango.DevFailed as exc:
+                if time.monotonic() - since > patience:
+                    raise LivehistError(
+                        f"the Door {self.proxy.dev_name()} has not answered for {patience:.0f} s while running "
+                        f"{' '.join(argv)}: {exc.args[-1].desc.strip()}; the macro may still be running "
+                        "(see spock, or its AbortMacro command)"
+                    ) from None
+                time.sleep(0.5)
 
     def _abort(self, wait: float = 15.0) -> None:
         """Abort the running macro and wait until the Door has stopped it. An abort that comes
