@@ -239,3 +239,37 @@ def test_stream_refuses_a_network_source_before_binding_anything(uri):
     assert said == []
     with socket.socket() as s:  # nothing left bound
         s.bind(("127.0.0.1", bind_port))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e300])
+def test_nexus_pulse_time_that_is_not_a_time_is_refused_at_open(tmp_path, bad):
+    """A NaN event_time_zero became pulse time -2**63 ns (NaN cast to int64) without a word:
+    time windows and Kafka timestamps of a stream from the file were garbage."""
+    path = event_file(tmp_path / "t0.nxs", np.arange(20) % 16, np.arange(20), [0.0, bad, 0.2], [0, 5, 10])
+    with pytest.raises(SourceError, match=r"event_time_zero of pulse 1 is (nan|inf|1e\+300) s .*finite time"):
+        open_source(f"nexus://{path}?rate=max")
+
+
+def test_nexus_float_pixel_ids_count_when_whole_and_fail_naming_the_first_that_is_not(tmp_path):
+    """Floating-point event_id 3.7 was counted in pixel 3 (the kernels truncate) and NaN in an
+    arbitrary pixel, without a word; whole-number floats are pixel ids like any other."""
+    whole = event_file(tmp_path / "whole.nxs", np.array([1.0, 2.0, 2.0, 15.0, -1.0, 16.0]),
+                       np.arange(6) * 100, [0.0], [0])  # fmt: skip
+    snap = replay(f"nexus://{whole}?rate=max").snapshot()
+    assert snap.counts["i"].ravel().tolist() == np.bincount([1, 2, 2, 15], minlength=16).tolist()
+    for value, shown in ((3.7, "3.7"), (np.nan, "nan"), (-np.inf, "-inf")):
+        ids = np.array([1.0, 2.0, 4.0, 5.0, 6.0, value, 7.0])
+        path = event_file(tmp_path / f"f{shown}.nxs", ids, np.arange(7) * 100, [0.0, 0.1], [0, 4])
+        src = open_source(f"nexus://{path}?rate=max")
+        engine = Engine(parse_histograms(SPECS))
+        engine.start(src)
+        deadline = time.monotonic() + 60
+        while src.error is None and not src.finished and time.monotonic() < deadline:
+            time.sleep(0.01)
+        engine.stop()
+        assert src.error is not None and f"event_id[5] is {shown}, not a pixel number" in src.error, src.error
+        snap = engine.snapshot()
+        assert (
+            snap.events == 4
+            and snap.counts["i"].ravel().tolist() == np.bincount([1, 2, 4, 5], minlength=16).tolist()
+        )

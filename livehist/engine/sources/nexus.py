@@ -117,6 +117,13 @@ class NexusSource(Source):
                     group,
                     offset,
                 )
+        bad = np.flatnonzero(~np.isfinite(zero) | (np.abs(zero + base) >= 9.2e9))
+        if bad.size:  # NaN cast to int64 is -2**63: a garbage pulse time, shifting windows and Kafka stamps
+            raise SourceError(
+                f"EventSource {self.uri!r}: {group}/event_time_zero of pulse {int(bad[0])} is "
+                f"{float(zero[bad[0]] / SECONDS[zero_unit])} {zero_unit} ({bad.size} such pulse{'s' if bad.size > 1 else ''}); every pulse "
+                "needs a finite time (the file is damaged)"
+            )
         self.pulse_time = np.rint((zero + base) * 1e9).astype(np.int64)
         self.event_index = g["event_index"][()].astype(np.int64)
         self.n_events = g["event_id"].shape[0]
@@ -180,7 +187,7 @@ class NexusSource(Source):
                     a = int(self.event_index[p])
                     b = int(self.event_index[q]) if q < n_pulses else self.n_events
                     batch = EventBatch(
-                        _native(g["event_time_offset"][a:b]), _native(g["event_id"][a:b]),
+                        _native(g["event_time_offset"][a:b]), self._pixel_ids(g["event_id"][a:b], a),
                         self.pulse_time[p:q] + shift, self.event_index[p:q] - a, self.tof_unit, self.event_group,
                     )  # fmt: skip
                     if not self.emit(batch):
@@ -190,6 +197,21 @@ class NexusSource(Source):
                 loop, p = loop + 1, 0
                 self.position = (loop, p)
         self.finished = True
+
+    def _pixel_ids(self, ids: np.ndarray, first: int) -> np.ndarray:
+        """Native-order pixel ids; floating-point ids must hold whole numbers: 3.7 was counted in
+        pixel 3 without a word (the kernels truncate), NaN in an arbitrary one."""
+        ids = _native(ids)
+        if ids.dtype.kind == "f":
+            wrong = ~np.isfinite(ids) | (ids != np.trunc(ids)) | (np.abs(ids) >= 2.0**63)
+            if wrong.any():
+                at = int(np.flatnonzero(wrong)[0])
+                raise SourceError(
+                    f"EventSource {self.uri!r}: {self.event_group}/event_id[{first + at}] is {float(ids[at])}, "
+                    f"not a pixel number ({int(wrong.sum())} such ids in this pulse); pixel ids must be "
+                    "whole numbers (the file is damaged, or event_id is not a pixel id)"
+                )
+        return ids
 
     def resume_after(self, old: Source) -> None:
         """Start after Stop (without Reset), or a reconnect: go on from where `old` stopped, so
