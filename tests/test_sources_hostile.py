@@ -273,3 +273,35 @@ def test_nexus_float_pixel_ids_count_when_whole_and_fail_naming_the_first_that_i
             snap.events == 4
             and snap.counts["i"].ravel().tolist() == np.bincount([1, 2, 4, 5], minlength=16).tolist()
         )
+
+
+def test_stream_sends_tofs_ev44_cannot_carry_outside_every_range_and_says_how_many(tmp_path):
+    """NaN, inf and TOFs past int32 ns were cast without a word (undefined: -2**31 here, or a
+    wrapped TOF elsewhere). Now they go as -2**31 ns, outside every TOF range, and are counted."""
+    import threading
+
+    import zmq
+
+    from livehist.engine.events import decode
+    from livehist.engine.stream import stream
+    from tests.conftest import free_port
+
+    tof_us = np.array([1.0, np.nan, 2.5, np.inf, -np.inf, 3e6, -3e6, 70_000.4])  # µs; 3e6 µs = 3 s
+    path = event_file(tmp_path / "tof.nxs", np.arange(8), tof_us, [0.0], [0])
+    with h5py.File(path, "a") as f:
+        f["entry/events/event_time_offset"].attrs["units"] = "us"
+    port = free_port()
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.connect(f"tcp://127.0.0.1:{port}")
+    said: list[str] = []
+    t = threading.Thread(target=stream, args=(f"nexus://{path}?rate=max", f"tcp://127.0.0.1:{port}"),
+                         kwargs={"say": said.append, "seconds": 30})  # fmt: skip
+    t.start()
+    try:
+        assert pull.poll(30_000), "nothing streamed"
+        batch = decode(pull.recv())
+    finally:
+        t.join(60)
+        pull.close(0)
+    assert batch.tof.tolist() == [1000, -(2**31), 2500, -(2**31), -(2**31), -(2**31), -(2**31), 70_000_400]
+    assert any(line.startswith("5 events had a TOF ev44 cannot carry") for line in said), said

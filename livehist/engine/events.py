@@ -107,13 +107,37 @@ def checked(batch: EventBatch) -> EventBatch:
     return batch
 
 
-def encode_ev44(batch: EventBatch, message_id: int, source_name: str = "livehist") -> bytes:
-    """ev44 bytes of a batch (TOF converted to integer ns, as ev44 defines)."""
+TOF_UNCARRIED = -(2**31)  # ev44's TOF for one it cannot carry: before any TOF axis a histogram may have
+
+
+def ev44_tof(batch: EventBatch) -> tuple[np.ndarray, int]:
+    """ev44's int32 ns TOFs of a batch, and how many it cannot carry (NaN, +-inf, beyond
+    +-2.147 s): those become TOF_UNCARRIED, outside every TOF range, as a direct nexus:// replay
+    counts NaN (a plain cast is undefined for them: it gave -2**31 or a wrapped, real-looking TOF)."""
     from livehist.engine.spec import EVENT_UNITS_NS
 
     tof = batch.tof
-    if batch.tof_unit != "ns" or tof.dtype != np.int32:
-        tof = np.rint(np.asarray(tof, np.float64) * EVENT_UNITS_NS[batch.tof_unit]).astype(np.int32)
+    if batch.tof_unit == "ns" and tof.dtype == np.int32:
+        return tof, 0
+    if tof.dtype.kind in "iu" and batch.tof_unit == "ns":
+        ns = np.asarray(tof)
+        fits = (ns >= -(2**31)) & (ns < 2**31)
+    else:
+        ns = np.rint(np.asarray(tof, np.float64) * EVENT_UNITS_NS[batch.tof_unit])
+        fits = (ns >= -(2.0**31)) & (ns < 2.0**31)  # False for NaN
+    if fits.all():
+        return ns.astype(np.int32), 0
+    return np.where(fits, ns, TOF_UNCARRIED).astype(np.int32), int(fits.size - np.count_nonzero(fits))
+
+
+def encode_ev44(
+    batch: EventBatch, message_id: int, source_name: str = "livehist", uncarried: list | None = None
+) -> bytes:
+    """ev44 bytes of a batch (TOF converted to integer ns, as ev44 defines). TOFs ev44 cannot
+    carry are sent as TOF_UNCARRIED; their number is appended to `uncarried` if given."""
+    tof, lost = ev44_tof(batch)
+    if uncarried is not None and lost:
+        uncarried.append(lost)
     return bytes(
         eventdata_ev44.serialise_ev44(
             source_name,

@@ -12,7 +12,7 @@ import time
 
 import zmq
 
-from livehist.engine.events import RateLimitedLog, encode_ev44
+from livehist.engine.events import TOF_UNCARRIED, RateLimitedLog, encode_ev44
 from livehist.engine.sources import Source, open_source
 from livehist.errors import LivehistError
 
@@ -54,12 +54,13 @@ def stream(
         ctx.term()
         raise LivehistError(bind_error(bind, exc)) from None
     sent = {"events": 0, "messages": 0}
+    uncarried: list[int] = []  # events per batch whose TOF ev44 cannot carry
 
     def send(batch) -> None:
         # never blocked for good in the source's thread: with no consumer a PUSH socket holds
         # SNDHWM messages and then waits; the socket is closed by the main thread only after this
         # thread ended (closing it under a blocked send aborts the process inside ZeroMQ)
-        frame = encode_ev44(batch, sent["messages"])
+        frame = encode_ev44(batch, sent["messages"], uncarried=uncarried)
         while not sock.poll(100, zmq.POLLOUT):
             if src.stopping:
                 return
@@ -78,9 +79,17 @@ def stream(
         sock.close(linger=2000)
         ctx.term()  # frames still queued are sent (or dropped after the linger) before we return
     say(f"sent {sent['events']} events in {sent['messages']} messages")
+    _say_uncarried(uncarried, say)
     if src.error:  # what was sent is said above; the command still failed
         raise LivehistError(f"source failed: {src.error}")
     return sent["events"]
+
+
+def _say_uncarried(uncarried: list[int], say) -> None:
+    if uncarried:
+        say(f"{sum(uncarried)} events had a TOF ev44 cannot carry (NaN, +-inf or beyond +-2.147 s in int32 ns); "
+            f"they were sent with TOF {TOF_UNCARRIED} ns, outside every TOF range (images count them, as "
+            "they do when the device replays the file itself)")  # fmt: skip
 
 
 def _replayable(source_uri: str) -> Source:
@@ -177,6 +186,7 @@ def _stream_kafka(source_uri: str, target: str, partitions: int | None, seconds:
     n = _kafka_topic(brokers, topic, partitions, say)
     errors = RateLimitedLog(log)
     sent = {"events": 0, "messages": 0, "delivered": 0, "failed": 0}
+    uncarried: list[int] = []
 
     def delivered(err, msg) -> None:
         if err is None:
@@ -190,7 +200,7 @@ def _stream_kafka(source_uri: str, target: str, partitions: int | None, seconds:
     stopping = []
 
     def send(batch) -> None:
-        payload = encode_ev44(batch, sent["messages"])
+        payload = encode_ev44(batch, sent["messages"], uncarried=uncarried)
         stamp = int(batch.pulse_time[0] // 1_000_000) if batch.pulse_time.size else None
         while not stopping:
             try:
@@ -213,6 +223,7 @@ def _stream_kafka(source_uri: str, target: str, partitions: int | None, seconds:
         left = producer.flush(30)
     say(f"sent {sent['events']} events in {sent['messages']} messages; {sent['delivered']} delivered, "
         f"{sent['failed'] + left} not")  # fmt: skip
+    _say_uncarried(uncarried, say)
     if src.error:  # what was sent is said above; the command still failed
         raise LivehistError(f"source failed: {src.error}")
     if sent["failed"] + left:
