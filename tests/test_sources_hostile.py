@@ -305,3 +305,23 @@ def test_stream_sends_tofs_ev44_cannot_carry_outside_every_range_and_says_how_ma
         pull.close(0)
     assert batch.tof.tolist() == [1000, -(2**31), 2500, -(2**31), -(2**31), -(2**31), -(2**31), 70_000_400]
     assert any(line.startswith("5 events had a TOF ev44 cannot carry") for line in said), said
+
+
+def test_sim_pulses_bigger_than_its_pool_are_delivered_whole_and_impossible_rates_refused():
+    """sim:// capped every pulse at its pool of 2,097,152 events without a word: rate=1e8 at
+    14 Hz delivered 2.9e7 events/s. Pulses beyond the pool are now made of several slices; a
+    rate no machine could take (1e12 ev/s: 570 GB a pulse) is refused, naming the limit."""
+    src = open_source("sim://?rate=2e6&freq=0.5&pace=max&seed=4")  # Poisson(4e6) events a pulse
+    assert src.model.pool < 3_900_000
+    engine = Engine(parse_histograms(SPECS))
+    engine.start(src)
+    deadline = time.monotonic() + 120
+    while engine.snapshot().pulses < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    engine.stop()
+    snap = engine.snapshot()
+    assert snap.pulses >= 3 and abs(snap.events / snap.pulses - 4e6) < 10_000, (snap.events, snap.pulses)
+    with pytest.raises(SourceError, match=r"rate 1e12 ev/s at freq=14 Hz makes 7.14e\+10 events a pulse; at most "
+                                          r"33,554,432 \(rate <= 4.7e\+08 at this freq"):  # fmt: skip
+        open_source("sim://?rate=1e12")
+    open_source("sim://?rate=4.6e8")  # within the limit at 14 Hz

@@ -20,6 +20,7 @@ from livehist.engine.sources import Source, SourceError, check_known, number, qu
 
 DEFAULT_PEAKS_MS = (12.5, 20.4, 24.0, 33.1, 41.7)
 MIN_FREQ, MAX_FREQ = 0.5, 1e6  # Hz: a frame of 2 s to 1 us
+MAX_PULSE_EVENTS = 2**25  # events a pulse at most: 256 MiB of events, beyond any engine's ingest
 MAX_PIXELS = 2**24  # a 4096 x 4096 model takes about 1.6 GB while it is built (20000x20000: 19 GB, 67 s)
 
 
@@ -65,12 +66,22 @@ class DetectorModel:
         return self.shape[0] * self.shape[1]
 
     def pulse(self, n: int, pulse_time_ns: int) -> EventBatch:
-        n = min(n, self.pool)
-        start = int(self.rng.integers(0, self.pool))
+        """A pulse of n events: a slice of the pool (no copy), or slices of it one after another
+        for more events than the pool holds (it was capped at the pool without a word)."""
+        cuts = []
+        while n > 0 or not cuts:
+            k = min(n, self.pool)
+            start = int(self.rng.integers(0, self.pool))
+            cuts.append(slice(start, start + k))
+            n -= k
+        if len(cuts) == 1:
+            tof, pix = self.tof[cuts[0]], self.pixel_id[cuts[0]]
+        else:
+            tof = np.concatenate([self.tof[c] for c in cuts])
+            pix = np.concatenate([self.pixel_id[c] for c in cuts])
         return EventBatch(
-            self.tof[start : start + n], self.pixel_id[start : start + n],
-            np.array([pulse_time_ns], np.int64), np.zeros(1, np.int64), "ns", "livehist-sim",
-        )  # fmt: skip
+            tof, pix, np.array([pulse_time_ns], np.int64), np.zeros(1, np.int64), "ns", "livehist-sim"
+        )
 
 
 def parse(uri: str) -> tuple[DetectorModel, float, bool]:
@@ -82,6 +93,12 @@ def parse(uri: str) -> tuple[DetectorModel, float, bool]:
         raise SourceError(
             f"EventSource {uri!r}: freq must be {MIN_FREQ} to {MAX_FREQ:.0e} Hz (a frame's TOFs must fit "
             f"ev44's int32 nanoseconds), got {params['freq']!r}"
+        )
+    if rate / freq > MAX_PULSE_EVENTS:  # a pulse of 1e12 / 14 events would take 570 GB
+        raise SourceError(
+            f"EventSource {uri!r}: rate {params['rate']} ev/s at freq={freq:g} Hz makes {rate / freq:.3g} events a "
+            f"pulse; at most {MAX_PULSE_EVENTS:,} (rate <= {MAX_PULSE_EVENTS * freq:.3g} at this freq; a higher "
+            "freq allows more)"
         )
     seed = int(number(params, "seed", 0, uri, integer=True))
     first = int(number(params, "first", 1, uri, integer=True))
