@@ -845,3 +845,14 @@ def test_a_network_source_keeps_freed_message_memory_for_the_next_messages(retai
         assert max(faults[2:]) < 5, faults
     else:  # LIVEHIST_RETAIN_MEMORY=0: malloc as it was
         assert min(faults[1:]) > 50, faults
+
+
+@pytest.mark.parametrize("value", [1e300, -1e300, 1e16])
+def test_integer_fields_given_as_huge_floats_are_named_in_a_short_message(value):
+    """`"bins": 1e300` answered with the 301 digits of int(1e300) in the device's error."""
+    from livehist.engine.spec import SpecError, parse_histograms
+
+    with pytest.raises(SpecError) as err:
+        parse_histograms([{"name": "t", "kind": "tof", "tof": {"start": 0, "stop": 1, "bins": value}}])
+    assert str(err.value) == (f"Histograms[0].tof.bins must be an integer, got {value!r}: too large for a number "
+                              "with an exponent or a fraction (write it as digits)")  # fmt: skip

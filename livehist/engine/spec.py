@@ -139,6 +139,9 @@ def _int(obj: dict, key: str, path: str, minimum: int | None = None, default: An
     v = obj[key]
     if isinstance(v, bool) or not isinstance(v, int | float) or (isinstance(v, float) and not v.is_integer()):
         raise SpecError(f"{_where(path, key)} must be an integer, got {v!r}")
+    if isinstance(v, float) and abs(v) >= 2**53:  # not exact as a float; and int(1e300) printed 301 digits
+        raise SpecError(f"{_where(path, key)} must be an integer, got {v!r}: too large for a number with an "
+                        "exponent or a fraction (write it as digits)")  # fmt: skip
     v = int(v)
     if minimum is not None and v < minimum:
         raise SpecError(f"{_where(path, key)} must be an integer >= {minimum}, got {v}")
