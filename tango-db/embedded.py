@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -87,6 +88,68 @@ def embedded(state_dir: Path) -> Managed:
 
 def db_file(state_dir: Path) -> Path:
     return state_dir / "tango_database.sqlite"
+
+
+def _db_file_verdict(path: Path) -> str:
+    """'ok', 'incomplete' (no device in it: a creation that stopped half way) or why it is damaged."""
+    import sqlite3
+
+    if path.stat().st_size == 0:
+        return "incomplete"
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            (count,) = conn.execute("SELECT count(*) FROM device").fetchone()
+    except sqlite3.OperationalError as exc:
+        return "incomplete" if "no such table" in str(exc) else str(exc)
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    return "ok" if count else "incomplete"
+
+
+def prepare_db_file(state_dir: Path) -> str | None:
+    """Make sure the sqlite file is a whole Tango database before the server opens it.
+
+    pytango creates a missing file table by table, so a first start that died half way (a full
+    disk, a kill) left a file without its devices, and every later start failed with
+    'device dserver/databaseds/2 not defined in the database'. A new file is made here whole
+    (built aside, then renamed into place); an incomplete one, which holds nothing, is replaced
+    (returns a note saying so); a damaged one is refused, naming the file and the fix."""
+    path = db_file(state_dir)
+    note = None
+    if path.exists():
+        verdict = _db_file_verdict(path)
+        if verdict == "ok":
+            return None
+        if verdict != "incomplete":
+            raise LivehistError(
+                f"the embedded Tango database file {path} is damaged ({verdict}); move it away "
+                f"(mv '{path}' '{path}.damaged') and run `livehist up` again: it makes a new one and "
+                "loads the configuration into it"
+            )
+        note = f"replaced {path}: an incomplete database file (no devices in it) left by a start that failed"
+    try:
+        from tango.databaseds.db_access.sqlite3 import get_create_db_statements
+    except ImportError:  # another pytango: let the server create it as it does
+        path.unlink(missing_ok=True)
+        return note
+    import sqlite3
+
+    new = path.with_name(path.name + ".new")
+    try:
+        new.unlink(missing_ok=True)
+        with contextlib.closing(sqlite3.connect(new)) as conn:
+            for statement in get_create_db_statements():
+                conn.execute(statement)
+            conn.commit()
+        os.replace(new, path)
+    except (OSError, sqlite3.Error) as exc:
+        with contextlib.suppress(OSError):
+            new.unlink(missing_ok=True)
+        raise LivehistError(
+            f"cannot create the embedded Tango database file {path}: {getattr(exc, 'strerror', None) or exc}; "
+            "free some space there or give another folder with --state-dir"
+        ) from None
+    return note
 
 
 def start_embedded(host: str, port: int, state_dir: Path, timeout: float = 30.0) -> Managed:

@@ -124,6 +124,9 @@ def ensure_database(site: Site, say: Say) -> None:
             "so no embedded one can be started there; start the site's DatabaseDS or use "
             "--tango-host 127.0.0.1:PORT for the embedded database"
         )
+    note = embedded.prepare_db_file(site.state_dir)
+    if note:
+        say(note)
     say(f"starting the embedded Tango database on {host}:{port} ({embedded.db_file(site.state_dir)})")
     embedded.start_embedded(host, port, site.state_dir)
     site.embedded_db = True

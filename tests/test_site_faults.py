@@ -1,0 +1,92 @@
+"""`livehist up / down / status` against what a crash, a full disk or an odd invocation leaves
+behind, with a real embedded database and real device servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sqlite3
+import subprocess
+import sys
+
+from livehist.site.process import managed_processes
+from tests.conftest import run_cli
+
+MM = {"servers": {"MetadataManager": {"sf": {"MetadataManager": {
+    "test/sitefault/m": {"properties": {"DefaultDataRoot": ["/tmp"]}}}}}}}  # fmt: skip
+
+
+def _up(state, host, cfg, *extra, **kw) -> subprocess.CompletedProcess:
+    return run_cli("up", "--tango-host", host, "--config", str(cfg), "--state-dir", str(state), *extra, **kw)
+
+
+def _limited_cli(limit: int, *args: str) -> subprocess.CompletedProcess:
+    """`livehist ARGS` whose files (and its children's) cannot grow past `limit` bytes: a full disk
+    that works unprivileged (Python ignores SIGXFSZ, so a write past it fails with EFBIG)."""
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "livehist.cli", *args],
+        capture_output=True, text=True, timeout=180, preexec_fn=cap,
+    )  # fmt: skip
+
+
+def test_a_database_file_half_made_by_a_failed_start_does_not_block_up_for_good(sites):
+    """A first `up` on a full disk left a sqlite file with some tables and no devices; every later
+    `up` failed with 'device dserver/databaseds/2 not defined in the database' (and a 0-byte file
+    with 'no such table: device'), after the space was freed too."""
+    from tango.databaseds.db_access.sqlite3 import get_create_db_statements
+
+    state, host, cfg = sites.new(MM)
+    out = _limited_cli(64 * 1024, "up", "--tango-host", host, "--config", str(cfg), "--state-dir", str(state))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr.split("error:", 1)[0]
+    assert not [p.name for p in managed_processes(state) if p.pid()], "a process survived the failed up"
+    out = _up(state, host, cfg)  # the space is back
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "test/sitefault/m" in out.stdout and " STANDBY " in out.stdout, out.stdout
+    assert run_cli("down", "--state-dir", str(state)).returncode == 0
+
+    # what a crash during the creation leaves: some tables, no rows; and an empty file
+    for partial in (get_create_db_statements()[:4], []):
+        db = state / "tango_database.sqlite"
+        db.unlink()
+        with sqlite3.connect(db) as conn:
+            for statement in partial:
+                conn.execute(statement)
+        out = _up(state, host, cfg)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"replaced {db}: an incomplete database file" in out.stdout, out.stdout
+        assert " STANDBY " in out.stdout, out.stdout
+        assert run_cli("down", "--state-dir", str(state)).returncode == 0
+
+
+def test_a_full_disk_at_the_first_up_is_named_and_leaves_no_half_made_database(sites):
+    state, host, cfg = sites.new(MM)
+    out = _limited_cli(64 * 1024, "up", "--tango-host", host, "--config", str(cfg), "--state-dir", str(state))
+    assert out.returncode == 1, out.stdout + out.stderr
+    line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
+    assert f"cannot create the embedded Tango database file {state / 'tango_database.sqlite'}" in line, line
+    assert "--state-dir" in line, line
+    assert not (state / "tango_database.sqlite").exists() and not list(state.glob("*.new"))
+    assert managed_processes(state) == []
+
+
+def test_a_damaged_database_file_is_named_with_the_fix_and_kept(sites):
+    state, host, cfg = sites.new(MM)
+    assert _up(state, host, cfg).returncode == 0
+    assert run_cli("down", "--state-dir", str(state)).returncode == 0
+    db = state / "tango_database.sqlite"
+    db.write_bytes(db.read_bytes()[:5000])  # torn: the header promises pages that are not there
+    kept = db.read_bytes()
+    out = _up(state, host, cfg)
+    line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
+    assert out.returncode == 1 and f"the embedded Tango database file {db} is damaged" in line, line
+    assert "move it away" in line and "livehist up" in line, line
+    assert db.read_bytes() == kept  # the user's file, kept for whatever can be saved from it
+    assert managed_processes(state) == []
+    assert json.loads((state / "state.json").read_text())["tango_host"] == host
+    assert os.path.isdir(state)
