@@ -90,3 +90,35 @@ def test_a_damaged_database_file_is_named_with_the_fix_and_kept(sites):
     assert managed_processes(state) == []
     assert json.loads((state / "state.json").read_text())["tango_host"] == host
     assert os.path.isdir(state)
+
+
+def test_relative_config_and_state_dir_still_work_from_another_folder(sites, tmp_path):
+    """`up --config c.json --state-dir st` stored the relative paths: `status` from any other
+    folder failed with 'cannot read config c.json', and the servers' DefaultDataRoot and
+    Sardana's environment ($LIVEHIST_STATE_DIR) were folders relative to wherever `up` ran."""
+    import tango
+
+    _, host, _ = sites.new()
+    work = tmp_path / "work"
+    work.mkdir()
+    state = work / "st"
+    sites.dirs.append(state)  # downed at teardown whatever happens here
+    config = {"servers": {"MetadataManager": {"rel": {"MetadataManager": {
+        "test/relative/m": {"properties": {"DefaultDataRoot": ["$LIVEHIST_STATE_DIR/data"]}}}}}}}  # fmt: skip
+    (work / "c.json").write_text(json.dumps(config))
+    env = {k: v for k, v in os.environ.items() if k != "TANGO_HOST"}
+    argv = [sys.executable, "-m", "livehist.cli"]
+    out = subprocess.run([*argv, "up", "--tango-host", host, "--config", "c.json", "--state-dir", "st"],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    status = subprocess.run([*argv, "status", "--state-dir", str(state)], cwd="/", env=env,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "test/relative/m" in status.stdout, status.stdout
+    db = tango.Database(*host.split(":"))
+    root = list(db.get_device_property("test/relative/m", "DefaultDataRoot")["DefaultDataRoot"])
+    assert root == [f"{state}/data"], root
+    down = subprocess.run([*argv, "down", "--state-dir", "st"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert down.returncode == 0 and "stopped tango-db" in down.stdout, down.stdout + down.stderr
+    assert managed_processes(state) == []

@@ -25,6 +25,12 @@ def default_state_dir() -> Path:
     return Path(env) if env else Path.home() / ".local" / "state" / "livehist"
 
 
+def _state_dir(option: Path | str | None) -> Path:
+    """The state dir as an absolute path: it is written into the servers' environment, the
+    database ($LIVEHIST_STATE_DIR) and state.json, which are read from other working folders."""
+    return (Path(option) if option else default_state_dir()).absolute()
+
+
 @dataclass
 class Site:
     """Where livehist runs: a Tango host, the config applied there, the state dir."""
@@ -61,7 +67,7 @@ class Site:
         cls, state_dir: Path | None, tango_host: str | None = None, config: Path | None = None
     ) -> Site:
         """The site as `up` left it in the state dir, overridden by explicit options."""
-        state_dir = Path(state_dir) if state_dir else default_state_dir()
+        state_dir = _state_dir(state_dir)
         try:
             saved = json.loads((state_dir / "state.json").read_text())
         except (OSError, ValueError):
@@ -190,7 +196,7 @@ def up(
         # checked before anything starts: -1 started every server and then gave up on them at
         # once; nan waited for ever on a server that never answers
         raise LivehistError(f"--timeout must be a number of seconds > 0, got {timeout}; the default is 90")
-    state_dir = Path(state_dir) if state_dir else default_state_dir()
+    state_dir = _state_dir(state_dir)
     with site_lock(state_dir, say):
         began = time.time()
         with _ctrl_c_noted():
@@ -259,7 +265,8 @@ def _undo_up(state_dir: Path, began: float, say: Say) -> None:
 def _up(tango_host: str | None, config: Path | None, state_dir: Path, timeout: float, say: Say) -> Site:
     site = Site(
         tango_host=_host_for(state_dir, tango_host),
-        config_path=Path(config) if config else DEFAULT_CONFIG,
+        # absolute: `status` and the next `up` read it from state.json in other working folders
+        config_path=Path(config).absolute() if config else DEFAULT_CONFIG,
         state_dir=state_dir,
     )
     site.host_port  # noqa: B018 - validates the host before anything starts
@@ -353,7 +360,7 @@ def wait_ready(site: Site, started: dict[str, Managed], timeout: float, say: Say
 
 def down(state_dir: Path | None = None, say: Say = print) -> list[str]:
     """Stop what `up` started: servers first, then the embedded database."""
-    state_dir = Path(state_dir) if state_dir else default_state_dir()
+    state_dir = _state_dir(state_dir)
     if not state_dir.is_dir():
         say(f"nothing to stop in {state_dir}")
         return []
