@@ -120,6 +120,40 @@ def _keep_runtime_owned(config: dict, db) -> dict:
     return config
 
 
+class _DsconfigView:
+    """The database as dsconfig should see it. dsconfig reads the current configuration through
+    DbMySQLSelect, whose strings pytango decodes as Latin-1, while it writes properties as UTF-8:
+    a non-Latin-1 value never compared equal and was written again at every `up`; and a device
+    without an alias reads as alias '', which it 'deleted' at every `up` too ("N database
+    changes" each time, where nothing had changed)."""
+
+    def __init__(self, db) -> None:
+        self._db = db
+
+    def __getattr__(self, name: str):
+        return getattr(self._db, name)
+
+    def command_inout(self, name: str, *args, **kwargs):
+        result = self._db.command_inout(name, *args, **kwargs)
+        if name.lower() != "dbmysqlselect":
+            return result
+        numbers, strings = result
+        strings = [_as_written(s) for s in strings]
+        query = " ".join(str(args[0]).split()).lower() if args else ""
+        if query.startswith("select alias, name from device"):
+            pairs = [(a, d) for a, d in zip(strings[::2], strings[1::2], strict=False) if a]
+            strings = [x for pair in pairs for x in pair]
+        return numbers, strings
+
+
+def _as_written(text: str) -> str:
+    """A string pytango wrote as UTF-8 and read back as Latin-1, as it was written."""
+    try:
+        return text.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return text
+
+
 def apply(config: dict, host: str, port: int) -> int:
     """Write the config into the database (dsconfig's json2tango in update mode).
 
@@ -130,7 +164,7 @@ def apply(config: dict, host: str, port: int) -> int:
     import tango
     from dsconfig.json2tango import apply_config, prepare_config
 
-    db = tango.Database(host, port)
+    db = _DsconfigView(tango.Database(host, port))
     dsconfig_part = {k: v for k, v in config.items() if k != "livehist"}
     prepared = prepare_config(_keep_runtime_owned(dsconfig_part, db))
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):

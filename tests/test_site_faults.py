@@ -122,3 +122,28 @@ def test_relative_config_and_state_dir_still_work_from_another_folder(sites, tmp
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert down.returncode == 0 and "stopped tango-db" in down.stdout, down.stdout + down.stderr
     assert managed_processes(state) == []
+
+
+def test_up_twice_with_non_latin1_properties_and_devices_without_alias_changes_nothing(sites):
+    """The second `up` said 'configuration ...: 2 database changes' and rewrote the property (and
+    'deleted' alias '') every time: dsconfig compared a Latin-1 reading of the UTF-8 value."""
+    from livehist.site import control
+
+    config = {"servers": {
+        "MetadataManager": {"uni": {"MetadataManager": {
+            "test/unicode/m": {"properties": {"DefaultDataRoot": ["/tmp/daten ☃ müller"]}}}}},
+        "EventHistogrammer": {"uni": {"EventHistogrammer": {
+            "test/unicode/h": {"properties": {"EventSource": ["sim://?rate=1e3"]}}}}}}}  # fmt: skip
+    state, host, cfg = sites.new(config)
+    first: list[str] = []
+    site = control.up(host, cfg, state, timeout=60, say=first.append)
+    assert any("database changes" in ln for ln in first), first
+    for _ in range(2):
+        again: list[str] = []
+        control.up(host, cfg, state, timeout=60, say=again.append)
+        assert f"configuration {cfg}: database already up to date" in again, again
+    import tango
+
+    db = tango.Database(*site.host_port)
+    value = list(db.get_device_property("test/unicode/m", "DefaultDataRoot")["DefaultDataRoot"])
+    assert value == ["/tmp/daten ☃ müller"], value
