@@ -58,7 +58,14 @@ def load(path: Path, state_dir: Path) -> dict:
 
     check_servers(config.get("servers", {}), path)
     seen: dict[str, str] = {}
-    for server, _cls, dev in devices(config):
+    for server, cls, dev in devices(config):
+        for what, name in (("server", server), ("class", cls), ("device", dev)):
+            if not name.isascii():  # written into the database, then the server aborted at its export
+                bad = "".join(sorted({c for c in name if not c.isascii()}))
+                raise LivehistError(
+                    f"config {path}: {what} name {name!r} has characters Tango names cannot carry ({bad}); "
+                    "use ASCII letters, digits and - _ . in server, class and device names"
+                )
         where = seen.get(dev.lower())
         if where is not None:
             raise LivehistError(
@@ -66,6 +73,20 @@ def load(path: Path, state_dir: Path) -> dict:
                 "case); a device belongs to one server: remove one"
             )
         seen[dev.lower()] = server
+    aliases: dict[str, str] = {}
+    for instances in config["servers"].values():
+        for classes in instances.values():
+            for devs in classes.values():
+                for dev, body in devs.items():
+                    alias = body.get("alias") if isinstance(body, dict) else None
+                    if not alias:
+                        continue
+                    other = aliases.setdefault(alias.lower(), dev)
+                    if other != dev:
+                        raise LivehistError(
+                            f"config {path}: alias {alias!r} is given to two devices, {other} and {dev} "
+                            "(an alias names one device; Tango aliases ignore case): give each its own"
+                        )
     return _expand(config, placeholders(state_dir))
 
 
@@ -154,10 +175,13 @@ def _as_written(text: str) -> str:
         return text
 
 
-def apply(config: dict, host: str, port: int) -> int:
+def apply(config: dict, host: str, port: int, path: Path | str = "the config") -> int:
     """Write the config into the database (dsconfig's json2tango in update mode).
 
-    Returns the number of database calls made (0 when the DB already matches)."""
+    Returns the number of database calls made (0 when the DB already matches). A device or an
+    alias that the database gives to a server or device outside this config is refused before
+    anything is written (dsconfig would move it into ours); a call the database refuses is
+    reported with how many were made before it."""
     import contextlib
     import io
 
@@ -168,6 +192,32 @@ def apply(config: dict, host: str, port: int) -> int:
     dsconfig_part = {k: v for k, v in config.items() if k != "livehist"}
     prepared = prepare_config(_keep_runtime_owned(dsconfig_part, db))
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        result = apply_config(prepared, db, write=True, update=True)
-    dbcalls = result[2]
+        _, _, dbcalls, collisions, alias_collisions, _ = apply_config(prepared, db, write=False, update=True)
+    ours = {server.lower() for server, _, _ in devices(config)}
+    our_devices = {dev.lower() for _, _, dev in devices(config)}
+    for server, taken in collisions.items():
+        if server.lower() not in ours:
+            cls, dev = taken[0]
+            raise LivehistError(
+                f"config {path}: device {dev} is already in the Tango database at {host}:{port}, served by "
+                f"{server} (class {cls}), a server this config does not have; `livehist up` does not take "
+                "devices from other servers: rename it in the config, or, if nothing uses it any more, "
+                f"delete it from the database first (tango_admin --delete-device {dev})"
+            )
+    for alias, holder, dev in sorted(alias_collisions):
+        if holder.lower() not in our_devices:
+            raise LivehistError(
+                f"config {path}: alias {alias!r} of {dev} is already the alias of {holder} in the Tango "
+                f"database at {host}:{port}; choose another alias in the config"
+            )
+    for done, (method, args, kwargs) in enumerate(dbcalls):
+        try:
+            getattr(db, method)(*args, **kwargs)
+        except tango.DevFailed as exc:
+            why = " ".join(str(exc.args[0].desc).split())[:300]
+            raise LivehistError(
+                f"the Tango database at {host}:{port} refused {method}{args!r} from config {path}: {why}; "
+                f"{done} of its {len(dbcalls)} changes were made before it (the next `livehist up` makes "
+                "the rest once the config is fixed)"
+            ) from None
     return len(dbcalls)

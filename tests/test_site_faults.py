@@ -147,3 +147,46 @@ def test_up_twice_with_non_latin1_properties_and_devices_without_alias_changes_n
     db = tango.Database(*site.host_port)
     value = list(db.get_device_property("test/unicode/m", "DefaultDataRoot")["DefaultDataRoot"])
     assert value == ["/tmp/daten ☃ müller"], value
+
+
+def test_up_refuses_to_take_devices_and_aliases_of_others_and_names_tango_cannot_carry(sites):
+    """A config naming a device of another server in the database (here the database's own
+    sys/tg_test/1) moved it into ours without a word; an alias held by another device was taken
+    from it; one alias on two devices ended in a traceback (DevFailed from DbPutDeviceAlias); a
+    device name with a non-ASCII letter was written into the database and its server aborted."""
+    import tango
+
+    site = sites.up(MM)
+    host = site.tango_host
+    db = tango.Database(*site.host_port)
+    db.put_device_alias("test/sitefault/m", "sf_meta")
+
+    def refused(config: dict) -> str:
+        cfg = site.state_dir / "hostile.json"
+        cfg.write_text(json.dumps(config))
+        before = sorted(db.get_server_list("*"))
+        out = _up(site.state_dir, host, cfg, "--timeout", "20")
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "Traceback" not in out.stderr, out.stderr
+        assert sorted(db.get_server_list("*")) == before  # nothing was written
+        return next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
+
+    line = refused({"servers": {"MetadataManager": {"thief": {"MetadataManager": {"sys/tg_test/1": {}}}}}})
+    assert "device sys/tg_test/1 is already in the Tango database" in line and "TangoTest/test" in line, line
+    assert "does not take devices from other servers" in line, line
+    assert db.get_device_info("sys/tg_test/1").ds_full_name == "TangoTest/test"
+
+    line = refused({"servers": {"MetadataManager": {"thief": {"MetadataManager": {
+        "test/thief/m": {"alias": "SF_META"}}}}}})  # fmt: skip
+    assert "alias 'sf_meta' of test/thief/m is already the alias of test/sitefault/m" in line.lower(), line
+    assert db.get_device_from_alias("sf_meta") == "test/sitefault/m"
+
+    line = refused({"servers": {"MetadataManager": {"thief": {"MetadataManager": {
+        "test/thief/a": {"alias": "twice"}, "test/thief/b": {"alias": "Twice"}}}}}})  # fmt: skip
+    assert "alias 'Twice' is given to two devices, test/thief/a and test/thief/b" in line, line
+
+    line = refused({"servers": {"MetadataManager": {"thief": {"MetadataManager": {"test/ğüx/m": {}}}}}})
+    assert "device name 'test/ğüx/m' has characters Tango names cannot carry (üğ)" in line, line
+
+    out = _up(site.state_dir, host, site.config_path)  # and the site itself still comes up
+    assert out.returncode == 0 and "test/sitefault/m" in out.stdout, out.stdout + out.stderr

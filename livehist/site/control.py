@@ -274,7 +274,7 @@ def _up(tango_host: str | None, config: Path | None, state_dir: Path, timeout: f
     ensure_database(site, say)
     site.save()
     host, port = site.host_port
-    calls = dsconfig.apply(site.config, host, port)
+    calls = dsconfig.apply(site.config, host, port, site.config_path)
     say(f"configuration {site.config_path}: {calls} database changes" if calls else
         f"configuration {site.config_path}: database already up to date")  # fmt: skip
     started: dict[str, Managed] = {}
