@@ -190,3 +190,78 @@ def test_up_refuses_to_take_devices_and_aliases_of_others_and_names_tango_cannot
 
     out = _up(site.state_dir, host, site.config_path)  # and the site itself still comes up
     assert out.returncode == 0 and "test/sitefault/m" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_frozen_server_is_named_by_status_and_up_instead_of_waiting_out_the_timeout(sites):
+    """A SIGSTOPped server: `status` called its devices DOWN with nothing more, and `up` waited the
+    whole --timeout (90 s by default, and then some) to say the device 'did not answer'."""
+    import signal
+    import time
+
+    from livehist.site.process import Managed
+
+    site = sites.up(MM)
+    server = Managed(site.state_dir, "MetadataManager-sf")
+    pid = server.pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        r = run_cli("status", "--state-dir", str(site.state_dir), timeout=120)
+        assert r.returncode == 3, r.stdout + r.stderr
+        row = next(ln for ln in r.stdout.splitlines() if ln.startswith("test/sitefault/m"))
+        assert row.split()[3] == "DOWN" and f"server process {pid} is stopped" in row, row
+        assert f"kill -CONT {pid}" in row, row
+        assert time.monotonic() - t0 < 60
+        t0 = time.monotonic()
+        out = _up(site.state_dir, site.tango_host, site.config_path, timeout=240)
+        took = time.monotonic() - t0
+        line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
+        assert out.returncode == 1 and f"server MetadataManager/sf (pid {pid}) is stopped" in line, line
+        assert f"kill -CONT {pid}" in line and "livehist down" in line, line
+        assert took < 30, took  # not the 90 s timeout
+        assert server.pid() == pid  # left as it was: the user decides
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    out = _up(site.state_dir, site.tango_host, site.config_path)
+    assert out.returncode == 0 and "MetadataManager/sf: already running" in out.stdout, (
+        out.stdout + out.stderr
+    )
+
+
+def test_a_server_frozen_while_up_waits_for_it_is_named_within_seconds(tmp_path):
+    import signal
+    import time
+
+    from livehist.site.process import Managed, free_port
+
+    state = tmp_path / "state"
+    cfg = tmp_path / "c.json"
+    cfg.write_text(
+        json.dumps({"servers": {"EventHistogrammer": {"fz": {"EventHistogrammer": {"test/fz/h": {}}}}}})
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TANGO_HOST"}
+    argv = [sys.executable, "-m", "livehist.cli", "up", "--config", str(cfg), "--state-dir", str(state),
+            "--tango-host", f"127.0.0.1:{free_port()}"]  # fmt: skip
+    up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    pid = None
+    try:
+        seen = []
+        for line in up.stdout:
+            seen.append(line)
+            if line.startswith("EventHistogrammer/fz: started"):
+                pid = Managed(state, "EventHistogrammer-fz").pid()
+                os.kill(pid, signal.SIGSTOP)
+                t0 = time.monotonic()
+                break
+        out = "".join(seen) + up.communicate(timeout=120)[0]
+        took = time.monotonic() - t0
+    finally:
+        if up.poll() is None:
+            up.kill()
+        if pid:
+            os.kill(pid, signal.SIGCONT)
+        run_cli("down", "--state-dir", str(state))
+    assert up.returncode == 1, out
+    assert f"server EventHistogrammer/fz (pid {pid}) is stopped" in out and f"kill -CONT {pid}" in out, out
+    assert took < 30, took  # the 90 s --timeout was waited out before
+    assert managed_processes(state) == []

@@ -280,6 +280,9 @@ def _up(tango_host: str | None, config: Path | None, state_dir: Path, timeout: f
     started: dict[str, Managed] = {}
     adopted: set[str] = set()  # alive but not answering: starting, or dying (just killed)
     for server, devs in server_devices(site.config).items():
+        frozen = Managed(site.state_dir, server.replace("/", "-")).stopped()
+        if frozen is not None:  # cannot answer: do not spend the pings' timeouts and --timeout on it
+            raise LivehistError(_frozen_message(server, frozen))
         missing = [dev for _, dev in devs if not ping(site.url(dev))]
         if not missing:
             say(f"{server}: already running")
@@ -323,10 +326,17 @@ def wait_ready(site: Site, started: dict[str, Managed], timeout: float, say: Say
     pending = {server: [dev for _, dev in devs] for server, devs in server_devices(site.config).items()
                if server in started}  # fmt: skip
     puzzled: set[str] = set()  # our running child that `Managed.pid` did not recognise (said once)
+    frozen_since: dict[str, float] = {}
     while pending:
         _check_ctrl_c()
         for server in list(pending):
             proc = started[server]
+            frozen = proc.stopped()
+            if frozen is None:
+                frozen_since.pop(server, None)
+            elif time.monotonic() - frozen_since.setdefault(server, time.monotonic()) > 3:
+                # it cannot answer while stopped: waiting out the timeout only hid why
+                raise LivehistError(_frozen_message(server, frozen))
             if proc.pid() is None and server in adopted:
                 adopted.discard(server)
                 proc.start(server_catalogue.argv(server), env=site.server_env())
@@ -356,6 +366,13 @@ def wait_ready(site: Site, started: dict[str, Managed], timeout: float, say: Say
                 f"read {started[server].log} (the server keeps running; `livehist down` stops it)"
             )
         time.sleep(0.3)
+
+
+def _frozen_message(server: str, pid: int) -> str:
+    return (
+        f"server {server} (pid {pid}) is stopped (SIGSTOP, or Ctrl-Z in the terminal that runs it), so its "
+        f"devices cannot answer; `kill -CONT {pid}` resumes it, `livehist down` stops it"
+    )
 
 
 def down(state_dir: Path | None = None, say: Say = print) -> list[str]:
@@ -465,6 +482,13 @@ def print_table(site: Site, say: Say) -> tuple[bool, list[str]]:
             except tango.DevFailed as exc:
                 why = [exc.args[0].desc.strip()]
             info = (why[0][:200] if why else "") or info
+        if state is None:  # down, or alive and not answering: say which
+            proc = Managed(site.state_dir, server.replace("/", "-"))
+            pid = proc.pid()
+            if proc.stopped():
+                info = f"server process {pid} is stopped (SIGSTOP or Ctrl-Z): `kill -CONT {pid}` resumes it"
+            elif pid is not None:
+                info = f"server process {pid} runs but does not answer (starting, or busy); log {proc.log}"
         return dev, cls, server, state or "DOWN", info
 
     # all devices at once: a frozen server costs its own timeouts (about 9 s), not 9 s per device

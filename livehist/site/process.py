@@ -78,6 +78,18 @@ class Managed:
             )
         return pid, ""
 
+    def stopped(self) -> int | None:
+        """The pid if the recorded process is ours and stopped (SIGSTOP, Ctrl-Z, a debugger): it
+        cannot answer until it is continued."""
+        pid = self.pid()
+        if pid is None:
+            return None
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return None
+        return pid if state in ("T", "t") else None
+
     def poll_child(self) -> str | int | None:
         """For a process started by this one: "running", or its exit code once it has exited
         (reaped here); None if the recorded process is not a child of this process."""
