@@ -265,3 +265,31 @@ def test_a_server_frozen_while_up_waits_for_it_is_named_within_seconds(tmp_path)
     assert f"server EventHistogrammer/fz (pid {pid}) is stopped" in out and f"kill -CONT {pid}" in out, out
     assert took < 30, took  # the 90 s --timeout was waited out before
     assert managed_processes(state) == []
+
+
+def test_a_frozen_embedded_database_is_called_ours_and_frozen_not_a_stranger(sites):
+    """Its own SIGSTOPped database: `status` and `up` called the port 'taken by a program that is
+    not a Tango database' and sent the user to another port (which `up` then refused)."""
+    import signal
+
+    from livehist.site.process import Managed
+
+    site = sites.up(MM)
+    db = Managed(site.state_dir, "tango-db")
+    pid = db.pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        r = run_cli("status", "--state-dir", str(site.state_dir), timeout=120)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert (
+            f"the embedded Tango database of {site.state_dir} (pid {pid}, at {site.tango_host}) is stopped"
+            in (r.stdout)
+        ), r.stdout
+        assert f"kill -CONT {pid}" in r.stdout and "not a Tango database" not in r.stdout, r.stdout
+        out = _up(site.state_dir, site.tango_host, site.config_path, timeout=120)
+        assert out.returncode == 1 and f"kill -CONT {pid}" in out.stderr, out.stdout + out.stderr
+        assert "not a Tango database" not in out.stderr and "another port" not in out.stderr, out.stderr
+        assert db.pid() == pid
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert run_cli("status", "--state-dir", str(site.state_dir)).returncode == 0

@@ -104,6 +104,27 @@ def server_devices(config: dict) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
+def own_database_trouble(site: Site) -> str | None:
+    """Why the embedded database of this state dir, alive at the site's port, does not answer
+    (stopped, or hung), or None when no such process runs."""
+    host, port = site.host_port
+    db = embedded.embedded(site.state_dir)
+    pid = db.pid()
+    argv = (db.record() or {}).get("argv") or []
+    if pid is None or "--port" not in argv or argv[argv.index("--port") + 1 :][:1] != [str(port)]:
+        return None  # none of ours runs, or it serves another port
+    where = f"the embedded Tango database of {site.state_dir} (pid {pid}, at {host}:{port})"
+    if db.stopped():
+        return (
+            f"{where} is stopped (SIGSTOP, or Ctrl-Z in the terminal that runs it), so nothing can use it; "
+            f"`kill -CONT {pid}` resumes it, `livehist down` stops it and the servers"
+        )
+    return (
+        f"{where} runs but does not answer (hung or overloaded); read {db.log}; "
+        "`livehist down`, then `livehist up`, restarts it"
+    )
+
+
 def ensure_database(site: Site, say: Say) -> None:
     """Use the DB at the Tango host, or start the embedded one there if nothing listens."""
     host, port = site.host_port
@@ -114,6 +135,9 @@ def ensure_database(site: Site, say: Say) -> None:
         where = "embedded, started earlier" if site.embedded_db else "site database"
         say(f"Tango database at {host}:{port} ({where})")
         return
+    trouble = own_database_trouble(site)
+    if trouble:  # not "a program that is not a Tango database", nor a second database on its file
+        raise LivehistError(trouble)
     if state == "other":
         raise LivehistError(
             f"port {port} on {host} is taken by a program that is not a Tango database; "
@@ -409,6 +433,10 @@ def status(
     site = Site.from_state(state_dir, tango_host, config)
     host, port = site.host_port
     found = embedded.probe(host, port)
+    trouble = own_database_trouble(site) if found != "tango" else None
+    if trouble:
+        say(trouble)
+        return 1
     if found == "other":  # `livehist up` would refuse this port: do not send the user there
         say(f"{host}:{port} is taken by a program that is not a Tango database; check TANGO_HOST / "
             "--tango-host (`livehist up` with another port starts one)")  # fmt: skip
