@@ -293,3 +293,42 @@ def test_a_frozen_embedded_database_is_called_ours_and_frozen_not_a_stranger(sit
     finally:
         os.kill(pid, signal.SIGCONT)
     assert run_cli("status", "--state-dir", str(site.state_dir)).returncode == 0
+
+
+def test_a_torn_state_file_does_not_start_a_second_database_on_the_same_file(sites):
+    """state.json cut short (a full disk, a crash while writing it): `up` lost where the state
+    dir's embedded database runs, started a second one on the same sqlite file at TANGO_HOST and
+    overwrote the first one's record, so `down` could no longer stop it; `status` looked at
+    TANGO_HOST (or 10000) and called a running site down; a state.json holding a list was a
+    traceback."""
+    from livehist.site.process import Managed, free_port
+
+    site = sites.up(MM)
+    db = Managed(site.state_dir, "tango-db")
+    pid = db.pid()
+    state_file = site.state_dir / "state.json"
+    other = f"127.0.0.1:{free_port()}"
+    for torn in ('{"tango_host": "127.0.0.1:5', "[1]", '{"tango_host": 5}'):
+        state_file.write_text(torn)
+        env = dict(os.environ, TANGO_HOST=other)
+        out = run_cli("up", "--config", str(site.config_path), "--state-dir", str(site.state_dir), env=env)
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert f"runs at {site.tango_host}, and this asks for {other}" in out.stderr, out.stderr
+        assert db.pid() == pid and embedded_probe(other) == "closed"
+        r = run_cli("status", "--state-dir", str(site.state_dir), "--config", str(site.config_path), env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"Tango database {site.tango_host} (embedded)" in r.stdout, r.stdout
+    env = {k: v for k, v in os.environ.items() if k != "TANGO_HOST"}
+    out = run_cli("up", "--config", str(site.config_path), "--state-dir", str(site.state_dir), env=env)
+    assert out.returncode == 0 and f"Tango database at {site.tango_host}" in out.stdout, (
+        out.stdout + out.stderr
+    )
+    assert db.pid() == pid
+    assert json.loads(state_file.read_text())["tango_host"] == site.tango_host
+    assert not list(site.state_dir.glob("state.json.*"))
+
+
+def embedded_probe(host: str) -> str:
+    from livehist.tangodb import embedded
+
+    return embedded.probe(*embedded.parse_tango_host(host), timeout=1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -50,17 +51,23 @@ class Site:
         return f"tango://{host}:{port}/{device}"
 
     def save(self) -> None:
+        """Write state.json whole or not at all (a full disk or a crash half way left it torn, and
+        the next `up` lost where this state dir's database runs)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        (self.state_dir / "state.json").write_text(
-            json.dumps(
-                {
-                    "tango_host": self.tango_host,
-                    "config": str(self.config_path),
-                    "embedded_db": self.embedded_db,
-                },
-                indent=1,
-            )
+        text = json.dumps(
+            {"tango_host": self.tango_host, "config": str(self.config_path), "embedded_db": self.embedded_db},
+            indent=1,
         )
+        new = self.state_dir / "state.json.new"
+        try:
+            new.write_text(text)
+            os.replace(new, self.state_dir / "state.json")
+        except OSError as exc:
+            new.unlink(missing_ok=True)
+            raise LivehistError(
+                f"cannot write {self.state_dir / 'state.json'}: {exc.strerror}; free some space there or "
+                "give another folder with --state-dir"
+            ) from None
 
     @classmethod
     def from_state(
@@ -68,16 +75,13 @@ class Site:
     ) -> Site:
         """The site as `up` left it in the state dir, overridden by explicit options."""
         state_dir = _state_dir(state_dir)
-        try:
-            saved = json.loads((state_dir / "state.json").read_text())
-        except (OSError, ValueError):
-            saved = {}
-        host = tango_host or saved.get("tango_host") or embedded.resolve_tango_host(None)
+        saved = _read_state(state_dir)
+        host = tango_host or _saved_host(state_dir, saved) or embedded.resolve_tango_host(None)
         return cls(
             tango_host=host,
             config_path=Path(config or saved.get("config") or DEFAULT_CONFIG),
             state_dir=state_dir,
-            embedded_db=bool(saved.get("embedded_db")),
+            embedded_db=bool(saved.get("embedded_db")) or embedded.embedded(state_dir).pid() is not None,
         )
 
     def server_env(self) -> dict[str, str]:
@@ -187,14 +191,44 @@ def site_lock(state_dir: Path, say: Say):
         os.close(fd)
 
 
+def _read_state(state_dir: Path) -> dict:
+    """state.json as `up` wrote it; {} if missing, torn or not ours (its values checked by type)."""
+    try:
+        saved = json.loads((state_dir / "state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(saved, dict):
+        return {}
+    return {k: v for k, v in saved.items() if isinstance(v, str if k in ("tango_host", "config") else bool)}
+
+
+def _saved_host(state_dir: Path, saved: dict) -> str | None:
+    """The Tango host this state dir uses. While its embedded database runs, its port is the
+    truth: a state.json lost or torn must not send `up` to start a second database on the same
+    sqlite file at TANGO_HOST (the first one orphaned, out of reach of `down`)."""
+    host = saved.get("tango_host")
+    db = embedded.embedded(state_dir)
+    argv = (db.record() or {}).get("argv") or []
+    if db.pid() is None or "--port" not in argv:
+        return host
+    port = "".join(argv[argv.index("--port") + 1 :][:1])
+    try:
+        name, saved_port = embedded.parse_tango_host(host) if host else (None, None)
+    except LivehistError:
+        name, saved_port = None, None
+    if str(saved_port) == port:
+        return host
+    if name is None:
+        bind = "".join(argv[argv.index("--host") + 1 :][:1]) if "--host" in argv else ""
+        name = "127.0.0.1" if bind == "127.0.0.1" else socket.gethostname()
+    return f"{name}:{port}"
+
+
 def _host_for(state_dir: Path, option: str | None) -> str:
     """The Tango host of `up`: the option, else TANGO_HOST, else the one this state dir used
     (its embedded database and servers are there). A running embedded database of this state
     dir at another host is refused: two databases on one sqlite file, the first orphaned."""
-    try:
-        saved = json.loads((state_dir / "state.json").read_text()).get("tango_host")
-    except (OSError, ValueError, AttributeError):
-        saved = None
+    saved = _saved_host(state_dir, _read_state(state_dir))
     if option is None and not os.environ.get("TANGO_HOST") and saved:
         return saved
     host = embedded.resolve_tango_host(option)
