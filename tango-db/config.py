@@ -41,13 +41,22 @@ def _expand(value: Any, mapping: dict[str, str]) -> Any:
 def load(path: Path, state_dir: Path) -> dict:
     """Read and check a dsconfig JSON file; raise LivehistError naming what is wrong."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise LivehistError(
             f"cannot read config {path}: {exc.strerror}; pass an existing dsconfig JSON with --config"
         ) from None
+    except UnicodeDecodeError as exc:
+        raise LivehistError(
+            f"config {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            "save it as UTF-8 JSON"
+        ) from None
     try:
         config = json.loads(text)
+    except RecursionError:
+        raise LivehistError(
+            f"config {path} is nested too deeply to be a dsconfig JSON; fix the file"
+        ) from None
     except ValueError as exc:
         raise LivehistError(
             f"config {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "

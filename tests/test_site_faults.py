@@ -332,3 +332,25 @@ def embedded_probe(host: str) -> str:
     from livehist.tangodb import embedded
 
     return embedded.probe(*embedded.parse_tango_host(host), timeout=1.0)
+
+
+def test_a_bad_host_or_config_changes_nothing_and_names_the_fault(tmp_path):
+    """A config with a non-UTF-8 byte or nested too deeply was a traceback; a malformed host or
+    config left a new state dir with its lock file behind."""
+    state = tmp_path / "state"
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b'{"servers": {"\xff": {}}}')
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    cases = [
+        (["--tango-host", "127.0.0.1:70000"], "is not HOST:PORT"),
+        (["--config", str(binary)], f"config {binary} is not UTF-8 text (byte 0xff at offset 14)"),
+        (["--config", str(deep)], f"config {deep} is nested too deeply"),
+        (["--config", str(tmp_path)], f"cannot read config {tmp_path}: Is a directory"),
+    ]
+    for args, message in cases:
+        out = run_cli("up", "--state-dir", str(state), *args, env=dict(os.environ, TANGO_HOST="127.0.0.1:1"))
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
+        assert message in line, line
+        assert not state.exists(), list(state.rglob("*"))

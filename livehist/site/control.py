@@ -255,6 +255,10 @@ def up(
         # once; nan waited for ever on a server that never answers
         raise LivehistError(f"--timeout must be a number of seconds > 0, got {timeout}; the default is 90")
     state_dir = _state_dir(state_dir)
+    # a bad host or config is refused before the state dir (its lock) is made: nothing changed
+    if tango_host is not None or os.environ.get("TANGO_HOST"):
+        embedded.parse_tango_host(embedded.resolve_tango_host(tango_host))
+    dsconfig.load(Path(config) if config else DEFAULT_CONFIG, state_dir)
     with site_lock(state_dir, say):
         began = time.time()
         with _ctrl_c_noted():
