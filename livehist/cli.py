@@ -10,14 +10,22 @@ from pathlib import Path
 from livehist.errors import LivehistError
 
 
+def _path(text: str) -> Path:
+    """A path option; an empty one (`--state-dir "$DIR"` with DIR unset) is refused: it meant the
+    current folder, and `up` filled it with a database, logs and pids."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give a folder or file path")
+    return Path(text)
+
+
 def _site_options(p: argparse.ArgumentParser, host: bool = True, config: bool = True) -> None:
     if host:
         p.add_argument("--tango-host", metavar="HOST:PORT",
                        help="Tango DB (default: $TANGO_HOST, else 127.0.0.1:10000)")  # fmt: skip
     if config:
-        p.add_argument("--config", type=Path, metavar="FILE",
+        p.add_argument("--config", type=_path, metavar="FILE",
                        help="dsconfig JSON (default: tango-db/livehist.json)")  # fmt: skip
-    p.add_argument("--state-dir", type=Path, metavar="DIR",
+    p.add_argument("--state-dir", type=_path, metavar="DIR",
                    help="DB file, logs, pids (default: $LIVEHIST_STATE_DIR, else ~/.local/state/livehist)")  # fmt: skip
 
 

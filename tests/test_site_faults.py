@@ -354,3 +354,18 @@ def test_a_bad_host_or_config_changes_nothing_and_names_the_fault(tmp_path):
         line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
         assert message in line, line
         assert not state.exists(), list(state.rglob("*"))
+
+
+def test_an_empty_state_dir_or_config_option_is_refused(tmp_path):
+    """`--state-dir "$DIR"` with DIR unset meant the current folder: `up` filled it with a
+    database, logs and pid files (in a checkout, say), and `down` looked there."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for command, option in (("up", "--state-dir"), ("down", "--state-dir"), ("status", "--state-dir"),
+                            ("up", "--config")):  # fmt: skip
+        host = [] if command == "down" else ["--tango-host", "no-such-host.invalid:1"]  # starts nothing
+        argv = [sys.executable, "-m", "livehist.cli", command, option, "", *host]
+        out = subprocess.run(argv, cwd=work, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert f"argument {option}: is empty" in out.stderr, out.stderr
+    assert list(work.iterdir()) == []
