@@ -369,3 +369,33 @@ def test_an_empty_state_dir_or_config_option_is_refused(tmp_path):
         assert out.returncode == 2, out.stdout + out.stderr
         assert f"argument {option}: is empty" in out.stderr, out.stderr
     assert list(work.iterdir()) == []
+
+
+def test_down_never_stops_a_process_that_took_over_a_recorded_pid(sites, tmp_path):
+    """A record left by a crash (or from before a reboot) whose pid now belongs to another site's
+    server of the same name: the command lines are equal, so `down` stopped that other server."""
+    import signal
+    import time
+
+    from livehist.site.process import Managed
+
+    site = sites.up(MM)
+    ours = Managed(site.state_dir, "MetadataManager-sf")
+    record = ours.record()
+    os.kill(record["pid"], signal.SIGKILL)  # the crash: its record stays
+    deadline = time.monotonic() + 30
+    while ours.pid() is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # another site's server, same command line (here a stand-in that just sleeps), given that pid
+    other = Managed(tmp_path / "other-site", "MetadataManager-sf")
+    stand_in = [sys.executable, "-c", "import time; time.sleep(120)", "sf"]
+    pid = other.start(stand_in)
+    try:
+        ours.pidfile.write_text(json.dumps({**record, "pid": pid, "argv": stand_in}))
+        assert ours.pid() is None, "a process started after the record is taken as ours"
+        out = run_cli("down", "--state-dir", str(site.state_dir))
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "stopped MetadataManager-sf" not in out.stdout, out.stdout
+        assert other.pid() == pid, "down stopped another site's process"
+    finally:
+        other.stop(timeout=2)

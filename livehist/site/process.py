@@ -68,8 +68,18 @@ class Managed:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError as exc:
             return None, f"process {pid} is gone ({exc.strerror})"
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":  # zombie: exited, not yet reaped
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] == "Z":  # zombie: exited, not yet reaped
             return None, f"process {pid} has exited"
+        # the same command line is not enough: after a reboot (or a wrap of the pid space) the pid
+        # can belong to another site's server of the same name, which `down` then stopped
+        if rec.get("boot_id") not in (None, _boot_id()):
+            return (
+                None,
+                f"the record {self.pidfile} is from before the last reboot; pid {pid} is another process",
+            )
+        if rec.get("starttime") not in (None, fields[19]):
+            return None, f"pid {pid} was reused: the process that has it now started later than ours"
         # an empty cmdline is a process caught mid-exec: still ours
         if cmdline and [c.decode(errors="replace") for c in cmdline] != rec["argv"]:
             return (
@@ -120,7 +130,12 @@ class Managed:
                 start_new_session=True,
                 close_fds=True,
             )
-        self.pidfile.write_text(json.dumps({"pid": proc.pid, "argv": argv, "started": time.time()}))
+        record = {"pid": proc.pid, "argv": argv, "started": time.time(), "boot_id": _boot_id()}
+        try:  # the process's start in clock ticks since boot: with boot_id, its identity
+            record["starttime"] = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        except (OSError, IndexError):
+            pass
+        self.pidfile.write_text(json.dumps(record))
         # kept: else subprocess reaps it when a later Popen starts, and its exit code is lost
         _CHILDREN[proc.pid] = proc
         return proc.pid
@@ -159,6 +174,13 @@ class Managed:
         except OSError:
             return ""
         return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
 
 
 def _signal_group(pid: int, sig: int) -> None:
