@@ -399,3 +399,17 @@ def test_down_never_stops_a_process_that_took_over_a_recorded_pid(sites, tmp_pat
         assert other.pid() == pid, "down stopped another site's process"
     finally:
         other.stop(timeout=2)
+
+
+def test_a_tango_host_name_that_does_not_resolve_is_called_a_name_problem(tmp_path):
+    """It said 'does not answer (no route or timeout); check ... the network' for a typo in the
+    name, and `status` sent the user to `livehist up`, which cannot start anything there."""
+    state = tmp_path / "state"
+    host = "no-such-host.invalid:12345"
+    out = run_cli("up", "--tango-host", host, "--state-dir", str(state))
+    line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
+    assert out.returncode == 1 and "the name 'no-such-host.invalid' does not resolve" in line, line
+    r = run_cli("status", "--tango-host", host, "--state-dir", str(state))
+    assert r.returncode == 1 and "the name 'no-such-host.invalid' does not resolve" in r.stdout, r.stdout
+    assert "run `livehist up`" not in r.stdout
+    assert managed_processes(state) == []

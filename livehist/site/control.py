@@ -129,6 +129,17 @@ def own_database_trouble(site: Site) -> str | None:
     )
 
 
+def _unreachable_why(host: str) -> str:
+    """Why a host gave no answer: a name that does not resolve is a typo, not the network."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError) as exc:
+        return f"the name {host!r} does not resolve: {getattr(exc, 'strerror', None) or exc}"
+    return "no route or timeout"
+
+
 def ensure_database(site: Site, say: Say) -> None:
     """Use the DB at the Tango host, or start the embedded one there if nothing listens."""
     host, port = site.host_port
@@ -149,7 +160,7 @@ def ensure_database(site: Site, say: Say) -> None:
         )
     if state == "unreachable":
         raise LivehistError(
-            f"Tango host {host}:{port} does not answer (no route or timeout); "
+            f"Tango host {host}:{port} does not answer ({_unreachable_why(host)}); "
             "check TANGO_HOST / --tango-host and the network"
         )
     if not embedded.is_local(host):
@@ -478,6 +489,11 @@ def status(
     if found == "other":  # `livehist up` would refuse this port: do not send the user there
         say(f"{host}:{port} is taken by a program that is not a Tango database; check TANGO_HOST / "
             "--tango-host (`livehist up` with another port starts one)")  # fmt: skip
+        return 1
+    if found == "unreachable":  # `livehist up` cannot help there either
+        say(
+            f"Tango host {host}:{port} does not answer ({_unreachable_why(host)}); check TANGO_HOST / --tango-host"
+        )
         return 1
     if found != "tango":
         say(f"no Tango database answers at {host}:{port}; run `livehist up`")
