@@ -9,6 +9,7 @@ import resource
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 from livehist.site.process import managed_processes
 from tests.conftest import run_cli
@@ -413,3 +414,51 @@ def test_a_tango_host_name_that_does_not_resolve_is_called_a_name_problem(tmp_pa
     assert r.returncode == 1 and "the name 'no-such-host.invalid' does not resolve" in r.stdout, r.stdout
     assert "run `livehist up`" not in r.stdout
     assert managed_processes(state) == []
+
+
+def test_a_state_dir_that_cannot_take_a_log_or_a_pid_record_leaves_no_process_behind(sites):
+    """A full state dir: writing the server's log ended `up` in an OSError traceback; had the pid
+    record failed instead, the server just started ran on with no record `down` could find."""
+    import signal
+    import time
+
+    from livehist.site.process import Managed
+
+    site = sites.up(MM)
+    server = Managed(site.state_dir, "MetadataManager-sf")
+    os.kill(server.pid(), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while server.pid() is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    args = ["up", "--tango-host", site.tango_host, "--config", str(site.config_path), "--state-dir",
+            str(site.state_dir)]  # fmt: skip
+    with open(server.log, "ab") as log:  # a log past the file size limit: its next line cannot be written
+        log.write(b"x" * 200_000)
+    out = _limited_cli(150_000, *args)
+    line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert f"cannot write {server.log}: File too large" in line and "--state-dir" in line, line
+    assert server.pid() is None
+    server.log.write_bytes(b"")
+
+    server.pidfile.unlink(missing_ok=True)
+    server.pidfile.mkdir()  # the record cannot be written there
+    try:
+        out = run_cli(*args)
+        line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
+        assert out.returncode == 1 and f"cannot write {server.pidfile}" in line, out.stdout + out.stderr
+        assert "MetadataManager-sf was started and stopped again" in line, line
+        left = [
+            p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).endswith("livehist.devices.metadata sf")
+        ]
+        assert not left, "a server was left running without a record"
+    finally:
+        server.pidfile.rmdir()
+    assert run_cli(*args).returncode == 0
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""

@@ -59,6 +59,9 @@ class Site:
             indent=1,
         )
         new = self.state_dir / "state.json.new"
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if (self.state_dir / "state.json").read_text() == text:
+                return  # unchanged: nothing to write (a full disk need not stop a second `up`)
         try:
             new.write_text(text)
             os.replace(new, self.state_dir / "state.json")

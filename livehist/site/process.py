@@ -6,6 +6,7 @@ process that happens to reuse the pid after a reboot or a crash.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -113,12 +114,32 @@ class Managed:
         return "running" if code is None else code
 
     def start(self, argv: list[str], env: dict[str, str] | None = None) -> int:
-        """Start argv in its own session (so it outlives the CLI), output to the log."""
-        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as log:
+        """Start argv in its own session (so it outlives the CLI), output to the log.
+
+        A state dir that cannot take the log or the pid record (a full disk) raises LivehistError:
+        before the start for the log; for the record, after stopping the process again (a process
+        without a record is one `down` cannot find)."""
+        from livehist.errors import LivehistError
+
+        def cannot(path: Path, exc: OSError, after: str = "") -> LivehistError:
+            return LivehistError(
+                f"cannot write {path}: {exc.strerror or exc}{after}; free some space there or give another "
+                "folder with --state-dir"
+            )
+
+        log = None
+        try:
+            self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+            self.log.parent.mkdir(parents=True, exist_ok=True)
+            log = open(self.log, "ab")  # noqa: SIM115 - closed below
             log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} start {argv}\n".encode())
             log.flush()
+        except OSError as exc:
+            if log is not None:
+                with contextlib.suppress(OSError):
+                    log.close()
+            raise cannot(self.log if self.log.parent.is_dir() else self.log.parent, exc) from None
+        with log:
             # a crash in native code (cppTango, numba) leaves every thread's Python stack in the log
             env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
             proc = subprocess.Popen(
@@ -135,7 +156,14 @@ class Managed:
             record["starttime"] = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
         except (OSError, IndexError):
             pass
-        self.pidfile.write_text(json.dumps(record))
+        try:
+            self.pidfile.write_text(json.dumps(record))
+        except OSError as exc:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+            with contextlib.suppress(OSError):
+                self.pidfile.unlink(missing_ok=True)
+            raise cannot(self.pidfile, exc, f"; {self.name} was started and stopped again") from None
         # kept: else subprocess reaps it when a later Popen starts, and its exit code is lost
         _CHILDREN[proc.pid] = proc
         return proc.pid
