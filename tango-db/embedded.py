@@ -164,6 +164,19 @@ def start_embedded(host: str, port: int, state_dir: Path, timeout: float = 30.0)
         code = proc.exit_code()
         if code is not None or proc.pid() is None:
             proc.pidfile.unlink(missing_ok=True)
+            this_start = proc.log_tail(60).rsplit("\n--- ", 1)[-1]
+            if "Failed to bind" in this_start:  # taken since the probe, or bound but not listening
+                now = probe(host, port, timeout=1.0)
+                raise LivehistError(
+                    f"port {port} on {host} is in use by another program, so the embedded Tango database "
+                    "could not listen there"
+                    + (
+                        " (a Tango database answers there now: run `livehist up` again to use it)"
+                        if now == "tango"
+                        else ""
+                    )
+                    + f"; choose another port, e.g. --tango-host {host}:{port + 1}"
+                )
             raise LivehistError(
                 f"the embedded Tango database exited (code {code}) while starting on port {port}; "
                 f"read {proc.log}:\n{proc.log_tail()}"

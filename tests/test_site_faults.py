@@ -462,3 +462,23 @@ def _cmdline(proc: Path) -> str:
         return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+def test_a_port_bound_by_another_program_but_not_listening_is_named(sites):
+    """A port another program holds without listening (or took between the probe and the start,
+    as a second `up` on another state dir does) looked free: `up` said 'the embedded Tango database
+    exited (code 0)' with a page of omniORB and traceback lines."""
+    import socket
+
+    state, host, cfg = sites.new(MM)
+    port = int(host.rsplit(":", 1)[1])
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", port))  # bound, not listening: a connect is refused
+    try:
+        out = _up(state, host, cfg, "--timeout", "30")
+    finally:
+        holder.close()
+    line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
+    assert out.returncode == 1 and f"port {port} on 127.0.0.1 is in use by another program" in line, line
+    assert f"--tango-host 127.0.0.1:{port + 1}" in line, line
+    assert "Traceback" not in out.stderr and managed_processes(state) == []
