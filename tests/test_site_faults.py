@@ -482,3 +482,25 @@ def test_a_port_bound_by_another_program_but_not_listening_is_named(sites):
     assert out.returncode == 1 and f"port {port} on 127.0.0.1 is in use by another program" in line, line
     assert f"--tango-host 127.0.0.1:{port + 1}" in line, line
     assert "Traceback" not in out.stderr and managed_processes(state) == []
+
+
+def test_demo_with_a_config_without_its_devices_is_refused_before_anything_starts(tmp_path):
+    """`livehist demo --config site.json` (a site's own devices) started every server of it, then
+    ended in a DevFailed traceback: the Door door/livehist/1 did not exist."""
+    from livehist.site.process import free_port
+
+    state, cfg = tmp_path / "state", tmp_path / "site.json"
+    cfg.write_text(json.dumps(MM))
+    out = run_cli("demo", "--tango-host", f"127.0.0.1:{free_port()}", "--config", str(cfg), "--state-dir",
+                  str(state))  # fmt: skip
+    try:
+        line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist demo: error:"))
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert (
+            f"config {cfg} has no livehist/histogrammer/1, livehist/metadata/1, macroserver/livehist/1"
+            in line
+        )
+        assert "door/livehist/1" in line and "without --config" in line, line
+        assert not state.exists()  # nothing started
+    finally:
+        run_cli("down", "--state-dir", str(state))

@@ -78,6 +78,26 @@ def check_files(folder: Path, say=print) -> list[str]:
     return lines
 
 
+DEMO_DEVICES = (HISTOGRAMMER, METADATA, "macroserver/livehist/1", "door/livehist/1")
+
+
+def _check_demo_devices(config: Path | None) -> None:
+    """Before `up`: a --config without the devices the demo drives started its servers, then ended
+    in a DevFailed traceback at the Door."""
+    from livehist.tangodb import DEFAULT_CONFIG
+    from livehist.tangodb import config as dsconfig
+
+    path = Path(config).absolute() if config else DEFAULT_CONFIG
+    names = {dev.lower() for _, _, dev in dsconfig.devices(dsconfig.load(path, Path.cwd()))}
+    missing = [dev for dev in DEMO_DEVICES if dev not in names]
+    if missing:
+        raise LivehistError(
+            f"the demo drives {', '.join(DEMO_DEVICES)} (the default configuration), and config {path} has no "
+            f"{', '.join(missing)}; run `livehist demo` without --config (with its own --state-dir and "
+            "--tango-host), or add them to the config"
+        )
+
+
 def demo(
     tango_host: str | None = None,
     config: Path | None = None,
@@ -104,6 +124,7 @@ def demo(
             ) from None
         if not os.access(out, os.W_OK):
             raise LivehistError(f"--out {str(out)!r} is not writable; give a folder you can write to")
+    _check_demo_devices(config)
     site = up(tango_host, config, state_dir, say=say)
     if web:  # started first, so that the acquisition below can be watched live
         from livehist.views.web import start_background
