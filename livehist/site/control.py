@@ -307,11 +307,14 @@ def _ctrl_c_noted():
         _CTRL_C.set()
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, noted)
+    # SIGTERM (`timeout 60 livehist up`, a service manager giving up) is a Ctrl-C too: it killed
+    # `up` on the spot, the servers started so far left running unannounced
+    previous = {sig: signal.signal(sig, noted) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         _CTRL_C.clear()  # a later wait of this process (tests call `up` in-process) is not this up's
 
 
@@ -321,12 +324,13 @@ def _check_ctrl_c() -> None:
 
 
 def _undo_up(state_dir: Path, began: float, say: Say) -> None:
-    """Ctrl-C in `up`: stop what this `up` started (servers, then the embedded database), so that
+    """Ctrl-C (or SIGTERM) in `up`: stop what this `up` started (servers, then the embedded database), so that
     no half-started site is left running unannounced; what ran before it keeps running."""
     import signal
 
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # a second Ctrl-C: same
+    signals = (signal.SIGINT, signal.SIGTERM)  # a second Ctrl-C or SIGTERM: the same undo goes on
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals} if main else {}
     try:
         ours = [p for p in managed_processes(state_dir) if (p.record() or {}).get("started", 0) >= began]
         ours.sort(key=lambda p: p.name == embedded.EMBEDDED_NAME)  # the database last
@@ -334,8 +338,8 @@ def _undo_up(state_dir: Path, began: float, say: Say) -> None:
         if stopped:
             say(f"interrupted: stopped what this `livehist up` had started: {', '.join(stopped)}")
     finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _up(tango_host: str | None, config: Path | None, state_dir: Path, timeout: float, say: Say) -> Site:
