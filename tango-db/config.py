@@ -115,6 +115,53 @@ def _check_schema(config: Any, path: Path) -> None:
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
         raise LivehistError(f"config {path} is not valid dsconfig JSON at {where}: {exc.message}") from None
+    try:  # checked here, not half way through `up` with every server already started
+        jsonschema.validate(config.get("livehist", {}), LIVEHIST_SCHEMA)
+    except jsonschema.ValidationError as exc:
+        where = "/".join(["livehist", *(str(p) for p in exc.absolute_path)])
+        raise LivehistError(f"config {path}: {where}: {exc.message}") from None
+    sardana = (config.get("livehist") or {}).get("sardana") or {}
+    names = {dev.lower() for _, _, dev in devices(config)}
+    for key in ("pool", "macroserver"):
+        if sardana and sardana[key].lower() not in names:
+            raise LivehistError(
+                f"config {path}: livehist/sardana/{key} names {sardana[key]!r}, which is not a device of its "
+                "servers; name the Pool and MacroServer of the Sardana server in it"
+            )
+
+
+_NAME = {"type": "string", "minLength": 1}
+LIVEHIST_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "sardana": {
+            "type": "object",
+            "required": ["pool", "macroserver"],
+            "properties": {
+                "pool": _NAME,
+                "macroserver": _NAME,
+                "histogrammer": _NAME,
+                "controllers": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["type", "library", "class", "name"],
+                        "properties": {
+                            "type": _NAME, "library": _NAME, "class": _NAME, "name": _NAME,
+                            "elements": {"type": "object", "additionalProperties": _NAME},
+                            "properties": {"type": "object"},
+                        },
+                    },
+                },
+                "measurement_groups": {
+                    "type": "object",
+                    "additionalProperties": {"type": "array", "minItems": 1, "items": _NAME},
+                },
+                "environment": {"type": "object"},
+            },
+        }
+    },
+}  # fmt: skip
 
 
 def devices(config: dict) -> list[tuple[str, str, str]]:

@@ -539,3 +539,50 @@ def test_sigterm_during_up_stops_what_it_had_started(tmp_path):
     assert "interrupted: stopped what this `livehist up` had started:" in out, out
     assert "tango-db" in out and "MetadataManager-term" in out and "EventHistogrammer-term" in out, out
     assert not managed_processes(state), [p.name for p in managed_processes(state)]
+
+
+def _default_config() -> dict:
+    from livehist.tangodb import DEFAULT_CONFIG
+
+    return json.loads(DEFAULT_CONFIG.read_text())
+
+
+def test_a_bad_sardana_section_is_named_before_starting_or_at_the_pool(sites, tmp_path):
+    """The config's `livehist.sardana` section was not checked: a wrong type ended `up` in a
+    TypeError traceback after every server had started; a measurement group with a channel the
+    Pool does not have was 'created' (the Pool said nothing and made nothing) at every `up`, and
+    scans then failed on an ActiveMntGrp that did not exist."""
+    import tango
+
+    state = tmp_path / "never"
+    for change, message in (
+        (lambda s: s.update(controllers="oops"), "livehist/sardana/controllers: 'oops' is not of type 'array'"),
+        (lambda s: s.update(pool="pool/other/1"), "livehist/sardana/pool names 'pool/other/1', which is not a device"),
+        (lambda s: s["measurement_groups"].update(mg_empty=[]), "livehist/sardana/measurement_groups/mg_empty"),
+    ):  # fmt: skip
+        config = _default_config()
+        change(config["livehist"]["sardana"])
+        cfg = tmp_path / "bad.json"
+        cfg.write_text(json.dumps(config))
+        out = run_cli(
+            "up", "--tango-host", "no-such-host.invalid:1", "--config", str(cfg), "--state-dir", str(state)
+        )
+        line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
+        assert out.returncode == 1 and message in line, line
+        assert not state.exists()
+
+    config = _default_config()
+    config["livehist"]["sardana"]["measurement_groups"]["mg_livehist"].append("nosuch_channel")
+    state, host, cfg = sites.new(config)
+    out = _up(state, host, cfg)
+    line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "measurement group mg_livehist: Pool pool/livehist/1 has no channel 'nosuch_channel'" in line, line
+    assert "lh_timer" in line and "livehist/sardana/measurement_groups" in line, line
+    cfg.write_text(json.dumps(_default_config()))  # fixed
+    out = _up(state, host, cfg)
+    assert out.returncode == 0 and "Sardana: created measurement group mg_livehist" in out.stdout, out.stdout
+    pool = tango.DeviceProxy(f"tango://{host}/pool/livehist/1")
+    assert "mg_livehist" in {json.loads(v)["name"] for v in pool.MeasurementGroupList}
+    out = _up(state, host, cfg)
+    assert out.returncode == 0 and "Sardana: created" not in out.stdout, out.stdout

@@ -59,13 +59,42 @@ def ensure(site, say: Callable[[str], None]) -> list[str]:
             done.append(f"controller {c['name']} ({c['class']})")
         for axis, name in c.get("elements", {}).items():
             if name not in channels:
-                pool.CreateElement([c["type"], c["name"], str(axis), name])
+                try:
+                    pool.CreateElement([c["type"], c["name"], str(axis), name])
+                except tango.DevFailed as exc:
+                    raise LivehistError(
+                        f"Pool {cfg['pool']} cannot create channel {name} ({c['name']} axis {axis}): "
+                        f"{exc.args[0].desc.strip()}; fix livehist/sardana/controllers in the config "
+                        "(the servers keep running; `livehist up` again after the fix)"
+                    ) from None
+                channels.add(name)
                 done.append(f"channel {name} ({c['name']} axis {axis})")
     groups = _names(pool.MeasurementGroupList)
     for name, members in cfg.get("measurement_groups", {}).items():
-        if name not in groups:
+        if name in groups:
+            continue
+        known = _names(pool.ExpChannelList) | _names(pool.MotorList)
+        # the Pool accepted an unknown member without a word and created nothing: every `up`
+        # "created" the group again, and scans failed later on an ActiveMntGrp that is not there
+        unknown = [m for m in members if m not in known and "/" not in m]  # "/": a Tango attribute
+        if unknown:
+            raise LivehistError(
+                f"measurement group {name}: Pool {cfg['pool']} has no channel {', '.join(map(repr, unknown))} "
+                f"(it has {', '.join(sorted(known)) or 'none'}); fix livehist/sardana/measurement_groups in "
+                "the config (the servers keep running; `livehist up` again after the fix)"
+            )
+        try:
             pool.CreateMeasurementGroup([name, *members])
-            done.append(f"measurement group {name}: {', '.join(members)}")
+        except tango.DevFailed as exc:
+            raise LivehistError(
+                f"Pool {cfg['pool']} cannot create measurement group {name}: {exc.args[0].desc.strip()}"
+            ) from None
+        if name not in _names(pool.MeasurementGroupList):
+            raise LivehistError(
+                f"Pool {cfg['pool']} did not create measurement group {name} ({', '.join(members)}); "
+                f"read the Sardana log in {site.state_dir / 'logs'}"
+            )
+        done.append(f"measurement group {name}: {', '.join(members)}")
     defaults = dict(cfg.get("environment", {}))
     if histogrammer:
         defaults.setdefault("LivehistHistogrammer", histogrammer)
