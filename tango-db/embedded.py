@@ -97,9 +97,14 @@ def _db_file_verdict(path: Path) -> str:
     if path.stat().st_size == 0:
         return "incomplete"
     try:
-        with contextlib.closing(sqlite3.connect(path)) as conn:
+        with contextlib.closing(sqlite3.connect(path, timeout=2)) as conn:
             (count,) = conn.execute("SELECT count(*) FROM device").fetchone()
     except sqlite3.OperationalError as exc:
+        if "locked" in str(exc):  # in use, not damaged: moving it away would lose a good database
+            raise LivehistError(
+                f"the embedded Tango database file {path} is locked by another program ({exc}): another "
+                "Tango database or an sqlite tool has it open; stop that program, then `livehist up` again"
+            ) from None
         return "incomplete" if "no such table" in str(exc) else str(exc)
     except sqlite3.DatabaseError as exc:
         return str(exc)

@@ -586,3 +586,26 @@ def test_a_bad_sardana_section_is_named_before_starting_or_at_the_pool(sites, tm
     assert "mg_livehist" in {json.loads(v)["name"] for v in pool.MeasurementGroupList}
     out = _up(state, host, cfg)
     assert out.returncode == 0 and "Sardana: created" not in out.stdout, out.stdout
+
+
+def test_a_database_file_locked_by_another_program_is_not_called_damaged(sites):
+    """An sqlite tool (or a stray database server) holding the file's lock: `up` called the file
+    damaged and told the user to move it away, which loses a good database."""
+    state, host, cfg = sites.new(MM)
+    assert _up(state, host, cfg).returncode == 0
+    assert run_cli("down", "--state-dir", str(state)).returncode == 0
+    db = state / "tango_database.sqlite"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        out = _up(state, host, cfg, "--timeout", "20")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
+    assert (
+        out.returncode == 1 and f"the embedded Tango database file {db} is locked by another program" in line
+    )
+    assert "damaged" not in line and "move it away" not in line, line
+    assert managed_processes(state) == []
+    assert _up(state, host, cfg).returncode == 0
