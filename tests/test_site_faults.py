@@ -609,3 +609,24 @@ def test_a_database_file_locked_by_another_program_is_not_called_damaged(sites):
     assert "damaged" not in line and "move it away" not in line, line
     assert managed_processes(state) == []
     assert _up(state, host, cfg).returncode == 0
+
+
+def test_a_server_script_whose_interpreter_is_missing_is_named(sites, tmp_path):
+    """A server executable on PATH whose #! line names a missing interpreter (a tool removed
+    since it was installed): `up` ended in a FileNotFoundError traceback naming the script,
+    which was there."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    script = bindir / "OrphanDS"
+    script.write_text("#!/nonexistent/opt/bin/tcsh\necho never\n")
+    script.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    state, host, cfg = sites.new({"servers": {"OrphanDS": {"x": {"Orphan": {"test/orphan/1": {}}}}}})
+    out = _up(state, host, cfg, "--timeout", "10", env=env)
+    line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert (
+        f"cannot run {script}" in line
+        and "its interpreter (#!/nonexistent/opt/bin/tcsh) is not there" in line
+    )
+    assert [p.name for p in managed_processes(state)] == ["tango-db"]  # no record of a server that never ran

@@ -142,15 +142,18 @@ class Managed:
         with log:
             # a crash in native code (cppTango, numba) leaves every thread's Python stack in the log
             env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                close_fds=True,
-            )
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                raise LivehistError(_cannot_run(argv[0], exc)) from None
         record = {"pid": proc.pid, "argv": argv, "started": time.time(), "boot_id": _boot_id()}
         try:  # the process's start in clock ticks since boot: with boot_id, its identity
             record["starttime"] = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
@@ -202,6 +205,23 @@ class Managed:
         except OSError:
             return ""
         return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def _cannot_run(program: str, exc: OSError) -> str:
+    """Why `program` could not be run. A script whose interpreter is missing fails with 'No such
+    file or directory' naming the script, which is there: name its first line instead."""
+    why = f"cannot run {program}: {exc.strerror or exc}"
+    if isinstance(exc, FileNotFoundError) and os.path.isfile(program):
+        try:
+            with open(program, "rb") as f:
+                first = f.readline(200).decode(errors="replace").strip()
+        except OSError:
+            first = ""
+        if first.startswith("#!"):
+            return (
+                f"{why}: its interpreter ({first}) is not there; fix that first line or reinstall the server"
+            )
+    return why + "; check that it is installed and executable"
 
 
 def _boot_id() -> str | None:
