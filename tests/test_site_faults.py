@@ -630,3 +630,13 @@ def test_a_server_script_whose_interpreter_is_missing_is_named(sites, tmp_path):
         and "its interpreter (#!/nonexistent/opt/bin/tcsh) is not there" in line
     )
     assert [p.name for p in managed_processes(state)] == ["tango-db"]  # no record of a server that never ran
+
+
+def test_down_on_a_folder_up_never_used_leaves_it_as_it_was(tmp_path):
+    """`livehist down --state-dir ~` (a slip) wrote a `lock` file into the home folder."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    out = run_cli("down", "--state-dir", str(home))
+    assert out.returncode == 0 and f"nothing to stop in {home}" in out.stdout, out.stdout + out.stderr
+    assert sorted(p.name for p in home.iterdir()) == ["notes.txt"]

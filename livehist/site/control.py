@@ -458,7 +458,8 @@ def _frozen_message(server: str, pid: int) -> str:
 def down(state_dir: Path | None = None, say: Say = print) -> list[str]:
     """Stop what `up` started: servers first, then the embedded database."""
     state_dir = _state_dir(state_dir)
-    if not state_dir.is_dir():
+    # a folder `up` never used (`--state-dir ~` by mistake) is left as it was: no lock file made in it
+    if not state_dir.is_dir() or not ((state_dir / "run").is_dir() or (state_dir / "lock").exists()):
         say(f"nothing to stop in {state_dir}")
         return []
     with site_lock(state_dir, say):
