@@ -31,9 +31,13 @@ def parse_tango_host(text: str) -> tuple[str, int]:
 
 
 def resolve_tango_host(option: str | None) -> str:
+    """The Tango host to use, without the blanks around its entries (`--tango-host "$(cat f)"`
+    carries a newline): the servers' cppTango cannot parse them ('"35151 " cannot be entirely
+    parsed into int') and died at start while the database ran."""
     if option is not None and not option.strip():
         raise LivehistError("--tango-host is empty; give HOST:PORT, e.g. --tango-host 127.0.0.1:10000")
-    return option or os.environ.get("TANGO_HOST") or DEFAULT_TANGO_HOST
+    text = option or os.environ.get("TANGO_HOST", "").strip() or DEFAULT_TANGO_HOST
+    return ",".join(entry.strip() for entry in text.split(","))
 
 
 def is_local(host: str) -> bool:

@@ -640,3 +640,15 @@ def test_down_on_a_folder_up_never_used_leaves_it_as_it_was(tmp_path):
     out = run_cli("down", "--state-dir", str(home))
     assert out.returncode == 0 and f"nothing to stop in {home}" in out.stdout, out.stdout + out.stderr
     assert sorted(p.name for p in home.iterdir()) == ["notes.txt"]
+
+
+def test_blanks_around_the_tango_host_are_dropped(sites):
+    """`--tango-host "$(cat host.txt)"` (a trailing newline) or a TANGO_HOST with a blank: the
+    database started, then every server died at start: '"35151 " cannot be entirely parsed into int'."""
+    state, host, cfg = sites.new(MM)
+    out = _up(state, f" {host}\n", cfg, "--timeout", "30")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads((state / "state.json").read_text())["tango_host"] == host
+    env = dict(os.environ, TANGO_HOST=f"{host} ")
+    r = run_cli("status", "--state-dir", str(state), "--tango-host", f"{host} ", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
