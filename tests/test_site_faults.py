@@ -424,8 +424,11 @@ def test_a_state_dir_that_cannot_take_a_log_or_a_pid_record_leaves_no_process_be
 
     from livehist.site.process import Managed
 
-    site = sites.up(MM)
-    server = Managed(site.state_dir, "MetadataManager-sf")
+    # an instance name of its own: the servers of the other tests' sites must not count below
+    site = sites.up(
+        {"servers": {"MetadataManager": {"logfull": {"MetadataManager": {"test/logfull/m": {}}}}}}
+    )
+    server = Managed(site.state_dir, "MetadataManager-logfull")
     os.kill(server.pid(), signal.SIGKILL)
     deadline = time.monotonic() + 30
     while server.pid() is not None and time.monotonic() < deadline:
@@ -447,9 +450,11 @@ def test_a_state_dir_that_cannot_take_a_log_or_a_pid_record_leaves_no_process_be
         out = run_cli(*args)
         line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
         assert out.returncode == 1 and f"cannot write {server.pidfile}" in line, out.stdout + out.stderr
-        assert "MetadataManager-sf was started and stopped again" in line, line
+        assert "MetadataManager-logfull was started and stopped again" in line, line
         left = [
-            p for p in Path("/proc").glob("[0-9]*") if _cmdline(p).endswith("livehist.devices.metadata sf")
+            p
+            for p in Path("/proc").glob("[0-9]*")
+            if _cmdline(p).endswith("livehist.devices.metadata logfull")
         ]
         assert not left, "a server was left running without a record"
     finally:
