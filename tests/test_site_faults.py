@@ -657,3 +657,32 @@ def test_blanks_around_the_tango_host_are_dropped(sites):
     env = dict(os.environ, TANGO_HOST=f"{host} ")
     r = run_cli("status", "--state-dir", str(state), "--tango-host", f"{host} ", env=env)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_down_with_a_frozen_database_does_not_wait_out_each_server(sites):
+    """With the embedded database SIGSTOPped, each server's exit waited on it (unexport) until
+    `down` SIGKILLed it 10 s later, one server after the other: 20 s for two, 30 s for the default
+    site."""
+    import signal
+    import time
+
+    from livehist.site.process import Managed
+
+    site = sites.up({"servers": {
+        "MetadataManager": {"fdb": {"MetadataManager": {"test/fdb/m": {}}}},
+        "EventHistogrammer": {"fdb": {"EventHistogrammer": {"test/fdb/h": {}}}}}})  # fmt: skip
+    pids = {p.name: p.pid() for p in managed_processes(site.state_dir)}
+    os.kill(Managed(site.state_dir, "tango-db").pid(), signal.SIGSTOP)
+    t0 = time.monotonic()
+    out = run_cli("down", "--state-dir", str(site.state_dir))
+    took = time.monotonic() - t0
+    assert out.returncode == 0 and all(f"stopped {name}" in out.stdout for name in pids), out.stdout
+    assert took < 12, took
+    assert all(not Path(f"/proc/{pid}").exists() or "Z" in _state(pid) for pid in pids.values())
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
