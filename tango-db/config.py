@@ -38,10 +38,20 @@ def _expand(value: Any, mapping: dict[str, str]) -> Any:
     return value
 
 
+MAX_CONFIG_BYTES = 16 << 20
+
+
 def load(path: Path, state_dir: Path) -> dict:
     """Read and check a dsconfig JSON file; raise LivehistError naming what is wrong."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:  # bounded: `--config /dev/zero` (a slip) read until memory ran out
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise LivehistError(
+                f"config {path} is larger than {MAX_CONFIG_BYTES >> 20} MB (a dsconfig JSON of livehist is a "
+                "few kB): is it the right file? pass the dsconfig JSON with --config"
+            )
+        text = data.decode("utf-8")
     except OSError as exc:
         raise LivehistError(
             f"cannot read config {path}: {exc.strerror}; pass an existing dsconfig JSON with --config"

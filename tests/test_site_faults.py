@@ -686,3 +686,23 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def test_a_config_that_never_ends_is_refused_without_eating_the_memory(tmp_path):
+    """`--config /dev/zero` (a slip of completion) read until memory ran out: a MemoryError
+    traceback, after the machine had swapped (here capped, so that a regression stays harmless)."""
+    state = tmp_path / "state"
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    out = subprocess.run(
+        [sys.executable, "-m", "livehist.cli", "up", "--tango-host", "no-such-host.invalid:1", "--config",
+         "/dev/zero", "--state-dir", str(state)],
+        capture_output=True, text=True, timeout=120, preexec_fn=cap,
+    )  # fmt: skip
+    line = next(
+        (ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:")), out.stderr[-300:]
+    )
+    assert out.returncode == 1 and "config /dev/zero is larger than 16 MB" in line, line
+    assert not state.exists()
