@@ -41,8 +41,8 @@ def _expand(value: Any, mapping: dict[str, str]) -> Any:
 MAX_CONFIG_BYTES = 16 << 20
 
 
-def load(path: Path, state_dir: Path) -> dict:
-    """Read and check a dsconfig JSON file; raise LivehistError naming what is wrong."""
+def read(path: Path) -> str:
+    """The text of a config file, read once (it may be a pipe: `--config /dev/stdin`)."""
     try:
         with open(path, "rb") as f:  # bounded: `--config /dev/zero` (a slip) read until memory ran out
             data = f.read(MAX_CONFIG_BYTES + 1)
@@ -51,7 +51,7 @@ def load(path: Path, state_dir: Path) -> dict:
                 f"config {path} is larger than {MAX_CONFIG_BYTES >> 20} MB (a dsconfig JSON of livehist is a "
                 "few kB): is it the right file? pass the dsconfig JSON with --config"
             )
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except OSError as exc:
         raise LivehistError(
             f"cannot read config {path}: {exc.strerror}; pass an existing dsconfig JSON with --config"
@@ -61,6 +61,13 @@ def load(path: Path, state_dir: Path) -> dict:
             f"config {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
             "save it as UTF-8 JSON"
         ) from None
+
+
+def load(path: Path, state_dir: Path, text: str | None = None) -> dict:
+    """Read (unless its `text` is given) and check a dsconfig JSON file; raise LivehistError
+    naming what is wrong."""
+    if text is None:
+        text = read(path)
     try:
         config = json.loads(text)
     except RecursionError:

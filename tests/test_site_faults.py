@@ -706,3 +706,22 @@ def test_a_config_that_never_ends_is_refused_without_eating_the_memory(tmp_path)
     )
     assert out.returncode == 1 and "config /dev/zero is larger than 16 MB" in line, line
     assert not state.exists()
+
+
+def test_a_config_piped_through_dev_stdin_is_applied_once_and_kept_for_status(sites):
+    """`... | livehist up --config /dev/stdin`: state.json named /dev/stdin, so a later `status`
+    read the terminal (waiting for input) or nothing. (Checking the config before the state dir
+    was made read the pipe twice: the second read found it empty.)"""
+    state, host, _ = sites.new()
+    text = json.dumps(MM)
+    out = subprocess.run(
+        [sys.executable, "-m", "livehist.cli", "up", "--tango-host", host, "--config", "/dev/stdin", "--state-dir",
+         str(state)],
+        input=text, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    kept = Path(json.loads((state / "state.json").read_text())["config"])
+    assert kept.is_file() and json.loads(kept.read_text()) == MM, kept
+    r = subprocess.run([sys.executable, "-m", "livehist.cli", "status", "--state-dir", str(state)],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0 and "test/sitefault/m" in r.stdout, r.stdout + r.stderr

@@ -272,12 +272,14 @@ def up(
     # a bad host or config is refused before the state dir (its lock) is made: nothing changed
     if tango_host is not None or os.environ.get("TANGO_HOST"):
         embedded.parse_tango_host(embedded.resolve_tango_host(tango_host))
-    dsconfig.load(Path(config) if config else DEFAULT_CONFIG, state_dir)
+    config_path = Path(config).absolute() if config else DEFAULT_CONFIG
+    text = dsconfig.read(config_path)  # once: a pipe (`--config /dev/stdin`) gives its text only once
+    loaded = dsconfig.load(config_path, state_dir, text)
     with site_lock(state_dir, say):
         began = time.time()
         with _ctrl_c_noted():
             try:
-                site = _up(tango_host, config, state_dir, timeout, say)
+                site = _up(tango_host, config_path, loaded, text, state_dir, timeout, say)
                 _check_ctrl_c()  # a Ctrl-C whose KeyboardInterrupt something on the way swallowed
                 return site
             except KeyboardInterrupt:
@@ -342,15 +344,33 @@ def _undo_up(state_dir: Path, began: float, say: Say) -> None:
             signal.signal(sig, handler)
 
 
-def _up(tango_host: str | None, config: Path | None, state_dir: Path, timeout: float, say: Say) -> Site:
+def _up(
+    tango_host: str | None,
+    config_path: Path,
+    loaded: dict,
+    text: str,
+    state_dir: Path,
+    timeout: float,
+    say: Say,
+) -> Site:
     site = Site(
         tango_host=_host_for(state_dir, tango_host),
         # absolute: `status` and the next `up` read it from state.json in other working folders
-        config_path=Path(config).absolute() if config else DEFAULT_CONFIG,
+        config_path=config_path,
         state_dir=state_dir,
+        config=loaded,
     )
     site.host_port  # noqa: B018 - validates the host before anything starts
-    site.config = dsconfig.load(site.config_path, site.state_dir)  # bad config: fail before starting
+    if not config_path.is_file():  # a pipe: `status` and the next `up` read the copy kept here
+        kept = state_dir / "config-applied.json"
+        try:
+            kept.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise LivehistError(
+                f"cannot write {kept}: {exc.strerror}; free some space there or give another folder with --state-dir"
+            ) from None
+        say(f"configuration {config_path} is not a file: kept as {kept}")
+        site.config_path = kept
     ensure_database(site, say)
     site.save()
     host, port = site.host_port

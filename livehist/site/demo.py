@@ -88,6 +88,8 @@ def _check_demo_devices(config: Path | None) -> None:
     from livehist.tangodb import config as dsconfig
 
     path = Path(config).absolute() if config else DEFAULT_CONFIG
+    if not path.is_file():  # a pipe is read once, by `up`: its error then is the one to show
+        return
     names = {dev.lower() for _, _, dev in dsconfig.devices(dsconfig.load(path, Path.cwd()))}
     missing = [dev for dev in DEMO_DEVICES if dev not in names]
     if missing:
