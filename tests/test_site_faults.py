@@ -725,3 +725,42 @@ def test_a_config_piped_through_dev_stdin_is_applied_once_and_kept_for_status(si
     r = subprocess.run([sys.executable, "-m", "livehist.cli", "status", "--state-dir", str(state)],
                        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0 and "test/sitefault/m" in r.stdout, r.stdout + r.stderr
+
+
+def test_up_and_down_do_not_wait_for_ever_behind_a_stopped_up(tmp_path):
+    """Ctrl-Z on a `livehist up` in one terminal: every later `up` and `down` of that state dir
+    said 'another livehist up or down is working ...; waiting for it' and waited for ever, so
+    the site could not even be stopped."""
+    import signal
+    import time
+
+    from livehist.site.process import Managed, free_port
+
+    state, cfg = tmp_path / "state", tmp_path / "c.json"
+    cfg.write_text(json.dumps({"servers": {"EventHistogrammer": {"ctlz": {"EventHistogrammer": {
+        "test/ctlz/h": {}}}}}}))  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TANGO_HOST"}
+    argv = [sys.executable, "-m", "livehist.cli", "up", "--config", str(cfg), "--state-dir", str(state),
+            "--tango-host", f"127.0.0.1:{free_port()}"]  # fmt: skip
+    up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        for line in up.stdout:
+            if line.startswith("EventHistogrammer/ctlz: started"):
+                up.send_signal(signal.SIGSTOP)  # Ctrl-Z, while it holds the state dir
+                break
+        t0 = time.monotonic()
+        out = run_cli("down", "--state-dir", str(state), timeout=60)
+        line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist down: error:"))
+        assert out.returncode == 1 and f"(pid {up.pid}) is stopped" in line, line
+        assert f"kill -CONT {up.pid}" in line and time.monotonic() - t0 < 30, line
+        assert Managed(state, "EventHistogrammer-ctlz").pid() is not None  # nothing was touched
+        up.send_signal(signal.SIGCONT)
+        assert up.wait(timeout=120) == 0
+        out = run_cli("down", "--state-dir", str(state))
+        assert out.returncode == 0 and "stopped EventHistogrammer-ctlz" in out.stdout, out.stdout + out.stderr
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGCONT)
+            up.kill()
+        for proc in managed_processes(state):
+            proc.stop(timeout=2)

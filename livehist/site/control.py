@@ -198,11 +198,45 @@ def site_lock(state_dir: Path, say: Say):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            say(f"another `livehist up` or `down` is working on {state_dir}; waiting for it")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            holder = _lock_holder(fd)
+            say(f"another `livehist up` or `down`{f' (pid {holder})' if holder else ''} is working on {state_dir}; "
+                "waiting for it")  # fmt: skip
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    pass
+                holder = _lock_holder(fd)
+                if holder and _process_state(holder) in ("T", "t"):
+                    # a Ctrl-Z'd `up` in another terminal: every `up` and `down` waited for ever
+                    raise LivehistError(
+                        f"the `livehist up` or `down` working on {state_dir} (pid {holder}) is stopped (Ctrl-Z in "
+                        f"its terminal, or SIGSTOP), so this one would wait for ever; `fg` in that terminal or "
+                        f"`kill -CONT {holder}` lets it finish"
+                    ) from None
+                time.sleep(0.2)
+        with contextlib.suppress(OSError):  # who holds it, for the next one that waits
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
         os.close(fd)
+
+
+def _lock_holder(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def _process_state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def _read_state(state_dir: Path) -> dict:
