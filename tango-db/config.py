@@ -86,10 +86,13 @@ def load(path: Path, state_dir: Path, text: str | None = None) -> dict:
     seen: dict[str, str] = {}
     for server, cls, dev in devices(config):
         for what, name in (("server", server), ("class", cls), ("device", dev)):
-            if not name.isascii():  # written into the database, then the server aborted at its export
-                bad = "".join(sorted({c for c in name if not c.isascii()}))
+            # non-ASCII: written into the database, then the server aborted at its export; a control
+            # character (a NUL from "\u0000") ended `up` in a traceback with the database written
+            bad = "".join(sorted({c for c in name if not c.isascii() or ord(c) < 32 or ord(c) == 127}))
+            if bad:
                 raise LivehistError(
-                    f"config {path}: {what} name {name!r} has characters Tango names cannot carry ({bad}); "
+                    f"config {path}: {what} name {name!r} has characters Tango names cannot carry "
+                    f"({ascii(bad)[1:-1] if not bad.isprintable() else bad}); "
                     "use ASCII letters, digits and - _ . in server, class and device names"
                 )
         where = seen.get(dev.lower())

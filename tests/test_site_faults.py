@@ -764,3 +764,22 @@ def test_up_and_down_do_not_wait_for_ever_behind_a_stopped_up(tmp_path):
             up.kill()
         for proc in managed_processes(state):
             proc.stop(timeout=2)
+
+
+def test_control_characters_in_server_names_are_refused_before_anything_starts(tmp_path):
+    """An instance name with a NUL ("\\u0000" in the JSON) ended `up` in a ValueError traceback
+    (embedded null byte) after the database had been written; a newline split the table."""
+    state = tmp_path / "state"
+    for instance, shown in (("a\u0000b", "\\x00"), ("a b\nc", "\\n")):
+        cfg = tmp_path / "c.json"
+        cfg.write_text(
+            json.dumps({"servers": {"MetadataManager": {instance: {"MetadataManager": {"t/c/m": {}}}}}})
+        )
+        out = run_cli(
+            "up", "--tango-host", "no-such-host.invalid:1", "--config", str(cfg), "--state-dir", str(state)
+        )
+        line = next(
+            (ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:")), out.stderr
+        )
+        assert out.returncode == 1 and f"has characters Tango names cannot carry ({shown})" in line, line
+        assert not state.exists()
