@@ -783,3 +783,17 @@ def test_control_characters_in_server_names_are_refused_before_anything_starts(t
         )
         assert out.returncode == 1 and f"has characters Tango names cannot carry ({shown})" in line, line
         assert not state.exists()
+
+
+def test_a_short_timeout_is_quoted_as_given(sites, tmp_path):
+    """`up --timeout 0.5` said the device 'did not answer within 0 s'."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    script = bindir / "HushDS"
+    script.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(600)\n")
+    script.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    state, host, cfg = sites.new({"servers": {"HushDS": {"t": {"Hush": {"test/hush/1": {}}}}}})
+    out = _up(state, host, cfg, "--timeout", "0.5", env=env)
+    line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
+    assert out.returncode == 1 and "did not answer within 0.5 s" in line, line

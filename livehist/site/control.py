@@ -496,7 +496,7 @@ def wait_ready(site: Site, started: dict[str, Managed], timeout: float, say: Say
         if time.monotonic() > deadline:
             server, devs = next(iter(pending.items()))
             raise LivehistError(
-                f"device {devs[0]} of server {server} did not answer within {timeout:.0f} s; "
+                f"device {devs[0]} of server {server} did not answer within {timeout:g} s; "
                 f"read {started[server].log} (the server keeps running; `livehist down` stops it)"
             )
         time.sleep(0.3)
