@@ -32,17 +32,15 @@ def display():
     assert xvfb, (
         "Xvfb is missing: run scripts/system-deps.sh (make test does) to install the Debian package xvfb"
     )
-    n = next(
-        k
-        for k in range(90, 200)
-        if not Path(f"/tmp/.X11-unix/X{k}").exists() and not Path(f"/tmp/.X{k}-lock").exists()
-    )
-    proc = subprocess.Popen([xvfb, f":{n}", "-screen", "0", "1400x1000x24", "-nolisten", "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 20
-    while not Path(f"/tmp/.X11-unix/X{n}").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "Xvfb did not start"
-        time.sleep(0.1)
+    # Xvfb picks a free display and says which (-displayfd): choosing one here raced with a test
+    # in another pytest worker choosing the same, and one worker's Xvfb ended under the other's panels
+    read, write = os.pipe()
+    proc = subprocess.Popen([xvfb, "-displayfd", str(write), "-screen", "0", "1400x1000x24", "-nolisten", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(write,))  # fmt: skip
+    os.close(write)
+    with os.fdopen(read) as said:  # the display number, once it accepts clients; "" if it exited
+        n = said.readline().strip()
+    assert n.isdigit(), f"Xvfb did not start (exit {proc.poll()})"
     yield f":{n}"
     proc.terminate()
     proc.wait(timeout=10)

@@ -83,13 +83,15 @@ def _xvfb():
     xvfb = shutil.which("Xvfb")
     if xvfb is None:
         return None, None
-    n = next(k for k in range(300, 400) if not Path(f"/tmp/.X11-unix/X{k}").exists())
-    proc = subprocess.Popen([xvfb, f":{n}", "-screen", "0", "1400x1000x24", "-nolisten", "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    for _ in range(100):
-        if Path(f"/tmp/.X11-unix/X{n}").exists():
-            break
-        time.sleep(0.1)
+    read, write = os.pipe()  # Xvfb picks a free display and says which once it accepts clients
+    proc = subprocess.Popen([xvfb, "-displayfd", str(write), "-screen", "0", "1400x1000x24", "-nolisten", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(write,))  # fmt: skip
+    os.close(write)
+    with os.fdopen(read) as said:
+        n = said.readline().strip()
+    if not n.isdigit():
+        proc.wait()
+        return None, None
     return f":{n}", proc
 
 
