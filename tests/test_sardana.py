@@ -183,6 +183,8 @@ def test_sardana_builtin_recorders_still_work_when_selected(spock, tmp_path):
     assert specfile.Specfile(str(tmp_path / "builtin.spec"))[0].lines() == 3
 
 
+# Both SPS tests live in this file: a scan's SPS array is named after its Door, the same in every
+# test site, so tests in two pytest workers must not write it at the same time.
 def test_shared_memory_sps_is_fed_by_livehist(spock):
     from PyMca5.PyMcaIO import sps
 
@@ -193,6 +195,24 @@ def test_shared_memory_sps_is_fed_by_livehist(spock):
     data = sps.getdata(names[0], "SCAN_D")
     assert sps.getenv(names[0], "SCAN_D_ENV", "nopts") == "4" and data.shape[1] >= 3
     assert "lh_tof" in sps.getarraylist(names[0])
+
+
+def test_shared_memory_of_a_scan_carries_the_metadata(spock, site):
+    """Sardana makes its shared-memory recorder without the scan's macro: livehist's SPS sink
+    never reached the MetadataManager and SCAN_D_ENV said metadata {} and no proposal."""
+    from PyMca5.PyMcaIO import sps
+
+    m = tango.DeviceProxy(site.url("livehist/metadata/1"))
+    m.SetMetadata(json.dumps({"proposal": "20265555", "sample": {"name": "Si 111"}}))
+    spock.env(SharedMemory="sps")
+    try:
+        spock.run("ascan", "mot01", "0", "1", "1", "0.1")
+    finally:
+        spock.env(SharedMemory="")
+    name = next(n for n in sps.getspeclist() if "door" in n.lower())
+    assert sps.getenv(name, "SCAN_D_ENV", "proposal") == "20265555"
+    assert sps.getenv(name, "SCAN_D_ENV", "sample") == "Si 111"
+    assert json.loads(sps.getenv(name, "SCAN_D_ENV", "metadata"))["proposal"] == "20265555"
 
 
 def test_unwritable_scandir_fails_before_any_motion(spock):

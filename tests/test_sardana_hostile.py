@@ -299,21 +299,3 @@ def test_a_door_that_does_not_answer_for_a_while_does_not_end_the_macro_run(spoc
     assert done.get("ok"), done
     assert door.state() == tango.DevState.ON
     spock.run("ascan", "mot01", "0", "1", "1", "0.1")  # the Door takes the next macro
-
-
-def test_shared_memory_of_a_scan_carries_the_metadata(spock, site):
-    """Sardana makes its shared-memory recorder without the scan's macro: livehist's SPS sink
-    never reached the MetadataManager and SCAN_D_ENV said metadata {} and no proposal."""
-    from PyMca5.PyMcaIO import sps
-
-    m = tango.DeviceProxy(site.url("livehist/metadata/1"))
-    m.SetMetadata(json.dumps({"proposal": "20265555", "sample": {"name": "Si 111"}}))
-    spock.env(SharedMemory="sps")
-    try:
-        spock.run("ascan", "mot01", "0", "1", "1", "0.1")
-    finally:
-        spock.env(SharedMemory="")
-    name = next(n for n in sps.getspeclist() if "door" in n.lower())
-    assert sps.getenv(name, "SCAN_D_ENV", "proposal") == "20265555"
-    assert sps.getenv(name, "SCAN_D_ENV", "sample") == "Si 111"
-    assert json.loads(sps.getenv(name, "SCAN_D_ENV", "metadata"))["proposal"] == "20265555"
