@@ -664,3 +664,44 @@ def test_frozen_broker_gives_fault_and_counting_resumes_at_the_offsets_reached(o
     # nothing counted twice, nothing skipped: the new consumer went on from where the old one was
     assert snap.events == 4000 and snap.messages == 40
     assert snap.offsets == {(topic, 0): (0, 19), (topic, 1): (0, 19)}
+
+
+def test_start_and_stop_times_are_exact_to_the_nanosecond(kafka_broker):
+    """`start`/`stop` in Unix ms or ISO 8601 went through a float: 1712404491350 ms became
+    ...350000128 ns, so a pulse exactly at `start` was not counted and one exactly at `stop` was;
+    ISO digits past the microsecond were dropped."""
+    from livehist.engine.sources.kafka import parse_time
+
+    start_ms, stop_ms = 1712404491350, 1712404491357  # both misround through a float (+128 ns)
+    assert int(round(float(start_ms) * 1e6)) != start_ms * 10**6  # the case that failed
+    assert parse_time(str(start_ms), "start", "u") == start_ms * 10**6
+    assert parse_time("1712404491350.000001", "start", "u") == start_ms * 10**6 + 1
+    assert parse_time("2024-04-06T11:54:51.350000001Z", "start", "u") == start_ms * 10**6 + 1
+    assert parse_time("2024-04-06T13:54:51.350+02:00", "start", "u") == start_ms * 10**6
+    with pytest.raises(SourceError, match="between the years 1824 and 2116, got '2999-01-01T00:00:00Z'"):
+        parse_time("2999-01-01T00:00:00Z", "stop", "u")  # said only 'must be an ISO 8601 time'
+    topic = kafka_topic(kafka_broker, 1)
+    p = producer(kafka_broker)
+    # pulses 1 ns apart around both bounds, one message each: which ones count is exact
+    times = [start_ms * 10**6 + d for d in (-1, 0, 1)] + [stop_ms * 10**6 + d for d in (-1, 0, 1)]
+    sent = []
+    for i, t in enumerate(times):
+        b = EventBatch(np.full(10 + i, 1000 * (i + 1), np.int32), np.zeros(10 + i, np.int32),
+                       np.array([t], np.int64), np.array([0], np.int64))  # fmt: skip
+        p.produce(topic, encode_ev44(b, i, "det"), partition=0, timestamp=t // 10**6)
+        sent.append(b)
+    p.flush(30)
+    for start, stop in [
+        (str(start_ms), str(stop_ms)),
+        ("2024-04-06T11:54:51.350Z", "2024-04-06T11:54:51.357Z"),
+    ]:
+        hg = Histogrammer(f"kafka://{kafka_broker}/{topic}?start={start}&stop={stop}", [TOF_SPEC],
+                          publish_period=0.1)  # fmt: skip
+        try:
+            hg.start()
+            wait_for(lambda hg=hg: not hg.running, what="the acquisition to end at stop")
+            snap = hg.last
+        finally:
+            hg.close()
+        inside = [b for b, t in zip(sent, times, strict=True) if start_ms * 10**6 <= t < stop_ms * 10**6]
+        assert (snap.pulses, snap.events) == (3, sum(len(b) for b in inside)), (start, stop, snap.events)
