@@ -356,8 +356,16 @@ class KafkaSource(Source):
         return {"on_assign": self._on_assign}
 
     def _on_assign(self, consumer, partitions) -> None:
+        from confluent_kafka import TopicPartition
+
         keys = [(tp.topic, tp.partition) for tp in partitions]
-        consumer.assign(self._positions_for(consumer, keys, group=True))
+        # a partition this source read before the rebalance goes on from there: nothing is committed
+        # here, so the group's position is `start` again (earliest: every message counted twice)
+        own = [k for k in keys if k in self._next]
+        out = {k: TopicPartition(k[0], k[1], self._next[k]) for k in own}
+        rest = [k for k in keys if k not in out]
+        out.update(zip(rest, self._positions_for(consumer, rest, group=True) if rest else [], strict=True))
+        consumer.assign([out[k] for k in keys])
 
     def _consume(self, consumer) -> None:
         from confluent_kafka import KafkaError
