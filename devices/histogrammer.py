@@ -538,7 +538,7 @@ class EventHistogrammer(Device):
 
     @attribute(
         dtype=str,
-        doc="JSON: Kafka offsets (first, last) counted per partition since Reset, group, checkpoint",
+        doc="JSON: Kafka offsets (first, last) and every range counted per partition since Reset, group, checkpoint",
     )
     def KafkaOffsets(self) -> str:
         return json.dumps(self.hg.provenance()) if self.hg else "{}"

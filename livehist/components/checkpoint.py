@@ -96,6 +96,7 @@ class Checkpoint:
             "counters": {"events": snap.events, "messages": snap.messages, "bad_messages": snap.bad_messages,
                          "dropped_messages": snap.dropped_messages, "pulses": snap.pulses, "elapsed": snap.elapsed},
             "offsets": [[t, p, a, b] for (t, p), (a, b) in sorted(snap.offsets.items())],
+            "ranges": [[t, p, r] for (t, p), r in sorted(snap.ranges.items())], "recounted": snap.recounted,
         }  # fmt: skip
         arrays = {f"counts/{name}": c for name, c in snap.counts.items() if not snap.specs[name].window}
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +137,7 @@ class Checkpoint:
             return None
         meta["counts"] = counts
         meta["offsets"] = {(t, int(p)): (int(a), int(b)) for t, p, a, b in meta.get("offsets", [])}
+        meta["ranges"] = {(t, int(p)): [[int(a), int(b)] for a, b in r] for t, p, r in meta.get("ranges", [])}
         self.written = int(meta.get("seq", 0))
         return meta
 

@@ -241,6 +241,8 @@ class Histogrammer:
         source = self._source
         return {
             "offsets": {f"{t}/{p}": [a, b] for (t, p), (a, b) in sorted(snap.offsets.items())},
+            "ranges": {f"{t}/{p}": r for (t, p), r in sorted(snap.ranges.items())},
+            "recounted": snap.recounted,
             "group": getattr(source, "group", None),
             "brokers": getattr(source, "brokers", None),
             "assigned": sorted(f"{t}/{p}" for t, p in getattr(source, "assigned", ())),
@@ -330,7 +332,8 @@ class Histogrammer:
             os.replace(ck.path, stale)
             log.warning("checkpoint %s is for another source or histogram list: moved to %s", ck.path, stale)
             return False
-        restored = self.engine.restore(data["counts"], data["counters"], data["offsets"])
+        counters = {**data["counters"], "recounted": data.get("recounted", 0)}
+        restored = self.engine.restore(data["counts"], counters, data["offsets"], data["ranges"])
         self.last = self.engine.snapshot()  # not rewritten yet: it still says whether we were acquiring
         log.warning("restored %s from checkpoint %s (%s events; offsets %s)", ", ".join(restored), ck.path,
                     data["counters"].get("events"), data["offsets"])  # fmt: skip

@@ -36,6 +36,7 @@ import numpy as np
 
 from livehist.components.histogrammer import ALARM, FAULT, ON, RUNNING, Update
 from livehist.engine import Snapshot
+from livehist.engine.pipeline import overlap
 from livehist.engine.spec import HistogramSpec, SpecError, parse_histograms
 from livehist.errors import LivehistError
 
@@ -286,7 +287,52 @@ class HistogramSum:
                     return (f"counted twice: {other[0]} and {m.name} both read {partition} outside one consumer "
                             "group, so the sum holds those events twice; give both the same group= in "
                             "EventSource (or read other topics)")  # fmt: skip
-        return ""
+        return self._offsets_counted_twice()
+
+    def _offsets_counted_twice(self) -> str:
+        """Kafka messages that two members of the sum (or one member, twice) have counted: a worker
+        frozen past its session (SIGSTOP, a stalled VM) counts on when it wakes, while the group has
+        given its partitions to another that counts them too. Found from the offset ranges each
+        member reports; the sum is then too high by these messages' events."""
+        seen: dict[str, list[tuple[str, set[str], list[list[int]]]]] = {}
+        twice: dict[str, list[list[int]]] = {}
+        pairs: list[str] = []
+        own = []
+        for m in self.members:
+            if m.config != self.config or m.config is None:
+                continue
+            kafka = _kafka(m.values)
+            if int(kafka.get("recounted") or 0):
+                own.append(f"{m.name} ({int(kafka['recounted']):,})")
+            ranges = kafka.get("ranges")
+            if not isinstance(ranges, dict):
+                continue
+            brokers = {b.strip().lower() for b in str(kafka.get("brokers") or "").split(",") if b.strip()}
+            for partition, mine in ranges.items():
+                for name, theirs_brokers, theirs in seen.get(partition, []):
+                    if brokers and theirs_brokers and not brokers & theirs_brokers:
+                        continue  # another cluster's topic of the same name
+                    both = overlap(mine, theirs)
+                    if both:
+                        twice.setdefault(partition, []).extend(both)
+                        pair = f"{name} and {m.name}"
+                        if pair not in pairs:
+                            pairs.append(pair)
+                seen.setdefault(partition, []).append((m.name, brokers, mine))
+        parts = []
+        if twice:
+            n = sum(b - a + 1 for r in twice.values() for a, b in r)
+            where = ", ".join(f"{p} offsets " + ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in r[:3])
+                              for p, r in sorted(twice.items()))  # fmt: skip
+            parts.append(f"counted twice: {n:,} Kafka messages are in the counts of both {'; '.join(pairs)} "
+                         f"({where}): a member cut off from its group (frozen, stalled) counted on after the "
+                         "group gave its partitions to another; the sum is too high by their events")  # fmt: skip
+        if own:
+            parts.append("counted twice by one member (a partition read again from an older commit): "
+                         + ", ".join(own) + " messages")  # fmt: skip
+        if parts:
+            parts.append("Reset and count again for an exact total")
+        return "; ".join(parts)
 
     # --- reading the members ----------------------------------------------------------
     def _client(self, m: Member) -> MemberClient:

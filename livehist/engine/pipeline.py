@@ -7,6 +7,7 @@ sources never block: when the queue is full, the whole message is dropped and co
 
 from __future__ import annotations
 
+import bisect
 import collections
 import logging
 import threading
@@ -98,7 +99,44 @@ class Snapshot:
     running: bool
     # Kafka: {(topic, partition): (first, last)} offsets counted since Reset, taken with the counts
     offsets: dict = field(default_factory=dict)
+    # Kafka: {(topic, partition): [[a, b], ...]} every offset counted since Reset, as sorted disjoint
+    # ranges (a worker that lost a partition and got it back has several); `recounted`: offsets this
+    # engine covered a second time (a partition handed back from an older commit)
+    ranges: dict = field(default_factory=dict)
+    recounted: int = 0
     taken_at: float = field(default_factory=time.time)
+
+
+def add_offset(ranges: list[list[int]], offset: int) -> bool:
+    """Add `offset` to sorted disjoint ranges [[a, b], ...] (b included); True if it was in already."""
+    if ranges and ranges[-1][1] + 1 == offset:  # the usual case: the next offset of the last range
+        ranges[-1][1] = offset
+        return False
+    i = bisect.bisect_right([r[0] for r in ranges], offset) - 1  # the range starting at or before it
+    if i >= 0 and ranges[i][0] <= offset <= ranges[i][1]:
+        return True
+    if i >= 0 and ranges[i][1] + 1 == offset:
+        ranges[i][1] = offset
+    else:
+        i += 1
+        ranges.insert(i, [offset, offset])
+    if i + 1 < len(ranges) and ranges[i][1] + 1 == ranges[i + 1][0]:  # joins the next one
+        ranges[i][1] = ranges.pop(i + 1)[1]
+    return False
+
+
+def overlap(a: list[list[int]], b: list[list[int]]) -> list[list[int]]:
+    """The offsets in both sorted disjoint range lists, as ranges."""
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo <= hi:
+            out.append([lo, hi])
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
 
 
 class Engine:
@@ -171,6 +209,8 @@ class Engine:
             self.events = self.messages = self.bad_messages = self.dropped_messages = 0
             self.pulses = self.foreign_messages = 0
             self.offsets: dict[tuple[str, int], tuple[int, int]] = {}
+            self.ranges: dict[tuple[str, int], list[list[int]]] = {}
+            self.recounted = 0
             self._elapsed_before = 0.0
             self._started_at = time.monotonic() if self._accumulating else None
             self._preset_base = (0, 0, 0.0)
@@ -378,6 +418,8 @@ class Engine:
             topic, partition, offset = origin
             first = self.offsets.get((topic, partition), (offset, offset))[0]
             self.offsets[(topic, partition)] = (first, offset)
+            if add_offset(self.ranges.setdefault((topic, partition), []), offset):
+                self.recounted += 1
 
     def _within_presets(self, batch: EventBatch) -> EventBatch:
         """Cut a batch so that event and pulse presets end exactly where asked."""
@@ -407,7 +449,7 @@ class Engine:
         return True
 
     def restore(self, counts: dict[str, np.ndarray], counters: dict[str, float],
-                offsets: dict[tuple[str, int], tuple[int, int]]) -> list[str]:  # fmt: skip
+                offsets: dict[tuple[str, int], tuple[int, int]], ranges: dict | None = None) -> list[str]:  # fmt: skip
         """Load counts, counters and offsets (a checkpoint) into the current histograms; returns
         the names restored (windowed histograms, and names not in `counts`, start empty)."""
         restored = []
@@ -425,6 +467,11 @@ class Engine:
             self.pulses = int(counters.get("pulses", 0))
             self._elapsed_before = float(counters.get("elapsed", 0.0))
             self.offsets = {(str(t), int(p)): (int(a), int(b)) for (t, p), (a, b) in offsets.items()}
+            # a checkpoint without ranges (older livehist): what (first, last) spans
+            self.ranges = {
+                k: [list(r) for r in (ranges or {}).get(k, [[a, b]])] for k, (a, b) in self.offsets.items()
+            }
+            self.recounted = int(counters.get("recounted", 0))
         return restored
 
     # --- reading -------------------------------------------------------------------
@@ -460,4 +507,6 @@ class Engine:
                 event_rate=self.event_rate(),
                 running=self._accumulating,
                 offsets=dict(self.offsets),
+                ranges={k: [list(r) for r in v] for k, v in self.ranges.items()},
+                recounted=self.recounted,
             )

@@ -1,0 +1,117 @@
+"""Consumer groups against a hostile world: a worker frozen (SIGSTOP) past its Kafka session while
+the others take its partitions over, then woken (SIGCONT); a real Tansu broker, a real Tango DB,
+real EventHistogrammer and HistogramSum servers. The sum must equal numpy of everything sent
+(nothing lost, nothing twice), or say clearly what it does not hold."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import tango
+from confluent_kafka import Producer
+
+from livehist.engine.events import EventBatch, encode_ev44
+from livehist.site.process import Managed
+from tests.conftest import kafka_topic
+
+PARTITIONS = 4
+TOF = {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 70_000_000, "bins": 350}}
+WORKERS = {"fa": ["test/fw/1"], "fb": ["test/fw/2"]}
+T0 = 1_763_800_000_000_000_000
+PULSE = 71_428_571
+
+
+def wait_for(pred, timeout: float = 60.0, what: str = "condition", detail=lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what} {detail()}"
+        time.sleep(0.1)
+
+
+def proxy(site, dev: str, timeout_ms: int = 10_000) -> tango.DeviceProxy:
+    p = tango.DeviceProxy(site.url(dev))
+    p.set_timeout_millis(timeout_ms)
+    return p
+
+
+@pytest.fixture(scope="module")
+def frozen_site(sites, kafka_broker):
+    topic = kafka_topic(kafka_broker, PARTITIONS, prefix="frozen")
+    uri = f"kafka://{kafka_broker}/{topic}?group=g-{topic}&start=earliest"
+    props = {"EventSource": [uri], "Histograms": [json.dumps([TOF])], "PublishPeriod": ["0.3"]}
+    members = [d for devs in WORKERS.values() for d in devs]
+    config = {"servers": {
+        "EventHistogrammer": {s: {"EventHistogrammer": {d: {"properties": props} for d in devs}}
+                              for s, devs in WORKERS.items()},
+        "HistogramSum": {"frozen": {"HistogramSum": {"test/fsum/1": {"properties": {
+            "Members": members, "PublishPeriod": ["0.3"]}}}}},
+    }}  # fmt: skip
+    return sites.up(config), topic
+
+
+def test_a_worker_frozen_past_its_session_and_woken_leaves_the_sum_exact(frozen_site, kafka_broker):
+    site, topic = frozen_site
+    s = proxy(site, "test/fsum/1")
+    workers = {d: proxy(site, d) for devs in WORKERS.values() for d in devs}
+    wait_for(lambda: s.state() == tango.DevState.ON, what="the sum", detail=lambda: s.status())
+    s.Start()
+    wait_for(lambda: all(json.loads(w.KafkaOffsets)["assigned"] for w in workers.values()), timeout=60,
+             what="every worker to get partitions")  # fmt: skip
+    producer = Producer({"bootstrap.servers": kafka_broker, "linger.ms": 5})
+    sent: list[EventBatch] = []
+    rng = np.random.default_rng(21)
+    messages = 900
+    frozen = threading.Event()
+
+    def produce() -> None:
+        for i in range(messages):
+            n = int(rng.integers(200, 2000))
+            b = EventBatch(rng.integers(0, 70_000_000, n, dtype=np.int32), rng.integers(0, 1024, n, dtype=np.int32),
+                           np.array([T0 + i * PULSE], np.int64), np.array([0], np.int64))  # fmt: skip
+            producer.produce(topic, encode_ev44(b, i, "det"), partition=i % PARTITIONS)
+            sent.append(b)
+            producer.poll(0)
+            time.sleep(0.02)
+        producer.flush(30)
+
+    t = threading.Thread(target=produce)
+    t.start()
+    pid = Managed(site.state_dir, "EventHistogrammer-fb").pid()
+    try:
+        wait_for(
+            lambda: workers["test/fw/2"].EventCount > 0 and len(sent) > messages // 5, what="fw/2 at work"
+        )
+        os.kill(pid, signal.SIGSTOP)  # frozen with its partitions, its queue and its prefetch
+        frozen.set()
+        # the group hands its partitions to fw/1 once its session (6 s) is over
+        wait_for(lambda: len(json.loads(workers["test/fw/1"].KafkaOffsets)["assigned"]) == PARTITIONS,
+                 timeout=60, what="fw/1 to take every partition")  # fmt: skip
+        time.sleep(2.0)  # fw/1 counts what fw/2 had read but not counted
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        t.join()
+    total = sum(len(b) for b in sent)
+    wait_for(lambda: s.EventCount >= total, timeout=90, what=f"the sum to reach every event ({total})",
+             detail=lambda: f"{s.EventCount}; {s.status()}")  # fmt: skip
+    time.sleep(3.0)  # anything counted twice would show now
+    s.Stop()
+    counted, status = s.EventCount, s.status()
+    per_worker = {d: (w.EventCount, w.MessageCount) for d, w in workers.items()}
+    print(f"\nproduced {total} events in {messages} messages; the sum {counted} in {s.MessageCount}; "
+          f"per worker {per_worker}; status {status}")  # fmt: skip
+    tof = np.concatenate([b.tof for b in sent])
+    exact = s.MessageCount == messages and counted == total
+    if exact:
+        assert np.array_equal(s.tof, np.histogram(tof, np.linspace(0, 70_000_000, 351))[0])
+    else:  # not exact: it must say so, and by how much
+        assert s.state() == tango.DevState.ALARM, status
+        found = re.search(r"counted twice: ([\d,]+) Kafka messages", status)
+        assert found and int(found.group(1).replace(",", "")) == s.MessageCount - messages, status
+        assert "Reset and count again" in status, status
