@@ -705,3 +705,23 @@ def test_start_and_stop_times_are_exact_to_the_nanosecond(kafka_broker):
             hg.close()
         inside = [b for b, t in zip(sent, times, strict=True) if start_ms * 10**6 <= t < stop_ms * 10**6]
         assert (snap.pulses, snap.events) == (3, sum(len(b) for b in inside)), (start, stop, snap.events)
+
+
+def test_a_message_larger_than_the_consumer_takes_is_read_not_stuck_on(kafka_broker):
+    """An 88 MB message (a broker that allows it) was over librdkafka's receive.message.max.bytes
+    (80 MiB): every fetch of its partition failed, the device said RUNNING with 0 events, and
+    neither it nor any message after it (nor the small one before, in the same fetch) was counted."""
+    topic = kafka_topic(kafka_broker, 1)
+    p = Producer({"bootstrap.servers": kafka_broker, "message.max.bytes": 200 * 2**20})
+    sent = [pulses(0, 1, 100, seed=0), pulses(1, 1, 11_000_000, seed=1), pulses(2, 1, 100, seed=2)]
+    for i, b in enumerate(sent):
+        p.produce(topic, encode_ev44(b, i, "det"), partition=0)
+    assert p.flush(60) == 0
+    hg = Histogrammer(f"kafka://{kafka_broker}/{topic}?start=earliest", [TOF_SPEC], publish_period=0.2)
+    try:
+        hg.start()
+        wait_for(lambda: hg.last.messages >= 3, timeout=60, what="all three messages",
+                 detail=lambda: f"{hg.state}: {hg.status}")  # fmt: skip
+        assert hg.state == "RUNNING" and hg.last.events == sum(len(b) for b in sent), hg.status
+    finally:
+        hg.close()

@@ -233,7 +233,9 @@ class KafkaSource(Source):
             "logger": _RdLog(),
             "fetch.max.bytes": 64 * 2**20,
             "max.partition.fetch.bytes": 16 * 2**20,
-            "receive.message.max.bytes": 80 * 2**20,
+            # any message the broker holds is read (Kafka sizes are int32): at 80 MiB an 88 MB message
+            # failed every fetch of its partition, which stayed RUNNING with nothing counted, for ever
+            "receive.message.max.bytes": 2**31 - 1,
             "queued.max.messages.kbytes": 32 * 1024,  # prefetch per partition, bounded
             "fetch.wait.max.ms": 100,
             "socket.timeout.ms": 6000,  # a frozen broker (not closed, not answering) counts as gone
