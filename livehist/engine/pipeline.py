@@ -246,6 +246,7 @@ class Engine:
         if source is not None:
             self.source_name = getattr(source, "source_name", None)
             source.count_lost = self.count_lost
+            source.topic_renewed = self.topic_renewed
             source.start(self.feed)
 
     def attach(self, source) -> None:
@@ -257,6 +258,7 @@ class Engine:
                 source.resume_after(old)
         self.source_name = getattr(source, "source_name", None)
         source.count_lost = self.count_lost
+        source.topic_renewed = self.topic_renewed
         source.start(self.feed)
 
     def stop(self, reason: str = "stopped") -> None:
@@ -293,6 +295,13 @@ class Engine:
         with self._lock:
             self.dropped_messages += 1
         return False
+
+    def topic_renewed(self, topic: str) -> None:
+        """A Kafka topic was deleted and created again: its offsets begin anew, so the ranges counted
+        of the old one say nothing about the new one's (they read as counted twice)."""
+        with self._lock:
+            for key in [k for k in self.ranges if k[0] == topic]:
+                del self.ranges[key]
 
     def count_lost(self, n: int) -> None:
         """Count `n` messages the transport lost before they reached the queue (a source saw a gap

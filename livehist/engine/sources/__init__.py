@@ -41,6 +41,8 @@ class Source:
         self.connected = True
         # the engine's counter of messages lost before they reached it (set by Engine.start)
         self.count_lost: Callable[[int], None] | None = None
+        # the engine's hook for a Kafka topic deleted and created again (its offsets begin anew)
+        self.topic_renewed: Callable[[str], None] | None = None
 
     def start(self, feed: Callable) -> None:
         if not self.paced:  # messages of megabytes from a transport: see livehist.engine.memory

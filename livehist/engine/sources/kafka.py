@@ -333,6 +333,8 @@ class KafkaSource(Source):
                 log.warning("topic %s was created anew on %s: reading it from its start", topic, self.brokers)
                 self._resume = {k: o for k, o in self._resume.items() if k[0] != topic}
                 self._recreated.add(topic)
+                if self.topic_renewed is not None:
+                    self.topic_renewed(topic)
 
     def _positions_for(self, consumer, keys: list[Key], group: bool = False) -> list:
         """Where each partition starts: given offsets, else `start` (offsets-for-times for a time)."""
