@@ -234,6 +234,12 @@ class HistogramSum:
         down = [m for m in self.members if not m.answers]
         if not answering:
             return FAULT, "no member answers: " + "; ".join(m.describe() for m in self.members)
+        if all(m.state == FAULT for m in answering):
+            # as one EventHistogrammer whose source broke says FAULT (a broker down: every worker
+            # reconnecting); 'ALARM, idle' read as a count ended well, and Sardana recorded it so
+            return FAULT, "every member that answers is in FAULT: " + "; ".join(
+                f"{m.name}: {m.reason}" for m in self.members
+            )
         acquiring = any(m.state in (RUNNING, ALARM) for m in answering)
         trouble = [m for m in self.members if m.state in (DOWN, UNKNOWN, MISMATCH, ALARM, FAULT)]
         if acquiring:
