@@ -725,3 +725,25 @@ def test_a_message_larger_than_the_consumer_takes_is_read_not_stuck_on(kafka_bro
         assert hg.state == "RUNNING" and hg.last.events == sum(len(b) for b in sent), hg.status
     finally:
         hg.close()
+
+
+def test_messages_of_other_sources_are_named_in_status_not_skipped_silently(kafka_broker, dev):
+    """A `source=` with a typo counted nothing: RUNNING, 0 events, and no word of the messages
+    skipped; the Status now names how many and the sources seen (any name, even beyond Latin-1)."""
+    import tango
+
+    topic = kafka_topic(kafka_broker, 1)
+    p = producer(kafka_broker)
+    for i, name in enumerate(["det", "det", "\u63a2\u6d4b\u5668"]):
+        p.produce(topic, encode_ev44(pulses(i, 1, 10, seed=i), i, name), partition=0)
+    p.flush(30)
+    reinit(dev, EventSource=f"kafka://{kafka_broker}/{topic}?source=dett&start=earliest")
+    dev.Start()
+    try:
+        wait_for(lambda: "3 messages of other sources skipped" in dev.status(), what="the skipped messages named",
+                 detail=dev.status)  # fmt: skip
+        status = dev.status()
+        assert dev.state() == tango.DevState.RUNNING and dev.EventCount == 0, status
+        assert "'det'" in status and "'\\u63a2\\u6d4b\\u5668'" in status and "source=dett" in status, status
+    finally:
+        dev.Stop()

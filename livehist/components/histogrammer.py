@@ -398,11 +398,21 @@ class Histogrammer:
                     if silent >= SILENT_AFTER
                     else ""
                 )
+                + self._foreign_note()
             )
 
         ck = self.checkpoint
         if ck is not None and ck.last_error and self._state != FAULT:
             self._status += f"; {ck.last_error} (offsets are not committed until it is)"
+
+    def _foreign_note(self) -> str:
+        """Messages skipped for another `source=` name: a typo there counted nothing, without a word."""
+        e = self.engine
+        if not e.foreign_messages:
+            return ""
+        names = ", ".join(ascii(n[:40]) for n in sorted(e.foreign_sources))  # any name, in Latin-1
+        return (f"; {e.foreign_messages:,} messages of other sources skipped ({names}; "
+                f"EventSource has source={e.source_name})")  # fmt: skip
 
     def _supervise(self) -> None:
         """Notice drops and failed sources; reopen a failed source with back-off."""

@@ -208,6 +208,7 @@ class Engine:
                 h.clear()
             self.events = self.messages = self.bad_messages = self.dropped_messages = 0
             self.pulses = self.foreign_messages = 0
+            self.foreign_sources: set[str] = set()  # the first few source names skipped
             self.offsets: dict[tuple[str, int], tuple[int, int]] = {}
             self.ranges: dict[tuple[str, int], list[list[int]]] = {}
             self.recounted = 0
@@ -398,6 +399,8 @@ class Engine:
         if self.source_name and batch.source_name and batch.source_name != self.source_name:
             with self._lock:
                 self.foreign_messages += 1
+                if len(self.foreign_sources) < 5:  # what to say when `source=` matches nothing
+                    self.foreign_sources.add(batch.source_name)
                 self._covered(batch.origin)
             return 0
         while True:
