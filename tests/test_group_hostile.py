@@ -1,13 +1,12 @@
 """Consumer groups against a hostile world: a worker frozen (SIGSTOP) past its Kafka session while
 the others take its partitions over, then woken (SIGCONT); a real Tansu broker, a real Tango DB,
 real EventHistogrammer and HistogramSum servers. The sum must equal numpy of everything sent
-(nothing lost, nothing twice), or say clearly what it does not hold."""
+(nothing lost, nothing twice)."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import threading
 import time
@@ -45,7 +44,8 @@ def proxy(site, dev: str, timeout_ms: int = 10_000) -> tango.DeviceProxy:
 def frozen_site(sites, kafka_broker):
     topic = kafka_topic(kafka_broker, PARTITIONS, prefix="frozen")
     uri = f"kafka://{kafka_broker}/{topic}?group=g-{topic}&start=earliest"
-    props = {"EventSource": [uri], "Histograms": [json.dumps([TOF])], "PublishPeriod": ["0.3"]}
+    # checkpoints 2 s apart: a worker frozen has counted past its last one (what the others read on from)
+    props = {"EventSource": [uri], "Histograms": [json.dumps([TOF])], "PublishPeriod": ["2.0"]}
     members = [d for devs in WORKERS.values() for d in devs]
     config = {"servers": {
         "EventHistogrammer": {s: {"EventHistogrammer": {d: {"properties": props} for d in devs}}
@@ -107,11 +107,10 @@ def test_a_worker_frozen_past_its_session_and_woken_leaves_the_sum_exact(frozen_
     print(f"\nproduced {total} events in {messages} messages; the sum {counted} in {s.MessageCount}; "
           f"per worker {per_worker}; status {status}")  # fmt: skip
     tof = np.concatenate([b.tof for b in sent])
-    exact = s.MessageCount == messages and counted == total
-    if exact:
-        assert np.array_equal(s.tof, np.histogram(tof, np.linspace(0, 70_000_000, 351))[0])
-    else:  # not exact: it must say so, and by how much
-        assert s.state() == tango.DevState.ALARM, status
-        found = re.search(r"counted twice: ([\d,]+) Kafka messages", status)
-        assert found and int(found.group(1).replace(",", "")) == s.MessageCount - messages, status
-        assert "Reset and count again" in status, status
+    # the woken worker lost its partitions and set its counts back to its checkpoint, from which
+    # fw/1 read on: before, what it counted past that checkpoint was in the sum twice (22 messages)
+    assert (s.MessageCount, counted) == (messages, total), status
+    assert np.array_equal(s.tof, np.histogram(tof, np.linspace(0, 70_000_000, 351))[0])
+    assert s.state() == tango.DevState.ON and "twice" not in status, status
+    notes = " ".join(json.loads(workers["test/fw/2"].KafkaOffsets)["notes"])
+    assert "set back to checkpoint" in notes, notes  # it was told, and said so

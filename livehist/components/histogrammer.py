@@ -35,6 +35,8 @@ log = logging.getLogger("livehist.components.histogrammer")
 ON, RUNNING, ALARM, FAULT = "ON", "RUNNING", "ALARM", "FAULT"
 MIN_PUBLISH_PERIOD = 0.02  # s; shorter costs CPU for no display gain (1e-6 took 32% of a core idle)
 MIN_QUEUE_BYTES = 2**20
+FROZEN_AFTER = 2.0  # s between two ticks of a group worker's clock: the process was frozen (see `_watch`)
+CHECKPOINT_HOLD = 10.0  # s then without checkpoints, for the group to say whether our partitions are gone
 SILENT_AFTER = 5.0  # s without a message before Status says so (a network peer that sends nothing)
 
 
@@ -119,9 +121,13 @@ class Histogrammer:
         self._last_drop_time = -1e9
         self._configured = True
         self._fresh = True  # nothing counted since Init or Reset (see `start`)
+        self._hold_checkpoints_until = 0.0  # after a freeze (see `_watch`)
+        self._tick = time.monotonic()
         self._kick = threading.Event()
         self._closed = threading.Event()
         resume = self._restore() if self.checkpoint is not None and not self.problem else False
+        if self.checkpoint is not None:
+            threading.Thread(target=self._watch, name="livehist-watch", daemon=True).start()
         self._publisher = threading.Thread(target=self._publish_loop, name="livehist-publisher", daemon=True)
         self._publisher.start()
         if resume:  # killed while acquiring: go on from the checkpoint, as the group expects
@@ -276,8 +282,10 @@ class Histogrammer:
 
     def _refresh(self) -> None:
         ck = self.checkpoint
-        if ck is None:
-            self.last = self.engine.snapshot()
+        if ck is not None:
+            self._check_frozen()
+        if ck is None or time.monotonic() < self._hold_checkpoints_until:
+            self.last = self.engine.snapshot()  # held after a freeze: see `_watch`
             return
         with ck.lock:  # snapshots reach the file in the order they were taken
             snap = self.engine.snapshot()
@@ -307,7 +315,7 @@ class Histogrammer:
                     self.checkpoint = Checkpoint(path_for(self.name, self.checkpoint_dir), uri)
                 folder = self.checkpoint.path.parent  # the group's other workers checkpoint here too
                 source = GroupWorkerSource(
-                    uri, handover=self._handover, peers=lambda: group_offsets(folder, uri)
+                    uri, handover=self._handover, peers=lambda: group_offsets(folder, uri), lost=self._lost
                 )
         return source
 
@@ -315,10 +323,65 @@ class Histogrammer:
         """From the consumer thread, before partitions go: all fed counted, checkpointed; next offsets."""
         self.engine.wait_processed(timeout=10.0)
         ck = self.checkpoint
+        self._check_frozen()
+        if time.monotonic() < self._hold_checkpoints_until:
+            # frozen a moment ago: whoever takes these partitions reads on after our checkpoint on
+            # disk (the group may already have given them away): our counts go back to it
+            self._set_back("handed over right after a freeze")
+            data = ck.read()
+            return next_offsets(data["offsets"]) if data else {}
         with ck.lock:
             snap = self.engine.snapshot()
             ck.write(snap, self.config_json(), self.engine.running)
         return next_offsets(snap.offsets)
+
+    def _watch(self) -> None:
+        """A consumer-group worker's clock: ticks 5 times a second, so that a gap between two ticks
+        tells that this process was frozen (SIGSTOP, a stalled VM). Our group session may then have
+        expired and our partitions gone to others, who read on after our checkpoint on disk: no
+        checkpoint is written for `CHECKPOINT_HOLD` s, until the group has said so (`_lost` sets our
+        counts back to that checkpoint) or not."""
+        while not self._closed.wait(0.2):
+            self._check_frozen()
+
+    def _check_frozen(self) -> None:
+        now = time.monotonic()
+        gap = now - self._tick
+        if gap > FROZEN_AFTER and self.engine.running:
+            self._hold_checkpoints_until = now + CHECKPOINT_HOLD
+            log.warning(
+                "no tick for %.1f s (process frozen?): checkpoints held for %.0f s", gap, CHECKPOINT_HOLD
+            )
+        self._tick = now  # after the hold: a thread that sees this tick sees the hold too
+
+    def _lost(self, keys: set) -> str:
+        """From the consumer thread: our group session expired (the process frozen, SIGSTOP, a stalled
+        VM) and the group gave our partitions to others, who read on after our checkpoint. What we
+        counted after that checkpoint they count too: set our counts back to it (a woken worker left
+        6 messages in the sum twice). Checkpoints were held since the freeze, so it is still the one
+        they read."""
+        return self._set_back(f"partitions {', '.join(f'{t}[{p}]' for t, p in sorted(keys))} lost (our group "
+                              "session expired: frozen or cut off)")  # fmt: skip
+
+    def _set_back(self, why: str) -> str:
+        """Counts, counters and offsets back to the checkpoint on disk (see `_lost`)."""
+        ck = self.checkpoint
+        if ck is None or not self.engine.running:
+            return ""
+        self.engine.wait_processed(timeout=10.0)  # nothing of the lost partitions lands after the reset
+        with ck.lock:
+            data = ck.read()
+            if data is None or data.get("uri") != self.source_uri:
+                return ""
+            before = self.engine.events
+            counters = {**data["counters"], "recounted": data.get("recounted", 0)}
+            self.engine.restore(data["counts"], counters, data["offsets"], data["ranges"])
+        self._hold_checkpoints_until = 0.0
+        note = (f"{why}: counts set back to checkpoint {ck.path} ({data['counters'].get('events'):,} events, "
+                f"{before - self.engine.events:,} fewer), from which the group's other members read on")  # fmt: skip
+        log.warning(note)
+        self._kick.set()  # the publisher shows (and checkpoints) the counts set back
+        return note
 
     def _restore(self) -> bool:
         """Load the checkpoint if it belongs to this source and histogram list; True if it was acquiring."""
@@ -452,9 +515,8 @@ class Histogrammer:
         with self._thread_context():
             while not self._closed.is_set():
                 # idle: nothing to publish until a command kicks us, so a short period costs nothing
-                kicked = self._kick.wait(
-                    self.publish_period if self.engine.running else max(self.publish_period, 1.0)
-                )
+                period = self.publish_period if self.engine.running else max(self.publish_period, 1.0)
+                kicked = self._kick.wait(period)
                 self._kick.clear()
                 if self._closed.is_set():
                     return

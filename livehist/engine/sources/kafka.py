@@ -375,8 +375,12 @@ class KafkaSource(Source):
         from confluent_kafka import KafkaError
 
         eof_code = KafkaError._PARTITION_EOF
+        loop_at = time.monotonic()
         while not self.stopping:
+            if time.monotonic() - loop_at > DOWN_AFTER_S:  # this process was frozen, not the broker
+                self._last_up = time.monotonic()
             messages = consumer.consume(BATCH_MESSAGES, 0.1)
+            loop_at = time.monotonic()
             if messages:
                 self._last_up = time.monotonic()
             for m in messages:

@@ -34,9 +34,11 @@ class GroupWorkerSource(KafkaSource):
         uri: str,
         handover: Callable[[], dict[Key, int]] | None = None,
         peers: Callable[[], dict[Key, tuple[int, str]]] | None = None,
+        lost: Callable[[set[Key]], str] | None = None,
     ) -> None:
         super().__init__(uri)
         self.handover = handover
+        self.lost = lost  # the owner's hook when partitions are lost (session expired): set counts back
         self.peers = peers  # per partition: the furthest next offset a group checkpoint covers, and whose
         self.assigned: set[Key] = set()
         self.committed: dict[Key, int] = {}  # the last offsets this worker committed
@@ -150,6 +152,16 @@ class GroupWorkerSource(KafkaSource):
         for k in keys:
             self._next.pop(k, None)
             self._resume.pop(k, None)
+        if keys and self.lost is not None:
+            # the members that have them now read on from our checkpoint: what we counted after it
+            # (before a freeze, or since waking) they count too
+            try:
+                note = self.lost(keys)
+            except Exception as exc:
+                note = f"partitions {sorted(keys)} lost; counts not set back to the checkpoint: {exc}"
+                log.error(note)
+            if note:
+                self.notes.append(note)
 
     def _hand_over(self, consumer, keys: set[Key], why: str) -> None:
         """Everything fed is counted and checkpointed; then commit those partitions' next offsets."""
