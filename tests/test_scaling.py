@@ -511,3 +511,48 @@ def test_every_worker_in_fault_makes_the_sum_fault_not_an_idle_alarm(own_kafka_b
         s.close()
         for m in members.values():
             m.h.close()
+
+
+def test_workers_without_a_shared_checkpoint_folder_are_named_when_they_count_twice(kafka_broker, tmp_path):
+    """Workers of one group on hosts without a shared checkpoint folder: one killed before its
+    commit landed and restarted from its checkpoint, while the other, blind to that checkpoint,
+    read its partitions again from the group's commit. The sum held those messages twice and said
+    RUNNING; it now names how many, where, and who."""
+    from livehist.components.histogrammer import Histogrammer
+    from livehist.components.histsum import HistogramSum
+
+    topic = kafka_topic(kafka_broker, 2)
+    uri = f"kafka://{kafka_broker}/{topic}?group=g-{topic}&start=earliest"
+    hists = json.dumps([TOF])
+
+    def make(name: str) -> Histogrammer:  # each its own folder: a checkpoint the other cannot see
+        return Histogrammer(
+            uri, hists, publish_period=0.2, name=name, checkpoint_dir=str(tmp_path / name[-1])
+        )
+
+    members = {n: _Member(make(n)) for n in ("test/sh/1", "test/sh/2")}
+    a, b = members.values()
+    s = HistogramSum(list(members), lambda name, on_event: members[name], publish_period=0.2)
+    try:
+        a.h.start()
+        a.h._source.commit = lambda *args, **kw: None  # killed before any commit reached the broker
+        sent = [_events(300 + i, 300 + i) for i in range(10)]
+        _send(Producer({"bootstrap.servers": kafka_broker}), topic, sent)
+        first = sum(len(x) for x in sent)
+        wait_for(
+            lambda: (a.h.checkpoint.read() or {"counters": {}})["counters"].get("events") == first,
+            what="a checkpoint of everything",
+        )
+        _crash(a.h)
+        b.h.start()  # the whole topic again, from the group's (empty) commit
+        wait_for(lambda: b.h.engine.events == first, what="b to read everything again")
+        a.h = make("test/sh/1")  # back from its checkpoint, acquiring
+        assert a.h.running and a.h.engine.events == first
+        wait_for(lambda: (s.refresh(), s.state)[1] == "ALARM" and "counted twice: 10 Kafka messages" in s.status,
+                 what="the sum to name the messages counted twice")  # fmt: skip
+        assert s.last.messages == 20 and "test/sh/1 and test/sh/2" in s.status, s.status
+        assert f"{topic}/0 offsets 0-4" in s.status and "Reset and count again" in s.status, s.status
+    finally:
+        s.close()
+        for m in members.values():
+            m.h.close()
