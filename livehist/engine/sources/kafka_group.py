@@ -130,6 +130,8 @@ class GroupWorkerSource(KafkaSource):
             if offset > high:
                 log.warning("%s[%d]: %s's checkpoint says %d, past the partition's end %d (a topic created "
                             "anew?): ignored", k[0], k[1], who, offset, high)  # fmt: skip
+                if self.topic_renewed is not None:  # a broker back without its topics, met without a
+                    self.topic_renewed(k[0])  # reconnect: the offsets we counted were of the old one
                 continue
             out[k] = (offset, who)
         return out
