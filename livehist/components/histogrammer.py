@@ -123,6 +123,7 @@ class Histogrammer:
         self._fresh = True  # nothing counted since Init or Reset (see `start`)
         self._hold_checkpoints_until = 0.0  # after a freeze (see `_watch`)
         self._tick = time.monotonic()
+        self._set_back_at = 0.0  # when counts were last set back to the checkpoint (`_set_back`)
         self._kick = threading.Event()
         self._closed = threading.Event()
         resume = self._restore() if self.checkpoint is not None and not self.problem else False
@@ -284,7 +285,7 @@ class Histogrammer:
         ck = self.checkpoint
         if ck is not None:
             self._check_frozen()
-        if ck is None or time.monotonic() < self._hold_checkpoints_until:
+        if ck is None or (self.engine.running and time.monotonic() < self._hold_checkpoints_until):
             self.last = self.engine.snapshot()  # held after a freeze: see `_watch`
             return
         with ck.lock:  # snapshots reach the file in the order they were taken
@@ -323,13 +324,6 @@ class Histogrammer:
         """From the consumer thread, before partitions go: all fed counted, checkpointed; next offsets."""
         self.engine.wait_processed(timeout=10.0)
         ck = self.checkpoint
-        self._check_frozen()
-        if time.monotonic() < self._hold_checkpoints_until:
-            # frozen a moment ago: whoever takes these partitions reads on after our checkpoint on
-            # disk (the group may already have given them away): our counts go back to it
-            self._set_back("handed over right after a freeze")
-            data = ck.read()
-            return next_offsets(data["offsets"]) if data else {}
         with ck.lock:
             snap = self.engine.snapshot()
             ck.write(snap, self.config_json(), self.engine.running)
@@ -347,7 +341,8 @@ class Histogrammer:
     def _check_frozen(self) -> None:
         now = time.monotonic()
         gap = now - self._tick
-        if gap > FROZEN_AFTER and self.engine.running:
+        # a gap that began before the group told us (`_set_back`) is dealt with already
+        if gap > FROZEN_AFTER and self.engine.running and self._tick > self._set_back_at:
             self._hold_checkpoints_until = now + CHECKPOINT_HOLD
             log.warning(
                 "no tick for %.1f s (process frozen?): checkpoints held for %.0f s", gap, CHECKPOINT_HOLD
@@ -376,6 +371,7 @@ class Histogrammer:
             before = self.engine.events
             counters = {**data["counters"], "recounted": data.get("recounted", 0)}
             self.engine.restore(data["counts"], counters, data["offsets"], data["ranges"])
+        self._set_back_at = time.monotonic()
         self._hold_checkpoints_until = 0.0
         note = (f"{why}: counts set back to checkpoint {ck.path} ({data['counters'].get('events'):,} events, "
                 f"{before - self.engine.events:,} fewer), from which the group's other members read on")  # fmt: skip
