@@ -43,6 +43,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.2",
+            "pytest-xdist>=3.5",  # `make test` runs the files in 2 workers
             "hypothesis>=6.100",
             "silx>=2.0",
             "ruff>=0.5",
