@@ -19,6 +19,7 @@ from confluent_kafka import Producer
 from livehist.engine.events import EventBatch, encode_ev44
 from livehist.site.process import Managed
 from tests.conftest import kafka_topic
+from tests.test_scaling import group_config
 
 PARTITIONS = 4
 TOF = {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 70_000_000, "bins": 350}}
@@ -46,14 +47,7 @@ def frozen_site(sites, kafka_broker):
     uri = f"kafka://{kafka_broker}/{topic}?group=g-{topic}&start=earliest"
     # checkpoints 2 s apart: a worker frozen has counted past its last one (what the others read on from)
     props = {"EventSource": [uri], "Histograms": [json.dumps([TOF])], "PublishPeriod": ["2.0"]}
-    members = [d for devs in WORKERS.values() for d in devs]
-    config = {"servers": {
-        "EventHistogrammer": {s: {"EventHistogrammer": {d: {"properties": props} for d in devs}}
-                              for s, devs in WORKERS.items()},
-        "HistogramSum": {"frozen": {"HistogramSum": {"test/fsum/1": {"properties": {
-            "Members": members, "PublishPeriod": ["0.3"]}}}}},
-    }}  # fmt: skip
-    return sites.up(config), topic
+    return sites.up(group_config(WORKERS, props, "frozen", "test/fsum/1")), topic
 
 
 def test_a_worker_frozen_past_its_session_and_woken_leaves_the_sum_exact(frozen_site, kafka_broker):

@@ -47,14 +47,18 @@ def group_site(sites, kafka_broker):
     topic = kafka_topic(kafka_broker, PARTITIONS)
     uri = f"kafka://{kafka_broker}/{topic}?group=g-{topic}&start=earliest"
     props = {"EventSource": [uri], "Histograms": [json.dumps([TOF, IMAGE])], "PublishPeriod": ["0.3"]}
-    members = [d for devs in WORKERS.values() for d in devs]
-    config = {"servers": {
+    return sites.up(group_config(WORKERS, props, "scale", "test/ksum/1")), topic
+
+
+def group_config(workers: dict[str, list[str]], props: dict, sum_server: str, sum_device: str) -> dict:
+    """Worker servers (server -> its devices, all with `props`) and a HistogramSum over them all."""
+    members = [d for devs in workers.values() for d in devs]
+    return {"servers": {
         "EventHistogrammer": {s: {"EventHistogrammer": {d: {"properties": props} for d in devs}}
-                              for s, devs in WORKERS.items()},
-        "HistogramSum": {"scale": {"HistogramSum": {"test/ksum/1": {"properties": {
+                              for s, devs in workers.items()},
+        "HistogramSum": {sum_server: {"HistogramSum": {sum_device: {"properties": {
             "Members": members, "PublishPeriod": ["0.3"]}}}}},
     }}  # fmt: skip
-    return sites.up(config), topic
 
 
 def test_three_workers_and_a_sum_stay_exact_across_a_sigkill(group_site, kafka_broker, tmp_path):
@@ -441,20 +445,26 @@ def test_a_group_worker_back_with_fewer_counts_is_not_called_lost(kafka_broker):
             m.h.close()
 
 
+def _pair_and_sum(uri: str, tag: str, checkpoints) -> tuple[dict, object]:
+    """Two in-process group workers test/<tag>/1 and 2 on `uri` (checkpoints in one folder) and a
+    HistogramSum over them (not started)."""
+    from livehist.components.histogrammer import Histogrammer
+    from livehist.components.histsum import HistogramSum
+
+    members = {n: _Member(Histogrammer(uri, json.dumps([TOF]), publish_period=0.2, name=n, checkpoint_dir=str(checkpoints),
+                                       reconnect_delays=(0.5, 2.0))) for n in (f"test/{tag}/1", f"test/{tag}/2")}  # fmt: skip
+    return members, HistogramSum(list(members), lambda name, on_event: members[name], publish_period=0.2)
+
+
 def test_a_broker_restarted_without_its_topics_leaves_a_group_sum_exact_and_quiet(own_kafka_broker, tmp_path):
     """A restarted broker that lost the topic (Tansu in memory: created again, offsets from 0): the
     workers reconnect, the sum stays exact, and the new offsets are not taken for messages counted
     twice (the ranges counted of the old topic were compared with the new one's: ALARM, falsely)."""
-    from livehist.components.histogrammer import Histogrammer
-    from livehist.components.histsum import HistogramSum
     from livehist.site.broker import create_topic
 
     broker = own_kafka_broker.address
     topic = create_topic(broker, "renewed", 4)
-    uri = f"kafka://{broker}/{topic}?group=g-renewed&start=earliest"
-    members = {n: _Member(Histogrammer(uri, json.dumps([TOF]), publish_period=0.2, name=n, checkpoint_dir=str(tmp_path),
-                                       reconnect_delays=(0.5, 2.0))) for n in ("test/rn/1", "test/rn/2")}  # fmt: skip
-    s = HistogramSum(list(members), lambda name, on_event: members[name], publish_period=0.2)
+    members, s = _pair_and_sum(f"kafka://{broker}/{topic}?group=g-renewed&start=earliest", "rn", tmp_path)
     try:
         s.start()
         wait_for(lambda: all(m.h._source.assigned for m in members.values()), what="both to get partitions")
@@ -488,15 +498,10 @@ def test_every_worker_in_fault_makes_the_sum_fault_not_an_idle_alarm(own_kafka_b
     """The broker down: every worker FAULT (reconnecting). One EventHistogrammer says FAULT, so a
     Sardana count on it ends in error; the sum said 'ALARM, idle', which the Sardana controller
     reads as a count that ended well (histograms recorded as complete)."""
-    from livehist.components.histogrammer import Histogrammer
-    from livehist.components.histsum import HistogramSum
 
     broker = own_kafka_broker.address
     topic = kafka_topic(broker, 2)
-    uri = f"kafka://{broker}/{topic}?group=g-{topic}&start=earliest"
-    members = {n: _Member(Histogrammer(uri, json.dumps([TOF]), publish_period=0.2, name=n, checkpoint_dir=str(tmp_path),
-                                       reconnect_delays=(0.5, 2.0))) for n in ("test/fl/1", "test/fl/2")}  # fmt: skip
-    s = HistogramSum(list(members), lambda name, on_event: members[name], publish_period=0.2)
+    members, s = _pair_and_sum(f"kafka://{broker}/{topic}?group=g-{topic}&start=earliest", "fl", tmp_path)
     try:
         s.start()
         wait_for(lambda: all(m.h._source.assigned for m in members.values()), what="both to get partitions")
