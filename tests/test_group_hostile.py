@@ -14,12 +14,10 @@ import time
 import numpy as np
 import pytest
 import tango
-from confluent_kafka import Producer
 
-from livehist.engine.events import EventBatch, encode_ev44
 from livehist.site.process import Managed
 from tests.conftest import kafka_topic
-from tests.test_scaling import group_config
+from tests.test_scaling import group_config, paced_producer
 
 PARTITIONS = 4
 TOF = {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 70_000_000, "bins": 350}}
@@ -58,25 +56,9 @@ def test_a_worker_frozen_past_its_session_and_woken_leaves_the_sum_exact(frozen_
     s.Start()
     wait_for(lambda: all(json.loads(w.KafkaOffsets)["assigned"] for w in workers.values()), timeout=60,
              what="every worker to get partitions")  # fmt: skip
-    producer = Producer({"bootstrap.servers": kafka_broker, "linger.ms": 5})
-    sent: list[EventBatch] = []
-    rng = np.random.default_rng(21)
     messages = 900
     frozen = threading.Event()
-
-    def produce() -> None:
-        for i in range(messages):
-            n = int(rng.integers(200, 2000))
-            b = EventBatch(rng.integers(0, 70_000_000, n, dtype=np.int32), rng.integers(0, 1024, n, dtype=np.int32),
-                           np.array([T0 + i * PULSE], np.int64), np.array([0], np.int64))  # fmt: skip
-            producer.produce(topic, encode_ev44(b, i, "det"), partition=i % PARTITIONS)
-            sent.append(b)
-            producer.poll(0)
-            time.sleep(0.02)
-        producer.flush(30)
-
-    t = threading.Thread(target=produce)
-    t.start()
+    t, sent = paced_producer(kafka_broker, topic, PARTITIONS, messages, seed=21)
     pid = Managed(site.state_dir, "EventHistogrammer-fb").pid()
     try:
         wait_for(

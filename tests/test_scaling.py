@@ -50,6 +50,29 @@ def group_site(sites, kafka_broker):
     return sites.up(group_config(WORKERS, props, "scale", "test/ksum/1")), topic
 
 
+def paced_producer(broker: str, topic: str, partitions: int, messages: int, seed: int):
+    """A started thread producing `messages` ev44 messages of 200-2000 events, 50 a second,
+    round-robin over the partitions; and the list of the batches sent (filled as it goes)."""
+    producer = Producer({"bootstrap.servers": broker, "linger.ms": 5})
+    sent: list[EventBatch] = []
+    rng = np.random.default_rng(seed)
+
+    def produce() -> None:
+        for i in range(messages):
+            n = int(rng.integers(200, 2000))
+            b = EventBatch(rng.integers(0, 70_000_000, n, dtype=np.int32), rng.integers(0, 1024, n, dtype=np.int32),
+                           np.array([T0 + i * PULSE], np.int64), np.array([0], np.int64))  # fmt: skip
+            producer.produce(topic, encode_ev44(b, i, "det"), partition=i % partitions)
+            sent.append(b)
+            producer.poll(0)
+            time.sleep(0.02)
+        producer.flush(30)
+
+    t = threading.Thread(target=produce)
+    t.start()
+    return t, sent
+
+
 def group_config(workers: dict[str, list[str]], props: dict, sum_server: str, sum_device: str) -> dict:
     """Worker servers (server -> its devices, all with `props`) and a HistogramSum over them all."""
     members = [d for devs in workers.values() for d in devs]
@@ -70,24 +93,8 @@ def test_three_workers_and_a_sum_stay_exact_across_a_sigkill(group_site, kafka_b
     # the group settles (every worker gets partitions) before the data comes
     wait_for(lambda: all(json.loads(w.KafkaOffsets)["assigned"] for w in workers.values()), timeout=60,
              what="every worker to get partitions")  # fmt: skip
-    producer = Producer({"bootstrap.servers": kafka_broker, "linger.ms": 5})
-    sent: list[EventBatch] = []
-    rng = np.random.default_rng(16)
     messages = 600
-
-    def produce() -> None:
-        for i in range(messages):
-            n = int(rng.integers(200, 2000))
-            b = EventBatch(rng.integers(0, 70_000_000, n, dtype=np.int32), rng.integers(0, 1024, n, dtype=np.int32),
-                           np.array([T0 + i * PULSE], np.int64), np.array([0], np.int64))  # fmt: skip
-            producer.produce(topic, encode_ev44(b, i, "det"), partition=i % PARTITIONS)
-            sent.append(b)
-            producer.poll(0)
-            time.sleep(0.02)  # ~12 s of stream
-        producer.flush(30)
-
-    t = threading.Thread(target=produce)
-    t.start()
+    t, sent = paced_producer(kafka_broker, topic, PARTITIONS, messages, seed=16)  # ~12 s of stream
     try:
         wait_for(
             lambda: workers["test/kw/3"].EventCount > 0 and len(sent) > messages // 3, what="kw/3 at work"
