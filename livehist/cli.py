@@ -32,7 +32,11 @@ def _site_options(p: argparse.ArgumentParser, host: bool = True, config: bool = 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="livehist", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("up", help="start the Tango DB (if needed) and every configured server")
+    p = sub.add_parser(
+        "up",
+        help="start the Tango DB (if needed) and every configured server "
+        "(exit status 4: all answer, some in FAULT)",
+    )
     _site_options(p)
     p.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for each start")
     p = sub.add_parser("down", help="stop exactly what `up` started")
@@ -136,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             from livehist.site.control import up
 
-            up(args.tango_host, args.config, args.state_dir, timeout=args.timeout)
+            site = up(args.tango_host, args.config, args.state_dir, timeout=args.timeout)
+            if site.faults:  # running, but not working: a script must not go on as if all were well
+                print(f"{len(site.faults)} device(s) in FAULT: {', '.join(site.faults)} (why: INFO above); their "
+                      "servers run: fix the cause, then Init the device (exit status 4)")  # fmt: skip
+                return 4
             return 0
         if args.command == "down":
             from livehist.site.control import down

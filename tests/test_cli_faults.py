@@ -214,6 +214,47 @@ def test_status_names_a_device_in_fault_and_exits_4(sites):
     assert next(ln for ln in r.stdout.splitlines() if ln.startswith("test/fine/1")).split()[3] == "ON"
 
 
+def test_up_with_a_device_in_fault_exits_4_naming_it_and_leaves_the_servers_running(tmp_path):
+    """`up` printed the FAULT row and exited 0: `livehist up && start-the-run` went on with a
+    histogrammer that counts nothing. The servers stay up (the device says why; Init after a fix)."""
+    from livehist.site import control
+
+    state, cfg = tmp_path / "state", tmp_path / "c.json"
+    cfg.write_text(json.dumps({"servers": {"EventHistogrammer": {"upfault": {"EventHistogrammer": {
+        "test/upfault/bad": {"properties": {"EventSource": ["zmq://127.0.0.1:notaport"]}},
+        "test/upfault/good": {"properties": {"EventSource": ["sim://?rate=1e3"]}}}}}}}))  # fmt: skip
+    host = f"127.0.0.1:{free_port()}"
+    try:
+        r = run_cli("up", "--config", str(cfg), "--state-dir", str(state), "--tango-host", host)
+        assert r.returncode == 4, r.stdout + r.stderr
+        assert "Traceback" not in r.stderr, r.stderr
+        said = next(ln for ln in r.stdout.splitlines() if "in FAULT:" in ln)
+        assert said.startswith("1 device(s) in FAULT: test/upfault/bad ") and "Init the device" in said, said
+        row = next(ln for ln in r.stdout.splitlines() if ln.startswith("test/upfault/bad"))
+        assert "notaport" in row, row
+        site = control.Site.from_state(state)
+        assert control.ping(site.url("test/upfault/good")) == "ON"  # nothing was stopped
+        r = run_cli("up", "--config", str(cfg), "--state-dir", str(state), "--tango-host", host)
+        assert r.returncode == 4 and "already running" in r.stdout, (
+            r.stdout + r.stderr
+        )  # the same answer again
+    finally:
+        control.down(state, say=lambda s: None)
+
+
+def test_status_of_a_state_dir_never_used_says_where_it_looked(tmp_path):
+    """With no `up` in that folder, status looked at TANGO_HOST (or the default host) and only
+    said 'no Tango database answers there': nothing said that it was the wrong folder."""
+    env = dict(os.environ, TANGO_HOST=f"127.0.0.1:{free_port()}")
+    r = run_cli("status", "--state-dir", str(tmp_path / "never"), env=env)
+    assert r.returncode == 1 and "no Tango database answers" in r.stdout, r.stdout + r.stderr
+    assert f"no `livehist up` has used {tmp_path / 'never'}, so this looked at TANGO_HOST" in r.stdout, (
+        r.stdout
+    )
+    assert "--state-dir or --tango-host" in r.stdout, r.stdout
+    assert not (tmp_path / "never").exists()  # status made nothing there
+
+
 def test_up_timeout_that_cannot_work_is_refused_before_anything_starts(tmp_path):
     """`up --timeout -1` started every server and then gave up on them at once; nan waited for ever."""
     for bad in ("-1", "0", "nan", "inf"):

@@ -41,6 +41,7 @@ class Site:
     state_dir: Path
     embedded_db: bool = False
     config: dict = field(default_factory=dict)
+    faults: list[str] = field(default_factory=list)  # devices `up` left answering in FAULT
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -447,7 +448,7 @@ def _up(
     from livehist.site import sardana_setup
 
     sardana_setup.ensure(site, say)
-    print_table(site, say)
+    _, site.faults = print_table(site, say)
     return site
 
 
@@ -568,7 +569,11 @@ def status(
         )
         return 1
     if found != "tango":
-        say(f"no Tango database answers at {host}:{port}; run `livehist up`")
+        unused = not (site.state_dir / "state.json").exists() and not tango_host
+        looked = "TANGO_HOST" if os.environ.get("TANGO_HOST") else "the default Tango host"
+        say(f"no Tango database answers at {host}:{port}; run `livehist up`" + (
+            f" (no `livehist up` has used {site.state_dir}, so this looked at {looked}; "
+            "give --state-dir or --tango-host of a site that runs)" if unused else ""))  # fmt: skip
         return 1
     site.config = dsconfig.load(site.config_path, site.state_dir)
     say(f"Tango database {host}:{port} ({'embedded' if site.embedded_db else 'site'})")
