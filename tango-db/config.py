@@ -217,6 +217,33 @@ def _keep_runtime_owned(config: dict, db) -> dict:
     return config
 
 
+def _overwritten(db, dbcalls: list, path) -> list[str]:
+    """One line per device property whose value in the database the config replaces."""
+    import tango
+
+    lines = []
+    for method, args, _ in dbcalls:
+        if method != "put_device_property" or len(args) != 2 or not isinstance(args[1], dict):
+            continue
+        dev, props = args
+        try:
+            stored = db.get_device_property(dev, list(props))
+        except tango.DevFailed:
+            continue
+        for name, value in props.items():
+            old = [str(v) for v in stored.get(name, [])]
+            new = [str(v) for v in (value if isinstance(value, list | tuple) else [value])]
+            if old and old != new:
+                lines.append(f"{dev} property {name}: {_short(old)} in the database (edited since, e.g. in Jive?) "
+                             f"is set back to {_short(new)} from {path}; to keep a change, put it in that file")  # fmt: skip
+    return lines
+
+
+def _short(values: list[str]) -> str:
+    text = values[0] if len(values) == 1 else " | ".join(values)
+    return repr(text if len(text) <= 120 else text[:117] + "...")
+
+
 class _DsconfigView:
     """The database as dsconfig should see it. dsconfig reads the current configuration through
     DbMySQLSelect, whose strings pytango decodes as Latin-1, while it writes properties as UTF-8:
@@ -251,13 +278,15 @@ def _as_written(text: str) -> str:
         return text
 
 
-def apply(config: dict, host: str, port: int, path: Path | str = "the config") -> int:
+def apply(config: dict, host: str, port: int, path: Path | str = "the config", say=None) -> int:
     """Write the config into the database (dsconfig's json2tango in update mode).
 
     Returns the number of database calls made (0 when the DB already matches). A device or an
     alias that the database gives to a server or device outside this config is refused before
     anything is written (dsconfig would move it into ours); a call the database refuses is
-    reported with how many were made before it."""
+    reported with how many were made before it. A device property the config sets over another
+    value in the database (edited in Jive since, say) is named through `say`: the config is
+    the truth, but the edit must not vanish without a word."""
     import contextlib
     import io
 
@@ -286,6 +315,9 @@ def apply(config: dict, host: str, port: int, path: Path | str = "the config") -
                 f"config {path}: alias {alias!r} of {dev} is already the alias of {holder} in the Tango "
                 f"database at {host}:{port}; choose another alias in the config"
             )
+    if say is not None:
+        for line in _overwritten(db, dbcalls, path):
+            say(line)
     for done, (method, args, kwargs) in enumerate(dbcalls):
         try:
             getattr(db, method)(*args, **kwargs)

@@ -150,6 +150,41 @@ def test_up_twice_with_non_latin1_properties_and_devices_without_alias_changes_n
     assert value == ["/tmp/daten ☃ müller"], value
 
 
+def test_up_names_each_property_edited_in_the_database_that_it_sets_back_from_the_config(sites):
+    """A property changed in Jive (EventSource pointed at the real detector) was silently put back
+    to the config's value by the next `up`: the device counted the simulator again."""
+    import tango
+
+    from livehist.site import control
+
+    config = {"servers": {
+        "MetadataManager": {"jive": {"MetadataManager": {
+            "test/jive/m": {"properties": {"DefaultDataRoot": ["/tmp/daten ☃"]}}}}},
+        "EventHistogrammer": {"jive": {"EventHistogrammer": {
+            "test/jive/h": {"properties": {"EventSource": ["sim://?rate=1e3"], "PublishPeriod": ["0.5"]}}}}}}}  # fmt: skip
+    state, host, cfg = sites.new(config)
+    site = control.up(host, cfg, state, timeout=60, say=lambda s: None)
+    db = tango.Database(*site.host_port)
+    db.put_device_property("test/jive/h", {"EventSource": ["zmq://detector:5555"]})  # as Jive does
+    db.put_device_property("test/jive/m", {"DefaultDataRoot": ["/data/ünï"]})
+    said: list[str] = []
+    control.up(host, cfg, state, timeout=60, say=said.append)
+    lines = [ln for ln in said if "is set back to" in ln]
+    assert len(lines) == 2, said
+    h = next(ln for ln in lines if ln.startswith("test/jive/h property EventSource:"))
+    assert "'zmq://detector:5555' in the database" in h and "'sim://?rate=1e3' from" in h, h
+    assert str(cfg) in h and "put it in that file" in h, h
+    m = next(ln for ln in lines if ln.startswith("test/jive/m property DefaultDataRoot:"))
+    assert "'/data/ünï'" in m and "'/tmp/daten ☃'" in m, m
+    assert list(db.get_device_property("test/jive/h", "EventSource")["EventSource"]) == ["sim://?rate=1e3"]
+    again: list[str] = []
+    control.up(host, cfg, state, timeout=60, say=again.append)  # nothing edited since: nothing said
+    assert (
+        not [ln for ln in again if "set back" in ln]
+        and f"configuration {cfg}: database already up to date" in again
+    )
+
+
 def test_up_refuses_to_take_devices_and_aliases_of_others_and_names_tango_cannot_carry(sites):
     """A config naming a device of another server in the database (here the database's own
     sys/tg_test/1) moved it into ours without a word; an alias held by another device was taken

@@ -409,7 +409,7 @@ def _up(
     ensure_database(site, say)
     site.save()
     host, port = site.host_port
-    calls = dsconfig.apply(site.config, host, port, site.config_path)
+    calls = dsconfig.apply(site.config, host, port, site.config_path, say=say)
     say(f"configuration {site.config_path}: {calls} database changes" if calls else
         f"configuration {site.config_path}: database already up to date")  # fmt: skip
     started: dict[str, Managed] = {}
