@@ -242,6 +242,28 @@ def test_up_with_a_device_in_fault_exits_4_naming_it_and_leaves_the_servers_runn
         control.down(state, say=lambda s: None)
 
 
+def test_up_of_workers_and_a_sum_started_together_exits_0(tmp_path):
+    """A HistogramSum starts beside its members and sees them only at its next look: `up` must not
+    call that moment's FAULT a broken device (exit 4) in a scaled-out site that works."""
+    from livehist.site import control
+    from tests.test_scaling import group_config
+
+    state, cfg = tmp_path / "state", tmp_path / "c.json"
+    workers = {"upsum-a": ["test/upsum/a"], "upsum-b": ["test/upsum/b"]}
+    cfg.write_text(
+        json.dumps(group_config(workers, {"EventSource": ["sim://?rate=1e3"]}, "upsum", "test/upsum/sum"))
+    )
+    try:
+        r = run_cli(
+            "up", "--config", str(cfg), "--state-dir", str(state), "--tango-host", f"127.0.0.1:{free_port()}"
+        )
+        assert r.returncode == 0 and "in FAULT" not in r.stdout, r.stdout + r.stderr
+        row = next(ln for ln in r.stdout.splitlines() if ln.startswith("test/upsum/sum"))
+        assert row.split()[3] == "ON", row
+    finally:
+        control.down(state, say=lambda s: None)
+
+
 def test_status_of_a_state_dir_never_used_says_where_it_looked(tmp_path):
     """With no `up` in that folder, status looked at TANGO_HOST (or the default host) and only
     said 'no Tango database answers there': nothing said that it was the wrong folder."""

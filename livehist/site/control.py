@@ -448,8 +448,25 @@ def _up(
     from livehist.site import sardana_setup
 
     sardana_setup.ensure(site, say)
+    _settle(site)
     _, site.faults = print_table(site, say)
     return site
+
+
+FAULT_GRACE_S = 5.0  # s that a device in FAULT just after `up` is given to leave it before it is reported
+
+
+def _settle(site: Site, grace: float = FAULT_GRACE_S) -> None:
+    """A device can be in FAULT or ALARM for a moment after its start without being broken (a
+    HistogramSum that started before its members, and sees them at its next look): `up` waits
+    up to `grace` seconds for those to clear before its table reports them (and FAULT exits 4)."""
+    devices = [dev for _, _, dev in dsconfig.devices(site.config)]
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        _check_ctrl_c()
+        if not any(ping(site.url(dev)) in ("FAULT", "ALARM") for dev in devices):
+            return
+        time.sleep(0.5)
 
 
 def wait_ready(site: Site, started: dict[str, Managed], timeout: float, say: Say, adopted: set[str]) -> None:
