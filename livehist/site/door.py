@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import collections
+import json
 import pickle
+import re
+import threading
 import time
 from collections.abc import Callable
 
 from livehist.errors import LivehistError
+
+START_S = (
+    30.0  # s a macro may take to show that it started before its end is judged by the Door's state alone
+)
 
 
 class Door:
@@ -20,12 +28,52 @@ class Door:
         self.say = say
         self._subs: list[int] = []
         self._live = False  # subscribing delivers the current (old) value first: skip it
+        # RunMacro only queues the macro: the Door turns RUNNING when it starts, a moment later (on
+        # a loaded machine, later than any fixed wait; the end of the previous macro was then taken
+        # for this one's). The Door's MacroStatus events name each macro by its id when it starts.
+        self._started: collections.OrderedDict[str, bool] = collections.OrderedDict()
+        self._news = threading.Condition()
+        self._state_seen = None  # the last State event's value
+        self._armed = False  # State events count for the macro being run (see `run`)
+        self._running_seen = False
+        self._subs.append(
+            self.proxy.subscribe_event("MacroStatus", tango.EventType.CHANGE_EVENT, self._on_status)
+        )
+        self._subs.append(self.proxy.subscribe_event("State", tango.EventType.CHANGE_EVENT, self._on_state))
         if say is not None:
             for attr in ("Output", "Warning", "Error"):
                 self._subs.append(
                     self.proxy.subscribe_event(attr, tango.EventType.CHANGE_EVENT, self._on_output)
                 )
         self._live = True
+
+    def _on_status(self, event) -> None:
+        """Note the ids of macros the Door reports started (or further); never raises."""
+        try:
+            if event.err or event.attr_value is None or not event.attr_value.value:
+                return
+            data = event.attr_value.value[1]
+            statuses = json.loads(bytes(data).decode() if not isinstance(data, str) else data)
+            ids = [st["id"] for st in statuses if isinstance(st, dict) and st.get("id")]
+        except (ValueError, TypeError, IndexError, KeyError, UnicodeDecodeError):
+            return
+        with self._news:
+            for mid in ids:
+                self._started[str(mid)] = True
+            while len(self._started) > 256:
+                self._started.popitem(last=False)
+            self._news.notify_all()
+
+    def _on_state(self, event) -> None:
+        import tango
+
+        if event.err or event.attr_value is None:
+            return
+        with self._news:
+            self._state_seen = event.attr_value.value
+            if self._armed and self._state_seen == tango.DevState.RUNNING:
+                self._running_seen = True
+            self._news.notify_all()
 
     def _on_output(self, event) -> None:
         if not self._live or event.err or event.attr_value is None or event.attr_value.value is None:
@@ -38,22 +86,45 @@ class Door:
         """Run one macro to its end; raise LivehistError with the Door's error text if it fails."""
         import tango
 
+        # the previous macro's State events are all in (up to 2 s): a late RUNNING of it must
+        # not count for this one
+        now = self._state(argv)
+        with self._news:
+            self._news.wait_for(lambda: self._state_seen == now, 2.0)
+            self._running_seen, self._armed = False, True
         try:
-            self.proxy.RunMacro([str(a) for a in argv])
+            reply = self.proxy.RunMacro([str(a) for a in argv])
         except tango.DevFailed as exc:
+            self._armed = False
             raise LivehistError(f"macro {argv[0]} refused: {exc.args[0].desc.strip()}") from None
-        deadline = time.monotonic() + timeout
+        found = re.search(r'\bid="([^"]+)"', reply[0] if reply else "")
+        mid = found.group(1) if found else None
+        started, deadline = time.monotonic(), time.monotonic() + timeout
+        # this macro has started (its id in a MacroStatus event, a RUNNING State event since
+        # RunMacro, or RUNNING read): the Door's state is now about it
+        seen = False
         try:
-            time.sleep(0.05)
-            while self._state(argv) == tango.DevState.RUNNING:
+            while True:
+                state = self._state(argv)
+                if state == tango.DevState.RUNNING:  # RunMacro is refused while RUNNING: this is ours
+                    seen = True
+                elif seen or time.monotonic() - started > START_S:
+                    break
                 if time.monotonic() > deadline:
                     self.proxy.AbortMacro()
                     raise LivehistError(f"macro {' '.join(argv)} did not end within {timeout:.0f} s; aborted")
-                time.sleep(0.05)
+                with self._news:
+                    if not (seen or self._running_seen or self._started.get(mid or "", False)):
+                        self._news.wait(0.05)
+                    seen = seen or self._running_seen or (mid is not None and self._started.get(mid, False))
+                if seen:
+                    time.sleep(0.05)
         except KeyboardInterrupt:  # Ctrl-C: the macro stops too, as in spock (it kept the Door RUNNING)
             self._abort()
             raise
-        if self._state(argv) == tango.DevState.ALARM:
+        finally:
+            self._armed = False
+        if state == tango.DevState.ALARM:
             errors = self.proxy.read_attribute("Error").value or ("(no error text)",)
             raise LivehistError(f"macro {' '.join(argv)} failed: {' '.join(errors).strip()}")
 
