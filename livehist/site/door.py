@@ -92,6 +92,7 @@ class Door:
         with self._news:
             self._news.wait_for(lambda: self._state_seen == now, 2.0)
             self._running_seen, self._armed = False, True
+            self._started.clear()  # ids restart at a MacroServer restart: only this run's count
         try:
             reply = self.proxy.RunMacro([str(a) for a in argv])
         except tango.DevFailed as exc:
