@@ -36,10 +36,12 @@ class Door:
         self._state_seen = None  # the last State event's value
         self._armed = False  # State events count for the macro being run (see `run`)
         self._running_seen = False
-        self._subs.append(
-            self.proxy.subscribe_event("MacroStatus", tango.EventType.CHANGE_EVENT, self._on_status)
-        )
-        self._subs.append(self.proxy.subscribe_event("State", tango.EventType.CHANGE_EVENT, self._on_state))
+        try:
+            for attr, callback in (("MacroStatus", self._on_status), ("State", self._on_state)):
+                self._subs.append(self.proxy.subscribe_event(attr, tango.EventType.CHANGE_EVENT, callback))
+            self._start_wait = START_S
+        except tango.DevFailed:  # no events from this Door (a firewall on its event ports): a short
+            self._start_wait = 0.5  # wait for RUNNING, as before; the end of a slow start can be misjudged
         if say is not None:
             for attr in ("Output", "Warning", "Error"):
                 self._subs.append(
@@ -90,7 +92,7 @@ class Door:
         # not count for this one
         now = self._state(argv)
         with self._news:
-            self._news.wait_for(lambda: self._state_seen == now, 2.0)
+            self._news.wait_for(lambda: self._state_seen == now, 2.0 if self._start_wait == START_S else 0.0)
             self._running_seen, self._armed = False, True
             self._started.clear()  # ids restart at a MacroServer restart: only this run's count
         try:
@@ -109,7 +111,7 @@ class Door:
                 state = self._state(argv)
                 if state == tango.DevState.RUNNING:  # RunMacro is refused while RUNNING: this is ours
                     seen = True
-                elif seen or time.monotonic() - started > START_S:
+                elif seen or time.monotonic() - started > self._start_wait:
                     break
                 if time.monotonic() > deadline:
                     self.proxy.AbortMacro()
