@@ -20,10 +20,12 @@ as the same escapes; GetMetadata (JSON) is exact.
 import json
 import math
 import os
+import threading
 import time
 
 import tango
 from sardana.macroserver.macro import Macro, Type
+from sardana.macroserver.msexception import AbortException, ReleaseException
 
 from livehist.components.metadata import STRING_KEYS, canonical_key
 from livehist.errors import LivehistError, from_tango_text, tango_text
@@ -159,6 +161,7 @@ class histo_count(Macro, _Livehist):
 
     def run(self, seconds):
         h = self.h
+        self._seconds, self._phase = seconds, "preparing"  # counting -> recording -> done
         if h.state() in (tango.DevState.RUNNING, tango.DevState.ALARM):
             self.call(h.Stop)
             self.warning(f"{h.dev_name()} was acquiring ({h.EventCount:,} events since its Reset, "
@@ -166,29 +169,33 @@ class histo_count(Macro, _Livehist):
         self.call(h.Reset)
         self.call(h.write_attributes, [("PresetEvents", 0), ("PresetTime", float(seconds))])
         self._config_at_start = h.HistogramConfig  # a Configure during the count is judged against it
+        self._most, self._started = 0.0, time.monotonic()
+        self._phase = "counting"  # from here a stop or abort records what was counted
         self.call(h.Start)
         self.output(f"counting {seconds:g} s on {h.dev_name()} ({h.EventSourceURI})")
-        last, line, most = time.monotonic(), "", 0.0
-        started = seen = time.monotonic()
+        last, line = time.monotonic(), ""
+        seen = time.monotonic()
         try:
             while h.state() in (tango.DevState.RUNNING, tango.DevState.ALARM):
                 seen = time.monotonic()
-                self.checkPoint()  # Ctrl-C lands here; on_abort stops the device
+                self.checkPoint()  # Ctrl-C lands here; on_stop / on_abort record what was counted
                 time.sleep(0.05)
-                most = max(most, self._elapsed(h))
+                self._most = max(self._most, self._elapsed(h))
                 if time.monotonic() - last >= 1.0:
                     last, line = time.monotonic(), self.counters_line(h)
                     self.output(line)
         except tango.DevFailed as exc:
+            self._phase = "done"
             raise RuntimeError(
-                f"{h.dev_name()} stopped answering after {seen - started:.1f} s of {seconds:g} s "
+                f"{h.dev_name()} stopped answering after {seen - self._started:.1f} s of {seconds:g} s "
                 f"({exc.args[0].desc.strip()}); nothing was recorded: restart it (`livehist up`) and count again"
             ) from None
         if h.state() == tango.DevState.FAULT:
+            self._phase = "done"
             raise RuntimeError(f"{h.dev_name()} is in FAULT: {h.status()}")
         if self.counters_line(h) != line:  # the final counts, unless just shown
             self.output(self.counters_line(h))
-        self.record(h, seconds, most, seen - started)
+        self.record(h, seconds, self._most, seen - self._started)
 
     @staticmethod
     def _elapsed(h):
@@ -197,28 +204,43 @@ class histo_count(Macro, _Livehist):
         except tango.DevFailed:  # restarting: judged at the end
             return 0.0
 
-    def record(self, h, seconds, most=0.0, running_for=0.0):
-        from livehist.components.capture import CountOutcome, count_outcome, reconfigured, record_histograms
+    def _outcome(self, h, seconds, most, running_for):
+        from livehist.components.capture import CountOutcome, count_outcome
 
         try:
             black_box = list(h.black_box(30))
         except tango.DevFailed:
             black_box = []
         outcome = count_outcome(seconds, self._elapsed(h), most, black_box, running_for)
+        note = self._reconfigured(h, seconds)
+        if note:  # restarted from zero mid-count: the file must not say they hold the whole count
+            outcome = CountOutcome(
+                "interrupted", outcome.counted, "; ".join(filter(None, [outcome.reason, note]))
+            )
+        return outcome
+
+    def _reconfigured(self, h, seconds) -> str:
+        from livehist.components.capture import reconfigured
+
         try:
             changed = reconfigured(getattr(self, "_config_at_start", None), h.HistogramConfig)
         except tango.DevFailed:
             changed = []
-        if changed:  # restarted from zero mid-count: the file must not say they hold the whole count
-            note = (f"{', '.join(changed)} reconfigured during the count (Configure): counted only since "
-                    f"then, not for the {seconds:g} s and events recorded with them")  # fmt: skip
-            outcome = CountOutcome(
-                "interrupted", outcome.counted, "; ".join(filter(None, [outcome.reason, note]))
-            )
+        if not changed:
+            return ""
+        return (f"{', '.join(changed)} reconfigured during the count (Configure): counted only since "
+                f"then, not for the {seconds:g} s and events recorded with them")  # fmt: skip
+
+    def record(self, h, seconds, most=0.0, running_for=0.0, outcome=None, wait=None):
+        self._phase, self._writer = "recording", None
+        if outcome is None:
+            outcome = self._outcome(h, seconds, most, running_for)
+        self._final = outcome  # a Ctrl-C from here on records the count as it ended
         if outcome.status != "ok":
             self.warning(tango_text(outcome.reason))
         targets = self.targets
         if not targets:
+            self._phase = "done"
             self.warning("histograms not recorded: set ScanDir and ScanFile (e.g. senv ScanFile scan.nxs)")
             return
         serial = int(self._env("ScanID", 0)) + 1
@@ -228,11 +250,20 @@ class histo_count(Macro, _Livehist):
             metadata = json.loads(self.call(m.GetMetadata))
         except RuntimeError as exc:  # down, or answering but unusable (FAULT): the count is kept
             self.warning(tango_text(f"{exc}; recording without metadata"))
-        try:
-            r = record_histograms(h, targets, f"histo_count {seconds:g}", serial, metadata=metadata,
-                                  status=outcome.status, reason=outcome.reason)  # fmt: skip
-        except Exception as exc:  # refused at scan start: nothing was written anywhere
-            raise RuntimeError(tango_text(f"histograms not recorded: {exc}")) from None
+        self._writer = _Writer(h, targets, f"histo_count {seconds:g}", serial, metadata, outcome)
+        self._writer.wait(wait)  # an abort now lands in this wait, not half-way through a file
+        if not self._writer.done:
+            self.warning(f"the count is still being recorded after {wait:g} s (a slow disk or device?): "
+                         "its files may not be complete yet")  # fmt: skip
+            return
+        self._recorded(h, seconds, outcome)
+
+    def _recorded(self, h, seconds, outcome):
+        """Say what the writer recorded; the ScanID is taken only by a scan in a file."""
+        w, self._phase = self._writer, "done"
+        if w.error is not None:  # refused at scan start: nothing was written anywhere
+            raise RuntimeError(tango_text(f"histograms not recorded: {w.error}"))
+        r, serial, targets = w.recorder, w.serial, w.targets
         self.setEnv("ScanID", serial)  # the number is taken only by a scan that was recorded
         for name in json.loads(h.HistogramConfig):
             counts = h.read_attribute(name["name"]).value
@@ -245,11 +276,85 @@ class histo_count(Macro, _Livehist):
         state = "recorded" if outcome.status == "ok" else f"recorded as {outcome.status}"
         self.output(tango_text(f"scan {serial} {state} in " + ", ".join(done)))
 
-    def on_abort(self):
+    def on_stop(self):  # Ctrl-C in spock (StopMacro)
+        self._ended_by_user("stopped by the user (Ctrl-C, StopMacro)")
+
+    def on_abort(self):  # AbortMacro (a second Ctrl-C)
+        self._ended_by_user("aborted by the user (AbortMacro)")
+
+    def _ended_by_user(self, how):
+        """Stop the device and record what was counted, as aborted, saying how long; a count that
+        was being recorded is left to finish. Warns instead of raising (Sardana would only log it)."""
+        from livehist.components.capture import CountOutcome
+
+        h = getattr(self, "h", None)
+        phase = getattr(self, "_phase", None)
+        if h is None or phase == "done":
+            return
         try:
-            self.h.Stop()
-        except tango.DevFailed:
-            pass
+            h.set_timeout_millis(3000)  # a hung device must not hold the Door for 10 s a call
+            h.Stop()
+        except tango.DevFailed as exc:
+            if phase == "counting":
+                self._phase = "done"
+                self.warning(tango_text(f"{h.dev_name()} does not answer ({exc.args[0].desc.strip()}): the "
+                                        "counts of this histo_count are not recorded"))  # fmt: skip
+            return
+        try:
+            if phase == "counting":
+                seconds = self._seconds
+                counted = self._elapsed(h)  # final once Stop has returned
+                notes = [f"{how} after {counted:.2f} s of {seconds:g} s"]
+                if counted + 1e-3 < self._most:  # our Stop is the last command: judged by the counts
+                    notes.append(f"the device's histograms were cleared after {self._most:.2f} s (Reset or "
+                                 f"Init by another client): this record holds only the {counted:.2f} s after it")  # fmt: skip
+                notes.append(self._reconfigured(h, seconds))
+                outcome = CountOutcome("aborted", counted, "; ".join(filter(None, notes)))
+                self.record(h, seconds, outcome=outcome, wait=60.0)
+            elif phase == "recording" and getattr(self, "_writer", None) is None:  # not yet writing
+                outcome = getattr(self, "_final", None) or self._outcome(h, self._seconds, self._most, 0.0)
+                self.record(h, self._seconds, outcome=outcome, wait=60.0)
+            elif phase == "recording":
+                self._writer.wait(60.0)  # the count had ended: its record goes on in its own thread
+                if self._writer.done:
+                    self._recorded(h, self._seconds, self._writer.outcome)
+                else:
+                    self.warning("the count is still being recorded after 60 s (a slow disk or device?): "
+                                 "its files may not be complete yet")  # fmt: skip
+        except (AbortException, ReleaseException):  # a second Ctrl-C: on_abort takes over, or release
+            raise
+        except Exception as exc:
+            self._phase = "done"
+            self.warning(tango_text(f"histo_count stopped, but what it counted could not be recorded: {exc}"))
+
+
+class _Writer:
+    """Records the histograms in a thread of its own: Sardana aborts a macro by raising in its
+    thread wherever it is, which must not cut a file write in half."""
+
+    def __init__(self, h, targets, title, serial, metadata, outcome):
+        self.targets, self.serial, self.outcome = targets, serial, outcome
+        self.recorder, self.error, self.done = None, None, False
+        args = (h, targets, title, serial)
+        kwargs = {"metadata": metadata, "status": outcome.status, "reason": outcome.reason}
+        self.thread = threading.Thread(target=self._run, args=(args, kwargs), name="histo_count-record",
+                                       daemon=True)  # fmt: skip
+        self.thread.start()
+
+    def _run(self, args, kwargs):
+        from livehist.components.capture import record_histograms
+
+        try:
+            self.recorder = record_histograms(*args, **kwargs)
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self.done = True
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.thread.is_alive() and (deadline is None or time.monotonic() < deadline):
+            self.thread.join(0.1)
 
 
 def _parse(key, value):

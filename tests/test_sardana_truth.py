@@ -227,3 +227,38 @@ def test_a_histogram_reconfigured_during_a_count_is_not_recorded_as_the_whole_co
     end = json.loads((tmp_path / "u.jsonl").read_text().splitlines()[-1])
     assert end["status"] == "interrupted" and "tof" in end["reason"]
     assert "#C scan interrupted at" in (tmp_path / "u.spec").read_text()
+
+
+@pytest.mark.parametrize("command", ["StopMacro", "AbortMacro"])
+def test_a_count_stopped_or_aborted_by_the_user_records_what_it_counted(spock, tmp_path, command):
+    """Ctrl-C in spock (StopMacro; AbortMacro the second time) during `histo_count 20` stopped the
+    device and recorded nothing: the counts of the seconds acquired were lost, and no file said
+    why. The count is recorded as aborted with the time it counted, and the ScanID is taken."""
+    from livehist.site.sardana_setup import environment
+
+    h = tango.DeviceProxy(spock.site.url("livehist/histogrammer/1"))
+    ms = tango.DeviceProxy(spock.site.url("macroserver/livehist/1"))
+    serial = int(environment(ms).get("ScanID", 0))
+    door = spock.door.proxy
+    door.RunMacro(["histo_count", "20"])
+    wait_state(h, (tango.DevState.RUNNING, tango.DevState.ALARM))
+    time.sleep(1.5)
+    door.command_inout(command)  # what spock's Ctrl-C sends
+    wait_state(door, (tango.DevState.ON, tango.DevState.ALARM), timeout=60)
+    time.sleep(0.3)
+    assert h.state() == tango.DevState.ON  # the device was stopped
+    assert int(environment(ms)["ScanID"]) == serial + 1
+    assert any("recorded as aborted" in line for line in spock.lines), spock.lines[-10:]
+    word = "stopped" if command == "StopMacro" else "aborted"
+    with h5py.File(tmp_path / "u.nxs", "r") as f:
+        e = f[next(iter(f))]
+        reason = e["livehist/end_reason"][()].decode()
+        counted = e["livehist/tof/acquisition_time"][()]
+        assert e["livehist/status"][()] == b"aborted" and int(e["entry_identifier"][()]) == serial + 1
+        assert 1.0 < counted < 19 and f"{word} by the user" in reason and "of 20 s" in reason, reason
+        assert f"after {counted:.2f} s" in reason, reason
+        assert np.array_equal(e["tof/data"][()], h.tof) and e["tof/data"][()].sum() > 0
+    end = json.loads((tmp_path / "u.jsonl").read_text().splitlines()[-1])
+    assert end["record"] == "end" and end["status"] == "aborted" and "of 20 s" in end["reason"]
+    text = (tmp_path / "u.spec").read_text()
+    assert "#C scan aborted at" in text and f"{word} by the user" in text
