@@ -2,7 +2,8 @@
 
     #F #E #D #C          file header, written when the file is created
     #S #D #C #O0/#P0     scan header; #C lines carry the metadata, #O/#P the pre-scan snapshot
-    #N #L                columns of the scalar data lines
+    #N #L                columns of the scalar data lines; a scan of histograms alone (histo_count)
+                         has one row: acquisition_time_s, the counters and NAME_total per histogram
     #@MCA #@CHANN @A     one spectrum per point and 1D column (16 values per line)
 
 Histogram snapshots follow as their own scans with the same number (`#S n histogram NAME of
@@ -137,8 +138,12 @@ class SpecSink(Sink):
         if self.spectra:
             n = self.spectra[0].shape[0]
             lines += [f"#@MCA {min(n, 16)}C", f"#@CHANN {n} 0 {n - 1} 1"]
-        lines.append(f"#N {len(self.scalars)}")
-        lines.append("#L " + "  ".join(c.name for c in self.scalars))
+        # a snapshot of histograms alone (histo_count) has no column: its one row, the counters and
+        # each histogram's total, is written at the end ('#N 0' made PyMca fail: 'cannot get lines')
+        self.totals_row = not record.columns and bool(record.histograms)
+        if not self.totals_row:
+            lines.append(f"#N {len(self.scalars)}")
+            lines.append("#L " + "  ".join(c.name for c in self.scalars))
         self._w("\n".join(lines) + "\n")
         self._flush()
 
@@ -163,7 +168,23 @@ class SpecSink(Sink):
     def histogram(self, record: Histogram) -> None:
         self.histograms.append(record)  # written after the scan, as scans of their own
 
+    def _totals(self) -> None:
+        """The row of a histograms-only scan: acquisition time, the device's counters and each
+        histogram's total, as recorded with the histograms (NeXus and JSON lines hold the same)."""
+        if not self.histograms:
+            self._w("#C no histogram was recorded\n#N 0\n#L\n")
+            return
+        first = self.histograms[0]
+        counters = {k: v for k, v in first.counters.items()
+                    if isinstance(v, int | float | np.integer | np.floating) and np.isfinite(v)}  # fmt: skip
+        labels = ["acquisition_time_s", *counters, *(f"{h.name}_total" for h in self.histograms)]
+        values = [_fmt(float(first.acquisition_time)), *map(_fmt, counters.values()),
+                  *(str(int(h.counts.sum(dtype=np.int64))) for h in self.histograms)]  # fmt: skip
+        self._w(f"#N {len(labels)}\n#L " + "  ".join(labels) + "\n" + " ".join(values) + "\n")
+
     def end(self, record: ScanEnd) -> None:
+        if getattr(self, "totals_row", False):
+            self._totals()
         for key, value in record.custom.items():
             shown = value.tolist() if isinstance(value, np.ndarray) else value
             self._w(f"#C custom {key}: {one_line(json.dumps(shown, default=str))}\n")

@@ -262,3 +262,29 @@ def test_a_count_stopped_or_aborted_by_the_user_records_what_it_counted(spock, t
     assert end["record"] == "end" and end["status"] == "aborted" and "of 20 s" in end["reason"]
     text = (tmp_path / "u.spec").read_text()
     assert "#C scan aborted at" in text and f"{word} by the user" in text
+
+
+def test_histo_count_spec_scan_has_one_row_that_pymca_and_silx_read(spock, tmp_path):
+    """histo_count's own SPEC scan was '#N 0' with an empty '#L': PyMca's specfile failed on it
+    ('cannot get lines for scan') and silx read no data. It has one row: the time counted, the
+    device's counters and each histogram's total, the same numbers as in NeXus and JSON lines."""
+    h = tango.DeviceProxy(spock.site.url("livehist/histogrammer/1"))
+    spock.run("histo_count", "0.5")
+    names = [s["name"] for s in json.loads(h.HistogramConfig)]
+    expected = ["acquisition_time_s", "events", "messages", "bad_messages", "dropped_messages", "pulses",
+                *(f"{n}_total" for n in names)]  # fmt: skip
+    scan = specfile.Specfile(str(tmp_path / "u.spec"))[0]
+    assert scan.command() == "histo_count 0.5" and scan.alllabels() == expected
+    assert scan.lines() == 1 and scan.data().shape == (len(expected), 1)
+    row = dict(zip(expected, scan.data()[:, 0].tolist(), strict=True))
+    silx = SpecFile(str(tmp_path / "u.spec"))[0]
+    assert silx.labels == expected and silx.data[:, 0].tolist() == list(row.values())
+    with h5py.File(tmp_path / "u.nxs", "r") as f:
+        e = f[next(iter(f))]
+        assert row["events"] == e["livehist/tof/events"][()] == h.EventCount > 0
+        assert row["acquisition_time_s"] == e["livehist/tof/acquisition_time"][()]
+        for n in names:
+            assert row[f"{n}_total"] == e[f"{n}/data"][()].sum() == h.read_attribute(n).value.sum()
+    records = [json.loads(line) for line in (tmp_path / "u.jsonl").read_text().splitlines()]
+    totals = {r["name"]: np.sum(r["counts"]) for r in records if r["record"] == "histogram"}
+    assert totals == {n: row[f"{n}_total"] for n in names}
