@@ -4,6 +4,8 @@ Histogrammer: histo_start, histo_stop, histo_reset, histo_count SECONDS
 Metadata:     meta_set KEY VALUE, meta_show, dataset_start NAME, dataset_end
 Scans:        livehist_check (a pre-scan general hook: fails a scan before any motion when
               a histogrammer of the active measurement group is down, in FAULT or acquiring)
+Counts:       ct, Sardana's own, except that `ct 0` on livehist channels is refused (Sardana then
+              acquires nothing and shows the last values, those of an earlier count)
 
 The devices are named by the environment variables LivehistHistogrammer (default
 livehist/histogrammer/1) and LivehistMetadata (default livehist/metadata/1).
@@ -25,6 +27,7 @@ import time
 
 import tango
 from sardana.macroserver.macro import Macro, Type
+from sardana.macroserver.macros.standard import ct as _SardanaCt
 from sardana.macroserver.msexception import AbortException, ReleaseException
 
 from livehist.components.metadata import STRING_KEYS, canonical_key
@@ -488,6 +491,51 @@ class dataset_end(Macro, _Livehist):
                                         "dataset_start another dataset or senv ScanDir before the next scan"))  # fmt: skip
 
 
+def _histogrammers(macro, channels) -> set[str]:
+    """The histogrammer devices that livehist's controllers read for these channels (by name)."""
+    try:
+        controllers = {macro.getExpChannel(ch).getControllerName() for ch in channels}
+    except Exception:  # not ours to judge: Sardana reports channel problems itself
+        return set()
+    devices = set()
+    for ctrl_name in controllers:
+        ctrl = macro.getController(ctrl_name)
+        if ctrl is not None and str(ctrl.getClassName()).startswith("Livehist"):
+            prop = ctrl.get_property("Histogrammer").get("Histogrammer") or [HISTOGRAMMER]
+            devices.add(prop[0])
+    return devices
+
+
+class ct(_SardanaCt, _Livehist):
+    """Count for the specified time on the measurement group or experimental channel given as
+    second argument (if not given the active measurement group is used). Sardana's ct; `ct 0`
+    on livehist channels is refused: Sardana then acquires nothing and shows the channels' last
+    values, those of an earlier count."""
+
+    def run(self, integ_time, countable_elem):
+        if not integ_time:
+            if countable_elem is not None:
+                name = countable_elem.name
+                if getattr(countable_elem, "type", None) == "MeasurementGroup":
+                    channels = countable_elem.getChannelLabels()
+                else:
+                    channels = [name]
+            else:
+                name = self._env("ActiveMntGrp", None)
+                try:
+                    mg = self.getMeasurementGroup(name) if name else None
+                    channels = mg.getChannelLabels() if mg is not None else []
+                except Exception:
+                    channels = []
+            if _histogrammers(self, channels):
+                raise RuntimeError(
+                    f"ct {integ_time:g} acquires nothing: Sardana then shows the channels' last values, on "
+                    f"{name} those of an earlier count; give a time, e.g. ct 0.1 (or a monitor count of "
+                    "events, < 0)"
+                )
+        return super().run(integ_time, countable_elem)
+
+
 class livehist_check(Macro, _Livehist):
     """Pre-scan hook: the histogrammers behind the active measurement group must answer."""
 
@@ -498,15 +546,9 @@ class livehist_check(Macro, _Livehist):
         try:
             mg = self.getMeasurementGroup(mg_name)
             channels = mg.getChannelLabels() if hasattr(mg, "getChannelLabels") else []
-            controllers = {self.getExpChannel(ch).getControllerName() for ch in channels}
         except Exception:  # not ours to judge: Sardana reports measurement group problems itself
             return
-        devices = set()
-        for ctrl_name in controllers:
-            ctrl = self.getController(ctrl_name)
-            if ctrl is not None and str(ctrl.getClassName()).startswith("Livehist"):
-                prop = ctrl.get_property("Histogrammer").get("Histogrammer") or [HISTOGRAMMER]
-                devices.add(prop[0])
+        devices = _histogrammers(self, channels)
         parent = self.getParentMacro()
         integ_time = getattr(parent, "integ_time", None)
         if devices and isinstance(integ_time, int | float) and not integ_time:

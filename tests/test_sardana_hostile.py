@@ -299,3 +299,21 @@ def test_a_door_that_does_not_answer_for_a_while_does_not_end_the_macro_run(spoc
     assert done.get("ok"), done
     assert door.state() == tango.DevState.ON
     spock.run("ascan", "mot01", "0", "1", "1", "0.1")  # the Door takes the next macro
+
+
+def test_ct_0_on_livehist_channels_is_refused_and_never_shows_an_earlier_count(spock, site):
+    """Sardana's `ct 0` acquires nothing and prints the channels' last values: on mg_livehist those
+    of the previous count (lh_timer 0.3 after a `ct 0.3`), as if just counted. Refused, naming the
+    fix; channels of other controllers keep Sardana's behaviour."""
+    first = "\n".join(spock.run("ct", "0.3"))
+    assert "lh_events" in first
+    for argv in (["ct", "0"], ["ct", "0", "lh_events"]):
+        start = len(spock.lines)
+        with pytest.raises(LivehistError) as exc:
+            spock.run(*argv, timeout=60)
+        said = str(exc.value) + "\n".join(spock.lines[start:])
+        assert "acquires nothing" in said and "e.g. ct 0.1" in said, said
+        assert not any(" = " in line for line in spock.lines[start:]), spock.lines[start:]  # no value shown
+    assert any("ct01" in line for line in spock.run("ct", "0", "ct01"))  # Sardana's own counter: as before
+    again = "\n".join(spock.run("ct", "0.2"))  # the next count runs
+    assert "lh_events" in again and "0.2" in again
