@@ -123,7 +123,20 @@ class histo_count(Macro, _Livehist):
         if not (seconds > 0 and math.isfinite(seconds)):
             raise ValueError(f"seconds must be > 0 and finite, got {seconds}; e.g. histo_count 10")
         self.targets = self._targets()  # refused before the device is touched: nothing cleared
+        self._scan_id()  # likewise: an unusable ScanID failed only after the whole count
         self.h = self.histogrammer()
+
+    def _scan_id(self) -> int:
+        """The last scan's number (ScanID; 0 when unset), or a refusal naming the fix."""
+        value = self._env("ScanID", 0)
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = -1
+        if number < 0 or isinstance(value, bool):
+            raise RuntimeError(tango_text(f"ScanID is {value!r}, not the number of a scan (a whole number >= 0); "
+                                          "senv ScanID to the last scan's number (senv ScanID 0 to start again)"))  # fmt: skip
+        return number
 
     def _targets(self):
         """The files (and SPS) this count records to; a ScanDir that cannot be made fails now,
@@ -246,7 +259,7 @@ class histo_count(Macro, _Livehist):
             self._phase = "done"
             self.warning("histograms not recorded: set ScanDir and ScanFile (e.g. senv ScanFile scan.nxs)")
             return
-        serial = int(self._env("ScanID", 0)) + 1
+        serial = self._scan_id() + 1
         metadata = {}
         try:
             m = self.metadata_device()

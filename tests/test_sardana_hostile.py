@@ -317,3 +317,24 @@ def test_ct_0_on_livehist_channels_is_refused_and_never_shows_an_earlier_count(s
     assert any("ct01" in line for line in spock.run("ct", "0", "ct01"))  # Sardana's own counter: as before
     again = "\n".join(spock.run("ct", "0.2"))  # the next count runs
     assert "lh_events" in again and "0.2" in again
+
+
+@pytest.mark.parametrize("scan_id", ["abc", -5])
+def test_histo_count_with_an_unusable_scanid_refuses_before_counting(spock, site, scan_id):
+    """ScanID 'abc' (or -5) made histo_count count the whole time, clearing the last count, then
+    fail with "ValueError: invalid literal for int()" (or 'scan_number must be >= 0'): nothing
+    recorded, the time lost. Refused before the device is touched, naming the fix."""
+    h = tango.DeviceProxy(site.url("livehist/histogrammer/1"))
+    ms = tango.DeviceProxy(site.url("macroserver/livehist/1"))
+    spock.run("histo_count", "0.2")
+    counted, before = h.EventCount, environment(ms)["ScanID"]
+    spock.env(ScanID=scan_id)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(LivehistError) as exc:
+            spock.run("histo_count", "5")
+        took = time.monotonic() - t0
+    finally:
+        spock.env(ScanID=before)
+    assert f"ScanID is {scan_id!r}" in str(exc.value) and "senv ScanID" in str(exc.value), exc.value
+    assert took < 4 and h.EventCount == counted  # refused at once; the last count is still there
