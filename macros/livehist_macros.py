@@ -125,6 +125,46 @@ class histo_count(Macro, _Livehist):
         self.targets = self._targets()  # refused before the device is touched: nothing cleared
         self._scan_id()  # likewise: an unusable ScanID failed only after the whole count
         self.h = self.histogrammer()
+        self._try_files(self.h)
+
+    def _try_files(self, h) -> None:
+        """Open each file as its sink will at the end, and leave it as it was: a foreign or locked
+        file, or a histogram NeXus cannot hold, was found only after the whole count."""
+        from livehist.recorders.base import open_sink
+        from livehist.recorders.records import HistogramDecl, RecordError, ScanStart
+
+        try:
+            names = [spec["name"] for spec in json.loads(h.HistogramConfig)]
+        except (tango.DevFailed, ValueError, KeyError, TypeError):
+            return  # judged when recording
+        problems = []
+        try:
+            start = ScanStart("histo_count", 0, [], histograms=[HistogramDecl(n, (1,)) for n in names])
+        except RecordError as exc:
+            problems.append(str(exc))
+            start = None
+        for target in self.targets if start is not None else []:
+            if "://" in str(target):  # shared memory: nothing to find out before
+                continue
+            try:
+                sink = open_sink(target)
+            except Exception as exc:
+                problems.append(str(exc))
+                continue
+            try:
+                sink.prepare(start)
+            except Exception as exc:
+                problems.append(f"{sink}: {exc}")
+            finally:
+                for undo in (sink.close, sink.discard):  # as a scan that did not start: nothing left
+                    try:
+                        undo()
+                    except Exception as exc:
+                        self.warning(tango_text(f"{sink}: {exc}"))
+        if problems:
+            raise RuntimeError(
+                tango_text(f"histograms not recorded: {'; '.join(problems)}; nothing was counted")
+            )
 
     def _scan_id(self) -> int:
         """The last scan's number (ScanID; 0 when unset), or a refusal naming the fix."""

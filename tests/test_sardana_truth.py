@@ -288,3 +288,23 @@ def test_histo_count_spec_scan_has_one_row_that_pymca_and_silx_read(spock, tmp_p
     records = [json.loads(line) for line in (tmp_path / "u.jsonl").read_text().splitlines()]
     totals = {r["name"]: np.sum(r["counts"]) for r in records if r["record"] == "histogram"}
     assert totals == {n: row[f"{n}_total"] for n in names}
+
+
+def test_histo_count_refuses_a_file_it_cannot_record_before_counting(spock, tmp_path):
+    """A foreign file in ScanFile (here a user's text file named u.spec) was found only when the
+    count was recorded: `histo_count 5` cleared the last count, counted 5 s, then said
+    'histograms not recorded'. Each file is tried before the device is touched."""
+    h = tango.DeviceProxy(spock.site.url("livehist/histogrammer/1"))
+    spock.env(ScanFile=["other.jsonl"])
+    spock.run("histo_count", "0.2")
+    counted = h.EventCount
+    foreign = tmp_path / "u.spec"
+    foreign.write_text("my notes, not SPEC\n")
+    spock.env(ScanFile=["u.nxs", "u.spec", "u.jsonl"])
+    t0 = time.monotonic()
+    with pytest.raises(LivehistError) as exc:
+        spock.run("histo_count", "5")
+    assert time.monotonic() - t0 < 4 and h.EventCount == counted  # at once; the last count kept
+    assert "is not a SPEC file" in str(exc.value) and "nothing was counted" in str(exc.value), exc.value
+    assert foreign.read_text() == "my notes, not SPEC\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.jsonl", "u.spec"]  # nothing left behind
