@@ -3,7 +3,8 @@
 Histogrammer: histo_start, histo_stop, histo_reset, histo_count SECONDS
 Metadata:     meta_set KEY VALUE, meta_show, dataset_start NAME, dataset_end
 Scans:        livehist_check (a pre-scan general hook: fails a scan before any motion when
-              a histogrammer of the active measurement group is down, in FAULT or acquiring)
+              a histogrammer of the active measurement group is down, in FAULT or acquiring,
+              or when ScanDir is the folder of a closed dataset)
 Counts:       ct, Sardana's own, except that `ct 0` on livehist channels is refused (Sardana then
               acquires nothing and shows the last values, those of an earlier count)
 
@@ -35,6 +36,23 @@ from livehist.errors import LivehistError, from_tango_text, tango_text
 
 HISTOGRAMMER, METADATA = "livehist/histogrammer/1", "livehist/metadata/1"
 SCANDIR_BEFORE = "_LivehistScanDirBeforeDataset"  # ScanDir when dataset_start ran
+
+
+def _refuse_a_closed_dataset(folder) -> None:
+    """A folder holding dataset.json is a dataset that was closed (EndDataset wrote its summary, and
+    its name cannot be opened again): files recorded there would be in no dataset summary."""
+    summary = os.path.join(folder, "dataset.json")
+    if not os.path.isfile(summary):
+        return
+    try:
+        with open(summary, encoding="utf-8") as f:
+            name = str(json.load(f).get("dataset") or "")
+    except (OSError, ValueError, AttributeError):
+        name = ""
+    name = name or os.path.basename(os.path.normpath(folder))
+    raise RuntimeError(tango_text(f"ScanDir {folder} is the folder of dataset {name!r}, closed (its dataset.json "
+                                  "is written): what is recorded there now would be in no dataset summary; "
+                                  "dataset_start a new dataset or senv ScanDir to another folder"))  # fmt: skip
 
 
 class _Livehist:
@@ -211,6 +229,7 @@ class histo_count(Macro, _Livehist):
                 if not os.access(folder, os.W_OK):
                     raise RuntimeError(tango_text(f"ScanDir {folder} is not writable; senv ScanDir to a "
                                                   "writable folder"))  # fmt: skip
+                _refuse_a_closed_dataset(folder)
         if str(self._env("SharedMemory", "")).lower() == "sps":
             targets.append("sps://livehist")
         return targets
@@ -590,9 +609,13 @@ class ct(_SardanaCt, _Livehist):
 
 
 class livehist_check(Macro, _Livehist):
-    """Pre-scan hook: the histogrammers behind the active measurement group must answer."""
+    """Pre-scan hook: the histogrammers behind the active measurement group must answer, and
+    ScanDir must not be the folder of a closed dataset."""
 
     def run(self):
+        scan_dir = self._env("ScanDir", None)
+        if scan_dir and self._env("ScanFile", None):
+            _refuse_a_closed_dataset(str(scan_dir))
         mg_name = self._env("ActiveMntGrp", None)
         if not mg_name:
             return

@@ -338,3 +338,26 @@ def test_histo_count_with_an_unusable_scanid_refuses_before_counting(spock, site
         spock.env(ScanID=before)
     assert f"ScanID is {scan_id!r}" in str(exc.value) and "senv ScanID" in str(exc.value), exc.value
     assert took < 4 and h.EventCount == counted  # refused at once; the last count is still there
+
+
+def test_nothing_is_recorded_into_a_closed_dataset(spock, site, tmp_path):
+    """A dataset ended by another client (a panel's EndDataset), or by dataset_end with no ScanDir
+    to go back to, left ScanDir on its folder: the next histo_count and scans wrote there after
+    its dataset.json was written, so the summary ICAT/SciCat take listed none of those files."""
+    m = _start_a_dataset(spock, site, tmp_path, "20265656", "closed")
+    ms = tango.DeviceProxy(site.url("macroserver/livehist/1"))
+    folder = Path(environment(ms)["ScanDir"])
+    spock.run("histo_count", "0.2")
+    m.EndDataset()  # another client
+    listed = {f["path"] for f in json.loads((folder / "dataset.json").read_text())["files"]}
+    before = sorted(p.name for p in folder.iterdir())
+    assert listed == {"scan.nxs", "scan.spec", "scan.jsonl"}
+    for argv in (["histo_count", "0.2"], ["ascan", "mot01", "0", "1", "1", "0.1"]):
+        with pytest.raises(LivehistError) as exc:
+            spock.run(*argv, timeout=60)
+        assert "closed" in str(exc.value) and "dataset_start" in str(exc.value), exc.value
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing written after its summary
+    assert json.loads((folder / "dataset.json").read_text())["files"]  # the summary as it was
+    spock.env(ScanDir=str(tmp_path))
+    spock.run("histo_count", "0.2")  # elsewhere it records
+    assert (tmp_path / "scan.nxs").exists()
