@@ -36,6 +36,11 @@ from livehist.errors import LivehistError, from_tango_text, tango_text
 
 HISTOGRAMMER, METADATA = "livehist/histogrammer/1", "livehist/metadata/1"
 SCANDIR_BEFORE = "_LivehistScanDirBeforeDataset"  # ScanDir when dataset_start ran
+# Doors of one MacroServer share its ScanID: two histo_counts ending together (one stops the other)
+# both took ScanID + 1, and one failed on the NeXus file the other was writing
+_NUMBERS = threading.Lock()
+_IN_FLIGHT: set[tuple[int, int]] = set()  # (id of the MacroServer, scan number) being recorded
+_WRITING = threading.Lock()  # histo_count records one at a time in this MacroServer
 
 
 def _refuse_a_closed_dataset(folder) -> None:
@@ -318,13 +323,13 @@ class histo_count(Macro, _Livehist):
             self._phase = "done"
             self.warning("histograms not recorded: set ScanDir and ScanFile (e.g. senv ScanFile scan.nxs)")
             return
-        serial = self._scan_id() + 1
         metadata = {}
         try:
             m = self.metadata_device()
             metadata = json.loads(self.call(m.GetMetadata))
         except RuntimeError as exc:  # down, or answering but unusable (FAULT): the count is kept
             self.warning(tango_text(f"{exc}; recording without metadata"))
+        serial = self._take_number()
         self._writer = _Writer(h, targets, f"histo_count {seconds:g}", serial, metadata, outcome)
         self._writer.wait(wait)  # an abort now lands in this wait, not half-way through a file
         if not self._writer.done:
@@ -333,13 +338,31 @@ class histo_count(Macro, _Livehist):
             return
         self._recorded(h, seconds, outcome)
 
+    def _take_number(self) -> int:
+        """The next scan number, past those other Doors' counts are recording now."""
+        key = id(self.macro_server)
+        with _NUMBERS:
+            serial = max([self._scan_id(), *(n for k, n in _IN_FLIGHT if k == key)]) + 1
+            _IN_FLIGHT.add((key, serial))
+        return serial
+
+    def _give_number(self, serial: int, recorded: bool) -> None:
+        """The number is taken (ScanID) only by a scan that was recorded; never set back."""
+        key = id(self.macro_server)
+        with _NUMBERS:
+            try:
+                if recorded:
+                    self.setEnv("ScanID", max(self._scan_id(), serial))
+            finally:
+                _IN_FLIGHT.discard((key, serial))
+
     def _recorded(self, h, seconds, outcome):
         """Say what the writer recorded; the ScanID is taken only by a scan in a file."""
         w, self._phase = self._writer, "done"
+        self._give_number(w.serial, recorded=w.error is None)
         if w.error is not None:  # refused at scan start: nothing was written anywhere
             raise RuntimeError(tango_text(f"histograms not recorded: {w.error}"))
         r, serial, targets = w.recorder, w.serial, w.targets
-        self.setEnv("ScanID", serial)  # the number is taken only by a scan that was recorded
         for name in json.loads(h.HistogramConfig):
             counts = h.read_attribute(name["name"]).value
             self.output(f"  {name['name']:<16} {name['kind']:<10} {int(counts.sum()):>14,} counts")
@@ -420,7 +443,8 @@ class _Writer:
         from livehist.components.capture import record_histograms
 
         try:
-            self.recorder = record_histograms(*args, **kwargs)
+            with _WRITING:  # another Door's count may be writing the same files
+                self.recorder = record_histograms(*args, **kwargs)
         except Exception as exc:
             self.error = exc
         finally:

@@ -1,0 +1,69 @@
+"""Two Doors of one MacroServer at once (two spock sessions at a beamline): the default
+configuration with a second Door, real Pool, MacroServer and Doors."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import h5py
+import pytest
+import tango
+from livehist.tangodb import DEFAULT_CONFIG
+
+from livehist.site import control
+from livehist.site.door import Door, set_environment
+from livehist.site.sardana_setup import environment
+from tests.test_sardana import wait_state
+
+
+def _config() -> dict:
+    cfg = json.loads(DEFAULT_CONFIG.read_text())
+    doors = cfg["servers"]["Sardana"]["livehist"]["Door"]
+    second = json.loads(json.dumps(doors["door/livehist/1"]))
+    second["properties"]["Id"] = ["2"]
+    doors["door/livehist/2"] = second
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def site(sites) -> control.Site:
+    return sites.up(_config(), timeout=180)
+
+
+def test_two_doors_counting_at_once_record_two_scans_with_two_numbers(site, tmp_path):
+    """Door 2's histo_count stopped Door 1's (as it stops histo_start), so both counts ended
+    together and recorded at once: both read the same ScanID, and the files held two acquisitions
+    under one number (NeXus scan_N and scan_N_2), or one Door failed on the file the other was
+    writing. The numbers are taken one after the other."""
+    set_environment(site.url("macroserver/livehist/1"),
+                    {"ScanDir": str(tmp_path), "ScanFile": ["d.nxs", "d.spec", "d.jsonl"],
+                     "ScanRecorder": ["LivehistRecorder"] * 8, "SharedMemory": ""})  # fmt: skip
+    ms = tango.DeviceProxy(site.url("macroserver/livehist/1"))
+    serial = int(environment(ms).get("ScanID", 0))
+    h = tango.DeviceProxy(site.url("livehist/histogrammer/1"))
+    lines: list[str] = []
+    doors = [Door(site.url(f"door/livehist/{i}"), say=lines.append) for i in (1, 2)]
+    try:
+        doors[0].proxy.RunMacro(["histo_count", "3"])
+        wait_state(h, (tango.DevState.RUNNING, tango.DevState.ALARM))
+        time.sleep(0.5)
+        doors[1].proxy.RunMacro(["histo_count", "1"])
+        for door in doors:
+            wait_state(door.proxy, (tango.DevState.ON, tango.DevState.ALARM), timeout=60)
+        states = [door.proxy.state() for door in doors]
+    finally:
+        for door in doors:
+            door.close()
+    assert states == [tango.DevState.ON, tango.DevState.ON], lines[-20:]  # neither count failed
+    numbers = [serial + 1, serial + 2]
+    assert int(environment(ms)["ScanID"]) == serial + 2
+    with h5py.File(tmp_path / "d.nxs", "r") as f:
+        assert sorted(int(f[e]["entry_identifier"][()]) for e in f) == numbers, list(f)
+        status = sorted(f[e]["livehist/status"][()].decode() for e in f)
+    assert status == ["interrupted", "ok"]  # Door 1's count was cut by Door 2's: and says so
+    records = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert sorted(r["scan_number"] for r in records if r["record"] == "start") == numbers
+    spec = [line.split()[1] for line in (tmp_path / "d.spec").read_text().splitlines()
+            if line.startswith("#S ") and "histo_count" in line]  # fmt: skip
+    assert sorted(map(int, spec)) == numbers
