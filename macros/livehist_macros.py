@@ -271,11 +271,39 @@ class histo_count(Macro, _Livehist):
                 f"({exc.args[0].desc.strip()}); nothing was recorded: restart it (`livehist up`) and count again"
             ) from None
         if h.state() == tango.DevState.FAULT:
-            self._phase = "done"
-            raise RuntimeError(f"{h.dev_name()} is in FAULT: {h.status()}")
+            self._failed(h, seconds)
         if self.counters_line(h) != line:  # the final counts, unless just shown
             self.output(self.counters_line(h))
         self.record(h, seconds, self._most, seen - self._started)
+
+    def _failed(self, h, seconds):
+        """FAULT mid-count (a source that failed: the device keeps its histograms and reconnects;
+        or histogramming failed): stop it, so that it does not count on unwatched, and record what
+        it had counted as failed; then fail."""
+        from livehist.components.capture import CountOutcome
+
+        status = " ".join(h.status().split())
+        try:
+            h.Stop()
+        except tango.DevFailed:
+            pass
+        counted, events = self._elapsed(h), int(h.EventCount)
+        fault = f"{h.dev_name()} went to FAULT after {counted:.2f} s of {seconds:g} s: {status}"
+        if not events:
+            self._phase = "done"
+            raise RuntimeError(tango_text(f"{fault}; nothing was counted, nothing recorded"))
+        reason = "; ".join(filter(None, [fault, self._reconfigured(h, seconds)]))
+        try:
+            self.record(h, seconds, outcome=CountOutcome("failed", counted, reason))
+        except RuntimeError as exc:
+            raise RuntimeError(tango_text(f"{fault}; {exc}")) from None
+        w = self._writer
+        if w is None:  # no ScanDir or ScanFile: said above
+            raise RuntimeError(
+                tango_text(f"{fault}; the {events:,} events counted until then are not recorded")
+            )
+        raise RuntimeError(tango_text(f"{fault}; the {events:,} events counted until then are recorded as failed "
+                                      f"(scan {w.serial})"))  # fmt: skip
 
     @staticmethod
     def _elapsed(h):

@@ -361,3 +361,51 @@ def test_nothing_is_recorded_into_a_closed_dataset(spock, site, tmp_path):
     spock.env(ScanDir=str(tmp_path))
     spock.run("histo_count", "0.2")  # elsewhere it records
     assert (tmp_path / "scan.nxs").exists()
+
+
+def test_a_source_failing_mid_count_is_recorded_as_failed_not_lost(spock, site, tmp_path, own_kafka_broker):
+    """The Kafka broker dying 1 s into `histo_count 60` put the device in FAULT (reconnecting, its
+    histograms kept): histo_count raised 'is in FAULT' and recorded nothing, while the device went
+    on acquiring unwatched once the broker was back. The count is stopped and recorded as failed,
+    saying after how long and why."""
+    from livehist.engine.events import encode_ev44
+    from tests.conftest import kafka_topic
+    from tests.test_kafka import producer, pulses
+
+    name = "livehist/histogrammer/1"
+    h = tango.DeviceProxy(site.url(name))
+    h.set_timeout_millis(10_000)
+    db = tango.Database(*site.host_port)
+    source = list(db.get_device_property(name, "EventSource")["EventSource"])
+    broker = own_kafka_broker.address
+    topic = kafka_topic(broker, 1, prefix="histo-count-fault")
+    p = producer(broker)
+    for i in range(20):
+        p.produce(topic, encode_ev44(pulses(i, 1, 1000, seed=i), i, "det"), partition=0)
+    p.flush(30)
+    db.put_device_property(name, {"EventSource": [f"kafka://{broker}/{topic}?start=earliest"]})
+    h.Init()
+    try:
+        door = spock.door.proxy
+        door.RunMacro(["histo_count", "60"])
+        deadline = time.monotonic() + 30
+        while h.EventCount < 20_000:  # start=earliest: every message produced is counted first
+            assert time.monotonic() < deadline, (h.state(), h.status())
+            time.sleep(0.1)
+        own_kafka_broker.kill()
+        wait_state(door, (tango.DevState.ON, tango.DevState.ALARM), timeout=60)
+        assert door.state() == tango.DevState.ALARM  # the macro ends in error, having recorded
+        time.sleep(0.3)
+        said = "\n".join(spock.lines[-15:])
+        assert "recorded as failed in" in said and "FAULT" in said, said
+        assert h.state() not in (tango.DevState.RUNNING, tango.DevState.ALARM)  # not left acquiring
+        with h5py.File(tmp_path / "scan.nxs", "r") as f:
+            e = f[next(iter(f))]
+            reason = e["livehist/end_reason"][()].decode()
+            assert e["livehist/status"][()] == b"failed" and "FAULT" in reason and "of 60 s" in reason, reason
+            assert e["tof/data"][()].sum() == 20_000 and e["livehist/tof/events"][()] == 20_000
+        end = json.loads((tmp_path / "scan.jsonl").read_text().splitlines()[-1])
+        assert end["record"] == "end" and end["status"] == "failed"
+    finally:
+        db.put_device_property(name, {"EventSource": source})
+        h.Init()
