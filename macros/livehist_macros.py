@@ -93,6 +93,12 @@ class _Livehist:
         except tango.DevFailed as exc:
             raise RuntimeError(exc.args[0].desc.strip()) from None
 
+    def write(self, h, values):
+        """Write attributes one by one: a refused write_attributes says only 'Failed to execute
+        DeviceProxy::write_attributes', not the device's reason ('presets cannot change while RUNNING')."""
+        for name, value in values:
+            self.call(h.write_attribute, name, value)
+
     def counters_line(self, h):
         values = {a.name: a.value for a in h.read_attributes(["EventCount", "EventRate", "ElapsedTime",
                                                               "DroppedMessageCount"])}  # fmt: skip
@@ -106,11 +112,20 @@ class histo_start(Macro, _Livehist):
 
     def run(self):
         h = self.histogrammer()
+        left = {a.name: a.value for a in h.read_attributes(["PresetTime", "PresetEvents"]) if a.value}
+        if h.state() in (tango.DevState.RUNNING, tango.DevState.ALARM):
+            if left:  # a count of another Door (histo_count, ct, a scan point): it is not ours to end
+                shown = ", ".join(f"{k} {v:g}" for k, v in left.items())
+                raise RuntimeError(f"{h.dev_name()} is acquiring ({shown}, {h.EventCount:,} events since its "
+                                   "Reset: a histo_count, ct or scan of another Door?); let it end, or histo_stop "
+                                   "first")  # fmt: skip
+            self.output(f"{h.dev_name()}: already acquiring (since an earlier histo_start?); it runs until "
+                        "histo_stop")  # fmt: skip
+            return
         # presets are what the last histo_count, ct or scan left behind: kept, they stopped this
         # acquisition after that count's time (0.1 s after an ascan ... 0.1) without a word
-        left = {a.name: a.value for a in h.read_attributes(["PresetTime", "PresetEvents"]) if a.value}
         if left:
-            self.call(h.write_attributes, [("PresetTime", 0.0), ("PresetEvents", 0)])
+            self.write(h, [("PresetTime", 0.0), ("PresetEvents", 0)])
         self.call(h.Start)
         self.output(f"{h.dev_name()}: {h.state()} from {h.EventSourceURI}")
         if left:
@@ -247,7 +262,7 @@ class histo_count(Macro, _Livehist):
             self.warning(f"{h.dev_name()} was acquiring ({h.EventCount:,} events since its Reset, "
                          "e.g. from histo_start): histo_count stopped it and counts from zero")  # fmt: skip
         self.call(h.Reset)
-        self.call(h.write_attributes, [("PresetEvents", 0), ("PresetTime", float(seconds))])
+        self.write(h, [("PresetEvents", 0), ("PresetTime", float(seconds))])
         self._config_at_start = h.HistogramConfig  # a Configure during the count is judged against it
         self._most, self._started = 0.0, time.monotonic()
         self._phase = "counting"  # from here a stop or abort records what was counted

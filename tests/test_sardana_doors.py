@@ -11,6 +11,7 @@ import pytest
 import tango
 from livehist.tangodb import DEFAULT_CONFIG
 
+from livehist.errors import LivehistError
 from livehist.site import control
 from livehist.site.door import Door, set_environment
 from livehist.site.sardana_setup import environment
@@ -67,3 +68,34 @@ def test_two_doors_counting_at_once_record_two_scans_with_two_numbers(site, tmp_
     spec = [line.split()[1] for line in (tmp_path / "d.spec").read_text().splitlines()
             if line.startswith("#S ") and "histo_count" in line]  # fmt: skip
     assert sorted(map(int, spec)) == numbers
+
+
+def test_histo_start_from_another_door_leaves_a_running_count_alone(site, tmp_path):
+    """histo_start on Door 2 while Door 1's `histo_count 2` ran tried to clear the count's presets
+    (as it clears what the last count left); the device refused, and the macro failed with 'Failed
+    to execute DeviceProxy::write_attributes ... PresetTime, PresetEvents', naming neither why nor
+    the fix. Refused first, saying both; the count ends by itself and is recorded as ok."""
+    set_environment(site.url("macroserver/livehist/1"),
+                    {"ScanDir": str(tmp_path), "ScanFile": ["s.jsonl"], "SharedMemory": ""})  # fmt: skip
+    h = tango.DeviceProxy(site.url("livehist/histogrammer/1"))
+    lines: list[str] = []
+    doors = [Door(site.url(f"door/livehist/{i}"), say=lines.append) for i in (1, 2)]
+    try:
+        doors[0].proxy.RunMacro(["histo_count", "2"])
+        wait_state(h, (tango.DevState.RUNNING, tango.DevState.ALARM))
+        with pytest.raises(LivehistError) as exc:
+            doors[1].run(["histo_start"], timeout=30)
+        assert "is acquiring" in str(exc.value) and "histo_stop" in str(exc.value), exc.value
+        assert h.PresetTime == 2.0  # the count's preset is untouched
+        try:
+            wait_state(doors[0].proxy, (tango.DevState.ON, tango.DevState.ALARM), timeout=30)
+        finally:
+            if doors[0].proxy.state() == tango.DevState.RUNNING:  # leave no macro running for the next test
+                doors[0].proxy.AbortMacro()
+                wait_state(doors[0].proxy, (tango.DevState.ON, tango.DevState.ALARM), timeout=30)
+        assert doors[0].proxy.state() == tango.DevState.ON, lines[-10:]
+    finally:
+        for door in doors:
+            door.close()
+    end = json.loads((tmp_path / "s.jsonl").read_text().splitlines()[-1])
+    assert end["record"] == "end" and end["status"] == "ok", end
