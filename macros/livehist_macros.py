@@ -168,41 +168,48 @@ class histo_count(Macro, _Livehist):
     def _try_files(self, h) -> None:
         """Open each file as its sink will at the end, and leave it as it was: a foreign or locked
         file, or a histogram NeXus cannot hold, was found only after the whole count."""
-        from livehist.recorders.base import open_sink
         from livehist.recorders.records import HistogramDecl, RecordError, ScanStart
 
         try:
             names = [spec["name"] for spec in json.loads(h.HistogramConfig)]
         except (tango.DevFailed, ValueError, KeyError, TypeError):
             return  # judged when recording
-        problems = []
         try:
             start = ScanStart("histo_count", 0, [], histograms=[HistogramDecl(n, (1,)) for n in names])
         except RecordError as exc:
-            problems.append(str(exc))
-            start = None
-        for target in self.targets if start is not None else []:
-            if "://" in str(target):  # shared memory: nothing to find out before
-                continue
-            try:
-                sink = open_sink(target)
-            except Exception as exc:
-                problems.append(str(exc))
-                continue
-            try:
-                sink.prepare(start)
-            except Exception as exc:
-                problems.append(f"{sink}: {exc}")
-            finally:
-                for undo in (sink.close, sink.discard):  # as a scan that did not start: nothing left
-                    try:
-                        undo()
-                    except Exception as exc:
-                        self.warning(tango_text(f"{sink}: {exc}"))
+            raise RuntimeError(tango_text(f"histograms not recorded: {exc}; nothing was counted")) from None
+        problems: list[str] = []
+        while not _WRITING.acquire(timeout=0.2):  # another Door's count is trying or writing them
+            self.checkPoint()
+        try:
+            for target in self.targets:
+                if "://" not in str(target):  # shared memory: nothing to find out before
+                    self._try_file(target, start, problems)
+        finally:
+            _WRITING.release()
         if problems:
             raise RuntimeError(
                 tango_text(f"histograms not recorded: {'; '.join(problems)}; nothing was counted")
             )
+
+    def _try_file(self, target, start, problems: list[str]) -> None:
+        from livehist.recorders.base import open_sink
+
+        try:
+            sink = open_sink(target)
+        except Exception as exc:
+            problems.append(str(exc))
+            return
+        try:
+            sink.prepare(start)
+        except Exception as exc:
+            problems.append(f"{sink}: {exc}")
+        finally:
+            for undo in (sink.close, sink.discard):  # as a scan that did not start: nothing left
+                try:
+                    undo()
+                except Exception as exc:
+                    self.warning(tango_text(f"{sink}: {exc}"))
 
     def _scan_id(self) -> int:
         """The last scan's number (ScanID; 0 when unset), or a refusal naming the fix."""
