@@ -163,7 +163,19 @@ class histo_count(Macro, _Livehist):
         self.targets = self._targets()  # refused before the device is touched: nothing cleared
         self._scan_id()  # likewise: an unusable ScanID failed only after the whole count
         self.h = self.histogrammer()
+        self._not_counting_for_another(self.h)
         self._try_files(self.h)
+
+    def _not_counting_for_another(self, h) -> None:
+        """A device acquiring with a preset is counting for someone (a histo_count, ct or scan point of
+        another Door): stopping it cut that count short. Acquiring without one is histo_start's."""
+        if h.state() not in (tango.DevState.RUNNING, tango.DevState.ALARM):
+            return
+        presets = {a.name: a.value for a in h.read_attributes(["PresetTime", "PresetEvents"]) if a.value}
+        if presets:
+            shown = ", ".join(f"{k} {v:g}" for k, v in presets.items())
+            raise RuntimeError(f"{h.dev_name()} is acquiring ({shown}, {h.EventCount:,} events since its Reset: "
+                               "a histo_count, ct or scan of another Door?); let it end, or histo_stop first")  # fmt: skip
 
     def _try_files(self, h) -> None:
         """Open each file as its sink will at the end, and leave it as it was: a foreign or locked
@@ -267,7 +279,7 @@ class histo_count(Macro, _Livehist):
         if h.state() in (tango.DevState.RUNNING, tango.DevState.ALARM):
             self.call(h.Stop)
             self.warning(f"{h.dev_name()} was acquiring ({h.EventCount:,} events since its Reset, "
-                         "e.g. from histo_start): histo_count stopped it and counts from zero")  # fmt: skip
+                         "from histo_start): histo_count stopped it and counts from zero")  # fmt: skip
         self.call(h.Reset)
         self.write(h, [("PresetEvents", 0), ("PresetTime", float(seconds))])
         self._config_at_start = h.HistogramConfig  # a Configure during the count is judged against it

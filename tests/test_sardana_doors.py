@@ -77,6 +77,30 @@ def test_two_doors_counting_at_once_record_two_scans_with_two_numbers(site, tmp_
     assert sorted(map(int, spec)) == numbers
 
 
+def test_histo_count_from_another_door_leaves_a_running_count_alone(site, tmp_path):
+    """Door 2's `histo_count 1` during Door 1's `histo_count 3` stopped and reset Door 1's count
+    (as it stops histo_start), which was then recorded as interrupted, holding Door 2's second;
+    a scan point of another Door likewise. A count of someone else (a preset set) is refused."""
+    set_environment(site.url("macroserver/livehist/1"), {"ScanDir": str(tmp_path), "ScanFile": ["c.jsonl"]})
+    h = tango.DeviceProxy(site.url("livehist/histogrammer/1"))
+    lines: list[str] = []
+    doors = [Door(site.url(f"door/livehist/{i}"), say=lines.append) for i in (1, 2)]
+    try:
+        doors[0].proxy.RunMacro(["histo_count", "3"])
+        wait_state(h, (tango.DevState.RUNNING, tango.DevState.ALARM))
+        with pytest.raises(LivehistError) as exc:
+            doors[1].run(["histo_count", "1"], timeout=30)
+        assert "is acquiring" in str(exc.value) and "PresetTime 3" in str(exc.value), exc.value
+        wait_state(doors[0].proxy, (tango.DevState.ON, tango.DevState.ALARM), timeout=30)
+        assert doors[0].proxy.state() == tango.DevState.ON, lines[-10:]
+    finally:
+        for door in doors:
+            door.close()
+    records = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    ends = [r for r in records if r["record"] == "end"]
+    assert [e["status"] for e in ends] == ["ok"], ends  # Door 1's count, whole; nothing of Door 2's
+
+
 def test_histo_start_from_another_door_leaves_a_running_count_alone(site, tmp_path):
     """histo_start on Door 2 while Door 1's `histo_count 2` ran tried to clear the count's presets
     (as it clears what the last count left); the device refused, and the macro failed with 'Failed
