@@ -93,6 +93,19 @@ class _Livehist:
         except tango.DevFailed as exc:
             raise RuntimeError(exc.args[0].desc.strip()) from None
 
+    def counting_for_another(self, h) -> str:
+        """What a device acquiring with a preset is counting for someone else (a histo_count, ct or
+        scan point of another Door), for a refusal; '' when it is not (acquiring without a preset
+        is histo_start's)."""
+        if h.state() not in (tango.DevState.RUNNING, tango.DevState.ALARM):
+            return ""
+        presets = {a.name: a.value for a in h.read_attributes(["PresetTime", "PresetEvents"]) if a.value}
+        if not presets:
+            return ""
+        shown = ", ".join(f"{k} {v:g}" for k, v in presets.items())
+        return (f"{h.dev_name()} is acquiring ({shown}, {h.EventCount:,} events since its Reset: a histo_count, "
+                "ct or scan of another Door?)")  # fmt: skip
+
     def write(self, h, values):
         """Write attributes one by one: a refused write_attributes says only 'Failed to execute
         DeviceProxy::write_attributes', not the device's reason ('presets cannot change while RUNNING')."""
@@ -112,13 +125,11 @@ class histo_start(Macro, _Livehist):
 
     def run(self):
         h = self.histogrammer()
+        busy = self.counting_for_another(h)  # it is not ours to end
+        if busy:
+            raise RuntimeError(f"{busy}; let it end, or histo_stop first")
         left = {a.name: a.value for a in h.read_attributes(["PresetTime", "PresetEvents"]) if a.value}
         if h.state() in (tango.DevState.RUNNING, tango.DevState.ALARM):
-            if left:  # a count of another Door (histo_count, ct, a scan point): it is not ours to end
-                shown = ", ".join(f"{k} {v:g}" for k, v in left.items())
-                raise RuntimeError(f"{h.dev_name()} is acquiring ({shown}, {h.EventCount:,} events since its "
-                                   "Reset: a histo_count, ct or scan of another Door?); let it end, or histo_stop "
-                                   "first")  # fmt: skip
             self.output(f"{h.dev_name()}: already acquiring (since an earlier histo_start?); it runs until "
                         "histo_stop")  # fmt: skip
             return
@@ -147,6 +158,9 @@ class histo_reset(Macro, _Livehist):
 
     def run(self):
         h = self.histogrammer()
+        busy = self.counting_for_another(h)  # a Reset now would cut that count short
+        if busy:
+            raise RuntimeError(f"{busy}; let it end, or histo_stop first")
         self.call(h.Reset)
         self.output(f"{h.dev_name()}: histograms and counters cleared ({h.state()})")
 
@@ -163,19 +177,10 @@ class histo_count(Macro, _Livehist):
         self.targets = self._targets()  # refused before the device is touched: nothing cleared
         self._scan_id()  # likewise: an unusable ScanID failed only after the whole count
         self.h = self.histogrammer()
-        self._not_counting_for_another(self.h)
+        busy = self.counting_for_another(self.h)  # stopping it would cut that count short
+        if busy:
+            raise RuntimeError(f"{busy}; let it end, or histo_stop first")
         self._try_files(self.h)
-
-    def _not_counting_for_another(self, h) -> None:
-        """A device acquiring with a preset is counting for someone (a histo_count, ct or scan point of
-        another Door): stopping it cut that count short. Acquiring without one is histo_start's."""
-        if h.state() not in (tango.DevState.RUNNING, tango.DevState.ALARM):
-            return
-        presets = {a.name: a.value for a in h.read_attributes(["PresetTime", "PresetEvents"]) if a.value}
-        if presets:
-            shown = ", ".join(f"{k} {v:g}" for k, v in presets.items())
-            raise RuntimeError(f"{h.dev_name()} is acquiring ({shown}, {h.EventCount:,} events since its Reset: "
-                               "a histo_count, ct or scan of another Door?); let it end, or histo_stop first")  # fmt: skip
 
     def _try_files(self, h) -> None:
         """Open each file as its sink will at the end, and leave it as it was: a foreign or locked

@@ -130,3 +130,26 @@ def test_histo_start_from_another_door_leaves_a_running_count_alone(site, tmp_pa
             door.close()
     end = json.loads((tmp_path / "s.jsonl").read_text().splitlines()[-1])
     assert end["record"] == "end" and end["status"] == "ok", end
+
+
+def test_histo_reset_from_another_door_leaves_a_running_count_alone(site, tmp_path):
+    """histo_reset on Door 2 during Door 1's `histo_count 2` cleared the count half-way: Door 1
+    recorded it as interrupted, holding only what came after. Refused like histo_start and
+    histo_count on someone's count (histo_stop still ends it, on purpose)."""
+    set_environment(site.url("macroserver/livehist/1"), {"ScanDir": str(tmp_path), "ScanFile": ["r.jsonl"]})
+    h = tango.DeviceProxy(site.url("livehist/histogrammer/1"))
+    lines: list[str] = []
+    doors = [Door(site.url(f"door/livehist/{i}"), say=lines.append) for i in (1, 2)]
+    try:
+        doors[0].proxy.RunMacro(["histo_count", "2"])
+        wait_state(h, (tango.DevState.RUNNING, tango.DevState.ALARM))
+        with pytest.raises(LivehistError) as exc:
+            doors[1].run(["histo_reset"], timeout=30)
+        assert "is acquiring" in str(exc.value) and "histo_stop" in str(exc.value), exc.value
+        wait_state(doors[0].proxy, (tango.DevState.ON, tango.DevState.ALARM), timeout=30)
+        assert doors[0].proxy.state() == tango.DevState.ON, lines[-10:]
+    finally:
+        for door in doors:
+            door.close()
+    end = json.loads((tmp_path / "r.jsonl").read_text().splitlines()[-1])
+    assert end["record"] == "end" and end["status"] == "ok", end
