@@ -433,8 +433,10 @@ class histo_count(Macro, _Livehist):
         for name in json.loads(h.HistogramConfig):
             counts = h.read_attribute(name["name"]).value
             self.output(f"  {name['name']:<16} {name['kind']:<10} {int(counts.sum()):>14,} counts")
-        for sink, error in r.errors.items():
-            self.warning(tango_text(f"{sink} failed, nothing of this scan is in it: {error}"))
+        for sink, error in r.errors.items():  # a sink failing after its start line leaves a part in its file
+            held = ("nothing of this scan is in it" if " at scan start: " in error
+                    else "its file holds this scan only in part (its start, not its end)")  # fmt: skip
+            self.warning(tango_text(f"{sink} failed, {held}: {error}"))
         done = [str(t) for t in targets if str(t) in r.recorded]
         if not done:
             raise RuntimeError(f"scan {serial} was not recorded in any file; see the warnings above")
