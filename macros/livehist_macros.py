@@ -69,22 +69,32 @@ class _Livehist:
         except Exception:
             return default
 
-    def _device(self, env_name, default):
+    def _device(self, env_name, default, kind, commands):
         name = self._env(env_name, default)
         try:
             proxy = tango.DeviceProxy(name)
             proxy.set_timeout_millis(10_000)
             proxy.ping()
+            missing = sorted(set(commands) - {c.cmd_name for c in proxy.command_list_query()})
         except tango.DevFailed as exc:
             raise RuntimeError(f"{name} does not answer ({exc.args[0].desc.strip()}); "
                                f"start it with `livehist up` or set {env_name}") from None  # fmt: skip
+        if missing:  # another kind of device: its errors would be 'AttributeError: Start'
+            try:
+                what = f"a {proxy.info().dev_class}"
+            except tango.DevFailed:
+                what = "another kind of device"
+            raise RuntimeError(f"{name} is not {kind}: it is {what}, without {', '.join(missing)}; "
+                               f"senv {env_name} to one, e.g. senv {env_name} {default}")  # fmt: skip
         return proxy
 
     def histogrammer(self):
-        return self._device("LivehistHistogrammer", HISTOGRAMMER)
+        return self._device("LivehistHistogrammer", HISTOGRAMMER, "a histogrammer (EventHistogrammer or HistogramSum)",
+                            ("Start", "Stop", "Reset", "Configure"))  # fmt: skip
 
     def metadata_device(self):
-        return self._device("LivehistMetadata", METADATA)
+        return self._device("LivehistMetadata", METADATA, "a MetadataManager",
+                            ("SetMetadata", "GetMetadata", "StartDataset", "EndDataset"))  # fmt: skip
 
     def call(self, fn, *args):
         """Run a device call; show its DevFailed reason (the device's own message) plainly."""

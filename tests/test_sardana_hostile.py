@@ -409,3 +409,23 @@ def test_a_source_failing_mid_count_is_recorded_as_failed_not_lost(spock, site, 
     finally:
         db.put_device_property(name, {"EventSource": source})
         h.Init()
+
+
+def test_macros_on_a_device_of_another_kind_say_so(spock, site):
+    """LivehistHistogrammer set to the MetadataManager (or LivehistMetadata to the histogrammer):
+    the macros failed with 'Error: HistogramConfig', 'AttributeError: Start', 'AttributeError:
+    SetMetadata'. They name the device, what it is and the variable to fix."""
+    cases = {"LivehistHistogrammer": ("livehist/metadata/1", [["histo_count", "1"], ["histo_start"], ["histo_stop"],
+                                                              ["histo_reset"]]),
+             "LivehistMetadata": ("livehist/histogrammer/1", [["meta_set", "title", "x"], ["meta_show"],
+                                                              ["dataset_start", "wrong_kind"], ["dataset_end"]])}  # fmt: skip
+    for variable, (device, macros) in cases.items():
+        spock.env(**{variable: device})
+        try:
+            for argv in macros:
+                with pytest.raises(LivehistError) as exc:
+                    spock.run(*argv, timeout=60)
+                text = str(exc.value)
+                assert f"{device} is not" in text and f"senv {variable}" in text, (argv, text)
+        finally:
+            spock.env(LivehistHistogrammer="livehist/histogrammer/1", LivehistMetadata="livehist/metadata/1")
