@@ -51,10 +51,12 @@ def _refuse_a_closed_dataset(folder) -> None:
         return
     try:
         with open(summary, encoding="utf-8") as f:
-            name = str(json.load(f).get("dataset") or "")
-    except (OSError, ValueError, AttributeError):
-        name = ""
-    name = name or os.path.basename(os.path.normpath(folder))
+            written = json.load(f)
+    except (OSError, ValueError):
+        return  # not a summary EndDataset wrote: another program's file
+    if not (isinstance(written, dict) and {"dataset", "files", "metadata"} <= written.keys()):
+        return
+    name = str(written["dataset"])
     raise RuntimeError(tango_text(f"ScanDir {folder} is the folder of dataset {name!r}, closed (its dataset.json "
                                   "is written): what is recorded there now would be in no dataset summary; "
                                   "dataset_start a new dataset or senv ScanDir to another folder"))  # fmt: skip

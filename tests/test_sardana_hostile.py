@@ -359,6 +359,7 @@ def test_nothing_is_recorded_into_a_closed_dataset(spock, site, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == before  # nothing written after its summary
     assert json.loads((folder / "dataset.json").read_text())["files"]  # the summary as it was
     spock.env(ScanDir=str(tmp_path))
+    (tmp_path / "dataset.json").write_text('{"name": "another program\'s file"}')  # not a summary of ours
     spock.run("histo_count", "0.2")  # elsewhere it records
     assert (tmp_path / "scan.nxs").exists()
 
