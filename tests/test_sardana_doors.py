@@ -77,8 +77,9 @@ def test_two_doors_counting_at_once_record_two_scans_with_two_numbers(site, tmp_
     assert sorted(map(int, spec)) == numbers
 
 
+# Door 1 counts 5 s: time enough for Door 2's macro to start on a loaded machine
 def test_histo_count_from_another_door_leaves_a_running_count_alone(site, tmp_path):
-    """Door 2's `histo_count 1` during Door 1's `histo_count 3` stopped and reset Door 1's count
+    """Door 2's `histo_count 1` during Door 1's `histo_count 5` stopped and reset Door 1's count
     (as it stops histo_start), which was then recorded as interrupted, holding Door 2's second;
     a scan point of another Door likewise. A count of someone else (a preset set) is refused."""
     set_environment(site.url("macroserver/livehist/1"), {"ScanDir": str(tmp_path), "ScanFile": ["c.jsonl"]})
@@ -86,11 +87,11 @@ def test_histo_count_from_another_door_leaves_a_running_count_alone(site, tmp_pa
     lines: list[str] = []
     doors = [Door(site.url(f"door/livehist/{i}"), say=lines.append) for i in (1, 2)]
     try:
-        doors[0].proxy.RunMacro(["histo_count", "3"])
+        doors[0].proxy.RunMacro(["histo_count", "5"])
         wait_state(h, (tango.DevState.RUNNING, tango.DevState.ALARM))
         with pytest.raises(LivehistError) as exc:
             doors[1].run(["histo_count", "1"], timeout=30)
-        assert "is acquiring" in str(exc.value) and "PresetTime 3" in str(exc.value), exc.value
+        assert "is acquiring" in str(exc.value) and "PresetTime 5" in str(exc.value), exc.value
         wait_state(doors[0].proxy, (tango.DevState.ON, tango.DevState.ALARM), timeout=30)
         assert doors[0].proxy.state() == tango.DevState.ON, lines[-10:]
     finally:
@@ -102,7 +103,7 @@ def test_histo_count_from_another_door_leaves_a_running_count_alone(site, tmp_pa
 
 
 def test_histo_start_from_another_door_leaves_a_running_count_alone(site, tmp_path):
-    """histo_start on Door 2 while Door 1's `histo_count 2` ran tried to clear the count's presets
+    """histo_start on Door 2 while Door 1's `histo_count 5` ran tried to clear the count's presets
     (as it clears what the last count left); the device refused, and the macro failed with 'Failed
     to execute DeviceProxy::write_attributes ... PresetTime, PresetEvents', naming neither why nor
     the fix. Refused first, saying both; the count ends by itself and is recorded as ok."""
@@ -112,12 +113,12 @@ def test_histo_start_from_another_door_leaves_a_running_count_alone(site, tmp_pa
     lines: list[str] = []
     doors = [Door(site.url(f"door/livehist/{i}"), say=lines.append) for i in (1, 2)]
     try:
-        doors[0].proxy.RunMacro(["histo_count", "2"])
+        doors[0].proxy.RunMacro(["histo_count", "5"])
         wait_state(h, (tango.DevState.RUNNING, tango.DevState.ALARM))
         with pytest.raises(LivehistError) as exc:
             doors[1].run(["histo_start"], timeout=30)
         assert "is acquiring" in str(exc.value) and "histo_stop" in str(exc.value), exc.value
-        assert h.PresetTime == 2.0  # the count's preset is untouched
+        assert h.PresetTime == 5.0  # the count's preset is untouched
         try:
             wait_state(doors[0].proxy, (tango.DevState.ON, tango.DevState.ALARM), timeout=30)
         finally:
@@ -133,7 +134,7 @@ def test_histo_start_from_another_door_leaves_a_running_count_alone(site, tmp_pa
 
 
 def test_histo_reset_from_another_door_leaves_a_running_count_alone(site, tmp_path):
-    """histo_reset on Door 2 during Door 1's `histo_count 2` cleared the count half-way: Door 1
+    """histo_reset on Door 2 during Door 1's `histo_count 5` cleared the count half-way: Door 1
     recorded it as interrupted, holding only what came after. Refused like histo_start and
     histo_count on someone's count (histo_stop still ends it, on purpose)."""
     set_environment(site.url("macroserver/livehist/1"), {"ScanDir": str(tmp_path), "ScanFile": ["r.jsonl"]})
@@ -141,7 +142,7 @@ def test_histo_reset_from_another_door_leaves_a_running_count_alone(site, tmp_pa
     lines: list[str] = []
     doors = [Door(site.url(f"door/livehist/{i}"), say=lines.append) for i in (1, 2)]
     try:
-        doors[0].proxy.RunMacro(["histo_count", "2"])
+        doors[0].proxy.RunMacro(["histo_count", "5"])
         wait_state(h, (tango.DevState.RUNNING, tango.DevState.ALARM))
         with pytest.raises(LivehistError) as exc:
             doors[1].run(["histo_reset"], timeout=30)
