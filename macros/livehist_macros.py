@@ -633,7 +633,7 @@ class meta_show(Macro, _Livehist):
 class dataset_start(Macro, _Livehist):
     """Open a dataset: the MetadataManager creates its folder, and ScanDir is set to it."""
 
-    param_def = [["name", Type.String, None, "dataset name (letters, digits, _ . -)"]]
+    param_def = [["name", Type.String, None, "dataset name (ASCII letters, digits, _ . -)"]]
 
     def run(self, name):
         m = self.metadata_device()

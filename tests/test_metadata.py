@@ -63,6 +63,7 @@ def test_merge_validates_and_keeps_free_form_keys():
         ("[1, 2]", "needs a JSON object"),
         ({"proposal": "P1\n"}, "does not match the pattern"),  # re.match's '$' let a newline through
         ({"beam\n": 1}, "is not allowed"),
+        ({"\u03b1key": 1}, r"not allowed; keys start with an ASCII letter \(a-z, A-Z\)"),  # said 'letters
         ({"sample": {"temperature": 10**400}}, "finite number of kelvin"),  # was OverflowError
         ({"free": 10**400}, "an integer of 401 digits"),
         ("[" * 100_000, "nested too deep"),  # was RecursionError
@@ -125,6 +126,8 @@ def test_dataset_life_cycle_with_folder_group_mode_and_summary(tmp_path):
     for bad in ("../x", "a/b", "..", "", "x" * 70, "-lead", "run1\n"):
         with pytest.raises(MetadataError, match="is not allowed"):
             store.start_dataset(bad)
+    with pytest.raises(MetadataError, match=r"use 1-64 ASCII letters \(a-z, A-Z\)"):  # 'letters' refused é
+        store.start_dataset("café")
     folder = store.start_dataset("run1")
     assert store.state == "RUNNING" and folder.is_dir()
     assert folder.parent.name == "20261234" and folder.parent.parent.parent == tmp_path

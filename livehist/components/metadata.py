@@ -359,7 +359,8 @@ class MetadataStore:
             return users
         if not FREE_KEY_RE.fullmatch(key):
             raise MetadataError(
-                f"metadata key {key!r} is not allowed; keys start with a letter and hold letters, digits, _ . -"
+                f"metadata key {key!r} is not allowed; keys start with an ASCII letter (a-z, A-Z) and hold "
+                "ASCII letters, digits, _ . - (at most 64; values may hold any text)"
             )
         return self._free(value, key, 0)
 
@@ -514,8 +515,9 @@ class MetadataStore:
     def folder_for(self, name: str) -> Path:
         if not isinstance(name, str) or not DATASET_NAME_RE.fullmatch(name) or name in (".", ".."):
             raise MetadataError(
-                f"dataset name {name!r} is not allowed: use 1-64 letters, digits, _ . - "
-                "(no path separators, no '..'), starting with a letter or digit"
+                f"dataset name {name!r} is not allowed: use 1-64 ASCII letters (a-z, A-Z), digits, _ . - "
+                "(no path separators, no '..'), starting with a letter or digit; it names a folder, so that "
+                "every file system and transfer tool takes it (the title may hold any text)"
             )
         md = self.metadata
         if not md.get("proposal"):
