@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -302,31 +303,29 @@ def test_view_without_a_display_or_with_bad_seconds_says_so_instead_of_aborting(
         assert "--seconds must be a number >= 0" in line, line
 
 
-def test_ctrl_c_during_up_stops_what_it_had_started(tmp_path):
-    """Ctrl-C halfway through `up` left the database and the servers started so far running,
-    and said only 'interrupted'."""
-    import signal
-
+def interrupt_up(tmp_path, name: str, sig) -> tuple[str, dict]:
+    """Start `livehist up` of a metadata manager and a histogrammer (server instance `name`), send
+    `sig` once the histogrammer is started, and check that `up` stopped all it had started.
+    Returns up's output and the environment it ran in (no TANGO_HOST)."""
     from livehist.site.process import Managed, managed_processes
 
-    state, port = tmp_path / "state", free_port()
-    cfg = tmp_path / "c.json"
+    state, cfg = tmp_path / "state", tmp_path / "c.json"
     cfg.write_text(json.dumps({"servers": {
-        "MetadataManager": {"ctrlc": {"MetadataManager": {"test/ctrlc/m": {}}}},
-        "EventHistogrammer": {"ctrlc": {"EventHistogrammer": {"test/ctrlc/h": {}}}}}}))  # fmt: skip
+        "MetadataManager": {name: {"MetadataManager": {f"test/{name}/m": {}}}},
+        "EventHistogrammer": {name: {"EventHistogrammer": {f"test/{name}/h": {}}}}}}))  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "TANGO_HOST"}
     argv = [sys.executable, "-m", "livehist.cli", "up", "--config", str(cfg), "--state-dir", str(state),
-            "--tango-host", f"127.0.0.1:{port}"]  # fmt: skip
+            "--tango-host", f"127.0.0.1:{free_port()}"]  # fmt: skip
     up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         seen = []
         for line in up.stdout:
             seen.append(line)
-            if line.startswith("EventHistogrammer/ctrlc: started"):
+            if line.startswith(f"EventHistogrammer/{name}: started"):
                 # frozen, it cannot answer: `up` is surely still waiting for it (under load, `up`
-                # had sometimes finished before the SIGINT came)
-                os.kill(Managed(state, "EventHistogrammer-ctrlc").pid(), signal.SIGSTOP)
-                up.send_signal(signal.SIGINT)
+                # had sometimes finished before the signal came)
+                os.kill(Managed(state, f"EventHistogrammer-{name}").pid(), signal.SIGSTOP)
+                up.send_signal(sig)
                 break
         out = "".join(seen) + up.communicate(timeout=60)[0]
     finally:
@@ -336,9 +335,16 @@ def test_ctrl_c_during_up_stops_what_it_had_started(tmp_path):
             proc.stop(timeout=2)
     assert up.returncode == 130, out
     assert "interrupted: stopped what this `livehist up` had started:" in out, out
-    assert "tango-db" in out and "MetadataManager-ctrlc" in out and "EventHistogrammer-ctrlc" in out, out
+    assert "tango-db" in out and f"MetadataManager-{name}" in out and f"EventHistogrammer-{name}" in out, out
     assert not managed_processes(state), [p.name for p in managed_processes(state)]
-    r = run_cli("status", "--state-dir", str(state), env=env)
+    return out, env
+
+
+def test_ctrl_c_during_up_stops_what_it_had_started(tmp_path):
+    """Ctrl-C halfway through `up` left the database and the servers started so far running,
+    and said only 'interrupted'."""
+    _, env = interrupt_up(tmp_path, "ctrlc", signal.SIGINT)
+    r = run_cli("status", "--state-dir", str(tmp_path / "state"), env=env)
     assert r.returncode == 1 and "no Tango database answers" in r.stdout, r.stdout
 
 

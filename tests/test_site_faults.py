@@ -551,34 +551,9 @@ def test_sigterm_during_up_stops_what_it_had_started(tmp_path):
     spot and left the database and the servers started so far running, without a word."""
     import signal
 
-    from livehist.site.process import Managed, free_port
+    from tests.test_cli_faults import interrupt_up
 
-    state, cfg = tmp_path / "state", tmp_path / "c.json"
-    cfg.write_text(json.dumps({"servers": {
-        "MetadataManager": {"term": {"MetadataManager": {"test/term/m": {}}}},
-        "EventHistogrammer": {"term": {"EventHistogrammer": {"test/term/h": {}}}}}}))  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "TANGO_HOST"}
-    argv = [sys.executable, "-m", "livehist.cli", "up", "--config", str(cfg), "--state-dir", str(state),
-            "--tango-host", f"127.0.0.1:{free_port()}"]  # fmt: skip
-    up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        seen = []
-        for line in up.stdout:
-            seen.append(line)
-            if line.startswith("EventHistogrammer/term: started"):
-                os.kill(Managed(state, "EventHistogrammer-term").pid(), signal.SIGSTOP)  # keeps `up` waiting
-                up.send_signal(signal.SIGTERM)
-                break
-        out = "".join(seen) + up.communicate(timeout=60)[0]
-    finally:
-        if up.poll() is None:
-            up.kill()
-        for proc in managed_processes(state):
-            proc.stop(timeout=2)
-    assert up.returncode == 130, out
-    assert "interrupted: stopped what this `livehist up` had started:" in out, out
-    assert "tango-db" in out and "MetadataManager-term" in out and "EventHistogrammer-term" in out, out
-    assert not managed_processes(state), [p.name for p in managed_processes(state)]
+    interrupt_up(tmp_path, "term", signal.SIGTERM)
 
 
 def _default_config() -> dict:
