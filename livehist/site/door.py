@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import json
 import pickle
 import re
@@ -12,9 +11,7 @@ from collections.abc import Callable
 
 from livehist.errors import LivehistError
 
-START_S = (
-    30.0  # s a macro may take to show that it started before its end is judged by the Door's state alone
-)
+START_S = 30.0  # s a macro may take to show it started; after that the Door's state alone decides
 
 
 class Door:
@@ -31,7 +28,7 @@ class Door:
         # RunMacro only queues the macro: the Door turns RUNNING when it starts, a moment later (on
         # a loaded machine, later than any fixed wait; the end of the previous macro was then taken
         # for this one's). The Door's MacroStatus events name each macro by its id when it starts.
-        self._started: collections.OrderedDict[str, bool] = collections.OrderedDict()
+        self._started: set[str] = set()  # ids of macros reported started since `run` armed
         self._news = threading.Condition()
         self._state_seen = None  # the last State event's value
         self._armed = False  # State events count for the macro being run (see `run`)
@@ -39,9 +36,9 @@ class Door:
         try:
             for attr, callback in (("MacroStatus", self._on_status), ("State", self._on_state)):
                 self._subs.append(self.proxy.subscribe_event(attr, tango.EventType.CHANGE_EVENT, callback))
-            self._start_wait = START_S
+            self._events = True
         except tango.DevFailed:  # no events from this Door (a firewall on its event ports): a short
-            self._start_wait = 0.5  # wait for RUNNING, as before; the end of a slow start can be misjudged
+            self._events = False  # wait for RUNNING, as before; the end of a slow start can be misjudged
         if say is not None:
             for attr in ("Output", "Warning", "Error"):
                 self._subs.append(
@@ -60,10 +57,7 @@ class Door:
         except (ValueError, TypeError, IndexError, KeyError, UnicodeDecodeError):
             return
         with self._news:
-            for mid in ids:
-                self._started[str(mid)] = True
-            while len(self._started) > 256:
-                self._started.popitem(last=False)
+            self._started.update(str(mid) for mid in ids)
             self._news.notify_all()
 
     def _on_state(self, event) -> None:
@@ -92,7 +86,7 @@ class Door:
         # not count for this one
         now = self._state(argv)
         with self._news:
-            self._news.wait_for(lambda: self._state_seen == now, 2.0 if self._start_wait == START_S else 0.0)
+            self._news.wait_for(lambda: self._state_seen == now, 2.0 if self._events else 0.0)
             self._running_seen, self._armed = False, True
             self._started.clear()  # ids restart at a MacroServer restart: only this run's count
         try:
@@ -102,6 +96,7 @@ class Door:
             raise LivehistError(f"macro {argv[0]} refused: {exc.args[0].desc.strip()}") from None
         found = re.search(r'\bid="([^"]+)"', reply[0] if reply else "")
         mid = found.group(1) if found else None
+        start_wait = START_S if self._events else 0.5
         started, deadline = time.monotonic(), time.monotonic() + timeout
         # this macro has started (its id in a MacroStatus event, a RUNNING State event since
         # RunMacro, or RUNNING read): the Door's state is now about it
@@ -111,17 +106,16 @@ class Door:
                 state = self._state(argv)
                 if state == tango.DevState.RUNNING:  # RunMacro is refused while RUNNING: this is ours
                     seen = True
-                elif seen or time.monotonic() - started > self._start_wait:
+                elif seen or time.monotonic() - started > start_wait:
                     break
                 if time.monotonic() > deadline:
                     self.proxy.AbortMacro()
                     raise LivehistError(f"macro {' '.join(argv)} did not end within {timeout:.0f} s; aborted")
-                with self._news:
-                    if not (seen or self._running_seen or self._started.get(mid or "", False)):
-                        self._news.wait(0.05)
-                    seen = seen or self._running_seen or (mid is not None and self._started.get(mid, False))
                 if seen:
                     time.sleep(0.05)
+                else:
+                    with self._news:
+                        seen = self._news.wait_for(lambda: self._running_seen or mid in self._started, 0.05)
         except KeyboardInterrupt:  # Ctrl-C: the macro stops too, as in spock (it kept the Door RUNNING)
             self._abort()
             raise
