@@ -252,7 +252,13 @@ def test_json_lines_file_and_zmq_publisher(tmp_path):
     while sub.poll(1000):
         got.append(json.loads(sub.recv_string()))
     sub.close(0)
-    assert [g["record"] for g in got] == ["point"] * 3 + ["histogram", "histogram", "end"]
+    # the start went out before the subscriber surely had joined (ZeroMQ's slow joiner): it is
+    # there when the connection was quick (seen in CI), and everything after it always is
+    kinds = [g["record"] for g in got]
+    if kinds[:1] == ["start"]:
+        assert got[0]["metadata"]["sample"]["name"] == "Si powder"
+        kinds = kinds[1:]
+    assert kinds == ["point"] * 3 + ["histogram", "histogram", "end"], [g["record"] for g in got]
 
 
 SPS_WRITER = """
