@@ -20,6 +20,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,12 @@ class Checkpoint:
         self.written = 0
         self.last_error: str | None = None
 
-    def write(self, snap: Snapshot, specs_json: str, running: bool) -> None:
+    def write(
+        self, snap: Snapshot, specs_json: str, running: bool, still: Callable[[], bool] | None = None
+    ) -> bool:
+        """Write `snap` whole; False (nothing changed) if `still()`, asked just before the rename over
+        the last checkpoint, says it no longer may: a process frozen mid-write (SIGSTOP, a stalled VM)
+        must not finish it on waking, since the group's other members may have read on from the last."""
         meta = {
             "version": VERSION, "uri": self.uri, "histograms": specs_json, "running": running,
             "written_at": time.time(), "seq": self.written + 1,
@@ -106,6 +112,9 @@ class Checkpoint:
                 np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
                 f.flush()
                 os.fsync(f.fileno())
+            if still is not None and not still():
+                with_suppress_unlink(tmp)
+                return False
             os.replace(tmp, self.path)
             dirfd = os.open(self.path.parent, os.O_RDONLY)
             try:
@@ -116,6 +125,7 @@ class Checkpoint:
             with_suppress_unlink(tmp)
             raise
         self.written += 1
+        return True
 
     def read(self) -> dict[str, Any] | None:
         """The checkpoint, or None if there is none; a damaged one is set aside and named."""

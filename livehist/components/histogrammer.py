@@ -283,24 +283,20 @@ class Histogrammer:
 
     def _refresh(self) -> None:
         ck = self.checkpoint
-        if ck is not None:
-            self._check_frozen()
-        if ck is None or (self.engine.running and time.monotonic() < self._hold_checkpoints_until):
+        if ck is None or self._held():
             self.last = self.engine.snapshot()  # held after a freeze: see `_watch`
             return
         with ck.lock:  # snapshots reach the file in the order they were taken
             snap = self.engine.snapshot()
             try:
-                ck.write(snap, self.config_json(), self.engine.running)
+                written = ck.write(snap, self.config_json(), self.engine.running, still=self._free)
                 ck.last_error = None
             except OSError as exc:  # nothing committed past the last good checkpoint
                 ck.last_error = f"checkpoint {ck.path} not written: {exc}"
                 log.error(ck.last_error)
-                snap_ok = False
-            else:
-                snap_ok = True
+                written = False
         source = self.engine.source
-        if snap_ok and isinstance(source, GroupWorkerSource) and snap.offsets:
+        if written and isinstance(source, GroupWorkerSource) and snap.offsets:
             source.commit(next_offsets(snap.offsets))  # only after the checkpoint that covers them
         self.last = snap
 
@@ -321,12 +317,22 @@ class Histogrammer:
         return source
 
     def _handover(self) -> dict:
-        """From the consumer thread, before partitions go: all fed counted, checkpointed; next offsets."""
+        """From the consumer thread, before partitions go: all fed counted, checkpointed; next offsets.
+        Just after a freeze (see `_watch`) the others may read on from our last checkpoint: counts
+        set back to it, nothing to commit."""
         self.engine.wait_processed(timeout=10.0)
         ck = self.checkpoint
         with ck.lock:
             snap = self.engine.snapshot()
-            ck.write(snap, self.config_json(), self.engine.running)
+            written = not self._held() and ck.write(
+                snap, self.config_json(), self.engine.running, still=self._free
+            )
+        if not written:
+            note = self._set_back("partitions handed over just after a freeze")
+            notes = getattr(self._source, "notes", None)
+            if note and notes is not None:
+                notes.append(note)
+            return {}
         return next_offsets(snap.offsets)
 
     def _watch(self) -> None:
@@ -337,6 +343,15 @@ class Histogrammer:
         counts back to that checkpoint) or not."""
         while not self._closed.wait(0.2):
             self._check_frozen()
+
+    def _held(self) -> bool:
+        """Whether a freeze may have cost us our partitions, the group not having said yet: no
+        checkpoint may then be written (the others read on from the last one)."""
+        self._check_frozen()
+        return self.engine.running and time.monotonic() < self._hold_checkpoints_until
+
+    def _free(self) -> bool:
+        return not self._held()
 
     def _check_frozen(self) -> None:
         now = time.monotonic()
@@ -366,14 +381,18 @@ class Histogrammer:
         self.engine.wait_processed(timeout=10.0)  # nothing of the lost partitions lands after the reset
         with ck.lock:
             data = ck.read()
-            if data is None or data.get("uri") != self.source_uri:
+            if data is not None and data.get("uri") != self.source_uri:
                 return ""
+            to = f"checkpoint {ck.path}"
+            if data is None:  # none written yet: the others read from where our counts began
+                data = {"counters": {"events": 0}, "counts": {}, "offsets": {}, "ranges": {}}
+                to = "nothing (no checkpoint written yet)"
             before = self.engine.events
             counters = {**data["counters"], "recounted": data.get("recounted", 0)}
             self.engine.restore(data["counts"], counters, data["offsets"], data["ranges"])
         self._set_back_at = time.monotonic()
         self._hold_checkpoints_until = 0.0
-        note = (f"{why}: counts set back to checkpoint {ck.path} ({data['counters'].get('events'):,} events, "
+        note = (f"{why}: counts set back to {to} ({data['counters'].get('events'):,} events, "
                 f"{before - self.engine.events:,} fewer), from which the group's other members read on")  # fmt: skip
         log.warning(note)
         self._kick.set()  # the publisher shows (and checkpoints) the counts set back
@@ -493,6 +512,8 @@ class Histogrammer:
                 self._reconnects += 1
                 try:
                     self._source = self._open(self.source_uri)
+                    if source is not None and hasattr(self._source, "notes"):  # what an operator should
+                        self._source.notes[:0] = getattr(source, "notes", [])[-20:]  # know stays
                     e.attach(self._source)
                     # FAULT until the new source reaches its broker: not RUNNING while it only tries
                     self._reconnecting, self._source_error = self._source_error, None

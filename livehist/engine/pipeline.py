@@ -463,13 +463,15 @@ class Engine:
     def restore(self, counts: dict[str, np.ndarray], counters: dict[str, float],
                 offsets: dict[tuple[str, int], tuple[int, int]], ranges: dict | None = None) -> list[str]:  # fmt: skip
         """Load counts, counters and offsets (a checkpoint) into the current histograms; returns
-        the names restored (windowed histograms, and names not in `counts`, start empty)."""
+        the names restored (the others are emptied; windowed histograms are left as they are)."""
         restored = []
         with self._lock:
             for name, h in self._hists.items():
                 c = counts.get(name)
-                if c is not None and not h.spec.window and c.size == h._cells:
-                    h.clear()
+                if h.spec.window:
+                    continue
+                h.clear()
+                if c is not None and c.size == h._cells:
                     h.parts[0][-1][: h._cells] = np.asarray(c, np.int64).ravel()  # the int64 counts of part 0
                     restored.append(name)
             self.events = int(counters.get("events", 0))
