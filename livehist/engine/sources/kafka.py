@@ -49,6 +49,7 @@ log = logging.getLogger("livehist.engine.sources.kafka")
 BATCH_MESSAGES = 500  # messages per consume(): one call into librdkafka per batch, not per message
 CONNECT_TIMEOUT_S = 5.0
 DOWN_AFTER_S = 3.0  # no broker reachable this long (with 1 s statistics): FAULT within 10 s
+STALLED_S = 1.0  # a consume(0.1 s) that took this long: this process was stalled, not the broker silent
 STOP_GRACE_S = 2.0  # an idle partition at its end counts as past `stop` this long after it
 LOOKBACK_MS = 10_000  # seek this much before `start`: a message's timestamp is its first pulse
 GROUP_TIMING = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}  # join in ~3 s, not ~23 s
@@ -375,14 +376,19 @@ class KafkaSource(Source):
         from confluent_kafka import KafkaError
 
         eof_code = KafkaError._PARTITION_EOF
-        loop_at = time.monotonic()
+        silent = 0.0  # s spent waiting in consume() since the broker was last heard from
         while not self.stopping:
-            if time.monotonic() - loop_at > DOWN_AFTER_S:  # this process was frozen, not the broker
-                self._last_up = time.monotonic()
+            heard, t0 = self._last_up, time.monotonic()
             messages = consumer.consume(BATCH_MESSAGES, 0.1)
-            loop_at = time.monotonic()
+            t1 = time.monotonic()
             if messages:
-                self._last_up = time.monotonic()
+                self._last_up = t1
+            if self._last_up != heard:  # messages, or statistics saying a broker answers
+                silent = 0.0
+            elif t1 - t0 < STALLED_S:
+                silent += t1 - t0
+            # else: a call far longer than its 0.1 s is this process stalled (frozen, a rebalance's
+            # hand-over), not the broker silent; neither is the time spent handing messages over
             for m in messages:
                 err = m.error()
                 if err is None:
@@ -398,9 +404,8 @@ class KafkaSource(Source):
             if self._fatal:
                 self.error = f"Kafka consumer failed: {self._fatal}"
                 return
-            down = time.monotonic() - self._last_up
-            if down > DOWN_AFTER_S:
-                self.error = f"no Kafka broker reachable at {self.brokers} for {down:.0f} s"
+            if silent > DOWN_AFTER_S:
+                self.error = f"no Kafka broker reachable at {self.brokers} for {silent:.0f} s"
                 return
             self._do_commit(consumer)
             if self.stop_ns is not None and self._past_stop(consumer):
