@@ -674,3 +674,25 @@ def test_web_follows_a_layout_file_and_a_device_that_is_down(site, page, tmp_pat
     finally:
         Managed(site.state_dir, "web-layout").stop()
         db.delete_device("webtest/histogrammer/2")
+
+
+def test_a_layout_naming_devices_by_tango_url_shows_and_controls_them(site, page, tmp_path):
+    """`tango://HOST:PORT/a/b/c` in a layout is the device a/b/c (its panels matched no frame)."""
+    url_of = lambda dev: f"tango://{site.tango_host}/{dev}"  # noqa: E731
+    layout = tmp_path / "by-url.yaml"
+    layout.write_text(json.dumps({"panels": [
+        {"device": url_of(DEV), "show": "status"}, {"device": url_of(DEV), "show": "tof"},
+        {"device": url_of(META), "show": "metadata"}]}))  # fmt: skip
+    running(site)
+    url = start_web(site, "web-by-url", "--layout", str(layout), "--control-token", TOKEN)
+    try:
+        page.goto(url)
+        wait_for(lambda: paints(page, "tof") >= 1, 60, "tof painted")
+        wait_for(lambda: state_shown(page) in ("RUNNING", "ALARM"), 30, "the device's state")
+        assert page.locator('[data-meta="proposal"]').inner_text() == "20260042"
+        with urllib.request.urlopen(url + "api/info", timeout=10) as r:
+            panels = json.loads(r.read())["layout"]["panels"]
+        assert [p["device"] for p in panels] == [DEV, DEV, META]
+        assert post(url, "api/command", {"device": panels[0]["device"], "command": "Reset"}, TOKEN)[0] == 200
+    finally:
+        Managed(site.state_dir, "web-by-url").stop()

@@ -35,6 +35,8 @@ def find_devices(names: list[str], tango_host: str | None = None) -> dict[str, t
     """name -> (tango:// URL, class): the named devices, or the defaults from the DB."""
     import tango
 
+    from livehist.views.web.layout import short_device
+
     host, port = _host_port(tango_host)
     try:
         db = tango.Database(host, port)
@@ -51,7 +53,7 @@ def find_devices(names: list[str], tango_host: str | None = None) -> dict[str, t
                                 "device; run `livehist up`, or name devices: livehist web DEVICE ...")  # fmt: skip
         return found
     for name in names:
-        short = name.split("/", 3)[-1] if name.startswith("tango://") else name
+        short = short_device(name)
         if name.startswith("tango://"):
             given = name[len("tango://") :].split("/", 1)[0]
             if given.lower() not in (f"{host}:{port}".lower(), f"{host.split('.')[0]}:{port}".lower()):
@@ -133,6 +135,7 @@ def web(devices: list[str], port: int = 8050, bind: str = "127.0.0.1", layout: P
         if devices:
             raise LivehistError("name devices either on the command line or in --layout, not both")
         found = find_devices(lay.devices, tango_host)
+        lay = lay.by_short_names()
     else:
         found = find_devices(devices, tango_host)
         lay = default_layout([n for n, (_, c) in found.items() if c != METADATA_CLASS],

@@ -20,7 +20,7 @@ image; `width` is how many columns the panel spans.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from livehist.errors import LivehistError
@@ -29,6 +29,11 @@ SPECIAL = ("status", "metadata", "histograms")
 SCALES = ("linear", "log")
 MAX_COLUMNS = 4
 MAX_BYTES = 1 << 20  # a layout is a page of text; more is a mistake (or an attack)
+
+
+def short_device(name: str) -> str:
+    """domain/family/member of a device given as such or as tango://HOST:PORT/domain/family/member."""
+    return name.split("/", 3)[-1] if name.startswith("tango://") else name
 
 
 def _short(value: object, limit: int = 80) -> str:
@@ -59,6 +64,11 @@ class Layout:
     def devices(self) -> list[str]:
         """Every device named, in order of first appearance."""
         return list(dict.fromkeys(p.device for p in self.panels))
+
+    def by_short_names(self) -> Layout:
+        """This layout with every device as domain/family/member, as the service and its frames
+        name it (a panel naming tango://HOST:PORT/a/b/c matched no frame and no control request)."""
+        return replace(self, panels=tuple(replace(p, device=short_device(p.device)) for p in self.panels))
 
     def to_json(self) -> dict:
         return {"title": self.title, "columns": self.columns, "panels": [asdict(p) for p in self.panels]}
@@ -121,8 +131,9 @@ def parse_layout(doc: object, origin: str = "layout") -> Layout:
             isinstance(width, int) and not isinstance(width, bool) and 1 <= width <= columns,
             f"{where}.width must be an integer from 1 to columns ({columns}), got {_short(width)}",
         )
+        same = short_device(device).lower()  # a/b/c and tango://HOST:PORT/a/b/c are one device
         twin = next(
-            (j for j, q in enumerate(out) if (q.device.lower(), q.show) == (device.lower(), show)), None
+            (j for j, q in enumerate(out) if (short_device(q.device).lower(), q.show) == (same, show)), None
         )
         _check(twin is None, f"{where} repeats panels[{twin}] ({device}, show {show}); each appears once")
         out.append(Panel(device, show, scale, width))
