@@ -696,3 +696,14 @@ def test_a_layout_naming_devices_by_tango_url_shows_and_controls_them(site, page
         assert post(url, "api/command", {"device": panels[0]["device"], "command": "Reset"}, TOKEN)[0] == 200
     finally:
         Managed(site.state_dir, "web-by-url").stop()
+
+
+def test_metadata_beyond_latin1_shows_as_written_not_as_tango_escapes(site, web, page):
+    meta = tango.DeviceProxy(site.url(META))
+    name = "α-Fe2O3 \\ Å 🧪"
+    meta.SetMetadata(json.dumps({"sample": {"name": name}}))
+    try:
+        page.goto(web)
+        wait_for(lambda: page.locator('[data-meta="sample"]').inner_text() == name, 30, "the sample name")
+    finally:
+        meta.SetMetadata(json.dumps({"sample": {"name": "Si"}}))

@@ -46,6 +46,17 @@ def _number(value) -> float | int | None:
     return value if math.isfinite(value) else None
 
 
+def _metadata_text(value: str) -> str:
+    """The MetadataManager's text as written: its string attributes escape what Latin-1 lacks
+    (α-Fe2O3 reads \\u03b1-Fe2O3), which the page showed as such."""
+    from livehist.errors import LivehistError, from_tango_text
+
+    try:
+        return from_tango_text(value)
+    except LivehistError:  # not the device's escapes (an older device?): show it as it came
+        return value
+
+
 def _error_text(exc: Exception) -> str:
     import tango
 
@@ -173,9 +184,8 @@ class Follower(threading.Thread):
         if self.dev_class == "MetadataManager":
             values = self._proxy.read_attributes(["State", "Status", *METADATA])
             state, status = str(values[0].value), values[1].value
-            meta = {
-                a: (v.value if not v.has_failed else None) for a, v in zip(METADATA, values[2:], strict=True)
-            }
+            meta = {a: (_metadata_text(v.value) if not v.has_failed else None)
+                    for a, v in zip(METADATA, values[2:], strict=True)}  # fmt: skip
             self._state = state
             self.emit((self.device, "metadata"), encode({"kind": "metadata", "device": self.device,
                                                          "state": state, "status": status, "metadata": meta}))  # fmt: skip
