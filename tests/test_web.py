@@ -707,3 +707,17 @@ def test_metadata_beyond_latin1_shows_as_written_not_as_tango_escapes(site, web,
         wait_for(lambda: page.locator('[data-meta="sample"]').inner_text() == name, 30, "the sample name")
     finally:
         meta.SetMetadata(json.dumps({"sample": {"name": "Si"}}))
+
+
+def test_a_metadata_manager_that_dies_shows_down_not_its_last_values(site, web, page):
+    meta = page.locator(f'section[data-device="{META}"][data-kind="metadata"]')
+    page.goto(web)
+    wait_for(lambda: meta.locator(".state").inner_text() == "ON", 60, "the metadata manager ON")
+    os.kill(Managed(site.state_dir, "MetadataManager-webtest").pid(), signal.SIGKILL)
+    try:
+        wait_for(lambda: meta.locator(".state").inner_text() == "DOWN", 30, "DOWN shown")
+        assert page.locator('[data-meta="proposal"]').inner_text() == "-"  # not the last proposal seen
+    finally:
+        control.up(site.tango_host, site.config_path, site.state_dir, say=lambda s: None)
+    wait_for(lambda: meta.locator(".state").inner_text() == "ON", 60, "ON again")
+    wait_for(lambda: page.locator('[data-meta="proposal"]').inner_text() == "20260042", 30, "the proposal")

@@ -172,9 +172,13 @@ class Follower(threading.Thread):
         if self._state != "DOWN":
             log.info("%s: DOWN (%s)", self.device, _error_text(exc))
         self._state = "DOWN"
-        self.emit((self.device, "status"), encode({"kind": "status", "device": self.device,
-                                                   "state": "DOWN", "status": _error_text(exc),
-                                                   "counters": {}, "t_pub": None}))  # fmt: skip
+        if self.dev_class == "MetadataManager":  # its panel follows metadata frames, not status ones
+            self.emit((self.device, "metadata"), encode({"kind": "metadata", "device": self.device, "state": "DOWN",
+                                                         "status": _error_text(exc), "metadata": {}}))  # fmt: skip
+        else:
+            self.emit((self.device, "status"), encode({"kind": "status", "device": self.device,
+                                                       "state": "DOWN", "status": _error_text(exc),
+                                                       "counters": {}, "t_pub": None}))  # fmt: skip
         self._config = None  # read again when it is back (its histograms may have changed)
 
     def _heartbeat(self) -> bool:
