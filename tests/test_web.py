@@ -610,6 +610,12 @@ def test_layouts_from_json_and_yaml_and_their_errors(tmp_path):
         load_layout(tmp_path / "missing.yaml")
     with pytest.raises(LayoutError, match="must be a string"):
         parse_layout({"title": 5, "panels": [{"device": "a/b/c"}]})
+    many = tmp_path / "many.json"  # panels a script made: checked in a moment (was quadratic: 40 s)
+    many.write_text(json.dumps({"panels": [{"device": "a/b/c", "show": f"h{i}"} for i in range(20000)]}))
+    t0 = time.monotonic()
+    assert len(load_layout(many).panels) == 20000 and time.monotonic() - t0 < 10
+    with pytest.raises(LayoutError, match=r"panels\[1\] repeats panels\[0\]"):
+        parse_layout({"panels": [{"device": "a/b/c"}, {"device": "tango://h:1/A/B/C"}]})
 
 
 def test_livehist_web_refuses_bad_input_with_clear_messages(site, tmp_path):

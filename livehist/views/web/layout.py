@@ -107,6 +107,8 @@ def parse_layout(doc: object, origin: str = "layout") -> Layout:
         isinstance(panels, list) and panels, f"{origin}.panels must be a non-empty list, got {_short(panels)}"
     )
     out = []
+    # (device, show) -> its first panel; a scan of all earlier panels took minutes for a 1 MB layout
+    seen: dict[tuple[str, str], int] = {}
     for i, p in enumerate(panels):
         where = f"{origin}.panels[{i}]"
         _check(
@@ -131,11 +133,9 @@ def parse_layout(doc: object, origin: str = "layout") -> Layout:
             isinstance(width, int) and not isinstance(width, bool) and 1 <= width <= columns,
             f"{where}.width must be an integer from 1 to columns ({columns}), got {_short(width)}",
         )
-        same = short_device(device).lower()  # a/b/c and tango://HOST:PORT/a/b/c are one device
-        twin = next(
-            (j for j, q in enumerate(out) if (short_device(q.device).lower(), q.show) == (same, show)), None
-        )
-        _check(twin is None, f"{where} repeats panels[{twin}] ({device}, show {show}); each appears once")
+        key = (short_device(device).lower(), show)  # a/b/c and tango://HOST:PORT/a/b/c are one device
+        twin = seen.setdefault(key, i)
+        _check(twin == i, f"{where} repeats panels[{twin}] ({device}, show {show}); each appears once")
         out.append(Panel(device, show, scale, width))
     return Layout(title, columns, tuple(out))
 
