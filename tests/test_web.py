@@ -640,6 +640,11 @@ def test_livehist_web_refuses_bad_input_with_clear_messages(site, tmp_path):
     layout = tmp_path / "l.yaml"
     layout.write_text(f"panels: [{{device: {DEV}}}]\n")
     cases.append((["--layout", str(layout), DEV], "either on the command line or in --layout"))
+    mixed = tmp_path / "mixed.yaml"
+    mixed.write_text(f"panels: [{{device: {DEV}}}, {{device: {META}, show: status}}]\n")
+    cases.append(
+        (["--layout", str(mixed)], f"panels[1] shows 'status' of {META}, a MetadataManager; show metadata")
+    )
     if taken:  # the port of the running web view
         port = next(a for a in taken["argv"][taken["argv"].index("--port") + 1 :])
         cases.append((["--port", port, DEV], f"cannot listen on 127.0.0.1:{port}"))

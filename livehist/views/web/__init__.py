@@ -136,6 +136,12 @@ def web(devices: list[str], port: int = 8050, bind: str = "127.0.0.1", layout: P
             raise LivehistError("name devices either on the command line or in --layout, not both")
         found = find_devices(lay.devices, tango_host)
         lay = lay.by_short_names()
+        for i, p in enumerate(lay.panels):  # a MetadataManager sends no status or histograms: '?' forever
+            cls = found[p.device][1]
+            if (cls == METADATA_CLASS) != (p.show == "metadata"):
+                fits = "metadata" if cls == METADATA_CLASS else "status, histograms or a histogram name"
+                raise LivehistError(f"layout {layout}: panels[{i}] shows {p.show!r} of {p.device}, a {cls}; "
+                                    f"show {fits} for it")  # fmt: skip
     else:
         found = find_devices(devices, tango_host)
         lay = default_layout([n for n, (_, c) in found.items() if c != METADATA_CLASS],
