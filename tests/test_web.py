@@ -534,7 +534,7 @@ def test_a_client_that_does_not_read_is_bounded_and_the_others_get_everything():
         got = []
         for i in range(1000):
             hub.publish(("d/e/v", "image"), b"%d" % i)
-            hub.publish(("d/e/v", "status"), b"s%d" % i)
+            hub.publish(("d/e/v", ":status"), b"s%d" % i)
             got.append(await fast.next_frame())
             got.append(await fast.next_frame())
         assert len(got) == 2000 and got[-2:] == [b"999", b"s999"]
@@ -556,15 +556,18 @@ def test_the_hub_forgets_the_frames_of_histograms_a_device_no_longer_has():
     async def scenario():
         hub = Hub(asyncio.get_running_loop())
         config = lambda *names: encode({"kind": "config", "histograms": [{"name": n} for n in names]})  # noqa: E731
-        hub.publish(("d/e/v", "config"), config("tof", "img0"))
-        for key in ("tof", "img0", "status", "metadata"):
+        hub.publish(("d/e/v", ":config"), config("tof", "img0", "config"))
+        for key in ("tof", "img0", ":status", ":metadata", "config"):
             hub.publish(("d/e/v", key), b"x")
         hub.publish(("o/t/her", "img0"), b"y")
-        hub.publish(("d/e/v", "config"), config("tof", "img1"))  # Configure renamed the image
-        assert set(hub.latest) == {("d/e/v", k) for k in ("config", "tof", "status", "metadata")} | {
-            ("o/t/her", "img0")
-        }
-        assert len(hub.join().waiting) == 5  # a new browser gets no frame of a histogram gone
+        hub.publish(("d/e/v", ":config"), config("tof", "img1", "config"))  # Configure renamed the image
+        assert set(hub.latest) == {
+            ("d/e/v", k) for k in (":config", "tof", ":status", ":metadata", "config")
+        } | {("o/t/her", "img0")}
+        # a new browser gets no frame of a histogram gone, and the configuration whatever histograms
+        # are named (one named 'config' replaced it)
+        waiting = hub.join().waiting
+        assert len(waiting) == 6 and next(iter(waiting)) == ("d/e/v", ":config")
 
     from concurrent.futures import ThreadPoolExecutor
 
@@ -732,3 +735,19 @@ def test_a_metadata_manager_that_dies_shows_down_not_its_last_values(site, web, 
         control.up(site.tango_host, site.config_path, site.state_dir, say=lambda s: None)
     wait_for(lambda: meta.locator(".state").inner_text() == "ON", 60, "ON again")
     wait_for(lambda: page.locator('[data-meta="proposal"]').inner_text() == "20260042", 30, "the proposal")
+
+
+def test_a_histogram_named_config_or_metadata_does_not_hide_the_configuration(site, web, page):
+    """Histogram frames and the device's own frames (configuration, status) shared one key space."""
+    h = running(site)
+    odd = [{"name": n, "kind": "tof", "tof": {"start": 0, "stop": 72000, "bins": 50, "unit": "us"}}
+           for n in ("config", "metadata")]  # fmt: skip
+    h.Configure(json.dumps(HISTOGRAMS[:1] + odd))
+    try:
+        page.goto(web)
+        wait_for(lambda: paints(page, "config") >= 2, 60, "read while a browser looks")
+        page.reload()  # a new browser: it got the histogram 'config' in place of the configuration
+        wait_for(lambda: paints(page, "config") >= 1 and paints(page, "metadata") >= 1, 60, "both painted")
+        assert paints(page, "tof") >= 1 and state_shown(page) in ("RUNNING", "ALARM")
+    finally:
+        h.Configure(json.dumps(HISTOGRAMS))

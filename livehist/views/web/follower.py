@@ -24,6 +24,7 @@ import numpy as np
 
 from livehist.engine import preview
 from livehist.views.web.frames import encode
+from livehist.views.web.hub import KEY_CONFIG, KEY_METADATA, KEY_STATUS
 
 log = logging.getLogger("livehist.web")
 
@@ -173,10 +174,10 @@ class Follower(threading.Thread):
             log.info("%s: DOWN (%s)", self.device, _error_text(exc))
         self._state = "DOWN"
         if self.dev_class == "MetadataManager":  # its panel follows metadata frames, not status ones
-            self.emit((self.device, "metadata"), encode({"kind": "metadata", "device": self.device, "state": "DOWN",
+            self.emit((self.device, KEY_METADATA), encode({"kind": "metadata", "device": self.device, "state": "DOWN",
                                                          "status": _error_text(exc), "metadata": {}}))  # fmt: skip
         else:
-            self.emit((self.device, "status"), encode({"kind": "status", "device": self.device,
+            self.emit((self.device, KEY_STATUS), encode({"kind": "status", "device": self.device,
                                                        "state": "DOWN", "status": _error_text(exc),
                                                        "counters": {}, "t_pub": None}))  # fmt: skip
         self._config = None  # read again when it is back (its histograms may have changed)
@@ -191,7 +192,7 @@ class Follower(threading.Thread):
             meta = {a: (_metadata_text(v.value) if not v.has_failed else None)
                     for a, v in zip(METADATA, values[2:], strict=True)}  # fmt: skip
             self._state = state
-            self.emit((self.device, "metadata"), encode({"kind": "metadata", "device": self.device,
+            self.emit((self.device, KEY_METADATA), encode({"kind": "metadata", "device": self.device,
                                                          "state": state, "status": status, "metadata": meta}))  # fmt: skip
             return False
         import tango
@@ -206,7 +207,7 @@ class Follower(threading.Thread):
             if state not in ("FAULT", "UNKNOWN"):
                 raise
             self._state = state
-            self.emit((self.device, "status"), encode({"kind": "status", "device": self.device, "state": state,
+            self.emit((self.device, KEY_STATUS), encode({"kind": "status", "device": self.device, "state": state,
                                                        "status": status or _error_text(exc), "counters": {}}))  # fmt: skip
             return False
         counters = {a: (_number(v.value) if not v.has_failed else None)
@@ -217,7 +218,7 @@ class Follower(threading.Thread):
             moved = True  # first sight (or back after DOWN): show what it has
         self._last_counter = counter
         self._state = state
-        self.emit((self.device, "status"), encode({"kind": "status", "device": self.device, "state": state,
+        self.emit((self.device, KEY_STATUS), encode({"kind": "status", "device": self.device, "state": state,
                                                    "status": status, "counters": counters}))  # fmt: skip
         return moved
 
@@ -246,7 +247,7 @@ class Follower(threading.Thread):
         self._sources = sources
         self._config = config
         self._read_counter = None
-        self.emit((self.device, "config"), encode({"kind": "config", "device": self.device,
+        self.emit((self.device, KEY_CONFIG), encode({"kind": "config", "device": self.device,
                                                    "histograms": histograms}))  # fmt: skip
 
     def _read_histograms(self, t_pub: float) -> None:

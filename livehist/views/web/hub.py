@@ -1,6 +1,6 @@
 """From the followers' threads to every browser, without anyone waiting for anyone.
 
-The hub keeps the latest frame of every key ((device, histogram), (device, "status"), ...)
+The hub keeps the latest frame of every key ((device, histogram), (device, ":status"), ...)
 for browsers that connect later. Each browser has its own `Client`: at most one frame per
 key waits for it (a newer frame replaces the waiting one, and the replacement is counted
 as dropped), and its own task sends them. A browser that reads slowly or not at all only
@@ -43,7 +43,10 @@ class Client:
         return self.waiting.popitem(last=False)[1]
 
 
-OWN_KEYS = ("config", "status", "metadata")  # frames of a device that are not histograms
+# keys of a device's frames that are not histograms: no histogram name starts with ':' (a
+# histogram named 'config' took the configuration's key, and new browsers never got it)
+KEY_CONFIG, KEY_STATUS, KEY_METADATA = ":config", ":status", ":metadata"
+OWN_KEYS = (KEY_CONFIG, KEY_STATUS, KEY_METADATA)
 
 
 class Hub:
@@ -61,7 +64,7 @@ class Hub:
             pass
 
     def publish(self, key: Key, frame: bytes) -> None:
-        if key[1] == "config":  # histograms gone from the device: their last frames go too
+        if key[1] == KEY_CONFIG:  # histograms gone from the device: their last frames go too
             keep = {h["name"] for h in decode(frame)[0].get("histograms", [])} | set(OWN_KEYS)
             for old in [k for k in self.latest if k[0] == key[0] and k[1] not in keep]:
                 del self.latest[old]
@@ -72,7 +75,7 @@ class Hub:
     def join(self) -> Client:
         client = Client()
         # configuration first, so that the page knows what the data frames are
-        for key in sorted(self.latest, key=lambda k: k[1] != "config"):
+        for key in sorted(self.latest, key=lambda k: k[1] != KEY_CONFIG):
             client.offer(key, self.latest[key])
         self.clients.add(client)
         return client
