@@ -242,6 +242,13 @@ def test_roi_drawn_with_the_mouse_appears_on_the_device(site, web, page):
     assert roi["tof"]["unit"] == "us"  # the device's TOF axis
     wait_for(lambda: paints(page, "roi_1") >= 2, 60, "the new ROI's spectrum in the page")
     assert int(h.roi_1_total) >= 0 and h.roi_1.shape == (1000,)
+    # one pair of window listeners for the drags of every panel: each histogram panel added its
+    # own pair, which outlived it (a long-open page gathered them with every Configure)
+    cdp = page.context.new_cdp_session(page)
+    window = cdp.send("Runtime.evaluate", {"expression": "window"})["result"]["objectId"]
+    listeners = cdp.send("DOMDebugger.getEventListeners", {"objectId": window})["listeners"]
+    kinds = [x["type"] for x in listeners if not x["useCapture"]]  # Playwright's own capture
+    assert (kinds.count("mousemove"), kinds.count("mouseup")) == (1, 1), listeners
     # a name the device already uses for another kind: refused, the page says why, nothing changed
     before = h.HistogramConfig
     page.locator(f'section[data-device="{DEV}"] input[data-roi-name]').fill("tof")

@@ -4,7 +4,7 @@
 
 const LH = (window.livehist = {
   info: null, configs: {}, status: {}, metadata: {}, data: {}, panels: [],
-  frames: 0, paints: {}, latencies: [], offsets: [], lastError: "",
+  frames: 0, paints: {}, latencies: [], offsets: [], lastError: "", dragging: null,
 });
 const SEP = "\u0000";
 const $ = (id) => document.getElementById(id);
@@ -220,9 +220,16 @@ function makeHistogram(p) {
   p.el.append(p.tools, p.canvas);
   p.draw = () => drawHistogram(p);
   p.canvas.addEventListener("mousedown", (e) => roiStart(p, e));
-  window.addEventListener("mousemove", (e) => roiMove(p, e));
-  window.addEventListener("mouseup", (e) => roiEnd(p, e));
 }
+
+// one pair of window listeners for every panel (per panel, each Configure's new panels added
+// a pair that outlived them): the drag follows the panel it began on
+window.addEventListener("mousemove", (e) => { if (LH.dragging) roiMove(LH.dragging, e); });
+window.addEventListener("mouseup", (e) => {
+  const p = LH.dragging;
+  LH.dragging = null;
+  if (p) roiEnd(p, e);
+});
 
 function histConfig(p) {
   const cfg = LH.configs[p.device];
@@ -428,6 +435,7 @@ function roiStart(p, e) {
   const [x, y] = canvasPoint(p, e);
   if (x < p.box.x || y < p.box.y || x > p.box.x + p.box.w || y > p.box.y + p.box.h) return;
   p.drag = { x0: x, y0: y, x1: x, y1: y };
+  LH.dragging = p;
   e.preventDefault();
 }
 
