@@ -37,17 +37,23 @@ class SpsSink(Sink):
             from PyMca5.PyMcaIO import sps
         except ImportError as exc:
             raise RecorderError(f"shared memory needs PyMca5's sps ({exc}); pip install PyMca5") from None
-        if not self.name.replace("_", "").isalnum() or len(self.name) > 32:
-            raise RecorderError(f"SPS name {self.name!r}: use up to 32 letters, digits and _")
+        if not self.name.replace("_", "").isalnum() or len(self.name.encode()) > 32:
+            raise RecorderError(
+                f"SPS name {self.name!r}: use up to 32 letters, digits and _ (bytes in UTF-8)"
+            )
         arrays = [c.name for c in start.columns if c.shape] + [h.name for h in start.histograms]
         if 2 + len(arrays) > MAX_ARRAYS:
             raise RecorderError(
                 f"SPS holds {MAX_ARRAYS} arrays per name and this scan needs {2 + len(arrays)} (SCAN_D, "
                 "SCAN_D_ENV, one per spectrum, image and histogram); record the rest in NeXus only"
             )
-        long = [a for a in arrays if len(a) > MAX_ARRAY_NAME]
+        # the limit is in bytes: a longer UTF-8 name ('α' * 20) overran into the SPS name's own
+        long = [a for a in arrays if len(a.encode()) > MAX_ARRAY_NAME]
         if long:
-            raise RecorderError(f"SPS array names are at most {MAX_ARRAY_NAME} characters: {long[0]!r}")
+            raise RecorderError(
+                f"SPS array names are at most {MAX_ARRAY_NAME} characters (bytes in UTF-8): {long[0]!r} "
+                f"has {len(long[0].encode())}; rename it or record it in NeXus only"
+            )
         self.sps = sps
 
     def _create(self, array: str, rows: int, cols: int, dtype, flags: int = 0) -> None:

@@ -662,6 +662,10 @@ def test_sps_keeps_its_environment_whole_and_refuses_what_it_cannot_hold():
         Recorder([open_sink(f"sps://{name}x")]).start(ScanStart("many", 2, many))
     with pytest.raises(RecorderError, match="at most 31 characters"):
         Recorder([open_sink(f"sps://{name}y")]).start(ScanStart("long", 3, [Column("s" * 40, shape=(4,))]))
+    # 20 characters, 40 bytes: created an array named 'ααα...' glued to the SPS name, then failed
+    with pytest.raises(RecorderError, match="at most 31 characters .bytes in UTF-8.: 'α+' has 40"):
+        Recorder([open_sink(f"sps://{name}z")]).start(ScanStart("utf8", 4, [Column("α" * 20, shape=(4,))]))
+    assert f"{name}z" not in sps.getspeclist()
 
 
 def test_spec_user_lines_keep_names_with_commas_whole(tmp_path):
