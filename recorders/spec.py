@@ -39,14 +39,23 @@ def _field(value) -> str:
 
 
 def _fmt(v) -> str:
+    if isinstance(v, bool | np.bool_):  # 'True' is no number: PyMca could not read the scan
+        return str(int(v))
     return repr(float(v)) if isinstance(v, float | np.floating) else str(v)
+
+
+def _label(text) -> str:
+    """One label of a #L or #O line (they are separated by two spaces): no newline, no space."""
+    return "_".join(str(text).split())
 
 
 def _tokens(a: np.ndarray) -> list[str]:
     """Exact text of each value, fast: integers (and integral floats, as counts are) as ints."""
     if a.dtype.kind == "f" and np.all(np.rint(a) == a) and np.all(np.abs(a) < 2**53):
         a = a.astype(np.int64)
-    return list(map(str if a.dtype.kind in "iub" else repr, a.tolist()))
+    if a.dtype.kind == "b":
+        a = a.astype(np.uint8)
+    return list(map(str if a.dtype.kind in "iu" else repr, a.tolist()))
 
 
 def _locked(path: str, flags: int, cannot_open: str, locked: str) -> int:
@@ -114,20 +123,25 @@ class SpecSink(Sink):
             if md.get(key):
                 lines.append(f"#C {key}: {one_line(md[key])}")
         for key, value in (md.get("sample") or {}).items():
-            lines.append(f"#C sample.{key}: {one_line(value)}")
+            lines.append(f"#C sample.{one_line(key)}: {one_line(value)}")
         for user in md.get("users") or []:  # a value with ', ' or '=' quoted: 'name=Doe, Jane' read as two
             lines.append("#C user: " + one_line(", ".join(f"{k}={_field(v)}" for k, v in user.items())))
         if (md.get("dataset") or {}).get("name"):
             lines.append(f"#C dataset: {one_line(md['dataset']['name'])}")
         for key, value in md.items():
             if key not in ("proposal", "title", "instrument", "sample", "users", "dataset", "data_root"):
-                lines.append(f"#C meta.{key}: {one_line(json.dumps(value))}")
-        if record.snapshot:
-            names = list(record.snapshot)
-            for i in range(0, len(names), 8):
-                lines.append(f"#O{i // 8} " + "  ".join(names[i : i + 8]))
-            for i in range(0, len(names), 8):
-                lines.append(f"#P{i // 8} " + " ".join(_fmt(record.snapshot[n]) for n in names[i : i + 8]))
+                # a key is folded too: 'x\n#S 99 fake' made PyMca read a scan nobody recorded
+                lines.append(f"#C meta.{one_line(key)}: {one_line(json.dumps(value))}")
+        # #P holds numbers only: a text value ('hello world') shifted every position after it
+        numbers = {k: v for k, v in record.snapshot.items() if isinstance(v, int | float | np.number)}
+        names = list(numbers)
+        for i in range(0, len(names), 8):
+            lines.append(f"#O{i // 8} " + "  ".join(_label(n) for n in names[i : i + 8]))
+        for i in range(0, len(names), 8):
+            lines.append(f"#P{i // 8} " + " ".join(_fmt(numbers[n]) for n in names[i : i + 8]))
+        for key, value in record.snapshot.items():
+            if key not in numbers:
+                lines.append(f"#C snapshot {one_line(key)}: {one_line(value)}")
         self.scalars = [c for c in record.columns if not c.shape]
         self.spectra = [c for c in record.columns if len(c.shape) == 1]
         for c in record.columns:
@@ -187,7 +201,7 @@ class SpecSink(Sink):
             self._totals()
         for key, value in record.custom.items():
             shown = value.tolist() if isinstance(value, np.ndarray) else value
-            self._w(f"#C custom {key}: {one_line(json.dumps(shown, default=str))}\n")
+            self._w(f"#C custom {one_line(key)}: {one_line(json.dumps(shown, default=str))}\n")
         if record.status != "ok":
             self._w(f"#C scan {record.status} at {record.end_time}: {one_line(record.reason)}\n")
         else:
@@ -204,7 +218,8 @@ class SpecSink(Sink):
             self._w(f"\n#S {number} histogram {h.name} of scan {self.number}\n#D {time.ctime()}\n"
                     f"#C acquisition_time {h.acquisition_time} s, counters {json.dumps(h.counters)}\n"
                     f"#C spec {json.dumps(h.spec)}\n")  # fmt: skip
-            self._w(f"#N 3\n#L bin_low_{h.unit}  bin_high_{h.unit}  counts\n")
+            unit = _label(h.unit)
+            self._w(f"#N 3\n#L bin_low_{unit}  bin_high_{unit}  counts\n")
             rows = np.column_stack([h.edges[:-1], h.edges[1:], h.counts])
             self._w("".join(f"{lo!r} {hi!r} {int(c)}\n" for lo, hi, c in rows.tolist()))
         self._flush()
@@ -217,7 +232,7 @@ class SpecSink(Sink):
                      f"{self.target} is being written by another scan; {name!r} not added")  # fmt: skip
         f = TextAppender(fd, self.target)
         try:
-            f.write(f"#C custom {name}: {one_line(json.dumps(shown, default=str))}\n")
+            f.write(f"#C custom {one_line(name)}: {one_line(json.dumps(shown, default=str))}\n")
         finally:
             f.close()
 

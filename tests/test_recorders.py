@@ -683,3 +683,31 @@ def test_spec_user_lines_keep_names_with_commas_whole(tmp_path):
         '#C user: name="Eve, role=PI"',
         "#C user: name=Li Wei",
     ]
+
+
+def test_spec_lines_hold_what_was_given_for_bools_odd_keys_and_text_snapshots(tmp_path):
+    """A bool column was written 'True' (PyMca: 'cannot get lines for scan'); a metadata key, sample
+    key, custom key or histogram unit holding a newline wrote lines of their own ('#S 99 fake' read
+    as a second scan); a text value in the pre-scan snapshot shifted every #P position after it."""
+    from PyMca5.PyMcaIO import specfile
+
+    start = ScanStart("odd", 7, [Column("on", dtype="bool"), Column("x"), Column("mask", dtype="bool", shape=(3,))],
+                      metadata={"k\n#S 99 fake\n#N 1\n#L a\n42": 1, "sample": {"n\n#S 98 x": "y"}},
+                      histograms=[HistogramDecl("h", (2,), tof_bins=2, unit="u s\n#S 97 x")],
+                      snapshot={"m1": 1.5, "name": "hello world", "m3": 3.0})  # fmt: skip
+    path = tmp_path / "odd.spec"
+    r = Recorder([open_sink(path)])
+    r.start(start)
+    r.point(Point(0, {"on": True, "x": 1.0, "mask": [True, False, True]}))
+    r.point(Point(1, {"on": False, "x": 2.0, "mask": [False, False, True]}))
+    r.histogram(Histogram("h", np.array([4, 5]), np.array([0.0, 1.0, 2.0]), unit="u s\n#S 97 x"))
+    r.end(ScanEnd(custom={"c\n#S 96 x": 1}))
+    assert r.errors == {}
+    sf = specfile.Specfile(str(path))
+    assert [sf[i].header("S")[0] for i in range(sf.scanno())] == ["#S 7 odd", "#S 7 histogram h of scan 7"]
+    scan = sf[0]
+    assert scan.data().tolist() == [[1.0, 0.0], [1.0, 2.0]]
+    assert scan.nbmca() == 2 and scan.mca(1).tolist() == [1.0, 0.0, 1.0]
+    assert dict(zip(scan.allmotors(), scan.allmotorpos(), strict=True)) == {"m1": 1.5, "m3": 3.0}
+    assert "#C snapshot name: hello world" in path.read_text()
+    assert sf[1].alllabels() == ["bin_low_u_s_#S_97_x", "bin_high_u_s_#S_97_x", "counts"]
