@@ -62,6 +62,8 @@ class Column:
             raise RecordError(
                 f"column {self.name}: dtype {self.dtype!r} is not numeric; use an integer or float dtype"
             )
+        _text_field(f"column {self.name}", "unit", self.unit)  # NeXus failed on it at scan start
+        _text_field(f"column {self.name}", "label", self.label)
         object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
         if len(self.shape) > 2 or any(n <= 0 for n in self.shape):
             raise RecordError(
@@ -92,6 +94,12 @@ class HistogramDecl:
             raise RecordError(
                 f"histogram {self.name}: shape must be (n,) or (ny, nx) with n > 0 and at most "
                 f"{MAX_HISTOGRAM_CELLS:,} cells, got {tuple(self.shape)}"
+            )
+        _text_field(f"histogram {self.name}", "unit", self.unit)
+        if self.tof_bins and self.tof_bins != shape[-1]:
+            raise RecordError(
+                f"histogram {self.name}: tof_bins {self.tof_bins} but the last axis of shape {shape} has "
+                f"{shape[-1]} bins; the TOF axis is the last one"
             )
         object.__setattr__(self, "shape", shape)
 
@@ -127,6 +135,7 @@ class ScanStart:
             raise RecordError(f"{sorted(clash)} name both a column and a histogram; rename one")
         if self.signal is not None and self.signal not in names:
             raise RecordError(f"signal {self.signal!r} is not a column; columns: {names}")
+        check_metadata(self.metadata)
 
     @property
     def axes(self) -> list[Column]:
@@ -137,6 +146,59 @@ class ScanStart:
             return next(c for c in self.columns if c.name == self.signal)
         scalars = [c for c in self.columns if c.role == "data" and not c.shape]
         return scalars[0] if scalars else next((c for c in self.columns if c.role == "data"), None)
+
+
+def _json_data(value, where: str) -> None:
+    """RecordError naming `where` unless `value` is JSON data with text every file can hold."""
+    if isinstance(value, str):
+        if "\x00" in value or not _encodable(value):
+            raise RecordError(f"{where} {value!r:.60}: text without NUL or lone surrogates, please")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise RecordError(f"{where}: key {key!r} is not text; metadata keys are strings")
+            _json_data(key, f"{where} key")
+            _json_data(item, f"{where}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _json_data(item, f"{where}[{i}]")
+    elif not (value is None or isinstance(value, bool | int | float)):  # np.float64 is a float
+        raise RecordError(
+            f"{where} is a {type(value).__name__}; metadata holds text, numbers, true/false, null, "
+            "lists and objects (JSON data): convert it, e.g. with .tolist() or str()"
+        )
+
+
+def check_metadata(md) -> None:
+    """The metadata of a scan as the MetadataManager gives it: a failure here was a sink dropped at
+    scan start with a bare TypeError or AttributeError (NeXus on a number as proposal, SPEC on
+    bytes, both on a sample given as text), its file gone, and the others recording."""
+    if not isinstance(md, dict):
+        raise RecordError(f"metadata must be a dict (JSON object), got {type(md).__name__}")
+    _json_data(md, "metadata")
+    for key in ("proposal", "title", "instrument"):
+        if md.get(key) is not None and not isinstance(md[key], str):
+            raise RecordError(f"metadata[{key!r}] must be text, got {md[key]!r:.60}")
+    for key in ("sample", "dataset"):
+        if md.get(key) is not None and not isinstance(md[key], dict):
+            raise RecordError(
+                f"metadata[{key!r}] must be an object such as {{'name': ...}}, got {md[key]!r:.60}"
+            )
+    temperature = (md.get("sample") or {}).get("temperature")
+    if temperature is not None and (
+        isinstance(temperature, bool) or not isinstance(temperature, int | float)
+    ):
+        raise RecordError(f"metadata['sample']['temperature'] must be a number in K, got {temperature!r:.60}")
+    users = md.get("users")
+    if users is not None and not (isinstance(users, list) and all(isinstance(u, dict) for u in users)):
+        raise RecordError(
+            f"metadata['users'] must be a list of objects such as {{'name': ...}}, got {users!r:.60}"
+        )
+
+
+def _text_field(owner: str, what: str, value) -> None:
+    if not isinstance(value, str) or "\x00" in value or not _encodable(value):
+        raise RecordError(f"{owner}: {what} {value!r:.60} must be text without NUL or lone surrogates")
 
 
 def _encodable(text: str) -> bool:
@@ -238,6 +300,11 @@ class Histogram:
         edges = None if self.edges is None else np.asarray(self.edges, dtype=np.float64)
         if decl.tof_bins and (edges is None or edges.shape != (decl.tof_bins + 1,)):
             raise RecordError(f"histogram {self.name!r} needs {decl.tof_bins + 1} TOF edges")
+        if edges is not None and edges.shape != (counts.shape[-1] + 1,):  # SPEC failed on them at the end
+            raise RecordError(
+                f"histogram {self.name!r}: {edges.size} edges for {counts.shape[-1]} bins on its last axis; "
+                f"give {counts.shape[-1] + 1} (bins + 1) or none"
+            )
         if (
             edges is not None
             and edges.size

@@ -711,3 +711,41 @@ def test_spec_lines_hold_what_was_given_for_bools_odd_keys_and_text_snapshots(tm
     assert dict(zip(scan.allmotors(), scan.allmotorpos(), strict=True)) == {"m1": 1.5, "m3": 3.0}
     assert "#C snapshot name: hello world" in path.read_text()
     assert sf[1].alllabels() == ["bin_low_u_s_#S_97_x", "bin_high_u_s_#S_97_x", "counts"]
+
+
+def test_edges_that_do_not_fit_the_bins_are_refused_when_sent(tmp_path):
+    """Edges not matching the counts passed (the histogram had no TOF axis declared, or the
+    declaration's tof_bins was not its last axis): SPEC failed at the scan's end and was dropped
+    without its end lines, while NeXus kept counts beside a time_of_flight of another binning."""
+    with pytest.raises(RecordError, match="tof_bins 4 but the last axis of shape .3, 5. has 5 bins"):
+        HistogramDecl("h", (3, 5), tof_bins=4)
+    paths = [tmp_path / "e.spec", tmp_path / "e.nxs", tmp_path / "e.jsonl"]
+    r = Recorder([open_sink(p) for p in paths])
+    r.start(ScanStart("edges", 1, [Column("x")], histograms=[HistogramDecl("h", (5,))]))
+    r.point(Point(0, {"x": 1.0}))
+    with pytest.raises(RecordError, match="'h': 3 edges for 5 bins on its last axis; give 6"):
+        r.histogram(Histogram("h", np.arange(5), np.arange(3.0)))
+    r.histogram(Histogram("h", np.arange(5), np.arange(6.0)))
+    r.end(ScanEnd())
+    assert r.errors == {} and "#C scan ended at" in paths[0].read_text()
+
+
+@pytest.mark.parametrize(
+    "metadata, says",
+    [({"proposal": 20261234}, r"metadata\['proposal'\] must be text"),
+     ({"sample": "Si"}, r"metadata\['sample'\] must be an object"),
+     ({"dataset": "run_7"}, r"metadata\['dataset'\] must be an object"),
+     ({"sample": {"temperature": "300 K"}}, r"temperature'\] must be a number in K"),
+     ({"users": ["Jane"]}, r"metadata\['users'\] must be a list of objects"),
+     ({"raw": b"\x01"}, r"metadata\['raw'\] is a bytes; .* convert it"),
+     ({"n": np.int64(3)}, r"metadata\['n'\] is a int64"),
+     ({"users": [{"name": "a\x00b"}]}, r"metadata\['users'\]\[0\]\['name'\] .* without NUL"),
+     ({"proposal": "p\ud800"}, r"metadata\['proposal'\] .* lone surrogates")],
+)  # fmt: skip
+def test_metadata_no_file_can_hold_is_refused_when_the_scan_is_declared(tmp_path, metadata, says):
+    """Each of these dropped one or two sinks at scan start with a bare TypeError, AttributeError or
+    ValueError (their files removed) while the other files recorded the scan."""
+    with pytest.raises(RecordError, match=says):
+        ScanStart("md", 1, [Column("x")], metadata=metadata)
+    with pytest.raises(RecordError, match="column x: unit 'm\\\\x00m' must be text without NUL"):
+        Column("x", unit="m\x00m")
