@@ -244,7 +244,9 @@ class Point:
                 raise RecordError(f"point {self.index}: no value for column {col.name!r}")
             given = self.values[col.name]
             try:
-                value = np.asarray(given, dtype=col.dtype)
+                # a copy: NeXus buffers points, and a caller refilling one array per point had
+                # every buffered row written with the last point's values
+                value = np.array(given, dtype=col.dtype)
             except (TypeError, ValueError, OverflowError) as exc:
                 raise RecordError(
                     f"point {self.index}: column {col.name!r} is not {col.dtype}: {exc}"
@@ -283,7 +285,7 @@ class Histogram:
             raise RecordError(
                 f"histogram {self.name!r} was not declared at scan start (ScanStart.histograms); declare it"
             )
-        counts = np.asarray(self.counts)
+        counts = np.array(self.counts)  # a copy: SPEC writes snapshots at the scan's end
         if counts.dtype.kind not in "iu" and counts.size:
             if counts.dtype.kind != "f" or not (
                 np.all(np.isfinite(counts)) and np.all(counts == np.round(counts))
@@ -297,7 +299,7 @@ class Histogram:
             raise RecordError(
                 f"histogram {self.name!r} has shape {counts.shape}, declared {tuple(decl.shape)}"
             )
-        edges = None if self.edges is None else np.asarray(self.edges, dtype=np.float64)
+        edges = None if self.edges is None else np.array(self.edges, dtype=np.float64)
         if decl.tof_bins and (edges is None or edges.shape != (decl.tof_bins + 1,)):
             raise RecordError(f"histogram {self.name!r} needs {decl.tof_bins + 1} TOF edges")
         if edges is not None and edges.shape != (counts.shape[-1] + 1,):  # SPEC failed on them at the end

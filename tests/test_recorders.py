@@ -749,3 +749,26 @@ def test_metadata_no_file_can_hold_is_refused_when_the_scan_is_declared(tmp_path
         ScanStart("md", 1, [Column("x")], metadata=metadata)
     with pytest.raises(RecordError, match="column x: unit 'm\\\\x00m' must be text without NUL"):
         Column("x", unit="m\x00m")
+
+
+def test_a_caller_refilling_one_array_per_point_gets_every_point_recorded(tmp_path):
+    """Points and snapshots kept references to the caller's arrays: NeXus (which buffers points)
+    wrote [3, 3, 3] for points 0 to 3 of a refilled buffer, SPEC (which writes snapshots at the
+    end) the counts the histogram had at the end, not when it was sent."""
+    from PyMca5.PyMcaIO import specfile
+
+    paths = [tmp_path / "r.nxs", tmp_path / "r.spec"]
+    r = Recorder([open_sink(p) for p in paths])
+    r.start(
+        ScanStart("reuse", 1, [Column("s", shape=(3,))], histograms=[HistogramDecl("h", (2,), tof_bins=2)])
+    )
+    buf, counts = np.zeros(3), np.array([1, 2])
+    for i in range(4):
+        buf[:] = i
+        r.point(Point(i, {"s": buf}))
+    r.histogram(Histogram("h", counts, np.array([0.0, 1.0, 2.0])))
+    counts[:] = 99
+    r.end(ScanEnd())
+    with h5py.File(paths[0], "r") as f:
+        assert f["scan_1/data/s"][()].tolist() == [[i] * 3 for i in range(4)]
+    assert specfile.Specfile(str(paths[1]))[1].datacol(3).tolist() == [1.0, 2.0]
