@@ -21,6 +21,7 @@ from livehist.recorders.records import Histogram, Point, ScanEnd, ScanStart
 
 MAX_ENV, ENV_LEN = 128, 1024
 MAX_ARRAYS, MAX_ARRAY_NAME = 256, 31  # per SPS name (more are created but never listed: lost)
+_MADE: set[str] = set()  # SPS names this process created (others live in other processes)
 
 
 class SpsSink(Sink):
@@ -54,9 +55,17 @@ class SpsSink(Sink):
                 f"SPS array names are at most {MAX_ARRAY_NAME} characters (bytes in UTF-8): {long[0]!r} "
                 f"has {len(long[0].encode())}; rename it or record it in NeXus only"
             )
+        # a name another live process holds (another MacroServer, SPEC): SPS made ours NAME(pid),
+        # which no reader looks at, and the scan went on as if published
+        if self.name in sps.getspeclist() and self.name not in _MADE:
+            raise RecorderError(
+                f"SPS name {self.name!r} is held by another process (another MacroServer or SPEC session); "
+                "give this one its own name (SharedMemory, sps://NAME)"
+            )
         self.sps = sps
 
     def _create(self, array: str, rows: int, cols: int, dtype, flags: int = 0) -> None:
+        _MADE.add(self.name)
         try:
             self.sps.create(self.name, array, rows, cols, dtype, flags)
         except self.sps.error as exc:

@@ -772,3 +772,32 @@ def test_a_caller_refilling_one_array_per_point_gets_every_point_recorded(tmp_pa
     with h5py.File(paths[0], "r") as f:
         assert f["scan_1/data/s"][()].tolist() == [[i] * 3 for i in range(4)]
     assert specfile.Specfile(str(paths[1]))[1].datacol(3).tolist() == [1.0, 2.0]
+
+
+def test_an_sps_name_held_by_another_process_is_refused():
+    """A second process (another MacroServer) on the same SPS name got NAME(pid) from SPS, which no
+    reader looks at, and recorded as if published."""
+    from PyMca5.PyMcaIO import sps
+
+    name = f"lhclash{os.getpid()}"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from PyMca5.PyMcaIO import sps
+        sps.create("{name}", "SCAN_D", 4, 2, sps.DOUBLE, 0)
+        print("ready", flush=True)
+        sys.stdin.read()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(RecorderError, match=f"SPS name '{name}' is held by another process"):
+            Recorder([open_sink(f"sps://{name}")]).start(ScanStart("clash", 1, [Column("x")]))
+    finally:
+        holder.communicate("", timeout=10)
+    assert name not in sps.getspeclist()
+    first = Recorder([open_sink(f"sps://{name}")])
+    first.start(ScanStart("one", 1, [Column("x")]))
+    first.end(ScanEnd())
+    again = Recorder([open_sink(f"sps://{name}")])  # the same process may reuse its own name
+    again.start(ScanStart("three", 3, [Column("x")]))
+    again.end(ScanEnd())
+    assert again.errors == {} and sps.getenv(name, "SCAN_D_ENV", "title") == "three"
