@@ -167,7 +167,12 @@ class _Adapter:
         config = {"ScanFile": env.get("ScanFile"), "ScanDir": env.get("ScanDir"),
                   "recorder": type(self).__name__, "livehist": __version__}  # fmt: skip
         self._ended = None  # custom data added after the end goes to the scan that ended last
-        start = self.mapping.start(env, _metadata(self._macro(), recordlist), config)
+        try:  # a unit or metadata no file can hold: refused for every file, named
+            start = self.mapping.start(env, _metadata(self._macro(), recordlist), config)
+        except RecordError as exc:
+            self.recorder = None
+            self._fail_siblings(recordlist, str(exc))
+            raise RuntimeError(tango_text(f"livehist: cannot record this scan: {exc}")) from None
         macro = self._macro()
         self._watch = _once(recordlist, "_livehist_watch", lambda: _histogram_watch(macro, env))
         try:
