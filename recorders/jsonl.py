@@ -64,6 +64,9 @@ def _own_file(path: str) -> bool:
     return isinstance(record, dict) and "record" in record
 
 
+LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}  # escaped in a JSON string
+
+
 class JsonLinesSink(Sink):
     extensions = ("jsonl", "ndjson")
     schemes = ("jsonl+pub",)
@@ -114,7 +117,9 @@ class JsonLinesSink(Sink):
         obj = plain(obj, nonfinite, "")
         if nonfinite:
             obj["nonfinite"] = sorted(set(nonfinite))
-        line = json.dumps(obj, allow_nan=False, ensure_ascii=False)
+        # JSON leaves NEL and the Unicode line and paragraph separators as they are: a reader
+        # splitting lines as Python's str.splitlines() does broke a record at them
+        line = json.dumps(obj, allow_nan=False, ensure_ascii=False).translate(LINE_BREAKS)
         if self.f is not None:
             self.f.write(line + "\n")  # whole or not at all
         if self.pub is not None:

@@ -487,6 +487,20 @@ def test_a_value_the_declared_dtype_cannot_hold_is_refused_naming_the_column(
     ]  # fmt: skip
 
 
+def test_json_lines_are_one_record_a_line_whatever_the_text(tmp_path):
+    """NEL and the Unicode line and paragraph separators, left as they are by JSON, broke a
+    record in two for a reader splitting lines as str.splitlines() does."""
+    title = "a\x85b\u2028c\u2029d\re\x0bf"
+    r = Recorder([open_sink(tmp_path / "u.jsonl")])
+    r.start(ScanStart(title, 1, [Column("x")], metadata={"title": title}))
+    r.point(Point(0, {"x": 1.0}))
+    r.end(ScanEnd())
+    lines = (tmp_path / "u.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(x)["record"] for x in lines] == ["start", "point", "end"]
+    start = json.loads(lines[0])
+    assert (start["title"], start["metadata"]["title"]) == (title, title)
+
+
 def test_bad_columns_and_histograms_are_refused_when_declared():
     for name in (".", "..", "SCAN_D"):
         with pytest.raises(RecordError, match="column name"):
