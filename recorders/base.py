@@ -115,13 +115,24 @@ class Sink:
 
 
 def sink_classes() -> dict[str, type[Sink]]:
-    """Every registered sink, by entry point name (an extension or a URI scheme)."""
-    out = {}
+    """Every registered sink, by entry point name (an extension or a URI scheme). A plug-in naming
+    an extension or scheme livehist has (nxs, spec, ...) is refused with a warning: which one won
+    went by the order of installation, without a word, and files changed format."""
+    out, owner = {}, {}
     for ep in entry_points(group=GROUP):
+        key, dist = ep.name.lower(), getattr(ep.dist, "name", None) or "?"
         try:
-            out[ep.name.lower()] = ep.load()
+            cls = ep.load()
         except Exception as exc:  # a broken plug-in must not hide the others
             log.error("recorder plug-in %s (%s) cannot be loaded: %s", ep.name, ep.value, exc)
+            continue
+        if key in out and out[key] is not cls:
+            ours, theirs = (dist, owner[key]) if dist == "livehist" else (owner[key], dist)
+            log.warning("recorder plug-in %r of %s is not used: %s has %r already; give the plug-in an extension "
+                        "or scheme of its own", key, theirs, ours, key)  # fmt: skip
+            if dist != "livehist":
+                continue
+        out[key], owner[key] = cls, dist
     return out
 
 

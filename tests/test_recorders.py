@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import zmq
-from livehist.recorders.base import DataPolicy, Recorder, RecorderError, open_sink
+from livehist.recorders.base import DataPolicy, Recorder, RecorderError, open_sink, sink_classes
 from livehist.recorders.records import (
     Column,
     Histogram,
@@ -436,6 +436,27 @@ def test_a_third_party_sink_plugs_in_through_an_entry_point(tmp_path, monkeypatc
     assert "this plug-in breaks at point 3" in r.errors[f"CsvSink('{csv}')"]
     with h5py.File(nxs) as f:  # the plug-in's failure did not stop the NeXus file
         assert f["scan_1/data/ct01"].shape == (5,) and f["scan_1/livehist/status"][()] == b"ok"
+
+
+def test_a_plug_in_naming_a_livehist_extension_does_not_replace_it(tmp_path, monkeypatch, caplog):
+    """A third-party `nxs` entry point replaced livehist's NeXus writer or not by the order the
+    packages were installed, without a word: livehist's stays, the plug-in is named."""
+    (tmp_path / "impostor.py").write_text(
+        "from livehist.recorders.base import Sink\n\nclass Impostor(Sink):\n    pass\n"
+    )
+    dist = tmp_path / "impostor-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: impostor\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[livehist.recorders]\nnxs = impostor:Impostor\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with caplog.at_level("WARNING", logger="livehist.recorders"):
+        classes = sink_classes()
+    assert classes["nxs"].__name__ == "NexusSink"
+    assert "'nxs' of impostor is not used" in caplog.text and "extension or scheme of its own" in caplog.text
+    r = record_scan([tmp_path / "scan.nxs"])
+    assert not r.errors
+    with h5py.File(tmp_path / "scan.nxs") as f:
+        assert f["scan_1/livehist/status"][()] == b"ok"
 
 
 def test_an_out_of_order_stream_is_refused_and_the_open_scan_is_kept_whole(tmp_path):
