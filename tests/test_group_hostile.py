@@ -5,9 +5,11 @@ real EventHistogrammer and HistogramSum servers. The sum must equal numpy of eve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import time
 
 import numpy as np
@@ -147,3 +149,60 @@ def test_a_worker_frozen_briefly_that_hands_over_at_once_leaves_the_sum_exact(si
     # the 3 s it was frozen are not the broker's silence (it reconnected for them, once in 2 runs)
     log = (site.state_dir / "logs" / "EventHistogrammer-fb.log").read_text()
     assert "source failed" not in log, log[-2000:]
+
+
+@contextlib.contextmanager
+def unwritable(folder):
+    """`folder` refuses new files (a full or read-only disk) and stays readable; root ignores
+    permissions, so root makes it immutable."""
+    root = os.geteuid() == 0
+    cmd = ["chattr", "+i", str(folder)]
+    if root and subprocess.run(cmd, capture_output=True).returncode != 0:
+        pytest.skip("chattr +i does not work here")
+    if not root:
+        os.chmod(folder, 0o555)
+    try:
+        yield
+    finally:
+        if root:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        else:
+            os.chmod(folder, 0o755)
+
+
+def test_a_rebalance_while_checkpoints_cannot_be_written_leaves_the_sum_exact(sites, kafka_broker):
+    """The checkpoint folder refuses writes (disk full) while both workers acquire; fw/1 stops (its
+    hand-over cannot checkpoint) and fw/2 takes its partitions from the last checkpoints on disk.
+    What each had counted past them must leave its counts, or the sum holds it twice."""
+    site, topic = frozen_group(sites, kafka_broker)
+    s = proxy(site, "test/fsum/1")
+    workers = {d: proxy(site, d) for devs in WORKERS.values() for d in devs}
+    wait_for(lambda: s.state() == tango.DevState.ON, what="the sum", detail=lambda: s.status())
+    s.Start()
+    wait_for(lambda: all(json.loads(w.KafkaOffsets)["assigned"] for w in workers.values()), timeout=60,
+             what="every worker to get partitions")  # fmt: skip
+    messages = 600
+    t, sent = paced_producer(kafka_broker, topic, PARTITIONS, messages, seed=23)
+    try:
+        wait_for(lambda: all(w.EventCount > 0 for w in workers.values()) and len(sent) > messages // 5,
+                 what="both workers at work")  # fmt: skip
+        with unwritable(site.state_dir / "checkpoints"):
+            wait_for(lambda: all("not written" in w.status() for w in workers.values()), timeout=30,
+                     what="both workers to say their checkpoints fail")  # fmt: skip
+            workers["test/fw/1"].Stop()  # leaves the group: its partitions go to fw/2
+            wait_for(lambda: len(json.loads(workers["test/fw/2"].KafkaOffsets)["assigned"]) == PARTITIONS,
+                     timeout=60, what="fw/2 to take every partition")  # fmt: skip
+            time.sleep(1.0)
+    finally:
+        t.join()
+    total = sum(len(b) for b in sent)
+    wait_for(lambda: s.EventCount >= total, timeout=90, what=f"the sum to reach every event ({total})",
+             detail=lambda: f"{s.EventCount}; {s.status()}")  # fmt: skip
+    time.sleep(3.0)  # anything counted twice would show now
+    s.Stop()
+    tof = np.concatenate([b.tof for b in sent])
+    assert (s.MessageCount, s.EventCount) == (messages, total), s.status()
+    assert np.array_equal(s.tof, np.histogram(tof, np.linspace(0, 70_000_000, 351))[0])
+    assert "not written" not in workers["test/fw/2"].status()  # writable again: said no more
+    notes = " ".join(json.loads(workers["test/fw/1"].KafkaOffsets)["notes"])
+    assert "not written" in notes and "set back to checkpoint" in notes, notes

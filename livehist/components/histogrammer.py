@@ -318,17 +318,22 @@ class Histogrammer:
 
     def _handover(self) -> dict:
         """From the consumer thread, before partitions go: all fed counted, checkpointed; next offsets.
-        Just after a freeze (see `_watch`) the others may read on from our last checkpoint: counts
-        set back to it, nothing to commit."""
+        Just after a freeze (see `_watch`), or when the checkpoint cannot be written (a full disk),
+        the others read on from our last checkpoint: counts set back to it, nothing to commit."""
         self.engine.wait_processed(timeout=10.0)
         ck = self.checkpoint
+        why = "partitions handed over just after a freeze"
         with ck.lock:
             snap = self.engine.snapshot()
-            written = not self._held() and ck.write(
-                snap, self.config_json(), self.engine.running, still=self._free
-            )
+            try:
+                written = not self._held() and ck.write(
+                    snap, self.config_json(), self.engine.running, still=self._free
+                )
+            except OSError as exc:  # kept, our counts past the last checkpoint were counted twice
+                ck.last_error = f"checkpoint {ck.path} not written: {exc}"
+                why, written = f"partitions handed over, {ck.last_error}", False
         if not written:
-            note = self._set_back("partitions handed over just after a freeze")
+            note = self._set_back(why)
             notes = getattr(self._source, "notes", None)
             if note and notes is not None:
                 notes.append(note)
