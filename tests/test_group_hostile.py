@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tango
 
+from livehist.site import control
 from livehist.site.process import Managed
 from tests.conftest import kafka_topic
 from tests.test_scaling import group_config, paced_producer
@@ -206,3 +207,42 @@ def test_a_rebalance_while_checkpoints_cannot_be_written_leaves_the_sum_exact(si
     assert "not written" not in workers["test/fw/2"].status()  # writable again: said no more
     notes = " ".join(json.loads(workers["test/fw/1"].KafkaOffsets)["notes"])
     assert "not written" in notes and "set back to checkpoint" in notes, notes
+
+
+def test_a_worker_restarted_with_one_more_histogram_keeps_its_checkpointed_counts(sites, kafka_broker):
+    """fw/2 is SIGKILLed and its Histograms property gets one more histogram before `livehist up`
+    restarts it. Its checkpoint's `tof` (same name and binning) is still its counts: they must come
+    back, as Configure keeps them, or the events it had counted and committed are in no one's counts
+    once the sum's Configure gives every member the new list."""
+    site, topic = frozen_group(sites, kafka_broker)
+    s = proxy(site, "test/fsum/1")
+    workers = {d: proxy(site, d) for devs in WORKERS.values() for d in devs}
+    wait_for(lambda: s.state() == tango.DevState.ON, what="the sum", detail=lambda: s.status())
+    s.Start()
+    wait_for(lambda: all(json.loads(w.KafkaOffsets)["assigned"] for w in workers.values()), timeout=60,
+             what="every worker to get partitions")  # fmt: skip
+    messages = 400
+    t, sent = paced_producer(kafka_broker, topic, PARTITIONS, messages, seed=24)
+    wider = [TOF, {"name": "tof2", "kind": "tof", "tof": {"start": 0, "stop": 70_000_000, "bins": 7}}]
+    try:
+        wait_for(
+            lambda: workers["test/fw/2"].EventCount > 0 and len(sent) > messages // 3, what="fw/2 at work"
+        )
+        time.sleep(2.5)  # a checkpoint (every 2 s) with counts in it
+        os.kill(Managed(site.state_dir, "EventHistogrammer-fb").pid(), signal.SIGKILL)
+        host, port = site.tango_host.split(":")
+        tango.Database(host, int(port)).put_device_property("test/fw/2", {"Histograms": [json.dumps(wider)]})
+        control.up(site.tango_host, site.config_path, site.state_dir, say=lambda x: None)
+    finally:
+        t.join()
+    wait_for(lambda: "test/fw/2" in s.status() and "differ" in s.status(), what="the sum to name fw/2's list",
+             detail=lambda: s.status())  # fmt: skip
+    s.Configure(json.dumps(wider))
+    total = sum(len(b) for b in sent)
+    wait_for(lambda: s.EventCount >= total, timeout=60, what=f"the sum to reach every event ({total})",
+             detail=lambda: f"{s.EventCount}; {s.status()}")  # fmt: skip
+    time.sleep(3.0)  # anything counted twice would show now
+    s.Stop()
+    tof = np.concatenate([b.tof for b in sent])
+    assert (s.MessageCount, s.EventCount) == (messages, total), s.status()
+    assert np.array_equal(s.tof, np.histogram(tof, np.linspace(0, 70_000_000, 351))[0])

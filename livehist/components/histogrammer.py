@@ -404,23 +404,40 @@ class Histogrammer:
         return note
 
     def _restore(self) -> bool:
-        """Load the checkpoint if it belongs to this source and histogram list; True if it was acquiring."""
+        """Load the checkpoint if it belongs to this source; True if it was acquiring. Another histogram
+        list is taken as Configure takes it: a histogram of the same name and binning keeps its counts
+        (set aside, the events counted and committed were in no member's counts)."""
         ck = self.checkpoint
         data = ck.read()
         if data is None:
             return False
-        mine = json.loads(self.config_json())
-        if data.get("uri") != self.source_uri or json.loads(data.get("histograms", "[]")) != mine:
+        if data.get("uri") != self.source_uri:
             stale = ck.path.with_suffix(".stale")
             os.replace(ck.path, stale)
-            log.warning("checkpoint %s is for another source or histogram list: moved to %s", ck.path, stale)
+            log.warning("checkpoint %s is for another source: moved to %s", ck.path, stale)
             return False
+        if json.loads(data.get("histograms", "[]")) != json.loads(self.config_json()):
+            data["counts"] = self._same_binning(data)
+            log.warning("checkpoint %s is for another histogram list: counts kept for %s, the others start "
+                        "empty", ck.path, ", ".join(data["counts"]) or "none")  # fmt: skip
         counters = {**data["counters"], "recounted": data.get("recounted", 0)}
         restored = self.engine.restore(data["counts"], counters, data["offsets"], data["ranges"])
         self.last = self.engine.snapshot()  # not rewritten yet: it still says whether we were acquiring
         log.warning("restored %s from checkpoint %s (%s events; offsets %s)", ", ".join(restored), ck.path,
                     data["counters"].get("events"), data["offsets"])  # fmt: skip
         return bool(data.get("running"))
+
+    def _same_binning(self, data: dict) -> dict:
+        """The checkpoint's counts of histograms that the current list has with the same binning."""
+        from livehist.engine.histograms import same_binning
+
+        try:
+            theirs = {s.name: s for s in parse_histograms(data.get("histograms", "[]"), "checkpoint", 2**62)}
+        except ValueError:  # a list this version no longer reads: nothing carries over
+            return {}
+        mine = {s.name: s for s in self.engine.specs}
+        same = [n for n in mine if n in theirs and same_binning(mine[n], theirs[n])]
+        return {n: data["counts"][n] for n in same if n in data["counts"]}
 
     def _ended(self, reason: str) -> None:
         """Engine callback when accumulation ends (Stop, preset, shutdown): data first, then state."""
