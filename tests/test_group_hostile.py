@@ -246,3 +246,42 @@ def test_a_worker_restarted_with_one_more_histogram_keeps_its_checkpointed_count
     tof = np.concatenate([b.tof for b in sent])
     assert (s.MessageCount, s.EventCount) == (messages, total), s.status()
     assert np.array_equal(s.tof, np.histogram(tof, np.linspace(0, 70_000_000, 351))[0])
+
+
+def test_a_stop_while_checkpoints_cannot_be_written_is_said_by_the_sum(sites, kafka_broker):
+    """The sum is stopped while no checkpoint can be written: each worker sets its counts back to its
+    last checkpoint (the group reads on from there), so the total is short of what was read. The
+    sum must say so, not show a total that looks final; a Start after the disk is back counts the
+    rest, exactly."""
+    site, topic = frozen_group(sites, kafka_broker)
+    s = proxy(site, "test/fsum/1")
+    workers = {d: proxy(site, d) for devs in WORKERS.values() for d in devs}
+    wait_for(lambda: s.state() == tango.DevState.ON, what="the sum", detail=lambda: s.status())
+    s.Start()
+    wait_for(lambda: all(json.loads(w.KafkaOffsets)["assigned"] for w in workers.values()), timeout=60,
+             what="every worker to get partitions")  # fmt: skip
+    messages = 300
+    t, sent = paced_producer(kafka_broker, topic, PARTITIONS, messages, seed=25)
+    try:
+        wait_for(lambda: all(w.EventCount > 0 for w in workers.values()) and len(sent) > messages // 3,
+                 what="both workers at work")  # fmt: skip
+        with unwritable(site.state_dir / "checkpoints"):
+            wait_for(lambda: all("not written" in w.status() for w in workers.values()), timeout=30,
+                     what="both workers to say their checkpoints fail")  # fmt: skip
+            time.sleep(1.0)  # counted past the last checkpoints
+            s.Stop()
+            status = s.status()
+            assert s.state() == tango.DevState.ALARM and "checkpoint" in status, status
+            assert "test/fw/1" in status and "test/fw/2" in status, status
+    finally:
+        t.join()
+    s.Start()
+    total = sum(len(b) for b in sent)
+    wait_for(lambda: s.EventCount >= total, timeout=60, what=f"the sum to reach every event ({total})",
+             detail=lambda: f"{s.EventCount}; {s.status()}")  # fmt: skip
+    time.sleep(3.0)  # anything counted twice would show now
+    s.Stop()
+    tof = np.concatenate([b.tof for b in sent])
+    assert (s.MessageCount, s.EventCount) == (messages, total), s.status()
+    assert np.array_equal(s.tof, np.histogram(tof, np.linspace(0, 70_000_000, 351))[0])
+    assert s.state() == tango.DevState.ON, s.status()  # checkpoints written again: nothing to say

@@ -253,7 +253,8 @@ class HistogramSum:
         lost = [m for m in self.members if m.lost]
         # a member restarted (or frozen) during a count comes back idle: the others go on without it
         idle = [m for m in answering if acquiring and m.came_back and m.state == ON]
-        if trouble or twice or lost or idle:
+        unsaved = [m for m in answering if _kafka(m.values).get("checkpoint_error")]
+        if trouble or twice or lost or idle or unsaved:
             parts = [twice] if twice else []
             if down:
                 parts.append("down: " + ", ".join(f"{m.name} ({m.reason})" for m in down))
@@ -263,6 +264,11 @@ class HistogramSum:
             if idle:
                 parts.append("back from DOWN but idle while the others acquire: " + ", ".join(m.name for m in idle)
                              + "; Stop and Start the sum to include it")  # fmt: skip
+            if unsaved:  # a worker sets its counts back to its last checkpoint at a Stop or hand-over
+                parts.append("checkpoints not written: " + ", ".join(
+                    f"{m.name} ({_kafka(m.values)['checkpoint_error']})" for m in unsaved)
+                    + "; what they counted since their last checkpoint leaves the sum at a Stop or "
+                    "hand-over and is counted again after it: the total is not final")  # fmt: skip
             for kind, what in ((MISMATCH, "left out, histograms differ"), (ALARM, "dropping messages"),
                                (FAULT, "in FAULT")):  # fmt: skip
                 bad = [m for m in self.members if m.state == kind]
