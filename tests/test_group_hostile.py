@@ -285,3 +285,31 @@ def test_a_stop_while_checkpoints_cannot_be_written_is_said_by_the_sum(sites, ka
     assert (s.MessageCount, s.EventCount) == (messages, total), s.status()
     assert np.array_equal(s.tof, np.histogram(tof, np.linspace(0, 70_000_000, 351))[0])
     assert s.state() == tango.DevState.ON, s.status()  # checkpoints written again: nothing to say
+
+
+def test_a_worker_reset_behind_the_sums_back_is_said_by_the_sum(sites, kafka_broker):
+    """fw/2 is Reset by a client of its own while the sum acquires: what it had counted leaves the
+    total, which said nothing (RUNNING on 2 of 2 members, 64,693 of 665,393 events missing). The sum
+    must name it; its own Reset then counts afresh and says nothing more."""
+    site, topic = frozen_group(sites, kafka_broker)
+    s = proxy(site, "test/fsum/1")
+    workers = {d: proxy(site, d) for devs in WORKERS.values() for d in devs}
+    wait_for(lambda: s.state() == tango.DevState.ON, what="the sum", detail=lambda: s.status())
+    s.Start()
+    wait_for(lambda: all(json.loads(w.KafkaOffsets)["assigned"] for w in workers.values()), timeout=60,
+             what="every worker to get partitions")  # fmt: skip
+    t, sent = paced_producer(kafka_broker, topic, PARTITIONS, 200, seed=26)
+    try:
+        wait_for(lambda: s.EventCount > 0 and workers["test/fw/2"].EventCount > 0, what="fw/2 in the sum")
+        workers["test/fw/2"].Reset()
+        wait_for(lambda: "reset on its own" in s.status(), timeout=30, what="the sum to say so",
+                 detail=lambda: s.status())  # fmt: skip
+        status = s.status()
+        assert s.state() == tango.DevState.ALARM and "test/fw/2" in status, status
+        assert "test/fw/1" not in status, status
+        s.Reset()
+        time.sleep(2.0)  # a few updates of the sum after its own Reset
+        assert s.state() == tango.DevState.RUNNING and "reset" not in s.status(), s.status()
+    finally:
+        t.join()
+        s.Stop()

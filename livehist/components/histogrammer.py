@@ -121,6 +121,7 @@ class Histogrammer:
         self._last_drop_time = -1e9
         self._configured = True
         self._fresh = True  # nothing counted since Init or Reset (see `start`)
+        self.resets = 0  # Resets since Init: a HistogramSum tells its own from one behind its back
         self._hold_checkpoints_until = 0.0  # after a freeze (see `_watch`)
         self._tick = time.monotonic()
         self._set_back_at = 0.0  # when counts were last set back to the checkpoint (`_set_back`)
@@ -195,6 +196,7 @@ class Histogrammer:
     def reset(self) -> None:
         with self._lock:
             self.engine.reset()
+            self.resets += 1
             self._fresh = True  # the next Start reads from the EventSource's `start` again
             self._last_drop_count = 0
             self._last_drop_time = -1e9
@@ -250,6 +252,7 @@ class Histogrammer:
             "offsets": {f"{t}/{p}": [a, b] for (t, p), (a, b) in sorted(snap.offsets.items())},
             "ranges": {f"{t}/{p}": r for (t, p), r in sorted(snap.ranges.items())},
             "recounted": snap.recounted,
+            "resets": self.resets,
             "group": getattr(source, "group", None),
             "brokers": getattr(source, "brokers", None),
             "assigned": sorted(f"{t}/{p}" for t, p in getattr(source, "assigned", ())),

@@ -88,6 +88,9 @@ class Member:
     lost: int = 0  # events it had counted before a restart and came back without (until a Reset)
     came_back: bool = False  # answers again after being DOWN (until the next Start or Reset)
     timed_out: bool = False  # DOWN because it did not answer in time (frozen, overloaded), not refused
+    resets: int | None = None  # the member's own Reset count, as last read
+    expect_reset: bool = False  # the sum sent it a Reset: its count going up is ours
+    reset_apart: int = 0  # events in the sum it dropped in a Reset not the sum's (until a Reset)
 
     @property
     def answers(self) -> bool:
@@ -251,16 +254,21 @@ class HistogramSum:
             )
         twice = self._counted_twice()
         lost = [m for m in self.members if m.lost]
+        apart = [m for m in self.members if m.reset_apart]
         # a member restarted (or frozen) during a count comes back idle: the others go on without it
         idle = [m for m in answering if acquiring and m.came_back and m.state == ON]
         unsaved = [m for m in answering if _kafka(m.values).get("checkpoint_error")]
-        if trouble or twice or lost or idle or unsaved:
+        if trouble or twice or lost or idle or unsaved or apart:
             parts = [twice] if twice else []
             if down:
                 parts.append("down: " + ", ".join(f"{m.name} ({m.reason})" for m in down))
             if lost:
                 parts.append("events lost by a restart: " + ", ".join(f"{m.name} ({m.lost:,})" for m in lost)
                              + " are no longer in the sum; Reset to count afresh")  # fmt: skip
+            if apart:
+                parts.append("reset on its own, not through the sum: " + ", ".join(
+                    f"{m.name} ({m.reset_apart:,} events)" for m in apart)
+                    + " no longer in the sum; Reset the sum to count afresh")  # fmt: skip
             if idle:
                 parts.append("back from DOWN but idle while the others acquire: " + ", ".join(m.name for m in idle)
                              + "; Stop and Start the sum to include it")  # fmt: skip
@@ -404,6 +412,7 @@ class HistogramSum:
                             "it counted since its restart (%s in all) are not in the sum",
                             m.name, values.get("EventCount"))  # fmt: skip
             try:
+                m.expect_reset = True
                 self._client(m).command("Reset")
             except MemberError as exc:
                 m.reset_pending = True
@@ -422,6 +431,7 @@ class HistogramSum:
                 if before is not None and now is not None and int(now) < int(before):
                     m.lost += int(before) - int(now)
                     log.warning("member %s came back with %s events fewer than it had", m.name, m.lost)
+            self._check_resets(m, values)
             m.values, m.counter, m.config, m.specs = values, counter, config, specs
             m.state, m.reason, m.down_since = str(values["State"]), str(values["Status"]), None
             m.timed_out = False
@@ -430,6 +440,21 @@ class HistogramSum:
             log.info("member %s answers (%s)", m.name, m.state)
             self._sync_presets(m)
         self._kick.set()
+
+    def _check_resets(self, m: Member, values: dict) -> None:
+        """A Reset of the member not sent by the sum (a client of the member itself): what it had
+        counted left the sum's total, which no longer holds everything read."""
+        resets = _kafka(values).get("resets")
+        if not isinstance(resets, int):
+            return
+        if m.resets is not None and resets > m.resets:
+            if m.expect_reset:
+                m.expect_reset = False
+            elif m.config is not None and m.config == self.config:
+                m.reset_apart += int(m.values.get("EventCount") or 0)
+                log.warning("member %s was reset, not by the sum: %s events left the sum", m.name,
+                            m.reset_apart)  # fmt: skip
+        m.resets = resets
 
     def _mark_down(self, m: Member, reason: str, timed_out: bool = False) -> None:
         with self._lock:
@@ -664,10 +689,12 @@ class HistogramSum:
     def reset(self) -> None:
         """Reset the members that answer; the others leave the sum and are reset when they answer again."""
         self._require_answering("Reset")
+        for m in self.members:
+            m.expect_reset = True
         errors = self._fan_out("Reset", lambda c: c.command("Reset"))
         with self._lock:
             for m in self.members:
-                m.lost, m.came_back = 0, False
+                m.lost, m.came_back, m.reset_apart = 0, False, 0
                 if not m.answers or m.name in errors:
                     m.reset_pending = True
                     m.values = {
