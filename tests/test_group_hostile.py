@@ -70,9 +70,10 @@ def stop_mid_checkpoint(site, pid: int) -> None:
     raise AssertionError("fw/2 never stopped mid-checkpoint in 20 writes")
 
 
-def counting(site, kafka_broker, topic: str, messages: int, seed: int):
-    """The sum started, every worker with partitions, a paced producer sending, fw/2 counting:
-    the sum's and the workers' proxies, the producer's thread, what it sent, fw/2's pid."""
+def counting(site, kafka_broker, topic: str, messages: int, seed: int, at_work=None, part: int = 5):
+    """The sum started, every worker with partitions, a paced producer sending, 1/`part` of it sent
+    and fw/2 counting (or `at_work(workers)`): the sum's and the workers' proxies, the producer's
+    thread, what it sent, fw/2's pid."""
     s = proxy(site, "test/fsum/1")
     workers = {d: proxy(site, d) for devs in WORKERS.values() for d in devs}
     wait_for(lambda: s.state() == tango.DevState.ON, what="the sum", detail=lambda: s.status())
@@ -80,13 +81,14 @@ def counting(site, kafka_broker, topic: str, messages: int, seed: int):
     wait_for(lambda: all(json.loads(w.KafkaOffsets)["assigned"] for w in workers.values()), timeout=60,
              what="every worker to get partitions")  # fmt: skip
     t, sent = paced_producer(kafka_broker, topic, PARTITIONS, messages, seed=seed)
-    wait_for(lambda: workers["test/fw/2"].EventCount > 0 and len(sent) > messages // 5, what="fw/2 at work")
+    at_work = at_work or (lambda ws: ws["test/fw/2"].EventCount > 0)
+    wait_for(lambda: at_work(workers) and len(sent) > messages // part, what="the workers at work")
     return s, workers, t, sent, Managed(site.state_dir, "EventHistogrammer-fb").pid()
 
 
-def assert_exact(s, workers, t, sent: list, messages: int) -> str:
+def assert_exact(s, workers, t, sent: list, messages: int, on: bool = True) -> str:
     """Once the producer is done, the sum reaches every event sent, equal to numpy's histogram of
-    them, and counts nothing twice (3 s more to show it); its status."""
+    them, and counts nothing twice (3 s more to show it), ON then unless not `on`; its status."""
     t.join()
     total = sum(len(b) for b in sent)
     wait_for(lambda: s.EventCount >= total, timeout=90, what=f"the sum to reach every event ({total})",
@@ -100,7 +102,7 @@ def assert_exact(s, workers, t, sent: list, messages: int) -> str:
     assert (s.MessageCount, counted) == (messages, total), status
     tof = np.concatenate([b.tof for b in sent])
     assert np.array_equal(s.tof, np.histogram(tof, np.linspace(0, 70_000_000, 351))[0])
-    assert s.state() == tango.DevState.ON and "twice" not in status, status
+    assert "twice" not in status and (s.state() == tango.DevState.ON or not on), status
     return status
 
 
@@ -171,39 +173,35 @@ def unwritable(folder):
             os.chmod(folder, 0o755)
 
 
+def both(workers) -> bool:
+    return all(w.EventCount > 0 for w in workers.values())
+
+
+@contextlib.contextmanager
+def checkpoints_failing(site, workers):
+    """The checkpoint folder unwritable, and every worker saying its checkpoints fail."""
+    with unwritable(site.state_dir / "checkpoints"):
+        wait_for(lambda: all("not written" in w.status() for w in workers.values()), timeout=30,
+                 what="every worker to say its checkpoints fail")  # fmt: skip
+        yield
+
+
 def test_a_rebalance_while_checkpoints_cannot_be_written_leaves_the_sum_exact(sites, kafka_broker):
     """The checkpoint folder refuses writes (disk full) while both workers acquire; fw/1 stops (its
     hand-over cannot checkpoint) and fw/2 takes its partitions from the last checkpoints on disk.
     What each had counted past them must leave its counts, or the sum holds it twice."""
     site, topic = frozen_group(sites, kafka_broker)
-    s = proxy(site, "test/fsum/1")
-    workers = {d: proxy(site, d) for devs in WORKERS.values() for d in devs}
-    wait_for(lambda: s.state() == tango.DevState.ON, what="the sum", detail=lambda: s.status())
-    s.Start()
-    wait_for(lambda: all(json.loads(w.KafkaOffsets)["assigned"] for w in workers.values()), timeout=60,
-             what="every worker to get partitions")  # fmt: skip
     messages = 600
-    t, sent = paced_producer(kafka_broker, topic, PARTITIONS, messages, seed=23)
+    s, workers, t, sent, _ = counting(site, kafka_broker, topic, messages, seed=23, at_work=both)
     try:
-        wait_for(lambda: all(w.EventCount > 0 for w in workers.values()) and len(sent) > messages // 5,
-                 what="both workers at work")  # fmt: skip
-        with unwritable(site.state_dir / "checkpoints"):
-            wait_for(lambda: all("not written" in w.status() for w in workers.values()), timeout=30,
-                     what="both workers to say their checkpoints fail")  # fmt: skip
+        with checkpoints_failing(site, workers):
             workers["test/fw/1"].Stop()  # leaves the group: its partitions go to fw/2
             wait_for(lambda: len(json.loads(workers["test/fw/2"].KafkaOffsets)["assigned"]) == PARTITIONS,
                      timeout=60, what="fw/2 to take every partition")  # fmt: skip
             time.sleep(1.0)
     finally:
         t.join()
-    total = sum(len(b) for b in sent)
-    wait_for(lambda: s.EventCount >= total, timeout=90, what=f"the sum to reach every event ({total})",
-             detail=lambda: f"{s.EventCount}; {s.status()}")  # fmt: skip
-    time.sleep(3.0)  # anything counted twice would show now
-    s.Stop()
-    tof = np.concatenate([b.tof for b in sent])
-    assert (s.MessageCount, s.EventCount) == (messages, total), s.status()
-    assert np.array_equal(s.tof, np.histogram(tof, np.linspace(0, 70_000_000, 351))[0])
+    assert_exact(s, workers, t, sent, messages, on=False)
     assert "not written" not in workers["test/fw/2"].status()  # writable again: said no more
     notes = " ".join(json.loads(workers["test/fw/1"].KafkaOffsets)["notes"])
     assert "not written" in notes and "set back to checkpoint" in notes, notes
@@ -215,21 +213,12 @@ def test_a_worker_restarted_with_one_more_histogram_keeps_its_checkpointed_count
     back, as Configure keeps them, or the events it had counted and committed are in no one's counts
     once the sum's Configure gives every member the new list."""
     site, topic = frozen_group(sites, kafka_broker)
-    s = proxy(site, "test/fsum/1")
-    workers = {d: proxy(site, d) for devs in WORKERS.values() for d in devs}
-    wait_for(lambda: s.state() == tango.DevState.ON, what="the sum", detail=lambda: s.status())
-    s.Start()
-    wait_for(lambda: all(json.loads(w.KafkaOffsets)["assigned"] for w in workers.values()), timeout=60,
-             what="every worker to get partitions")  # fmt: skip
     messages = 400
-    t, sent = paced_producer(kafka_broker, topic, PARTITIONS, messages, seed=24)
     wider = [TOF, {"name": "tof2", "kind": "tof", "tof": {"start": 0, "stop": 70_000_000, "bins": 7}}]
+    s, workers, t, sent, pid = counting(site, kafka_broker, topic, messages, seed=24, part=3)
     try:
-        wait_for(
-            lambda: workers["test/fw/2"].EventCount > 0 and len(sent) > messages // 3, what="fw/2 at work"
-        )
         time.sleep(2.5)  # a checkpoint (every 2 s) with counts in it
-        os.kill(Managed(site.state_dir, "EventHistogrammer-fb").pid(), signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
         host, port = site.tango_host.split(":")
         tango.Database(host, int(port)).put_device_property("test/fw/2", {"Histograms": [json.dumps(wider)]})
         control.up(site.tango_host, site.config_path, site.state_dir, say=lambda x: None)
@@ -238,14 +227,7 @@ def test_a_worker_restarted_with_one_more_histogram_keeps_its_checkpointed_count
     wait_for(lambda: "test/fw/2" in s.status() and "differ" in s.status(), what="the sum to name fw/2's list",
              detail=lambda: s.status())  # fmt: skip
     s.Configure(json.dumps(wider))
-    total = sum(len(b) for b in sent)
-    wait_for(lambda: s.EventCount >= total, timeout=60, what=f"the sum to reach every event ({total})",
-             detail=lambda: f"{s.EventCount}; {s.status()}")  # fmt: skip
-    time.sleep(3.0)  # anything counted twice would show now
-    s.Stop()
-    tof = np.concatenate([b.tof for b in sent])
-    assert (s.MessageCount, s.EventCount) == (messages, total), s.status()
-    assert np.array_equal(s.tof, np.histogram(tof, np.linspace(0, 70_000_000, 351))[0])
+    assert_exact(s, workers, t, sent, messages, on=False)
 
 
 def test_a_stop_while_checkpoints_cannot_be_written_is_said_by_the_sum(sites, kafka_broker):
@@ -254,20 +236,10 @@ def test_a_stop_while_checkpoints_cannot_be_written_is_said_by_the_sum(sites, ka
     sum must say so, not show a total that looks final; a Start after the disk is back counts the
     rest, exactly."""
     site, topic = frozen_group(sites, kafka_broker)
-    s = proxy(site, "test/fsum/1")
-    workers = {d: proxy(site, d) for devs in WORKERS.values() for d in devs}
-    wait_for(lambda: s.state() == tango.DevState.ON, what="the sum", detail=lambda: s.status())
-    s.Start()
-    wait_for(lambda: all(json.loads(w.KafkaOffsets)["assigned"] for w in workers.values()), timeout=60,
-             what="every worker to get partitions")  # fmt: skip
     messages = 300
-    t, sent = paced_producer(kafka_broker, topic, PARTITIONS, messages, seed=25)
+    s, workers, t, sent, _ = counting(site, kafka_broker, topic, messages, seed=25, at_work=both, part=3)
     try:
-        wait_for(lambda: all(w.EventCount > 0 for w in workers.values()) and len(sent) > messages // 3,
-                 what="both workers at work")  # fmt: skip
-        with unwritable(site.state_dir / "checkpoints"):
-            wait_for(lambda: all("not written" in w.status() for w in workers.values()), timeout=30,
-                     what="both workers to say their checkpoints fail")  # fmt: skip
+        with checkpoints_failing(site, workers):
             time.sleep(1.0)  # counted past the last checkpoints
             s.Stop()
             status = s.status()
@@ -276,15 +248,7 @@ def test_a_stop_while_checkpoints_cannot_be_written_is_said_by_the_sum(sites, ka
     finally:
         t.join()
     s.Start()
-    total = sum(len(b) for b in sent)
-    wait_for(lambda: s.EventCount >= total, timeout=60, what=f"the sum to reach every event ({total})",
-             detail=lambda: f"{s.EventCount}; {s.status()}")  # fmt: skip
-    time.sleep(3.0)  # anything counted twice would show now
-    s.Stop()
-    tof = np.concatenate([b.tof for b in sent])
-    assert (s.MessageCount, s.EventCount) == (messages, total), s.status()
-    assert np.array_equal(s.tof, np.histogram(tof, np.linspace(0, 70_000_000, 351))[0])
-    assert s.state() == tango.DevState.ON, s.status()  # checkpoints written again: nothing to say
+    assert_exact(s, workers, t, sent, messages)  # checkpoints written again: ON, nothing to say
 
 
 def test_a_worker_reset_behind_the_sums_back_is_said_by_the_sum(sites, kafka_broker):
@@ -292,15 +256,9 @@ def test_a_worker_reset_behind_the_sums_back_is_said_by_the_sum(sites, kafka_bro
     total, which said nothing (RUNNING on 2 of 2 members, 64,693 of 665,393 events missing). The sum
     must name it; its own Reset then counts afresh and says nothing more."""
     site, topic = frozen_group(sites, kafka_broker)
-    s = proxy(site, "test/fsum/1")
-    workers = {d: proxy(site, d) for devs in WORKERS.values() for d in devs}
-    wait_for(lambda: s.state() == tango.DevState.ON, what="the sum", detail=lambda: s.status())
-    s.Start()
-    wait_for(lambda: all(json.loads(w.KafkaOffsets)["assigned"] for w in workers.values()), timeout=60,
-             what="every worker to get partitions")  # fmt: skip
-    t, sent = paced_producer(kafka_broker, topic, PARTITIONS, 200, seed=26)
+    s, workers, t, sent, _ = counting(site, kafka_broker, topic, 200, seed=26)
     try:
-        wait_for(lambda: s.EventCount > 0 and workers["test/fw/2"].EventCount > 0, what="fw/2 in the sum")
+        wait_for(lambda: s.EventCount > 0, what="fw/2 in the sum")
         workers["test/fw/2"].Reset()
         wait_for(lambda: "reset on its own" in s.status(), timeout=30, what="the sum to say so",
                  detail=lambda: s.status())  # fmt: skip
