@@ -568,3 +568,27 @@ def test_workers_without_a_shared_checkpoint_folder_are_named_when_they_count_tw
         s.close()
         for m in members.values():
             m.h.close()
+
+
+def test_a_group_member_the_group_gives_no_partition_says_so(kafka_broker, tmp_path):
+    """Two members, one partition: one of them counts nothing, and its Status said only
+    '0 events/s'. It says that the group gave it no partition; the other says nothing of it."""
+    from livehist.components.histogrammer import UNASSIGNED_AFTER, Histogrammer
+
+    topic = kafka_topic(kafka_broker, 1)
+    uri = f"kafka://{kafka_broker}/{topic}?group=g-{topic}&start=earliest"
+    members = [Histogrammer(uri, json.dumps([TOF]), publish_period=0.2, name=f"test/np/{i}",
+                            checkpoint_dir=str(tmp_path)) for i in (1, 2)]  # fmt: skip
+    try:
+        for h in members:
+            h.start()
+        wait_for(lambda: sorted(bool(h.provenance()["assigned"]) for h in members) == [False, True],
+                 timeout=60, what="the partition with one member")  # fmt: skip
+        idle, busy = sorted(members, key=lambda h: bool(h.provenance()["assigned"]))
+        wait_for(lambda: "no Kafka partition assigned" in idle.status, timeout=UNASSIGNED_AFTER + 30,
+                 what=f"the idle member to say so: {idle.status}")  # fmt: skip
+        assert idle.state == "RUNNING" and "more members than the topic has partitions" in idle.status
+        assert "no Kafka partition" not in busy.status, busy.status
+    finally:
+        for h in members:
+            h.close()

@@ -36,6 +36,7 @@ ON, RUNNING, ALARM, FAULT = "ON", "RUNNING", "ALARM", "FAULT"
 MIN_PUBLISH_PERIOD = 0.02  # s; shorter costs CPU for no display gain (1e-6 took 32% of a core idle)
 MIN_QUEUE_BYTES = 2**20
 FROZEN_AFTER = 2.0  # s between two ticks of a group worker's clock: the process was frozen (see `_watch`)
+UNASSIGNED_AFTER = 10.0  # s a RUNNING group worker has had no partition before its Status says so
 CHECKPOINT_HOLD = 10.0  # s then without checkpoints, for the group to say whether our partitions are gone
 SILENT_AFTER = 5.0  # s without a message before Status says so (a network peer that sends nothing)
 
@@ -502,11 +503,21 @@ class Histogrammer:
                     else ""
                 )
                 + self._foreign_note()
+                + self._partitions_note()
             )
 
         ck = self.checkpoint
         if ck is not None and ck.last_error and self._state != FAULT:
             self._status += f"; {ck.last_error} (offsets are not committed until it is)"
+
+    def _partitions_note(self) -> str:
+        """A group worker the group gives no partition counts nothing, and said only '0 events/s'."""
+        since = getattr(self.engine.source, "unassigned_since", None)
+        idle = time.monotonic() - since if since is not None else 0.0
+        if idle < UNASSIGNED_AFTER:
+            return ""
+        return (f"; no Kafka partition assigned to this member for {idle:.0f} s (more members than the "
+                "topic has partitions, or the group still rebalancing; see KafkaOffsets)")  # fmt: skip
 
     def _foreign_note(self) -> str:
         """Messages skipped for another `source=` name: a typo there counted nothing, without a word."""

@@ -19,6 +19,7 @@ component with a checkpoint file, issue 19):
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from livehist.engine.sources.kafka import KafkaSource, Key
@@ -41,6 +42,7 @@ class GroupWorkerSource(KafkaSource):
         self.lost = lost  # the owner's hook when partitions are lost (session expired): set counts back
         self.peers = peers  # per partition: the furthest next offset a group checkpoint covers, and whose
         self.assigned: set[Key] = set()
+        self.unassigned_since: float | None = None  # since when (monotonic) no partition is ours
         self.committed: dict[Key, int] = {}  # the last offsets this worker committed
         self.notes: list[str] = []  # what an operator should know (a commit that did not land)
         self._consumer = None
@@ -70,6 +72,7 @@ class GroupWorkerSource(KafkaSource):
     def _rebalance_callbacks(self) -> dict:
         self.handover_done = False
         self.assigned = set()
+        self.unassigned_since = time.monotonic()
         return {"on_assign": self._on_assign, "on_revoke": self._on_revoke, "on_lost": self._on_lost}
 
     def _on_assign(self, consumer, partitions) -> None:
@@ -105,6 +108,7 @@ class GroupWorkerSource(KafkaSource):
                 rest.append(k)
         out += self._positions_for(consumer, rest, group=True) if rest else []
         self.assigned |= set(keys)
+        self.unassigned_since = None if self.assigned else self.unassigned_since
         log.info("assigned %s", ", ".join(f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in out))
         consumer.assign(out)
 
@@ -141,16 +145,22 @@ class GroupWorkerSource(KafkaSource):
         if keys and self.handover is not None and not getattr(self, "handover_done", False):
             self._hand_over(consumer, keys & self.assigned, "rebalance")
         self.assigned -= keys
+        self._none_left()
         for k in keys:
             self._next.pop(k, None)
             self._resume.pop(k, None)  # if it comes back, the group's commit is the truth
         consumer.unassign()
+
+    def _none_left(self) -> None:
+        if not self.assigned and self.unassigned_since is None:
+            self.unassigned_since = time.monotonic()
 
     def _on_lost(self, consumer, partitions) -> None:
         """Partitions lost without a revoke (our session expired): another member has them now."""
         keys = {(tp.topic, tp.partition) for tp in partitions}
         log.warning("partitions lost (session expired): %s", sorted(keys))
         self.assigned -= keys
+        self._none_left()
         for k in keys:
             self._next.pop(k, None)
             self._resume.pop(k, None)
