@@ -182,8 +182,14 @@ def test_a_worker_restarts_from_its_checkpoint_and_refuses_foreign_or_damaged_on
     time.sleep(0.5)  # a publish (checkpoint + commit) after the last message
     _crash(h1)
     _send(producer, topic, sent[10:], 10)
+    # a write SIGKILLed before its rename left its temporary file: the restart removes it, not
+    # another worker's (whose write may be under way)
+    left, theirs = path.parent / f"{path.name}k1ll3d.tmp", path.parent / f"{path.name[:-4]}0.npzabc.tmp"
+    left.write_bytes(b"half")
+    theirs.write_bytes(b"half")
     h2 = Histogrammer(uri, hists, publish_period=0.2, name="test/ck/1", checkpoint_dir=str(tmp_path))
     try:
+        assert not left.exists() and theirs.exists()
         assert h2.running  # it was acquiring: it goes on
         total = sum(len(b) for b in sent)
         wait_for(lambda: h2.engine.events >= total, what="everything")

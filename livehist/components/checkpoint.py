@@ -14,6 +14,7 @@ system) for this; each file is only ever replaced whole, by its one writer.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -89,6 +90,10 @@ class Checkpoint:
         self.lock = threading.Lock()
         self.written = 0
         self.last_error: str | None = None
+        # a write cut short by a SIGKILL left its temporary file for good: none is under way now
+        for tmp in self.path.parent.glob(f"{glob.escape(self.path.name)}*.tmp"):
+            with_suppress_unlink(str(tmp))
+            log.info("removed %s, a checkpoint write that never finished", tmp)
 
     def write(
         self, snap: Snapshot, specs_json: str, running: bool, still: Callable[[], bool] | None = None
