@@ -247,7 +247,12 @@ class Point:
                 # a copy: NeXus buffers points, and a caller refilling one array per point had
                 # every buffered row written with the last point's values
                 value = np.array(given, dtype=col.dtype)
-            except (TypeError, ValueError, OverflowError) as exc:
+            except OverflowError as exc:  # an int beyond int64/uint64: it named no fix
+                raise RecordError(
+                    f"point {self.index}: column {col.name!r} is not {col.dtype}: {exc}; declare the "
+                    "column with a wider dtype (uint64 up to 2**64 - 1, float64 for more, rounded)"
+                ) from None
+            except (TypeError, ValueError) as exc:
                 raise RecordError(
                     f"point {self.index}: column {col.name!r} is not {col.dtype}: {exc}"
                 ) from None

@@ -490,6 +490,7 @@ def test_an_out_of_order_stream_is_refused_and_the_open_scan_is_kept_whole(tmp_p
         (Column("f", dtype="float32"), 1e300, "1e+300 does not fit float32"),
         (Column("b", dtype="int8"), 300, "column 'b' is not int8"),
         (Column("u", dtype="int64"), 2**64, "column 'u' is not int64"),
+        (Column("w", dtype="int64"), 2**70, "declare the column with a wider dtype"),
         (Column("g", dtype="float64"), 2**63 + 1, None),  # float64 rounds it: refused too
     ],
 )
