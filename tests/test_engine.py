@@ -85,6 +85,29 @@ def test_tof_spectra_alone_equal_numpy_for_every_integer_dtype_across_chunks(
         assert h.out_of_range == tof.size - expected.sum()
 
 
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.uint32])
+@pytest.mark.parametrize("stop, mode", [(72_000_000, "FAST0"), (2**31, "FAST0"), (2**31 + 2**29, "FAST")])
+def test_an_axis_from_zero_reads_tofs_as_unsigned_only_where_negative_ones_land_past_its_end(
+    dtype, stop, mode
+):
+    """FAST0 (a TOF spectrum from 0, alone) reads each TOF as an unsigned 32-bit integer: a
+    negative TOF becomes 2**31 or more, counted out of range only if the axis ends at 2**31 or
+    below. Beyond that the axis keeps FAST's subtraction and test, so -1 is never counted."""
+    from livehist.engine import kernels
+
+    [spec] = parse_histograms([{"name": "t", "kind": "tof", "tof": {"start": 0, "stop": stop, "bins": 8}}])
+    assert kernels.tof_mode(spec.tof.edges, "linear", np.dtype(dtype)) == getattr(kernels, mode)
+    info = np.iinfo(dtype)
+    width = stop // 8
+    values = [info.min, info.min + 1, -1, 0, 1, width - 1, width, stop - 1, stop, info.max - 1, info.max]
+    tof = np.array([v for v in values if info.min <= v <= info.max] * 300, dtype)  # several chunks and a rest
+    h = make(spec)
+    h.add(batch(tof, np.zeros(tof.size, np.int32)))
+    expected = half_open(tof, spec.tof.edges)
+    assert np.array_equal(h.data(), expected)
+    assert h.out_of_range == tof.size - expected.sum()
+
+
 @settings(max_examples=40, deadline=None)
 @given(ny=st.integers(1, 20), nx=st.integers(1, 20), first=st.integers(0, 5), data=st.data())
 def test_image_pixel_tof_roi_equal_numpy(ny, nx, first, data):
