@@ -342,6 +342,35 @@ def test_a_member_restarted_during_a_count_is_named_until_the_sum_starts_again(s
     wait_for(lambda: s.state() == tango.DevState.ON, what=f"ON after the Reset: {s.status()}")
 
 
+def test_a_member_reset_on_its_own_after_a_restart_is_still_said(site, pushers):
+    """The sum's Reset reached w2 only after w2's restart (it was dead): w2's Reset count, which
+    starts again at 0 in a new process, then stood below the one read before the crash, so the
+    sum never saw its own Reset arrive and took the next Reset of w2 by a client of its own for
+    it: 20 messages' events left the total with the sum ON, saying nothing."""
+    s = proxy(site, "test/sum/1", timeout_ms=3000)
+    w2 = proxy(site, "test/worker/2")
+    s.Stop()
+    s.Reset()
+    s.Reset()  # w2's count of Resets is 2 or more now, as the sum read it
+    wait_for(lambda: s.state() == tango.DevState.ON, what=f"ON: {s.status()}")
+    os.kill(Managed(site.state_dir, "EventHistogrammer-w2").pid(), signal.SIGKILL)
+    wait_for(lambda: s.MemberStates[1].startswith("test/worker/2: DOWN"), what="w2 down")
+    s.Reset()  # w2 misses it: reset when it answers again
+    control.up(site.tango_host, site.config_path, site.state_dir, say=lambda s: None)
+    wait_for(lambda: s.MemberStates[1] == "test/worker/2: ON", what=f"w2 back: {s.MemberStates}")
+    time.sleep(5 * PERIOD)  # the sum's Reset of w2 done and read back
+    s.Start()
+    rng = np.random.default_rng(29)
+    sent = send(pushers["w2"], rng, 20)
+    wait_for(lambda: s.EventCount == expected(sent)["events"], what="w2's events in the sum")
+    w2.Reset()  # not through the sum
+    wait_for(lambda: "reset on its own" in s.status(), timeout=10, what=f"the sum to say so: {s.status()}")
+    assert s.state() == tango.DevState.ALARM and "test/worker/2" in s.status(), s.status()
+    s.Stop()
+    s.Reset()
+    wait_for(lambda: s.state() == tango.DevState.ON, what=f"ON after the Reset: {s.status()}")
+
+
 def test_a_frozen_member_does_not_freeze_the_sum(site):
     s = proxy(site, "test/sum/1", timeout_ms=3000)
     pid = Managed(site.state_dir, "EventHistogrammer-w2").pid()

@@ -447,7 +447,11 @@ class HistogramSum:
         resets = _kafka(values).get("resets")
         if not isinstance(resets, int):
             return
-        if m.resets is not None and resets > m.resets:
+        if m.resets is None or resets < m.resets:
+            # first read, or a new process (its count starts again at 0): a Reset the sum sent is
+            # done before the read that follows it, so it is in this count already
+            m.expect_reset = False
+        elif resets > m.resets:
             if m.expect_reset:
                 m.expect_reset = False
             elif m.config is not None and m.config == self.config:
