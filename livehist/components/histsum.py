@@ -661,7 +661,10 @@ class HistogramSum:
         return answering
 
     def start(self) -> None:
-        self.refresh(skip_frozen=True)  # the members' states now, not as of their last event
+        # the members' states now, not as of their last event; one that did not answer in time
+        # (a Stop slower than the timeout: a Kafka worker handing over in a rebalance) is asked
+        # again, so that it is not left out of the count once it answers (a frozen one costs one timeout)
+        self.refresh(skip_frozen=False)
         answering = self._require_answering("Start")
         running = [m.name for m in answering if m.state in (RUNNING, ALARM)]
         if running:
