@@ -325,3 +325,80 @@ def test_sim_pulses_bigger_than_its_pool_are_delivered_whole_and_impossible_rate
                                           r"33,554,432 \(rate <= 4.7e\+08 at this freq"):  # fmt: skip
         open_source("sim://?rate=1e12")
     open_source("sim://?rate=4.6e8")  # within the limit at 14 Hz
+
+
+def _events_group(path, **fields) -> str:
+    """An NXevent_data group of 10 events in 2 pulses, with `fields` replacing (or, given None, as a
+    group instead of) its datasets."""
+    with h5py.File(path, "w") as f:
+        g = f.create_group("entry/events")
+        g.attrs["NX_class"] = "NXevent_data"
+        base = {"event_id": np.arange(10) % 16, "event_time_offset": np.arange(10) * 10,
+                "event_time_zero": np.array([0.0, 0.1]), "event_index": np.array([0, 5])}  # fmt: skip
+        for key, value in {**base, **fields}.items():
+            if value is None:
+                g.create_group(key)
+            else:
+                g[key] = value
+        if isinstance(g["event_time_offset"], h5py.Dataset):
+            g["event_time_offset"].attrs["units"] = "ns"
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            {"event_time_zero": 0.5, "event_index": 0},
+            r"event_time_zero is of shape \(\); NXevent_data needs a 1-D",
+        ),
+        (
+            {"event_time_zero": [[0.0], [0.1]], "event_index": [[0], [5]]},
+            r"event_time_zero is of shape \(2, 1\)",
+        ),
+        ({"event_id": None}, r"event_id is a Group; NXevent_data needs a 1-D dataset"),
+        ({"event_id": 3, "event_time_offset": 5}, r"event_time_offset is of shape \(\)"),
+        ({"event_index": [0, 2.5]}, r"event_index of pulse 1 is 2.5; each must be a whole number of 0..10"),
+        ({"event_index": [0.0, np.nan]}, r"event_index of pulse 1 is nan; each must be a whole number"),
+        (
+            {"event_index": np.array([0, 2**64 - 1], np.uint64)},
+            r"event_index of pulse 1 is 18446744073709551615",
+        ),
+        ({"event_index": np.array([b"0", b"5"])}, r"event_index has dtype \|S1; it must hold .* integers"),
+        (
+            {"event_index": [5, 7]},
+            r"event_index starts at 5: events 0..4 belong to no pulse and would not be",
+        ),
+        (
+            {"event_time_zero": np.zeros(0), "event_index": np.zeros(0, np.int64)},
+            r"event_index is empty: all 10",
+        ),
+        (
+            {"event_time_zero": [0.0, 0.1, 0.2], "event_index": [0, 6, 4]},
+            r"pulse 2 has 4 after 6 \(replaying",
+        ),
+    ],
+)
+def test_nexus_event_datasets_of_the_wrong_shape_or_index_are_refused_at_open_naming_them(
+    tmp_path, fields, message
+):
+    """A scalar event_time_zero raised a bare IndexError at open (not a SourceError: Init said only
+    'IndexError: invalid index to scalar variable'); a 2-D one passed the open and failed every
+    reconnect of the replay with TypeError; an event_id group raised AttributeError. event_index
+    2.5 was cut to 2, NaN and 2**64-1 were named as 'pulse 0 has 0', and events before the first
+    pulse (event_index starting at 5, or no pulse at all) were never replayed, without a word."""
+    path = _events_group(tmp_path / "e.nxs", **fields)
+    with pytest.raises(SourceError, match=message):
+        open_source(f"nexus://{path}?rate=max")
+
+
+def test_nexus_index_of_whole_floats_and_pulses_without_events_replay_every_event(tmp_path):
+    """What the checks above must still let through: float indices holding whole numbers, empty
+    pulses, and a file without any event."""
+    path = _events_group(tmp_path / "f.nxs", event_time_zero=[0.0, 0.1, 0.2], event_index=[0.0, 5.0, 10.0])
+    snap = replay(f"nexus://{path}?rate=max").snapshot()
+    assert (snap.events, snap.pulses, int(snap.counts["t"].sum())) == (10, 3, 10)
+    empty = _events_group(tmp_path / "none.nxs", event_id=np.zeros(0, np.int32),
+                          event_time_offset=np.zeros(0), event_index=[0, 0])  # fmt: skip
+    snap = replay(f"nexus://{empty}?rate=max").snapshot()
+    assert (snap.events, snap.pulses) == (0, 2)

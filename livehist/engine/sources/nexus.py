@@ -101,6 +101,16 @@ class NexusSource(Source):
                 f"(NX_class={nx_class!r}, missing {missing or 'nothing'})"
             )
         self.event_group = group
+        for k in FIELDS:  # a group, a scalar or a 2-D array failed later with IndexError or TypeError
+            ds = g[k]
+            if not isinstance(ds, h5py.Dataset) or len(ds.shape or ()) != 1:
+                what = (f"a {type(ds).__name__}" if not isinstance(ds, h5py.Dataset)
+                        else f"of shape {ds.shape}")  # fmt: skip
+                raise SourceError(
+                    f"EventSource {self.uri!r}: {group}/{k} is {what}; NXevent_data needs a 1-D dataset "
+                    "with one value per event (event_id, event_time_offset) or per pulse (event_time_zero, "
+                    "event_index) (the file is damaged, or path= names another group)"
+                )
         self.tof_unit = tof_unit or _unit(g["event_time_offset"], "us", "event_time_offset", group)
         zero_unit = _unit(g["event_time_zero"], "s", "event_time_zero", group)
         zero = g["event_time_zero"][()].astype(np.float64) * SECONDS[zero_unit]
@@ -125,8 +135,8 @@ class NexusSource(Source):
                 "needs a finite time (the file is damaged)"
             )
         self.pulse_time = np.rint((zero + base) * 1e9).astype(np.int64)
-        self.event_index = g["event_index"][()].astype(np.int64)
         self.n_events = g["event_id"].shape[0]
+        self.event_index = self._index(g["event_index"][()], group)
         shapes = {k: g[k].shape for k in ("event_id", "event_time_offset")}
         if shapes["event_id"] != shapes["event_time_offset"] or len(shapes["event_id"]) != 1:
             raise SourceError(
@@ -145,14 +155,45 @@ class NexusSource(Source):
                 f"{group}: event_index has {self.event_index.size} pulses but event_time_zero {self.pulse_time.size}"
             )
         idx = self.event_index
-        if idx.size and (idx[0] < 0 or idx[-1] > self.n_events or np.any(np.diff(idx) < 0)):
-            wrong = (idx < 0) | (idx > self.n_events) | np.append(np.diff(idx) < 0, False)
-            bad = int(np.flatnonzero(wrong)[0]) if wrong.any() else idx.size - 1
+        first = int(idx[0]) if idx.size else self.n_events
+        if first != 0 and self.n_events:  # events before the first pulse belong to none: never replayed
+            raise SourceError(
+                f"EventSource {self.uri!r}: {group}/event_index "
+                + (f"starts at {first}: events 0..{first - 1}" if idx.size else f"is empty: all {self.n_events} events")
+                + " belong to no pulse and would not be replayed; the first pulse must start at event 0 "
+                "(the file is damaged or still being written)"
+            )  # fmt: skip
+        if idx.size and (idx[-1] > self.n_events or np.any(np.diff(idx) < 0)):
+            wrong = (idx < 0) | (idx > self.n_events) | np.insert(np.diff(idx) < 0, 0, False)
+            bad = int(np.flatnonzero(wrong)[0])
             raise SourceError(
                 f"EventSource {self.uri!r}: {group}/event_index must not decrease and stay within the "
-                f"{self.n_events} events (0..{self.n_events}); pulse {bad} has {int(idx[bad])} "
-                f"(replaying it would count events twice)"
+                f"{self.n_events} events (0..{self.n_events}); pulse {bad} has {int(idx[bad])}"
+                + (f" after {int(idx[bad - 1])}" if bad else "")
+                + " (replaying it would count events twice)"
             )
+
+    def _index(self, raw: np.ndarray, group: str) -> np.ndarray:
+        """event_index as int64: integers, or floats holding whole numbers (2.5 was cut to 2 without a
+        word); values an int64 cannot hold (NaN, 2**64-1 wrapped to -1) are refused naming the pulse."""
+        if raw.dtype.kind not in "iuf":
+            raise SourceError(
+                f"EventSource {self.uri!r}: {group}/event_index has dtype {raw.dtype.str}; it must hold the "
+                "index of each pulse's first event as integers"
+            )
+        limit = np.float64(self.n_events)
+        if raw.dtype.kind == "f":
+            wrong = ~np.isfinite(raw) | (raw != np.trunc(raw)) | (raw < 0) | (raw > limit)
+        else:
+            wrong = (raw < 0) | (raw > self.n_events)  # compared before any cast: no wrap-around
+        if wrong.any():
+            at = int(np.flatnonzero(wrong)[0])
+            raise SourceError(
+                f"EventSource {self.uri!r}: {group}/event_index of pulse {at} is {raw[at].item()!r}; each "
+                f"must be a whole number of 0..{self.n_events} (the index of the pulse's first event; the "
+                "file is damaged)"
+            )
+        return raw.astype(np.int64)
 
     def run(self) -> None:
         n_pulses = self.pulse_time.size
