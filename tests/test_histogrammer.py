@@ -360,3 +360,58 @@ def test_bad_numbers_are_refused_naming_them(kwargs, message):
         return
     with pytest.raises(LivehistError, match=message):
         Histogrammer("sim://", "[]", **kwargs)
+
+
+def _pulses_file(path, n_pulses: int, per_pulse: int, seed: int) -> np.ndarray:
+    """An NXevent_data file of n_pulses pulses at 10 Hz; returns its TOFs (ns)."""
+    rng = np.random.default_rng(seed)
+    tof = rng.integers(0, 71_400_000, n_pulses * per_pulse)
+    with h5py.File(path, "w") as f:
+        g = f.create_group("entry/events")
+        g.attrs["NX_class"] = "NXevent_data"
+        g["event_id"] = rng.integers(1, 128 * 128 + 1, tof.size)
+        g["event_time_offset"] = tof
+        g["event_time_offset"].attrs["units"] = "ns"
+        g["event_time_zero"] = np.arange(n_pulses) * 0.1
+        g["event_time_zero"].attrs["units"] = "s"
+        g["event_index"] = np.arange(n_pulses) * per_pulse
+    return tof
+
+
+def test_a_replay_of_a_file_replaced_between_acquisitions_counts_the_new_file(make, tmp_path):
+    """The source kept the index read at Init: after the file was replaced, Reset + Start replayed it
+    with the old index (a file of 1000 events in 100 pulses counted 100 events in 10 pulses, one of 3
+    events counted 3 events in 10 pulses). A replay stopped half-way went on in the new file as if it
+    were the old one; it now says so (FAULT) until Stop, Reset and Start replay the new file."""
+    path = tmp_path / "run.nxs"
+    _pulses_file(path, 10, 10, seed=1)
+    h = make(f"nexus://{path}?rate=max", hists=[TOF], publish_period=0.1)
+    h.start()
+    wait_for(lambda: h.last.events == 100, what="the first file")
+    h.stop()
+    os.remove(path)
+    tof = _pulses_file(path, 100, 10, seed=2)
+    h.reset()
+    h.start()
+    wait_for(lambda: h.engine.source.finished, what="the second file")
+    h.stop()
+    assert (h.last.events, h.last.pulses) == (1000, 100)
+    assert np.array_equal(h.last.counts["tof"], np.histogram(tof, np.linspace(0, 71_400_000, 101))[0])
+
+    slow = make(f"nexus://{path}?rate=realtime", hists=[TOF], publish_period=0.1)
+    slow.start()  # 100 pulses at 10 Hz: 10 s; stopped after the first few
+    wait_for(lambda: slow.last.pulses >= 2, what="the first pulses")
+    slow.stop()
+    assert 0 < slow.last.pulses < 100
+    os.remove(path)
+    tof = _pulses_file(path, 5, 7, seed=3)
+    slow.start()
+    wait_for(lambda: slow.state == "FAULT", what="FAULT")
+    assert "was replaced or rewritten after" in slow.status and "Stop, Reset and Start" in slow.status
+    slow.stop()
+    slow.reset()
+    slow.start()
+    wait_for(lambda: slow.last.events == 35 and slow.engine.source.finished, what="the new file")
+    slow.stop()
+    assert slow.last.pulses == 5
+    assert np.array_equal(slow.last.counts["tof"], np.histogram(tof, np.linspace(0, 71_400_000, 101))[0])

@@ -9,6 +9,7 @@ shifts pulse times by k run lengths. After the last loop the source stays quiet.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from datetime import datetime
 from urllib.parse import unquote
@@ -59,6 +60,7 @@ class NexusSource(Source):
         self.file = unquote(parts.path)  # %23, %3F, %20: a '#', '?' or space in a file name
         self.event_group = params.get("path", "")  # not `group`: that is a Kafka consumer group
         self.position = (0, 0)  # (loop, pulse) the next run starts at: Start after Stop goes on from there
+        self.position_of: tuple | None = None  # identity of the file `position` was reached in
         self.realtime = params.get("rate", "realtime") == "realtime"
         if params.get("rate", "realtime") not in ("realtime", "max"):
             raise SourceError(f"EventSource {uri!r}: rate must be realtime or max, got {params['rate']!r}")
@@ -66,6 +68,7 @@ class NexusSource(Source):
         tof_unit = params.get("tof_unit")
         if tof_unit is not None and tof_unit not in ("ns", "us", "ms", "s"):
             raise SourceError(f"EventSource {uri!r}: tof_unit must be ns, us, ms or s, got {tof_unit!r}")
+        self.tof_unit_given = tof_unit
         self.read_index(tof_unit)
 
     def read_index(self, tof_unit: str | None) -> None:
@@ -76,6 +79,7 @@ class NexusSource(Source):
             raise SourceError(f"EventSource {self.uri!r}: cannot open {self.file}: {exc}") from None
         try:
             with f:
+                self.identity = _identity(f)
                 self._read_index(f, tof_unit)
         except SourceError:
             raise
@@ -196,13 +200,14 @@ class NexusSource(Source):
         return raw.astype(np.int64)
 
     def run(self) -> None:
-        n_pulses = self.pulse_time.size
-        if n_pulses == 0:
-            self.finished = True
-            return
-        span = int(self.pulse_time[-1] - self.pulse_time[0])
-        period = int(np.median(np.diff(self.pulse_time))) if n_pulses > 1 else 100_000_000
         with h5py.File(self.file, "r") as f:
+            self._same_file(f)
+            n_pulses = self.pulse_time.size
+            if n_pulses == 0:
+                self.finished = True
+                return
+            span = int(self.pulse_time[-1] - self.pulse_time[0])
+            period = int(np.median(np.diff(self.pulse_time))) if n_pulses > 1 else 100_000_000
             g = f[self.event_group]
             loop, p = self.position
             wall0 = time.monotonic()
@@ -234,7 +239,7 @@ class NexusSource(Source):
                     if not self.emit(batch):
                         return  # not taken (stopping): the next run sends it again
                     p = q
-                    self.position = (loop, p)
+                    self.position, self.position_of = (loop, p), self.identity
                 loop, p = loop + 1, 0
                 self.position = (loop, p)
         self.finished = True
@@ -254,14 +259,35 @@ class NexusSource(Source):
                 )
         return ids
 
+    def _same_file(self, f: h5py.File) -> None:
+        """The index read at open must be this file's: a file replaced (or rewritten) since was replayed
+        with the old one's index (a file of 1000 events in 100 pulses counted 100 events in 10). Read it
+        again; a replay that is under way cannot go on in another file."""
+        now = _identity(f)
+        if now != self.identity:
+            log.warning("%s changed since it was indexed; reading its index again", self.file)
+            try:
+                self._read_index(f, self.tof_unit_given)
+            except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
+                raise SourceError(f"cannot read {self.file}: {type(exc).__name__}: {exc}") from None
+            self.identity = now
+        if self.position != (0, 0) and self.position_of not in (None, now):
+            loop, p = self.position
+            raise SourceError(
+                f"{self.file} was replaced or rewritten after {p} pulses (loop {loop + 1}) of its replay had "
+                "been counted; going on would mix two files: Stop, Reset and Start to replay it from its "
+                "first pulse"
+            )
+
     def resume_after(self, old: Source) -> None:
         """Start after Stop (without Reset), or a reconnect: go on from where `old` stopped, so
         no pulse is counted twice (a replay from the start counted the first part again)."""
         self.position = getattr(old, "position", (0, 0))
+        self.position_of = getattr(old, "position_of", None)
 
     def start_from(self, offsets: dict) -> None:
         """After Reset: the replay begins at its first pulse again."""
-        self.position = (0, 0)
+        self.position, self.position_of = (0, 0), None
 
 
 def _find_event_group(f: h5py.File) -> str | None:
@@ -275,6 +301,12 @@ def _find_event_group(f: h5py.File) -> str | None:
 
     f.visititems(visit)
     return found[0] if found else None
+
+
+def _identity(f: h5py.File) -> tuple:
+    """What tells a file from its replacement: device, inode, size and modification time."""
+    st = os.fstat(f.id.get_vfd_handle())
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _size(shape: tuple) -> str:
