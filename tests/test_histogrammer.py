@@ -415,3 +415,30 @@ def test_a_replay_of_a_file_replaced_between_acquisitions_counts_the_new_file(ma
     slow.stop()
     assert slow.last.pulses == 5
     assert np.array_equal(slow.last.counts["tof"], np.histogram(tof, np.linspace(0, 71_400_000, 101))[0])
+
+
+def test_a_replay_goes_on_in_a_copy_of_its_file_or_the_file_grown_by_more_pulses(make, tmp_path):
+    """A file copied back over itself (a restore from backup), or grown by more pulses (still being
+    written), holds the pulses counted so far: the replay goes on from where it stopped, exactly."""
+    path = tmp_path / "run.nxs"
+    _pulses_file(path, 30, 10, seed=4)
+    h = make(f"nexus://{path}?rate=realtime", hists=[TOF], publish_period=0.1)
+    h.start()
+    wait_for(lambda: h.last.pulses >= 2, what="the first pulses")
+    h.stop()
+    assert 0 < h.last.pulses < 30
+    copy = tmp_path / "copy.nxs"
+    copy.write_bytes(path.read_bytes())
+    os.replace(copy, path)  # another inode, the same pulses
+    h.start()
+    wait_for(lambda: h.last.pulses >= 6 or h.state == "FAULT", what="the replay going on")
+    assert h.state == "RUNNING", h.status
+    h.stop()
+    os.remove(path)
+    tof = _pulses_file(path, 40, 10, seed=4)  # the same 30 pulses and 10 more
+    h.start()
+    wait_for(lambda: h.last.events == 400, timeout=30, what="the grown file")
+    time.sleep(0.3)
+    h.stop()
+    assert (h.last.events, h.last.pulses) == (400, 40)
+    assert np.array_equal(h.last.counts["tof"], np.histogram(tof, np.linspace(0, 71_400_000, 101))[0])

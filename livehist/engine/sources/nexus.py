@@ -60,7 +60,8 @@ class NexusSource(Source):
         self.file = unquote(parts.path)  # %23, %3F, %20: a '#', '?' or space in a file name
         self.event_group = params.get("path", "")  # not `group`: that is a Kafka consumer group
         self.position = (0, 0)  # (loop, pulse) the next run starts at: Start after Stop goes on from there
-        self.position_of: tuple | None = None  # identity of the file `position` was reached in
+        # (file identity, pulse_time, event_index) of the file `position` was reached in
+        self.position_of: tuple | None = None
         self.realtime = params.get("rate", "realtime") == "realtime"
         if params.get("rate", "realtime") not in ("realtime", "max"):
             raise SourceError(f"EventSource {uri!r}: rate must be realtime or max, got {params['rate']!r}")
@@ -239,7 +240,8 @@ class NexusSource(Source):
                     if not self.emit(batch):
                         return  # not taken (stopping): the next run sends it again
                     p = q
-                    self.position, self.position_of = (loop, p), self.identity
+                    self.position = (loop, p)
+                    self.position_of = (self.identity, self.pulse_time, self.event_index)
                 loop, p = loop + 1, 0
                 self.position = (loop, p)
         self.finished = True
@@ -262,7 +264,7 @@ class NexusSource(Source):
     def _same_file(self, f: h5py.File) -> None:
         """The index read at open must be this file's: a file replaced (or rewritten) since was replayed
         with the old one's index (a file of 1000 events in 100 pulses counted 100 events in 10). Read it
-        again; a replay that is under way cannot go on in another file."""
+        again; a replay under way goes on only if the pulses it counted are the same in the new file."""
         now = _identity(f)
         if now != self.identity:
             log.warning("%s changed since it was indexed; reading its index again", self.file)
@@ -271,12 +273,19 @@ class NexusSource(Source):
             except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
                 raise SourceError(f"cannot read {self.file}: {type(exc).__name__}: {exc}") from None
             self.identity = now
-        if self.position != (0, 0) and self.position_of not in (None, now):
+        if self.position != (0, 0) and self.position_of is not None and self.position_of[0] != now:
             loop, p = self.position
+            _, pulse_time, event_index = self.position_of
+            upto = p if loop == 0 else max(pulse_time.size, self.pulse_time.size)
+            if np.array_equal(pulse_time[:upto], self.pulse_time[:upto]) and np.array_equal(
+                event_index[:upto], self.event_index[:upto]
+            ):  # a copy of it, or the file grown by more pulses (still being written): it goes on
+                self.position_of = (now, self.pulse_time, self.event_index)
+                return
             raise SourceError(
                 f"{self.file} was replaced or rewritten after {p} pulses (loop {loop + 1}) of its replay had "
-                "been counted; going on would mix two files: Stop, Reset and Start to replay it from its "
-                "first pulse"
+                "been counted, and its pulses differ from those; going on would mix two files: Stop, Reset "
+                "and Start to replay it from its first pulse"
             )
 
     def resume_after(self, old: Source) -> None:
