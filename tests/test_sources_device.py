@@ -104,3 +104,48 @@ def test_a_host_name_that_does_not_resolve_is_fault_naming_it_and_init_recovers(
     wait_for(lambda: dev.EventCount > 0, what="events from sim://")
     dev.Stop()
     assert dev.state() == tango.DevState.ON and int(dev.tof.sum()) <= dev.EventCount
+
+
+def test_a_sender_whose_message_ids_jump_is_not_counted_as_billions_dropped(dev):
+    """Two senders on a PUB whose message_id jumped from 0 to 2**63-1 (renumbered, or ids that are
+    timestamps) were counted as 2**64-4 dropped messages: DroppedMessageCount beyond int64 failed
+    every read ('Expecting a integer type'), the publisher stopped pushing the counters after it, and
+    the device said ALARM with '18,446,744,073,709,551,612 dropped'. A real gap still counts."""
+    port = free_port()
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.bind(f"tcp://127.0.0.1:{port}")
+    one = EventBatch(np.arange(10, dtype=np.int32), np.arange(10, dtype=np.int32), np.zeros(1, np.int64),
+                     np.zeros(1, np.int64))  # fmt: skip
+    try:
+        reinit(dev, f"zmq+sub://127.0.0.1:{port}")
+        dev.Reset()
+        dev.Start()
+        wait_for(
+            lambda: (pub.send(encode_ev44(one, 0, "probe")), dev.MessageCount)[1] > 0, what="the subscription"
+        )
+        time.sleep(0.5)  # the probes still in flight arrive
+        first = dev.MessageCount
+        for name in ("a", "b"):
+            pub.send(encode_ev44(one, 0, name))
+            pub.send(encode_ev44(one, 2**63 - 1, name))
+        pub.send(encode_ev44(one, 10, "c"))
+        pub.send(encode_ev44(one, 13, "c"))  # 11 and 12 lost: a real gap
+        wait_for(lambda: dev.MessageCount == first + 6, what="the six messages")
+        time.sleep(2.5)  # past the ALARM hold of a real drop
+        assert dev.DroppedMessageCount == 2
+        assert dev.state() == tango.DevState.RUNNING, dev.Status()
+        counter = dev.UpdateCounter
+        events = []
+        sub = dev.subscribe_event("PulseCount", tango.EventType.CHANGE_EVENT, events.append)
+        try:
+            pub.send(encode_ev44(one, 14, "c"))
+            wait_for(lambda: dev.UpdateCounter > counter + 2 and any(
+                not e.err and e.attr_value.value == first + 7 for e in events), what="counters pushed")  # fmt: skip
+        finally:
+            dev.unsubscribe_event(sub)
+        dev.Stop()
+        assert dev.EventCount == 10 * dev.MessageCount == int(dev.tof.sum())
+    finally:
+        pub.close(0)
+        ctx.term()

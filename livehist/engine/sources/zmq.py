@@ -8,15 +8,22 @@ message ids as dropped messages.
 
 from __future__ import annotations
 
+import logging
 import socket
+import time
 
 import zmq
 from streaming_data_types.fbschemas.eventdata_ev42 import EventMessage
 from streaming_data_types.fbschemas.eventdata_ev44 import Event44Message
 
+from livehist.engine.events import RateLimitedLog
 from livehist.engine.sources import Source, SourceError, check_known, host_port, query
 
+log = logging.getLogger("livehist.engine.sources.zmq")
 MAX_SENDERS = 1024  # source names whose last message id is kept (garbage must not grow it)
+# messages a second no ZeroMQ sender reaches (about 1e6-1e7 small ones on loopback): a larger gap in a
+# sender's message ids is a renumbered sender (2**63 once made DroppedMessageCount unreadable), not a drop
+MAX_MESSAGE_RATE = 1e7
 
 
 class ZmqSource(Source):
@@ -32,6 +39,7 @@ class ZmqSource(Source):
         self.host, self.port = host, port
         self.endpoint = f"tcp://{host}:{port}"
         self.kind = zmq.SUB if parts.scheme == "zmq+sub" else zmq.PULL
+        self._jumps = RateLimitedLog(log)
 
     def run(self) -> None:
         # ZeroMQ connects to a host name that does not resolve without a word (or says only
@@ -50,7 +58,7 @@ class ZmqSource(Source):
         if self.kind == zmq.SUB:
             sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.connect(self.endpoint)
-        last: dict[bytes, int] | None = {} if self.kind == zmq.SUB else None
+        last: dict[bytes, tuple[int, float]] | None = {} if self.kind == zmq.SUB else None
         try:
             while not self.stopping:
                 if sock.poll(100):
@@ -62,19 +70,29 @@ class ZmqSource(Source):
         finally:
             sock.close(linger=0)
 
-    def _note_gap(self, payload, last: dict[bytes, int]) -> None:
+    def _note_gap(self, payload, last: dict[bytes, tuple[int, float]]) -> None:
         """Count the messages a PUB dropped: ids a sender skipped since its previous message.
-        An id that does not grow (a restarted sender, or one that leaves ids at 0) is no gap."""
+        An id that does not grow (a restarted sender, or one that leaves ids at 0) is no gap, nor is
+        a jump by more messages than could have been sent since (a sender renumbered)."""
         sender = message_id(payload)
         if sender is None:
             return  # not ev44/ev42: the engine counts it as bad
         name, mid = sender
+        now = time.monotonic()
         before = last.get(name)
-        if before is not None and mid > before + 1 and self.count_lost is not None:
-            self.count_lost(mid - before - 1)
+        if before is not None and mid > before[0] + 1:
+            gap = mid - before[0] - 1
+            if gap > (now - before[1] + 1.0) * MAX_MESSAGE_RATE:
+                self._jumps.warning(
+                    name.decode(errors="replace"),
+                    f"sender {name!r}: message_id jumped from {before[0]} to {mid}, more messages than it "
+                    "can have sent since; taken as a renumbered sender, not as dropped messages",
+                )
+            elif self.count_lost is not None:
+                self.count_lost(gap)
         if name not in last and len(last) >= MAX_SENDERS:
             last.clear()
-        last[name] = mid
+        last[name] = (mid, now)
 
 
 def message_id(payload) -> tuple[bytes, int] | None:
