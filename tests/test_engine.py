@@ -548,6 +548,11 @@ def test_nan_negative_and_huge_values_are_out_of_range_not_corrupting():
     [
         ("[", "Histograms is not valid JSON"),
         ("[" * 100_000 + "]" * 100_000, "Histograms is nested too deep"),  # was a bare RecursionError
+        # was Python's own advice: "use sys.set_int_max_str_digits() to increase the limit"
+        (
+            '[{"name": "a", "kind": "tof", "tof": {"start": 0, "stop": 1' + "0" * 5000 + ', "bins": 5}}]',
+            "Histograms holds a number of 5,001 digits",
+        ),  # fmt: skip
         ('{"name": "a"}', "must be a JSON list"),
         (
             '[{"name": "a", "kind": "tof", "tof": {"start": 0, "stop": 1, "bins": -5}}]',

@@ -326,13 +326,30 @@ def join_property(lines: list[str] | tuple[str, ...]) -> str:
     return "[" + ",\n".join(lines) + "]"
 
 
+class _HugeNumber(Exception):
+    pass
+
+
+def _json_int(text: str) -> int:
+    """An integer of the JSON text; past Python's limit on digits (4300), _HugeNumber(its digits)."""
+    digits = len(text.lstrip("-"))
+    if digits > 4000:
+        raise _HugeNumber(digits)
+    return int(text)
+
+
 def parse_histograms(
     value: str | list, label: str = "Histograms", max_bytes: int = DEFAULT_MAX_BYTES
 ) -> list[HistogramSpec]:
     """Parse a JSON list (text or already decoded) of histogram specs."""
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = json.loads(value, parse_int=_json_int)
+        except _HugeNumber as exc:  # Python's own message named sys.set_int_max_str_digits() as the fix
+            raise SpecError(
+                f"{label} holds a number of {exc.args[0]:,} digits; no histogram field takes one that long "
+                "(counts, bins and pixels fit in 19 digits): check the JSON for a runaway number"
+            ) from None
         except RecursionError:
             raise SpecError(
                 f"{label} is nested too deep to be histogram specs; give a JSON list of histogram objects"
