@@ -111,7 +111,7 @@ class EventHistogrammer(Device):
     # numbers as text: pytango's own conversion of a typo ("0.5s") fails Init with a bare CORBA error
     PublishPeriod = device_property(dtype=str, default_value="0.5", doc="seconds between publishes (>= 0.02)")
     MaxHistogramBytes = device_property(dtype=str, default_value=str(DEFAULT_MAX_BYTES),
-                                        doc="cap on the memory of all histogram counts, bytes")  # fmt: skip
+                                        doc="cap on the memory of all histograms (counts, staging, a copy per thread), bytes")  # fmt: skip
     RestreamEndpoint = device_property(dtype=str, default_value="",
                                        doc="ZeroMQ PUB address for hs01 histograms, e.g. tcp://*:5560 ('' = off)")  # fmt: skip
     RestreamKafka = device_property(dtype=str, default_value="",

@@ -362,6 +362,27 @@ def test_bad_numbers_are_refused_naming_them(kwargs, message):
         Histogrammer("sim://", "[]", **kwargs)
 
 
+def test_the_memory_cap_counts_staging_and_every_accumulating_thread():
+    """MaxHistogramBytes counted only the int64 counts: a 512x512 image (2 MiB of them) passed a
+    2 MiB cap while each of 4 threads held its own counts and staging (9 MiB in all)."""
+    image = [{"name": "i", "kind": "image", "pixels": {"first": 0, "shape": [512, 512]}}]
+    tof = [{"name": "t", "kind": "tof", "tof": {"start": 0, "stop": 1000, "bins": 100}}]
+    h = Histogrammer("sim://", image, max_histogram_bytes=2 * 2**20 + 8, threads=4)
+    assert h.state == "FAULT", h.status
+    assert "Histograms need 9 MiB of memory" in h.status and "4 accumulating threads" in h.status, h.status
+    assert "use fewer bins/pixels or AccumulatingThreads, or raise MaxHistogramBytes" in h.status, h.status
+    h.close()
+    h = Histogrammer("sim://", tof, max_histogram_bytes=3 * 2**20, threads=4)
+    assert h.state == "ON", h.status
+    with pytest.raises(
+        SpecError, match=r"Configure need 9 MiB of memory .* over the MaxHistogramBytes limit of 3 MiB"
+    ):
+        h.configure(image)
+    assert [s.name for s in h.engine.specs] == ["t"]  # nothing changed: the TOF spectrum still there
+    h.configure(tof + [{"name": "small", "kind": "image", "pixels": {"first": 0, "shape": [64, 64]}}])
+    h.close()
+
+
 def _pulses_file(path, n_pulses: int, per_pulse: int, seed: int) -> np.ndarray:
     """An NXevent_data file of n_pulses pulses at 10 Hz; returns its TOFs (ns)."""
     rng = np.random.default_rng(seed)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from livehist.components.checkpoint import Checkpoint, group_offsets, next_offsets, path_for
 from livehist.engine import Engine, Snapshot
+from livehist.engine.histograms import check_memory
 from livehist.engine.sources import SourceError, open_source
 from livehist.engine.sources.kafka_group import GroupWorkerSource
 from livehist.engine.spec import DEFAULT_MAX_BYTES, HistogramSpec, SpecError, parse_histograms
@@ -96,6 +97,7 @@ class Histogrammer:
         specs: list[HistogramSpec] = []
         try:
             specs = parse_histograms(histograms, "Histograms", self.max_histogram_bytes)
+            check_memory(specs, threads, self.max_histogram_bytes, "Histograms")
         except ValueError as exc:
             self.problem = f"{exc}; fix the Histograms property and run Init, or call Configure"
         self.source_uri = source_uri
@@ -208,6 +210,7 @@ class Histogrammer:
     def check(self, histograms: str | list) -> tuple[list[HistogramSpec], dict]:
         """Parse and allocate a new list without changing anything; SpecError names what is wrong."""
         specs = parse_histograms(histograms, "Configure", self.max_histogram_bytes)
+        check_memory(specs, self.engine.threads, self.max_histogram_bytes, "Configure")
         try:
             return specs, self.engine.prepare(specs)
         except MemoryError:

@@ -19,7 +19,7 @@ import numpy as np
 
 from livehist.engine import kernels
 from livehist.engine.events import EventBatch
-from livehist.engine.spec import WINDOW_SLICES, HistogramSpec
+from livehist.engine.spec import WINDOW_SLICES, HistogramSpec, SpecError, size_text
 
 STAGE_MIN_CELLS = 1 << 15  # smaller histograms stay in L1/L2 as int64 anyway
 STAGE_DTYPE = np.uint8  # measured: 4x uint32, 10x int64 for 10^6 random cells on a loaded machine
@@ -31,6 +31,32 @@ def stage_of(spec: HistogramSpec) -> str:
     """The staging dtype of a histogram's counts ("": int64 counts directly)."""
     cells = int(np.prod(spec.data_shape))
     return "" if spec.window or cells < STAGE_MIN_CELLS else np.dtype(STAGE_DTYPE).name
+
+
+def memory(spec: HistogramSpec, threads: int = 1) -> int:
+    """Bytes a histogram of this spec holds: its counts in each accumulating thread's part (int64,
+    plus the staging array of a large one), or a window's slices, and an ROI's pixel mask and ids."""
+    if spec.window:
+        return spec.nbytes
+    cells = int(np.prod(spec.data_shape))
+    stage = stage_of(spec)
+    part = (cells + kernels.SPARE) * (np.dtype(stage).itemsize + 8) if stage else (cells + 1) * 8
+    return part * threads + spec.nbytes - cells * 8
+
+
+def check_memory(specs: list[HistogramSpec], threads: int, limit: int, label: str) -> None:
+    """SpecError if these histograms would hold more than `limit` bytes with `threads` threads."""
+    need = {s.name: memory(s, threads) for s in specs}
+    total = sum(need.values())
+    if total > limit:
+        big = max(need, key=need.get)
+        raise SpecError(
+            f"{label} need {size_text(total)} of memory (int64 counts, the staging counts of large "
+            f"histograms, {threads} accumulating thread{'s' if threads > 1 else ''}), over the "
+            f"MaxHistogramBytes limit of {size_text(limit)} (largest: {big}, {size_text(need[big])}); "
+            "use fewer bins/pixels" + (" or AccumulatingThreads" if threads > 1 else "")
+            + ", or raise MaxHistogramBytes"
+        )  # fmt: skip
 
 
 class Histogram:
