@@ -529,6 +529,38 @@ def test_decode_reads_a_zeromq_frame_in_place_and_handles_absent_vectors():
     assert len(empty) == 0 and empty.pulse_time.size == 0 and empty.source_name == "empty"
 
 
+def test_event_arrays_the_kernels_cannot_take_are_converted_or_refused_naming_them():
+    """Big-endian arrays (as HDF5 hands over a file written so), float16 TOFs and plain lists are
+    taken as they are; 2-D, object, complex or bool arrays and pixel ids that are not whole numbers
+    are refused when the batch is made. Before, numba's own TypingError or NotImplementedError came
+    from deep inside a kernel, and 0.5 was counted in pixel 0."""
+    specs = parse_histograms([{"name": "t", "kind": "tof", "tof": {"start": 0, "stop": 1000, "bins": 10}},
+                              {"name": "i", "kind": "image", "pixels": {"first": 0, "shape": [2, 2]}}])  # fmt: skip
+    for tof, pix in [(np.array([5, 150], ">i4"), np.array([0, 3], np.int32)),
+                     (np.array([5, 150], np.int32), np.array([0, 3], ">u8")),
+                     (np.array([5, 150], np.float16), np.array([0.0, 3.0])),
+                     ([5, 150], [0, 3])]:  # fmt: skip
+        engine = Engine(specs)
+        engine.process(batch(tof, pix))
+        snap = engine.snapshot()
+        assert snap.counts["t"][[0, 1]].tolist() == [1, 1] and snap.counts["i"].ravel().tolist() == [
+            1,
+            0,
+            0,
+            1,
+        ]
+    for tof, pix, message in [
+        (np.array([[5, 150]], np.int32), np.array([0, 3], np.int32), r"time_of_flight must be a 1-D array .* shape \(1, 2\)"),
+        (np.array([5, 150], object), np.array([0, 3], np.int32), "time_of_flight must hold integers or floats, got dtype object"),
+        (np.array([5, 150], complex), np.array([0, 3], np.int32), "got dtype complex128"),
+        (np.array([5, 150], np.int32), np.array([False, True]), "pixel_id must hold integers or floats, got dtype bool"),
+        (np.array([5, 150], np.int32), np.array([0.0, 0.5]), r"pixel_id\[1\] is 0.5, not a pixel number"),
+        (np.array([5, 150], np.int32), np.array([0.0, np.nan]), r"pixel_id\[1\] is nan, not a pixel number"),
+    ]:  # fmt: skip
+        with pytest.raises(BadMessage, match=message):
+            batch(tof, pix)
+
+
 def test_nan_negative_and_huge_values_are_out_of_range_not_corrupting():
     specs = parse_histograms([
         {"name": "t", "kind": "tof", "tof": {"start": 0, "stop": 10, "bins": 2, "unit": "us"}},

@@ -34,6 +34,18 @@ class EventBatch:
     source_name: str = ""
     origin: tuple[str, int, int] | None = None  # (topic, partition, offset) of a Kafka message
 
+    def __post_init__(self) -> None:
+        self.tof = _event_array(self.tof, "time_of_flight", "iuf")
+        self.pixel_id = _event_array(self.pixel_id, "pixel_id", "iuf")
+        if self.pixel_id.dtype.kind == "f":  # whole numbers only: 3.7 was counted in pixel 3, NaN anywhere
+            wrong = ~np.isfinite(self.pixel_id) | (self.pixel_id != np.trunc(self.pixel_id))
+            if wrong.any():
+                at = int(np.flatnonzero(wrong)[0])
+                raise BadMessage(
+                    f"pixel_id[{at}] is {float(self.pixel_id[at])}, not a pixel number ({int(wrong.sum())} such "
+                    "ids); pixel ids must be whole numbers (integers, or floats holding whole numbers)"
+                )
+
     def __len__(self) -> int:
         return self.tof.size
 
@@ -87,6 +99,23 @@ def decode(payload: bytes | memoryview) -> EventBatch:
     tof = np.zeros(0, np.int32) if tof is None else tof
     pid = np.zeros(0, np.int32) if pid is None else pid
     return checked(EventBatch(tof, pid, ptime, pidx, "ns", source))
+
+
+def _event_array(values, name: str, kinds: str) -> np.ndarray:
+    """One value per event as the kernels take it: 1-D, a numeric dtype, this machine's byte order.
+    Anything else raised numba's own errors from deep inside a kernel (TypingError: non-precise
+    type pyobject), or for float16 NotImplementedError."""
+    a = np.asarray(values)
+    if a.ndim != 1:
+        raise BadMessage(f"{name} must be a 1-D array (one value per event), got shape {a.shape}")
+    if a.dtype.kind not in kinds:
+        raise BadMessage(
+            f"{name} must hold {'integers or floats' if 'f' in kinds else 'integers'}, got dtype {a.dtype}; "
+            "convert it (numpy's .astype) before making the EventBatch"
+        )
+    if a.dtype == np.float16:
+        return a.astype(np.float32)  # exact; numba has no float16 arrays
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
 
 
 def checked(batch: EventBatch) -> EventBatch:
