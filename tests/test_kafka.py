@@ -286,6 +286,37 @@ def test_a_member_killed_without_leaving_does_not_pass_for_a_dead_broker(kafka_b
     assert all(answering for _, answering in ticks), ticks
 
 
+def test_the_test_broker_dies_with_the_process_that_started_it():
+    """A test run or bench killed with SIGKILL left its Tansu broker running for good."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom livehist.site.broker import TansuBroker\n"
+         "b = TansuBroker().start()\nprint(b.proc.pid, flush=True)\ntime.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        pid = int(parent.stdout.readline())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert b"tansu" in f.read(), "the broker runs"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    break  # a zombie: dead, waiting to be reaped by init
+            time.sleep(0.05)
+        else:
+            assert not os.path.exists(f"/proc/{pid}"), f"the broker {pid} outlived its parent"
+    finally:
+        parent.kill()
+        parent.wait()
+
+
 @pytest.mark.parametrize(
     "uri, message",
     [

@@ -8,6 +8,7 @@ as a restarted broker looks to a client that reconnects. It is a test dependency
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import time
@@ -38,8 +39,11 @@ class TansuBroker:
 
     def start(self, timeout: float = 20) -> TansuBroker:
         url = f"tcp://{self.address}"
+        # it dies with the thread that started it (util-linux's setpriv): a test run or bench killed
+        # with SIGKILL left its broker running for good, a port and a few hundred MB each
+        reaper = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
         self.proc = subprocess.Popen(
-            [self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+            [*reaper, self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/", "--silent"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
