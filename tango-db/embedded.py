@@ -46,7 +46,7 @@ def is_local(host: str) -> bool:
         return True
     try:
         addr = socket.gethostbyname(host)
-    except OSError:
+    except (OSError, UnicodeError):  # UnicodeError: a name idna cannot encode (`a..b`)
         return False
     if addr.startswith("127."):
         return True
@@ -66,7 +66,7 @@ def probe(host: str, port: int, timeout: float = 3.0) -> str:
             pass
     except ConnectionRefusedError:
         return "closed"
-    except OSError:
+    except (OSError, UnicodeError):  # UnicodeError: a name idna cannot encode (`a..b`, a typo): a traceback
         return "unreachable"
     result: list[str] = []
 
