@@ -5,6 +5,8 @@ Real embedded databases and real device servers on free ports."""
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
 from livehist.site.process import managed_processes
 from tests.conftest import run_cli
@@ -28,3 +30,55 @@ def test_a_tango_host_name_the_resolver_cannot_encode_is_named_not_a_traceback(t
     out = run_cli("status", "--state-dir", str(state), env=env)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert "the name 'beamline..example' does not resolve" in out.stdout, out.stdout
+
+
+def _make_unwritable(*paths) -> None:
+    """A state dir that can no longer be written (a disk remounted read-only after an error, a
+    folder of another user): `chattr +i` as root, who ignores modes; else the modes."""
+    for path in paths:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "+i", str(path)], check=True)
+        else:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+
+
+def _make_writable(*paths) -> None:
+    for path in paths:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+        else:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def test_down_of_a_state_dir_that_cannot_be_written_stops_everything_and_says_what_it_left(sites):
+    """`down` on a state dir whose records cannot be removed (nor its lock opened for writing)
+    stopped the first server, then ended in a PermissionError traceback: the embedded database
+    ran on, and `down` could not be run at all once the lock file was read-only."""
+    site = sites.up(MM)
+    procs = {p.name: p.pid() for p in managed_processes(site.state_dir)}
+    assert set(procs) == {"MetadataManager-lc", "tango-db"} and None not in procs.values(), procs
+    frozen = [site.state_dir / "run", site.state_dir / "lock", site.state_dir]
+    _make_unwritable(*frozen)
+    try:
+        out = run_cli("down", "--state-dir", str(site.state_dir))
+    finally:
+        _make_writable(*frozen)
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "stopped MetadataManager-lc" in out.stdout and "stopped tango-db" in out.stdout, out.stdout
+    for name, pid in procs.items():
+        assert not _alive(pid), f"{name} (pid {pid}) still runs"
+    left = next(ln for ln in out.stdout.splitlines() if ln.startswith("could not remove"))
+    assert str(site.state_dir / "run" / "tango-db.json") in left and "the processes are stopped" in left, left
+    # what it left is stale and harmless: nothing is taken as running any more
+    assert all(p.pid() is None for p in managed_processes(site.state_dir))
+    out = run_cli("status", "--state-dir", str(site.state_dir))
+    assert out.returncode == 1 and "run `livehist up`" in out.stdout, out.stdout
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -182,19 +182,41 @@ def ensure_database(site: Site, say: Say) -> None:
 
 
 @contextlib.contextmanager
-def site_lock(state_dir: Path, say: Say):
+def site_lock(state_dir: Path, say: Say, read_only_ok: bool = False):
     """One `up` or `down` at a time per state dir (two at once started two databases on one
-    port and each took the other's record); the second waits for the first."""
-    import fcntl
+    port and each took the other's record); the second waits for the first.
+
+    `read_only_ok` (for `down`): a lock file that can no longer be written (a disk remounted
+    read-only) is locked through a read-only descriptor, else not at all: refusing would leave
+    the site running with no way to stop it."""
 
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o664)
     except OSError as exc:
+        if read_only_ok and state_dir.is_dir():
+            try:
+                fd = os.open(state_dir / "lock", os.O_RDONLY)
+            except OSError:
+                say(f"cannot lock {state_dir / 'lock'} ({exc.strerror}): going on without it")
+                yield
+                return
+            with _locked(fd, state_dir, say):
+                yield
+            return
         what = "is a file, not a folder" if state_dir.exists() and not state_dir.is_dir() else exc.strerror
         raise LivehistError(
             f"state dir {state_dir}: {what}; give a writable folder with --state-dir (or LIVEHIST_STATE_DIR)"
         ) from None
+    with _locked(fd, state_dir, say):
+        yield
+
+
+@contextlib.contextmanager
+def _locked(fd: int, state_dir: Path, say: Say):
+    """Hold an exclusive flock on fd (then closed), waiting for another holder unless it is stopped."""
+    import fcntl
+
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -534,7 +556,7 @@ def down(state_dir: Path | None = None, say: Say = print) -> list[str]:
     if not state_dir.is_dir() or not ((state_dir / "run").is_dir() or (state_dir / "lock").exists()):
         say(f"nothing to stop in {state_dir}")
         return []
-    with site_lock(state_dir, say):
+    with site_lock(state_dir, say, read_only_ok=True):
         return _down(state_dir, say)
 
 
@@ -558,6 +580,10 @@ def _down(state_dir: Path, say: Say) -> list[str]:
             say(f"stopped {proc.name}")
     if not stopped:
         say(f"nothing to stop in {state_dir}")
+    left = [p.pidfile for p in procs if p.pidfile.exists()]
+    if left:  # stale once their processes are gone: nothing takes them for running ones
+        say(f"could not remove {', '.join(map(str, left))} (the state dir cannot be written); the processes "
+            "are stopped and these records no longer count, remove them once the folder is writable")  # fmt: skip
     return stopped
 
 

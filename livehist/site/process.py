@@ -196,7 +196,10 @@ class Managed:
                     time.sleep(0.05)
             _reap(pid)
             stopped = True
-        self.pidfile.unlink(missing_ok=True)
+        # a state dir that cannot be written (read-only disk): the record stays, stale (its process is
+        # gone, `pid` no longer takes it for ours); the caller names it
+        with contextlib.suppress(OSError):
+            self.pidfile.unlink(missing_ok=True)
         return stopped
 
     def log_tail(self, lines: int = 15) -> str:
