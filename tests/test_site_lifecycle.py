@@ -82,3 +82,39 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_a_state_dir_deleted_under_a_running_site_is_neither_forgotten_nor_doubled(sites):
+    """`rm -rf` of the state dir (or of its run/) while the site ran: `down` said 'nothing to stop'
+    and exited 0, leaving the database and servers running for good; `up` called the orphaned
+    database 'site database' and went on, so no command could ever stop them again."""
+    import shutil
+    import signal
+
+    state, host, cfg = sites.new(MM)
+    cfg = cfg.rename(state.parent / f"{state.name}-config.json")  # kept: the state dir goes
+    out = run_cli("up", "--tango-host", host, "--config", str(cfg), "--state-dir", str(state))
+    assert out.returncode == 0, out.stdout + out.stderr
+    pids = {p.name: p.pid() for p in managed_processes(state)}
+    assert set(pids) == {"MetadataManager-lc", "tango-db"} and None not in pids.values(), pids
+    try:
+        shutil.rmtree(state)
+        out = run_cli("up", "--tango-host", host, "--config", str(cfg), "--state-dir", str(state))
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stdout + out.stderr
+        line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
+        for name, pid in pids.items():
+            assert f"{name} (pid {pid})" in line, line
+        assert f"livehist down --state-dir {state}" in line, line
+        assert all(_alive(pid) for pid in pids.values())  # refused, not stopped behind the user's back
+        assert managed_processes(state) == []  # and nothing new started
+        out = run_cli("down", "--state-dir", str(state))
+        assert out.returncode == 0, out.stdout + out.stderr
+        for name, pid in pids.items():
+            assert f"stopped {name} (pid {pid}" in out.stdout, out.stdout
+            assert not _alive(pid), f"{name} (pid {pid}) still runs"
+        out = run_cli("down", "--state-dir", str(state))
+        assert out.returncode == 0 and "nothing to stop" in out.stdout, out.stdout
+    finally:
+        for pid in pids.values():
+            if _alive(pid):
+                os.killpg(pid, signal.SIGKILL)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from livehist.errors import LivehistError
 from livehist.site import servers as server_catalogue
-from livehist.site.process import Managed, managed_processes
+from livehist.site.process import Managed, Orphan, managed_processes, orphans
 from livehist.tangodb import DEFAULT_CONFIG, embedded
 from livehist.tangodb import config as dsconfig
 
@@ -418,6 +418,10 @@ def _up(
         config=loaded,
     )
     site.host_port  # noqa: B018 - validates the host before anything starts
+    # their database would be taken for a site's, their servers for running ones: out of reach for good
+    left = orphans(state_dir)
+    if left:
+        raise LivehistError(_orphans_message(state_dir, left))
     if not config_path.is_file():  # a pipe: `status` and the next `up` read the copy kept here
         kept = state_dir / "config-applied.json"
         try:
@@ -549,11 +553,22 @@ def _frozen_message(server: str, pid: int) -> str:
     )
 
 
+def _orphans_message(state_dir: Path, left: list[Orphan]) -> str:
+    return (
+        f"processes that `livehist up` started for {state_dir} still run, but their records there are gone (the "
+        f"folder was deleted or emptied while they ran): {', '.join(f'{o.name} (pid {o.pid})' for o in left)}; "
+        f"`livehist down --state-dir {state_dir}` stops them, then `livehist up` starts afresh"
+    )
+
+
 def down(state_dir: Path | None = None, say: Say = print) -> list[str]:
     """Stop what `up` started: servers first, then the embedded database."""
     state_dir = _state_dir(state_dir)
     # a folder `up` never used (`--state-dir ~` by mistake) is left as it was: no lock file made in it
     if not state_dir.is_dir() or not ((state_dir / "run").is_dir() or (state_dir / "lock").exists()):
+        left = orphans(state_dir)  # the folder deleted under a running site: no lock to take, nothing to race
+        if left:
+            return _stop_all([], left, state_dir, say)
         say(f"nothing to stop in {state_dir}")
         return []
     with site_lock(state_dir, say, read_only_ok=True):
@@ -561,28 +576,36 @@ def down(state_dir: Path | None = None, say: Say = print) -> list[str]:
 
 
 def _down(state_dir: Path, say: Say) -> list[str]:
+    return _stop_all(managed_processes(state_dir), orphans(state_dir), state_dir, say)
+
+
+def _stop_all(procs: list[Managed], left: list[Orphan], state_dir: Path, say: Say) -> list[str]:
     import signal
     from concurrent.futures import ThreadPoolExecutor
 
-    procs = managed_processes(state_dir)
-    db = [p for p in procs if p.name == embedded.EMBEDDED_NAME]
-    servers = [p for p in procs if p.name != embedded.EMBEDDED_NAME]
+    everything = [*procs, *left]
+    db = [p for p in everything if p.name == embedded.EMBEDDED_NAME]
+    servers = [p for p in everything if p.name != embedded.EMBEDDED_NAME]
     for proc in db:  # a frozen database held each server's exit (unexport) until its SIGKILL, 10 s each
-        frozen = proc.stopped()
+        frozen = proc.pid if isinstance(proc, Orphan) else proc.stopped()
         if frozen is not None:
-            os.kill(frozen, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(frozen, signal.SIGCONT)
     stopped = []
     with ThreadPoolExecutor(max(1, min(8, len(servers)))) as pool:  # at once: one slow exit, not the sum
         results = list(pool.map(lambda p: p.stop(), servers))
     for proc, done in [*zip(servers, results, strict=True), *((p, p.stop()) for p in db)]:
         if done:
             stopped.append(proc.name)
-            say(f"stopped {proc.name}")
+            if isinstance(proc, Orphan):
+                say(f"stopped {proc.name} (pid {proc.pid}; its record in {state_dir / 'run'} was gone)")
+            else:
+                say(f"stopped {proc.name}")
     if not stopped:
         say(f"nothing to stop in {state_dir}")
-    left = [p.pidfile for p in procs if p.pidfile.exists()]
-    if left:  # stale once their processes are gone: nothing takes them for running ones
-        say(f"could not remove {', '.join(map(str, left))} (the state dir cannot be written); the processes "
+    kept = [p.pidfile for p in procs if p.pidfile.exists()]
+    if kept:  # stale once their processes are gone: nothing takes them for running ones
+        say(f"could not remove {', '.join(map(str, kept))} (the state dir cannot be written); the processes "
             "are stopped and these records no longer count, remove them once the folder is writable")  # fmt: skip
     return stopped
 
@@ -597,6 +620,9 @@ def status(
     but some are in FAULT (each with the first line of its Status)."""
     site = Site.from_state(state_dir, tango_host, config)
     host, port = site.host_port
+    left = orphans(site.state_dir)
+    if left:
+        say(_orphans_message(site.state_dir, left))
     found = embedded.probe(host, port)
     trouble = own_database_trouble(site) if found != "tango" else None
     if trouble:

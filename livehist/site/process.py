@@ -28,6 +28,9 @@ def free_port() -> int:
 
 
 _CHILDREN: dict[int, subprocess.Popen] = {}  # the processes this process started, by pid
+# in the environment of every process `Managed.start` starts: its record's path, by which it is
+# found again when the record is gone (the state dir deleted or emptied while it ran)
+MARKER = "LIVEHIST_MANAGED"
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,11 @@ class Managed:
             raise cannot(self.log if self.log.parent.is_dir() else self.log.parent, exc) from None
         with log:
             # a crash in native code (cppTango, numba) leaves every thread's Python stack in the log
-            env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
+            env = {
+                **(os.environ if env is None else env),
+                "PYTHONFAULTHANDLER": "1",
+                MARKER: str(self.pidfile),
+            }
             try:
                 proc = subprocess.Popen(
                     argv,
@@ -181,20 +188,7 @@ class Managed:
         pid = self.pid()
         stopped = False
         if pid is not None:
-            _signal_group(pid, signal.SIGTERM)
-            # a frozen (SIGSTOPped) server handles SIGTERM only once it runs: it waited for the SIGKILL
-            _signal_group(pid, signal.SIGCONT)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and self.pid() is not None:
-                _reap(pid)
-                time.sleep(0.05)
-            if self.pid() is not None:
-                _signal_group(pid, signal.SIGKILL)
-                deadline = time.monotonic() + 5
-                while time.monotonic() < deadline and self.pid() is not None:
-                    _reap(pid)
-                    time.sleep(0.05)
-            _reap(pid)
+            _stop(pid, lambda: self.pid() is not None, timeout)
             stopped = True
         # a state dir that cannot be written (read-only disk): the record stays, stale (its process is
         # gone, `pid` no longer takes it for ours); the caller names it
@@ -208,6 +202,79 @@ class Managed:
         except OSError:
             return ""
         return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def _stop(pid: int, alive, timeout: float) -> None:
+    """SIGTERM pid's process group, SIGKILL after `timeout`, until `alive()` is False."""
+    _signal_group(pid, signal.SIGTERM)
+    # a frozen (SIGSTOPped) server handles SIGTERM only once it runs: it waited for the SIGKILL
+    _signal_group(pid, signal.SIGCONT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        _reap(pid)
+        time.sleep(0.05)
+    if alive():
+        _signal_group(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and alive():
+            _reap(pid)
+            time.sleep(0.05)
+    _reap(pid)
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (state first), or None if the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A process `Managed.start` started in a state dir whose record there is gone."""
+
+    name: str
+    pid: int
+    starttime: str
+
+    def alive(self) -> bool:
+        fields = _stat_fields(self.pid)
+        return bool(fields) and fields[0] != "Z" and fields[19] == self.starttime
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        if not self.alive():
+            return False
+        _stop(self.pid, self.alive, timeout)
+        return True
+
+
+def orphans(state_dir: Path) -> list[Orphan]:
+    """Processes started for state_dir (their MARKER names a record in its run/) that their record
+    does not name: the folder was deleted or emptied while they ran. Only session leaders count
+    (`start` makes each one): their children inherit the environment too."""
+    run = Path(state_dir) / "run"
+    found = []
+    try:
+        pids = [int(e.name) for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return []
+    prefix = MARKER.encode() + b"="
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if not fields or fields[0] == "Z" or fields[3] != str(pid):
+            continue
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:  # gone, or another user's
+            continue
+        for item in environ.split(b"\0"):
+            if item.startswith(prefix):
+                record = Path(os.fsdecode(item[len(prefix) :]))
+                if record.parent == run and Managed(Path(state_dir), record.stem).pid() != pid:
+                    found.append(Orphan(record.stem, pid, fields[19]))
+                break
+    return sorted(found, key=lambda o: o.pid)
 
 
 def _cannot_run(program: str, exc: OSError) -> str:
