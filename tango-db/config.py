@@ -102,6 +102,7 @@ def load(path: Path, state_dir: Path, text: str | None = None) -> dict:
                 "case); a device belongs to one server: remove one"
             )
         seen[dev.lower()] = server
+    _check_instances(config, path)
     aliases: dict[str, str] = {}
     for instances in config["servers"].values():
         for classes in instances.values():
@@ -148,6 +149,31 @@ def _check_schema(config: Any, path: Path) -> None:
                 f"config {path}: livehist/sardana/{key} names {sardana[key]!r}, which is not a device of its "
                 "servers; name the Pool and MacroServer of the Sardana server in it"
             )
+
+
+def _check_instances(config: dict, path: Path) -> None:
+    """Instance names the server can be started with, one pid record per server (the record of
+    Exec/inst is run/Exec-inst.json): `-h` was read as an option and the server died printing its
+    usage, `a\\b` never answered, `a/b` beside `a-b` shared one record and the second never started."""
+    import re
+
+    records: dict[str, str] = {}
+    for executable, instances in config["servers"].items():
+        for instance in instances:
+            if not instance or instance.startswith("-") or "/" in instance or "\\" in instance:
+                fixed = re.sub(r"[/\\]", "_", instance).lstrip("-") or "1"
+                raise LivehistError(
+                    f"config {path}: server instance {instance!r} of {executable} cannot name a Tango server "
+                    "(not empty, no '-' first, which the server reads as an option, no '/' or '\\'); rename it, "
+                    f"e.g. to {fixed!r}"
+                )
+            server = f"{executable}/{instance}"
+            other = records.setdefault(server.replace("/", "-").lower(), server)
+            if other != server:
+                raise LivehistError(
+                    f"config {path}: servers {other} and {server} would share one pid record in the state dir "
+                    "(Tango server names ignore case), so the second would never start; rename one instance"
+                )
 
 
 _NAME = {"type": "string", "minLength": 1}

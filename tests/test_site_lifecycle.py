@@ -4,6 +4,7 @@ Real embedded databases and real device servers on free ports."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -118,3 +119,34 @@ def test_a_state_dir_deleted_under_a_running_site_is_neither_forgotten_nor_doubl
         for pid in pids.values():
             if _alive(pid):
                 os.killpg(pid, signal.SIGKILL)
+
+
+def test_bad_or_clashing_server_instance_names_are_refused_before_anything(tmp_path):
+    """An instance `-h` was written into the database and its server died printing its usage; `a\\b`
+    started a server that never answered (up waited out --timeout); an empty one made a server
+    `MetadataManager/`; `a/b` beside `a-b` shared one pid record, so the second was never started and
+    up blamed it after --timeout."""
+
+    def config(*instances: str) -> dict:
+        return {"servers": {"MetadataManager": {
+            inst: {"MetadataManager": {f"test/lifecycle/m{i}": {}}} for i, inst in enumerate(instances)}}}  # fmt: skip
+
+    cases = [
+        (config("-h"), "server instance '-h' of MetadataManager"),
+        (config("a\\b"), "server instance 'a\\\\b' of MetadataManager"),
+        (config(""), "server instance '' of MetadataManager"),
+        (config("a/b"), "server instance 'a/b' of MetadataManager"),
+        (config("a-b", "A-B"), "servers MetadataManager/a-b and MetadataManager/A-B"),
+    ]
+    state = tmp_path / "state"
+    for cfg, message in cases:
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(cfg))
+        out = run_cli(
+            "up", "--tango-host", "no-such-host.invalid:1", "--config", str(path), "--state-dir", str(state)
+        )
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stdout + out.stderr
+        line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
+        assert message in line, line
+        assert "rename" in line, line
+        assert not state.exists()  # refused before the state dir, the database or any server
