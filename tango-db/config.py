@@ -79,6 +79,7 @@ def load(path: Path, state_dir: Path, text: str | None = None) -> dict:
             f"config {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
             "fix the file or pass another with --config"
         ) from None
+    config = _split_server_keys(config, path)
     _check_schema(config, path)
     from livehist.site.servers import check_servers
 
@@ -120,6 +121,37 @@ def load(path: Path, state_dir: Path, text: str | None = None) -> dict:
     return _expand(config, placeholders(state_dir))
 
 
+def _split_server_keys(config: Any, path: Path) -> Any:
+    """dsconfig's "v1" server keys `"Executable/instance"` as the nested form every check and
+    `devices()` read (dsconfig's own split raised on `a/b/c` and let one form overwrite the other)."""
+    if not isinstance(config, dict) or not isinstance(config.get("servers"), dict):
+        return config
+    servers: dict = {}
+    for key, value in config["servers"].items():
+        if "/" not in key:
+            if key in servers and isinstance(servers[key], dict) and isinstance(value, dict):
+                _merge_instances(servers[key], value, key, path)
+            else:
+                servers[key] = value
+            continue
+        executable, _, instance = key.partition("/")
+        into = servers.setdefault(executable, {})
+        if not isinstance(into, dict):
+            return config  # the schema check names the wrong shape
+        _merge_instances(into, {instance: value}, executable, path)
+    return {**config, "servers": servers}
+
+
+def _merge_instances(into: dict, instances: dict, executable: str, path: Path) -> None:
+    for instance, value in instances.items():
+        if instance in into:
+            raise LivehistError(
+                f'config {path}: server {executable}/{instance} is given twice (as "{executable}/{instance}" '
+                f'and as "{executable}": {{"{instance}": ...}}); keep one of them'
+            )
+        into[instance] = value
+
+
 def _check_schema(config: Any, path: Path) -> None:
     import jsonschema
     from dsconfig.formatting import SCHEMA_FILENAME, normalize_config
@@ -128,6 +160,11 @@ def _check_schema(config: Any, path: Path) -> None:
         raise LivehistError(
             f'config {path} has no "servers" object; it must be dsconfig JSON: '
             '{"servers": {"Server": {"instance": {"Class": {"dom/fam/mem": {...}}}}}}'
+        )
+    if "devices" in config:  # dsconfig reads the devices' servers from $TANGO_HOST's database for it
+        raise LivehistError(
+            f'config {path}: the top-level "devices" of dsconfig (changes to devices already in a database) '
+            'is not read by `livehist up`; put each device under "servers" (Executable/instance/Class/device)'
         )
     schema = json.loads(Path(SCHEMA_FILENAME).read_text())
     try:

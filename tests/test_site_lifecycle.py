@@ -150,3 +150,34 @@ def test_bad_or_clashing_server_instance_names_are_refused_before_anything(tmp_p
         assert message in line, line
         assert "rename" in line, line
         assert not state.exists()  # refused before the state dir, the database or any server
+
+
+def test_dsconfig_server_instance_keys_work_and_a_devices_section_is_refused_without_a_traceback(sites):
+    """dsconfig also reads `"Executable/instance"` server keys (its "v1" format): `up` refused them,
+    calling the device a class. Its top-level `"devices"` (edits of devices already in a database)
+    made the schema check open $TANGO_HOST's database, whichever --tango-host was given: a
+    traceback when TANGO_HOST was unset."""
+    v1 = {"servers": {"MetadataManager/lc1": {"MetadataManager": {"test/lifecycle/v1": {}}}}}
+    state, host, cfg = sites.new(v1)
+    out = run_cli("up", "--tango-host", host, "--config", str(cfg), "--state-dir", str(state))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "test/lifecycle/v1" in out.stdout and "MetadataManager/lc1" in out.stdout, out.stdout
+    out = run_cli("up", "--tango-host", host, "--config", str(cfg), "--state-dir", str(state))
+    assert out.returncode == 0 and "database already up to date" in out.stdout, out.stdout
+    assert "MetadataManager/lc1: already running" in out.stdout, out.stdout
+
+    both = {"servers": {"MetadataManager/lc1": {"MetadataManager": {"test/lifecycle/v1": {}}},
+                        "MetadataManager": {"lc1": {"MetadataManager": {"test/lifecycle/v2": {}}}}}}  # fmt: skip
+    devices = {**MM, "devices": {"test/lifecycle/m": {"properties": {"Title": ["x"]}}}}
+    cases = [
+        (both, "server MetadataManager/lc1 is given twice"),
+        (devices, 'the top-level "devices" of dsconfig'),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "TANGO_HOST"}
+    for config, message in cases:
+        cfg.write_text(json.dumps(config))
+        out = run_cli("up", "--tango-host", host, "--config", str(cfg), "--state-dir", str(state), env=env)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stdout + out.stderr
+        line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
+        assert message in line, line
+    assert [p.name for p in managed_processes(state)] == ["MetadataManager-lc1", "tango-db"]
