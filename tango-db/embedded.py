@@ -60,7 +60,8 @@ def is_local(host: str) -> bool:
 
 def probe(host: str, port: int, timeout: float = 3.0) -> str:
     """'tango' (a Tango DB answers), 'closed' (nothing listens), 'other' (a non-Tango
-    program listens) or 'unreachable' (no answer from the host)."""
+    program listens), 'silent' (a listener that gives no answer in time: a frozen or hung
+    database, say) or 'unreachable' (no answer from the host)."""
     try:
         with socket.create_connection((host, port), timeout=timeout):
             pass
@@ -83,7 +84,34 @@ def probe(host: str, port: int, timeout: float = 3.0) -> str:
     t = threading.Thread(target=ask, daemon=True)
     t.start()
     t.join(timeout + 1)
-    return result[0] if result else "other"
+    return result[0] if result else "silent"
+
+
+def listener(port: int) -> int | None:
+    """The pid of a process of this machine listening on TCP `port` (that this user may see), or None."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = os.scandir(f"/proc/{entry.name}/fd")
+            with fds:
+                if any(os.readlink(fd.path) in inodes for fd in fds):
+                    return int(entry.name)
+        except OSError:  # gone, or another user's
+            continue
+    return None
 
 
 def embedded(state_dir: Path) -> Managed:

@@ -181,3 +181,27 @@ def test_dsconfig_server_instance_keys_work_and_a_devices_section_is_refused_wit
         line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
         assert message in line, line
     assert [p.name for p in managed_processes(state)] == ["MetadataManager-lc1", "tango-db"]
+
+
+def test_a_frozen_tango_database_of_another_state_dir_is_named_with_its_pid_not_called_a_stranger(sites):
+    """Another state dir's (or any) Tango database stopped with SIGSTOP at the port: `up` and
+    `status` called it 'a program that is not a Tango database' and told the user to stop it."""
+    import signal
+
+    site = sites.up(MM)
+    db = next(p for p in managed_processes(site.state_dir) if p.name == "tango-db")
+    pid = db.pid()
+    other, _, cfg = sites.new(MM)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        up = run_cli("up", "--tango-host", site.tango_host, "--config", str(cfg), "--state-dir", str(other))
+        status = run_cli("status", "--tango-host", site.tango_host, "--state-dir", str(other))
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert up.returncode == 1 and "Traceback" not in up.stderr, up.stdout + up.stderr
+    line = next(ln for ln in up.stderr.splitlines() if ln.startswith("livehist up: error:"))
+    assert status.returncode == 1, status.stdout + status.stderr
+    for text in (line, status.stdout):
+        assert "not a Tango database" not in text, text
+        assert f"process {pid} (" in text and f"kill -CONT {pid}" in text, text
+    assert managed_processes(other) == []

@@ -144,6 +144,29 @@ def _unreachable_why(host: str) -> str:
     return "no route or timeout"
 
 
+def _silent_why(host: str, port: int) -> str | None:
+    """Why the listener at host:port gives no answer when it is a process of this machine that is
+    stopped or a Tango database (named with its pid), else None: a program that does not speak Tango."""
+    pid = embedded.listener(port) if embedded.is_local(host) else None
+    if pid is None:
+        return None
+    try:
+        command = (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        )
+    except OSError:
+        return None
+    what = f"process {pid} ({command[:120]})"
+    if _process_state(pid) in ("T", "t"):
+        return (
+            f"{what} listens there and is stopped (SIGSTOP, or Ctrl-Z in its terminal), so it cannot answer; "
+            f"`kill -CONT {pid}` resumes it"
+        )
+    if "databaseds" in command.lower():
+        return f"the Tango database {what} listens there but gives no answer (hung or overloaded); restart it"
+    return None
+
+
 def ensure_database(site: Site, say: Say) -> None:
     """Use the DB at the Tango host, or start the embedded one there if nothing listens."""
     host, port = site.host_port
@@ -157,6 +180,13 @@ def ensure_database(site: Site, say: Say) -> None:
     trouble = own_database_trouble(site)
     if trouble:  # not "a program that is not a Tango database", nor a second database on its file
         raise LivehistError(trouble)
+    silent = _silent_why(host, port) if state == "silent" else None
+    if silent:
+        raise LivehistError(
+            f"port {port} on {host}: {silent}; or choose another port, e.g. --tango-host {host}:{port + 1}"
+        )
+    if state == "silent":
+        state = "other"
     if state == "other":
         raise LivehistError(
             f"port {port} on {host} is taken by a program that is not a Tango database; "
@@ -628,6 +658,12 @@ def status(
     if trouble:
         say(trouble)
         return 1
+    silent = _silent_why(host, port) if found == "silent" else None
+    if silent:
+        say(f"Tango host {host}:{port}: {silent}")
+        return 1
+    if found == "silent":
+        found = "other"
     if found == "other":  # `livehist up` would refuse this port: do not send the user there
         say(f"{host}:{port} is taken by a program that is not a Tango database; check TANGO_HOST / "
             "--tango-host (`livehist up` with another port starts one)")  # fmt: skip
