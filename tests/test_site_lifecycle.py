@@ -205,3 +205,16 @@ def test_a_frozen_tango_database_of_another_state_dir_is_named_with_its_pid_not_
         assert "not a Tango database" not in text, text
         assert f"process {pid} (" in text and f"kill -CONT {pid}" in text, text
     assert managed_processes(other) == []
+
+
+def test_a_state_dir_name_too_long_for_the_file_system_is_named_not_a_traceback(tmp_path):
+    """A folder name past the file system's 255 bytes (a path pasted twice, a generated name):
+    `up`, `status` and `down` each ended in an OSError traceback (File name too long)."""
+    state = tmp_path / ("s" * 300)
+    for command in ("up", "status", "down"):
+        host = [] if command == "down" else ["--tango-host", "no-such-host.invalid:1"]  # starts nothing
+        out = run_cli(command, "--state-dir", str(state), *host)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stdout + out.stderr
+        line = next(ln for ln in out.stderr.splitlines() if ln.startswith(f"livehist {command}: error:"))
+        assert f"state dir {state}: File name too long" in line and "--state-dir" in line, line
+    assert list(tmp_path.iterdir()) == []

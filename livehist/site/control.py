@@ -29,7 +29,14 @@ def default_state_dir() -> Path:
 def _state_dir(option: Path | str | None) -> Path:
     """The state dir as an absolute path: it is written into the servers' environment, the
     database ($LIVEHIST_STATE_DIR) and state.json, which are read from other working folders."""
-    return (Path(option) if option else default_state_dir()).absolute()
+    path = (Path(option) if option else default_state_dir()).absolute()
+    try:
+        path.exists()  # a name the file system cannot take raised OSError from every later look at it
+    except OSError as exc:
+        raise LivehistError(
+            f"state dir {path}: {exc.strerror}; give another folder with --state-dir (or LIVEHIST_STATE_DIR)"
+        ) from None
+    return path
 
 
 @dataclass
