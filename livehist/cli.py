@@ -15,7 +15,12 @@ def _path(text: str) -> Path:
     current folder, and `up` filled it with a database, logs and pids."""
     if not text.strip():
         raise argparse.ArgumentTypeError("is empty; give a folder or file path")
-    return Path(text)
+    from livehist.site.process import expand_home
+
+    try:
+        return expand_home(text)
+    except LivehistError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _site_options(p: argparse.ArgumentParser, host: bool = True, config: bool = True) -> None:

@@ -218,3 +218,34 @@ def test_a_state_dir_name_too_long_for_the_file_system_is_named_not_a_traceback(
         line = next(ln for ln in out.stderr.splitlines() if ln.startswith(f"livehist {command}: error:"))
         assert f"state dir {state}: File name too long" in line and "--state-dir" in line, line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tilde_the_shell_did_not_expand_means_the_home_folder(tmp_path):
+    """`--state-dir=~/x` (bash leaves the ~ of `--opt=~` alone) or `LIVEHIST_STATE_DIR='~/x'` (quoted
+    in a profile or a unit file) made a folder named `~` in the current folder and ran the site there."""
+    import sys
+
+    from livehist.site import control
+    from livehist.site.process import free_port
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    (tmp_path / "c.json").write_text(json.dumps(MM))
+    env = dict(os.environ, HOME=str(home))
+
+    def cli(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "livehist.cli", *args]
+        return subprocess.run(
+            argv, cwd=work, env={**env, **extra}, capture_output=True, text=True, timeout=180
+        )
+
+    try:
+        out = cli("up", f"--tango-host=127.0.0.1:{free_port()}", "--config=~/../c.json", "--state-dir=~/lh")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert {p.name for p in managed_processes(home / "lh")} == {"MetadataManager-lc", "tango-db"}
+        out = cli("down", LIVEHIST_STATE_DIR="~/lh")
+        assert out.returncode == 0 and "stopped tango-db" in out.stdout, out.stdout + out.stderr
+    finally:
+        control.down(home / "lh", say=lambda s: None)
+    assert list(work.iterdir()) == []

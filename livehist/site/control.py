@@ -14,7 +14,7 @@ from pathlib import Path
 
 from livehist.errors import LivehistError
 from livehist.site import servers as server_catalogue
-from livehist.site.process import Managed, Orphan, managed_processes, orphans
+from livehist.site.process import Managed, Orphan, expand_home, managed_processes, orphans
 from livehist.tangodb import DEFAULT_CONFIG, embedded
 from livehist.tangodb import config as dsconfig
 
@@ -23,13 +23,13 @@ Say = Callable[[str], None]
 
 def default_state_dir() -> Path:
     env = os.environ.get("LIVEHIST_STATE_DIR")
-    return Path(env) if env else Path.home() / ".local" / "state" / "livehist"
+    return expand_home(env) if env else Path.home() / ".local" / "state" / "livehist"
 
 
 def _state_dir(option: Path | str | None) -> Path:
     """The state dir as an absolute path: it is written into the servers' environment, the
     database ($LIVEHIST_STATE_DIR) and state.json, which are read from other working folders."""
-    path = (Path(option) if option else default_state_dir()).absolute()
+    path = (expand_home(option) if option else default_state_dir()).absolute()
     try:
         path.exists()  # a name the file system cannot take raised OSError from every later look at it
     except OSError as exc:

@@ -17,6 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def expand_home(path: str | Path) -> Path:
+    """`~/x` as the home folder's x: a ~ the shell left alone (`--state-dir=~/x`, a quoted
+    LIVEHIST_STATE_DIR) made a folder named `~` in the current folder."""
+    from livehist.errors import LivehistError
+
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # no HOME (nor passwd entry) to expand it to
+        raise LivehistError(
+            f"{str(path)!r} starts with ~ and there is no home folder to expand it to (HOME is unset); give the full path"
+        ) from None
+
+
 def free_port() -> int:
     """A free TCP port on loopback (never 10000, the default TANGO_HOST port)."""
     while True:
