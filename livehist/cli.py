@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     _site_options(p)
     p = sub.add_parser("demo", help="up, then a short live acquisition and a Sardana scan")
     _site_options(p)
-    p.add_argument("--out", type=Path, metavar="DIR",
+    p.add_argument("--out", type=_path, metavar="DIR",
                    help="data root for the demo dataset (default: the MetadataManager's DataRoot)")  # fmt: skip
     p.add_argument("--web", action="store_true",
                    help="leave the web view running afterwards (http://127.0.0.1:8050/, read-only)")  # fmt: skip
@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; expose it through a reverse proxy)")  # fmt: skip
     p.add_argument(
-        "--layout", type=Path, metavar="FILE", help="JSON or YAML layout (default: every histogram)"
+        "--layout", type=_path, metavar="FILE", help="JSON or YAML layout (default: every histogram)"
     )
     p.add_argument("--control-token", metavar="TOKEN",
                    help="allow Start/Stop/Reset/ROIs to browsers that give this token "
@@ -84,19 +84,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pub", action="store_true", help="PUB socket (for zmq+sub://) instead of PUSH")
     p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: never)")
     p = sub.add_parser("plot", help="PNG pictures of the histograms recorded in a NeXus file")
-    p.add_argument("file", type=Path, help="a .nxs file written by livehist")
-    p.add_argument("--out", type=Path, metavar="DIR", help="folder for the PNGs (default: beside the file)")
+    p.add_argument("file", type=_path, help="a .nxs file written by livehist")
+    p.add_argument("--out", type=_path, metavar="DIR", help="folder for the PNGs (default: beside the file)")
     p = sub.add_parser("listen", help="print hs01 histograms re-streamed by an EventHistogrammer")
     p.add_argument("endpoint", help="the device's RestreamEndpoint, e.g. tcp://127.0.0.1:5560")
     p.add_argument("--count", type=int, default=0, help="stop after this many messages (0: never)")
     p.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: never)")
     p = sub.add_parser("repair", help="make a NeXus file left open by a crashed writer readable again")
-    p.add_argument("file", type=Path, help="the .nxs file (its unfinished entries are marked incomplete)")
+    p.add_argument("file", type=_path, help="the .nxs file (its unfinished entries are marked incomplete)")
     p = sub.add_parser("view", help="a Taurus panel on a running EventHistogrammer")
     p.add_argument("device", nargs="?", default="livehist/histogrammer/1", help="device name or tango:// URL")
     p.add_argument("--metadata", default="livehist/metadata/1", help="the MetadataManager to summarise")
     p.add_argument(
-        "--screenshot", type=Path, metavar="PNG", help="save a picture of the panel after --seconds"
+        "--screenshot", type=_path, metavar="PNG", help="save a picture of the panel after --seconds"
     )
     p.add_argument("--seconds", type=float, default=0.0, help="close after this long (0: stay open)")
     p.add_argument("--trace", action="store_true", help="print the device states the panel sees")

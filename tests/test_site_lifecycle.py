@@ -249,3 +249,26 @@ def test_a_tilde_the_shell_did_not_expand_means_the_home_folder(tmp_path):
     finally:
         control.down(home / "lh", say=lambda s: None)
     assert list(work.iterdir()) == []
+
+
+def test_an_empty_out_or_file_option_is_refused_before_anything_starts(tmp_path):
+    """`livehist demo --out "$DATA"` with DATA unset brought the site up and wrote the dataset into
+    the current folder (a checkout, say); `plot --out ""` put the PNGs there instead of beside the
+    file. `--state-dir ""` and `--config ""` were already refused."""
+    state = tmp_path / "state"
+    work = tmp_path / "work"
+    work.mkdir()
+    cases = [
+        ("demo", "--out", ["--state-dir", str(state), "--tango-host", "no-such-host.invalid:1"]),
+        ("plot", "--out", [str(tmp_path / "scan.nxs")]),
+        ("view", "--screenshot", []),
+        ("web", "--layout", ["--tango-host", "no-such-host.invalid:1"]),
+    ]
+    import sys
+
+    for command, option, rest in cases:
+        argv = [sys.executable, "-m", "livehist.cli", command, *rest, option, ""]
+        out = subprocess.run(argv, cwd=work, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert f"argument {option}: is empty" in out.stderr, out.stderr
+    assert list(work.iterdir()) == [] and not state.exists()
