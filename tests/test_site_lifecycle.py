@@ -272,3 +272,24 @@ def test_an_empty_out_or_file_option_is_refused_before_anything_starts(tmp_path)
         assert out.returncode == 2, out.stdout + out.stderr
         assert f"argument {option}: is empty" in out.stderr, out.stderr
     assert list(work.iterdir()) == [] and not state.exists()
+
+
+def test_an_up_that_fails_half_way_says_what_it_left_running(sites, tmp_path):
+    """A server dying at its start ended `up` with its log, and nothing said that the embedded
+    database and the other servers this `up` had started were still running."""
+    from tests.test_foundation import _fake_server
+
+    env = _fake_server(tmp_path, "CrashDS", "import sys\nprint('boom: no detector')\nsys.exit(3)\n")
+    config = {"servers": {**MM["servers"], "CrashDS": {"t": {"Crash": {"test/lifecycle/crash": {}}}}}}
+    state, host, cfg = sites.new(config)
+    out = run_cli("up", "--tango-host", host, "--state-dir", str(state), "--config", str(cfg), env=env)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stdout + out.stderr
+    assert "server CrashDS/t exited (code 3) while starting" in out.stderr, out.stderr
+    running = sorted(p.name for p in managed_processes(state) if p.pid())
+    assert running == ["MetadataManager-lc", "tango-db"], running
+    last = out.stderr.strip().splitlines()[-1]
+    assert "this `livehist up` left running: MetadataManager-lc, tango-db" in last, last
+    assert f"livehist down --state-dir {state}" in last, last
+    # an up that fails before it starts anything says nothing of the kind
+    out = run_cli("up", "--tango-host", host, "--state-dir", str(state), "--config", str(cfg), env=env)
+    assert out.returncode == 1 and "left running" not in out.stderr, out.stderr

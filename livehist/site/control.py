@@ -379,6 +379,15 @@ def up(
             except KeyboardInterrupt:
                 _undo_up(state_dir, began, say)
                 raise
+            except LivehistError as exc:
+                left = [p.name for p in managed_processes(state_dir)
+                        if (p.record() or {}).get("started", 0) >= began and p.pid() is not None]  # fmt: skip
+                if not left:
+                    raise
+                raise LivehistError(
+                    f"{exc}\nthis `livehist up` left running: {', '.join(left)}; `livehist down --state-dir "
+                    f"{state_dir}` stops them, or fix the cause and `livehist up` again"
+                ) from None
 
 
 _CTRL_C = threading.Event()  # set by `up`'s SIGINT handler
