@@ -26,7 +26,7 @@ def test_a_tango_host_name_the_resolver_cannot_encode_is_named_not_a_traceback(t
         assert out.returncode == 1 and "Traceback" not in text, text
         assert "the name 'beamline..example' does not resolve" in text, text
         assert "check TANGO_HOST / --tango-host" in text, text
-    assert managed_processes(state) == []
+    assert not state.exists()
     env = dict(os.environ, TANGO_HOST="beamline..example:12345")
     out = run_cli("status", "--state-dir", str(state), env=env)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
@@ -293,3 +293,31 @@ def test_an_up_that_fails_half_way_says_what_it_left_running(sites, tmp_path):
     # an up that fails before it starts anything says nothing of the kind
     out = run_cli("up", "--tango-host", host, "--state-dir", str(state), "--config", str(cfg), env=env)
     assert out.returncode == 1 and "left running" not in out.stderr, out.stderr
+
+
+def test_an_up_that_fails_on_a_new_state_dir_leaves_no_folder_behind(tmp_path):
+    """A typo in the host (or a port another program holds) left the new state dir behind, with a
+    lock file in it; a state dir that existed before is kept as it was."""
+    import socket
+
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))
+    other.listen(5)
+    taken = f"127.0.0.1:{other.getsockname()[1]}"
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(MM))
+    try:
+        for host, message in (
+            ("no-such-host.invalid:1", "does not resolve"),
+            (taken, "not a Tango database"),
+        ):
+            state = tmp_path / "new" / "state"
+            out = run_cli("up", "--tango-host", host, "--config", str(cfg), "--state-dir", str(state))
+            assert out.returncode == 1 and message in out.stderr, out.stdout + out.stderr
+            assert not (tmp_path / "new").exists(), list((tmp_path / "new").rglob("*"))
+            kept = tmp_path / "kept"
+            kept.mkdir(exist_ok=True)
+            out = run_cli("up", "--tango-host", host, "--config", str(cfg), "--state-dir", str(kept))
+            assert out.returncode == 1 and kept.is_dir(), out.stderr
+    finally:
+        other.close()

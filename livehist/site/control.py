@@ -369,6 +369,7 @@ def up(
     config_path = Path(config).absolute() if config else DEFAULT_CONFIG
     text = dsconfig.read(config_path)  # once: a pipe (`--config /dev/stdin`) gives its text only once
     loaded = dsconfig.load(config_path, state_dir, text)
+    made = _first_missing(state_dir)  # the folder this `up` makes: removed again if it fails at once
     with site_lock(state_dir, say):
         began = time.time()
         with _ctrl_c_noted():
@@ -383,11 +384,42 @@ def up(
                 left = [p.name for p in managed_processes(state_dir)
                         if (p.record() or {}).get("started", 0) >= began and p.pid() is not None]  # fmt: skip
                 if not left:
+                    if made is not None:
+                        _remove_untouched(state_dir, made)
                     raise
                 raise LivehistError(
                     f"{exc}\nthis `livehist up` left running: {', '.join(left)}; `livehist down --state-dir "
                     f"{state_dir}` stops them, or fix the cause and `livehist up` again"
                 ) from None
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of path that does not exist yet (path itself, or a parent), or None."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return missing
+        missing = folder
+    return missing
+
+
+def _remove_untouched(state_dir: Path, made: Path) -> None:
+    """Remove a state dir this failed `up` made, if it holds only what `up` puts there first (the
+    lock, empty run/ and logs/), then its new empty parents up to `made`."""
+    try:
+        entries = {e.name for e in os.scandir(state_dir)}
+        if not entries <= {"lock", "run", "logs"}:
+            return
+        for name in ("run", "logs"):
+            if name in entries:
+                (state_dir / name).rmdir()  # only if empty: OSError otherwise
+        (state_dir / "lock").unlink(missing_ok=True)
+        for folder in (state_dir, *state_dir.parents):
+            folder.rmdir()
+            if folder == made:
+                break
+    except OSError:
+        pass  # something else is there: kept
 
 
 _CTRL_C = threading.Event()  # set by `up`'s SIGINT handler
