@@ -87,8 +87,8 @@ def probe(host: str, port: int, timeout: float = 3.0) -> str:
     return result[0] if result else "silent"
 
 
-def listener(port: int) -> int | None:
-    """The pid of a process of this machine listening on TCP `port` (that this user may see), or None."""
+def _listening_sockets(port: int) -> set[str]:
+    """The fd link targets (`socket:[INODE]`) of the TCP sockets of this machine listening on port."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -99,19 +99,40 @@ def listener(port: int) -> int | None:
             fields = line.split()
             if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
                 inodes.add(f"socket:[{fields[9]}]")
-    if not inodes:
+    return inodes
+
+
+def _holds(pid: int, sockets: set[str]) -> bool:
+    """True if process pid has one of these sockets open (OSError if it cannot be looked at)."""
+    with os.scandir(f"/proc/{pid}/fd") as fds:
+        return any(os.readlink(fd.path) in sockets for fd in fds)
+
+
+def listener(port: int) -> int | None:
+    """The pid of a process of this machine listening on TCP `port` (that this user may see), or None."""
+    sockets = _listening_sockets(port)
+    if not sockets:
         return None
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            fds = os.scandir(f"/proc/{entry.name}/fd")
-            with fds:
-                if any(os.readlink(fd.path) in inodes for fd in fds):
-                    return int(entry.name)
+            if _holds(int(entry.name), sockets):
+                return int(entry.name)
         except OSError:  # gone, or another user's
             continue
     return None
+
+
+def listens(pid: int, port: int) -> bool | None:
+    """Whether process pid is the one listening on TCP port; None when this cannot be told."""
+    sockets = _listening_sockets(port)
+    if not sockets:
+        return None  # another network namespace, or /proc/net unreadable
+    try:
+        return _holds(pid, sockets)
+    except OSError:
+        return None
 
 
 def embedded(state_dir: Path) -> Managed:
@@ -202,8 +223,10 @@ def start_embedded(host: str, port: int, state_dir: Path, timeout: float = 30.0)
         if code is not None or proc.pid() is None:
             proc.pidfile.unlink(missing_ok=True)
             this_start = proc.log_tail(60).rsplit("\n--- ", 1)[-1]
-            if "Failed to bind" in this_start:  # taken since the probe, or bound but not listening
-                now = probe(host, port, timeout=1.0)
+            now = probe(host, port, timeout=1.0)
+            # taken since the probe (another `up` on the same port at once: its database binds first and
+            # ours dies of it, in words that vary), or bound but not listening
+            if "Failed to bind" in this_start or now == "tango":
                 raise LivehistError(
                     f"port {port} on {host} is in use by another program, so the embedded Tango database "
                     "could not listen there"
@@ -218,7 +241,10 @@ def start_embedded(host: str, port: int, state_dir: Path, timeout: float = 30.0)
                 f"the embedded Tango database exited (code {code}) while starting on port {port}; "
                 f"read {proc.log}:\n{proc.log_tail()}"
             )
-        if probe(host, port, timeout=1.0) == "tango":
+        # the database answering must be ours: another one that took the port first answers too,
+        # while ours is still on its way to failing to bind
+        pid = proc.pid()
+        if pid is not None and probe(host, port, timeout=1.0) == "tango" and listens(pid, port) is not False:
             return proc
         time.sleep(0.2)
     proc.stop()

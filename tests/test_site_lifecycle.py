@@ -321,3 +321,28 @@ def test_an_up_that_fails_on_a_new_state_dir_leaves_no_folder_behind(tmp_path):
             assert out.returncode == 1 and kept.is_dir(), out.stderr
     finally:
         other.close()
+
+
+def test_an_embedded_database_that_could_not_listen_is_not_taken_for_the_one_answering_there(sites):
+    """Two `up`s of two state dirs on one port at once: the second one's database failed to bind,
+    but another database (the first one's) answered at the port, so the second `up` took it for
+    its own, wrote its config there and started its servers against it (they died: 'This server
+    is already running'), and its state dir recorded an embedded database it did not have."""
+    import pytest
+    from livehist.tangodb import embedded
+
+    from livehist.errors import LivehistError
+
+    first = sites.up(MM)
+    second, _, _ = sites.new()
+    host, port = first.host_port
+    with pytest.raises(LivehistError) as info:
+        embedded.start_embedded(host, port, second)
+    message = str(info.value)
+    assert f"port {port} on {host} is in use by another program" in message, message
+    assert "a Tango database answers there now" in message, message
+    assert managed_processes(second) == []
+    assert [p.name for p in managed_processes(first.state_dir) if p.pid()] == [
+        "MetadataManager-lc",
+        "tango-db",
+    ]
