@@ -118,7 +118,38 @@ def load(path: Path, state_dir: Path, text: str | None = None) -> dict:
                             f"config {path}: alias {alias!r} is given to two devices, {other} and {dev} "
                             "(an alias names one device; Tango aliases ignore case): give each its own"
                         )
-    return _expand(config, placeholders(state_dir))
+    mapping = placeholders(state_dir)
+    expanded = _expand(config, mapping)
+    _check_text(expanded, path, mapping)
+    return expanded
+
+
+def _check_text(config: dict, path: Path, mapping: dict[str, str]) -> None:
+    """Every string Tango is to store is text: a placeholder replaced by a path whose name is not
+    UTF-8 (a folder named in another encoding) ended `up` half way in a TypeError from pytango."""
+
+    def walk(value: Any, where: list[str]):
+        if isinstance(value, str):
+            yield where, value
+        elif isinstance(value, list):
+            for v in value:
+                yield from walk(v, where)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                yield from walk(v, [*where, k])
+
+    for where, value in walk(config, []):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            names = [f"${k}" for k, v in mapping.items() if v in value]
+            keys = where[4:] if where[:1] == ["servers"] else []  # device, "properties", name
+            what = f"{keys[0]} property {keys[2]}" if keys[1:2] == ["properties"] else "/".join(where)
+            raise LivehistError(
+                f"config {path}: {what} becomes {value!r} once {' and '.join(names) or 'its placeholders'} "
+                "is replaced, and that path is not UTF-8 text, which Tango cannot store; give a --state-dir "
+                "(and an installation folder) whose name is UTF-8"
+            ) from None
 
 
 def _split_server_keys(config: Any, path: Path) -> Any:

@@ -346,3 +346,38 @@ def test_an_embedded_database_that_could_not_listen_is_not_taken_for_the_one_ans
         "MetadataManager-lc",
         "tango-db",
     ]
+
+
+def test_a_state_dir_whose_name_is_not_utf8_is_refused_where_tango_would_have_to_store_it(sites, tmp_path):
+    """A folder named in another encoding (bytes that are not UTF-8): with a config that puts
+    $LIVEHIST_STATE_DIR into a property (the default one does), `up` started the database, then ended
+    in a TypeError traceback from pytango half way through writing the config."""
+    state = Path(os.fsdecode(bytes(tmp_path) + b"/state-\xe9t\xe9"))
+    cfg = tmp_path / "c.json"
+    config = json.loads(json.dumps(MM))
+    config["servers"]["MetadataManager"]["lc"]["MetadataManager"]["test/lifecycle/m"]["properties"][
+        "DefaultDataRoot"
+    ] = ["$LIVEHIST_STATE_DIR/data"]
+    cfg.write_text(json.dumps(config))
+    import sys
+
+    from livehist.site.process import free_port
+
+    sites.dirs.append(state)  # downed at the end of the session
+    host = f"127.0.0.1:{free_port()}"
+
+    def up() -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "livehist.cli", "up", "--tango-host", host, "--config", str(cfg)]
+        argv += ["--state-dir", os.fsencode(state)]
+        return subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=180)
+
+    out = up()
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stdout + out.stderr
+    line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
+    assert "test/lifecycle/m property DefaultDataRoot" in line and "not UTF-8" in line, line
+    assert "--state-dir" in line, line
+    assert not state.exists()
+    # the same folder with a config that does not store it works
+    cfg.write_text(json.dumps(MM))
+    out = up()
+    assert out.returncode == 0, out.stdout + out.stderr
