@@ -8,7 +8,7 @@ state dir), so one file serves every checkout and every site.
 from __future__ import annotations
 
 import json
-import string
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +29,18 @@ def placeholders(state_dir: Path) -> dict[str, str]:
 
 
 def _expand(value: Any, mapping: dict[str, str]) -> Any:
+    """$NAME or ${NAME} of the mapping replaced; every other $ kept as written (string.Template
+    turned `$$` into `$`, silently changing a value such as a regex's `end$$`)."""
     if isinstance(value, str):
-        return string.Template(value).safe_substitute(mapping)
+        return _PLACEHOLDER.sub(lambda m: mapping.get(m[1] or m[2], m[0]), value)
     if isinstance(value, list):
         return [_expand(v, mapping) for v in value]
     if isinstance(value, dict):
         return {k: _expand(v, mapping) for k, v in value.items()}
     return value
 
+
+_PLACEHOLDER = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 
 MAX_CONFIG_BYTES = 16 << 20
 

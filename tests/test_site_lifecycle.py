@@ -381,3 +381,18 @@ def test_a_state_dir_whose_name_is_not_utf8_is_refused_where_tango_would_have_to
     cfg.write_text(json.dumps(MM))
     out = up()
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_dollar_signs_in_property_values_reach_the_database_as_written(sites):
+    """Placeholders went through string.Template, whose `$$` is an escape: a property value `a$$b`
+    (a regex's end, a shell's pid) was stored as `a$b`, silently. Only $LIVEHIST_... names are replaced."""
+    import tango
+
+    values = ["ends$$", "$HOME/x", "${LIVEHIST_STATE_DIR}/a", "$LIVEHIST_STATE_DIR/b", "$LIVEHIST_STATE_DIRx"]
+    config = json.loads(json.dumps(MM))
+    props = config["servers"]["MetadataManager"]["lc"]["MetadataManager"]["test/lifecycle/m"]["properties"]
+    props["Note"] = values
+    site = sites.up(config)
+    stored = list(tango.Database(*site.host_port).get_device_property("test/lifecycle/m", ["Note"])["Note"])
+    state = str(site.state_dir)
+    assert stored == ["ends$$", "$HOME/x", f"{state}/a", f"{state}/b", "$LIVEHIST_STATE_DIRx"], stored
