@@ -112,24 +112,35 @@ def parser() -> argparse.ArgumentParser:
 
 
 class _QuietWhenClosed:
-    """stdout that goes quiet when its reader has gone (`livehist up | head -1`): the command
-    finishes its work (servers started, files written) instead of dying half way on EPIPE."""
+    """stdout that goes quiet when it cannot be written: its reader has gone (`livehist up | head -1`),
+    its disk is full (`livehist up > up.log`), or it was closed (`>&-`). The command finishes its work
+    (servers started, files written) instead of dying half way; a full disk or an I/O error is noted
+    once on stderr."""
 
     def __init__(self, stream) -> None:
-        self.stream = stream
+        self.stream = stream if stream is not None else open(os.devnull, "w")  # noqa: SIM115
+
+    def _lost(self, exc: OSError) -> None:
+        self.stream = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+        if not isinstance(exc, BrokenPipeError):
+            try:
+                print(f"livehist: standard output cannot be written ({exc.strerror or exc}); going on without it",
+                      file=sys.stderr)  # fmt: skip
+            except (OSError, AttributeError):
+                pass
 
     def write(self, text: str) -> int:
         try:
             return self.stream.write(text)
-        except BrokenPipeError:
-            self.stream = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+        except OSError as exc:
+            self._lost(exc)
             return len(text)
 
     def flush(self) -> None:
         try:
             self.stream.flush()
-        except BrokenPipeError:
-            self.stream = open(os.devnull, "w")  # noqa: SIM115
+        except OSError as exc:
+            self._lost(exc)
 
     def __getattr__(self, name):
         return getattr(self.stream, name)
@@ -138,7 +149,9 @@ class _QuietWhenClosed:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not isinstance(sys.stdout, _QuietWhenClosed):
-        if hasattr(sys.stdout, "reconfigure"):  # progress lines reach a pipe (`up | tee up.log`) as they come
+        if sys.stdout is not None and hasattr(
+            sys.stdout, "reconfigure"
+        ):  # progress lines reach a pipe (`up | tee up.log`) as they come
             sys.stdout.reconfigure(line_buffering=True)
         sys.stdout = _QuietWhenClosed(sys.stdout)
     try:

@@ -396,3 +396,32 @@ def test_dollar_signs_in_property_values_reach_the_database_as_written(sites):
     stored = list(tango.Database(*site.host_port).get_device_property("test/lifecycle/m", ["Note"])["Note"])
     state = str(site.state_dir)
     assert stored == ["ends$$", "$HOME/x", f"{state}/a", f"{state}/b", "$LIVEHIST_STATE_DIRx"], stored
+
+
+def test_up_and_down_do_their_work_when_their_output_cannot_be_written(sites):
+    """`livehist up > up.log` on a full disk, or run with stdout closed (`>&-`, some service
+    managers): the first progress line ended `up` in a traceback (OSError: No space left on device,
+    AttributeError: 'NoneType' object has no attribute 'write'), half way through starting the site."""
+    import sys
+
+    state, host, cfg = sites.new(MM)
+
+    def cli(*args: str, closed: bool) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "livehist.cli", *args]
+        if closed:
+            return subprocess.run(
+                argv, stderr=subprocess.PIPE, text=True, timeout=180, preexec_fn=lambda: os.close(1)
+            )
+        with open("/dev/full", "w") as full:
+            return subprocess.run(argv, stdout=full, stderr=subprocess.PIPE, text=True, timeout=180)
+
+    for closed in (False, True):
+        out = cli("up", "--tango-host", host, "--config", str(cfg), "--state-dir", str(state), closed=closed)
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+        assert "standard output cannot be written" in out.stderr or closed, out.stderr
+        assert all(p.pid() for p in managed_processes(state)) and len(managed_processes(state)) == 2
+        out = cli("status", "--state-dir", str(state), closed=closed)
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+        out = cli("down", "--state-dir", str(state), closed=closed)
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+        assert managed_processes(state) == []
