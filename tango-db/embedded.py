@@ -26,6 +26,11 @@ def parse_tango_host(text: str) -> tuple[str, int]:
             raise LivehistError(
                 f"Tango host {text!r} is not HOST:PORT; use for example --tango-host 127.0.0.1:10000"
             )
+        if ":" in host or host.startswith("["):  # cppTango: 'TANGO_HOST env. variable syntax incorrect'
+            raise LivehistError(
+                f"Tango host {text!r} is an IPv6 address, which cppTango cannot use as TANGO_HOST; give the "
+                f"host's name or an IPv4 address, e.g. --tango-host localhost:{port}"
+            )
         parsed.append((host, int(port)))
     return parsed[0]
 

@@ -425,3 +425,16 @@ def test_up_and_down_do_their_work_when_their_output_cannot_be_written(sites):
         out = cli("down", "--state-dir", str(state), closed=closed)
         assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
         assert managed_processes(state) == []
+
+
+def test_an_ipv6_tango_host_is_refused_naming_what_works(tmp_path):
+    """cppTango cannot parse an IPv6 TANGO_HOST ('::1:PORT': syntax incorrect; '[::1]:PORT': cannot be
+    parsed into int). `up` called ::1 'not this machine' and [::1] 'a name that does not resolve'."""
+    state = tmp_path / "state"
+    for host in ("::1:12345", "[::1]:12345", "fe80::1%eth0:12345"):
+        for command in ("up", "status"):
+            out = run_cli(command, "--tango-host", host, "--state-dir", str(state))
+            assert out.returncode == 1 and "Traceback" not in out.stderr, out.stdout + out.stderr
+            text = out.stdout + out.stderr
+            assert "IPv6" in text and "--tango-host localhost:12345" in text, text
+    assert not state.exists()
