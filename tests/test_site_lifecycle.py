@@ -438,3 +438,31 @@ def test_an_ipv6_tango_host_is_refused_naming_what_works(tmp_path):
             text = out.stdout + out.stderr
             assert "IPv6" in text and "--tango-host localhost:12345" in text, text
     assert not state.exists()
+
+
+def test_up_on_another_tango_host_while_the_servers_run_against_the_first_is_refused_at_once(sites):
+    """A state dir whose servers run against one site database, brought up against another: `up`
+    wrote the config into the second database, then waited out --timeout for servers that answer only
+    at the first, and blamed a device ('did not answer within 90 s'). The embedded case was refused."""
+    import time
+
+    import tango
+
+    empty = {"servers": {}}
+    db1, db2 = sites.up(empty), sites.up(empty)  # two 'site' databases, from state dirs of their own
+    state, _, cfg = sites.new(MM)
+    up = ("up", "--config", str(cfg), "--state-dir", str(state), "--tango-host")
+    out = run_cli(*up, db1.tango_host)
+    assert out.returncode == 0, out.stdout + out.stderr
+    t0 = time.monotonic()
+    out = run_cli(*up, db2.tango_host)
+    assert time.monotonic() - t0 < 30
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stdout + out.stderr
+    line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
+    assert f"run against the Tango database at {db1.tango_host}" in line, line
+    assert f"--tango-host {db1.tango_host}" in line and "livehist down" in line, line
+    assert list(tango.Database(*db2.host_port).get_server_list("MetadataManager/*")) == []  # nothing written
+    out = run_cli(*up, db1.tango_host)
+    assert out.returncode == 0 and "MetadataManager/lc: already running" in out.stdout, (
+        out.stdout + out.stderr
+    )

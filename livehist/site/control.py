@@ -346,7 +346,51 @@ def _host_for(state_dir: Path, option: str | None) -> str:
                 f"the embedded Tango database of {state_dir} runs at {saved}, and this asks for {host}; "
                 f"use --tango-host {saved}, or `livehist down` first to move the site"
             )
+    # servers of this state dir running against another database (a site's): they answer only there,
+    # so `up` wrote the config here, then waited out --timeout on them and blamed a device
+    elsewhere: dict[str, list[str]] = {}
+    for proc in managed_processes(state_dir):
+        theirs = _process_tango_host(proc)
+        if theirs and not _same_tango_host(theirs, host):
+            elsewhere.setdefault(theirs, []).append(proc.name)
+    if elsewhere:
+        theirs, names = next(iter(elsewhere.items()))
+        raise LivehistError(
+            f"the servers of {state_dir} ({', '.join(names)}) run against the Tango database at {theirs}, and "
+            f"this asks for {host}; use --tango-host {theirs}, or `livehist down` first to move the site"
+        )
     return host
+
+
+def _process_tango_host(proc: Managed) -> str | None:
+    """The TANGO_HOST a running process of the state dir was started with, or None."""
+    pid = proc.pid()
+    if pid is None:
+        return None
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in environ:
+        if item.startswith(b"TANGO_HOST="):
+            return item[len(b"TANGO_HOST=") :].decode(errors="replace") or None
+    return None
+
+
+def _same_tango_host(a: str, b: str) -> bool:
+    """Whether two Tango hosts name one database (localhost:P and 127.0.0.1:P do)."""
+    try:
+        (ha, pa), (hb, pb) = embedded.parse_tango_host(a), embedded.parse_tango_host(b)
+    except LivehistError:
+        return a == b
+    if pa != pb:
+        return False
+    if ha.lower() == hb.lower():
+        return True
+    try:
+        return socket.gethostbyname(ha) == socket.gethostbyname(hb)
+    except (OSError, UnicodeError):
+        return False
 
 
 def up(
