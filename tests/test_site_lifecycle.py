@@ -98,7 +98,17 @@ def test_a_state_dir_deleted_under_a_running_site_is_neither_forgotten_nor_doubl
     assert out.returncode == 0, out.stdout + out.stderr
     pids = {p.name: p.pid() for p in managed_processes(state)}
     assert set(pids) == {"MetadataManager-lc", "tango-db"} and None not in pids.values(), pids
+    # a detached child of a server inherits its environment (the record's path in it) and is no orphan
+    import sys
+
+    server_env = Path(f"/proc/{pids['MetadataManager-lc']}/environ").read_bytes().split(b"\0")
+    env = dict(item.decode(errors="surrogateescape").split("=", 1) for item in server_env if b"=" in item)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], env=env, start_new_session=True
+    )
     try:
+        out = run_cli("up", "--tango-host", host, "--config", str(cfg), "--state-dir", str(state))
+        assert out.returncode == 0 and "already running" in out.stdout, out.stdout + out.stderr
         shutil.rmtree(state)
         out = run_cli("up", "--tango-host", host, "--config", str(cfg), "--state-dir", str(state))
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stdout + out.stderr
@@ -115,7 +125,10 @@ def test_a_state_dir_deleted_under_a_running_site_is_neither_forgotten_nor_doubl
             assert not _alive(pid), f"{name} (pid {pid}) still runs"
         out = run_cli("down", "--state-dir", str(state))
         assert out.returncode == 0 and "nothing to stop" in out.stdout, out.stdout
+        assert child.poll() is None  # not taken for one of the site's processes
     finally:
+        child.kill()
+        child.wait()
         for pid in pids.values():
             if _alive(pid):
                 os.killpg(pid, signal.SIGKILL)

@@ -160,7 +160,7 @@ class Managed:
             env = {
                 **(os.environ if env is None else env),
                 "PYTHONFAULTHANDLER": "1",
-                MARKER: str(self.pidfile),
+                MARKER: f"{self.pidfile}|{_argv_id(argv)}",
             }
             try:
                 proc = subprocess.Popen(
@@ -235,6 +235,13 @@ def _stop(pid: int, alive, timeout: float) -> None:
     _reap(pid)
 
 
+def _argv_id(argv: list[str]) -> str:
+    """A short digest of a command line as /proc/PID/cmdline holds it."""
+    import hashlib
+
+    return hashlib.sha1(b"\0".join(os.fsencode(a) for a in argv)).hexdigest()[:16]
+
+
 def _stat_fields(pid: int) -> list[str] | None:
     """/proc/PID/stat after the command name (state first), or None if the process is gone."""
     try:
@@ -264,8 +271,8 @@ class Orphan:
 
 def orphans(state_dir: Path) -> list[Orphan]:
     """Processes started for state_dir (their MARKER names a record in its run/) that their record
-    does not name: the folder was deleted or emptied while they ran. Only session leaders count
-    (`start` makes each one): their children inherit the environment too."""
+    does not name: the folder was deleted or emptied while they ran. Only session leaders running
+    the command line they were started with count: a server's children inherit the MARKER too."""
     run = Path(state_dir) / "run"
     found = []
     try:
@@ -279,12 +286,15 @@ def orphans(state_dir: Path) -> list[Orphan]:
             continue
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:  # gone, or another user's
             continue
         for item in environ.split(b"\0"):
             if item.startswith(prefix):
-                record = Path(os.fsdecode(item[len(prefix) :]))
-                if record.parent == run and Managed(Path(state_dir), record.stem).pid() != pid:
+                where, _, argv_id = os.fsdecode(item[len(prefix) :]).rpartition("|")
+                record = Path(where)
+                ours = argv_id == _argv_id([os.fsdecode(a) for a in cmdline.split(b"\0")[:-1]])
+                if ours and record.parent == run and Managed(Path(state_dir), record.stem).pid() != pid:
                     found.append(Orphan(record.stem, pid, fields[19]))
                 break
     return sorted(found, key=lambda o: o.pid)
