@@ -479,3 +479,38 @@ def test_up_on_another_tango_host_while_the_servers_run_against_the_first_is_ref
     assert out.returncode == 0 and "MetadataManager/lc: already running" in out.stdout, (
         out.stdout + out.stderr
     )
+
+
+def test_the_embedded_database_dying_while_up_waits_is_named_at_once(sites, tmp_path):
+    """The embedded database killed while `up` waited for the servers (here by a server that kills it
+    at its start): `up` waited out --timeout, then blamed a device ('did not answer within ...')."""
+    import time
+
+    from tests.test_foundation import _fake_server
+
+    body = """
+        import json, os, signal, time
+        record = os.path.join(os.environ["LIVEHIST_STATE_DIR"], "run", "tango-db.json")
+        os.kill(json.load(open(record))["pid"], signal.SIGKILL)
+        time.sleep(120)
+    """
+    env = _fake_server(tmp_path, "KillerDS", body)
+    state, host, cfg = sites.new({"servers": {"KillerDS": {"t": {"Killer": {"test/lifecycle/killer": {}}}}}})
+    t0 = time.monotonic()
+    out = run_cli(
+        "up",
+        "--tango-host",
+        host,
+        "--state-dir",
+        str(state),
+        "--config",
+        str(cfg),
+        "--timeout",
+        "60",
+        env=env,
+    )
+    assert time.monotonic() - t0 < 40, out.stderr
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stdout + out.stderr
+    line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
+    assert f"the embedded Tango database at {host} stopped while `up` waited for the servers" in line, line
+    assert "tango-db.log" in line, line

@@ -627,8 +627,15 @@ def wait_ready(site: Site, started: dict[str, Managed], timeout: float, say: Say
                if server in started}  # fmt: skip
     puzzled: set[str] = set()  # our running child that `Managed.pid` did not recognise (said once)
     frozen_since: dict[str, float] = {}
+    db = embedded.embedded(site.state_dir)
     while pending:
         _check_ctrl_c()
+        if site.embedded_db and db.pid() is None:  # no server can answer now: waiting out --timeout hid why
+            host, port = site.host_port
+            raise LivehistError(
+                f"the embedded Tango database at {host}:{port} stopped while `up` waited for the servers; read "
+                f"{db.log}; `livehist up` starts it again"
+            )
         for server in list(pending):
             proc = started[server]
             frozen = proc.stopped()
