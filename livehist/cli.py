@@ -156,9 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = _QuietWhenClosed(sys.stdout)
     try:
         if args.command == "up":
-            from livehist.site.control import up
+            from livehist.site.control import remembered_config, up
 
-            site = up(args.tango_host, args.config, args.state_dir, timeout=args.timeout)
+            config = args.config
+            if config is None:  # the state dir's own, not the default over a site's configuration
+                config = remembered_config(args.state_dir)
+                if config is not None:
+                    print(f"configuration {config}: the one this state dir was brought up with (--config for "
+                          "another)")  # fmt: skip
+            site = up(args.tango_host, config, args.state_dir, timeout=args.timeout)
             if site.faults:  # running, but not working: a script must not go on as if all were well
                 print(f"{len(site.faults)} device(s) in FAULT: {', '.join(site.faults)} (why: INFO above); their "
                       "servers run: fix the cause, then Init the device (exit status 4)")  # fmt: skip

@@ -514,3 +514,30 @@ def test_the_embedded_database_dying_while_up_waits_is_named_at_once(sites, tmp_
     line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
     assert f"the embedded Tango database at {host} stopped while `up` waited for the servers" in line, line
     assert "tango-db.log" in line, line
+
+
+def test_up_without_config_keeps_the_state_dirs_own_configuration(sites):
+    """`up` without --config applied livehist's default configuration to a site brought up with its
+    own: 10 database changes, Sardana and an EventHistogrammer started beside the site's servers,
+    and state.json switched to the default, so `status` no longer listed the site's devices."""
+    site = sites.up(MM)
+    before = {p.name for p in managed_processes(site.state_dir)}
+    out = run_cli("up", "--state-dir", str(site.state_dir))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"configuration {site.config_path}: the one this state dir was brought up with" in out.stdout, (
+        out.stdout
+    )
+    assert "database already up to date" in out.stdout, out.stdout
+    assert {p.name for p in managed_processes(site.state_dir)} == before == {"MetadataManager-lc", "tango-db"}
+    assert json.loads((site.state_dir / "state.json").read_text())["config"] == str(site.config_path)
+    moved = site.config_path.with_name("moved.json")
+    site.config_path.rename(moved)
+    try:  # the file gone: refused, naming it and the fix; nothing changes
+        out = run_cli("up", "--state-dir", str(site.state_dir))
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stdout + out.stderr
+        assert f"was brought up with the configuration {site.config_path}, which is gone; give --config" in (
+            out.stdout + out.stderr
+        )
+        assert {p.name for p in managed_processes(site.state_dir)} == before
+    finally:
+        moved.rename(site.config_path)

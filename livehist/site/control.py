@@ -393,6 +393,23 @@ def _same_tango_host(a: str, b: str) -> bool:
         return False
 
 
+def remembered_config(state_dir: Path | str | None) -> Path | None:
+    """The configuration a state dir was last brought up with, if not livehist's default: `up`
+    without --config takes it (it applied the default, adding livehist's servers to a site's
+    database and starting them beside the site's own). LivehistError if that file is gone."""
+    state_dir = _state_dir(state_dir)
+    saved = _read_state(state_dir).get("config")
+    if not saved or Path(saved).absolute() == DEFAULT_CONFIG.absolute():
+        return None
+    path = Path(saved)
+    if not path.is_file():
+        raise LivehistError(
+            f"{state_dir} was brought up with the configuration {path}, which is gone; give --config: its "
+            f"new place, or {DEFAULT_CONFIG} for livehist's default"
+        )
+    return path
+
+
 def up(
     tango_host: str | None = None,
     config: Path | None = None,
