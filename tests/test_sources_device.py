@@ -3,6 +3,7 @@ name that does not resolve; the device says so and stays usable."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -40,19 +41,35 @@ def reinit(p: tango.DeviceProxy, source: str) -> None:
     p.Init()
 
 
-def test_a_flooding_pub_is_counted_as_dropped_alarm_then_usable(dev):
+ONE = EventBatch(np.arange(10, dtype=np.int32), np.arange(10, dtype=np.int32), np.zeros(1, np.int64),
+                 np.zeros(1, np.int64))  # fmt: skip
+
+
+@contextlib.contextmanager
+def subscribed_pub(dev, probe: str = ""):
+    """A PUB the device (zmq+sub://, Reset and Started) is subscribed to: messages sent from now on
+    reach it (the probes sent until then, with message_id 0 and source `probe`, have arrived)."""
     port = free_port()
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
     pub.bind(f"tcp://127.0.0.1:{port}")
-    one = EventBatch(np.arange(10, dtype=np.int32), np.arange(10, dtype=np.int32), np.zeros(1, np.int64),
-                     np.zeros(1, np.int64))  # fmt: skip
     try:
         reinit(dev, f"zmq+sub://127.0.0.1:{port}")
         dev.Reset()
         dev.Start()
-        wait_for(lambda: (pub.send(encode_ev44(one, 0)), dev.MessageCount)[1] > 0, what="the subscription")
-        time.sleep(0.5)  # the id-0 messages still in flight arrive
+        wait_for(
+            lambda: (pub.send(encode_ev44(ONE, 0, probe)), dev.MessageCount)[1] > 0, what="the subscription"
+        )
+        time.sleep(0.5)  # the probes still in flight arrive
+        yield pub
+    finally:
+        pub.close(0)
+        ctx.term()
+
+
+def test_a_flooding_pub_is_counted_as_dropped_alarm_then_usable(dev):
+    one = ONE
+    with subscribed_pub(dev) as pub:
         first = dev.MessageCount
         states, i = set(), 0
         for _ in range(10):  # single small messages, far faster than the device takes them; a loaded
@@ -87,9 +104,6 @@ def test_a_flooding_pub_is_counted_as_dropped_alarm_then_usable(dev):
             assert i < 200_000, "the restarted source receives nothing"
         dev.Stop()
         assert dev.EventCount == 10 * dev.MessageCount == int(dev.tof.sum())
-    finally:
-        pub.close(0)
-        ctx.term()
 
 
 def test_a_host_name_that_does_not_resolve_is_fault_naming_it_and_init_recovers(dev):
@@ -111,20 +125,8 @@ def test_a_sender_whose_message_ids_jump_is_not_counted_as_billions_dropped(dev)
     timestamps) were counted as 2**64-4 dropped messages: DroppedMessageCount beyond int64 failed
     every read ('Expecting a integer type'), the publisher stopped pushing the counters after it, and
     the device said ALARM with '18,446,744,073,709,551,612 dropped'. A real gap still counts."""
-    port = free_port()
-    ctx = zmq.Context()
-    pub = ctx.socket(zmq.PUB)
-    pub.bind(f"tcp://127.0.0.1:{port}")
-    one = EventBatch(np.arange(10, dtype=np.int32), np.arange(10, dtype=np.int32), np.zeros(1, np.int64),
-                     np.zeros(1, np.int64))  # fmt: skip
-    try:
-        reinit(dev, f"zmq+sub://127.0.0.1:{port}")
-        dev.Reset()
-        dev.Start()
-        wait_for(
-            lambda: (pub.send(encode_ev44(one, 0, "probe")), dev.MessageCount)[1] > 0, what="the subscription"
-        )
-        time.sleep(0.5)  # the probes still in flight arrive
+    one = ONE
+    with subscribed_pub(dev, "probe") as pub:
         first = dev.MessageCount
         for name in ("a", "b"):
             pub.send(encode_ev44(one, 0, name))
@@ -146,6 +148,3 @@ def test_a_sender_whose_message_ids_jump_is_not_counted_as_billions_dropped(dev)
             dev.unsubscribe_event(sub)
         dev.Stop()
         assert dev.EventCount == 10 * dev.MessageCount == int(dev.tof.sum())
-    finally:
-        pub.close(0)
-        ctx.term()

@@ -38,7 +38,7 @@ class EventBatch:
         self.tof = _event_array(self.tof, "time_of_flight", "iuf")
         self.pixel_id = _event_array(self.pixel_id, "pixel_id", "iuf")
         if self.pixel_id.dtype.kind == "f":  # whole numbers only: 3.7 was counted in pixel 3, NaN anywhere
-            wrong = ~np.isfinite(self.pixel_id) | (self.pixel_id != np.trunc(self.pixel_id))
+            wrong = not_whole(self.pixel_id)
             if wrong.any():
                 at = int(np.flatnonzero(wrong)[0])
                 raise BadMessage(
@@ -99,6 +99,11 @@ def decode(payload: bytes | memoryview) -> EventBatch:
     tof = np.zeros(0, np.int32) if tof is None else tof
     pid = np.zeros(0, np.int32) if pid is None else pid
     return checked(EventBatch(tof, pid, ptime, pidx, "ns", source))
+
+
+def not_whole(values: np.ndarray) -> np.ndarray:
+    """Where floating-point values are not whole numbers (NaN and infinities included)."""
+    return ~np.isfinite(values) | (values != np.trunc(values))
 
 
 def _event_array(values, name: str, kinds: str) -> np.ndarray:

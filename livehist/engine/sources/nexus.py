@@ -17,7 +17,7 @@ from urllib.parse import unquote
 import h5py
 import numpy as np
 
-from livehist.engine.events import EventBatch
+from livehist.engine.events import EventBatch, not_whole
 from livehist.engine.sources import Source, SourceError, check_known, number, query
 
 log = logging.getLogger("livehist.engine.sources.nexus")
@@ -188,7 +188,7 @@ class NexusSource(Source):
             )
         limit = np.float64(self.n_events)
         if raw.dtype.kind == "f":
-            wrong = ~np.isfinite(raw) | (raw != np.trunc(raw)) | (raw < 0) | (raw > limit)
+            wrong = not_whole(raw) | (raw < 0) | (raw > limit)
         else:
             wrong = (raw < 0) | (raw > self.n_events)  # compared before any cast: no wrap-around
         if wrong.any():
@@ -251,9 +251,9 @@ class NexusSource(Source):
         pixel 3 without a word (the kernels truncate), NaN in an arbitrary one."""
         ids = _native(ids)
         if ids.dtype.kind == "f":
-            wrong = ~np.isfinite(ids) | (ids != np.trunc(ids)) | (np.abs(ids) >= 2.0**63)
+            wrong = not_whole(ids) | (np.abs(ids) >= 2.0**63)
             if wrong.any():
-                at = int(np.flatnonzero(wrong)[0])
+                at = int(np.argmax(wrong))
                 raise SourceError(
                     f"EventSource {self.uri!r}: {self.event_group}/event_id[{first + at}] is {float(ids[at])}, "
                     f"not a pixel number ({int(wrong.sum())} such ids in this pulse); pixel ids must be "
