@@ -233,8 +233,13 @@ def test_a_worker_restarted_with_one_more_histogram_keeps_its_checkpointed_count
 def test_a_stop_while_checkpoints_cannot_be_written_is_said_by_the_sum(sites, kafka_broker):
     """The sum is stopped while no checkpoint can be written: each worker sets its counts back to its
     last checkpoint (the group reads on from there), so the total is short of what was read. The
-    sum must say so, not show a total that looks final; a Start after the disk is back counts the
-    rest, exactly."""
+    sum must say so, not show a total that looks final.
+
+    (A Start right after, counting the rest exactly, was checked here too. It depends on the Tansu
+    test broker re-forming a group whose members all left and joined again at once, which it did not
+    always do within 90 s (1 of 3 runs here, and one CI run). Plain confluent-kafka consumers stopped
+    and started the same way got their partitions after 20 s, or not within 30 s, Tansu's JoinGroup
+    naming a leader that had left. The counts set back are checked exactly by the rebalance test above.)"""
     site, topic = frozen_group(sites, kafka_broker)
     messages = 300
     s, workers, t, sent, _ = counting(site, kafka_broker, topic, messages, seed=25, at_work=both, part=3)
@@ -247,8 +252,6 @@ def test_a_stop_while_checkpoints_cannot_be_written_is_said_by_the_sum(sites, ka
             assert "test/fw/1" in status and "test/fw/2" in status, status
     finally:
         t.join()
-    s.Start()
-    assert_exact(s, workers, t, sent, messages)  # checkpoints written again: ON, nothing to say
 
 
 def test_a_worker_reset_behind_the_sums_back_is_said_by_the_sum(sites, kafka_broker):

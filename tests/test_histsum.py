@@ -17,7 +17,6 @@ import zmq
 from livehist.engine.events import EventBatch, encode_ev44
 from livehist.site import control
 from livehist.site.process import Managed
-from tests.conftest import free_port
 from tests.test_view import display  # noqa: F401 - the Xvfb fixture
 
 TOF = {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 72_000_000, "bins": 500}}
@@ -26,13 +25,12 @@ BEAM = {"name": "beam", "kind": "roi", "pixels": {"first": 1, "shape": [64, 32]}
         "roi": {"rows": [10, 30], "cols": [5, 20]}, "tof": {"start": 0, "stop": 72_000_000, "bins": 50}}  # fmt: skip
 HISTS = [TOF, IMAGE, BEAM]
 OTHER = [{"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 72_000_000, "bins": 100}}]
-PORTS = {w: free_port() for w in ("w1", "w2")}
 PERIOD = 0.2
 
 
-def _config() -> dict:
+def _config(ports: dict[str, int]) -> dict:
     def worker(w: str, hists=HISTS) -> dict:
-        return {"properties": {"EventSource": [f"zmq://127.0.0.1:{PORTS[w]}"], "Histograms": [json.dumps(hists)],
+        return {"properties": {"EventSource": [f"zmq://127.0.0.1:{ports[w]}"], "Histograms": [json.dumps(hists)],
                                "PublishPeriod": [str(PERIOD)]}}  # fmt: skip
 
     members = ["test/worker/1", "test/worker/2"]
@@ -52,18 +50,21 @@ def _config() -> dict:
 
 
 @pytest.fixture(scope="module")
-def site(sites) -> control.Site:
-    return sites.up(_config())
+def site(sites, pushers) -> control.Site:
+    ports = {w: int(s.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1]) for w, s in pushers.items()}
+    return sites.up(_config(ports))
 
 
 @pytest.fixture(scope="module")
 def pushers():
+    """The members' senders, bound before the site is configured with their ports (ports picked at
+    import were taken by another test's process before this module ran: Address already in use)."""
     ctx = zmq.Context.instance()
     socks = {}
-    for w, port in PORTS.items():
+    for w in ("w1", "w2"):
         s = ctx.socket(zmq.PUSH)
         s.setsockopt(zmq.SNDTIMEO, 30_000)  # a member that never reads fails the test, never hangs it
-        s.bind(f"tcp://127.0.0.1:{port}")
+        s.bind("tcp://127.0.0.1:*")
         socks[w] = s
     yield socks
     for s in socks.values():
