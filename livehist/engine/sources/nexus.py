@@ -116,11 +116,6 @@ class NexusSource(Source):
                     "with one value per event (event_id, event_time_offset) or per pulse (event_time_zero, "
                     "event_index) (the file is damaged, or path= names another group)"
                 )
-            if ds.dtype.kind not in "iuf":  # complex TOFs reached the kernels; strings failed in numpy
-                raise SourceError(
-                    f"EventSource {self.uri!r}: {group}/{k} has dtype {ds.dtype}; NXevent_data holds integers "
-                    "or floats there (the file is damaged, or path= names another group)"
-                )
         self.tof_unit = tof_unit or _unit(g["event_time_offset"], "us", "event_time_offset", group)
         zero_unit = _unit(g["event_time_zero"], "s", "event_time_zero", group)
         zero = g["event_time_zero"][()].astype(np.float64) * SECONDS[zero_unit]
@@ -155,7 +150,7 @@ class NexusSource(Source):
                 "value per event (the file is damaged or still being written)"
             )
         for k in ("event_id", "event_time_offset"):
-            if g[k].dtype.kind not in "biufc":  # complex: the kernels refuse it later (FAULT, named)
+            if g[k].dtype.kind not in "iuf":  # complex or bool: refused by EventBatch at every pulse
                 raise SourceError(
                     f"EventSource {self.uri!r}: {group}/{k} has dtype {g[k].dtype.str}; livehist replays "
                     "integer or floating-point numbers only"
