@@ -227,8 +227,6 @@ def _check_instances(config: dict, path: Path) -> None:
     """Instance names the server can be started with, one pid record per server (the record of
     Exec/inst is run/Exec-inst.json): `-h` was read as an option and the server died printing its
     usage, `a\\b` never answered, `a/b` beside `a-b` shared one record and the second never started."""
-    import re
-
     records: dict[str, str] = {}
     for executable, instances in config["servers"].items():
         for instance in instances:
