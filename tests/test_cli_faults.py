@@ -47,6 +47,45 @@ def test_listen_to_a_silent_publisher_exits_non_zero_with_a_hint():
         ctx.term()
 
 
+def test_listen_skips_what_is_not_hs01_and_goes_on():
+    """Another program's messages on the endpoint (or a truncated hs01) are named and skipped;
+    the histograms after them are printed, and only they count towards --count."""
+    import threading
+
+    from livehist.components.restream import serialise_hs01
+
+    good = bytes(serialise_hs01({
+        "source": "test/h/1/tof", "timestamp": 1, "current_shape": [4], "info": json.dumps({"update": 7}),
+        "dim_metadata": [{"length": 4, "bin_boundaries": np.arange(5.0), "unit": "us", "label": "time_of_flight"}],
+        "data": np.array([1, 2, 3, 4], np.int64),
+    }))  # fmt: skip
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def send():  # PUB drops until the listener has joined: send again and again
+        while not stop.wait(0.05):
+            for msg in (b"not hs01", good[:40], good):
+                pub.send(msg)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        out = run_cli("listen", f"tcp://127.0.0.1:{port}", "--count", "2", "--seconds", "20", timeout=60)
+    finally:
+        stop.set()
+        sender.join()
+        pub.close(0)
+        ctx.term()
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "skipped a message of 8 bytes that is not a valid hs01 histogram" in out.stdout, out.stdout
+    assert "skipped a message of 40 bytes" in out.stdout, out.stdout
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("test/h/1/tof: update 7")]
+    assert len(lines) == 2 and "4 time_of_flight (us): 10 counts" in lines[0], out.stdout
+
+
 def test_view_image_rate_out_of_range_is_refused_before_any_window():
     for bad in ("0", "-1", "11", "nan"):
         line = _one_line_error(run_cli("view", "--image-rate", bad, "--seconds", "1"), "view")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import struct
 import threading
 import time
 
@@ -348,10 +349,32 @@ class _RateLimitedRdLog:
             self.limited.warning(message.split(" ", 1)[0], f"librdkafka: {message}")
 
 
+def read_hs01(buffer) -> dict:
+    """What `listen` prints from an hs01 message, read in place from any buffer (a ZeroMQ
+    frame: streaming_data_types' deserialise_hs01 takes only bytes, and copying an 8 MB image
+    into bytes was half of what a listener cost at a 10 Hz publish). `data` is a view."""
+    from streaming_data_types.fbschemas.histogram_hs01 import EventHistogram as EH
+    from streaming_data_types.histogram_hs01 import FILE_IDENTIFIER, _create_array_object_for_type
+
+    view = memoryview(buffer)
+    if len(view) < 8 or bytes(view[4:8]) != FILE_IDENTIFIER:
+        raise ValueError(f"not an hs01 message (identifier {bytes(view[4:8])!r})")
+    hist = EH.EventHistogram.GetRootAsEventHistogram(view, 0)
+    dims = []
+    for i in range(hist.DimMetadataLength()):
+        d = hist.DimMetadata(i)
+        dims.append({"length": d.Length(), "unit": (d.Unit() or b"").decode("utf-8", "replace"),
+                     "label": (d.Label() or b"").decode("utf-8", "replace")})  # fmt: skip
+    array = _create_array_object_for_type(hist.DataType())
+    table = hist.Data()
+    array.Init(table.Bytes, table.Pos)
+    return {"source": (hist.Source() or b"").decode("utf-8", "replace"), "dim_metadata": dims,
+            "data": array.ValueAsNumpy(), "info": (hist.Info() or b"").decode("utf-8", "replace")}  # fmt: skip
+
+
 def listen(endpoint: str, count: int = 0, seconds: float = 0.0, say=print) -> int:
     """`livehist listen`: print a line per hs01 message arriving on a PUB endpoint."""
     import zmq
-    from streaming_data_types.histogram_hs01 import deserialise_hs01
 
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -363,7 +386,12 @@ def listen(endpoint: str, count: int = 0, seconds: float = 0.0, say=print) -> in
         while (not count or n < count) and (not seconds or time.monotonic() - t0 < seconds):
             if not sub.poll(200):
                 continue
-            msg = deserialise_hs01(sub.recv())
+            frame = sub.recv(copy=False)
+            try:
+                msg = read_hs01(frame.buffer)
+            except (ValueError, IndexError, TypeError, struct.error) as exc:  # another sender's
+                say(f"skipped a message of {len(frame.buffer):,} bytes that is not a valid hs01 histogram: {exc}")
+                continue
             info = json.loads(msg.get("info") or "{}")
             dims = " x ".join(f"{d['length']} {d['label']}" + (f" ({d['unit']})" if d["unit"] else "")
                               for d in msg["dim_metadata"])  # fmt: skip
