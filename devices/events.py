@@ -10,11 +10,25 @@ threads, so each server process subscribes once to one of its own devices right 
 starts; pushes are skipped (`ready()` is False) until that subscription has returned.
 A client that subscribes meanwhile reads the current value when it subscribes, so nothing a
 client shows is lost.
+
+That subscription waits until the server has finished starting (`Util.is_svr_starting()` is
+False). `open_event_socket` is called from `initialize_dynamic_attributes`, while the server is
+still creating its devices; the first devices are already exported and answer, but the
+DServer class is not yet set up. A subscription in that window reached cppTango 10.3's
+`ZmqEventSupplier::create_event_socket`, which stores the new socket *before* it binds it and
+then calls `Util::get_dserver_device()`: that threw "The DServerClass is not yet initialised",
+and the server was left with an unbound socket and the event endpoint "tcp://*:". Every later
+subscription (ours, a test's, a panel's) was handed "tcp://*:", which ZeroMQ refuses in
+connect: "Failed to create connection to event ... ZMQ message: Invalid argument", for as long
+as the server ran; its events went nowhere. A HistogramSum, whose later devices take long to
+create, was the usual victim. Such a server cannot be repaired from inside: `_subscribe_once`
+says so in the log.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 
@@ -47,6 +61,13 @@ def _subscribe_once(device_name: str) -> None:
     deadline = time.monotonic() + _TRY_FOR
     last = None
     with tango.EnsureOmniThread():
+        util = tango.Util.instance()
+        while util.is_svr_starting():  # never before the server has started: see the module doc
+            if time.monotonic() >= deadline:
+                log.error("the server did not finish starting within %.0f s; pushing events anyway", _TRY_FOR)
+                _ready.set()
+                return
+            time.sleep(0.05)
         while time.monotonic() < deadline:
             try:
                 proxy = tango.DeviceProxy(device_name)
@@ -60,8 +81,32 @@ def _subscribe_once(device_name: str) -> None:
                 return
             except tango.DevFailed as exc:  # the server is not exported yet
                 last = exc.args[0].desc.strip()
+                broken = _half_made_endpoint(device_name) if "Invalid argument" in last else None
+                if broken is not None:
+                    log.error(
+                        "this server's event socket was left half made by cppTango (event endpoint %r): "
+                        "no client can subscribe to its events until the server is restarted",
+                        broken,
+                    )
+                    _ready.set()
+                    return
                 time.sleep(0.2)
     log.error(
         "could not subscribe to %s to open the event socket (%s); pushing events anyway", device_name, last
     )
     _ready.set()
+
+
+def _half_made_endpoint(device_name: str) -> str | None:
+    """The event endpoint this server hands out, if it has no host or no port ("tcp://*:")."""
+    try:
+        admin = tango.DeviceProxy(tango.DeviceProxy(device_name).adm_name())
+        info = admin.command_inout("ZmqEventSubscriptionChange", ["info"])[1]
+    except tango.DevFailed:
+        return None
+    for line in info:
+        if line.startswith("Event: "):
+            endpoint = line[len("Event: ") :].split("\n")[0]
+            if endpoint and re.fullmatch(r"tcp://[^*:]+:\d+", endpoint) is None:
+                return endpoint  # (empty: no event socket yet)
+    return None

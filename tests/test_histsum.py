@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -111,6 +112,22 @@ def expected(batches: list[EventBatch]) -> dict[str, np.ndarray]:
     inside = (r >= 10) & (r < 30) & (c >= 5) & (c < 20)
     return {"tof": np.histogram(tof, np.linspace(0, 72_000_000, 501))[0], "image": image,
             "beam": np.histogram(tof[inside], np.linspace(0, 72_000_000, 51))[0], "events": tof.size}  # fmt: skip
+
+
+def event_endpoint(admin: tango.DeviceProxy) -> str:
+    """The event endpoint a server hands out to subscribers ("" before its event socket exists)."""
+    info = admin.command_inout("ZmqEventSubscriptionChange", ["info"])[1]
+    return next(line for line in info if line.startswith("Event: "))[len("Event: ") :]
+
+
+def test_every_server_hands_out_a_complete_event_endpoint(site):
+    """A server whose own first subscription ran while it was still creating its devices was left
+    by cppTango with the event endpoint "tcp://*:" (devices/events.py): every subscription to it
+    then failed with "ZMQ message: Invalid argument" and a panel on it showed nothing."""
+    for server in control.server_devices(site.config):
+        admin = proxy(site, f"dserver/{server}")
+        wait_for(lambda a=admin: event_endpoint(a) != "", what=f"{server} to open its event socket")
+        assert re.fullmatch(r"tcp://[^*:]+:\d+", event_endpoint(admin)), (server, event_endpoint(admin))
 
 
 def test_the_sum_equals_the_members_and_numpy(site, pushers):
