@@ -100,9 +100,15 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seconds", type=float, default=0.0, help="close after this long (0: stay open)")
     p.add_argument("--trace", action="store_true", help="print the device states the panel sees")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=5.0,
+        metavar="HZ",
+        help="redraws per second at most, 0.1 to 10 (default 5): spectra, counters and image",
+    )
     p.add_argument("--image-rate", type=float, default=5.0, metavar="HZ",
-                   help="image refreshes per second at most, 0.1 to 10 (default 5; spectra and counters "
-                        "follow every publish)")  # fmt: skip
+                   help="image refreshes per second at most, 0.1 to 10 (default 5; never above --rate)")  # fmt: skip
     p = sub.add_parser("bench", help="benchmarks, each beside a reference measured in the same run")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--quick", action="store_true", help="short runs (for smoke tests)")
@@ -239,7 +245,13 @@ def main(argv: list[str] | None = None) -> int:
 
             _check_seconds(args.seconds)
             return view(
-                args.device, args.metadata, args.screenshot, args.seconds, args.trace, args.image_rate
+                args.device,
+                args.metadata,
+                args.screenshot,
+                args.seconds,
+                args.trace,
+                args.image_rate,
+                args.rate,
             )
         if args.command == "bench":
             from livehist.bench import bench

@@ -86,10 +86,12 @@ def test_listen_skips_what_is_not_hs01_and_goes_on():
     assert len(lines) == 2 and "4 time_of_flight (us): 10 counts" in lines[0], out.stdout
 
 
-def test_view_image_rate_out_of_range_is_refused_before_any_window():
-    for bad in ("0", "-1", "11", "nan"):
-        line = _one_line_error(run_cli("view", "--image-rate", bad, "--seconds", "1"), "view")
-        assert "--image-rate must be 0.1 to 10" in line and "the default is 5" in line, line
+def test_view_rates_out_of_range_are_refused_before_any_window():
+    for option in ("--image-rate", "--rate"):
+        for bad in ("0", "-1", "11", "nan", "inf"):
+            line = _one_line_error(run_cli("view", option, bad, "--seconds", "1"), "view")
+            assert f"{option} must be 0.1 to 10 refreshes per second, got {float(bad)!r}" in line, line
+            assert "the default is 5" in line, line
 
 
 def test_stream_bind_errors_and_a_failing_source_exit_non_zero(tmp_path):

@@ -390,7 +390,9 @@ def listen(endpoint: str, count: int = 0, seconds: float = 0.0, say=print) -> in
             try:
                 msg = read_hs01(frame.buffer)
             except (ValueError, IndexError, TypeError, struct.error) as exc:  # another sender's
-                say(f"skipped a message of {len(frame.buffer):,} bytes that is not a valid hs01 histogram: {exc}")
+                say(
+                    f"skipped a message of {len(frame.buffer):,} bytes that is not a valid hs01 histogram: {exc}"
+                )
                 continue
             info = json.loads(msg.get("info") or "{}")
             dims = " x ".join(f"{d['length']} {d['label']}" + (f" ({d['unit']})" if d["unit"] else "")
