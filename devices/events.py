@@ -34,6 +34,8 @@ import time
 
 import tango
 
+from livehist.engine.events import RateLimitedLog
+
 log = logging.getLogger(__name__)
 
 _ready = threading.Event()
@@ -110,3 +112,32 @@ def _half_made_endpoint(device_name: str) -> str | None:
             if endpoint and re.fullmatch(r"tcp://[^*:]+:\d+", endpoint) is None:
                 return endpoint  # (empty: no event socket yet)
     return None
+
+
+class PushFailures:
+    """Events one attribute could not push (a value Tango cannot carry): counted, logged at most every
+    few seconds per attribute, and named in Status, so that it costs that attribute's events only."""
+
+    RECENT = 10.0  # seconds a failure stays in Status after the last one
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._last: dict[str, tuple[int, str, float]] = {}  # name -> (times, error, monotonic time)
+        self._log = RateLimitedLog(log)
+
+    def record(self, name: str, exc: Exception) -> None:
+        why = f"{type(exc).__name__}: {exc}"[:200]
+        self.count += 1
+        self._last[name] = (self._last.get(name, (0,))[0] + 1, why, time.monotonic())
+        self._log.warning(name, f"change event of {name} not sent ({why}); the other attributes go on")
+
+    def note(self) -> str:
+        """'' or what Status adds: the attributes whose events failed lately, with why."""
+        now = time.monotonic()
+        recent = [(n, times, why) for n, (times, why, at) in self._last.items() if now - at < self.RECENT]
+        if not recent:
+            return ""
+        return "; " + "; ".join(
+            f"change events of {n} not sent ({why}), {times} times since Init; read {n} instead"
+            for n, times, why in recent
+        )

@@ -133,6 +133,7 @@ class EventHistogrammer(Device):
         self._readers: dict[str, object] = getattr(self, "_readers", {})
         self._large: set[str] = getattr(self, "_large", set())  # announced by data-ready events only
         self._preview_cache = None
+        self._push_failures = events.PushFailures()
         try:  # anything failing here leaves FAULT with a Status naming it, never a bare CORBA error
             super().init_device()
             for name in ("State", "Status", *COUNTERS, "UpdateCounter"):
@@ -194,12 +195,13 @@ class EventHistogrammer(Device):
     def _sync_state(self) -> None:
         if self.hg is not None:
             self.set_state(STATES[self.hg.state])
-            self.set_status(self._with_restream(self.hg.status))
+            self.set_status(self._status_text(self.hg.status))
 
-    def _with_restream(self, status: str) -> str:
-        """The status, plus what re-streaming fails with (a Kafka broker that does not take it)."""
+    def _status_text(self, status: str) -> str:
+        """The status, plus what re-streaming fails with (a Kafka broker that does not take it) and
+        which attributes' events could not be pushed lately."""
         problem = self.restream.problem if getattr(self, "restream", None) is not None else None
-        return f"{status}; {problem}" if problem else status
+        return (f"{status}; {problem}" if problem else status) + self._push_failures.note()
 
     def dev_state(self) -> DevState:
         self._sync_state()
@@ -451,14 +453,19 @@ class EventHistogrammer(Device):
         return publish
 
     def _push(self, name: str, value, archive: bool = False) -> None:
+        """Push one attribute's events (`value` may be a callable giving it); any failure costs
+        this attribute only: the rest of the publish goes on."""
         if not events.ready():  # see devices/events.py
             return
         try:
+            value = value() if callable(value) else value
             self.push_change_event(name, value)
             if archive and self._listened(name, tango.EventType.ARCHIVE_EVENT):
                 self.push_archive_event(name, value)
         except tango.DevFailed:  # removed by a concurrent Configure, or the monitor timed out
             pass
+        except Exception as exc:  # a value Tango cannot carry (text beyond Latin-1, say): counted, in Status
+            self._push_failures.record(name, exc)
 
     def _listened(self, name: str, kind=tango.EventType.CHANGE_EVENT) -> bool:
         """Has this attribute subscribers of this event type? (A new subscriber reads the
@@ -471,7 +478,7 @@ class EventHistogrammer(Device):
     def _publish(self, update: Update) -> None:
         snap = update.snapshot
         state = STATES[update.state]
-        status = self._with_restream(update.status)
+        status = self._status_text(update.status)
         if state != self.get_state() or status != self.get_status():
             self.set_state(state)
             self.set_status(status)
@@ -499,13 +506,15 @@ class EventHistogrammer(Device):
     def _announce(self, name: str, value, large: bool, counter: int) -> None:
         """A data-ready event always; the value itself only when small enough (see top)."""
         if not large and self._listened(name):  # a histogram nobody follows is not converted for nobody
-            self._push(name, value() if callable(value) else value)
+            self._push(name, value)
         if (name.endswith("_edges") and not large) or not events.ready():
             return
         try:
             self.push_data_ready_event(name, counter)
         except tango.DevFailed:
             pass
+        except Exception as exc:
+            self._push_failures.record(name, exc)
 
     # --- counters and presets ---------------------------------------------------------
     EventCount = _counter("EventCount")
@@ -519,6 +528,11 @@ class EventHistogrammer(Device):
     @attribute(dtype=tango.DevLong64, doc="+1 per publish (change events carry it too)")
     def UpdateCounter(self) -> int:
         return self.hg.update_counter if self.hg else 0
+
+    @attribute(dtype=tango.DevLong64, doc="events (change, archive, data-ready) that could not be pushed "
+               "since Init, for a value Tango cannot carry; Status names the attribute and why")  # fmt: skip
+    def PushFailedCount(self) -> int:
+        return self._push_failures.count
 
     @attribute(dtype=tango.DevLong64,
                doc="hs01/da00 messages sent (ZeroMQ) or acknowledged by the broker (Kafka)")  # fmt: skip

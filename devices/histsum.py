@@ -141,7 +141,7 @@ class HistogramSum(Device):
     _read_total = EH._read_total
     _push = EH._push
     _listened = EH._listened
-    _with_restream = EH._with_restream
+    _status_text = EH._status_text
     _check_conflicts = EH._check_conflicts
     _siblings = EH._siblings
     _class_index = EH._class_index
@@ -162,6 +162,7 @@ class HistogramSum(Device):
         self._large: set[str] = getattr(self, "_large", set())  # announced by data-ready events only
         self._preview_cache = None
         self._attrs_stale = False
+        self._push_failures = events.PushFailures()
         for name in ("State", "Status", *COUNTERS, "UpdateCounter", "MemberStates", "Provenance"):
             self.set_change_event(name, True, False)
         for name in (*COUNTERS, "UpdateCounter"):
@@ -199,7 +200,7 @@ class HistogramSum(Device):
     def _sync_state(self) -> None:
         if self.hg is not None:
             self.set_state(STATES[self.hg.state])
-            self.set_status(self.hg.status)
+            self.set_status(self._status_text(self.hg.status))
 
     def dev_state(self) -> DevState:
         self._sync_state()
@@ -237,6 +238,10 @@ class HistogramSum(Device):
     @attribute(dtype=tango.DevLong64, doc="+1 per update of the sum (change events carry it too)")
     def UpdateCounter(self) -> int:
         return self.hg.update_counter if self.hg else 0
+
+    @attribute(dtype=tango.DevLong64, doc="events that could not be pushed since Init (Status says which)")
+    def PushFailedCount(self) -> int:
+        return self._push_failures.count
 
     @attribute(
         dtype=bool,

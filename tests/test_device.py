@@ -392,3 +392,25 @@ def test_event_source_uri_beyond_latin1_reads(dev_a, tmp_path):
     assert dev_a.EventSourceURI == f"nexus://{tmp_path}/\\u6570\\u636e.nxs?rate=max"
     dev_a.Start()
     wait_for(lambda: dev_a.EventCount == 237078, what="the replay")
+
+
+def test_an_event_tango_cannot_carry_costs_only_its_attribute(dev_a, tmp_path):
+    """A Status beyond Latin-1 (a replayed file named so) cannot be pushed (UnicodeError): that ended
+    each publish, so the counters' change events stopped with it. Now they go on, and Status and
+    PushFailedCount say which attribute's events fail."""
+    odd = tmp_path / "数据.nxs"
+    odd.symlink_to(SANS2D)
+    reinit(dev_a, EventSource=f"nexus://{odd}?rate=realtime&loop=0")
+    assert dev_a.state() == tango.DevState.ON, dev_a.status()
+    seen = []
+    sub = dev_a.subscribe_event("EventCount", tango.EventType.CHANGE_EVENT,
+                                lambda ev: None if ev.err else seen.append(ev.attr_value.value))  # fmt: skip
+    try:
+        dev_a.Start()
+        wait_for(lambda: len({v for v in seen if v > 0}) >= 3, what="EventCount change events")
+        wait_for(lambda: dev_a.PushFailedCount > 0, what="the failed Status pushes counted")
+        status = dev_a.status()
+        assert "change events of Status not sent" in status and "UnicodeError" in status, status
+    finally:
+        dev_a.unsubscribe_event(sub)
+        dev_a.Stop()
