@@ -507,6 +507,31 @@ def test_decode_rejects_inconsistent_messages():
         decode(bytes(bad_index))
 
 
+def test_an_ev44_source_name_that_is_not_utf8_still_counts_its_events():
+    """A name of bytes that are not UTF-8 (Latin-1 'Détecteur', a stray 0xff) made the whole message
+    bad and lost its events; the name is now read leniently."""
+    from streaming_data_types import eventdata_ev44
+
+    payload = bytes(eventdata_ev44.serialise_ev44(b"D\xe9tecteur\xff", 7, np.array([5]), np.array([0], np.int32),
+                                                  np.arange(4, dtype=np.int32), np.arange(4, dtype=np.int32)))  # fmt: skip
+    assert b"D\xe9tecteur\xff" in payload  # the bytes as sent, no UTF-8 on the way
+    out = decode(payload)
+    assert len(out) == 4 and out.source_name == "D\ufffdtecteur\ufffd"
+    spec = {"name": "t", "kind": "tof", "tof": {"start": 0, "stop": 10, "bins": 10}}
+    engine = Engine(parse_histograms([spec]))
+    engine.start(None)
+    try:
+        assert engine.feed(payload, block=True, timeout=5)
+        deadline = time.monotonic() + 10
+        while engine.messages < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    snap = engine.snapshot()
+    assert (snap.messages, snap.bad_messages, snap.events) == (1, 0, 4)
+    assert snap.counts["t"].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+
+
 def test_decode_reads_a_zeromq_frame_in_place_and_handles_absent_vectors():
     good = batch(np.arange(6, dtype=np.int32), np.arange(6, dtype=np.int32) * 2, ((7, 0), (8, 3)))
     frame = memoryview(bytearray(encode_ev44(good, 0, source_name="det1")))

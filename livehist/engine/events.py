@@ -81,7 +81,7 @@ def decode(payload: bytes | memoryview) -> EventBatch:
             ptime, pidx = _vector(msg.ReferenceTimeAsNumpy()), _vector(msg.ReferenceTimeIndexAsNumpy())
             ptime = np.zeros(0, np.int64) if ptime is None else ptime
             pidx = np.zeros(0, np.int64) if pidx is None else pidx.astype(np.int64)
-            source = (msg.SourceName() or b"").decode("utf-8")
+            source = (msg.SourceName() or b"").decode("utf-8", errors="replace")  # a name never loses events
         elif schema == b"ev42":
             if not isinstance(payload, bytes):
                 payload = bytes(payload)  # streaming_data_types' ev42 reader needs bytes
