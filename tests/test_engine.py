@@ -263,6 +263,25 @@ def test_an_roi_spanning_more_than_2_31_pixels_counts_exactly(pixel):
     assert h.out_of_range == 2 - inside
 
 
+def test_an_roi_mask_is_bounded_by_the_roi_pixel_span_not_the_whole_detector():
+    """The mask check counted every pixel of the detector: a 10x10 ROI of a 50000x50000 detector
+    (2.5e9 pixels, over the default 2 GiB cap) was refused. The mask spans the ROI's own pixel ids,
+    from its first to its last; one spanning more than the cap is still refused before it is made."""
+    det, tof = {"first": 1, "shape": [50000, 50000]}, {"start": 0, "stop": 10, "bins": 5}
+    [spec] = parse_histograms([{"name": "r", "kind": "roi", "pixels": det,
+                                "roi": {"rows": [100, 110], "cols": [200, 210]}, "tof": tof}])  # fmt: skip
+    assert spec.nbytes < 2**20
+    h = make(spec)
+    corner, outside = 1 + 100 * 50000 + 200, 1 + 110 * 50000 + 200
+    h.add(batch([1, 1, 1], np.array([corner, corner + 9 * 50000 + 9, outside], np.int64)))
+    assert h.data().tolist() == [2, 0, 0, 0, 0] and h.out_of_range == 1
+    tall = {"name": "r", "kind": "roi", "pixels": det, "roi": {"rows": [0, 50000], "cols": [0, 2]},
+            "tof": tof}  # fmt: skip
+    with pytest.raises(SpecError, match=r"Histograms\[0\] \(its pixel mask, pixel ids 1\.\.2499950002\) "
+                                        r"needs 2384 MiB, over the limit of 2048 MiB"):  # fmt: skip
+        parse_histograms([tall])
+
+
 def test_staging_carries_exactly_past_the_staging_range():
     """A cell counted far past its staging dtype's range stays exact (uint8: carried every 256)."""
     from livehist.engine import histograms

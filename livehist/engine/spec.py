@@ -86,6 +86,12 @@ class HistogramSpec:
         return int(np.prod(self.shape)) if self.shape else 0
 
     @property
+    def roi_span(self) -> int:
+        """Pixel ids from the ROI's first to its last: what its pixel mask covers (a byte each while built)."""
+        ids = self.roi_pixels
+        return int(ids.max() - ids.min() + 1) if ids is not None and ids.size else 0
+
+    @property
     def data_shape(self) -> tuple[int, ...]:
         """Shape of the counts as clients see them."""
         if self.kind == "image":
@@ -100,7 +106,7 @@ class HistogramSpec:
         slices = WINDOW_SLICES + 1 if self.window else 1
         extra = 0
         if self.kind == "roi":
-            extra = self.pixel_count + (self.roi_pixels.size * 8 if self.roi_pixels is not None else 0)
+            extra = self.roi_span + (self.roi_pixels.size * 8 if self.roi_pixels is not None else 0)
         return math.prod(self.data_shape) * 8 * slices + extra
 
 
@@ -275,8 +281,10 @@ def parse_one(obj: Any, path: str, max_bytes: int | None = None) -> HistogramSpe
         if kind == "roi":
             roi = _object(obj, "roi", path)
             unknown_key(roi, ROI_KEYS, f"{path}.roi")
-            _check_cap(f"{path} (its pixel mask)", math.prod(shape), max_bytes)  # before it is made
             roi_pixels = _parse_roi(roi, f"{path}.roi", first, shape, max_bytes)
+            # the mask spans the ROI's own pixel ids, not the detector; checked before it is made
+            lo, hi = int(roi_pixels.min()), int(roi_pixels.max())
+            _check_cap(f"{path} (its pixel mask, pixel ids {lo}..{hi})", hi - lo + 1, max_bytes)
     window = None
     if obj.get("window") is not None:
         window = _number(obj, "window", path)
