@@ -463,3 +463,45 @@ def test_a_replay_goes_on_in_a_copy_of_its_file_or_the_file_grown_by_more_pulses
     h.stop()
     assert (h.last.events, h.last.pulses) == (400, 40)
     assert np.array_equal(h.last.counts["tof"], np.histogram(tof, np.linspace(0, 71_400_000, 101))[0])
+
+
+@pytest.mark.parametrize("scheme", ["zmq", "zmq+sub"])
+def test_a_zmq_message_over_max_message_bytes_is_refused_counted_and_the_stream_goes_on(make, scheme):
+    """One ZeroMQ message had no size limit: a huge one took all the memory it asked for. Now one over
+    max_message_bytes is refused by ZeroMQ itself (ZMQ_MAXMSGSIZE), counted as dropped and named in
+    Status, and the source reconnects (libzmq drops that connection for good), so what follows counts."""
+    ctx = zmq.Context.instance()
+    sender = ctx.socket(zmq.PUSH if scheme == "zmq" else zmq.PUB)
+    sender.setsockopt(zmq.SNDTIMEO, 5000)
+    port = sender.bind_to_random_port("tcp://127.0.0.1")
+    bad = make(f"{scheme}://127.0.0.1:{port}?max_message_bytes=1e9x", hists=[TOF])
+    assert bad.state == "FAULT" and "max_message_bytes must be an integer, got '1e9x'" in bad.status
+    h = make(f"{scheme}://127.0.0.1:{port}?max_message_bytes=100000", hists=[TOF], publish_period=0.1)
+    h.start()
+
+    def ev44(n: int, message_id: int) -> bytes:
+        tof = np.full(n, 1000, np.int32)
+        return encode_ev44(EventBatch(tof, np.ones(n, np.int32), np.zeros(1, np.int64), np.zeros(1, np.int64)),
+                           message_id, "det")  # fmt: skip
+
+    e = h.engine
+    if scheme == "zmq+sub":  # a PUB sends nothing before the subscription arrives
+        wait_for(
+            lambda: sender.send(ev44(10, 0)) or time.sleep(0.1) or e.messages >= 1, what="the subscription"
+        )
+        time.sleep(0.5)
+    base = e.messages
+    for i in range(1, 4):
+        sender.send(ev44(10, i))
+    sender.send(ev44(100_000, 4))  # about 800 kB: over the limit
+    wait_for(lambda: e.dropped_messages == 1 and e.messages == base + 3, what="the refused message counted")
+    wait_for(lambda: "1 messages over max_message_bytes=100000 refused" in h.status, what="Status naming it")
+    assert h.state == "ALARM", h.status
+    deadline = time.monotonic() + 20
+    while e.messages < base + 6 and time.monotonic() < deadline:  # reconnected: later messages count
+        sender.send(ev44(10, 5 + e.messages - base - 3))
+        time.sleep(0.2)
+    assert e.messages >= base + 6, h.status
+    assert e.dropped_messages == 1 and e.bad_messages == 0  # a SUB's message-id gap is not counted twice
+    assert e.events == 10 * e.messages
+    sender.close(linger=0)

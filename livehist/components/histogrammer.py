@@ -489,7 +489,7 @@ class Histogrammer:
             self._state = ALARM
             self._status = (
                 f"dropping messages: {e.dropped_messages:,} dropped so far (the source sends faster "
-                f"than histogramming keeps up); {e.events:,} events counted"
+                f"than histogramming keeps up); {e.events:,} events counted" + self._refused_note()
             )
         else:
             source = e.source
@@ -506,6 +506,7 @@ class Histogrammer:
                     else ""
                 )
                 + self._foreign_note()
+                + self._refused_note()
                 + self._partitions_note()
             )
 
@@ -521,6 +522,15 @@ class Histogrammer:
             return ""
         return (f"; no Kafka partition assigned to this member for {idle:.0f} s (more members than the "
                 "topic has partitions, or the group still rebalancing; see KafkaOffsets)")  # fmt: skip
+
+    def _refused_note(self) -> str:
+        """Messages a ZeroMQ source refused for their size: in DroppedMessageCount; this says why."""
+        source = self.engine.source
+        refused = getattr(source, "refused_messages", 0)
+        if not refused:
+            return ""
+        return (f"; {refused:,} messages over max_message_bytes={source.max_message_bytes} refused since "
+                "Init (counted as dropped; raise max_message_bytes in the EventSource if they are real)")  # fmt: skip
 
     def _foreign_note(self) -> str:
         """Messages skipped for another `source=` name: a typo there counted nothing, without a word."""

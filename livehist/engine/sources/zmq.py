@@ -4,6 +4,12 @@ Each message is one ev44 (or ev42) flatbuffer. The receive thread only moves byt
 engine's bounded queue; decoding happens on the engine thread. A PUB drops messages for a slow
 subscriber without a word (PUSH waits instead): a SUB source counts the gaps in each sender's
 message ids as dropped messages.
+
+`?max_message_bytes=N` (default 256 MiB) bounds one message: ZeroMQ refuses a larger one while it
+arrives (ZMQ_MAXMSGSIZE), before it takes that memory, and drops that connection for good. The
+source notices (a disconnect that libzmq does not retry), counts the message as dropped, and
+connects again. Messages the sender had already queued behind it on that connection are lost with
+it: a SUB source counts them by message id, a PULL source cannot see them.
 """
 
 from __future__ import annotations
@@ -15,15 +21,20 @@ import time
 import zmq
 from streaming_data_types.fbschemas.eventdata_ev42 import EventMessage
 from streaming_data_types.fbschemas.eventdata_ev44 import Event44Message
+from zmq.utils.monitor import recv_monitor_message
 
 from livehist.engine.events import RateLimitedLog
-from livehist.engine.sources import Source, SourceError, check_known, host_port, query
+from livehist.engine.sources import Source, SourceError, check_known, host_port, number, query
 
 log = logging.getLogger("livehist.engine.sources.zmq")
 MAX_SENDERS = 1024  # source names whose last message id is kept (garbage must not grow it)
 # messages a second no ZeroMQ sender reaches (about 1e6-1e7 small ones on loopback): a larger gap in a
 # sender's message ids is a renumbered sender (2**63 once made DroppedMessageCount unreadable), not a drop
 MAX_MESSAGE_RATE = 1e7
+# the default MaxQueueBytes: a larger message would never be queued beside another
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
+# a disconnect that libzmq retries is followed at once by CONNECT_RETRIED; none within this: a refusal
+RETRY_WAIT_MS = 200
 
 
 class ZmqSource(Source):
@@ -32,7 +43,12 @@ class ZmqSource(Source):
     def __init__(self, uri: str) -> None:
         super().__init__(uri)
         parts, params = query(uri)
-        check_known(params, set(), uri)
+        check_known(params, {"max_message_bytes"}, uri)
+        self.max_message_bytes = int(
+            number(params, "max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES, uri, minimum=1, integer=True)
+        )
+        self.refused_messages = 0  # over max_message_bytes, counted as dropped too
+        self._credit = 0  # refused messages that a SUB's next message-id gap would count again
         if not parts.netloc:
             raise SourceError(f"EventSource {uri!r}: give HOST:PORT, e.g. zmq://127.0.0.1:5555")
         host, port = host_port(parts.netloc, uri, "zmq://127.0.0.1:5555")
@@ -55,20 +71,62 @@ class ZmqSource(Source):
         sock = ctx.socket(self.kind)
         sock.setsockopt(zmq.RCVHWM, 8)  # keep memory bounded: back-pressure stays in the sender
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)  # refused while it arrives, never held
         if self.kind == zmq.SUB:
             sock.setsockopt(zmq.SUBSCRIBE, b"")
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
         sock.connect(self.endpoint)
         last: dict[bytes, tuple[int, float]] | None = {} if self.kind == zmq.SUB else None
+        self._credit = 0
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         try:
             while not self.stopping:
-                if sock.poll(100):
-                    # zero-copy: the frame's memory is decoded in place (no 8 MB memcpy under the GIL)
-                    payload = sock.recv(copy=False).buffer
-                    if last is not None:
-                        self._note_gap(payload, last)
-                    self.emit(payload)
+                ready = dict(poller.poll(100))
+                if sock in ready:
+                    self._receive(sock, last)
+                if monitor in ready and self._refused(monitor):
+                    while sock.poll(0):  # what arrived before it is kept
+                        self._receive(sock, last)
+                    sock.disconnect(self.endpoint)  # libzmq never reconnects after a refused message
+                    sock.connect(self.endpoint)
         finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
             sock.close(linger=0)
+
+    def _receive(self, sock: zmq.Socket, last: dict | None) -> None:
+        # zero-copy: the frame's memory is decoded in place (no 8 MB memcpy under the GIL)
+        payload = sock.recv(copy=False).buffer
+        if last is not None:
+            self._note_gap(payload, last)
+        self.emit(payload)
+
+    def _refused(self, monitor: zmq.Socket) -> bool:
+        """Did ZeroMQ drop the connection for a message over max_message_bytes? (A sender that went
+        away is a disconnect too, but libzmq retries it at once: CONNECT_RETRIED follows.)"""
+        disconnected = False
+        while monitor.poll(RETRY_WAIT_MS if disconnected else 0):
+            event = recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_CONNECT_RETRIED:
+                disconnected = False
+            elif event == zmq.EVENT_DISCONNECTED:
+                disconnected = True
+        if not disconnected:
+            return False
+        self.refused_messages += 1
+        if self.kind == zmq.SUB:
+            self._credit += 1  # the sender's next message id shows the gap: not counted twice
+        if self.count_lost is not None:
+            self.count_lost(1)
+        self._jumps.warning(
+            "max_message_bytes",
+            f"{self.endpoint}: a message over max_message_bytes={self.max_message_bytes} was refused "
+            "(counted as dropped); reconnecting. Raise max_message_bytes in the EventSource if such "
+            "messages are real",
+        )
+        return True
 
     def _note_gap(self, payload, last: dict[bytes, tuple[int, float]]) -> None:
         """Count the messages a PUB dropped: ids a sender skipped since its previous message.
@@ -88,8 +146,11 @@ class ZmqSource(Source):
                     f"sender {name!r}: message_id jumped from {before[0]} to {mid}, more messages than it "
                     "can have sent since; taken as a renumbered sender, not as dropped messages",
                 )
-            elif self.count_lost is not None:
-                self.count_lost(gap)
+            else:
+                credit = min(gap, self._credit)  # refused messages, counted when refused
+                self._credit -= credit
+                if self.count_lost is not None:
+                    self.count_lost(gap - credit)
         if name not in last and len(last) >= MAX_SENDERS:
             last.clear()
         last[name] = (mid, now)
