@@ -522,6 +522,8 @@ def test_a_port_bound_by_another_program_but_not_listening_is_named(sites):
     assert out.returncode == 1 and f"port {port} on 127.0.0.1 is in use by another program" in line, line
     assert f"--tango-host 127.0.0.1:{port + 1}" in line, line
     assert "Traceback" not in out.stderr and managed_processes(state) == []
+    # the loser of a port race kept the database file it had made for a database that never ran
+    assert not (state / "tango_database.sqlite").exists(), sorted(p.name for p in state.iterdir())
 
 
 def test_demo_with_a_config_without_its_devices_is_refused_before_anything_starts(tmp_path):

@@ -210,11 +210,19 @@ def ensure_database(site: Site, say: Say) -> None:
             "so no embedded one can be started there; start the site's DatabaseDS or use "
             "--tango-host 127.0.0.1:PORT for the embedded database"
         )
+    db_file = embedded.db_file(site.state_dir)
+    existed = db_file.exists()
     note = embedded.prepare_db_file(site.state_dir)
     if note:
         say(note)
-    say(f"starting the embedded Tango database on {host}:{port} ({embedded.db_file(site.state_dir)})")
-    embedded.start_embedded(host, port, site.state_dir)
+    say(f"starting the embedded Tango database on {host}:{port} ({db_file})")
+    try:
+        embedded.start_embedded(host, port, site.state_dir)
+    except LivehistError:
+        if not existed or note:  # made (or remade from nothing) for a database that never ran
+            with contextlib.suppress(OSError):
+                db_file.unlink()
+        raise
     site.embedded_db = True
 
 
