@@ -215,11 +215,35 @@ def prepare_db_file(state_dir: Path) -> str | None:
     return note
 
 
+def listen_address(host: str) -> str:
+    """The address the embedded database listens on for a Tango host of this machine."""
+    return "127.0.0.1" if host in ("127.0.0.1", "localhost") else "0.0.0.0"
+
+
+def privilege_refused(host: str, port: int) -> str | None:
+    """Why this process may not listen on a port below 1024 (a user without CAP_NET_BIND_SERVICE),
+    which a failing start would report as 'in use'; None when it may, or for a port >= 1024."""
+    if port >= 1024:
+        return None
+    with contextlib.closing(socket.socket()) as s:
+        try:
+            s.bind((listen_address(host), port))
+        except PermissionError:
+            return (
+                f"port {port} on {host} is below 1024: listening there needs privileges (root, or "
+                "CAP_NET_BIND_SERVICE) that this user lacks; choose a port >= 1024, e.g. "
+                f"--tango-host {host}:10000 (Tango's usual port)"
+            )
+        except OSError:
+            return None
+    return None
+
+
 def start_embedded(host: str, port: int, state_dir: Path, timeout: float = 30.0) -> Managed:
     """Start pytango's sqlite database server on port; return once it answers."""
     proc = embedded(state_dir)
     env = dict(os.environ, TANGO_HOST=f"{host}:{port}", PYTANGO_DATABASE_NAME=str(db_file(state_dir)))
-    bind = "127.0.0.1" if host in ("127.0.0.1", "localhost") else "0.0.0.0"
+    bind = listen_address(host)
     argv = [sys.executable, "-m", "tango.databaseds.database", "2", "--host", bind, "--port", str(port)]
     proc.start(argv, env=env)
     deadline = time.monotonic() + timeout

@@ -526,6 +526,35 @@ def test_a_port_bound_by_another_program_but_not_listening_is_named(sites):
     assert not (state / "tango_database.sqlite").exists(), sorted(p.name for p in state.iterdir())
 
 
+def _without_port_privilege() -> list[str]:
+    """The command prefix of a process that may not listen below 1024: this user if not root, else root
+    without CAP_NET_BIND_SERVICE (setpriv), the real condition of an unprivileged user."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", "--inh-caps=-net_bind_service", "--bounding-set=-net_bind_service"]
+
+
+def test_a_privileged_port_is_named_as_such_not_as_in_use(sites, tmp_path):
+    """A port below 1024, for a user who may not listen there, was reported as 'in use by another
+    program'; now `up` says it needs privileges and names a port >= 1024, before it makes anything."""
+    import socket
+
+    with socket.socket() as probe:
+        port = next(p for p in range(999, 900, -1) if probe.connect_ex(("127.0.0.1", p)) != 0)
+    state, _host, cfg = sites.new(MM)
+    fresh = tmp_path / "new-state"
+    out = subprocess.run(
+        [*_without_port_privilege(), sys.executable, "-m", "livehist.cli", "up", "--tango-host",
+         f"127.0.0.1:{port}", "--config", str(cfg), "--state-dir", str(fresh)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    [line] = [ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:")]
+    assert f"port {port} on 127.0.0.1 is below 1024" in line and "needs privileges" in line, line
+    assert "in use" not in line and "--tango-host 127.0.0.1:10000" in line, line
+    assert not fresh.exists() and managed_processes(fresh) == []  # nothing made, nothing started
+
+
 def test_demo_with_a_config_without_its_devices_is_refused_before_anything_starts(tmp_path):
     """`livehist demo --config site.json` (a site's own devices) started every server of it, then
     ended in a DevFailed traceback: the Door door/livehist/1 did not exist."""

@@ -210,6 +210,9 @@ def ensure_database(site: Site, say: Say) -> None:
             "so no embedded one can be started there; start the site's DatabaseDS or use "
             "--tango-host 127.0.0.1:PORT for the embedded database"
         )
+    refused = embedded.privilege_refused(host, port)  # before anything is made for it
+    if refused:
+        raise LivehistError(refused)
     db_file = embedded.db_file(site.state_dir)
     existed = db_file.exists()
     note = embedded.prepare_db_file(site.state_dir)
