@@ -838,3 +838,42 @@ def test_a_short_timeout_is_quoted_as_given(sites, tmp_path):
     out = _up(state, host, cfg, "--timeout", "0.5", env=env)
     line = next(ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:"))
     assert out.returncode == 1 and "did not answer within 0.5 s" in line, line
+
+
+def _as_another_users_dir(path: Path) -> list[str]:
+    """Make `path` (and what is in it) another user's, and return the command prefix of a process
+    that the file permissions bind: this user if not root (the folder stays its own), else root
+    without the capabilities that bypass them (setpriv) and the folder given to `nobody` (65534)."""
+    if os.geteuid() != 0:
+        return []
+    for folder, dirs, files in os.walk(path):
+        for name in [folder, *(os.path.join(folder, n) for n in dirs + files)]:
+            os.chown(name, 65534, 65534)
+    caps = "-dac_override,-dac_read_search,-fowner"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+
+def test_down_on_a_state_dir_it_cannot_read_names_the_folder_and_its_owner(tmp_path):
+    """`down` on another user's state dir ended in a PermissionError traceback (the folder private),
+    or said 'nothing to stop' (only run/ private) while that user's site ran on."""
+    import pwd
+
+    for private in ("state", "run"):
+        state = tmp_path / f"theirs-{private}"
+        (state / "run").mkdir(parents=True)
+        (state / "lock").write_text("")
+        (state / "run" / "tango-db.json").write_text("{}")
+        prefix = _as_another_users_dir(state)
+        (state if private == "state" else state / "run").chmod(0o700)
+        if not prefix:  # not root: a folder of one's own made unreadable
+            (state if private == "state" else state / "run").chmod(0o000)
+        out = subprocess.run([*prefix, sys.executable, "-m", "livehist.cli", "down", "--state-dir", str(state)],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        (state if private == "state" else state / "run").chmod(0o755)
+        owner = pwd.getpwuid(state.stat().st_uid).pw_name
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        [line] = out.stderr.splitlines()
+        where = state if private == "state" else state / "run"
+        assert line.startswith(f"livehist down: error: {where} belongs to user {owner}"), line
+        assert f"run `livehist down --state-dir {state}` as {owner}" in line, line
+        assert (state / "run" / "tango-db.json").exists()  # nothing changed

@@ -721,6 +721,7 @@ def _orphans_message(state_dir: Path, left: list[Orphan]) -> str:
 def down(state_dir: Path | None = None, say: Say = print) -> list[str]:
     """Stop what `up` started: servers first, then the embedded database."""
     state_dir = _state_dir(state_dir)
+    _check_readable(state_dir, "down")
     # a folder `up` never used (`--state-dir ~` by mistake) is left as it was: no lock file made in it
     if not state_dir.is_dir() or not ((state_dir / "run").is_dir() or (state_dir / "lock").exists()):
         left = orphans(state_dir)  # the folder deleted under a running site: no lock to take, nothing to race
@@ -730,6 +731,31 @@ def down(state_dir: Path | None = None, say: Say = print) -> list[str]:
         return []
     with site_lock(state_dir, say, read_only_ok=True):
         return _down(state_dir, say)
+
+
+def _check_readable(state_dir: Path, command: str) -> None:
+    """Refuse, naming the folder and its owner, a state dir (or its run/) this user cannot read: another
+    user's site. It ended in a PermissionError traceback, or in 'nothing to stop' while that site ran."""
+    import pwd
+
+    for folder in (state_dir, state_dir / "run"):
+        try:
+            if folder.is_dir():
+                os.listdir(folder)
+        except PermissionError as exc:
+
+            def user(uid: int) -> str:
+                try:
+                    return pwd.getpwuid(uid).pw_name
+                except KeyError:
+                    return f"uid {uid}"
+
+            owner, me = user(folder.stat().st_uid), user(os.geteuid())
+            raise LivehistError(
+                f"{folder} belongs to user {owner} and this user ({me}) cannot read it ({exc.strerror}); run "
+                f"`livehist {command} --state-dir {state_dir}` as {owner} (e.g. sudo -u {owner}), or give a "
+                "state dir of your own with --state-dir"
+            ) from None
 
 
 def _down(state_dir: Path, say: Say) -> list[str]:
