@@ -541,3 +541,38 @@ def test_up_without_config_keeps_the_state_dirs_own_configuration(sites):
         assert {p.name for p in managed_processes(site.state_dir)} == before
     finally:
         moved.rename(site.config_path)
+
+
+def test_a_state_dir_on_a_file_system_without_locks_is_named_not_a_traceback(tmp_path, monkeypatch):
+    """flock fails with ENOLCK on a file system without locks (an NFS mount whose lock daemon is not
+    running): `up` ended in an OSError traceback. No such file system can be mounted here, so the
+    kernel's answer is given to livehist's one flock call; `up` refuses naming the problem and the
+    fix, `down` goes on without the lock (refusing would leave the site with no way to stop it)."""
+    import errno
+    import fcntl
+
+    import pytest
+
+    from livehist.errors import LivehistError
+    from livehist.site import control
+
+    def flock(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    from livehist.site.process import free_port
+
+    state = tmp_path / "nfs-state"
+    with pytest.raises(LivehistError) as exc:
+        control.up(f"127.0.0.1:{free_port()}", None, state, say=print)
+    assert not state.exists()  # the folder it had made is gone again
+    assert str(exc.value) == (
+        f"state dir {state} is on a file system without file locks (flock: No locks available; an NFS "
+        "mount without its lock daemon, say); give a state dir on a local disk with --state-dir "
+        "(or LIVEHIST_STATE_DIR)"
+    )
+    (state / "run").mkdir(parents=True)  # a site made before the lock daemon stopped
+    said = []
+    assert control.down(state, say=said.append) == []
+    assert said == [f"cannot lock {state / 'lock'} (No locks available): going on without it",
+                    f"nothing to stop in {state}"]  # fmt: skip

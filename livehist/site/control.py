@@ -229,6 +229,10 @@ def ensure_database(site: Site, say: Say) -> None:
     site.embedded_db = True
 
 
+class NoLocks(LivehistError):
+    """The state dir's file system has no file locks."""
+
+
 @contextlib.contextmanager
 def site_lock(state_dir: Path, say: Say, read_only_ok: bool = False):
     """One `up` or `down` at a time per state dir (two at once started two databases on one
@@ -249,20 +253,21 @@ def site_lock(state_dir: Path, say: Say, read_only_ok: bool = False):
                 say(f"cannot lock {state_dir / 'lock'} ({exc.strerror}): going on without it")
                 yield
                 return
-            with _locked(fd, state_dir, say):
+            with _locked(fd, state_dir, say, lockless_ok=True):
                 yield
             return
         what = "is a file, not a folder" if state_dir.exists() and not state_dir.is_dir() else exc.strerror
         raise LivehistError(
             f"state dir {state_dir}: {what}; give a writable folder with --state-dir (or LIVEHIST_STATE_DIR)"
         ) from None
-    with _locked(fd, state_dir, say):
+    with _locked(fd, state_dir, say, lockless_ok=read_only_ok):
         yield
 
 
 @contextlib.contextmanager
-def _locked(fd: int, state_dir: Path, say: Say):
-    """Hold an exclusive flock on fd (then closed), waiting for another holder unless it is stopped."""
+def _locked(fd: int, state_dir: Path, say: Say, lockless_ok: bool = False):
+    """Hold an exclusive flock on fd (then closed), waiting for another holder unless it is stopped.
+    `lockless_ok` (for `down`): on a file system without locks, go on without one, saying so."""
     import fcntl
 
     try:
@@ -287,6 +292,16 @@ def _locked(fd: int, state_dir: Path, say: Say):
                         f"`kill -CONT {holder}` lets it finish"
                     ) from None
                 time.sleep(0.2)
+        except OSError as exc:  # ENOLCK (an NFS mount without its lock daemon), EOPNOTSUPP: no locks there
+            if not lockless_ok:
+                raise NoLocks(
+                    f"state dir {state_dir} is on a file system without file locks (flock: {exc.strerror}; "
+                    "an NFS mount without its lock daemon, say); give a state dir on a local disk with "
+                    "--state-dir (or LIVEHIST_STATE_DIR)"
+                ) from None
+            say(f"cannot lock {state_dir / 'lock'} ({exc.strerror}): going on without it")
+            yield
+            return
         with contextlib.suppress(OSError):  # who holds it, for the next one that waits
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -442,27 +457,32 @@ def up(
     text = dsconfig.read(config_path)  # once: a pipe (`--config /dev/stdin`) gives its text only once
     loaded = dsconfig.load(config_path, state_dir, text)
     made = _first_missing(state_dir)  # the folder this `up` makes: removed again if it fails at once
-    with site_lock(state_dir, say):
-        began = time.time()
-        with _ctrl_c_noted():
-            try:
-                site = _up(tango_host, config_path, loaded, text, state_dir, timeout, say)
-                _check_ctrl_c()  # a Ctrl-C whose KeyboardInterrupt something on the way swallowed
-                return site
-            except KeyboardInterrupt:
-                _undo_up(state_dir, began, say)
-                raise
-            except LivehistError as exc:
-                left = [p.name for p in managed_processes(state_dir)
-                        if (p.record() or {}).get("started", 0) >= began and p.pid() is not None]  # fmt: skip
-                if not left:
-                    if made is not None:
-                        _remove_untouched(state_dir, made)
+    try:
+        with site_lock(state_dir, say):
+            began = time.time()
+            with _ctrl_c_noted():
+                try:
+                    site = _up(tango_host, config_path, loaded, text, state_dir, timeout, say)
+                    _check_ctrl_c()  # a Ctrl-C whose KeyboardInterrupt something on the way swallowed
+                    return site
+                except KeyboardInterrupt:
+                    _undo_up(state_dir, began, say)
                     raise
-                raise LivehistError(
-                    f"{exc}\nthis `livehist up` left running: {', '.join(left)}; `livehist down --state-dir "
-                    f"{state_dir}` stops them, or fix the cause and `livehist up` again"
-                ) from None
+                except LivehistError as exc:
+                    left = [p.name for p in managed_processes(state_dir)
+                            if (p.record() or {}).get("started", 0) >= began and p.pid() is not None]  # fmt: skip
+                    if not left:
+                        if made is not None:
+                            _remove_untouched(state_dir, made)
+                        raise
+                    raise LivehistError(
+                        f"{exc}\nthis `livehist up` left running: {', '.join(left)}; `livehist down --state-dir "
+                        f"{state_dir}` stops them, or fix the cause and `livehist up` again"
+                    ) from None
+    except NoLocks:  # refused before anything: the folder it made goes again
+        if made is not None:
+            _remove_untouched(state_dir, made)
+        raise
 
 
 def _first_missing(path: Path) -> Path | None:
