@@ -576,3 +576,19 @@ def test_a_state_dir_on_a_file_system_without_locks_is_named_not_a_traceback(tmp
     assert control.down(state, say=said.append) == []
     assert said == [f"cannot lock {state / 'lock'} (No locks available): going on without it",
                     f"nothing to stop in {state}"]  # fmt: skip
+
+
+def test_a_lock_or_state_json_that_is_a_folder_is_named_before_anything_starts(tmp_path):
+    """A folder named `lock` gave 'state dir X: Is a directory' (the state dir is one, and fine); one
+    named `state.json` let `up` start the database, then fail with 'free some space there', leaving
+    the database running. Both are now named before anything starts."""
+    from livehist.site.process import free_port
+
+    for name in ("lock", "state.json"):
+        state = tmp_path / f"with-{name}"
+        (state / name).mkdir(parents=True)
+        out = run_cli("up", "--tango-host", f"127.0.0.1:{free_port()}", "--state-dir", str(state))
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        [line] = [ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:")]
+        assert f"{state / name} is a folder, not a file" in line and "give another --state-dir" in line, line
+        assert managed_processes(state) == [] and sorted(p.name for p in state.iterdir()) == [name]

@@ -456,6 +456,7 @@ def up(
     config_path = Path(config).absolute() if config else DEFAULT_CONFIG
     text = dsconfig.read(config_path)  # once: a pipe (`--config /dev/stdin`) gives its text only once
     loaded = dsconfig.load(config_path, state_dir, text)
+    _check_own_files(state_dir)
     made = _first_missing(state_dir)  # the folder this `up` makes: removed again if it fails at once
     try:
         with site_lock(state_dir, say):
@@ -483,6 +484,28 @@ def up(
         if made is not None:
             _remove_untouched(state_dir, made)
         raise
+
+
+OWN_FILES = {
+    "lock": "its lock (one `up` or `down` at a time)",
+    "state.json": "the site's record (host, config)",
+}
+
+
+def _check_own_files(state_dir: Path) -> None:
+    """A folder where `up` keeps a file of its own is named before anything starts: `lock` gave
+    'state dir: Is a directory', `state.json` failed once the database ran ('free some space')."""
+    for name, what in OWN_FILES.items():
+        path = state_dir / name
+        try:
+            folder = path.is_dir()
+        except OSError:  # an unreadable state dir: site_lock names it
+            continue
+        if folder:
+            raise LivehistError(
+                f"{path} is a folder, not a file: livehist keeps {what} there; remove that folder "
+                "(if nothing in it is yours) or give another --state-dir"
+            )
 
 
 def _first_missing(path: Path) -> Path | None:
