@@ -187,9 +187,9 @@ def device_figures(engine_rate: float, seconds: float, row, rows: list[dict]) ->
             # 1b. at a 10 Hz publish: nothing else, then a Taurus panel + hs01 re-stream + a listener,
             # then the same with the panel and listener at nice 19, alternated (5 rounds of 10 s in
             # the full bench: pairs on these shared 2 cores spread 0.66..1.10, so 3 decided little).
-            # The panel's own drawing (Qt painting in software on Xvfb, measured 0.11-0.12 of a core
-            # at 7 redraws/s) takes the device's CPU when both share 2 cores; at nice 19 it stands
-            # for a panel on a control-room machine.
+            # The panel (its default --rate 5; Qt painting in software on Xvfb, 0.057 of a core in
+            # all on 2026-12-05), the listener (0.035) and the device's work for them take the
+            # device's CPU when all share 2 cores; at nice 19 they stand for a control-room machine.
             runs: dict[str, list] = {"plain": [], "panel": [], "niced": []}
             for _ in range(5 if seconds > 5 else 1):
                 for case in ("plain", "panel", "niced"):
