@@ -199,9 +199,10 @@ class EventHistogrammer(Device):
 
     def _status_text(self, status: str) -> str:
         """The status, plus what re-streaming fails with (a Kafka broker that does not take it) and
-        which attributes' events could not be pushed lately."""
+        which attributes' events could not be pushed lately; in Latin-1, as Tango carries it
+        (a replayed file named in another script is shown with \\u escapes)."""
         problem = self.restream.problem if getattr(self, "restream", None) is not None else None
-        return (f"{status}; {problem}" if problem else status) + self._push_failures.note()
+        return tango_text((f"{status}; {problem}" if problem else status) + self._push_failures.note())
 
     def dev_state(self) -> DevState:
         self._sync_state()

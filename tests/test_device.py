@@ -394,23 +394,47 @@ def test_event_source_uri_beyond_latin1_reads(dev_a, tmp_path):
     wait_for(lambda: dev_a.EventCount == 237078, what="the replay")
 
 
-def test_an_event_tango_cannot_carry_costs_only_its_attribute(dev_a, tmp_path):
-    """A Status beyond Latin-1 (a replayed file named so) cannot be pushed (UnicodeError): that ended
-    each publish, so the counters' change events stopped with it. Now they go on, and Status and
-    PushFailedCount say which attribute's events fail."""
+def test_a_status_beyond_latin1_is_pushed_escaped_and_the_counters_go_on(dev_a, tmp_path):
+    """A Status beyond Latin-1 (a replayed file named so) could not be pushed (UnicodeError): that
+    ended each publish, so the counters' change events stopped with it. Status now carries such
+    characters as \\u escapes, like EventSourceURI: its change events arrive, and nothing fails."""
     odd = tmp_path / "数据.nxs"
     odd.symlink_to(SANS2D)
     reinit(dev_a, EventSource=f"nexus://{odd}?rate=realtime&loop=0")
     assert dev_a.state() == tango.DevState.ON, dev_a.status()
-    seen = []
+    seen, statuses = [], []
     sub = dev_a.subscribe_event("EventCount", tango.EventType.CHANGE_EVENT,
                                 lambda ev: None if ev.err else seen.append(ev.attr_value.value))  # fmt: skip
+    sub_status = dev_a.subscribe_event("Status", tango.EventType.CHANGE_EVENT,
+                                       lambda ev: None if ev.err else statuses.append(ev.attr_value.value))  # fmt: skip
     try:
         dev_a.Start()
         wait_for(lambda: len({v for v in seen if v > 0}) >= 3, what="EventCount change events")
-        wait_for(lambda: dev_a.PushFailedCount > 0, what="the failed Status pushes counted")
-        status = dev_a.status()
-        assert "change events of Status not sent" in status and "UnicodeError" in status, status
+        wait_for(
+            lambda: any("\\u6570\\u636e.nxs" in s for s in statuses), what="a Status event naming the file"
+        )
+        assert dev_a.PushFailedCount == 0, dev_a.status()
+        assert "\\u6570\\u636e.nxs" in dev_a.status() and "not sent" not in dev_a.status(), dev_a.status()
     finally:
         dev_a.unsubscribe_event(sub)
+        dev_a.unsubscribe_event(sub_status)
         dev_a.Stop()
+
+
+def test_push_failures_are_counted_named_and_forgotten(monkeypatch):
+    """What a failed push leaves: a count, the attribute and the error in Status while recent."""
+    from livehist.devices import events as device_events
+
+    clock = [100.0]
+    monkeypatch.setattr(device_events.time, "monotonic", lambda: clock[0])
+    failures = device_events.PushFailures()
+    assert failures.note() == ""
+    failures.record("Status", UnicodeError("'latin-1' codec can't encode"))
+    failures.record("Status", UnicodeError("'latin-1' codec can't encode"))
+    failures.record("tof", ValueError("x" * 500))
+    assert failures.count == 3
+    note = failures.note()
+    assert "change events of Status not sent (UnicodeError: 'latin-1' codec can't encode), 2 times" in note
+    assert "change events of tof not sent (ValueError: " in note and len(note) < 600, note
+    clock[0] += failures.RECENT + 1
+    assert failures.note() == "" and failures.count == 3
