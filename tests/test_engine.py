@@ -551,6 +551,24 @@ def test_an_ev44_source_name_that_is_not_utf8_still_counts_its_events():
     assert snap.counts["t"].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
 
 
+def test_an_ev42_is_read_in_place_and_a_name_that_is_not_utf8_still_counts_its_events():
+    """ev42 went through streaming_data_types' reader, which needs bytes (a ZeroMQ frame was copied)
+    and reads the name strictly: a Latin-1 name made the whole message bad. Now it is read like ev44."""
+    payload = bytes(eventdata_ev42.serialise_ev42(b"D\xe9tecteur\xff", 9, 123_456, np.array([7, 70_000_000, 3]),
+                                                  np.array([1, 2, 3]), isis_specific={"period_number": 1,
+                                                  "run_state": 1, "proton_charge": 0.5}))  # fmt: skip
+    frame = memoryview(bytearray(payload))
+    out = decode(frame)
+    assert out.source_name == "D\ufffdtecteur\ufffd"
+    assert out.tof.tolist() == [7, 70_000_000, 3] and out.pixel_id.tolist() == [1, 2, 3]
+    assert out.pulse_time.tolist() == [123_456] and out.pulse_index.tolist() == [0]
+    assert np.shares_memory(out.tof, np.frombuffer(frame, np.uint8))  # a view of the frame, no copy
+    empty = decode(
+        bytes(eventdata_ev42.serialise_ev42("d", 1, 5, np.zeros(0, np.int32), np.zeros(0, np.int32)))
+    )
+    assert len(empty) == 0 and empty.pulse_time.tolist() == [5]
+
+
 def test_decode_reads_a_zeromq_frame_in_place_and_handles_absent_vectors():
     good = batch(np.arange(6, dtype=np.int32), np.arange(6, dtype=np.int32) * 2, ((7, 0), (8, 3)))
     frame = memoryview(bytearray(encode_ev44(good, 0, source_name="det1")))

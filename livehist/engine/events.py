@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from streaming_data_types import eventdata_ev42, eventdata_ev44
+from streaming_data_types import eventdata_ev44
+from streaming_data_types.fbschemas.eventdata_ev42 import EventMessage
 from streaming_data_types.fbschemas.eventdata_ev44 import Event44Message
 
 log = logging.getLogger("livehist.engine.events")
@@ -82,14 +83,12 @@ def decode(payload: bytes | memoryview) -> EventBatch:
             ptime = np.zeros(0, np.int64) if ptime is None else ptime
             pidx = np.zeros(0, np.int64) if pidx is None else pidx.astype(np.int64)
             source = (msg.SourceName() or b"").decode("utf-8", errors="replace")  # a name never loses events
-        elif schema == b"ev42":
-            if not isinstance(payload, bytes):
-                payload = bytes(payload)  # streaming_data_types' ev42 reader needs bytes
-            msg = eventdata_ev42.deserialise_ev42(payload)
-            tof, pid = msg.time_of_flight, msg.detector_id
-            ptime = np.array([msg.pulse_time], dtype=np.int64)
+        elif schema == b"ev42":  # read in place too (streaming_data_types' reader needed bytes and UTF-8)
+            msg = EventMessage.EventMessage.GetRootAsEventMessage(payload, 0)
+            tof, pid = _vector(msg.TimeOfFlightAsNumpy()), _vector(msg.DetectorIdAsNumpy())
+            ptime = np.array([msg.PulseTime()], dtype=np.int64)
             pidx = np.zeros(1, dtype=np.int64)
-            source = msg.source_name
+            source = (msg.SourceName() or b"").decode("utf-8", errors="replace")
         else:
             raise BadMessage(f"schema id {schema!r} is not ev44 or ev42")
     except BadMessage:
