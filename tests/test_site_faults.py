@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from livehist.site.process import managed_processes
 from tests.conftest import run_cli
 
@@ -853,9 +855,11 @@ def _as_another_users_dir(path: Path) -> list[str]:
     return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
 
 
-def test_down_on_a_state_dir_it_cannot_read_names_the_folder_and_its_owner(tmp_path):
+@pytest.mark.parametrize("command", ["down", "status"])
+def test_down_on_a_state_dir_it_cannot_read_names_the_folder_and_its_owner(tmp_path, command):
     """`down` on another user's state dir ended in a PermissionError traceback (the folder private),
-    or said 'nothing to stop' (only run/ private) while that user's site ran on."""
+    or said 'nothing to stop' (only run/ private) while that user's site ran on; `status` said no
+    database answered and to run `livehist up`."""
     import pwd
 
     for private in ("state", "run"):
@@ -867,13 +871,13 @@ def test_down_on_a_state_dir_it_cannot_read_names_the_folder_and_its_owner(tmp_p
         (state if private == "state" else state / "run").chmod(0o700)
         if not prefix:  # not root: a folder of one's own made unreadable
             (state if private == "state" else state / "run").chmod(0o000)
-        out = subprocess.run([*prefix, sys.executable, "-m", "livehist.cli", "down", "--state-dir", str(state)],
+        out = subprocess.run([*prefix, sys.executable, "-m", "livehist.cli", command, "--state-dir", str(state)],
                              capture_output=True, text=True, timeout=60)  # fmt: skip
         (state if private == "state" else state / "run").chmod(0o755)
         owner = pwd.getpwuid(state.stat().st_uid).pw_name
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
         [line] = out.stderr.splitlines()
         where = state if private == "state" else state / "run"
-        assert line.startswith(f"livehist down: error: {where} belongs to user {owner}"), line
-        assert f"run `livehist down --state-dir {state}` as {owner}" in line, line
+        assert line.startswith(f"livehist {command}: error: {where} belongs to user {owner}"), line
+        assert f"run `livehist {command} --state-dir {state}` as {owner}" in line, line
         assert (state / "run" / "tango-db.json").exists()  # nothing changed

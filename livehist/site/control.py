@@ -844,6 +844,7 @@ def status(
 ) -> int:
     """Print devices and states. 0: all up, 1: no database, 3: some device down, 4: all answer
     but some are in FAULT (each with the first line of its Status)."""
+    _check_readable(_state_dir(state_dir), "status")  # another user's site: said, not "run up"
     site = Site.from_state(state_dir, tango_host, config)
     host, port = site.host_port
     left = orphans(site.state_dir)
