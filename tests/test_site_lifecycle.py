@@ -592,3 +592,8 @@ def test_a_lock_or_state_json_that_is_a_folder_is_named_before_anything_starts(t
         [line] = [ln for ln in out.stderr.splitlines() if ln.startswith("livehist up: error:")]
         assert f"{state / name} is a folder, not a file" in line and "give another --state-dir" in line, line
         assert managed_processes(state) == [] and sorted(p.name for p in state.iterdir()) == [name]
+    state = tmp_path / "status-with-state.json"
+    (state / "state.json").mkdir(parents=True)  # `status` listed the default devices as DOWN
+    out = run_cli("status", "--state-dir", str(state))
+    [line] = [ln for ln in out.stderr.splitlines() if ln.startswith("livehist status: error:")]
+    assert out.returncode == 1 and f"{state / 'state.json'} is a folder, not a file" in line, out

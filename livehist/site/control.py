@@ -492,10 +492,11 @@ OWN_FILES = {
 }
 
 
-def _check_own_files(state_dir: Path) -> None:
+def _check_own_files(state_dir: Path, names=tuple(OWN_FILES)) -> None:
     """A folder where `up` keeps a file of its own is named before anything starts: `lock` gave
     'state dir: Is a directory', `state.json` failed once the database ran ('free some space')."""
-    for name, what in OWN_FILES.items():
+    for name in names:
+        what = OWN_FILES[name]
         path = state_dir / name
         try:
             folder = path.is_dir()
@@ -845,6 +846,7 @@ def status(
     """Print devices and states. 0: all up, 1: no database, 3: some device down, 4: all answer
     but some are in FAULT (each with the first line of its Status)."""
     _check_readable(_state_dir(state_dir), "status")  # another user's site: said, not "run up"
+    _check_own_files(_state_dir(state_dir), ("state.json",))  # else read as no record: default devices DOWN
     site = Site.from_state(state_dir, tango_host, config)
     host, port = site.host_port
     left = orphans(site.state_dir)
