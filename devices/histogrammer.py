@@ -34,7 +34,7 @@ from livehist.components.histogrammer import Histogrammer, Update
 from livehist.components.restream import Restreamer
 from livehist.engine import preview
 from livehist.engine.spec import DEFAULT_MAX_BYTES, HistogramSpec, SpecError, join_property
-from livehist.errors import LivehistError, tango_error_text, tango_text
+from livehist.errors import LivehistError, latin1_text, tango_error_text, tango_text
 
 log = logging.getLogger(__name__)
 # Tango keeps one attribute-definition list per device class and server, and commands of
@@ -202,7 +202,7 @@ class EventHistogrammer(Device):
         which attributes' events could not be pushed lately; in Latin-1, as Tango carries it
         (a replayed file named in another script is shown with \\u escapes)."""
         problem = self.restream.problem if getattr(self, "restream", None) is not None else None
-        return tango_text((f"{status}; {problem}" if problem else status) + self._push_failures.note())
+        return latin1_text((f"{status}; {problem}" if problem else status) + self._push_failures.note())
 
     def dev_state(self) -> DevState:
         self._sync_state()

@@ -36,6 +36,18 @@ def tango_text(text: str) -> str:
     return "".join(out)
 
 
+def latin1_text(text: str) -> str:
+    """`text` for a Tango DevString that people read (a Status): characters beyond Latin-1 as
+    \\u/\\U escapes, everything else as it is. Unlike `tango_text` it leaves backslashes alone,
+    so text that already holds escapes (`ascii()` of a name) is not escaped twice."""
+    text = str(text)
+    try:
+        text.encode("latin-1")
+        return text
+    except UnicodeEncodeError:
+        return "".join(ch if ord(ch) < 0x100 else ascii(ch)[1:-1] for ch in text)
+
+
 ESCAPE_RE = re.compile(r"\\(\\|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|x[0-9A-Fa-f]{2}|N\{[^{}]*\})")
 
 

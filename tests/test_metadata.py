@@ -196,6 +196,16 @@ def test_tango_text_examples_and_escapes_typed_by_users():
         from_tango_text("\\N{NO SUCH THING}")
 
 
+@given(st.text())
+def test_latin1_text_for_statuses_carries_any_text_and_never_escapes_twice(text):
+    from livehist.errors import latin1_text
+
+    shown = latin1_text(text)
+    shown.encode("latin-1")  # what a DevString can carry
+    assert latin1_text(shown) == shown  # already-escaped text (ascii() of a name) stays as it is
+    assert latin1_text("file \u6570.nxs; ('\\u63a2', C:\\x)") == "file \\u6570.nxs; ('\\u63a2', C:\\x)"
+
+
 def test_attribute_names_and_case_variants_map_to_one_key():
     store = MetadataStore()
     store.merge({"Proposal": "20260001", "Title": "T", "SampleName": "Si", "DataRoot": "/tmp"})
