@@ -433,3 +433,64 @@ def test_status_on_a_port_taken_by_something_else_does_not_send_the_user_to_up(t
         other.close()
     assert r.returncode == 1 and "is taken by a program that is not a Tango database" in r.stdout, r.stdout
     assert "run `livehist up`" not in r.stdout
+
+
+def _listen_to(messages: list, count: int) -> list[str]:
+    """`listen` in this process (what it says), while `messages` are published again and again."""
+    import threading
+
+    from livehist.components.restream import listen
+
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def send():  # PUB drops until the listener has joined: send again and again
+        while not stop.wait(0.05):
+            for msg in messages:
+                pub.send(msg)
+
+    said: list[str] = []
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        listen(f"tcp://127.0.0.1:{port}", count, 20.0, say=said.append)
+    finally:
+        stop.set()
+        sender.join()
+        pub.close(0)
+        ctx.term()
+    return said
+
+
+def _hs01(info: str = '{"update": 7}', data=None, source: str = "test/h/1/tof") -> bytes:
+    from livehist.components.restream import serialise_hs01
+
+    data = np.array([1, 2, 3, 4], np.int64) if data is None else data
+    return bytes(serialise_hs01({
+        "source": source, "timestamp": 1, "current_shape": [len(data)], "info": info,
+        "dim_metadata": [{"length": len(data), "bin_boundaries": np.arange(len(data) + 1.0), "unit": "us",
+                          "label": "time_of_flight"}],
+        "data": data,
+    }))  # fmt: skip
+
+
+def test_listen_skips_an_hs01_without_data():
+    """An hs01 flatbuffer whose data table is absent (valid identifier, garbage after it, or
+    another program's half-filled message) is named and skipped: it ended listen in an
+    AttributeError traceback."""
+    import flatbuffers
+    from streaming_data_types.fbschemas.histogram_hs01 import EventHistogram as EH
+
+    builder = flatbuffers.Builder(64)
+    name = builder.CreateString("nodata")
+    EH.EventHistogramStart(builder)
+    EH.EventHistogramAddSource(builder, name)
+    builder.Finish(EH.EventHistogramEnd(builder), file_identifier=b"hs01")
+    nodata = bytes(builder.Output())
+    zeros = b"\0\0\0\0hs01" + bytes(64)
+    said = _listen_to([nodata, zeros, _hs01()], 2)
+    assert any(f"skipped a message of {len(nodata)} bytes" in s and "has no data" in s for s in said), said
+    assert any(f"skipped a message of {len(zeros)} bytes" in s for s in said), said
+    assert sum(s.startswith("test/h/1/tof: update 7") for s in said) == 2, said

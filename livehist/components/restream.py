@@ -367,6 +367,8 @@ def read_hs01(buffer) -> dict:
                      "label": (d.Label() or b"").decode("utf-8", "replace")})  # fmt: skip
     array = _create_array_object_for_type(hist.DataType())
     table = hist.Data()
+    if table is None:  # an absent table reads as None, not as an error
+        raise ValueError("its flatbuffer has no data")
     array.Init(table.Bytes, table.Pos)
     return {"source": (hist.Source() or b"").decode("utf-8", "replace"), "dim_metadata": dims,
             "data": array.ValueAsNumpy(), "info": (hist.Info() or b"").decode("utf-8", "replace")}  # fmt: skip
