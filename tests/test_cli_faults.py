@@ -494,3 +494,20 @@ def test_listen_skips_an_hs01_without_data():
     assert any(f"skipped a message of {len(nodata)} bytes" in s and "has no data" in s for s in said), said
     assert any(f"skipped a message of {len(zeros)} bytes" in s for s in said), said
     assert sum(s.startswith("test/h/1/tof: update 7") for s in said) == 2, said
+
+
+def test_listen_prints_an_hs01_whose_info_is_not_livehists():
+    """hs01's info is free text: another sender's (plain text, a JSON list, an update or event
+    count that is not a number) and float data holding NaN are printed without those fields;
+    each ended listen in a traceback (JSONDecodeError, AttributeError, TypeError, ValueError)."""
+    odd = [
+        _hs01(info="hello world", source="a"),
+        _hs01(info="[1, 2]", source="b"),
+        _hs01(info='{"update": "7", "counters": 5}', source="c"),
+        _hs01(info='{"update": "9", "counters": {"events": "many"}}', source="c"),
+        _hs01(info='{"update": 2}', data=np.array([1.0, np.nan, np.inf, 2.0]), source="d"),
+    ]
+    said = _listen_to([*odd, _hs01()], 12)
+    for source in "abcd":
+        assert any(s.startswith(f"{source}: update ") for s in said), (source, said)
+    assert any(s.startswith("test/h/1/tof: update 7") for s in said), said

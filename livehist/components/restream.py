@@ -374,6 +374,20 @@ def read_hs01(buffer) -> dict:
             "data": array.ValueAsNumpy(), "info": (hist.Info() or b"").decode("utf-8", "replace")}  # fmt: skip
 
 
+def _listen_info(text: str | None) -> dict:
+    """hs01's info is free text: livehist's is a JSON object; another sender's may be anything."""
+    try:
+        info = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _whole(value) -> int | None:
+    """An update or event count from info, if it is a whole number."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def listen(endpoint: str, count: int = 0, seconds: float = 0.0, say=print) -> int:
     """`livehist listen`: print a line per hs01 message arriving on a PUB endpoint."""
     import zmq
@@ -396,20 +410,25 @@ def listen(endpoint: str, count: int = 0, seconds: float = 0.0, say=print) -> in
                     f"skipped a message of {len(frame.buffer):,} bytes that is not a valid hs01 histogram: {exc}"
                 )
                 continue
-            info = json.loads(msg.get("info") or "{}")
+            info = _listen_info(msg.get("info"))
             dims = " x ".join(f"{d['length']} {d['label']}" + (f" ({d['unit']})" if d["unit"] else "")
                               for d in msg["dim_metadata"])  # fmt: skip
-            update = info.get("update")
+            update = _whole(info.get("update"))
             previous = last_update.get(msg["source"])
             gap = (
                 f"  (missed {update - previous - 1} updates)"
                 if previous and update and update > previous + 1
                 else ""
             )
-            if update is not None and "offset" not in info or (info.get("offset") or [0])[0] == 0:
+            offset = info.get("offset") or [0]
+            if update is not None and "offset" not in info or (isinstance(offset, list) and offset[0] == 0):
                 last_update[msg["source"]] = update
+            counters = info.get("counters")
+            events = _whole(counters.get("events")) if isinstance(counters, dict) else None
+            total = np.sum(msg["data"])
+            counts = f"{int(total):,}" if np.isfinite(total) else str(total)  # another sender's floats
             say(f"{msg['source']}: update {update} [{info.get('state')}] {dims}: "
-                f"{int(np.sum(msg['data'])):,} counts, {info.get('counters', {}).get('events', 0):,} events{gap}")  # fmt: skip
+                f"{counts} counts, {events or 0:,} events{gap}")  # fmt: skip
             n += 1
     except KeyboardInterrupt:
         pass
