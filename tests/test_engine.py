@@ -729,6 +729,10 @@ def test_bad_histogram_specs_name_the_field(spec, message):
         (f"nexus://{SANS2D}?path=/nope", "/nope not found"),
         (f"nexus://{SANS2D}?tof_unit=parsecs", "tof_unit must be ns, us, ms or s"),
         ("kafka://", "give kafka://BROKER"),
+        ("zmq://127.0.0.1:5555?max_message_bytes=0", "max_message_bytes must be a finite number >= 1"),
+        # beyond ZMQ_MAXMSGSIZE's int64: accepted, then the source failed for ever (OverflowError)
+        (f"zmq://127.0.0.1:5555?max_message_bytes={2**70}", f"max_message_bytes must be at most {2**63 - 1}"),
+        (f"zmq+sub://127.0.0.1:5555?max_message_bytes={2**63}", "max_message_bytes must be at most"),
     ],
 )
 def test_bad_source_uris(uri, message):

@@ -35,6 +35,7 @@ MAX_MESSAGE_RATE = 1e7
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
 # a disconnect that libzmq retries is followed at once by CONNECT_RETRIED; none within this: a refusal
 RETRY_WAIT_MS = 200
+MAX_MAXMSGSIZE = 2**63 - 1  # ZMQ_MAXMSGSIZE is an int64
 
 
 class ZmqSource(Source):
@@ -47,6 +48,11 @@ class ZmqSource(Source):
         self.max_message_bytes = int(
             number(params, "max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES, uri, minimum=1, integer=True)
         )
+        if self.max_message_bytes > MAX_MAXMSGSIZE:  # setsockopt raised OverflowError in the thread, for ever
+            raise SourceError(
+                f"EventSource {uri!r}: max_message_bytes must be at most {MAX_MAXMSGSIZE} (ZMQ_MAXMSGSIZE is "
+                f"an int64), got {params['max_message_bytes']!r}"
+            )
         self.refused_messages = 0  # over max_message_bytes, counted as dropped too
         self._credit = 0  # refused messages that a SUB's next message-id gap would count again
         if not parts.netloc:
