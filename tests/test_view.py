@@ -307,6 +307,32 @@ def test_panel_on_a_huge_image_draws_the_devices_block_sums_at_the_publish_rate(
     assert shapes_then  # the preview and the new tof bins, read while the image was there
 
 
+def test_a_slow_panel_draws_what_it_has_just_read(sites, display):
+    """At --rate 0.2 on a device publishing at 10 Hz, each redraw showed the read made just after the
+    previous redraw (5 s old), and the first image only at the third redraw: the reader fetched the
+    next update at once, then it waited a whole period to be drawn. It now reads when a redraw is due."""
+    props = {"EventSource": ["sim://?rate=2e6&seed=6"], "PublishPeriod": ["0.1"],
+             "Histograms": [json.dumps([
+                 {"name": "tof", "kind": "tof", "tof": {"start": 0, "stop": 72e6, "bins": 100}},
+                 {"name": "det", "kind": "image", "pixels": {"first": 1, "shape": [64, 64]}}])]}  # fmt: skip
+    site = sites.up({"servers": {"EventHistogrammer": {"slow": {"EventHistogrammer": {
+        "test/slow/1": {"properties": props}}}}}})  # fmt: skip
+    h = tango.DeviceProxy(site.url("test/slow/1"))
+    h.Start()
+    try:
+        panel = view(site, display, "test/slow/1", "--rate", "0.2", "--seconds", "8", "--trace")
+        out, _ = panel.communicate(timeout=90)
+    finally:
+        h.Stop()
+    assert panel.returncode == 0, out
+    seen = out.splitlines()
+    redraws = int(next(line for line in seen if line.startswith("image redraws")).split()[-1])
+    draws = int(next(line for line in seen if line.startswith("redraws")).split()[-1])
+    age = float(next(line for line in seen if line.startswith("read to redraw")).split()[-4])
+    assert 2 <= draws <= 3 and redraws == draws, seen  # the first redraw has the image too
+    assert age < 1.0, seen
+
+
 STALLED = """
 import sys, zmq
 sub = zmq.Context.instance().socket(zmq.SUB)

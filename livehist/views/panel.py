@@ -45,6 +45,7 @@ COUNTERS = (
 )
 RATE = 5.0  # redraws (and reads) per second at most: spectra, counters and image
 IMAGE_RATE = 5.0  # the image's own limit (the costliest part to read and draw), at most RATE
+READ_AT = "\0read_at"  # in a read's values: when it was read (no attribute has this name)
 QUIT_S = 30.0  # s after the panel is told to finish (--seconds, SIGUSR1): it has ended by then
 WATCH_S = 2.0  # State and Status are read every WATCH_S / 2; no answer within WATCH_S: DOWN
 
@@ -192,6 +193,7 @@ def view(device: str, metadata: str = "livehist/metadata/1", screenshot: Path | 
                 print(f"image redraws: {panel.redraws}", flush=True)
                 print(f"redraws: {panel.draws}", flush=True)
                 print(f"reads: {panel.reads}", flush=True)
+                print(f"read to redraw: {panel.oldest_drawn:.2f} s at most", flush=True)
             # a safety net: should the event loop not end, every thread's stack goes to stderr
             # and the process exits (1) in QUIT_S rather than never
             try:  # to the real stderr: Taurus puts an object without a file number in sys.stderr
@@ -274,6 +276,7 @@ def _make_panel_class():
             self._config = None  # the HistogramConfig the curves were made for
             self.redraws = 0  # of the image
             self.draws = 0  # of anything
+            self.oldest_drawn = 0.0  # s from a read to its redraw, at most
             layout = Qt.QGridLayout(self)
 
             top = Qt.QHBoxLayout()
@@ -432,6 +435,12 @@ def _make_panel_class():
             while True:
                 with self._cv:
                     self._cv.wait_for(lambda: self._changed is not None and not self._undrawn)
+                # read when the next redraw is due, not one redraw period before it (at --rate 0.1
+                # every redraw showed data 10 s old, and the image only from the third one on)
+                due = self._drawn_at + self._draw_period * 0.95 - time.monotonic()
+                if due > 0:
+                    time.sleep(due)
+                with self._cv:
                     proxy, self._changed = self._changed, None
                     self._undrawn = True
                 if not self._read(proxy):
@@ -489,7 +498,10 @@ def _make_panel_class():
             if image:
                 self._image_read_at = now
             got = {v.name.lower(): v.value for v in values if not v.has_failed and v.value is not None}
+            got[READ_AT] = now
             self.reads += 1
+            with self._cv:  # configure()'s own read too: the reader's next one must not replace it undrawn
+                self._undrawn = True
             self.dataArrived.emit(got)
             return True
 
@@ -567,12 +579,13 @@ def _make_panel_class():
             if drawn:
                 self._pending, self._drawn_at = None, now
                 self.draws += 1
+                self.oldest_drawn = max(self.oldest_drawn, now - got[READ_AT])
                 try:
                     if not self._stale:  # a read from before the device stopped answering
                         self._draw(got)
                 finally:  # drawn (or failed to): the reader may fetch the next update
                     with self._cv:
-                        self._undrawn = False
+                        self._undrawn = self._pending is not None  # configure() in _draw read anew
                         self._cv.notify()
             self._ticks += 1
             if drawn or self._ticks % 5 == 0:  # after a draw; else for the "A" button, within 0.5 s
