@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -50,34 +51,9 @@ def test_listen_to_a_silent_publisher_exits_non_zero_with_a_hint():
 def test_listen_skips_what_is_not_hs01_and_goes_on():
     """Another program's messages on the endpoint (or a truncated hs01) are named and skipped;
     the histograms after them are printed, and only they count towards --count."""
-    import threading
-
-    from livehist.components.restream import serialise_hs01
-
-    good = bytes(serialise_hs01({
-        "source": "test/h/1/tof", "timestamp": 1, "current_shape": [4], "info": json.dumps({"update": 7}),
-        "dim_metadata": [{"length": 4, "bin_boundaries": np.arange(5.0), "unit": "us", "label": "time_of_flight"}],
-        "data": np.array([1, 2, 3, 4], np.int64),
-    }))  # fmt: skip
-    ctx = zmq.Context()
-    pub = ctx.socket(zmq.PUB)
-    port = pub.bind_to_random_port("tcp://127.0.0.1")
-    stop = threading.Event()
-
-    def send():  # PUB drops until the listener has joined: send again and again
-        while not stop.wait(0.05):
-            for msg in (b"not hs01", good[:40], good):
-                pub.send(msg)
-
-    sender = threading.Thread(target=send, daemon=True)
-    sender.start()
-    try:
+    good = _hs01()
+    with _publishing([b"not hs01", good[:40], good]) as port:
         out = run_cli("listen", f"tcp://127.0.0.1:{port}", "--count", "2", "--seconds", "20", timeout=60)
-    finally:
-        stop.set()
-        sender.join()
-        pub.close(0)
-        ctx.term()
     assert out.returncode == 0, (out.stdout, out.stderr)
     assert "Traceback" not in out.stderr, out.stderr
     assert "skipped a message of 8 bytes that is not a valid hs01 histogram" in out.stdout, out.stdout
@@ -435,32 +411,40 @@ def test_status_on_a_port_taken_by_something_else_does_not_send_the_user_to_up(t
     assert "run `livehist up`" not in r.stdout
 
 
-def _listen_to(messages: list, count: int) -> list[str]:
-    """`listen` in this process (what it says), while `messages` are published again and again."""
+@contextlib.contextmanager
+def _publishing(messages: list):
+    """A PUB on a free port (yielded) publishing `messages` again and again (PUB drops until a
+    subscriber has joined) until the block ends."""
     import threading
-
-    from livehist.components.restream import listen
 
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
     port = pub.bind_to_random_port("tcp://127.0.0.1")
     stop = threading.Event()
 
-    def send():  # PUB drops until the listener has joined: send again and again
+    def send():
         while not stop.wait(0.05):
             for msg in messages:
                 pub.send(msg)
 
-    said: list[str] = []
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
     try:
-        listen(f"tcp://127.0.0.1:{port}", count, 20.0, say=said.append)
+        yield port
     finally:
         stop.set()
         sender.join()
         pub.close(0)
         ctx.term()
+
+
+def _listen_to(messages: list, count: int) -> list[str]:
+    """`listen` in this process (what it says), while `messages` are published again and again."""
+    from livehist.components.restream import listen
+
+    said: list[str] = []
+    with _publishing(messages) as port:
+        listen(f"tcp://127.0.0.1:{port}", count, 20.0, say=said.append)
     return said
 
 
