@@ -253,6 +253,7 @@ def _make_panel_class():
             # a 10 Hz publish, and on a shared host that CPU comes out of ingestion)
             self._draw_period = 1.0 / check_rate(rate)
             self._drawn_at = -1e9  # monotonic time of the last redraw
+            self._read_took = 0.0  # s the last read took (the next one starts that much early)
             self._image_period = max(1.0 / check_image_rate(image_rate), self._draw_period)
             self._image_read_at = -1e9  # monotonic time of the last read that fetched the image
             self.device, self.metadata, self.trace = device, metadata, trace
@@ -437,15 +438,19 @@ def _make_panel_class():
                     self._cv.wait_for(lambda: self._changed is not None and not self._undrawn)
                 # read when the next redraw is due, not one redraw period before it (at --rate 0.1
                 # every redraw showed data 10 s old, and the image only from the third one on)
-                due = self._drawn_at + self._draw_period * 0.95 - time.monotonic()
+                # (as long before it as the last read took: a redraw then comes every period, not
+                # every period plus a read, which made --rate 5 draw 3.2 times a second)
+                due = self._drawn_at + self._draw_period * 0.95 - self._read_took - time.monotonic()
                 if due > 0:
                     time.sleep(due)
                 with self._cv:
                     proxy, self._changed = self._changed, None
                     self._undrawn = True
+                began = time.monotonic()
                 if not self._read(proxy):
                     with self._cv:
                         self._undrawn = False
+                self._read_took = min(time.monotonic() - began, self._draw_period / 2)
 
         def _watch(self) -> None:
             """State and Status, read in this thread (never the GUI's) every WATCH_S / 2, with
@@ -506,7 +511,9 @@ def _make_panel_class():
             return True
 
         def _data(self, got: dict) -> None:
-            self._pending = got  # the latest wins; drawn by the timer
+            self._pending = got  # the latest wins; drawn now if a redraw is due, else by the timer
+            if time.monotonic() - self._drawn_at >= self._draw_period * 0.95:
+                self._tick()
 
         def _set_log_y(self, on: bool) -> None:
             for plot in (self.tof_plot, self.roi_plot):
