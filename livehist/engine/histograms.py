@@ -69,7 +69,7 @@ class Histogram:
         self.mask = None
         if spec.kind == "roi":  # one bit per pixel of the ROI's span, from its first pixel
             ids = spec.roi_pixels
-            self._roi_first, span = int(ids.min()), int(ids.max() - ids.min() + 1)
+            self._roi_first, span = int(ids.min()), spec.roi_span
             bits = np.zeros(span, dtype=bool)
             bits[ids - self._roi_first] = True
             self.mask = np.packbits(bits, bitorder="little")

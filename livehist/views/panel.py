@@ -50,7 +50,7 @@ QUIT_S = 30.0  # s after the panel is told to finish (--seconds, SIGUSR1): it ha
 WATCH_S = 2.0  # State and Status are read every WATCH_S / 2; no answer within WATCH_S: DOWN
 
 
-def check_rate(rate: float, option: str = "--rate", default: float = 5.0) -> float:
+def check_rate(rate: float, option: str = "--rate", default: float = RATE) -> float:
     """A refresh rate of the panel (redraws per second), or a LivehistError naming the fix."""
     if not (isinstance(rate, int | float) and 0.1 <= rate <= 10):
         raise LivehistError(
@@ -512,8 +512,11 @@ def _make_panel_class():
 
         def _data(self, got: dict) -> None:
             self._pending = got  # the latest wins; drawn now if a redraw is due, else by the timer
-            if time.monotonic() - self._drawn_at >= self._draw_period * 0.95:
+            if self._redraw_due(time.monotonic()):
                 self._tick()
+
+        def _redraw_due(self, now: float) -> bool:
+            return now - self._drawn_at >= self._draw_period * 0.95
 
         def _set_log_y(self, on: bool) -> None:
             for plot in (self.tof_plot, self.roi_plot):
@@ -582,7 +585,7 @@ def _make_panel_class():
 
         def _tick(self) -> None:
             got, now = self._pending, time.monotonic()
-            drawn = got is not None and now - self._drawn_at >= self._draw_period * 0.95
+            drawn = got is not None and self._redraw_due(now)
             if drawn:
                 self._pending, self._drawn_at = None, now
                 self.draws += 1
