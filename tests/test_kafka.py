@@ -697,6 +697,41 @@ def test_frozen_broker_gives_fault_and_counting_resumes_at_the_offsets_reached(o
     assert snap.offsets == {(topic, 0): (0, 19), (topic, 1): (0, 19)}
 
 
+def test_a_dead_broker_gives_fault_while_commits_wait_for_it(own_kafka_broker):
+    """A group worker commits after every checkpoint (5 a second). With the broker dead each commit
+    waits ~6 s for the group's coordinator; those waits were not counted as silence, so the
+    source never failed and said RUNNING for as long as the broker stayed away (a CI run saw 60 s)."""
+    import threading
+
+    broker = own_kafka_broker.address
+    topic = kafka_topic(broker, 2, prefix="deadcommit")
+    produce_pulses(broker, topic, 10, 100, 2)
+    source = open_source(f"kafka://{broker}/{topic}?group=g-{topic}&start=earliest")
+    engine = Engine(parse_histograms([TOF_SPEC]))
+    engine.start(source)
+    done = threading.Event()
+
+    def checkpoints() -> None:  # as Histogrammer._refresh asks, with offsets the broker never got
+        n = 100
+        while not done.wait(0.2):
+            n += 1
+            source.commit({(topic, 0): n, (topic, 1): n})
+
+    try:
+        wait_for(lambda: engine.events == 1000, what="the 10 messages")
+        own_kafka_broker.kill()
+        t0 = time.monotonic()
+        threading.Thread(target=checkpoints, daemon=True).start()
+        wait_for(lambda: source.error is not None, timeout=30, what="the source to fail")
+        # one commit's wait (the session, 6 s) plus DOWN_AFTER_S at most, not one 0.1 s poll per wait
+        assert time.monotonic() - t0 < 20 and "no Kafka broker reachable" in source.error, source.error
+        assert "Waiting for coordinator" in (source.commit_error or ""), source.commit_error
+    finally:
+        done.set()
+        engine.stop()
+    assert engine.snapshot().events == 1000
+
+
 def test_start_and_stop_times_are_exact_to_the_nanosecond(kafka_broker):
     """`start`/`stop` in Unix ms or ISO 8601 went through a float: 1712404491350 ms became
     ...350000128 ns, so a pulse exactly at `start` was not counted and one exactly at `stop` was;

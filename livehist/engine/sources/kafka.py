@@ -407,7 +407,12 @@ class KafkaSource(Source):
             if silent > DOWN_AFTER_S:
                 self.error = f"no Kafka broker reachable at {self.brokers} for {silent:.0f} s"
                 return
-            self._do_commit(consumer)
+            t2 = time.monotonic()
+            if self._do_commit(consumer) is False:
+                # a commit the broker did not answer: it waits for the group's coordinator until
+                # the session ends (6 s); taken again with every checkpoint, those waits were the
+                # whole loop and a dead broker never counted as silent (RUNNING for ever)
+                silent += time.monotonic() - t2
             if self.stop_ns is not None and self._past_stop(consumer):
                 self.ended = "stop time reached"
                 return
@@ -467,11 +472,12 @@ class KafkaSource(Source):
             return late
         return all(k in self._passed or (late and self._eof.get(k, False)) for k in assigned)
 
-    def _do_commit(self, consumer) -> None:
+    def _do_commit(self, consumer) -> bool | None:
+        """The offsets asked for by `commit`, committed now; False if that failed, None if none were asked for."""
         with self._commit_lock:
             request, self._commit_request = self._commit_request, None
         if not request:
-            return
+            return None
         from confluent_kafka import KafkaException, TopicPartition
 
         try:
@@ -479,6 +485,8 @@ class KafkaSource(Source):
                 offsets=[TopicPartition(t, p, o) for (t, p), o in request.items()], asynchronous=False
             )
             self.commit_error = None
+            return True
         except KafkaException as exc:
             self.commit_error = str(exc)
             self._errors.warning("commit", f"Kafka commit failed: {exc}")
+            return False

@@ -197,22 +197,24 @@ class GroupWorkerSource(KafkaSource):
             self.commit_error = str(exc)
             log.warning("%s: commit failed: %s", why, exc)
 
-    def _do_commit(self, consumer) -> None:
+    def _do_commit(self, consumer) -> bool | None:
         from confluent_kafka import KafkaException, TopicPartition
 
         with self._commit_lock:
             request, self._commit_request = self._commit_request, None
         if not request:
-            return
+            return None
         todo = {k: o for k, o in request.items() if k in self.assigned and o > self.committed.get(k, -1)}
         if not todo:
-            return
+            return None
         try:
             consumer.commit(
                 offsets=[TopicPartition(t, p, o) for (t, p), o in todo.items()], asynchronous=False
             )
             self.committed.update(todo)
             self.commit_error = None
+            return True
         except KafkaException as exc:
             self.commit_error = str(exc)
             self._errors.warning("commit", f"Kafka commit failed: {exc}")
+            return False
