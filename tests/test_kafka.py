@@ -698,9 +698,10 @@ def test_frozen_broker_gives_fault_and_counting_resumes_at_the_offsets_reached(o
 
 
 def test_a_dead_broker_gives_fault_while_commits_wait_for_it(own_kafka_broker):
-    """A group worker commits after every checkpoint (5 a second). With the broker dead each commit
-    waits ~6 s for the group's coordinator; those waits were not counted as silence, so the
-    source never failed and said RUNNING for as long as the broker stayed away (a CI run saw 60 s)."""
+    """A group worker commits after every checkpoint (5 a second). With the broker dead, a
+    synchronous commit waited ~6 s for the group's coordinator, and for ever once the session had
+    expired; the consume loop that notices the silence stood still, so the source never failed
+    and said RUNNING for as long as the broker stayed away (CI runs saw 60 s)."""
     import threading
 
     broker = own_kafka_broker.address
@@ -723,9 +724,8 @@ def test_a_dead_broker_gives_fault_while_commits_wait_for_it(own_kafka_broker):
         t0 = time.monotonic()
         threading.Thread(target=checkpoints, daemon=True).start()
         wait_for(lambda: source.error is not None, timeout=30, what="the source to fail")
-        # one commit's wait (the session, 6 s) plus DOWN_AFTER_S at most, not one 0.1 s poll per wait
-        assert time.monotonic() - t0 < 20 and "no Kafka broker reachable" in source.error, source.error
-        assert "Waiting for coordinator" in (source.commit_error or ""), source.commit_error
+        # DOWN_AFTER_S (3 s) and a statistics interval: commits no longer hold the consume loop
+        assert time.monotonic() - t0 < 10 and "no Kafka broker reachable" in source.error, source.error
     finally:
         done.set()
         engine.stop()

@@ -484,10 +484,21 @@ def test_a_broker_restarted_without_its_topics_leaves_a_group_sum_exact_and_quie
         first = [_events(300 + i, i) for i in range(20)]
         _send(Producer({"bootstrap.servers": broker}), topic, first, 0, 4)
         wait_for(lambda: (s.refresh(), s.last.events)[1] == sum(map(len, first)), what="the first 20")
+        failed = [m.h._source for m in members.values()]
         own_kafka_broker.kill()
         wait_for(
             lambda: (s.refresh(), s.state)[1] in ("ALARM", "FAULT") and "no Kafka broker" in s.status,
             what="the sum to say so",
+        )
+        # the failed consumers closed before the broker is back: one still closing (its hand-over's
+        # commit waits up to 6 s) rejoins the restarted broker's group as it leaves, and Tansu keeps
+        # that member as the group's leader for good (every SyncGroup of the new consumers then
+        # answers 'rebalance in progress', for minutes; seen 1 in 3 runs with one core busy).
+        # Kafka itself drops such a member after its session timeout (see README, Kafka).
+        wait_for(
+            lambda: not any(f._thread.is_alive() for f in failed),
+            timeout=30,
+            what="the failed consumers to close",
         )
         own_kafka_broker.start()
         create_topic(broker, topic, 4)

@@ -195,6 +195,7 @@ class KafkaSource(Source):
         self._commit_lock = threading.Lock()
         self._commit_request: dict[Key, int] | None = None
         self.commit_error: str | None = None
+        self._commit_in_flight = False  # an asynchronous commit not yet answered (`_on_commit`)
         self._errors = RateLimitedLog(log)
 
     # --- the API for owners (checkpoints, commits, reconnects) -----------------------------
@@ -231,6 +232,7 @@ class KafkaSource(Source):
             "statistics.interval.ms": 1000,
             "stats_cb": self._stats,
             "error_cb": self._error,
+            "on_commit": self._on_commit,
             "logger": _RdLog(),
             "fetch.max.bytes": 64 * 2**20,
             "max.partition.fetch.bytes": 16 * 2**20,
@@ -287,6 +289,7 @@ class KafkaSource(Source):
         self.connected = False
         self._fatal: str | None = None
         self._next = {}
+        self._commit_in_flight = False  # a new consumer: nothing of its own in flight
         self._eof: dict[Key, bool] = {}
         self._passed: set[Key] = set()
         self._recreated: set[str] = set()
@@ -407,12 +410,7 @@ class KafkaSource(Source):
             if silent > DOWN_AFTER_S:
                 self.error = f"no Kafka broker reachable at {self.brokers} for {silent:.0f} s"
                 return
-            t2 = time.monotonic()
-            if self._do_commit(consumer) is False:
-                # a commit the broker did not answer: it waits for the group's coordinator until
-                # the session ends (6 s); taken again with every checkpoint, those waits were the
-                # whole loop and a dead broker never counted as silent (RUNNING for ever)
-                silent += time.monotonic() - t2
+            self._do_commit(consumer)
             if self.stop_ns is not None and self._past_stop(consumer):
                 self.ended = "stop time reached"
                 return
@@ -472,21 +470,42 @@ class KafkaSource(Source):
             return late
         return all(k in self._passed or (late and self._eof.get(k, False)) for k in assigned)
 
-    def _do_commit(self, consumer) -> bool | None:
-        """The offsets asked for by `commit`, committed now; False if that failed, None if none were asked for."""
+    def _do_commit(self, consumer) -> None:
+        """Send the offsets asked for by `commit` (see `_send_commit`)."""
+        if self._commit_in_flight:
+            return
         with self._commit_lock:
             request, self._commit_request = self._commit_request, None
-        if not request:
-            return None
+        if request:
+            self._send_commit(consumer, request)
+
+    def _send_commit(self, consumer, offsets: dict[Key, int]) -> None:
+        """Commit asynchronously, one commit in flight at a time: its answer comes to `_on_commit`
+        from `consume`, and a newer request waits for it. A synchronous commit waits for the
+        group's coordinator: with the broker gone that was 6 s per commit, or for ever once the
+        session had expired, and the consume loop that would have noticed the silence (FAULT)
+        stood still, RUNNING."""
         from confluent_kafka import KafkaException, TopicPartition
 
         try:
             consumer.commit(
-                offsets=[TopicPartition(t, p, o) for (t, p), o in request.items()], asynchronous=False
+                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=True
             )
-            self.commit_error = None
-            return True
-        except KafkaException as exc:
+            self._commit_in_flight = True
+        except KafkaException as exc:  # refused before it was sent (no group joined yet, ...)
             self.commit_error = str(exc)
             self._errors.warning("commit", f"Kafka commit failed: {exc}")
-            return False
+
+    def _on_commit(self, err, partitions) -> None:
+        """librdkafka's answer to a commit (served from `consume`)."""
+        self._commit_in_flight = False
+        failed = [tp for tp in partitions or [] if tp.error is not None]
+        if err is not None or failed:
+            self.commit_error = str(err if err is not None else failed[0].error)
+            self._errors.warning("commit", f"Kafka commit failed: {self.commit_error}")
+            return
+        self.commit_error = None
+        self._committed([((tp.topic, tp.partition), tp.offset) for tp in partitions or []])
+
+    def _committed(self, offsets: list[tuple[Key, int]]) -> None:
+        """Offsets the broker has taken (a group worker keeps them)."""

@@ -12,8 +12,8 @@ component with a checkpoint file, issue 19):
 - before partitions are revoked (a rebalance) and when consumption ends, the owner's
   `handover()` waits until everything fed is histogrammed, writes a checkpoint and returns
   the next offsets, which are committed synchronously before the partitions go;
-- periodic commits (`commit`, after each checkpoint) touch only partitions still assigned
-  and never move an offset back.
+- periodic commits (`commit`, after each checkpoint) are asynchronous, one in flight at a
+  time, touch only partitions still assigned and never move an offset back.
 """
 
 from __future__ import annotations
@@ -187,6 +187,9 @@ class GroupWorkerSource(KafkaSource):
         todo = {k: o for k, o in offsets.items() if k in keys and o > self.committed.get(k, -1)}
         if not todo:
             return
+        if self.error is not None:  # no broker heard from: a synchronous commit would wait for ever
+            log.warning("%s: %s; offsets not committed (the checkpoint holds them)", why, self.error)
+            return
         try:
             consumer.commit(
                 offsets=[TopicPartition(t, p, o) for (t, p), o in todo.items()], asynchronous=False
@@ -197,24 +200,18 @@ class GroupWorkerSource(KafkaSource):
             self.commit_error = str(exc)
             log.warning("%s: commit failed: %s", why, exc)
 
-    def _do_commit(self, consumer) -> bool | None:
-        from confluent_kafka import KafkaException, TopicPartition
-
+    def _do_commit(self, consumer) -> None:
+        if self._commit_in_flight:
+            return
         with self._commit_lock:
             request, self._commit_request = self._commit_request, None
         if not request:
-            return None
+            return
         todo = {k: o for k, o in request.items() if k in self.assigned and o > self.committed.get(k, -1)}
-        if not todo:
-            return None
-        try:
-            consumer.commit(
-                offsets=[TopicPartition(t, p, o) for (t, p), o in todo.items()], asynchronous=False
-            )
-            self.committed.update(todo)
-            self.commit_error = None
-            return True
-        except KafkaException as exc:
-            self.commit_error = str(exc)
-            self._errors.warning("commit", f"Kafka commit failed: {exc}")
-            return False
+        if todo:
+            self._send_commit(consumer, todo)
+
+    def _committed(self, offsets: list[tuple[Key, int]]) -> None:
+        for k, o in offsets:
+            if o >= 0 and o > self.committed.get(k, -1):
+                self.committed[k] = o
