@@ -609,3 +609,61 @@ def test_a_group_member_the_group_gives_no_partition_says_so(kafka_broker, tmp_p
     finally:
         for h in members:
             h.close()
+
+
+def test_a_worker_stopped_while_its_hand_over_commit_failed_is_not_counted_again(kafka_broker, tmp_path):
+    """The broker away at Stop (down, or cut off, and back later with its data): the worker's
+    hand-over commit fails, and its last checkpoint said `running: false`, which the group's
+    other members skip ('a worker that stopped in order committed'). A member later given its
+    partitions read them from the group's older commit: every message since counted twice
+    (the sum said 'counted twice' and the total was too high until a Reset)."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    from livehist.components.checkpoint import group_offsets
+    from livehist.components.histogrammer import Histogrammer
+
+    topic = kafka_topic(kafka_broker, 2)
+    uri = f"kafka://{kafka_broker}/{topic}?group=g-{topic}&start=earliest"
+
+    def make(name: str) -> Histogrammer:
+        return Histogrammer(
+            uri, json.dumps([TOF]), publish_period=0.2, name=name, checkpoint_dir=str(tmp_path)
+        )
+
+    class Away:  # the consumer, with a coordinator that does not answer commits
+        def __init__(self, consumer) -> None:
+            self.consumer = consumer
+
+        def commit(self, *args, **kw) -> None:
+            raise KafkaException(KafkaError(KafkaError._WAIT_COORD))
+
+    producer = Producer({"bootstrap.servers": kafka_broker})
+    sent = [_events(200 + i, 400 + i) for i in range(20)]
+    a, b = make("test/hc/a"), None
+    try:
+        a.start()
+        source = a._source
+        source.commit = lambda *args, **kw: None  # the periodic commits do not land either
+        hand_over = source._hand_over
+        source._hand_over = lambda consumer, keys, why: hand_over(Away(consumer), keys, why)
+        wait_for(lambda: source.assigned == {(topic, 0), (topic, 1)}, what="a to get both partitions")
+        _send(producer, topic, sent[:10])
+        first = sum(len(x) for x in sent[:10])
+        wait_for(lambda: a.engine.events == first, what="the first half")
+        a.stop()
+        assert a.checkpoint.read()["counters"]["events"] == first and not a._source.committed
+        assert group_offsets(tmp_path, uri) == {(topic, 0): (5, "test_hc_a"), (topic, 1): (5, "test_hc_a")}
+        b = make("test/hc/b")  # a is not started again (its host down, or left out of the sum)
+        b.start()
+        _send(producer, topic, sent[10:], 10)
+        total = sum(len(x) for x in sent)
+        wait_for(lambda: b.engine.events >= total - first, what="b to read the second half")
+        time.sleep(1.0)  # anything counted twice would show now
+        assert (b.engine.messages, b.engine.events) == (10, total - first)
+        tof = np.concatenate([x.tof for x in sent])
+        want = np.histogram(tof, np.linspace(0, 70_000_000, 351))[0]
+        assert np.array_equal(a.engine.snapshot().counts["tof"] + b.engine.snapshot().counts["tof"], want)
+    finally:
+        a.close()
+        if b is not None:
+            b.close()

@@ -67,7 +67,9 @@ def group_offsets(directory: str | Path, uri: str) -> dict[tuple[str, int], tupl
         except Exception as exc:  # being replaced, damaged, not ours: its owner deals with it
             log.debug("checkpoint %s not read: %s", path, exc)
             continue
-        if group_of(str(meta.get("uri", ""))) != me or not meta.get("running"):
+        if group_of(str(meta.get("uri", ""))) != me:
+            continue
+        if not meta.get("running") and not meta.get("uncommitted"):
             continue  # a worker that stopped in order handed over and committed: its commit says it all
         for t, p, _, last in meta.get("offsets", []):
             k = (str(t), int(p))
@@ -96,14 +98,21 @@ class Checkpoint:
             log.info("removed %s, a checkpoint write that never finished", tmp)
 
     def write(
-        self, snap: Snapshot, specs_json: str, running: bool, still: Callable[[], bool] | None = None
+        self,
+        snap: Snapshot,
+        specs_json: str,
+        running: bool,
+        still: Callable[[], bool] | None = None,
+        uncommitted: bool = False,
     ) -> bool:
         """Write `snap` whole; False (nothing changed) if `still()`, asked just before the rename over
         the last checkpoint, says it no longer may: a process frozen mid-write (SIGSTOP, a stalled VM)
-        must not finish it on waking, since the group's other members may have read on from the last."""
+        must not finish it on waking, since the group's other members may have read on from the last.
+        `uncommitted`: stopped, but the group's commit (as far as this worker knows) does not reach
+        what it counted (the broker was away at its hand-over): the group reads on from this file."""
         meta = {
             "version": VERSION, "uri": self.uri, "histograms": specs_json, "running": running,
-            "written_at": time.time(), "seq": self.written + 1,
+            "uncommitted": bool(uncommitted), "written_at": time.time(), "seq": self.written + 1,
             "counters": {"events": snap.events, "messages": snap.messages, "bad_messages": snap.bad_messages,
                          "dropped_messages": snap.dropped_messages, "pulses": snap.pulses, "elapsed": snap.elapsed},
             "offsets": [[t, p, a, b] for (t, p), (a, b) in sorted(snap.offsets.items())],

@@ -296,7 +296,9 @@ class Histogrammer:
         with ck.lock:  # snapshots reach the file in the order they were taken
             snap = self.engine.snapshot()
             try:
-                written = ck.write(snap, self.config_json(), self.engine.running, still=self._free)
+                running = self.engine.running
+                written = ck.write(snap, self.config_json(), running, still=self._free,
+                                   uncommitted=not running and self._uncommitted(snap))  # fmt: skip
                 ck.last_error = None
             except OSError as exc:  # nothing committed past the last good checkpoint
                 ck.last_error = f"checkpoint {ck.path} not written: {exc}"
@@ -308,6 +310,16 @@ class Histogrammer:
         self.last = snap
 
     # --- consumer-group workers (issue 19) ---------------------------------------------
+    def _uncommitted(self, snap: Snapshot) -> bool:
+        """Whether the group's commit does not reach what `snap` counted (a hand-over whose commit the
+        broker did not take: down or cut off at Stop). The stopped worker's checkpoint then tells the
+        group where to read on; without it a member given these partitions counted them again."""
+        source = self._source
+        if not isinstance(source, GroupWorkerSource):
+            return False
+        committed = source.committed
+        return any(o > committed.get(k, -1) for k, o in next_offsets(snap.offsets).items())
+
     def _open(self, uri: str):
         """The source for `uri`; a Kafka consumer-group worker gets checkpoints and exact hand-overs."""
         source = open_source(uri)
