@@ -697,6 +697,47 @@ def test_frozen_broker_gives_fault_and_counting_resumes_at_the_offsets_reached(o
     assert snap.offsets == {(topic, 0): (0, 19), (topic, 1): (0, 19)}
 
 
+def test_a_broker_frozen_while_a_group_workers_commit_is_pending_gives_fault(own_kafka_broker, tmp_path):
+    """A group worker commits each checkpoint's offsets. A broker frozen (SIGSTOP: connections
+    open, no answer) just after the messages were counted held the synchronous commit, and the
+    consumer loop inside it, for as long as the freeze lasted (40 s seen): no silence counted,
+    RUNNING throughout, and a Stop meanwhile took 10 s (the source's join timeout)."""
+    import signal
+
+    broker = own_kafka_broker.address
+    topic = kafka_topic(broker, 2, prefix="frozencommit")
+    hg = Histogrammer(f"kafka://{broker}/{topic}?group=g-{topic}&start=earliest", [TOF_SPEC], publish_period=0.2,
+                      reconnect_delays=(0.5, 2.0), name="test/fc/1", checkpoint_dir=str(tmp_path))  # fmt: skip
+    try:
+        hg.start()
+        wait_for(lambda: hg._source.assigned, what="the partitions")
+        sent = produce_pulses(broker, topic, 10, 100, 2)
+        wait_for(lambda: hg.engine.events == sent, what="the 10 messages")
+        own_kafka_broker.proc.send_signal(signal.SIGSTOP)  # the checkpoint's commit is due now
+        t0 = time.monotonic()
+        wait_for(
+            lambda: hg.state == "FAULT",
+            timeout=15,
+            what="FAULT for a frozen broker",
+            detail=lambda: hg.status,
+        )
+        assert time.monotonic() - t0 < 10 and "no Kafka broker reachable" in hg.status, hg.status
+        own_kafka_broker.proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: hg.state == "RUNNING", timeout=40, what="RUNNING again", detail=lambda: hg.status)
+        p = producer(broker)
+        for i in range(10, 20):
+            p.produce(topic, encode_ev44(pulses(i, 1, 100, seed=i), i, "det"), partition=i % 2)
+        p.flush(30)
+        wait_for(lambda: hg.engine.events >= 2 * sent, timeout=40, what="the messages after the thaw")
+        time.sleep(1.0)  # anything counted twice would show now
+        assert (hg.engine.events, hg.engine.messages) == (2 * sent, 20)
+        wait_for(lambda: hg._source.committed == {(topic, 0): 10, (topic, 1): 10}, what="the commits")
+    finally:
+        if own_kafka_broker.proc is not None:
+            own_kafka_broker.proc.send_signal(signal.SIGCONT)
+        hg.close()
+
+
 def test_a_dead_broker_gives_fault_while_commits_wait_for_it(own_kafka_broker):
     """A group worker commits after every checkpoint (5 a second). With the broker dead, a
     synchronous commit waited ~6 s for the group's coordinator, and for ever once the session had
