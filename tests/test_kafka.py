@@ -738,6 +738,52 @@ def test_a_broker_frozen_while_a_group_workers_commit_is_pending_gives_fault(own
         hg.close()
 
 
+def test_stop_with_the_broker_frozen_returns_within_5_s_and_counts_stay_exact(own_kafka_broker, tmp_path):
+    """Stop while the broker is frozen (SIGSTOP) and the last messages' commit not yet answered:
+    the hand-over's synchronous commit waited for the broker, and Stop with it, 10 s (a Tango
+    client gives up after 3), the consumer thread living on. Now the commit's answer is awaited
+    3 s at most and the consumer closed in the background; after the thaw, Start reads on exactly."""
+    import signal
+
+    broker = own_kafka_broker.address
+    topic = kafka_topic(broker, 2, prefix="frozenstop")
+    hg = Histogrammer(f"kafka://{broker}/{topic}?group=g-{topic}&start=earliest", [TOF_SPEC], publish_period=0.2,
+                      reconnect_delays=(0.5, 2.0), name="test/fs/1", checkpoint_dir=str(tmp_path))  # fmt: skip
+    p = producer(broker)
+
+    def produce(first: int, n: int) -> None:
+        for i in range(first, first + n):
+            p.produce(topic, encode_ev44(pulses(i, 1, 100, seed=i), i, "det"), partition=i % 2)
+        p.flush(30)
+
+    try:
+        hg.start()
+        wait_for(lambda: hg._source.assigned, what="the partitions")
+        produce(0, 10)
+        wait_for(lambda: hg.engine.events == 1000, what="the first 10 messages")
+        own_kafka_broker.proc.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        hg.stop()
+        took = time.monotonic() - t0
+        assert took < 5, f"Stop took {took:.1f} s with the broker frozen"
+        assert hg.state == "ON" and hg.last.events == 1000, hg.status
+        own_kafka_broker.proc.send_signal(signal.SIGCONT)
+        hg.start()
+        produce(10, 10)
+        wait_for(
+            lambda: hg.engine.events >= 2000,
+            timeout=40,
+            what="the messages after the thaw",
+            detail=lambda: hg.status,
+        )
+        time.sleep(1.0)  # anything counted twice would show now
+        assert (hg.engine.events, hg.engine.messages) == (2000, 20), hg.status
+    finally:
+        if own_kafka_broker.proc is not None:
+            own_kafka_broker.proc.send_signal(signal.SIGCONT)
+        hg.close()
+
+
 def test_a_dead_broker_gives_fault_while_commits_wait_for_it(own_kafka_broker):
     """A group worker commits after every checkpoint (5 a second). With the broker dead, a
     synchronous commit waited ~6 s for the group's coordinator, and for ever once the session had

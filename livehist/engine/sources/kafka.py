@@ -49,6 +49,7 @@ log = logging.getLogger("livehist.engine.sources.kafka")
 BATCH_MESSAGES = 500  # messages per consume(): one call into librdkafka per batch, not per message
 CONNECT_TIMEOUT_S = 5.0
 DOWN_AFTER_S = 3.0  # no broker reachable this long (with 1 s statistics): FAULT within 10 s
+COMMIT_SILENT_S = 2.0  # no commit sent after this long without a word from the broker (`_commit_held`)
 STALLED_S = 1.0  # a consume(0.1 s) that took this long: this process was stalled, not the broker silent
 STOP_GRACE_S = 2.0  # an idle partition at its end counts as past `stop` this long after it
 LOOKBACK_MS = 10_000  # seek this much before `start`: a message's timestamp is its first pulse
@@ -115,6 +116,21 @@ def broker_answers(brokers: dict, cgrp: dict | None) -> bool:
         return True
     joining = isinstance(cgrp, dict) and cgrp.get("join_state") not in (None, "init", "steady")
     return bool(up) and joining
+
+
+def _close_later(consumer, brokers: str) -> None:
+    """Close a consumer whose broker is gone, off the source's thread (Stop and the reconnect
+    do not wait for it); it ends when the broker answers again or the process exits."""
+    t0 = time.monotonic()
+    try:
+        consumer.close()
+    except Exception as exc:  # closed already, or librdkafka's own error: nothing to keep
+        log.debug("closing the consumer of %s: %s", brokers, exc)
+        return
+    if time.monotonic() - t0 > 10:
+        log.info(
+            "the consumer of %s that lost its broker closed after %.0f s", brokers, time.monotonic() - t0
+        )
 
 
 class _RdLog:
@@ -318,7 +334,11 @@ class KafkaSource(Source):
             self.connected = True  # the broker answered with the topics (a group then joins)
             self._consume(consumer)
         finally:
-            consumer.close()
+            if self.error is None and not self._commit_in_flight:
+                consumer.close()
+            else:  # the broker gone: close() waits for a commit in flight, for the coordinator, for ever
+                threading.Thread(target=_close_later, args=(consumer, self.brokers), daemon=True,
+                                 name="livehist-kafka-close").start()  # fmt: skip
 
     def _check_topic_ids(self) -> None:
         """Drop resumed offsets of a topic deleted and created again: its offsets start anew."""
@@ -470,9 +490,15 @@ class KafkaSource(Source):
             return late
         return all(k in self._passed or (late and self._eof.get(k, False)) for k in assigned)
 
+    def _commit_held(self) -> bool:
+        """No commit goes out while one is in flight, or while the broker has been silent for
+        COMMIT_SILENT_S: librdkafka retries a commit until the group's coordinator answers, and
+        closing the consumer waits for it, so one sent to a broker that is gone holds the close."""
+        return self._commit_in_flight or time.monotonic() - self._last_up > COMMIT_SILENT_S
+
     def _do_commit(self, consumer) -> None:
         """Send the offsets asked for by `commit` (see `_send_commit`)."""
-        if self._commit_in_flight:
+        if self._commit_held():
             return
         with self._commit_lock:
             request, self._commit_request = self._commit_request, None

@@ -26,6 +26,9 @@ from livehist.engine.sources.kafka import KafkaSource, Key
 
 log = logging.getLogger("livehist.engine.sources.kafka_group")
 
+END = "end of acquisition"
+HANDOVER_WAIT_S = 3.0  # at Stop, for the broker to answer the last commit (`_commit_and_wait`)
+
 
 class GroupWorkerSource(KafkaSource):
     paced = True
@@ -65,7 +68,7 @@ class GroupWorkerSource(KafkaSource):
             super()._consume(consumer)
         finally:
             if self.assigned and self.handover is not None and self._fatal is None:
-                self._hand_over(consumer, set(self.assigned), "end of acquisition")
+                self._hand_over(consumer, set(self.assigned), END)
             self.handover_done = True
             self._consumer = None
 
@@ -190,6 +193,9 @@ class GroupWorkerSource(KafkaSource):
         if self.error is not None:  # no broker heard from: a synchronous commit would wait for ever
             log.warning("%s: %s; offsets not committed (the checkpoint holds them)", why, self.error)
             return
+        if why == END:  # Stop: waits HANDOVER_WAIT_S at most for the broker's answer
+            self._commit_and_wait(consumer, todo)
+            return
         try:
             consumer.commit(
                 offsets=[TopicPartition(t, p, o) for (t, p), o in todo.items()], asynchronous=False
@@ -200,8 +206,32 @@ class GroupWorkerSource(KafkaSource):
             self.commit_error = str(exc)
             log.warning("%s: commit failed: %s", why, exc)
 
+    def _commit_and_wait(self, consumer, todo: dict[Key, int]) -> None:
+        """The end of acquisition's commit, asynchronous, its answer awaited HANDOVER_WAIT_S at most:
+        a synchronous one waited as long as a frozen or cut-off broker stayed away, and Stop with
+        it (10 s, then the thread lived on). Unanswered, the checkpoint, marked uncommitted, tells
+        the group where to read on."""
+        deadline = time.monotonic() + HANDOVER_WAIT_S
+        sent = False
+        while time.monotonic() < deadline:
+            if not self._commit_in_flight:
+                if sent:
+                    break
+                self._send_commit(consumer, todo)
+                sent = True
+                if not self._commit_in_flight:  # refused at once (commit_error says why)
+                    break
+            consumer.poll(0.1)  # serves `_on_commit`; a message it returns is not counted (stopping)
+        if self._commit_in_flight or not sent:
+            log.warning("%s: the broker did not answer the commit of %s within %g s (the checkpoint holds them)",
+                        END, todo, HANDOVER_WAIT_S)  # fmt: skip
+        elif self.commit_error is None:
+            log.info("%s: committed %s", END, todo)
+        else:
+            log.warning("%s: commit failed: %s", END, self.commit_error)
+
     def _do_commit(self, consumer) -> None:
-        if self._commit_in_flight:
+        if self._commit_held():
             return
         with self._commit_lock:
             request, self._commit_request = self._commit_request, None
