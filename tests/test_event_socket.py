@@ -103,3 +103,24 @@ def test_a_half_made_event_socket_is_said_and_not_retried_for_a_minute(fresh, ca
 def test_half_made_endpoints_are_told_from_complete_ones(fresh, line, half_made):
     fresh.setattr(events, "tango", fake_tango([False], [], info=["Heartbeat: tcp://192.0.2.2:1", line]))
     assert events._half_made_endpoint("test/x/1") == half_made
+
+
+def test_up_starts_the_sums_servers_after_their_members_servers():
+    """A HistogramSum subscribes to its members' events as soon as it starts: `up` starts the
+    servers holding sums only once the others answer (startup levels, as Tango's Starter has),
+    so no sum's subscription reaches a member server still creating its devices."""
+    from livehist.site.control import start_levels
+
+    servers = {
+        "HistogramSum/s": [("HistogramSum", "t/sum/1")],
+        "EventHistogrammer/w1": [("EventHistogrammer", "t/w/1"), ("EventHistogrammer", "t/w/odd")],
+        "Both/x": [("EventHistogrammer", "t/w/3"), ("HistogramSum", "t/sum/2")],
+        "MetadataManager/m": [("MetadataManager", "t/meta/1")],
+    }
+    first, then = start_levels(servers)
+    assert list(first) == ["EventHistogrammer/w1", "MetadataManager/m"]
+    assert list(then) == ["HistogramSum/s", "Both/x"]
+    assert start_levels({"EventHistogrammer/w1": servers["EventHistogrammer/w1"]}) == [
+        {"EventHistogrammer/w1": servers["EventHistogrammer/w1"]}
+    ]
+    assert start_levels({}) == []

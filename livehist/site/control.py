@@ -119,6 +119,17 @@ def server_devices(config: dict) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
+def start_levels(servers: dict[str, list[tuple[str, str]]]) -> list[dict[str, list[tuple[str, str]]]]:
+    """Servers in the order `up` starts them, as Tango's Starter does with startup levels: those
+    without a HistogramSum first, answering before the sums start. A sum subscribes to its members'
+    events; a subscription that reaches a server still creating its devices leaves that server's
+    event socket half made by cppTango 10.3 (endpoint "tcp://*:", see devices/events.py), and no
+    client receives its events until it restarts."""
+    first = {s: d for s, d in servers.items() if not any(cls == "HistogramSum" for cls, _ in d)}
+    then = {s: d for s, d in servers.items() if s not in first}
+    return [level for level in (first, then) if level]
+
+
 def own_database_trouble(site: Site) -> str | None:
     """Why the embedded database of this state dir, alive at the site's port, does not answer
     (stopped, or hung), or None when no such process runs."""
@@ -632,39 +643,42 @@ def _up(
     calls = dsconfig.apply(site.config, host, port, site.config_path, say=say)
     say(f"configuration {site.config_path}: {calls} database changes" if calls else
         f"configuration {site.config_path}: database already up to date")  # fmt: skip
-    started: dict[str, Managed] = {}
     adopted: set[str] = set()  # alive but not answering: starting, or dying (just killed)
-    for server, devs in server_devices(site.config).items():
-        frozen = Managed(site.state_dir, server.replace("/", "-")).stopped()
-        if frozen is not None:  # cannot answer: do not spend the pings' timeouts and --timeout on it
-            raise LivehistError(_frozen_message(server, frozen))
-        missing = [dev for _, dev in devs if not ping(site.url(dev))]
-        if not missing:
-            say(f"{server}: already running")
-            continue
-        if len(missing) < len(devs) or ping(site.url(f"dserver/{server}")):
-            # a running server exports the devices it had at start: new ones need a restart
-            deadline = time.monotonic() + 5  # unless it is still exporting them
-            while missing and time.monotonic() < deadline:
-                time.sleep(0.5)
-                missing = [dev for dev in missing if not ping(site.url(dev), 500)]
+    for level in start_levels(server_devices(site.config)):
+        started: dict[str, Managed] = {}
+        for server, devs in level.items():
+            frozen = Managed(site.state_dir, server.replace("/", "-")).stopped()
+            if frozen is not None:  # cannot answer: do not spend the pings' timeouts and --timeout on it
+                raise LivehistError(_frozen_message(server, frozen))
+            missing = [dev for _, dev in devs if not ping(site.url(dev))]
             if not missing:
                 say(f"{server}: already running")
                 continue
-            raise LivehistError(
-                f"server {server} is running without {', '.join(missing)} (added by {site.config_path}); "
-                f"a running server does not pick up new devices: restart it (`livehist down`, then `livehist up`, "
-                f"or the command RestartServer of dserver/{server})"
-            )
-        proc = Managed(site.state_dir, server.replace("/", "-"))
-        if proc.pid() is None:
-            proc.start(server_catalogue.argv(server), env=site.server_env())
-            say(f"{server}: started (log {proc.log})")
-        else:
-            adopted.add(server)
-            say(f"{server}: its process is alive but does not answer yet; waiting for it (log {proc.log})")
-        started[server] = proc
-    wait_ready(site, started, timeout, say, adopted)
+            if len(missing) < len(devs) or ping(site.url(f"dserver/{server}")):
+                # a running server exports the devices it had at start: new ones need a restart
+                deadline = time.monotonic() + 5  # unless it is still exporting them
+                while missing and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    missing = [dev for dev in missing if not ping(site.url(dev), 500)]
+                if not missing:
+                    say(f"{server}: already running")
+                    continue
+                raise LivehistError(
+                    f"server {server} is running without {', '.join(missing)} (added by {site.config_path}); "
+                    f"a running server does not pick up new devices: restart it (`livehist down`, then `livehist up`, "
+                    f"or the command RestartServer of dserver/{server})"
+                )
+            proc = Managed(site.state_dir, server.replace("/", "-"))
+            if proc.pid() is None:
+                proc.start(server_catalogue.argv(server), env=site.server_env())
+                say(f"{server}: started (log {proc.log})")
+            else:
+                adopted.add(server)
+                say(
+                    f"{server}: its process is alive but does not answer yet; waiting for it (log {proc.log})"
+                )
+            started[server] = proc
+        wait_ready(site, started, timeout, say, adopted)
     from livehist.site import sardana_setup
 
     sardana_setup.ensure(site, say)
