@@ -900,3 +900,31 @@ def test_messages_of_other_sources_are_named_in_status_not_skipped_silently(kafk
         assert "'det'" in status and "'\\u63a2\\u6d4b\\u5668'" in status and "source=dett" in status, status
     finally:
         dev.Stop()
+
+
+def test_callbacks_of_a_consumer_closed_in_the_background_change_nothing():
+    """A consumer whose broker is gone is closed in the background, and close() calls its
+    rebalance and commit callbacks, maybe while a later consumer of the same source runs: its
+    `lost` set the new acquisition's counts back to a checkpoint, its revoke took the new
+    partitions out of `assigned`. Callbacks of a consumer no longer in use are now ignored."""
+    from types import SimpleNamespace
+
+    from livehist.engine.sources.kafka_group import GroupWorkerSource
+
+    lost_calls: list = []
+    source = GroupWorkerSource(
+        "kafka://127.0.0.1:1/t?group=g", lost=lambda keys: lost_calls.append(keys) or ""
+    )
+    source._session = object()  # the old consumer's session, as `run` makes it
+    old = source._rebalance_callbacks()
+    old_commit = source._this_session(source._on_commit)
+    source._session = object()  # a new consumer now runs
+    new = source._rebalance_callbacks()
+    source.assigned = {("t", 0), ("t", 1)}
+    parts = [SimpleNamespace(topic="t", partition=0, offset=7, error=None)]
+    old["on_lost"](None, parts)
+    old["on_revoke"](None, parts)
+    old_commit(None, parts)
+    assert lost_calls == [] and source.assigned == {("t", 0), ("t", 1)} and source.committed == {}
+    new["on_lost"](None, parts)  # the current consumer's still work
+    assert lost_calls == [{("t", 0)}] and source.assigned == {("t", 1)}

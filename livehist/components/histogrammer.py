@@ -345,9 +345,9 @@ class Histogrammer:
         with ck.lock:
             snap = self.engine.snapshot()
             try:
-                written = not self._held() and ck.write(
-                    snap, self.config_json(), self.engine.running, still=self._free
-                )
+                running = self.engine.running  # ended (Stop, preset, stop=): the commit comes after this
+                written = not self._held() and ck.write(snap, self.config_json(), running, still=self._free,
+                                                        uncommitted=not running and self._uncommitted(snap))  # fmt: skip
             except OSError as exc:  # kept, our counts past the last checkpoint were counted twice
                 ck.last_error = f"checkpoint {ck.path} not written: {exc}"
                 why, written = f"partitions handed over, {ck.last_error}", False

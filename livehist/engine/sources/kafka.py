@@ -49,6 +49,7 @@ log = logging.getLogger("livehist.engine.sources.kafka")
 BATCH_MESSAGES = 500  # messages per consume(): one call into librdkafka per batch, not per message
 CONNECT_TIMEOUT_S = 5.0
 DOWN_AFTER_S = 3.0  # no broker reachable this long (with 1 s statistics): FAULT within 10 s
+COMMIT_ANSWER_S = 15.0  # a commit unanswered this long counts as failed (`_commit_held`)
 COMMIT_SILENT_S = 2.0  # no commit sent after this long without a word from the broker (`_commit_held`)
 STALLED_S = 1.0  # a consume(0.1 s) that took this long: this process was stalled, not the broker silent
 STOP_GRACE_S = 2.0  # an idle partition at its end counts as past `stop` this long after it
@@ -212,6 +213,8 @@ class KafkaSource(Source):
         self._commit_request: dict[Key, int] | None = None
         self.commit_error: str | None = None
         self._commit_in_flight = False  # an asynchronous commit not yet answered (`_on_commit`)
+        self._commit_sent_at = 0.0
+        self._session: object | None = None  # the current consumer's token (`_this_session`)
         self._errors = RateLimitedLog(log)
 
     # --- the API for owners (checkpoints, commits, reconnects) -----------------------------
@@ -246,9 +249,9 @@ class KafkaSource(Source):
             "auto.offset.reset": "earliest" if self.start_mode != "latest" or self._resume else "latest",
             "enable.partition.eof": True,
             "statistics.interval.ms": 1000,
-            "stats_cb": self._stats,
-            "error_cb": self._error,
-            "on_commit": self._on_commit,
+            "stats_cb": self._this_session(self._stats),
+            "error_cb": self._this_session(self._error),
+            "on_commit": self._this_session(self._on_commit),
             "logger": _RdLog(),
             "fetch.max.bytes": 64 * 2**20,
             "max.partition.fetch.bytes": 16 * 2**20,
@@ -309,6 +312,7 @@ class KafkaSource(Source):
         self._eof: dict[Key, bool] = {}
         self._passed: set[Key] = set()
         self._recreated: set[str] = set()
+        self._session = object()  # this consumer's: its callbacks after it ended are ignored
         consumer = Consumer(self._config())
         try:
             metadata = self._metadata(consumer)
@@ -334,6 +338,9 @@ class KafkaSource(Source):
             self.connected = True  # the broker answered with the topics (a group then joins)
             self._consume(consumer)
         finally:
+            # closing calls the rebalance and commit callbacks once more, in the background maybe while
+            # a new consumer of this source runs: they concern that session no longer
+            self._session = None
             if self.error is None and not self._commit_in_flight:
                 consumer.close()
             else:  # the broker gone: close() waits for a commit in flight, for the coordinator, for ever
@@ -357,6 +364,7 @@ class KafkaSource(Source):
                 log.warning("topic %s was created anew on %s: reading it from its start", topic, self.brokers)
                 self._resume = {k: o for k, o in self._resume.items() if k[0] != topic}
                 self._recreated.add(topic)
+                self._forget_commits(topic)
                 if self.topic_renewed is not None:
                     self.topic_renewed(topic)
 
@@ -490,10 +498,32 @@ class KafkaSource(Source):
             return late
         return all(k in self._passed or (late and self._eof.get(k, False)) for k in assigned)
 
+    def _this_session(self, callback):
+        """`callback`, called only while the consumer it was made for is the current one: a consumer
+        closed in the background (`_close_later`) calls its callbacks from close(), possibly
+        during a later acquisition (its `lost` set the new counts back, its revoke took the new
+        partitions out of `assigned`)."""
+        session = self._session
+
+        def guarded(*args):
+            if self._session is session:
+                return callback(*args)
+            log.debug(
+                "a callback of a consumer no longer in use ignored: %s",
+                getattr(callback, "__name__", callback),
+            )
+            return None
+
+        return guarded
+
     def _commit_held(self) -> bool:
         """No commit goes out while one is in flight, or while the broker has been silent for
         COMMIT_SILENT_S: librdkafka retries a commit until the group's coordinator answers, and
         closing the consumer waits for it, so one sent to a broker that is gone holds the close."""
+        if self._commit_in_flight and time.monotonic() - self._commit_sent_at > COMMIT_ANSWER_S:
+            self._commit_in_flight = False  # an answer that never came (librdkafka dropped it): say so
+            self.commit_error = f"no answer to the commit sent {COMMIT_ANSWER_S:g} s ago"
+            self._errors.warning("commit", f"Kafka commit failed: {self.commit_error}")
         return self._commit_in_flight or time.monotonic() - self._last_up > COMMIT_SILENT_S
 
     def _do_commit(self, consumer) -> None:
@@ -517,7 +547,7 @@ class KafkaSource(Source):
             consumer.commit(
                 offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=True
             )
-            self._commit_in_flight = True
+            self._commit_in_flight, self._commit_sent_at = True, time.monotonic()
         except KafkaException as exc:  # refused before it was sent (no group joined yet, ...)
             self.commit_error = str(exc)
             self._errors.warning("commit", f"Kafka commit failed: {exc}")
@@ -535,3 +565,6 @@ class KafkaSource(Source):
 
     def _committed(self, offsets: list[tuple[Key, int]]) -> None:
         """Offsets the broker has taken (a group worker keeps them)."""
+
+    def _forget_commits(self, topic: str) -> None:
+        """A topic created anew: its offsets begin again (a group worker forgets what it committed)."""

@@ -67,16 +67,19 @@ class GroupWorkerSource(KafkaSource):
         try:
             super()._consume(consumer)
         finally:
-            if self.assigned and self.handover is not None and self._fatal is None:
-                self._hand_over(consumer, set(self.assigned), END)
-            self.handover_done = True
-            self._consumer = None
+            try:
+                if self.assigned and self.handover is not None and self._fatal is None:
+                    self._hand_over(consumer, set(self.assigned), END)
+            finally:  # even if a callback raised in the hand-over's poll: close() must not hand over again
+                self.handover_done = True
+                self._consumer = None
 
     def _rebalance_callbacks(self) -> dict:
         self.handover_done = False
         self.assigned = set()
         self.unassigned_since = time.monotonic()
-        return {"on_assign": self._on_assign, "on_revoke": self._on_revoke, "on_lost": self._on_lost}
+        return {"on_assign": self._this_session(self._on_assign), "on_revoke": self._this_session(self._on_revoke),
+                "on_lost": self._this_session(self._on_lost)}  # fmt: skip
 
     def _on_assign(self, consumer, partitions) -> None:
         from confluent_kafka import TopicPartition
@@ -221,7 +224,11 @@ class GroupWorkerSource(KafkaSource):
                 sent = True
                 if not self._commit_in_flight:  # refused at once (commit_error says why)
                     break
-            consumer.poll(0.1)  # serves `_on_commit`; a message it returns is not counted (stopping)
+            try:
+                consumer.poll(0.1)  # serves `_on_commit`; a message it returns is not counted (stopping)
+            except Exception as exc:  # a callback's error: the checkpoint holds the offsets
+                log.warning("%s: waiting for the commit's answer: %s", END, exc)
+                break
         if self._commit_in_flight or not sent:
             log.warning("%s: the broker did not answer the commit of %s within %g s (the checkpoint holds them)",
                         END, todo, HANDOVER_WAIT_S)  # fmt: skip
@@ -240,6 +247,9 @@ class GroupWorkerSource(KafkaSource):
         todo = {k: o for k, o in request.items() if k in self.assigned and o > self.committed.get(k, -1)}
         if todo:
             self._send_commit(consumer, todo)
+
+    def _forget_commits(self, topic: str) -> None:
+        self.committed = {k: o for k, o in self.committed.items() if k[0] != topic}
 
     def _committed(self, offsets: list[tuple[Key, int]]) -> None:
         for k, o in offsets:
