@@ -296,9 +296,7 @@ class Histogrammer:
         with ck.lock:  # snapshots reach the file in the order they were taken
             snap = self.engine.snapshot()
             try:
-                running = self.engine.running
-                written = ck.write(snap, self.config_json(), running, still=self._free,
-                                   uncommitted=not running and self._uncommitted(snap))  # fmt: skip
+                written = self._write_checkpoint(ck, snap)
                 ck.last_error = None
             except OSError as exc:  # nothing committed past the last good checkpoint
                 ck.last_error = f"checkpoint {ck.path} not written: {exc}"
@@ -310,6 +308,13 @@ class Histogrammer:
         self.last = snap
 
     # --- consumer-group workers (issue 19) ---------------------------------------------
+    def _write_checkpoint(self, ck, snap: Snapshot) -> bool:
+        """`snap` to the checkpoint (the caller holds `ck.lock`); once acquisition has ended (Stop,
+        preset, stop=) the hand-over's commit comes after this write, so it may say `uncommitted`."""
+        running = self.engine.running
+        return ck.write(snap, self.config_json(), running, still=self._free,
+                        uncommitted=not running and self._uncommitted(snap))  # fmt: skip
+
     def _uncommitted(self, snap: Snapshot) -> bool:
         """Whether the group's commit does not reach what `snap` counted (a hand-over whose commit the
         broker did not take: down or cut off at Stop). The stopped worker's checkpoint then tells the
@@ -345,9 +350,7 @@ class Histogrammer:
         with ck.lock:
             snap = self.engine.snapshot()
             try:
-                running = self.engine.running  # ended (Stop, preset, stop=): the commit comes after this
-                written = not self._held() and ck.write(snap, self.config_json(), running, still=self._free,
-                                                        uncommitted=not running and self._uncommitted(snap))  # fmt: skip
+                written = not self._held() and self._write_checkpoint(ck, snap)
             except OSError as exc:  # kept, our counts past the last checkpoint were counted twice
                 ck.last_error = f"checkpoint {ck.path} not written: {exc}"
                 why, written = f"partitions handed over, {ck.last_error}", False
