@@ -743,6 +743,32 @@ def test_bad_source_uris(uri, message):
     assert message in str(err.value)
 
 
+def test_the_histogram_list_is_read_without_waiting_for_a_batch():
+    """A panel reads HistogramConfig at every refresh: it must not wait while the accumulating
+    thread holds the engine for a batch (here: the lock held by another thread)."""
+    import threading
+
+    specs = parse_histograms([{"name": "a", "kind": "tof", "tof": {"start": 0, "stop": 1e8, "bins": 10}}])
+    engine = Engine(specs)
+    held, release = threading.Event(), threading.Event()
+
+    def batch():
+        with engine._lock:
+            held.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=batch)
+    worker.start()
+    try:
+        assert held.wait(5)
+        t0 = time.monotonic()
+        names = [s.name for s in engine.specs]
+        assert names == ["a"] and time.monotonic() - t0 < 1.0
+    finally:
+        release.set()
+        worker.join()
+
+
 def test_configure_swaps_while_running_and_keeps_counters():
     first = parse_histograms([{"name": "a", "kind": "tof", "tof": {"start": 0, "stop": 1e8, "bins": 10}}])
     engine = Engine(first)

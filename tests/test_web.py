@@ -529,9 +529,28 @@ def test_frames_round_trip_any_shape_and_odd_headers():
             assert back is None
         else:
             assert back.shape == array.shape and np.array_equal(back, array)
-            assert (back.dtype == np.float32) == (array.ndim == 2)
+            assert back.dtype == (np.uint8 if array.ndim == 2 else np.float64)  # counts 0..11: one byte each
             start = len(frames.encode(header, array)) - back.nbytes
             assert start % 8 == 0  # typed arrays in the page need the alignment
+
+
+@pytest.mark.parametrize(
+    "top, wire",
+    [(255, np.uint8), (256, np.uint16), (65535, np.uint16), (65536, np.uint32), (2**32 - 1, np.uint32),
+     (2**32, np.float32)],
+)  # fmt: skip
+def test_image_counts_travel_exactly_in_the_smallest_unsigned_type_that_holds_them(top, wire):
+    image = np.zeros((3, 5), np.int64)
+    image[1, 2] = top
+    _, back = frames.decode(frames.encode({"kind": "image"}, image))
+    assert back.dtype == wire and back[1, 2] == top and back.sum() == top  # 2**32 is exact in float32 too
+    negative = image.copy()
+    negative[0, 0] = -1  # not counts: float32, sign kept
+    _, back = frames.decode(frames.encode({"kind": "image"}, negative))
+    assert back.dtype == np.float32 and back[0, 0] == -1
+    for empty in (np.zeros((0, 4), np.int64), np.zeros((2, 3), np.float64)):
+        _, back = frames.decode(frames.encode({"kind": "image"}, empty))
+        assert back.shape == empty.shape and np.array_equal(back, empty)
 
 
 def test_a_client_that_does_not_read_is_bounded_and_the_others_get_everything():

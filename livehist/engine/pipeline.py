@@ -199,8 +199,10 @@ class Engine:
 
     @property
     def specs(self) -> list[HistogramSpec]:
-        with self._lock:
-            return [h.spec for h in self._hists.values()]
+        """The current list, without the engine's lock (a read of HistogramConfig, which a panel
+        makes at every refresh, never waits for a batch): `commit` swaps the dict whole, and
+        nothing changes a dict once in place."""
+        return [h.spec for h in self._hists.values()]
 
     def reset(self) -> None:
         with self._lock:

@@ -1,5 +1,6 @@
 // livehist web view: binary frames from /ws drawn on canvases (no libraries, no CDN).
-// Frames: uint32 LE header length, JSON header, padding to 8, then a float32/float64 array.
+// Frames: uint32 LE header length, JSON header, padding to 8, then the array (see frames.py):
+// spectra float64; images uint8/16/32 (counts, the smallest type that holds them) or float32.
 "use strict";
 
 const LH = (window.livehist = {
@@ -10,6 +11,7 @@ const SEP = "\u0000";
 const $ = (id) => document.getElementById(id);
 
 // --- frames ------------------------------------------------------------------------------
+const TYPED = { f8: Float64Array, f4: Float32Array, u4: Uint32Array, u2: Uint16Array, u1: Uint8Array };
 function decode(buf) {
   const n = new DataView(buf).getUint32(0, true);
   const header = JSON.parse(new TextDecoder().decode(new Uint8Array(buf, 4, n)));
@@ -17,7 +19,7 @@ function decode(buf) {
   if (header.dtype) {
     const start = 4 + n + ((8 - ((4 + n) % 8)) % 8);
     const count = header.shape.reduce((a, b) => a * b, 1);
-    array = header.dtype === "f4" ? new Float32Array(buf, start, count) : new Float64Array(buf, start, count);
+    array = new TYPED[header.dtype](buf, start, count);
   }
   return [header, array];
 }
