@@ -71,7 +71,8 @@ def test_tof_spectra_alone_equal_numpy_for_every_integer_dtype_across_chunks(
 ):
     """TOF spectra alone get their bins in a loop of their own (vectorised); two spectra, one
     of them on a second axis, over batches of several chunks, with the dtype's extremes. Up to
-    kernels.PAD_CELLS cells in all they count into a page-padded copy, folded in; more, in place."""
+    kernels.PAD_CELLS cells in all, in calls of a quarter as many events or more, they count into
+    a page-padded copy, folded in; otherwise in place."""
     info = np.iinfo(dtype)
     rng = np.random.default_rng(seed)
     lo, hi = max(info.min, start - 50), min(info.max, start + width + 50)
@@ -1012,3 +1013,39 @@ def test_integer_fields_given_as_huge_floats_are_named_in_a_short_message(value)
         parse_histograms([{"name": "t", "kind": "tof", "tof": {"start": 0, "stop": 1, "bins": value}}])
     assert str(err.value) == (f"Histograms[0].tof.bins must be an integer, got {value!r}: too large for a number "
                               "with an exponent or a fraction (write it as digits)")  # fmt: skip
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize(
+    "count, bins", [(16, 255), (16, 256), (8, 511), (8, 512), (2, 2047), (2, 2048), (1, 4000), (1, 4096)]
+)  # kernels.PAD_CELLS reached exactly, and just passed: the padded copy or counting in place
+def test_tof_spectra_at_the_padded_copy_threshold_equal_numpy_on_every_axis(count, bins, threads):
+    from livehist.engine import kernels
+
+    specs = parse_histograms([{"name": f"h{i}", "kind": "tof", "tof": {"start": i, "stop": i + 3 * bins, "bins": bins}}
+                              for i in range(count)])  # fmt: skip
+    cells = sum(((bins >> 8) + 1) << 9 for _ in specs)
+    assert (cells <= kernels.PAD_CELLS) == ((count, bins) in {(16, 255), (8, 511), (2, 2047), (1, 4000)})
+    rng = np.random.default_rng(count * bins)
+    hs = HistogramSet([make(s, threads) for s in specs], threads)
+    tofs = [rng.integers(-50, 4 * bins, n).astype(np.int32) for n in (70_001, 129, 1, 128)]
+    tofs.append(np.array([np.nan, np.inf, -np.inf, -0.0, 1e300, *range(0, 3 * bins + 20, 3)], np.float64))
+    for tof in tofs:
+        hs.add(batch(tof, np.zeros(tof.size, np.int32)))
+    n = sum(t.size for t in tofs)
+    for h in hs.hists:
+        expected = sum(
+            half_open(t[~np.isnan(t)] if t.dtype.kind == "f" else t, h.spec.tof.edges) for t in tofs
+        )
+        assert np.array_equal(h.data(), expected), h.name
+        assert h.out_of_range == n - expected.sum(), h.name
+
+
+def test_a_padded_kernel_is_never_generated_for_an_axis_without_a_spectrum():
+    """Each TOF axis keeps its chunk's bins in a page of a spectrum's padded copy: an axis no
+    spectrum uses has no page, so such a layout is refused rather than written past its copy."""
+    from livehist.engine import kernels
+
+    with pytest.raises(ValueError, match="every TOF axis has a spectrum"):
+        kernels._source(kernels.Layout((kernels.FAST, kernels.FAST), (kernels.Slot("tof", 1),)))
+    assert "pad_cell" in kernels._source(kernels.Layout((kernels.FAST,), (kernels.Slot("tof", 0),)))

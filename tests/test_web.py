@@ -777,3 +777,21 @@ def test_a_histogram_named_config_or_metadata_does_not_hide_the_configuration(si
         assert paints(page, "tof") >= 1 and state_shown(page) in ("RUNNING", "ALARM")
     finally:
         h.Configure(json.dumps(HISTOGRAMS))
+
+
+def test_every_wire_type_of_an_image_frame_is_one_the_page_decodes():
+    """The page's TYPED map (livehist.js) must name every dtype `frames.encode` can send."""
+    import re
+    from pathlib import Path
+
+    js = (Path(frames.__file__).parent / "static" / "livehist.js").read_text()
+    typed = set(re.search(r"const TYPED = \{([^}]*)\}", js)[1].replace(" ", "").split(","))
+    typed = {entry.split(":")[0] for entry in typed if entry}
+    arrays = [np.zeros(3), np.array([[True, False]]), np.array([[-1, 2]], np.int8), np.array([[2**64 - 1]], np.uint64),
+              np.array([[300, 0]], ">i8"), np.arange(40, dtype=np.int64).reshape(5, 8)[:, ::2] * 10**8,
+              np.zeros((0, 0), np.int64), np.array([[1.0, 2.0]]), np.array([[70000]], np.uint32)]  # fmt: skip
+    for array in arrays:
+        header, back = frames.decode(frames.encode({"kind": "image"}, array))
+        assert header["dtype"] in typed, header["dtype"]
+        if array.dtype.kind in "iub" and array.size and array.min() >= 0 and array.max() < 2**32:
+            assert back.dtype.kind == "u" and np.array_equal(back.astype(np.int64), array.astype(np.int64))

@@ -420,14 +420,20 @@ def _chunks(chunk: list[str]) -> list[str]:
 # padded copy the bins sit in the upper half of a page and counts only in lower halves, so
 # no offset is ever shared (14 processes: 0.76-0.81x the memory-read floor, against 0.20-0.82x).
 PAD_CELLS = 8192  # 64 KiB: an allocation malloc serves from its heap, zeroed and folded per call
+# and only for calls of at least a quarter as many events as padded cells: a smaller call (a
+# pulse group of a windowed spectrum, a tiny message, the 0-event calls that compile) would
+# pay more for the copy than the counting; it counts in place
 
 
 def _padded(layout: Layout, pre: list[str], loop: list[str], plain: list[str]) -> list[str]:
     """The body of a TOF-spectra-only kernel: counting into a padded private copy of the
     counts when they are small (`PAD_CELLS`), else `plain` (counting in place)."""
     slots = layout.slots
+    # each axis takes the upper half of a page of its own: every axis has a slot, so a page
+    if {s.axis for s in slots} != set(range(len(layout.axes))):
+        raise ValueError(f"a layout whose every TOF axis has a spectrum, not {layout}")
     sizes = [f"(((nb{s.axis} >> 8) + 1) << 9)" for s in slots]
-    out = [f"cells = {' + '.join(sizes)}", f"if cells <= {PAD_CELLS}:",
+    out = [f"cells = {' + '.join(sizes)}", f"if cells <= {PAD_CELLS} and (stop - start) * 4 >= cells:",
            "    buf = np.empty(cells + 512, np.int64)",
            "    o = ((4096 - buf.ctypes.data % 4096) % 4096) // 8",  # the first page boundary
            "    pad = buf[o : o + cells]", "    pad[:] = 0", "    a = 0"]  # fmt: skip
