@@ -1049,3 +1049,26 @@ def test_a_padded_kernel_is_never_generated_for_an_axis_without_a_spectrum():
     with pytest.raises(ValueError, match="every TOF axis has a spectrum"):
         kernels._source(kernels.Layout((kernels.FAST, kernels.FAST), (kernels.Slot("tof", 1),)))
     assert "pad_cell" in kernels._source(kernels.Layout((kernels.FAST,), (kernels.Slot("tof", 0),)))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("image", [False, True])  # beside an image: binned event by event, not prebinned
+@pytest.mark.parametrize(
+    "tof", [{"start": 0, "stop": 10, "bins": 2}, {"start": 1, "stop": 10, "bins": 3, "scale": "log"},
+            {"edges": [0, 3, 10]}, {"start": 0.5, "stop": 10, "bins": 3}],
+)  # fmt: skip
+def test_tofs_beyond_int64_are_out_of_range_on_every_axis_kind(dtype, image, tof):
+    """A TOF whose bin is beyond int64 (1e300) is compared before its conversion, which would be
+    undefined (x86 gives -2**63, an index far outside the counts)."""
+    specs = parse_histograms(
+        [{"name": "t", "kind": "tof", "tof": tof}]
+        + ([{"name": "i", "kind": "image", "pixels": {"first": 0, "shape": [2, 2]}}] if image else [])
+    )
+    hs = HistogramSet([make(s) for s in specs])
+    values = np.array([1e300, -1e300, 1e19, 9.3e18, 2.0**63, 1e30, np.inf, -np.inf, np.nan, 5.0], np.float64)
+    with np.errstate(over="ignore"):
+        tof_values = values.astype(dtype)
+    hs.add(batch(tof_values, np.zeros(values.size, np.int32)))
+    h = hs.hists[0]
+    assert h.data().sum() == 1 and h.out_of_range == values.size - 1
+    assert np.array_equal(h.data(), half_open(np.array([5.0]), h.spec.tof.edges))

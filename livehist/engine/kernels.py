@@ -98,8 +98,8 @@ def _binner(mode: int):
         @numba.njit(inline="always")
         def bin_of(t, edges, lo, s, n):
             x = np.float64(t)
-            if x >= lo:
-                b = np.int64((x - lo) * s)
+            if x >= lo:  # clamped before the conversion, undefined for a float beyond int64 (1e300)
+                b = np.int64(min((x - lo) * s, np.float64(n)))
                 if b < n:
                     return b
             return n
@@ -111,9 +111,7 @@ def _binner(mode: int):
             x = np.float64(t)
             if not (x >= lo):  # also rejects NaN
                 return n
-            b = np.int64((x - lo) * s)
-            if b > n:
-                b = n
+            b = np.int64(min((x - lo) * s, np.float64(n)))  # clamped first (see FAST)
             if x < edges[np.uint64(b)]:  # b >= 0 here: unsigned skips the wrap-around test
                 b -= 1
             elif b < n and x >= edges[np.uint64(b + 1)]:
