@@ -106,7 +106,14 @@ def assert_exact(s, workers, t, sent: list, messages: int, on: bool = True) -> s
     assert (s.MessageCount, counted) == (messages, total), status
     tof = np.concatenate([b.tof for b in sent])
     assert np.array_equal(s.tof, np.histogram(tof, np.linspace(0, 70_000_000, 351))[0])
-    assert "twice" not in status and (s.state() == tango.DevState.ON or not on), status
+    if on:  # Stop reads every member within the sum's timeout: on a loaded machine (CI, a busy loop
+        # on one core) the woken worker once answered late and the sum said ALARM, "down: test/fw/2
+        # (does not answer in time)", with exact counts; its follower reads it again within a second
+        wait_for(lambda: s.state() == tango.DevState.ON, timeout=30, what="the sum ON, every member answering",
+                 detail=lambda: s.status())  # fmt: skip
+        status = s.status()
+    assert "twice" not in status, status
+    assert (s.MessageCount, s.EventCount) == (messages, total), status  # and nothing moved meanwhile
     return status
 
 
