@@ -170,8 +170,7 @@ def prebin_padded(tof, ch, n, out, lo, s, fn):
     for j in range(n):
         x = np.float64(t[j])
         y = min((x - lo) * s, fn)
-        b = np.int32(y if x >= lo else fn)
-        out[j] = b + ((b >> 8) << 8)
+        out[j] = pad_cell_jit(np.int32(y if x >= lo else fn))
 
 
 @numba.njit(inline="always")
@@ -179,8 +178,7 @@ def prebin0_padded(tof, ch, n, out, lo, s, fn):
     """`prebin0`, writing each bin's `pad_cell`."""
     t = tof[ch : ch + n]
     for j in range(n):
-        b = np.int32(min(np.float64(np.uint32(t[j])) * s, fn))
-        out[j] = b + ((b >> 8) << 8)
+        out[j] = pad_cell_jit(np.int32(min(np.float64(np.uint32(t[j])) * s, fn)))
 
 
 @dataclass(frozen=True)
