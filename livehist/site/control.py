@@ -730,12 +730,14 @@ def wait_ready(site: Site, started: dict[str, Managed], timeout: float, say: Say
             elif time.monotonic() - frozen_since.setdefault(server, time.monotonic()) > 3:
                 # it cannot answer while stopped: waiting out the timeout only hid why
                 raise LivehistError(_frozen_message(server, frozen))
-            if proc.pid() is None and server in adopted:
+            # one look per round: with two, a process found alive by the first and gone by the second
+            # (CI: the killed stand-in of a test, its own child) was taken for a start that failed
+            pid, why = proc.check()
+            if pid is None and server in adopted:
                 adopted.discard(server)
                 proc.start(server_catalogue.argv(server), env=site.server_env())
                 say(f"{server}: started (log {proc.log}); the process found running had exited")
                 continue
-            pid, why = proc.check()
             if pid is None:
                 code = proc.poll_child()
                 if code == "running":  # our own child, not exited, so its pid is not reused: keep waiting
