@@ -446,6 +446,112 @@ def test_hs01_row_blocks_reassemble_and_match_the_reference_serialiser():
     assert [d["label"] for d in ours["dim_metadata"]] == [d["label"] for d in theirs["dim_metadata"]]
 
 
+def test_hs01_counts_go_as_int32_exactly_when_every_count_fits():
+    from streaming_data_types.fbschemas.histogram_hs01 import Array
+    from streaming_data_types.fbschemas.histogram_hs01 import EventHistogram as EH
+
+    from livehist.components.restream import hs01_size, serialise_hs01
+
+    def histogram(data):
+        rows = data.shape[0]
+        return {"source": "t/h/1/é", "timestamp": 5, "current_shape": list(data.shape), "info": '{"ü": 1}',
+                "dim_metadata": [{"length": rows, "unit": "µs", "label": "row",
+                                  "bin_boundaries": np.arange(rows + 1.0)}]}  # fmt: skip
+
+    top = 2**31 - 1
+    cases = [  # (counts, type they travel as)
+        (np.arange(1000, dtype=np.int64), Array.Array.ArrayInt),
+        (np.array([0, top, 7], np.int64), Array.Array.ArrayInt),
+        (np.array([0, top + 1, 7], np.int64), Array.Array.ArrayLong),  # one count beyond int32
+        (np.array([3, -1, 7], np.int64), Array.Array.ArrayLong),  # never wrapped into int32
+        (np.array([2**62, 0], np.int64), Array.Array.ArrayLong),
+        (np.zeros(0, np.int64), Array.Array.ArrayInt),
+    ]
+    for counts, kind in cases:
+        h = dict(histogram(counts), data=counts)
+        fresh = bytes(serialise_hs01(h, narrow=True))
+        assert EH.EventHistogram.GetRootAsEventHistogram(fresh, 0).DataType() == kind, counts
+        out = deserialise_hs01(fresh)
+        assert np.array_equal(out["data"], counts) and out["data"].shape == counts.shape
+        assert (
+            out["source"] == "t/h/1/é"
+            and out["dim_metadata"][0]["unit"] == "µs"
+            and out["info"] == '{"ü": 1}'
+        )
+        assert EH.EventHistogram.GetRootAsEventHistogram(bytes(serialise_hs01(h)), 0).DataType() == (
+            Array.Array.ArrayLong)  # fmt: skip
+        # built in a used buffer full of other bytes: the same message, byte for byte
+        for narrow in (True, False):
+            dirty = bytearray(b"\xa5" * (hs01_size(h) + 13))
+            built = serialise_hs01(h, into=dirty, narrow=narrow)
+            assert built.obj is dirty and bytes(built) == bytes(serialise_hs01(h, narrow=narrow))
+        with pytest.raises(ValueError, match="too small"):
+            serialise_hs01(h, into=bytearray(hs01_size(h) - 1))
+
+
+def test_restreamed_buffers_are_built_in_again_only_once_zeromq_has_sent_them():
+    """Buffers of large hs01 messages are reused, never while ZeroMQ may still send one: with a
+    subscriber that reads slowly, messages wait in the sender's queue, and each that arrives
+    holds its own update's counts, whole."""
+    from livehist.components.restream import Restreamer, _Buffers
+    from livehist.engine import Engine
+    from livehist.engine.spec import parse_histograms
+
+    engine = Engine(
+        parse_histograms([{"name": "image", "kind": "image", "pixels": {"first": 0, "shape": [700, 700]}}])
+    )
+    base = engine.snapshot()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.setsockopt(zmq.RCVHWM, 2)
+    sub.setsockopt(zmq.RCVBUF, 2**16)
+    r = Restreamer("test/pool/1", endpoint, max_queue=64)
+    try:
+        sub.connect(endpoint)
+        time.sleep(0.5)  # subscribed before the first update
+        n, got = 60, {}
+        for k in range(n):
+            counts = {"image": np.full((700, 700), k * 1000 + 1, np.int64)}  # 2 MB a message as int32
+            r.publish(type(base)(**{**base.__dict__, "counts": counts}), "RUNNING", k)
+            while len(r._queue) > 4:  # a few updates ahead of the sender: none dropped by the queue
+                time.sleep(0.002)
+            while sub.poll(0):
+                msg = deserialise_hs01(sub.recv())
+                got[json.loads(msg["info"])["update"]] = msg["data"]
+            time.sleep(0.02)  # read far slower than it is sent: ZeroMQ holds messages meanwhile
+        while sub.poll(2000):
+            msg = deserialise_hs01(sub.recv())
+            got[json.loads(msg["info"])["update"]] = msg["data"]
+        assert r.dropped == 0 and r.sent == n and len(got) >= 10
+        for k, data in got.items():
+            assert data.dtype == np.int32 and data.shape == (700, 700)
+            assert (data == k * 1000 + 1).all(), k  # never another update's bytes
+        assert r._buffers.reused > 0 and len(r._buffers._held) <= r._buffers.keep
+    finally:
+        r.close()
+        sub.close(0)
+
+    class Tracker:  # what _Buffers asks of ZeroMQ's MessageTracker
+        done = False
+
+    pool = _Buffers(keep=2)
+    assert pool.take(1000) is None  # small messages: a new buffer each time
+    first = pool.take(2**21)
+    busy = Tracker()
+    pool.sent(memoryview(first)[10:], busy)
+    assert pool.take(2**21) is not first  # still being sent
+    busy.done = True
+    assert pool.take(2**21) is first
+    big = pool.take(2**22 + 8)
+    pool.sent(memoryview(big), None)
+    assert pool.take(2**21) is not big  # more than twice the size it needs: not this one
+    assert pool.take(2**22) is big
+    for _ in range(5):
+        pool.sent(memoryview(bytearray(2**21)), None)
+    assert len(pool._held) == 2
+
+
 def test_livehist_plot_writes_pictures_and_refuses_bad_files(tmp_path):
     from livehist.recorders.base import Recorder, open_sink
     from livehist.recorders.records import Histogram, HistogramDecl, ScanEnd, ScanStart

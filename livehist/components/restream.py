@@ -3,8 +3,11 @@
 Each publish of an EventHistogrammer becomes one hs01 message per histogram on a ZeroMQ
 PUB socket (`tcp://*:PORT`) and, where configured, a Kafka topic (`BROKER/TOPIC`):
 `source` is DEVICE/NAME, `dim_metadata` carries the bin boundaries with unit and label
-(TOF edges; pixel rows and columns as 0..n), `data` the int64 counts, and `info` a JSON
-object with state, counters and the update number. A histogram larger than
+(TOF edges; pixel rows and columns as 0..n), `data` the counts, and `info` a JSON
+object with state, counters and the update number. Counts go as int32 (hs01's ArrayInt)
+when every count of the message is below 2**31, else as int64 (ArrayLong): half the bytes
+for all but the fullest histograms (a 10^6-pixel image re-streamed 10 times a second is
+80 MB/s as int64); streaming_data_types' deserialise_hs01 gives either as numpy. A histogram larger than
 `max_message_bytes` is sent in row blocks: `current_shape` is the block, hs01's `offset`
 field (and `info.offset`, `info.full_shape`, for readers that ignore it) its place.
 
@@ -37,18 +40,61 @@ from livehist.engine import Snapshot
 log = logging.getLogger("livehist.components.restream")
 
 
-def serialise_hs01(histogram: dict, offset: list[int] | None = None) -> memoryview:
-    """hs01 as ess-streaming-data-types writes it, with the buffer sized up front (its own
-    starts at 1 KiB and doubles, copying an 8 MB image a dozen times) and the schema's
-    `offset` field for row blocks."""
-    import flatbuffers
-    from streaming_data_types import histogram_hs01 as hs
-    from streaming_data_types.fbschemas.histogram_hs01 import EventHistogram as EH
-
+def hs01_size(histogram: dict) -> int:
+    """Bytes enough for `serialise_hs01` of this histogram (its data, bin boundaries and a margin)."""
     nbytes = int(np.asarray(histogram["data"]).nbytes)
     nbytes += sum(np.asarray(d["bin_boundaries"]).nbytes for d in histogram["dim_metadata"])
-    builder = flatbuffers.Builder(nbytes + 4096 + len(histogram.get("info", "")))
+    return nbytes + 4096 + 4 * len(histogram.get("info", "")) + 4 * len(histogram.get("source", ""))
+
+
+def serialise_hs01(
+    histogram: dict, offset: list[int] | None = None, into: bytearray | None = None, narrow: bool = False
+) -> memoryview:
+    """hs01 as ess-streaming-data-types writes it, with the buffer sized up front (its own
+    starts at 1 KiB and doubles, copying an 8 MB image a dozen times) and the schema's
+    `offset` field for row blocks.
+
+    `into`: a buffer of at least `hs01_size` bytes to build in (the message is its tail),
+    instead of a new one: an 8 MB image's new buffer is zeroed first, a third of the build.
+    The builder writes every byte of the message, so what the buffer held before does not
+    matter. `narrow`: int64 counts that all fit in int32 go as hs01's ArrayInt, half the
+    bytes (readers such as streaming_data_types' deserialise_hs01 give either as numpy)."""
+    import flatbuffers
+    from streaming_data_types import histogram_hs01 as hs
+    from streaming_data_types.fbschemas.histogram_hs01 import Array, ArrayInt, ArrayLong
+    from streaming_data_types.fbschemas.histogram_hs01 import EventHistogram as EH
+
+    if into is None:
+        builder = flatbuffers.Builder(hs01_size(histogram))
+    else:
+        if len(into) < hs01_size(histogram):
+            raise ValueError(f"a buffer of {len(into)} bytes is too small for this hs01 message")
+        builder = flatbuffers.Builder(0)
+        builder.Bytes = into
+        builder.Clear()
     builder.ForceDefaults(True)
+    # the counts first, into the empty builder: a narrowing that finds a count beyond int32
+    # starts again from empty (Clear) with int64
+    counts = np.asarray(histogram["data"])
+    data = None
+    if counts.dtype == np.int64 and counts.flags.c_contiguous:  # the usual case: no flattening copy
+        flat = counts.reshape(-1)
+        if narrow:
+            values = _narrow_vector(builder, flat)
+            if values is not None:
+                ArrayInt.ArrayIntStart(builder)
+                ArrayInt.ArrayIntAddValue(builder, values)
+                data, data_type = ArrayInt.ArrayIntEnd(builder), Array.Array.ArrayInt
+            else:
+                builder.Clear()
+                builder.ForceDefaults(True)
+        if data is None:
+            values = _numpy_vector(builder, flat)
+            ArrayLong.ArrayLongStart(builder)
+            ArrayLong.ArrayLongAddValue(builder, values)
+            data, data_type = ArrayLong.ArrayLongEnd(builder), Array.Array.ArrayLong
+    else:
+        data, data_type = hs._serialise_array(builder, counts)
     source = builder.CreateString(histogram["source"])
     info = builder.CreateString(histogram["info"])
     shape = builder.CreateNumpyVector(np.asarray(histogram["current_shape"], np.int32))
@@ -59,16 +105,6 @@ def serialise_hs01(histogram: dict, offset: list[int] | None = None) -> memoryvi
     for d in reversed(dims):
         builder.PrependUOffsetTRelative(d)
     dims_vector = builder.EndVector()
-    counts = np.asarray(histogram["data"])
-    if counts.dtype == np.int64 and counts.flags.c_contiguous:  # the usual case: no flattening copy
-        from streaming_data_types.fbschemas.histogram_hs01 import Array, ArrayLong
-
-        values = _numpy_vector(builder, counts.reshape(-1))
-        ArrayLong.ArrayLongStart(builder)
-        ArrayLong.ArrayLongAddValue(builder, values)
-        data, data_type = ArrayLong.ArrayLongEnd(builder), Array.Array.ArrayLong
-    else:
-        data, data_type = hs._serialise_array(builder, counts)
     EH.EventHistogramStart(builder)
     EH.EventHistogramAddInfo(builder, info)
     EH.EventHistogramAddData(builder, data)
@@ -83,6 +119,20 @@ def serialise_hs01(histogram: dict, offset: list[int] | None = None) -> memoryvi
     return memoryview(builder.Bytes)[builder.Head() :]  # no final copy (ZeroMQ sends it in place)
 
 
+def _narrow_vector(builder, values: np.ndarray) -> int | None:
+    """int64 `values` as an int32 vector, written straight into the builder (see
+    `_numpy_vector`); None, the builder half-written, if any value does not fit."""
+    from livehist.engine.kernels import narrow_i32
+
+    builder.StartVector(4, values.size, 4)
+    head = builder.Head() - 4 * values.size
+    if not narrow_i32(values, np.frombuffer(builder.Bytes, np.int32, values.size, head)):
+        return None
+    builder.head = head
+    builder.vectorNumElems = values.size
+    return builder.EndVector()
+
+
 def _numpy_vector(builder, values: np.ndarray) -> int:
     """flatbuffers' CreateNumpyVector without its two copies under the GIL (`tobytes`, then a
     bytearray slice): numpy copies straight into the builder and lets other threads run,
@@ -94,8 +144,40 @@ def _numpy_vector(builder, values: np.ndarray) -> int:
     return builder.EndVector()
 
 
+class _Buffers:
+    """Buffers of large hs01 messages, built in again once ZeroMQ has sent them (its tracker is
+    done): an 8 MB image re-streamed 10 times a second otherwise takes a new buffer, zeroed,
+    each time. At most `keep` are held; a buffer still being sent is never handed out."""
+
+    LARGE = 2**20  # smaller messages take a new buffer: zeroing them costs nothing to speak of
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self.reused = 0
+        self._held: list = []  # [buffer, tracker (None: free)], oldest first
+
+    def take(self, nbytes: int) -> bytearray | None:
+        if nbytes < self.LARGE:
+            return None
+        for i, (buf, tracker) in enumerate(self._held):
+            if nbytes <= len(buf) <= 2 * nbytes and (tracker is None or tracker.done):
+                del self._held[i]
+                self.reused += 1
+                return buf
+        return bytearray(nbytes)
+
+    def sent(self, message: memoryview, tracker) -> None:
+        """`message` was handed to ZeroMQ (`tracker`) or copied (None): its buffer may come back."""
+        buf = message.obj
+        if isinstance(buf, bytearray) and len(buf) >= self.LARGE:
+            self._held.append((buf, tracker))
+            del self._held[: -self.keep]
+
+
 def hs01_messages(snap: Snapshot, device: str, state: str, counter: int,
-                  max_message_bytes: int = 64 * 2**20) -> list[memoryview]:  # fmt: skip
+                  max_message_bytes: int = 64 * 2**20, take=None) -> list[memoryview]:  # fmt: skip
+    """One hs01 message per histogram (or row block); `take(nbytes)` may offer a buffer to build
+    each in (see `_Buffers`)."""
     counters = {"events": snap.events, "messages": snap.messages, "bad_messages": snap.bad_messages,
                 "dropped_messages": snap.dropped_messages, "pulses": snap.pulses,
                 "elapsed_s": snap.elapsed, "event_rate": snap.event_rate}  # fmt: skip
@@ -138,11 +220,13 @@ def hs01_messages(snap: Snapshot, device: str, state: str, counter: int,
                     bin_boundaries=dims[0]["bin_boundaries"][r0 : r0 + part.shape[0] + 1],
                 )
                 part_dims = [first, *dims[1:]]
-            out.append(serialise_hs01({
+            histogram = {
                 "source": f"{device}/{name}", "timestamp": stamp, "current_shape": list(part.shape),
                 "dim_metadata": part_dims, "data": np.ascontiguousarray(part, np.int64),
                 "info": json.dumps(info),
-            }, offset))  # fmt: skip
+            }  # fmt: skip
+            into = take(hs01_size(histogram)) if take else None
+            out.append(serialise_hs01(histogram, offset, into, narrow=True))
     return out
 
 
@@ -202,6 +286,7 @@ class Restreamer:
         self.kafka_sent = self.kafka_failed = 0
         self._kafka_error: str | None = None  # the last failure, until a delivery succeeds again
         self._queue: collections.deque = collections.deque()
+        self._buffers = _Buffers()
         self._max_queue = max_queue
         self._cond = threading.Condition()
         self._closed = False
@@ -286,7 +371,7 @@ class Restreamer:
     def _messages(self, snap: Snapshot, state: str, counter: int) -> list:
         if self.fmt == "da00":
             return da00_messages(snap, self.device, state, counter)
-        return hs01_messages(snap, self.device, state, counter, self.max_message_bytes)
+        return hs01_messages(snap, self.device, state, counter, self.max_message_bytes, self._buffers.take)
 
     def _run(self) -> None:
         import zmq
@@ -308,9 +393,10 @@ class Restreamer:
                 log.exception("%s serialisation failed", self.fmt)
                 continue
             for msg in messages:
+                tracker = None
                 if self._pub is not None:
                     try:  # PUB never blocks: a slow subscriber loses messages in ZeroMQ, alone
-                        self._pub.send(msg, flags=zmq.NOBLOCK, copy=False)
+                        tracker = self._pub.send(msg, flags=zmq.NOBLOCK, copy=False, track=True)
                         self.sent += 1
                     except zmq.Again:
                         self.dropped += 1
@@ -325,6 +411,8 @@ class Restreamer:
                         self.kafka_failed += 1
                         self._kafka_error = str(exc)
                     self._producer.poll(0)
+                if isinstance(msg, memoryview):  # hs01 (da00 messages are bytes of their own)
+                    self._buffers.sent(msg, tracker)
 
     def close(self) -> None:
         with self._cond:

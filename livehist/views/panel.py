@@ -278,6 +278,7 @@ def _make_panel_class():
             self.redraws = 0  # of the image
             self.draws = 0  # of anything
             self.oldest_drawn = 0.0  # s from a read to its redraw, at most
+            self._ticks = 0  # before configure(): its first read may be drawn at once
             layout = Qt.QGridLayout(self)
 
             top = Qt.QHBoxLayout()
@@ -338,7 +339,6 @@ def _make_panel_class():
                 self.state_attr.read(cache=False)
             except Exception:  # no such device, or its server is down: say so, Taurus retries
                 self.stateArrived.emit("DOWN")
-            self._ticks = 0
             self._timer = Qt.QTimer(self)  # draws the latest update, at most `rate` times a second
             self._timer.timeout.connect(self._tick)
             self._timer.start(100)
