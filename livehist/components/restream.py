@@ -7,9 +7,10 @@ PUB socket (`tcp://*:PORT`) and, where configured, a Kafka topic (`BROKER/TOPIC`
 object with state, counters and the update number. Counts go as int32 (hs01's ArrayInt)
 when every count of the message is below 2**31, else as int64 (ArrayLong): half the bytes
 for all but the fullest histograms (a 10^6-pixel image re-streamed 10 times a second is
-80 MB/s as int64); streaming_data_types' deserialise_hs01 gives either as numpy. A histogram larger than
-`max_message_bytes` is sent in row blocks: `current_shape` is the block, hs01's `offset`
-field (and `info.offset`, `info.full_shape`, for readers that ignore it) its place.
+80 MB/s as int64); streaming_data_types' deserialise_hs01 gives either as numpy. A
+histogram larger than `max_message_bytes` is sent in row blocks (each narrowed on its own):
+`current_shape` is the block, hs01's `offset` field (and `info.offset`, `info.full_shape`,
+for readers that ignore it) its place.
 
 The publisher only hands snapshots to a bounded queue; a sender thread serialises and
 sends. A full queue (serialising or a Kafka broker slower than the publish rate) drops
@@ -323,6 +324,10 @@ class Restreamer:
                 raise ValueError(
                     f"RestreamEndpoint {endpoint!r} cannot be bound: {exc}; use tcp://*:PORT"
                 ) from None
+        if self.active and fmt == "hs01":  # compiled now, not in the sender's first publish (under the GIL)
+            from livehist.engine.kernels import narrow_i32
+
+            narrow_i32(np.zeros(1, np.int64), np.zeros(1, np.int32))
         self._thread = threading.Thread(target=self._run, name="livehist-restream", daemon=True)
         self._thread.start()
 
