@@ -555,6 +555,10 @@ def test_restreamed_buffers_are_built_in_again_only_once_zeromq_has_sent_them():
     for _ in range(5):
         pool.sent(memoryview(bytearray(2**21)), None)
     assert len(pool._held) == 2
+    pool = _Buffers(keep=4, max_bytes=5 * 2**20)  # and at most so many bytes in all, the newest kept
+    for size in (2**21, 2**21, 2**21, 6 * 2**20):
+        pool.sent(memoryview(bytearray(size)), None)
+    assert [len(b) for b, _ in pool._held] == [2**21, 2**21]  # the 6 MiB one is larger than all allowed
 
 
 def test_livehist_plot_writes_pictures_and_refuses_bad_files(tmp_path):

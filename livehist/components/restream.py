@@ -148,12 +148,13 @@ def _numpy_vector(builder, values: np.ndarray) -> int:
 class _Buffers:
     """Buffers of large hs01 messages, built in again once ZeroMQ has sent them (its tracker is
     done): an 8 MB image re-streamed 10 times a second otherwise takes a new buffer, zeroed,
-    each time. At most `keep` are held; a buffer still being sent is never handed out."""
+    each time. At most `keep` buffers and `max_bytes` in all are held (the oldest go first); a
+    buffer still being sent is never handed out."""
 
     LARGE = 2**20  # smaller messages take a new buffer: zeroing them costs nothing to speak of
 
-    def __init__(self, keep: int = 4) -> None:
-        self.keep = keep
+    def __init__(self, keep: int = 4, max_bytes: int = 128 * 2**20) -> None:
+        self.keep, self.max_bytes = keep, max_bytes
         self.reused = 0
         self._held: list = []  # [buffer, tracker (None: free)], oldest first
 
@@ -170,9 +171,10 @@ class _Buffers:
     def sent(self, message: memoryview, tracker) -> None:
         """`message` was handed to ZeroMQ (`tracker`) or copied (None): its buffer may come back."""
         buf = message.obj
-        if isinstance(buf, bytearray) and len(buf) >= self.LARGE:
+        if isinstance(buf, bytearray) and self.LARGE <= len(buf) <= self.max_bytes:
             self._held.append((buf, tracker))
-            del self._held[: -self.keep]
+            while len(self._held) > self.keep or sum(len(b) for b, _ in self._held) > self.max_bytes:
+                del self._held[0]
 
 
 def hs01_messages(snap: Snapshot, device: str, state: str, counter: int,
