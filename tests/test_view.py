@@ -513,6 +513,8 @@ def test_restreamed_buffers_are_built_in_again_only_once_zeromq_has_sent_them():
         n, got = 60, {}
         for k in range(n):
             counts = {"image": np.full((700, 700), k * 1000 + 1, np.int64)}  # 2 MB a message as int32
+            if k % 7 == 3:  # one count beyond int32: this update goes as int64, built in a reused buffer
+                counts["image"][k, k] = 2**31 + k
             r.publish(type(base)(**{**base.__dict__, "counts": counts}), "RUNNING", k)
             while len(r._queue) > 4:  # a few updates ahead of the sender: none dropped by the queue
                 time.sleep(0.002)
@@ -530,8 +532,11 @@ def test_restreamed_buffers_are_built_in_again_only_once_zeromq_has_sent_them():
             got[json.loads(msg["info"])["update"]] = msg["data"]
         assert r.dropped == 0 and r.sent == n and len(got) >= 10
         for k, data in got.items():
-            assert data.dtype == np.int32 and data.shape == (700, 700)
-            assert (data == k * 1000 + 1).all(), k  # never another update's bytes
+            expected = np.full((700, 700), k * 1000 + 1, np.int64)
+            if k % 7 == 3:
+                expected[k, k] = 2**31 + k
+            assert data.dtype == (np.int64 if k % 7 == 3 else np.int32) and data.shape == (700, 700)
+            assert np.array_equal(data, expected), k  # never another update's bytes
         assert r._buffers.reused > 0 and len(r._buffers._held) <= r._buffers.keep
     finally:
         r.close()
@@ -604,3 +609,23 @@ def test_preview_block_sums_equal_numpy_for_any_shape(shape):
     out = block_sum(image)
     assert max(out.shape) <= 512 and min(out.shape) >= 1 and np.array_equal(out, expected)
     assert np.array_equal(block_sum(image.astype(np.int32)), expected)  # any integer counts
+    assert np.array_equal(block_sum(image.astype(">i4")), expected)  # big-endian too (numpy's own sum)
+
+
+def test_preview_of_an_empty_side_is_empty_and_the_device_warms_the_compiled_block_sum():
+    from livehist.engine.preview import block_sum, preview_shape
+
+    assert block_sum(np.zeros((0, 5000), np.int64)).shape == preview_shape((0, 5000)) == (0, 500)
+    # a device with an image compiles (or loads) the kernel at start: in a fresh process, as the
+    # tests before this one have compiled it in this one
+    code = (
+        "from livehist.components.histogrammer import Histogrammer\n"
+        "from livehist.engine import kernels\n"
+        "from livehist.engine.spec import parse_histograms\n"
+        "specs = parse_histograms([{'name': 'image', 'kind': 'image', 'pixels': {'first': 0, 'shape': [4, 4]}}])\n"
+        "assert not kernels.block_sum.signatures\n"
+        "Histogrammer._warm_up(specs)\n"
+        "print([str(sig[0]) for sig in kernels.block_sum.signatures])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "array(int64, 2d, C)" in out.stdout, out.stdout + out.stderr

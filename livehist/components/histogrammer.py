@@ -286,7 +286,7 @@ class Histogrammer:
 
             from livehist.engine.preview import block_sum
 
-            block_sum(np.zeros((2, 1025), np.int64))
+            block_sum(np.zeros((513, 2), np.int64))  # 2x2 blocks: the compiled kernel, as counts take
 
     def _refresh(self) -> None:
         ck = self.checkpoint

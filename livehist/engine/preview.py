@@ -20,7 +20,7 @@ def factor(shape: tuple[int, ...], limit: int = LIMIT) -> int:
 def blocks(shape: tuple[int, ...], limit: int = LIMIT) -> tuple[int, int]:
     """Block height and width: f x f, but a side shorter than f is one block ([1, N] -> 1 x f)."""
     f = factor(shape, limit)
-    return min(f, shape[0]), min(f, shape[1])
+    return max(1, min(f, shape[0])), max(1, min(f, shape[1]))  # an empty side: blocks of 1
 
 
 def preview_shape(shape: tuple[int, ...], limit: int = LIMIT) -> tuple[int, int]:
@@ -38,7 +38,7 @@ def block_sum(image: np.ndarray, limit: int = LIMIT) -> np.ndarray:
     if (by, bx) != (f, f):
         ny, nx = (image.shape[0] // by) * by, (image.shape[1] // bx) * bx
         return image[:ny, :nx].reshape(ny // by, by, nx // bx, bx).sum(axis=(1, 3))
-    if image.dtype.kind in "iu" and image.flags.c_contiguous:  # counts: the compiled one-pass sum
+    if image.dtype.kind in "iu" and image.dtype.isnative and image.flags.c_contiguous:  # counts: compiled
         from livehist.engine.kernels import block_sum as kernel
 
         out = np.empty((image.shape[0] // f, image.shape[1] // f), np.int64)
