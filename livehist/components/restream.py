@@ -77,20 +77,16 @@ def serialise_hs01(
     # the counts first, into the empty builder: a narrowing that finds a count beyond int32
     # starts again from empty (Clear) with int64
     counts = np.asarray(histogram["data"])
-    data = None
     if counts.dtype == np.int64 and counts.flags.c_contiguous:  # the usual case: no flattening copy
-        flat = counts.reshape(-1)
-        if narrow:
-            values = _narrow_vector(builder, flat)
-            if values is not None:
-                ArrayInt.ArrayIntStart(builder)
-                ArrayInt.ArrayIntAddValue(builder, values)
-                data, data_type = ArrayInt.ArrayIntEnd(builder), Array.Array.ArrayInt
-            else:
-                builder.Clear()
-                builder.ForceDefaults(True)
-        if data is None:
-            values = _numpy_vector(builder, flat)
+        values = _numpy_vector(builder, counts.reshape(-1), as_int32=True) if narrow else None
+        if values is not None:
+            ArrayInt.ArrayIntStart(builder)
+            ArrayInt.ArrayIntAddValue(builder, values)
+            data, data_type = ArrayInt.ArrayIntEnd(builder), Array.Array.ArrayInt
+        else:
+            builder.Clear()  # a count beyond int32 (or no narrowing): int64, from an empty builder
+            builder.ForceDefaults(True)
+            values = _numpy_vector(builder, counts.reshape(-1))
             ArrayLong.ArrayLongStart(builder)
             ArrayLong.ArrayLongAddValue(builder, values)
             data, data_type = ArrayLong.ArrayLongEnd(builder), Array.Array.ArrayLong
@@ -120,27 +116,23 @@ def serialise_hs01(
     return memoryview(builder.Bytes)[builder.Head() :]  # no final copy (ZeroMQ sends it in place)
 
 
-def _narrow_vector(builder, values: np.ndarray) -> int | None:
-    """int64 `values` as an int32 vector, written straight into the builder (see
-    `_numpy_vector`); None, the builder half-written, if any value does not fit."""
-    from livehist.engine.kernels import narrow_i32
-
-    builder.StartVector(4, values.size, 4)
-    head = builder.Head() - 4 * values.size
-    if not narrow_i32(values, np.frombuffer(builder.Bytes, np.int32, values.size, head)):
-        return None
-    builder.head = head
-    builder.vectorNumElems = values.size
-    return builder.EndVector()
-
-
-def _numpy_vector(builder, values: np.ndarray) -> int:
+def _numpy_vector(builder, values: np.ndarray, as_int32: bool = False) -> int | None:
     """flatbuffers' CreateNumpyVector without its two copies under the GIL (`tobytes`, then a
-    bytearray slice): numpy copies straight into the builder and lets other threads run,
-    so re-streaming an 8 MB image does not stall the engine's receive and decode."""
-    builder.StartVector(values.itemsize, values.size, values.itemsize)
-    builder.head = builder.Head() - values.nbytes
-    np.frombuffer(builder.Bytes, values.dtype, values.size, builder.Head())[:] = values
+    bytearray slice): the values go straight into the builder, without the GIL, so
+    re-streaming an 8 MB image does not stall the engine's receive and decode. `as_int32`:
+    int64 values written as int32, or None (the builder half-written) if any does not fit."""
+    dtype = np.dtype(np.int32) if as_int32 else values.dtype
+    builder.StartVector(dtype.itemsize, values.size, dtype.itemsize)
+    head = builder.Head() - dtype.itemsize * values.size
+    into = np.frombuffer(builder.Bytes, dtype, values.size, head)
+    if as_int32:
+        from livehist.engine.kernels import narrow_i32
+
+        if not narrow_i32(values, into):
+            return None
+    else:
+        into[:] = values
+    builder.head = head
     builder.vectorNumElems = values.size
     return builder.EndVector()
 
